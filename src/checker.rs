@@ -1,0 +1,1 @@
+//! Causal-consistency checker over recorded histories.

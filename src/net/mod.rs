@@ -1,0 +1,2 @@
+//! The tokio + quinn driver.
+pub mod tls;

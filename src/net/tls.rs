@@ -1,0 +1,1 @@
+//! The one TLS setup for peers and clients.
