@@ -1,0 +1,130 @@
+//! The dependency buffer: remote updates received but not yet applicable.
+//!
+//! Updates from one origin arrive in order, and must be applied in that order (`applied[i]` means
+//! "everything from `i` up to here"). So the buffer is one FIFO queue per origin, and only the head
+//! of each queue can be applicable. A blocked head is indexed by the single vector entry it waits
+//! on, `(entry k, needed timestamp)`, in a min-heap per entry. When `applied[k]` advances, only the
+//! heads waiting on `k` with a need at or below the new value are woken and re-checked; a head
+//! that is still blocked is re-indexed on its next missing entry. Nothing ever rescans the whole
+//! buffer, so one apply costs `O(log b + n)` for `b` buffered updates and `n` sites.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use super::Item;
+use crate::clock::{SiteId, Timestamp, VClock};
+
+/// Remote items waiting for their dependencies, per origin, indexed by what each head waits on.
+#[derive(Debug)]
+pub struct DependencyBuffer {
+    /// Per origin: received items not yet applied, in stream order.
+    queues: Vec<VecDeque<Item>>,
+    /// Per vector entry `k`: heads waiting until `applied[k] >= need`, as `(need, origin)`.
+    waiting: Vec<BinaryHeap<Reverse<(Timestamp, SiteId)>>>,
+    /// Per origin: true while its head is registered in `waiting`.
+    blocked: Vec<bool>,
+    len: usize,
+    bytes: usize,
+}
+
+impl DependencyBuffer {
+    /// An empty buffer for `n` sites.
+    pub fn new(n: usize) -> Self {
+        Self {
+            queues: (0..n).map(|_| VecDeque::new()).collect(),
+            waiting: (0..n).map(|_| BinaryHeap::new()).collect(),
+            blocked: vec![false; n],
+            len: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Number of buffered items.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is buffered.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Approximate payload bytes buffered (keys and values).
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Number of items buffered from `origin`.
+    pub fn len_from(&self, origin: SiteId) -> usize {
+        self.queues[origin as usize].len()
+    }
+
+    /// Appends an item from `origin` to its queue. Returns true when the queue was idle (empty and
+    /// not blocked), so the caller should try to drain it.
+    pub fn push(&mut self, origin: SiteId, item: Item) -> bool {
+        let q = &mut self.queues[origin as usize];
+        let was_idle = q.is_empty();
+        self.bytes += item.payload_len();
+        q.push_back(item);
+        self.len += 1;
+        was_idle && !self.blocked[origin as usize]
+    }
+
+    /// The head of `origin`'s queue, if it is not blocked.
+    pub fn ready_head(&self, origin: SiteId) -> Option<&Item> {
+        if self.blocked[origin as usize] {
+            return None;
+        }
+        self.queues[origin as usize].front()
+    }
+
+    /// Removes and returns the head of `origin`'s queue.
+    pub fn pop(&mut self, origin: SiteId) -> Option<Item> {
+        let item = self.queues[origin as usize].pop_front()?;
+        self.len -= 1;
+        self.bytes -= item.payload_len();
+        Some(item)
+    }
+
+    /// Parks `origin`'s head until `applied[entry] >= need`.
+    pub fn block(&mut self, origin: SiteId, entry: SiteId, need: Timestamp) {
+        self.blocked[origin as usize] = true;
+        self.waiting[entry as usize].push(Reverse((need, origin)));
+    }
+
+    /// Unparks every head waiting on `entry` whose need is at most `applied_entry`, pushing their
+    /// origins onto `wake`.
+    pub fn wake(&mut self, entry: SiteId, applied_entry: Timestamp, wake: &mut Vec<SiteId>) {
+        let heap = &mut self.waiting[entry as usize];
+        while let Some(Reverse((need, origin))) = heap.peek().copied() {
+            if need > applied_entry {
+                break;
+            }
+            heap.pop();
+            self.blocked[origin as usize] = false;
+            wake.push(origin);
+        }
+    }
+
+    /// Drops everything (a crash loses the buffer; the origins resend).
+    pub fn clear(&mut self) {
+        let n = self.queues.len();
+        *self = Self::new(n);
+    }
+
+    /// The first entry of `deps` (other than `origin`'s own, which stream order guarantees) that
+    /// `applied` does not cover yet, as `(entry, need)`.
+    pub fn first_missing(
+        applied: &VClock,
+        deps: &VClock,
+        origin: SiteId,
+    ) -> Option<(SiteId, Timestamp)> {
+        deps.as_slice()
+            .iter()
+            .enumerate()
+            .find_map(|(k, &need)| {
+                let k = k as SiteId;
+                (k != origin && applied.get(k) < need).then_some((k, need))
+            })
+    }
+}

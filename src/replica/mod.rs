@@ -1,0 +1,610 @@
+//! The sans-IO replication core: one site's protocol state, with no tokio, no sockets, no wall
+//! clock and no randomness inside.
+//!
+//! A [`Replica`] is driven by calls and hands its side effects back as values, in the manner of
+//! raft-rs's `Ready`:
+//!
+//! - [`Replica::put`], [`Replica::get`] serve clients under a causal context: they answer
+//!   [`NotReady`] until `applied` covers the context, and a write gets a timestamp above every
+//!   entry of the context, so a causally later write also wins last-writer-wins.
+//! - [`Replica::receive`] takes items from an origin's ordered update stream. An update waits in
+//!   the [`DependencyBuffer`] until `applied` covers its deps; then it is merged by LWW (a losing
+//!   update still advances `applied[origin]`). Duplicates (`ts <= received[origin]`) are dropped,
+//!   so a resend after a reconnect is harmless.
+//! - [`Replica::tick`] passes time in: an idle site issues a clock marker so receivers can advance
+//!   its entry, and stable tombstones are collected.
+//! - [`Replica::poll_batch`] pulls the next batch for one peer from the retained log, starting at
+//!   the peer's `applied` entry for this site (learnt from its hello), so a lagging peer costs log
+//!   space, never an unbounded queue.
+//! - [`Replica::take_ready`] returns the [`Record`]s to persist; the driver makes them durable and
+//!   calls [`Replica::advance`]. Only durable state is acked to peers or sent to them.
+//! - [`Replica::on_peer_applied`] takes a peer's durable `applied` vector (hello, ack, heartbeat):
+//!   it feeds retention (the site's own updates are kept until every peer has them), the stable
+//!   vector and synchronous replication.
+//!
+//! Tombstones are dropped once every entry of the local `applied` is at or past their timestamp:
+//! per-origin FIFO plus markers guarantee that no older write to the key can still arrive.
+
+mod buffer;
+
+pub use buffer::DependencyBuffer;
+
+use std::collections::{BTreeSet, VecDeque};
+
+use bytes::Bytes;
+
+use crate::clock::{Hlc, SiteId, Timestamp, VClock, Version};
+use crate::storage::{Entry, Store};
+
+/// One write as it travels between sites.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Update {
+    /// The key.
+    pub key: Bytes,
+    /// The value, or `None` for a delete.
+    pub value: Option<Bytes>,
+    /// Origin timestamp and origin site.
+    pub version: Version,
+    /// The writer's causal context: what must be applied before this update is visible.
+    pub deps: VClock,
+}
+
+impl Update {
+    fn payload_len(&self) -> usize {
+        self.key.len() + self.value.as_ref().map_or(0, Bytes::len)
+    }
+}
+
+/// An item on an origin's ordered update stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// A write from the origin.
+    Update(Update),
+    /// A clock marker: the origin will send no later update with a timestamp at or below this.
+    Marker(Timestamp),
+}
+
+impl Item {
+    /// The item's timestamp in its origin's order.
+    pub fn ts(&self) -> Timestamp {
+        match self {
+            Item::Update(u) => u.version.ts,
+            Item::Marker(ts) => *ts,
+        }
+    }
+
+    fn payload_len(&self) -> usize {
+        match self {
+            Item::Update(u) => u.payload_len(),
+            Item::Marker(_) => 0,
+        }
+    }
+}
+
+/// What a replica asks the driver to make durable, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Record {
+    /// An update applied here (local or remote).
+    Update(Update),
+    /// `applied[origin]` moved to `ts` through a clock marker.
+    Marker {
+        /// The origin whose entry moved.
+        origin: SiteId,
+        /// The marker's timestamp.
+        ts: Timestamp,
+    },
+    /// The local clock may issue timestamps up to here; after a restart it starts above it, so a
+    /// marker that was sent is never undercut by a new write.
+    ClockLease(Timestamp),
+}
+
+/// Side effects to persist, handed out by [`Replica::take_ready`].
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Records to append to durable storage, in order.
+    pub records: Vec<Record>,
+    /// The `applied` vector these records bring the durable state to; pass it to
+    /// [`Replica::advance`] once they are durable.
+    pub applied: VClock,
+    /// The clock lease these records make durable.
+    pub lease: Timestamp,
+}
+
+/// A local request cannot be served yet: this site has not applied everything in the causal
+/// context.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("site not causally ready: entry {site} is at {have}, the context needs {need}")]
+pub struct NotReady {
+    /// The first vector entry that falls short.
+    pub site: SiteId,
+    /// This site's `applied` entry.
+    pub have: Timestamp,
+    /// What the context needs.
+    pub need: Timestamp,
+}
+
+/// The answer to a read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadResult {
+    /// The value, or `None` when the key is absent or deleted.
+    pub value: Option<Bytes>,
+    /// The version read (`None` when the key was never written, or its tombstone was collected).
+    pub version: Option<Version>,
+}
+
+/// Static settings of a replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// This site's id.
+    pub site: SiteId,
+    /// Number of sites in the cluster.
+    pub sites: usize,
+    /// How long an idle site waits before sending a clock marker (microseconds).
+    pub marker_interval: Timestamp,
+    /// How far ahead of the last issued timestamp a clock lease reaches (microseconds).
+    pub clock_lease: Timestamp,
+    /// Whether remote updates wait for their dependencies. Always true in production; switching
+    /// it off turns causal+ into eventual consistency, for tests that prove the checker can fail
+    /// and for the eventual-mode benchmark. No configuration file can set it.
+    pub check_deps: bool,
+}
+
+impl ReplicaConfig {
+    /// Settings for site `site` of `sites`, with defaults for the rest.
+    pub fn new(site: SiteId, sites: usize) -> Self {
+        Self {
+            site,
+            sites,
+            marker_interval: 5_000,
+            clock_lease: 1_000_000,
+            check_deps: true,
+        }
+    }
+}
+
+/// Counters a replica keeps about itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaStats {
+    /// Remote updates applied.
+    pub remote_applied: u64,
+    /// Remote updates that lost LWW against what was already stored.
+    pub remote_lost_lww: u64,
+    /// Remote items dropped as duplicates.
+    pub duplicates: u64,
+    /// Items that had to wait in the dependency buffer.
+    pub buffered_total: u64,
+    /// Tombstones collected.
+    pub tombstones_collected: u64,
+    /// Own updates pruned from the retained log after every peer acked them.
+    pub pruned: u64,
+}
+
+/// One site's replication state.
+pub struct Replica<S: Store> {
+    cfg: ReplicaConfig,
+    store: S,
+    hlc: Hlc,
+    /// Every update from `j` with `ts <= applied[j]` is applied here.
+    applied: VClock,
+    /// Highest timestamp received (buffered or applied) per origin, for duplicate detection.
+    received: VClock,
+    /// The `applied` vector as of the last [`Replica::advance`]: what is durable.
+    durable: VClock,
+    lease: Timestamp,
+    durable_lease: Timestamp,
+    buffer: DependencyBuffer,
+    /// This site's own updates, oldest first, kept until every peer has acked them.
+    retained: VecDeque<Update>,
+    /// Per peer: the last timestamp of this site sent on the current connection.
+    sent: Vec<Timestamp>,
+    /// Per peer: its latest durable `applied` vector.
+    peer_applied: Vec<VClock>,
+    tombstones: BTreeSet<(Version, Bytes)>,
+    pending: Vec<Record>,
+    last_marker_at: Timestamp,
+    stats: ReplicaStats,
+}
+
+impl<S: Store> Replica<S> {
+    /// A fresh replica over an empty `store`.
+    pub fn new(cfg: ReplicaConfig, store: S) -> Self {
+        let n = cfg.sites;
+        assert!(
+            (cfg.site as usize) < n,
+            "site id {} out of range for {n} sites",
+            cfg.site
+        );
+        Self {
+            hlc: Hlc::new(),
+            applied: VClock::zero(n),
+            received: VClock::zero(n),
+            durable: VClock::zero(n),
+            lease: 0,
+            durable_lease: 0,
+            buffer: DependencyBuffer::new(n),
+            retained: VecDeque::new(),
+            sent: vec![0; n],
+            peer_applied: vec![VClock::zero(n); n],
+            tombstones: BTreeSet::new(),
+            pending: Vec::new(),
+            last_marker_at: 0,
+            stats: ReplicaStats::default(),
+            cfg,
+            store,
+        }
+    }
+
+    /// Rebuilds a replica from its durable records, in the order they were persisted.
+    /// The records are applied to `store` (which should start empty, or hold a snapshot that the
+    /// records follow).
+    pub fn recover(
+        cfg: ReplicaConfig,
+        store: S,
+        records: impl IntoIterator<Item = Record>,
+    ) -> Self {
+        let mut r = Self::new(cfg, store);
+        for rec in records {
+            r.replay(rec);
+        }
+        r.received = r.applied.clone();
+        r.durable = r.applied.clone();
+        r.durable_lease = r.lease;
+        r.hlc = Hlc::starting_after(r.lease.max(r.applied.get(r.cfg.site)));
+        let gc_floor = r.applied.min_entry();
+        r.collect_tombstones(gc_floor);
+        r
+    }
+
+    /// Applies one durable record during recovery.
+    pub fn replay(&mut self, rec: Record) {
+        match rec {
+            Record::Update(u) => {
+                let origin = u.version.site;
+                self.applied.raise(origin, u.version.ts);
+                if origin == self.cfg.site {
+                    self.retained.push_back(u.clone());
+                }
+                self.merge_into_store(u);
+            }
+            Record::Marker { origin, ts } => self.applied.raise(origin, ts),
+            Record::ClockLease(ts) => self.lease = self.lease.max(ts),
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    /// This site's id.
+    pub fn site(&self) -> SiteId {
+        self.cfg.site
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The `applied` vector.
+    pub fn applied(&self) -> &VClock {
+        &self.applied
+    }
+
+    /// The durable `applied` vector: what this site acks to its peers.
+    pub fn durable(&self) -> &VClock {
+        &self.durable
+    }
+
+    /// The latest durable `applied` vector a peer reported.
+    pub fn peer_applied(&self, peer: SiteId) -> &VClock {
+        &self.peer_applied[peer as usize]
+    }
+
+    /// The stable vector: entry-wise minimum of every site's durable `applied`, i.e. what every
+    /// site is known to have.
+    pub fn stable(&self) -> VClock {
+        let mut s = self.durable.clone();
+        for p in self.peers() {
+            s.meet(&self.peer_applied[p as usize]);
+        }
+        s
+    }
+
+    /// The dependency buffer.
+    pub fn buffer(&self) -> &DependencyBuffer {
+        &self.buffer
+    }
+
+    /// Number of own updates retained until every peer acks them.
+    pub fn retained_len(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ReplicaStats {
+        &self.stats
+    }
+
+    /// The other sites.
+    pub fn peers(&self) -> impl Iterator<Item = SiteId> + use<S> {
+        let me = self.cfg.site;
+        (0..self.cfg.sites as SiteId).filter(move |&p| p != me)
+    }
+
+    /// Checks that this site has applied everything in `ctx`.
+    pub fn ready_for(&self, ctx: &VClock) -> Result<(), NotReady> {
+        if ctx.len() > self.cfg.sites {
+            // Entries beyond the cluster can never be covered; report the first non-zero one.
+            if let Some((i, &need)) = ctx
+                .as_slice()
+                .iter()
+                .enumerate()
+                .skip(self.cfg.sites)
+                .find(|(_, v)| **v > 0)
+            {
+                return Err(NotReady {
+                    site: i as SiteId,
+                    have: 0,
+                    need,
+                });
+            }
+        }
+        match self.applied.first_gap(ctx) {
+            None => Ok(()),
+            Some((site, have, need)) => Err(NotReady { site, have, need }),
+        }
+    }
+
+    /// Reads `key` under the causal context `ctx`.
+    pub fn get(&self, key: &[u8], ctx: &VClock) -> Result<ReadResult, NotReady> {
+        self.ready_for(ctx)?;
+        Ok(match self.store.get(key) {
+            Some(e) => ReadResult {
+                value: e.value,
+                version: Some(e.version),
+            },
+            None => ReadResult {
+                value: None,
+                version: None,
+            },
+        })
+    }
+
+    /// Writes `value` (or deletes, with `None`) under the causal context `ctx`, at physical time
+    /// `now`. Returns the new version; the client raises `ctx[site]` to its timestamp.
+    pub fn put(
+        &mut self,
+        now: Timestamp,
+        key: Bytes,
+        value: Option<Bytes>,
+        ctx: &VClock,
+    ) -> Result<Version, NotReady> {
+        self.ready_for(ctx)?;
+        let ts = self.hlc.tick(now, ctx.max_entry() + 1);
+        let version = Version::new(ts, self.cfg.site);
+        let deps = ctx.resized(self.cfg.sites);
+        let u = Update {
+            key,
+            value,
+            version,
+            deps,
+        };
+        self.pending.push(Record::Update(u.clone()));
+        self.retained.push_back(u.clone());
+        self.merge_into_store(u);
+        self.advance_entry(self.cfg.site, ts);
+        Ok(version)
+    }
+
+    /// Takes items from `origin`'s ordered update stream. Applies what is applicable, buffers
+    /// the rest, drops duplicates.
+    pub fn receive(&mut self, origin: SiteId, items: impl IntoIterator<Item = Item>) {
+        if origin == self.cfg.site || origin as usize >= self.cfg.sites {
+            return;
+        }
+        let mut start = false;
+        for item in items {
+            let ts = item.ts();
+            if ts <= self.received.get(origin) {
+                self.stats.duplicates += 1;
+                continue;
+            }
+            self.received.raise(origin, ts);
+            self.hlc.observe(ts);
+            start |= self.buffer.push(origin, item);
+        }
+        if start {
+            self.drain(vec![origin]);
+        }
+    }
+
+    /// Applies every applicable head, starting from the origins in `work`, following wake-ups.
+    fn drain(&mut self, mut work: Vec<SiteId>) {
+        while let Some(origin) = work.pop() {
+            while let Some(head) = self.buffer.ready_head(origin) {
+                if let Item::Update(u) = head
+                    && self.cfg.check_deps
+                    && let Some((entry, need)) =
+                        DependencyBuffer::first_missing(&self.applied, &u.deps, origin)
+                {
+                    self.stats.buffered_total += 1;
+                    self.buffer.block(origin, entry, need);
+                    break;
+                }
+                let item = self.buffer.pop(origin).expect("head exists");
+                let ts = item.ts();
+                match item {
+                    Item::Update(u) => {
+                        self.stats.remote_applied += 1;
+                        self.pending.push(Record::Update(u.clone()));
+                        if !self.merge_into_store(u) {
+                            self.stats.remote_lost_lww += 1;
+                        }
+                    }
+                    Item::Marker(ts) => self.pending.push(Record::Marker { origin, ts }),
+                }
+                self.applied.raise(origin, ts);
+                self.buffer.wake(origin, ts, &mut work);
+            }
+        }
+    }
+
+    /// Raises `applied[entry]` and wakes what waited on it.
+    fn advance_entry(&mut self, entry: SiteId, ts: Timestamp) {
+        self.applied.raise(entry, ts);
+        let mut work = Vec::new();
+        self.buffer.wake(entry, self.applied.get(entry), &mut work);
+        if !work.is_empty() {
+            self.drain(work);
+        }
+    }
+
+    /// LWW merge into the store; tracks winning tombstones for collection. Returns true when the
+    /// update won.
+    fn merge_into_store(&mut self, u: Update) -> bool {
+        let tomb = u.value.is_none();
+        let key = u.key.clone();
+        let won = self.store.merge(
+            u.key,
+            Entry {
+                version: u.version,
+                value: u.value,
+            },
+        );
+        if won && tomb {
+            self.tombstones.insert((u.version, key));
+        }
+        won
+    }
+
+    /// Passes time in: issues a clock marker when this site has been idle for the marker
+    /// interval, and collects stable tombstones.
+    pub fn tick(&mut self, now: Timestamp) {
+        if now >= self.last_marker_at + self.cfg.marker_interval {
+            self.last_marker_at = now;
+            let ts = self.hlc.tick(now, 0);
+            if ts > self.lease {
+                self.lease = ts + self.cfg.clock_lease;
+                self.pending.push(Record::ClockLease(self.lease));
+            }
+            self.advance_entry(self.cfg.site, ts);
+        }
+        let floor = self.applied.min_entry();
+        self.collect_tombstones(floor);
+    }
+
+    fn collect_tombstones(&mut self, floor: Timestamp) {
+        while let Some(first) = self.tombstones.first() {
+            if first.0.ts > floor {
+                break;
+            }
+            let (version, key) = self.tombstones.pop_first().expect("non-empty");
+            if self.store.remove_tombstone(&key, version) {
+                self.stats.tombstones_collected += 1;
+            }
+        }
+    }
+
+    /// Number of tombstones waiting to become collectable.
+    pub fn tombstones_pending(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Hands out the records to persist. Call [`Replica::advance`] with the returned `applied`
+    /// once they are durable.
+    pub fn take_ready(&mut self) -> Ready {
+        Ready {
+            records: std::mem::take(&mut self.pending),
+            applied: self.applied.clone(),
+            lease: self.lease,
+        }
+    }
+
+    /// True when there are records waiting to be persisted.
+    pub fn has_ready(&self) -> bool {
+        !self.pending.is_empty() || self.durable != self.applied
+    }
+
+    /// Marks the state handed out by a [`Ready`] as durable.
+    pub fn advance(&mut self, applied: &VClock, lease: Timestamp) {
+        self.durable.merge(applied);
+        self.durable_lease = self.durable_lease.max(lease);
+    }
+
+    /// A (re)connected peer reported its durable `applied` vector in its hello: resend this
+    /// site's updates from there.
+    pub fn on_peer_connected(&mut self, peer: SiteId, applied: &VClock) {
+        self.sent[peer as usize] = applied.get(self.cfg.site);
+        self.on_peer_applied(peer, applied);
+    }
+
+    /// A peer reported its durable `applied` vector (ack or heartbeat). Prunes the retained log.
+    pub fn on_peer_applied(&mut self, peer: SiteId, applied: &VClock) {
+        if peer == self.cfg.site || peer as usize >= self.cfg.sites {
+            return;
+        }
+        self.peer_applied[peer as usize].merge(applied);
+        let me = self.cfg.site;
+        let everyone = self
+            .peers()
+            .map(|p| self.peer_applied[p as usize].get(me))
+            .min()
+            .unwrap_or(Timestamp::MAX);
+        while self
+            .retained
+            .front()
+            .is_some_and(|u| u.version.ts <= everyone)
+        {
+            self.retained.pop_front();
+            self.stats.pruned += 1;
+        }
+    }
+
+    /// Number of peers whose durable state covers this site's write at `ts` (synchronous
+    /// replication waits on this).
+    pub fn acked_by(&self, ts: Timestamp) -> usize {
+        let me = self.cfg.site;
+        self.peers()
+            .filter(|&p| self.peer_applied[p as usize].get(me) >= ts)
+            .count()
+    }
+
+    /// The next batch for `peer`: up to `max_items` of this site's durable updates after what was
+    /// last sent on this connection, followed by a clock marker when everything durable has been
+    /// sent. Returns `None` when there is nothing new.
+    pub fn poll_batch(&mut self, peer: SiteId, max_items: usize) -> Option<Vec<Item>> {
+        let p = peer as usize;
+        let cursor = self.sent[p];
+        let limit = self.durable.get(self.cfg.site);
+        if cursor >= limit {
+            return None;
+        }
+        let start = self.retained.partition_point(|u| u.version.ts <= cursor);
+        let mut items = Vec::new();
+        let mut last = cursor;
+        for u in self.retained.range(start..) {
+            if u.version.ts > limit || items.len() >= max_items {
+                break;
+            }
+            last = u.version.ts;
+            items.push(Item::Update(u.clone()));
+        }
+        if items.len() < max_items && last < limit {
+            // Everything durable up to `limit` is in this batch or was sent before: a marker
+            // lets the peer advance this site's entry past the idle gap.
+            last = limit;
+            items.push(Item::Marker(limit));
+        }
+        self.sent[p] = last;
+        Some(items)
+    }
+
+    /// True when `peer` has been sent everything durable.
+    pub fn caught_up(&self, peer: SiteId) -> bool {
+        self.sent[peer as usize] >= self.durable.get(self.cfg.site)
+    }
+}
+
+#[cfg(test)]
+mod tests;
