@@ -16,6 +16,7 @@
 //! - [`checker`]: a causal-consistency checker over recorded histories, used by the
 //!   simulation and by end-to-end suites.
 //! - [`certs`]: development CA and certificate tooling (`causalkv certs init`).
+//! - [`wire`]: rkyv messages, the one framing function, validation and limits.
 //! - [`net`]: the tokio + quinn driver: TLS setup, peer links, the client service.
 #![warn(missing_docs)]
 
@@ -25,3 +26,4 @@ pub mod clock;
 pub mod net;
 pub mod replica;
 pub mod storage;
+pub mod wire;

@@ -1,0 +1,632 @@
+//! Wire format: rkyv messages, the one framing function, validation and limits.
+//!
+//! Every message is an rkyv archive in a length-prefixed frame: a `u32` little-endian length, then
+//! the archive. [`read_frame`] checks the length against the configured maximum *before*
+//! allocating, reads the archive into an aligned buffer, and hands it out as [`Bytes`] so that
+//! values can later be sliced out of the frame and stored without re-encoding. Each archive is
+//! validated with bytecheck (`rkyv::access`) before any field is read, and then checked for
+//! meaning ([`decode_batch`], [`check_request`]): vector lengths equal the number of sites, ids are
+//! in range, keys and values respect the limits, timestamps grow along a batch.
+//!
+//! Messages:
+//! - peer control stream (bidirectional): [`PeerControl`] — hello, ack/heartbeat, reject;
+//! - peer update stream (unidirectional, one per origin and connection): [`UpdateBatch`];
+//! - client streams (one bidirectional stream per request): [`Request`] / [`Response`].
+
+use bytes::Bytes;
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::clock::{SiteId, VClock, Version};
+use crate::replica::{Item, Update};
+
+/// Limits on what a peer or client may send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest key, in bytes.
+    pub max_key: usize,
+    /// Largest value, in bytes.
+    pub max_value: usize,
+    /// Largest frame, in bytes (checked before any allocation).
+    pub max_frame: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_key: 1024,
+            max_value: 1 << 20,
+            max_frame: 16 << 20,
+        }
+    }
+}
+
+/// What can go wrong reading or checking a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The transport failed.
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The length prefix exceeds the limit.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Announced length.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame")]
+    Truncated,
+    /// The archive failed structural validation.
+    #[error("invalid archive: {0}")]
+    Invalid(String),
+    /// The archive is well formed but its content is not acceptable.
+    #[error("invalid message: {0}")]
+    Semantic(String),
+}
+
+pub use messages::*;
+
+/// The message types. rkyv generates an archived twin of each type; the lint for missing docs is
+/// relaxed here only because those generated twins of documented fields carry no docs.
+#[allow(missing_docs)]
+mod messages {
+    use super::*;
+
+    /// The version of a write on the wire.
+    #[derive(Archive, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct WireVersion {
+        /// HLC timestamp.
+        pub ts: u64,
+        /// Origin site.
+        pub site: u16,
+    }
+
+    impl From<Version> for WireVersion {
+        fn from(v: Version) -> Self {
+            Self {
+                ts: v.ts,
+                site: v.site,
+            }
+        }
+    }
+
+    impl From<WireVersion> for Version {
+        fn from(v: WireVersion) -> Self {
+            Version::new(v.ts, v.site)
+        }
+    }
+
+    /// A peer's hello on the control stream: who it claims to be and what it has applied.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub struct PeerHello {
+        /// Cluster id; both sides must agree.
+        pub cluster: String,
+        /// The site id the sender claims; its certificate must name that site.
+        pub site: u16,
+        /// Number of sites the sender is configured with.
+        pub sites: u16,
+        /// The sender's durable `applied` vector.
+        pub applied: Vec<u64>,
+    }
+
+    /// Messages on a peer control stream.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub enum PeerControl {
+        /// The first message in each direction.
+        Hello(PeerHello),
+        /// The sender's durable `applied` vector; doubles as the heartbeat.
+        Ack {
+            /// Durable `applied` vector.
+            applied: Vec<u64>,
+            /// The sender's HLC reading.
+            hlc: u64,
+        },
+        /// The hello was refused; the connection closes after this.
+        Reject {
+            /// Why.
+            reason: String,
+        },
+    }
+
+    /// Item kinds in an [`UpdateBatch`].
+    pub mod item_kind {
+        /// A put.
+        pub const PUT: u8 = 0;
+        /// A delete (tombstone).
+        pub const DELETE: u8 = 1;
+        /// A clock marker.
+        pub const MARKER: u8 = 2;
+    }
+
+    /// One item of an origin's update stream.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub struct WireItem {
+        /// Origin timestamp.
+        pub ts: u64,
+        /// One of [`item_kind`].
+        pub kind: u8,
+        /// Key (empty for markers).
+        pub key: Vec<u8>,
+        /// Value (empty for deletes and markers).
+        pub value: Vec<u8>,
+        /// Dependencies, one entry per site (empty for markers).
+        pub deps: Vec<u64>,
+    }
+
+    /// Many items of one origin's stream in one frame.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub struct UpdateBatch {
+        /// The origin site.
+        pub origin: u16,
+        /// Items in stream order.
+        pub items: Vec<WireItem>,
+    }
+
+    /// A client operation.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub enum ClientOp {
+        /// Read a key.
+        Get {
+            /// Key.
+            key: Vec<u8>,
+        },
+        /// Write a key.
+        Put {
+            /// Key.
+            key: Vec<u8>,
+            /// Value.
+            value: Vec<u8>,
+            /// Wait until this many remote sites have the write durably (0 = async).
+            sync: u8,
+        },
+        /// Delete a key.
+        Delete {
+            /// Key.
+            key: Vec<u8>,
+            /// As for `Put`.
+            sync: u8,
+        },
+        /// The site's replication status.
+        Status,
+    }
+
+    /// A client request: one per bidirectional stream.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub struct Request {
+        /// How long the site may wait for causal readiness or synchronous replication (ms).
+        pub timeout_ms: u32,
+        /// The session's causal context.
+        pub ctx: Vec<u64>,
+        /// The operation.
+        pub op: ClientOp,
+    }
+
+    /// Error codes in [`ResponseBody::Error`].
+    pub mod error_code {
+        /// The site has not applied the session's context within the timeout.
+        pub const NOT_READY: u16 = 1;
+        /// A key or value is over the limit.
+        pub const TOO_LARGE: u16 = 2;
+        /// The request is malformed.
+        pub const BAD_REQUEST: u16 = 3;
+        /// Synchronous replication did not complete within the timeout (the write itself is
+        /// applied and durable locally).
+        pub const SYNC_TIMEOUT: u16 = 4;
+        /// The site is shutting down.
+        pub const SHUTTING_DOWN: u16 = 5;
+        /// Durable storage failed.
+        pub const STORAGE: u16 = 6;
+    }
+
+    /// One peer's line in a status answer.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct PeerStatus {
+        /// Site id.
+        pub site: u16,
+        /// Site name.
+        pub name: String,
+        /// Address.
+        pub addr: String,
+        /// `up`, `suspect` or `down`.
+        pub state: String,
+        /// Why the peer is in that state.
+        pub reason: String,
+        /// The peer's durable `applied` vector as last reported.
+        pub applied: Vec<u64>,
+        /// Own updates the peer has not acked yet.
+        pub lag_updates: u64,
+        /// How far behind this site's clock the peer's entry for this site is (ms).
+        pub lag_ms: u64,
+    }
+
+    /// A site's status.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct StatusInfo {
+        /// Site id.
+        pub site: u16,
+        /// Site name.
+        pub name: String,
+        /// The `applied` vector.
+        pub applied: Vec<u64>,
+        /// The stable vector (what every site has).
+        pub stable: Vec<u64>,
+        /// Updates in the dependency buffer.
+        pub buffered: u64,
+        /// Own updates retained until every peer acks.
+        pub retained: u64,
+        /// Keys held (tombstones included).
+        pub keys: u64,
+        /// Peers.
+        pub peers: Vec<PeerStatus>,
+    }
+
+    /// The body of a response.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub enum ResponseBody {
+        /// The answer to a get.
+        Value {
+            /// The value, if present.
+            value: Option<Vec<u8>>,
+            /// The version read, if any (tombstones have one too).
+            version: Option<WireVersion>,
+        },
+        /// The answer to a put or delete.
+        Written {
+            /// The new version.
+            version: WireVersion,
+        },
+        /// The answer to a status request.
+        Status(StatusInfo),
+        /// The request failed.
+        Error {
+            /// One of [`error_code`].
+            code: u16,
+            /// A human-readable explanation.
+            message: String,
+            /// For a write whose synchronous replication timed out: the version written.
+            version: Option<WireVersion>,
+        },
+    }
+
+    /// A response on a client stream.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
+    pub struct Response {
+        /// The body.
+        pub body: ResponseBody,
+        /// The serving site's `applied` vector when it answered.
+        pub applied: Vec<u64>,
+    }
+}
+
+/// Encodes a message as an rkyv archive.
+pub fn encode<T>(msg: &T) -> AlignedVec
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<
+            AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rancor::Error,
+        >,
+    >,
+{
+    rkyv::to_bytes::<rancor::Error>(msg).expect("serialising into memory cannot fail")
+}
+
+/// Writes one frame: the `u32` little-endian length of `payload`, then `payload`. The one
+/// framing function of the project.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(payload.len())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
+    let mut buf = Vec::with_capacity(4 + payload.len());
+    buf.extend_from_slice(&len.to_le_bytes());
+    buf.extend_from_slice(payload);
+    w.write_all(&buf).await
+}
+
+/// Reads one frame. Returns `Ok(None)` at a clean end of stream (between frames). The length is
+/// checked against `max` before anything is allocated; the payload lands in a 16-byte aligned
+/// buffer, as rkyv requires.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Bytes>, WireError> {
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        let n = r.read(&mut len[got..]).await?;
+        if n == 0 {
+            return if got == 0 {
+                Ok(None)
+            } else {
+                Err(WireError::Truncated)
+            };
+        }
+        got += n;
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(WireError::FrameTooLarge { len, max });
+    }
+    let mut buf = AlignedVec::<16>::with_capacity(len);
+    buf.resize(len, 0);
+    r.read_exact(&mut buf).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            WireError::Truncated
+        } else {
+            WireError::Io(e)
+        }
+    })?;
+    Ok(Some(Bytes::from_owner(buf)))
+}
+
+/// Validates `frame` as an archive of `T` (bytecheck) and returns the archived view.
+pub fn access<T>(frame: &[u8]) -> Result<&T, WireError>
+where
+    T: rkyv::Portable
+        + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>,
+{
+    rkyv::access::<T, rancor::Error>(frame).map_err(|e| WireError::Invalid(e.to_string()))
+}
+
+/// Validates and fully deserialises a `T` (for small control messages and client responses).
+pub fn decode<T>(frame: &[u8]) -> Result<T, WireError>
+where
+    T: Archive,
+    T::Archived: rkyv::Portable
+        + for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+        + Deserialize<T, rkyv::api::high::HighDeserializer<rancor::Error>>,
+{
+    let archived = access::<T::Archived>(frame)?;
+    rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| WireError::Invalid(e.to_string()))
+}
+
+/// Encodes one origin's items as an [`UpdateBatch`] archive.
+pub fn encode_batch(origin: SiteId, items: &[Item]) -> AlignedVec {
+    let items = items
+        .iter()
+        .map(|i| match i {
+            Item::Update(u) => WireItem {
+                ts: u.version.ts,
+                kind: if u.value.is_some() {
+                    item_kind::PUT
+                } else {
+                    item_kind::DELETE
+                },
+                key: u.key.to_vec(),
+                value: u.value.as_ref().map_or_else(Vec::new, |v| v.to_vec()),
+                deps: u.deps.as_slice().to_vec(),
+            },
+            Item::Marker(ts) => WireItem {
+                ts: *ts,
+                kind: item_kind::MARKER,
+                key: Vec::new(),
+                value: Vec::new(),
+                deps: Vec::new(),
+            },
+        })
+        .collect();
+    encode(&UpdateBatch { origin, items })
+}
+
+/// Validates an [`UpdateBatch`] frame and turns it into replica items. Keys and values are
+/// slices of `frame`: they reach the store without being copied or re-encoded.
+///
+/// Checks, beyond structure: the origin is `expected_origin`; every dependency vector has one
+/// entry per site; kinds are known; keys and values respect `limits`; timestamps are non-zero and
+/// strictly increasing along the batch.
+pub fn decode_batch(
+    frame: &Bytes,
+    expected_origin: SiteId,
+    sites: usize,
+    limits: &Limits,
+) -> Result<Vec<Item>, WireError> {
+    let batch = access::<ArchivedUpdateBatch>(frame)?;
+    let origin = batch.origin.to_native();
+    if origin != expected_origin {
+        return Err(WireError::Semantic(format!(
+            "batch claims origin {origin} on the stream of site {expected_origin}"
+        )));
+    }
+    let mut out = Vec::with_capacity(batch.items.len());
+    let mut last = 0u64;
+    for it in batch.items.iter() {
+        let ts = it.ts.to_native();
+        if ts <= last {
+            return Err(WireError::Semantic(format!(
+                "timestamps must increase along a batch ({ts} after {last})"
+            )));
+        }
+        last = ts;
+        match it.kind {
+            item_kind::MARKER => out.push(Item::Marker(ts)),
+            item_kind::PUT | item_kind::DELETE => {
+                if it.deps.len() != sites {
+                    return Err(WireError::Semantic(format!(
+                        "dependency vector has {} entries, the cluster has {sites} sites",
+                        it.deps.len()
+                    )));
+                }
+                check_sizes(it.key.len(), it.value.len(), limits)?;
+                let key = frame.slice_ref(it.key.as_slice());
+                let value = (it.kind == item_kind::PUT).then(|| {
+                    if it.value.is_empty() {
+                        Bytes::new()
+                    } else {
+                        frame.slice_ref(it.value.as_slice())
+                    }
+                });
+                let deps = VClock::from_vec(it.deps.iter().map(|d| d.to_native()).collect());
+                out.push(Item::Update(Update {
+                    key,
+                    value,
+                    version: Version::new(ts, origin),
+                    deps,
+                }));
+            }
+            k => return Err(WireError::Semantic(format!("unknown item kind {k}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// Checks a key and value size against the limits.
+pub fn check_sizes(key: usize, value: usize, limits: &Limits) -> Result<(), WireError> {
+    if key == 0 {
+        return Err(WireError::Semantic("empty key".into()));
+    }
+    if key > limits.max_key {
+        return Err(WireError::Semantic(format!(
+            "key of {key} bytes exceeds the limit of {} bytes",
+            limits.max_key
+        )));
+    }
+    if value > limits.max_value {
+        return Err(WireError::Semantic(format!(
+            "value of {value} bytes exceeds the limit of {} bytes",
+            limits.max_value
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a vector received from the wire has one entry per site.
+pub fn check_vector(v: &[u64], sites: usize, what: &str) -> Result<VClock, WireError> {
+    if v.len() != sites {
+        return Err(WireError::Semantic(format!(
+            "{what} has {} entries, the cluster has {sites} sites",
+            v.len()
+        )));
+    }
+    Ok(VClock::from_vec(v.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(ts: u64, key: &str, value: Option<&str>) -> Item {
+        Item::Update(Update {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            version: Version::new(ts, 1),
+            deps: VClock::from_vec(vec![3, 0, 0]),
+        })
+    }
+
+    async fn roundtrip(payload: &[u8], max: usize) -> Result<Option<Bytes>, WireError> {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, payload).await.unwrap();
+        read_frame(&mut &buf[..], max).await
+    }
+
+    #[tokio::test]
+    async fn batch_roundtrips_and_values_are_slices_of_the_frame() {
+        let items = vec![
+            update(5, "a", Some("x")),
+            update(6, "b", None),
+            Item::Marker(9),
+        ];
+        let frame = roundtrip(&encode_batch(1, &items), 1 << 20)
+            .await
+            .unwrap()
+            .unwrap();
+        let got = decode_batch(&frame, 1, 3, &Limits::default()).unwrap();
+        assert_eq!(got, items);
+        if let Item::Update(u) = &got[0] {
+            let v = u.value.as_ref().unwrap();
+            let range = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
+            assert!(range.contains(&(v.as_ptr() as usize)), "value was copied");
+        }
+    }
+
+    #[tokio::test]
+    async fn oversized_length_is_refused_before_allocation() {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(&u32::MAX.to_le_bytes());
+        let err = read_frame(&mut &buf[..], 1024).await.unwrap_err();
+        assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn truncated_frame_is_an_error_and_clean_eof_is_not() {
+        assert!(roundtrip(b"", 10).await.unwrap().unwrap().is_empty());
+        assert!(read_frame(&mut &b""[..], 10).await.unwrap().is_none());
+        let err = read_frame(&mut &[5u8, 0, 0, 0, 1][..], 10)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, WireError::Truncated));
+    }
+
+    #[test]
+    fn garbage_fails_validation() {
+        let frame = Bytes::from_static(&[0xff; 64]);
+        assert!(matches!(
+            decode_batch(&frame, 1, 3, &Limits::default()),
+            Err(WireError::Invalid(_))
+        ));
+        assert!(decode::<Request>(&[1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn semantic_checks_catch_wrong_lengths_ids_and_sizes() {
+        let limits = Limits {
+            max_key: 4,
+            max_value: 4,
+            max_frame: 1 << 20,
+        };
+        let items = vec![update(5, "a", Some("x"))];
+        let frame = Bytes::from(encode_batch(1, &items).to_vec());
+        let frame = aligned(&frame);
+        assert!(decode_batch(&frame, 2, 3, &limits).is_err(), "wrong origin");
+        assert!(
+            decode_batch(&frame, 1, 4, &limits).is_err(),
+            "wrong vector length"
+        );
+        let big = aligned(&encode_batch(1, &[update(5, "a", Some("toolong"))]));
+        assert!(
+            decode_batch(&big, 1, 3, &limits).is_err(),
+            "value too large"
+        );
+        let back = aligned(&encode_batch(
+            1,
+            &[update(5, "a", Some("x")), update(5, "b", Some("y"))],
+        ));
+        assert!(
+            decode_batch(&back, 1, 3, &limits).is_err(),
+            "ts not increasing"
+        );
+    }
+
+    fn aligned(b: &[u8]) -> Bytes {
+        let mut v = AlignedVec::<16>::new();
+        v.extend_from_slice(b);
+        Bytes::from_owner(v)
+    }
+
+    #[test]
+    fn requests_and_responses_roundtrip() {
+        let req = Request {
+            timeout_ms: 10,
+            ctx: vec![1, 2],
+            op: ClientOp::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+                sync: 1,
+            },
+        };
+        assert_eq!(decode::<Request>(&encode(&req)).unwrap(), req);
+        let resp = Response {
+            body: ResponseBody::Value {
+                value: Some(b"v".to_vec()),
+                version: Some(WireVersion { ts: 3, site: 1 }),
+            },
+            applied: vec![1, 2],
+        };
+        assert_eq!(decode::<Response>(&encode(&resp)).unwrap(), resp);
+    }
+}
