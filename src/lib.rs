@@ -7,7 +7,10 @@
 //!
 //! # Layout
 //!
+//! - [`client`]: the async client library with causal sessions and failover.
 //! - [`clock`]: hybrid logical clock, [`Version`](clock::Version) and [`VClock`](clock::VClock).
+//! - [`config`]: the site configuration file (TOML).
+//! - [`dev`]: lays out a local multi-site deployment (`causalkv dev`, tests, scripts).
 //! - [`replica`]: the sans-IO replication core (no tokio, no sockets, no wall clock): local
 //!   reads and writes under a causal context, the dependency buffer, LWW apply, markers, acks,
 //!   retention and tombstone collection. Side effects come back as values.
@@ -22,8 +25,15 @@
 
 pub mod certs;
 pub mod checker;
+pub mod client;
 pub mod clock;
+pub mod config;
+pub mod dev;
 pub mod net;
 pub mod replica;
 pub mod storage;
 pub mod wire;
+
+pub use client::{Client, ClientError};
+pub use config::SiteConfig;
+pub use net::Node;

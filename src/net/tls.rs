@@ -1,1 +1,935 @@
-//! The one TLS setup for peers and clients.
+//! The one TLS setup for peers and clients: quinn endpoint configurations with mutual TLS
+//! against the cluster CA.
+//!
+//! - TLS 1.3 only (QUIC requires it), rustls with the *ring* provider, no 0-RTT (early data is
+//!   replayable).
+//! - Servers ([`server_config`]) offer both ALPNs, [`ALPN_PEER`] and [`ALPN_CLIENT`], present
+//!   their site certificate and verify client certificates against the cluster CA with
+//!   rustls' `WebPkiClientVerifier` (chain, validity, clientAuth EKU). With
+//!   `require_client_cert == false` a client may present no certificate at all, but a
+//!   certificate that *is* presented must still verify.
+//! - Clients ([`client_config`]) present their certificate and verify the server against the
+//!   cluster CA. The server name passed to `Endpoint::connect` selects the name check:
+//!   - [`site_server_name`]`("a")` = `site-a.causalkv`: the server must be site `a`;
+//!   - any other name or IP literal (`localhost`, `127.0.0.1`): the usual WebPKI name check;
+//!   - [`ANY_SITE_SERVER_NAME`]: for clients that know an address but not the site behind
+//!     it. The certificate must still chain to the cluster CA (with serverAuth EKU and a valid
+//!     date); it is then checked against the first `site-<name>.causalkv` SAN it carries, so it
+//!     must be *some* site's certificate. [`peer_identity`] tells which one.
+//!
+//!   Chain validation to the cluster CA always happens, in every case.
+//! - Authorisation is the caller's job: after the handshake, [`peer_identity`] yields the
+//!   verified peer's names; a peer link must check that
+//!   [`PeerIdentity::site_name`] equals the site id claimed in its hello, and that
+//!   [`negotiated_alpn`] is the one the stream protocol expects.
+//!
+//! With TLS 1.3 the server validates the client certificate after the client considers the
+//! handshake complete, so a refused client sees `connect()` succeed and the error only on its
+//! first stream operation.
+//!
+//! Flow control ([`TransportLimits`]) is sized for WAN bandwidth-delay products: at 100 ms RTT
+//! and 100 MB/s a single stream needs a 10 MB window to avoid stalling, so the defaults are
+//! 16 MiB per stream and 32 MiB per connection (quinn's defaults are ~1.2 MB per stream).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::certs;
+
+/// ALPN between sites.
+pub const ALPN_PEER: &[u8] = b"causalkv-peer/1";
+/// ALPN between clients and sites.
+pub const ALPN_CLIENT: &[u8] = b"causalkv-client/1";
+/// Server name to connect with when the site behind an address is not known: the server must
+/// present a certificate of *some* site of the cluster (see the module docs).
+pub const ANY_SITE_SERVER_NAME: &str = "any-site.causalkv";
+
+/// The server name to connect to site `name` with: `site-<name>.causalkv`.
+pub fn site_server_name(name: &str) -> String {
+    certs::site_dns_name(name)
+}
+
+/// Installs rustls' *ring* provider as the process default. Idempotent; called by every
+/// config builder here. (Our builders also pass the provider explicitly, so they do not depend
+/// on the process default; this is for any other rustls user in the process.)
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    install_crypto_provider();
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Errors of the TLS setup.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// A PEM file is malformed or lacks what it should contain.
+    #[error("{}: {reason}", path.display())]
+    BadPem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The private key does not belong to the certificate.
+    #[error("{} is not the private key of {}", key.display(), cert.display())]
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// Our own certificate does not verify against the cluster CA.
+    #[error("{} does not verify against the CA in {}: {reason}", cert.display(), ca.display())]
+    NotSignedByCa {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The CA file.
+        ca: PathBuf,
+        /// What the verifier said.
+        reason: String,
+    },
+    /// Invalid [`TransportLimits`].
+    #[error("invalid transport limits: {0}")]
+    Limits(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// A certificate verifier could not be built.
+    #[error("certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// quinn refused the rustls configuration.
+    #[error("QUIC TLS configuration: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// The PEM files of one identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The cluster CA certificate(s): the trust roots.
+    pub ca: PathBuf,
+    /// Our certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Our private key.
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files [`certs::init`] writes for site `name` in `dir`.
+    pub fn site(dir: &Path, name: &str) -> TlsFiles {
+        Self::from_paths(dir, certs::site_paths(dir, name))
+    }
+
+    /// The files [`certs::init`] writes for client `name` in `dir`.
+    pub fn client(dir: &Path, name: &str) -> TlsFiles {
+        Self::from_paths(dir, certs::client_paths(dir, name))
+    }
+
+    fn from_paths(dir: &Path, paths: certs::CertPaths) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join(certs::CA_CERT_FILE),
+            cert: paths.cert,
+            key: paths.key,
+        }
+    }
+}
+
+/// What a verified certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerIdentity {
+    /// The subject common name, if any.
+    pub common_name: Option<String>,
+    /// The DNS subject alternative names, in certificate order.
+    pub dns_names: Vec<String>,
+}
+
+impl PeerIdentity {
+    /// Parses the names out of a DER certificate (no verification: use it on certificates the
+    /// handshake has verified).
+    pub fn from_der(der: &[u8]) -> Result<PeerIdentity, String> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_owned);
+        let dns_names = match cert.subject_alternative_name() {
+            Ok(Some(san)) => san
+                .value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::DNSName(dns) => Some(dns.to_string()),
+                    _ => None,
+                })
+                .collect(),
+            Ok(None) => Vec::new(),
+            Err(e) => return Err(e.to_string()),
+        };
+        Ok(PeerIdentity {
+            common_name,
+            dns_names,
+        })
+    }
+
+    /// The names in `<prefix>-<name>.causalkv` SANs; an identity is only meaningful if there is
+    /// exactly one (fail closed on ambiguity).
+    fn unique(&self, parse: fn(&str) -> Option<&str>) -> Option<&str> {
+        let mut names = self.dns_names.iter().filter_map(|d| parse(d));
+        match (names.next(), names.next()) {
+            (Some(name), None) => Some(name),
+            _ => None,
+        }
+    }
+
+    /// The site this certificate belongs to, from its single `site-<name>.causalkv` SAN
+    /// (`None` if it has none, or several).
+    pub fn site_name(&self) -> Option<&str> {
+        self.unique(certs::site_from_dns_name)
+    }
+
+    /// The client this certificate belongs to, from its single `client-<name>.causalkv` SAN
+    /// (`None` if it has none, or several).
+    pub fn client_name(&self) -> Option<&str> {
+        self.unique(certs::client_from_dns_name)
+    }
+}
+
+/// Our credentials: the cluster CA roots, our certificate chain and private key.
+pub struct Identity {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    subject: PeerIdentity,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Identity {
+            roots: self.roots.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+            subject: self.subject.clone(),
+        }
+    }
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("roots", &self.roots.len())
+            .field("subject", &self.subject)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn bad_pem(path: &Path, reason: impl Into<String>) -> TlsError {
+    TlsError::BadPem {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_file(path)?;
+    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad_pem(path, format!("unreadable PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(bad_pem(path, "no CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+/// Loads the trust roots (one or more CA certificates) from a PEM file.
+pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots
+            .add(cert)
+            .map_err(|e| bad_pem(path, format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+impl Identity {
+    /// Loads and checks an identity: the CA file must hold usable CA certificates, the
+    /// certificate file a chain (leaf first), the key file a private key belonging to the leaf,
+    /// and the leaf must verify against the CA (so a misconfigured node fails at startup, not
+    /// at every connection). Errors name the file and what is wrong.
+    pub fn load(files: &TlsFiles) -> Result<Identity, TlsError> {
+        let roots = load_roots(&files.ca)?;
+        let chain = read_certs(&files.cert)?;
+        let key_pem = read_file(&files.key)?;
+        let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+            .map_err(|e| bad_pem(&files.key, format!("unreadable PEM: {e}")))?
+            .ok_or_else(|| bad_pem(&files.key, "no PRIVATE KEY block"))?;
+
+        let provider = provider();
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| bad_pem(&files.key, format!("unusable private key: {e}")))?;
+        let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing_key);
+        match certified.keys_match() {
+            Ok(()) => {}
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                return Err(TlsError::KeyMismatch {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                });
+            }
+            Err(e) => return Err(bad_pem(&files.cert, e.to_string())),
+        }
+
+        // Every causalkv identity carries the clientAuth EKU (sites dial each other), so the
+        // client verifier is the right check for all of them.
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider).build()?;
+        verifier
+            .verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+            .map_err(|e| TlsError::NotSignedByCa {
+                cert: files.cert.clone(),
+                ca: files.ca.clone(),
+                reason: e.to_string(),
+            })?;
+
+        let subject = PeerIdentity::from_der(&chain[0]).map_err(|e| bad_pem(&files.cert, e))?;
+        Ok(Identity {
+            roots,
+            chain,
+            key,
+            subject,
+        })
+    }
+
+    /// The cluster CA roots.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
+    /// Our certificate chain, leaf first.
+    pub fn cert_chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// The names in our own certificate (e.g. `subject().site_name()` is our site).
+    pub fn subject(&self) -> &PeerIdentity {
+        &self.subject
+    }
+}
+
+/// QUIC transport limits shared by servers and clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Close a connection after this long without any packet. Default 30 s.
+    pub idle_timeout: Duration,
+    /// Send a keep-alive after this long without sending; must be below `idle_timeout`.
+    /// Default 5 s.
+    pub keep_alive: Duration,
+    /// Per-stream receive window, bytes. Default 16 MiB (>= 100 ms x 100 MB/s).
+    pub stream_window: u64,
+    /// Per-connection receive window and send buffer, bytes; at least `stream_window`.
+    /// Default 32 MiB.
+    pub conn_window: u64,
+    /// Bidirectional streams the peer may have open at once. Default 100.
+    pub max_concurrent_bidi_streams: u32,
+    /// Unidirectional streams the peer may have open at once (peers send updates on these,
+    /// one per origin / partition). Default 100.
+    pub max_concurrent_uni_streams: u32,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(5),
+            stream_window: 16 << 20,
+            conn_window: 32 << 20,
+            max_concurrent_bidi_streams: 100,
+            max_concurrent_uni_streams: 100,
+        }
+    }
+}
+
+impl TransportLimits {
+    /// Checks the limits for consistency.
+    pub fn validate(&self) -> Result<(), TlsError> {
+        let bad = |s: &str| Err(TlsError::Limits(s.to_owned()));
+        if self.idle_timeout.is_zero() {
+            return bad("idle_timeout must be positive");
+        }
+        if self.keep_alive.is_zero() || self.keep_alive >= self.idle_timeout {
+            return bad("keep_alive must be positive and below idle_timeout");
+        }
+        if self.stream_window == 0 || self.stream_window > self.conn_window {
+            return bad("stream_window must be positive and at most conn_window");
+        }
+        if self.conn_window > VarInt::MAX.into_inner() {
+            return bad("conn_window exceeds 2^62 - 1");
+        }
+        if IdleTimeout::try_from(self.idle_timeout).is_err() {
+            return bad("idle_timeout too large");
+        }
+        Ok(())
+    }
+
+    /// The quinn transport configuration for these limits.
+    pub fn transport_config(&self) -> Result<TransportConfig, TlsError> {
+        self.validate()?;
+        let varint = |v: u64| VarInt::from_u64(v).map_err(|e| TlsError::Limits(e.to_string()));
+        let idle = IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|e| TlsError::Limits(e.to_string()))?;
+        let mut config = TransportConfig::default();
+        config
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(self.keep_alive))
+            .stream_receive_window(varint(self.stream_window)?)
+            .receive_window(varint(self.conn_window)?)
+            .send_window(self.conn_window)
+            .max_concurrent_bidi_streams(self.max_concurrent_bidi_streams.into())
+            .max_concurrent_uni_streams(self.max_concurrent_uni_streams.into());
+        Ok(config)
+    }
+}
+
+/// A server configuration: our site certificate, both ALPNs, client certificates verified
+/// against the cluster CA (required, or optional if `require_client_cert` is false; a
+/// presented certificate must verify either way).
+pub fn server_config(
+    id: &Identity,
+    limits: &TransportLimits,
+    require_client_cert: bool,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let builder = WebPkiClientVerifier::builder_with_provider(id.roots(), provider.clone());
+    let verifier = if require_client_cert {
+        builder.build()?
+    } else {
+        builder.allow_unauthenticated().build()?
+    };
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(id.chain.clone(), id.key.clone_key())?;
+    tls.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_CLIENT.to_vec()];
+    tls.max_early_data_size = 0;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    config.transport_config(Arc::new(limits.transport_config()?));
+    Ok(config)
+}
+
+/// A client configuration presenting our certificate (mutual TLS) and verifying the server
+/// against the cluster CA; `alpn` is [`ALPN_PEER`] or [`ALPN_CLIENT`]. See the module docs for
+/// the server names to connect with.
+pub fn client_config(
+    id: &Identity,
+    limits: &TransportLimits,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(SiteServerVerifier::new(id.roots(), provider)?)
+        .with_client_auth_cert(id.chain.clone(), id.key.clone_key())?;
+    finish_client(tls, limits, alpn)
+}
+
+/// A client configuration without any certificate (servers requiring client certificates
+/// refuse it); the server is verified as in [`client_config`].
+pub fn client_config_anonymous(
+    roots: Arc<RootCertStore>,
+    limits: &TransportLimits,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    let provider = provider();
+    let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(SiteServerVerifier::new(roots, provider)?)
+        .with_no_client_auth();
+    finish_client(tls, limits, alpn)
+}
+
+fn finish_client(
+    mut tls: rustls::ClientConfig,
+    limits: &TransportLimits,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig, TlsError> {
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.enable_early_data = false;
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
+    config.transport_config(Arc::new(limits.transport_config()?));
+    Ok(config)
+}
+
+/// Server certificate verification against the cluster CA. A thin wrapper around rustls'
+/// `WebPkiServerVerifier`, which does all the checking (chain to the CA, validity, serverAuth
+/// EKU, name, signatures); the wrapper only chooses the name to check when the caller
+/// connected with [`ANY_SITE_SERVER_NAME`]: then it is the certificate's own first
+/// `site-<name>.causalkv` SAN, so any site's certificate passes and nothing else does.
+#[derive(Debug)]
+struct SiteServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+}
+
+impl SiteServerVerifier {
+    fn new(
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Arc<Self>, TlsError> {
+        let inner = WebPkiServerVerifier::builder_with_provider(roots, provider).build()?;
+        Ok(Arc::new(SiteServerVerifier { inner }))
+    }
+}
+
+impl ServerCertVerifier for SiteServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let any_site = matches!(server_name,
+            ServerName::DnsName(dns) if dns.as_ref().eq_ignore_ascii_case(ANY_SITE_SERVER_NAME));
+        if !any_site {
+            return self.inner.verify_server_cert(
+                end_entity,
+                intermediates,
+                server_name,
+                ocsp_response,
+                now,
+            );
+        }
+        let ident = PeerIdentity::from_der(end_entity).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        let site_san = ident
+            .dns_names
+            .iter()
+            .find(|dns| certs::site_from_dns_name(dns).is_some())
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            ))?;
+        let name = ServerName::try_from(site_san.as_str()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        // Full verification, with the name taken from the certificate itself.
+        self.inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The verified identity of the connection's peer: the names in its leaf certificate, or
+/// `None` if it presented none (an anonymous client on a server that allows them).
+pub fn peer_identity(conn: &quinn::Connection) -> Option<PeerIdentity> {
+    let any = conn.peer_identity()?;
+    let chain = any.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    PeerIdentity::from_der(chain.first()?).ok()
+}
+
+/// The ALPN protocol negotiated on the connection.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let data = conn.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    data.protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use tokio::sync::mpsc;
+
+    const TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn make_certs(sites: &[&str], clients: &[&str]) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        certs::init(&certs::InitOptions {
+            out: tmp.path().to_owned(),
+            sites: sites.iter().map(|s| s.to_string()).collect(),
+            clients: clients.iter().map(|s| s.to_string()).collect(),
+            force: false,
+        })
+        .unwrap();
+        tmp
+    }
+
+    fn site(dir: &tempfile::TempDir, name: &str) -> Identity {
+        Identity::load(&TlsFiles::site(dir.path(), name)).unwrap()
+    }
+
+    /// What the test server saw of one incoming connection.
+    #[derive(Debug)]
+    enum Seen {
+        Served {
+            peer: Option<PeerIdentity>,
+            alpn: Option<Vec<u8>>,
+        },
+        Refused(String),
+    }
+
+    /// An echo server: replies `echo:` + the request on each connection's first bi stream.
+    fn serve(
+        config: quinn::ServerConfig,
+    ) -> (quinn::Endpoint, SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let accept = endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accept.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let conn = match incoming.await {
+                        Ok(conn) => conn,
+                        Err(e) => {
+                            let _ = tx.send(Seen::Refused(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = tx.send(Seen::Served {
+                        peer: peer_identity(&conn),
+                        alpn: negotiated_alpn(&conn),
+                    });
+                    if let Ok((mut send, mut recv)) = conn.accept_bi().await
+                        && let Ok(req) = recv.read_to_end(1024).await
+                    {
+                        let _ = send.write_all(&[b"echo:".as_slice(), &req].concat()).await;
+                        let _ = send.finish();
+                    }
+                    conn.closed().await;
+                });
+            }
+        });
+        (endpoint, addr, rx)
+    }
+
+    /// Connects, sends `hello` on a bi stream and reads the reply.
+    async fn exchange(
+        config: quinn::ClientConfig,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<(quinn::Connection, Vec<u8>), String> {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let work = async {
+            let conn = endpoint
+                .connect_with(config, addr, server_name)
+                .map_err(|e| format!("connect: {e}"))?
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("open: {e}"))?;
+            send.write_all(b"hello")
+                .await
+                .map_err(|e| format!("write: {e}"))?;
+            send.finish().map_err(|e| format!("finish: {e}"))?;
+            let reply = recv
+                .read_to_end(1024)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            Ok((conn, reply))
+        };
+        tokio::time::timeout(TIMEOUT, work)
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()))
+    }
+
+    async fn next_seen(rx: &mut mpsc::UnboundedReceiver<Seen>) -> Seen {
+        tokio::time::timeout(TIMEOUT, rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn sites_and_clients_connect_with_mutual_tls() {
+        let dir = make_certs(&["a", "b"], &["alice"]);
+        let limits = TransportLimits::default();
+        let server = server_config(&site(&dir, "a"), &limits, true).unwrap();
+        let (_ep, addr, mut seen) = serve(server);
+
+        // Site b dials site a by name.
+        let b = site(&dir, "b");
+        assert_eq!(b.subject().site_name(), Some("b"));
+        let cfg = client_config(&b, &limits, ALPN_PEER).unwrap();
+        let (conn, reply) = exchange(cfg, addr, &site_server_name("a")).await.unwrap();
+        assert_eq!(reply, b"echo:hello");
+        assert_eq!(peer_identity(&conn).unwrap().site_name(), Some("a"));
+        assert_eq!(negotiated_alpn(&conn).as_deref(), Some(ALPN_PEER));
+        match next_seen(&mut seen).await {
+            Seen::Served { peer, alpn } => {
+                let peer = peer.unwrap();
+                assert_eq!(peer.site_name(), Some("b"));
+                assert_eq!(peer.client_name(), None);
+                assert_eq!(peer.common_name.as_deref(), Some("b"));
+                assert_eq!(alpn.as_deref(), Some(ALPN_PEER));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // A client that knows only the address, and clients dialing 127.0.0.1 / localhost.
+        let alice = Identity::load(&TlsFiles::client(dir.path(), "alice")).unwrap();
+        for name in [ANY_SITE_SERVER_NAME, "127.0.0.1", "localhost"] {
+            let cfg = client_config(&alice, &limits, ALPN_CLIENT).unwrap();
+            let (conn, reply) = exchange(cfg, addr, name).await.unwrap();
+            assert_eq!(reply, b"echo:hello");
+            assert_eq!(peer_identity(&conn).unwrap().site_name(), Some("a"));
+            match next_seen(&mut seen).await {
+                Seen::Served { peer, alpn } => {
+                    let peer = peer.unwrap();
+                    assert_eq!(peer.client_name(), Some("alice"));
+                    assert_eq!(peer.site_name(), None);
+                    assert_eq!(alpn.as_deref(), Some(ALPN_CLIENT));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn client_cert_from_another_ca_is_refused() {
+        let dir = make_certs(&["a", "b"], &[]);
+        let other = make_certs(&["b"], &[]);
+        let limits = TransportLimits::default();
+
+        // Loading such a mix is refused up front...
+        let files = TlsFiles {
+            ca: dir.path().join(certs::CA_CERT_FILE),
+            ..TlsFiles::site(other.path(), "b")
+        };
+        let err = Identity::load(&files).unwrap_err();
+        assert!(matches!(err, TlsError::NotSignedByCa { .. }), "{err}");
+        // ...so build it by hand: trusts our CA (the server passes), presents a foreign cert.
+        let foreign = site(&other, "b");
+        let impostor = Identity {
+            roots: site(&dir, "a").roots(),
+            ..foreign
+        };
+
+        for require in [true, false] {
+            let server = server_config(&site(&dir, "a"), &limits, require).unwrap();
+            let (_ep, addr, mut seen) = serve(server);
+            let cfg = client_config(&impostor, &limits, ALPN_PEER).unwrap();
+            // With TLS 1.3 the refusal may only show on the first stream: exchange() uses one.
+            let err = exchange(cfg, addr, &site_server_name("a"))
+                .await
+                .unwrap_err();
+            assert!(!err.contains("timed out"), "{err}");
+            match next_seen(&mut seen).await {
+                Seen::Refused(reason) => assert!(reason.contains("UnknownIssuer"), "{reason}"),
+                other => panic!("require={require}: {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn anonymous_client_is_refused_when_certs_are_required() {
+        let dir = make_certs(&["a"], &[]);
+        let limits = TransportLimits::default();
+        let roots = load_roots(&dir.path().join(certs::CA_CERT_FILE)).unwrap();
+
+        let server = server_config(&site(&dir, "a"), &limits, true).unwrap();
+        let (_ep, addr, mut seen) = serve(server);
+        let cfg = client_config_anonymous(roots.clone(), &limits, ALPN_CLIENT).unwrap();
+        let err = exchange(cfg, addr, &site_server_name("a"))
+            .await
+            .unwrap_err();
+        assert!(!err.contains("timed out"), "{err}");
+        assert!(matches!(next_seen(&mut seen).await, Seen::Refused(_)));
+
+        // Allowed when not required, and then the server sees no identity.
+        let server = server_config(&site(&dir, "a"), &limits, false).unwrap();
+        let (_ep, addr, mut seen) = serve(server);
+        let cfg = client_config_anonymous(roots, &limits, ALPN_CLIENT).unwrap();
+        let (_conn, reply) = exchange(cfg, addr, ANY_SITE_SERVER_NAME).await.unwrap();
+        assert_eq!(reply, b"echo:hello");
+        match next_seen(&mut seen).await {
+            Seen::Served { peer, .. } => assert_eq!(peer, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn server_certificate_is_checked() {
+        let dir = make_certs(&["a", "b"], &[]);
+        let other = make_certs(&["a"], &[]);
+        let limits = TransportLimits::default();
+        let b = site(&dir, "b");
+
+        // Site a's server is not site b.
+        let (_ep, addr, _seen) = serve(server_config(&site(&dir, "a"), &limits, true).unwrap());
+        let cfg = client_config(&b, &limits, ALPN_PEER).unwrap();
+        let err = exchange(cfg, addr, &site_server_name("b"))
+            .await
+            .unwrap_err();
+        assert!(
+            err.starts_with("handshake:") && err.contains("not valid for name"),
+            "{err}"
+        );
+
+        // A "site a" of another cluster fails even for a client that accepts any site.
+        let (_ep, addr, _seen) = serve(server_config(&site(&other, "a"), &limits, false).unwrap());
+        for name in [ANY_SITE_SERVER_NAME, &site_server_name("a")] {
+            let cfg = client_config(&b, &limits, ALPN_PEER).unwrap();
+            let err = exchange(cfg, addr, name).await.unwrap_err();
+            assert!(err.contains("UnknownIssuer"), "{name}: {err}");
+        }
+
+        // A server holding a client certificate is no site.
+        let client_dir = make_certs(&[], &["mallory"]);
+        let mallory = Identity::load(&TlsFiles::client(client_dir.path(), "mallory")).unwrap();
+        let (_ep, addr, _seen) = serve(server_config(&mallory, &limits, false).unwrap());
+        let roots = load_roots(&client_dir.path().join(certs::CA_CERT_FILE)).unwrap();
+        let cfg = client_config_anonymous(roots, &limits, ALPN_CLIENT).unwrap();
+        let err = exchange(cfg, addr, ANY_SITE_SERVER_NAME).await.unwrap_err();
+        assert!(err.starts_with("handshake:"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn unknown_alpn_is_refused() {
+        let dir = make_certs(&["a", "b"], &[]);
+        let limits = TransportLimits::default();
+        let (_ep, addr, _seen) = serve(server_config(&site(&dir, "a"), &limits, true).unwrap());
+        let cfg = client_config(&site(&dir, "b"), &limits, b"causalkv-peer/0").unwrap();
+        let err = exchange(cfg, addr, &site_server_name("a"))
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("handshake:"), "{err}");
+    }
+
+    #[test]
+    fn identity_load_names_the_bad_file() {
+        let dir = make_certs(&["a", "b"], &[]);
+        let path = dir.path();
+        let mut files = TlsFiles::site(path, "a");
+        files.key = path.join("missing.key");
+        let err = Identity::load(&files).unwrap_err();
+        assert!(err.to_string().contains("missing.key"), "{err}");
+
+        files.key = path.join("site-b.key");
+        let err = Identity::load(&files).unwrap_err();
+        assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("site-b.key"), "{err}");
+
+        files = TlsFiles::site(path, "a");
+        files.cert = path.join("site-a.key");
+        let err = Identity::load(&files).unwrap_err();
+        assert!(
+            err.to_string().contains("site-a.key: no CERTIFICATE"),
+            "{err}"
+        );
+
+        files = TlsFiles::site(path, "a");
+        files.key = path.join("site-a.pem");
+        let err = Identity::load(&files).unwrap_err();
+        assert!(
+            err.to_string().contains("site-a.pem: no PRIVATE KEY"),
+            "{err}"
+        );
+
+        let id = Identity::load(&TlsFiles::site(path, "a")).unwrap();
+        assert!(!format!("{id:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let ok = TransportLimits::default();
+        ok.validate().unwrap();
+        assert!(ok.stream_window >= 10_000_000);
+        let cases = [
+            TransportLimits {
+                keep_alive: ok.idle_timeout,
+                ..ok.clone()
+            },
+            TransportLimits {
+                idle_timeout: Duration::ZERO,
+                ..ok.clone()
+            },
+            TransportLimits {
+                stream_window: ok.conn_window + 1,
+                ..ok.clone()
+            },
+            TransportLimits {
+                conn_window: u64::MAX,
+                stream_window: 1,
+                ..ok.clone()
+            },
+        ];
+        for bad in cases {
+            assert!(bad.transport_config().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn identity_names_fail_closed_on_ambiguity() {
+        let two = PeerIdentity {
+            common_name: None,
+            dns_names: vec!["site-a.causalkv".into(), "site-b.causalkv".into()],
+        };
+        assert_eq!(two.site_name(), None);
+        let one = PeerIdentity {
+            common_name: None,
+            dns_names: vec!["a".into(), "site-a.causalkv".into(), "localhost".into()],
+        };
+        assert_eq!(one.site_name(), Some("a"));
+        assert_eq!(one.client_name(), None);
+    }
+}

@@ -119,12 +119,9 @@ impl DependencyBuffer {
         deps: &VClock,
         origin: SiteId,
     ) -> Option<(SiteId, Timestamp)> {
-        deps.as_slice()
-            .iter()
-            .enumerate()
-            .find_map(|(k, &need)| {
-                let k = k as SiteId;
-                (k != origin && applied.get(k) < need).then_some((k, need))
-            })
+        deps.as_slice().iter().enumerate().find_map(|(k, &need)| {
+            let k = k as SiteId;
+            (k != origin && applied.get(k) < need).then_some((k, need))
+        })
     }
 }

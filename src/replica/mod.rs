@@ -561,6 +561,15 @@ impl<S: Store> Replica<S> {
         }
     }
 
+    /// Number of this site's retained updates that `peer` has not acked yet.
+    pub fn unacked_by(&self, peer: SiteId) -> usize {
+        if peer == self.cfg.site || peer as usize >= self.cfg.sites {
+            return 0;
+        }
+        let acked = self.peer_applied[peer as usize].get(self.cfg.site);
+        self.retained.len() - self.retained.partition_point(|u| u.version.ts <= acked)
+    }
+
     /// Number of peers whose durable state covers this site's write at `ts` (synchronous
     /// replication waits on this).
     pub fn acked_by(&self, ts: Timestamp) -> usize {

@@ -51,7 +51,9 @@ fn read_waits_until_applied_covers_context() {
 fn causally_later_write_wins_lww_despite_a_slow_clock() {
     let mut a = replica(0, 2);
     let mut b_ = replica(1, 2);
-    let v1 = a.put(1_000, b("k"), Some(b("first")), &VClock::zero(2)).unwrap();
+    let v1 = a
+        .put(1_000, b("k"), Some(b("first")), &VClock::zero(2))
+        .unwrap();
     sync(&mut a, &mut b_);
     let mut ctx = VClock::zero(2);
     ctx.raise(v1.site, v1.ts);
@@ -109,8 +111,13 @@ fn switching_dependency_checks_off_shows_effect_before_cause() {
 fn duplicates_after_a_resend_are_ignored() {
     let (mut a, mut b_) = (replica(0, 2), replica(1, 2));
     for i in 0..5 {
-        a.put(i, b("k"), Some(Bytes::from(format!("{i}"))), &VClock::zero(2))
-            .unwrap();
+        a.put(
+            i,
+            b("k"),
+            Some(Bytes::from(format!("{i}"))),
+            &VClock::zero(2),
+        )
+        .unwrap();
     }
     flush(&mut a);
     a.on_peer_connected(1, &VClock::zero(2));
@@ -159,7 +166,11 @@ fn tombstone_is_collected_only_when_every_entry_passed_it() {
     a.put(10, b("k"), Some(b("v")), &VClock::zero(2)).unwrap();
     a.put(20, b("k"), None, &VClock::zero(2)).unwrap();
     a.tick(30);
-    assert_eq!(a.store().len(), 1, "b's entry is still 0: keep the tombstone");
+    assert_eq!(
+        a.store().len(),
+        1,
+        "b's entry is still 0: keep the tombstone"
+    );
     // b is idle: its marker moves a's entry for b past the tombstone.
     b_.tick(10_000);
     sync(&mut b_, &mut a);
@@ -192,10 +203,7 @@ fn recovery_restores_state_and_never_undercuts_a_sent_marker() {
     let sent = a.poll_batch(1, 100).unwrap();
     let marker = sent.last().unwrap().ts();
     let mut a2 = Replica::recover(ReplicaConfig::new(0, 2), MemStore::new(), disk);
-    assert_eq!(
-        a2.get(b"k", &VClock::zero(2)).unwrap().value,
-        Some(b("v"))
-    );
+    assert_eq!(a2.get(b"k", &VClock::zero(2)).unwrap().value, Some(b("v")));
     // Physical time went backwards across the restart; the next write still lands above the
     // marker that was sent.
     let v = a2.put(1, b("k"), Some(b("w")), &VClock::zero(2)).unwrap();

@@ -1,0 +1,481 @@
+//! The async client library: sessions with a causal context, and causal failover.
+//!
+//! A [`Client`] holds one QUIC connection (mutual TLS, ALPN `causalkv-client/1`) to its current
+//! site and a **session context**: the vector clock of everything it has read or written. Every
+//! request carries the context, and a site answers only once it has applied all of it, so the
+//! session keeps read-your-writes, monotonic reads and monotonic writes, and its writes follow its
+//! reads, whichever site serves it.
+//!
+//! When the current site cannot be reached, the client moves to the next configured site; the
+//! first request there waits (bounded by the request timeout) until that site has caught up
+//! with the context, or fails with [`ClientError::NotReady`] saying what is missing.
+//!
+//! Concurrent calls on one `Client` are pipelined on its connection: each request is its own
+//! QUIC stream. The context can be exported as a compact token ([`Client::session_token`]) and
+//! adopted by another process ([`Client::set_session_token`]) to share one session.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), causalkv::client::ClientError> {
+//! use causalkv::Client;
+//!
+//! let client = Client::builder()
+//!     .sites(["127.0.0.1:7100", "127.0.0.1:7101"])
+//!     .identity("certs/dev/client-app.pem", "certs/dev/client-app.key")
+//!     .ca("certs/dev/ca.pem")
+//!     .connect()
+//!     .await?;
+//! client.put("greeting", "hello").await?;
+//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! let token = client.session_token(); // hand this to another process
+//! # let _ = token;
+//! # Ok(()) }
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use quinn::{Connection, Endpoint};
+
+use crate::clock::{VClock, Version};
+use crate::net::tls::{self, Identity, TlsFiles, TransportLimits};
+use crate::wire::{self, ClientOp, Request, Response, ResponseBody, StatusInfo, error_code};
+
+/// What a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The request did not complete in time.
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    /// The site has not applied the session's causal context within the timeout.
+    #[error("site {site} is not causally ready: {message}")]
+    NotReady {
+        /// The site's address.
+        site: SocketAddr,
+        /// What is missing.
+        message: String,
+    },
+    /// A key or value exceeds the site's limits.
+    #[error("too large: {0}")]
+    TooLarge(String),
+    /// The TLS handshake or certificate check failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// No configured site could be reached.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The write is durable at the site but synchronous replication did not complete in time.
+    #[error("synchronous replication incomplete: {message}")]
+    SyncTimeout {
+        /// The version written.
+        version: Version,
+        /// Details.
+        message: String,
+    },
+    /// The site refused the request.
+    #[error("site error {code}: {message}")]
+    Server {
+        /// One of [`error_code`].
+        code: u16,
+        /// The site's explanation.
+        message: String,
+    },
+    /// Local configuration (certificates, addresses, token).
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// A value read, with its version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReadValue {
+    /// The value, if the key exists.
+    pub value: Option<Bytes>,
+    /// The version read, if any.
+    pub version: Option<Version>,
+}
+
+/// Builds a [`Client`].
+#[derive(Debug, Default)]
+pub struct ClientBuilder {
+    sites: Vec<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+    timeout: Option<Duration>,
+}
+
+impl ClientBuilder {
+    /// The sites to use, in failover order (`host:port`).
+    pub fn sites<I, S>(mut self, sites: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.sites = sites.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The client certificate and key (PEM).
+    pub fn identity(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.cert = Some(cert.into());
+        self.key = Some(key.into());
+        self
+    }
+
+    /// The cluster CA certificate (PEM).
+    pub fn ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.ca = Some(ca.into());
+        self
+    }
+
+    /// Per-request timeout (default 5 s); also bounds how long a site may wait to become
+    /// causally ready.
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = Some(t);
+        self
+    }
+
+    /// Connects to the first reachable site.
+    pub async fn connect(self) -> Result<Client, ClientError> {
+        tls::install_crypto_provider();
+        let sites = self
+            .sites
+            .iter()
+            .map(|s| {
+                use std::net::ToSocketAddrs;
+                s.to_socket_addrs()
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        ClientError::Config(format!("cannot resolve site address {s:?}"))
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if sites.is_empty() {
+            return Err(ClientError::Config("no sites given".into()));
+        }
+        let ca = self
+            .ca
+            .ok_or_else(|| ClientError::Config("the cluster CA certificate is required".into()))?;
+        let limits = TransportLimits::default();
+        let config = match (self.cert, self.key) {
+            (Some(cert), Some(key)) => {
+                let id = Identity::load(&TlsFiles { ca, cert, key })
+                    .map_err(|e| ClientError::Config(e.to_string()))?;
+                tls::client_config(&id, &limits, tls::ALPN_CLIENT)
+            }
+            _ => {
+                let roots = tls::load_roots(&ca).map_err(|e| ClientError::Config(e.to_string()))?;
+                tls::client_config_anonymous(roots, &limits, tls::ALPN_CLIENT)
+            }
+        }
+        .map_err(|e| ClientError::Config(e.to_string()))?;
+        let bind: SocketAddr = if sites[0].is_ipv6() {
+            "[::]:0".parse().expect("addr")
+        } else {
+            "0.0.0.0:0".parse().expect("addr")
+        };
+        let mut endpoint =
+            Endpoint::client(bind).map_err(|e| ClientError::Connection(e.to_string()))?;
+        endpoint.set_default_client_config(config);
+        let client = Client {
+            endpoint,
+            sites,
+            conn: tokio::sync::Mutex::new(None),
+            ctx: Mutex::new(VClock::default()),
+            timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
+        };
+        client.connection().await?;
+        Ok(client)
+    }
+}
+
+/// A causal session against a causalkv cluster. See the [module docs](self).
+pub struct Client {
+    endpoint: Endpoint,
+    sites: Vec<SocketAddr>,
+    /// The current site index and its connection.
+    conn: tokio::sync::Mutex<Option<(usize, Connection)>>,
+    ctx: Mutex<VClock>,
+    timeout: Duration,
+}
+
+const TOKEN_PREFIX: &str = "ckv1.";
+
+impl Client {
+    /// A builder.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// Reads `key`: `None` when it is absent or deleted.
+    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, ClientError> {
+        Ok(self.get_versioned(key).await?.value)
+    }
+
+    /// Reads `key` with its version.
+    pub async fn get_versioned(&self, key: impl AsRef<[u8]>) -> Result<ReadValue, ClientError> {
+        let op = ClientOp::Get {
+            key: key.as_ref().to_vec(),
+        };
+        match self.call(op, true).await? {
+            ResponseBody::Value { value, version } => {
+                let version = version.map(Version::from);
+                if let Some(v) = version {
+                    self.ctx.lock().expect("ctx lock").raise(v.site, v.ts);
+                }
+                Ok(ReadValue {
+                    value: value.map(Bytes::from),
+                    version,
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Writes `value` under `key` (asynchronous replication).
+    pub async fn put(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<Version, ClientError> {
+        self.put_sync(key, value, 0).await
+    }
+
+    /// Writes `value` under `key` and waits until `k` remote sites have it durably.
+    pub async fn put_sync(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        k: u8,
+    ) -> Result<Version, ClientError> {
+        let op = ClientOp::Put {
+            key: key.as_ref().to_vec(),
+            value: value.as_ref().to_vec(),
+            sync: k,
+        };
+        self.write(op).await
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: impl AsRef<[u8]>) -> Result<Version, ClientError> {
+        self.write(ClientOp::Delete {
+            key: key.as_ref().to_vec(),
+            sync: 0,
+        })
+        .await
+    }
+
+    /// The current site's status.
+    pub async fn status(&self) -> Result<StatusInfo, ClientError> {
+        match self.call(ClientOp::Status, true).await? {
+            ResponseBody::Status(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The session's causal context.
+    pub fn context(&self) -> VClock {
+        self.ctx.lock().expect("ctx lock").clone()
+    }
+
+    /// The session's causal context as a compact token string.
+    pub fn session_token(&self) -> String {
+        let ctx = self.context();
+        let mut raw = Vec::with_capacity(ctx.len() * 8);
+        for e in ctx.as_slice() {
+            raw.extend_from_slice(&e.to_le_bytes());
+        }
+        format!(
+            "{TOKEN_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+        )
+    }
+
+    /// Adopts a session token (merged into the current context, so nothing already seen is
+    /// forgotten).
+    pub fn set_session_token(&self, token: &str) -> Result<(), ClientError> {
+        let bad = || ClientError::Config(format!("not a session token: {token:?}"));
+        let b64 = token.strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(b64)
+            .map_err(|_| bad())?;
+        if raw.len() % 8 != 0 || raw.len() > 64 * 8 {
+            return Err(bad());
+        }
+        let v = raw
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        self.ctx
+            .lock()
+            .expect("ctx lock")
+            .merge(&VClock::from_vec(v));
+        Ok(())
+    }
+
+    /// The address of the site currently serving this session.
+    pub async fn current_site(&self) -> Option<SocketAddr> {
+        self.conn.lock().await.as_ref().map(|(i, _)| self.sites[*i])
+    }
+
+    async fn write(&self, op: ClientOp) -> Result<Version, ClientError> {
+        match self.call(op, false).await? {
+            ResponseBody::Written { version } => {
+                let v = Version::from(version);
+                self.ctx.lock().expect("ctx lock").raise(v.site, v.ts);
+                Ok(v)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The connection to the current site, connecting (with failover) if there is none.
+    async fn connection(&self) -> Result<(usize, Connection), ClientError> {
+        let mut guard = self.conn.lock().await;
+        if let Some((i, c)) = guard.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok((*i, c.clone()));
+        }
+        let start = guard.as_ref().map_or(0, |(i, _)| i + 1);
+        let mut last = String::new();
+        for k in 0..self.sites.len() {
+            let i = (start + k) % self.sites.len();
+            let addr = self.sites[i];
+            let connecting = match self.endpoint.connect(addr, tls::ANY_SITE_SERVER_NAME) {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+            };
+            match tokio::time::timeout(self.timeout, connecting).await {
+                Ok(Ok(c)) => {
+                    *guard = Some((i, c.clone()));
+                    return Ok((i, c));
+                }
+                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Err(_) => last = format!("{addr}: connect timed out"),
+            }
+        }
+        *guard = None;
+        Err(ClientError::Connection(format!(
+            "no site reachable (last: {last})"
+        )))
+    }
+
+    /// Sends one request, failing over to the next site when the current one is unreachable.
+    /// A write is retried on another site only if it was certainly not delivered.
+    async fn call(&self, op: ClientOp, idempotent: bool) -> Result<ResponseBody, ClientError> {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let (i, conn) = self.connection().await?;
+            let req = Request {
+                timeout_ms: self.timeout.as_millis().min(u32::MAX as u128) as u32,
+                ctx: self.context().into_vec(),
+                op: op.clone(),
+            };
+            // Give the site its own timeout plus a margin to answer NOT_READY itself.
+            let limit = self.timeout + Duration::from_millis(500);
+            let result = tokio::time::timeout(limit, exchange(&conn, &req)).await;
+            let err = match result {
+                // No answer at all: the site is unreachable (an answer to a slow request,
+                // NOT_READY included, comes before this limit).
+                Err(_) if !idempotent => return Err(ClientError::Timeout(limit)),
+                Err(_) => Exchange::AfterSend(format!("no answer within {limit:?}")),
+                Ok(Ok(resp)) => return self.interpret(i, resp),
+                Ok(Err(e)) => e,
+            };
+            // The site failed: forget its connection so the next attempt fails over.
+            conn.close(0u32.into(), b"failing over");
+            let delivered = matches!(err, Exchange::AfterSend(_));
+            let msg = err.message();
+            if is_tls(&msg) {
+                return Err(ClientError::Tls(msg));
+            }
+            if (delivered && !idempotent) || attempts >= self.sites.len() * 2 {
+                return Err(ClientError::Connection(format!(
+                    "{}: {msg}{}",
+                    self.sites[i],
+                    if delivered && !idempotent {
+                        " (the write may or may not have been applied)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+        }
+    }
+
+    fn interpret(&self, i: usize, resp: Response) -> Result<ResponseBody, ClientError> {
+        match resp.body {
+            ResponseBody::Error {
+                code,
+                message,
+                version,
+            } => Err(match code {
+                error_code::NOT_READY => ClientError::NotReady {
+                    site: self.sites[i],
+                    message,
+                },
+                error_code::TOO_LARGE => ClientError::TooLarge(message),
+                error_code::SYNC_TIMEOUT => {
+                    let version = version.map(Version::from).unwrap_or_default();
+                    self.ctx
+                        .lock()
+                        .expect("ctx lock")
+                        .raise(version.site, version.ts);
+                    ClientError::SyncTimeout { version, message }
+                }
+                code => ClientError::Server { code, message },
+            }),
+            body => Ok(body),
+        }
+    }
+}
+
+enum Exchange {
+    BeforeSend(String),
+    AfterSend(String),
+}
+
+impl Exchange {
+    fn message(&self) -> String {
+        match self {
+            Exchange::BeforeSend(m) | Exchange::AfterSend(m) => m.clone(),
+        }
+    }
+}
+
+fn is_tls(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("certificate") || m.contains("crypto") || m.contains("tls")
+}
+
+async fn exchange(conn: &Connection, req: &Request) -> Result<Response, Exchange> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Exchange::BeforeSend(e.to_string()))?;
+    wire::write_frame(&mut send, &wire::encode(req))
+        .await
+        .map_err(|e| Exchange::BeforeSend(e.to_string()))?;
+    let _ = send.finish();
+    let frame = wire::read_frame(&mut recv, 64 << 20)
+        .await
+        .map_err(|e| Exchange::AfterSend(e.to_string()))?
+        .ok_or_else(|| Exchange::AfterSend("stream closed without a response".into()))?;
+    wire::decode::<Response>(&frame).map_err(|e| Exchange::AfterSend(e.to_string()))
+}
+
+fn unexpected(body: ResponseBody) -> ClientError {
+    ClientError::Server {
+        code: 0,
+        message: format!("unexpected response {body:?}"),
+    }
+}

@@ -1,0 +1,329 @@
+//! Site configuration, read from a TOML file (`causalkv serve --config site.toml`).
+//!
+//! Every site of a cluster is listed in `[[sites]]` (the same list in every site's file), and
+//! `site_id` says which one this file is for. Limits, timeouts and replication knobs have safe
+//! defaults; unknown keys are an error, so a typo never silently falls back to a default.
+//!
+//! ```toml
+//! cluster_id = "prod"
+//! site_id = 0
+//! data_dir = "data/a"
+//!
+//! [[sites]]
+//! id = 0
+//! name = "a"
+//! addr = "127.0.0.1:7100"
+//!
+//! [[sites]]
+//! id = 1
+//! name = "b"
+//! addr = "127.0.0.1:7101"
+//!
+//! [tls]
+//! ca = "certs/dev/ca.pem"
+//! cert = "certs/dev/site-a.pem"
+//! key = "certs/dev/site-a.key"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::SiteId;
+use crate::wire::Limits;
+
+/// A configuration problem, with what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (line, column, field).
+        message: String,
+    },
+    /// The values are inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// One site of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteEntry {
+    /// Site id, `0..N`.
+    pub id: SiteId,
+    /// Site name; the site's certificate must carry it.
+    pub name: String,
+    /// Address the site listens on, for peers and clients (UDP, QUIC).
+    pub addr: SocketAddr,
+}
+
+/// Certificate files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This site's certificate (PEM).
+    pub cert: PathBuf,
+    /// This site's private key (PEM).
+    pub key: PathBuf,
+    /// Whether clients must present a certificate signed by the cluster CA. Default: true.
+    #[serde(default = "yes")]
+    pub require_client_cert: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Timeouts, in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Longest a request may wait for causal readiness or synchronous replication.
+    pub request_ms: u64,
+    /// QUIC idle timeout (the smaller of both sides' applies).
+    pub idle_ms: u64,
+    /// QUIC keep-alive interval; must be shorter than the idle timeout.
+    pub keep_alive_ms: u64,
+    /// How often a site sends its applied vector (heartbeat) to each peer.
+    pub heartbeat_ms: u64,
+    /// Longest backoff between reconnection attempts.
+    pub max_backoff_ms: u64,
+    /// Longest a graceful shutdown waits for in-flight requests.
+    pub drain_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            request_ms: 5_000,
+            idle_ms: 10_000,
+            keep_alive_ms: 2_000,
+            heartbeat_ms: 100,
+            max_backoff_ms: 2_000,
+            drain_ms: 5_000,
+        }
+    }
+}
+
+impl Timeouts {
+    /// A millisecond setting as a duration.
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+/// Replication knobs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// Most updates in one batch frame.
+    pub batch_max_items: usize,
+    /// How often an idle site sends a clock marker (ms).
+    pub marker_interval_ms: u64,
+    /// Most updates held in the dependency buffer before reading from peers pauses.
+    pub max_buffered: usize,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        Self {
+            batch_max_items: 1024,
+            marker_interval_ms: 5,
+            max_buffered: 1_000_000,
+        }
+    }
+}
+
+/// A site's whole configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Cluster id; sites of different clusters refuse each other.
+    pub cluster_id: String,
+    /// Which entry of `sites` this is.
+    pub site_id: SiteId,
+    /// Where durable state lives.
+    pub data_dir: PathBuf,
+    /// Every site of the cluster.
+    pub sites: Vec<SiteEntry>,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// Size limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Timeouts.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Replication knobs.
+    #[serde(default)]
+    pub replication: ReplicationConfig,
+}
+
+impl SiteConfig {
+    /// Reads and validates a TOML file. Relative paths in it are taken relative to the file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut cfg: SiteConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        if let Some(base) = path.parent() {
+            for p in [
+                &mut cfg.data_dir,
+                &mut cfg.tls.ca,
+                &mut cfg.tls.cert,
+                &mut cfg.tls.key,
+            ] {
+                if p.is_relative() {
+                    *p = base.join(&*p);
+                }
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks the values are consistent.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let n = self.sites.len();
+        if !(1..=64).contains(&n) {
+            return bad(format!("a cluster has 1 to 64 sites, this one lists {n}"));
+        }
+        for (i, s) in self.sites.iter().enumerate() {
+            if s.id as usize != i {
+                return bad(format!(
+                    "sites must be listed in id order 0..{n}: entry {i} has id {}",
+                    s.id
+                ));
+            }
+            if s.name.is_empty()
+                || !s
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                return bad(format!(
+                    "site name {:?} must be non-empty ASCII letters, digits or '-'",
+                    s.name
+                ));
+            }
+            if self.sites[..i].iter().any(|o| o.name == s.name) {
+                return bad(format!("site name {:?} is listed twice", s.name));
+            }
+        }
+        if self.site_id as usize >= n {
+            return bad(format!(
+                "site_id {} is not among the {n} listed sites",
+                self.site_id
+            ));
+        }
+        if self.cluster_id.is_empty() {
+            return bad("cluster_id must not be empty".into());
+        }
+        let t = &self.timeouts;
+        if t.keep_alive_ms == 0 || t.keep_alive_ms >= t.idle_ms {
+            return bad(format!(
+                "timeouts.keep_alive_ms ({}) must be above 0 and below timeouts.idle_ms ({})",
+                t.keep_alive_ms, t.idle_ms
+            ));
+        }
+        let l = &self.limits;
+        if l.max_key == 0 || l.max_key + l.max_value + 4096 > l.max_frame {
+            return bad(format!(
+                "limits: max_frame ({}) must exceed max_key ({}) + max_value ({}) + 4096",
+                l.max_frame, l.max_key, l.max_value
+            ));
+        }
+        if self.replication.batch_max_items == 0 || self.replication.marker_interval_ms == 0 {
+            return bad(
+                "replication.batch_max_items and marker_interval_ms must be above 0".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// This site's entry.
+    pub fn me(&self) -> &SiteEntry {
+        &self.sites[self.site_id as usize]
+    }
+
+    /// Number of sites.
+    pub fn n(&self) -> usize {
+        self.sites.len()
+    }
+
+    /// The other sites.
+    pub fn peers(&self) -> impl Iterator<Item = &SiteEntry> {
+        self.sites.iter().filter(move |s| s.id != self.site_id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+cluster_id = "t"
+site_id = 1
+data_dir = "d"
+[[sites]]
+id = 0
+name = "a"
+addr = "127.0.0.1:1"
+[[sites]]
+id = 1
+name = "b"
+addr = "127.0.0.1:2"
+[tls]
+ca = "ca.pem"
+cert = "b.pem"
+key = "b.key"
+"#;
+
+    fn load(text: &str) -> Result<SiteConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("site.toml");
+        std::fs::write(&p, text).unwrap();
+        SiteConfig::load(&p)
+    }
+
+    #[test]
+    fn loads_with_defaults_and_resolves_paths() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.me().name, "b");
+        assert!(c.tls.require_client_cert);
+        assert!(c.tls.ca.is_absolute());
+        assert_eq!(c.limits, Limits::default());
+    }
+
+    #[test]
+    fn typos_and_inconsistencies_are_refused_with_a_clear_message() {
+        let e = load(&GOOD.replace("site_id = 1", "site_idd = 1")).unwrap_err();
+        assert!(e.to_string().contains("site_idd"), "{e}");
+        let e = load(&GOOD.replace("site_id = 1", "site_id = 5")).unwrap_err();
+        assert!(e.to_string().contains("site_id 5"), "{e}");
+        let e = load(&format!("{GOOD}\n[timeouts]\nkeep_alive_ms = 20000\n")).unwrap_err();
+        assert!(e.to_string().contains("keep_alive_ms"), "{e}");
+        let e = load(&GOOD.replace("name = \"b\"", "name = \"a\"")).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
+    }
+}

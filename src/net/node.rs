@@ -1,0 +1,439 @@
+//! The node: one site's server, driving the sans-IO [`Replica`] with tokio and quinn.
+//!
+//! [`Node::start`] binds one QUIC endpoint that serves peers (ALPN `causalkv-peer/1`) and clients
+//! (ALPN `causalkv-client/1`) and dials every peer. Tasks:
+//!
+//! - the accept loop, which hands each connection to [`super::peer`] or [`super::service`];
+//! - one outbound link per peer ([`super::peer::run_outbound`]), which sends this site's update
+//!   stream, pulled from the replica's retained log;
+//! - the ticker, which passes time to the replica (clock markers, tombstone collection).
+//!
+//! All replica mutations go through [`Shared::mutate`], the one place that persists the records a
+//! mutation produced, marks them durable, wakes the peer senders and tells waiting requests that
+//! `applied` moved.
+//!
+//! Shutdown follows mini-redis: a `watch` flag tells every task to stop; in-flight client requests
+//! are drained (bounded by `timeouts.drain_ms`), state is flushed, and the endpoint closes every
+//! connection with [`close_code::SHUTDOWN`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quinn::{Endpoint, VarInt};
+use tokio::sync::{Notify, watch};
+use tracing::{Instrument, info, info_span, warn};
+
+use super::tls::{self, Identity, TlsFiles, TransportLimits};
+use crate::clock::{SiteId, Timestamp};
+use crate::config::SiteConfig;
+use crate::replica::{Replica, ReplicaConfig};
+use crate::storage::{MemStore, Store};
+use crate::wire::{PeerStatus, StatusInfo};
+
+/// QUIC application close codes.
+pub mod close_code {
+    /// Graceful shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// A malformed frame was received.
+    pub const MALFORMED: u32 = 0x10;
+    /// The peer's hello was refused (wrong cluster, wrong site, certificate mismatch).
+    pub const HELLO_REJECTED: u32 = 0x11;
+    /// The ALPN is not one this node serves.
+    pub const BAD_ALPN: u32 = 0x12;
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// TLS files or settings.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// Binding the UDP socket.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// Counters of one node, readable at any time.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Frames that failed validation.
+    pub malformed_frames: AtomicU64,
+    /// Peer hellos refused.
+    pub hellos_rejected: AtomicU64,
+    /// Connections whose TLS handshake failed.
+    pub tls_failures: AtomicU64,
+    /// Client requests served.
+    pub requests: AtomicU64,
+    /// Client requests refused for size.
+    pub too_large: AtomicU64,
+    /// Update batches received from peers.
+    pub batches_in: AtomicU64,
+    /// Update batches sent to peers.
+    pub batches_out: AtomicU64,
+    /// Bytes of update frames received.
+    pub bytes_in: AtomicU64,
+    /// Bytes of update frames sent.
+    pub bytes_out: AtomicU64,
+}
+
+impl Metrics {
+    /// Reads one counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What this node knows of one peer.
+#[derive(Debug, Clone)]
+pub(crate) struct PeerState {
+    pub outbound_up: bool,
+    pub last_heard: Option<Instant>,
+    pub reason: String,
+}
+
+/// Options that no configuration file can set.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// Whether remote updates wait for their dependencies (see
+    /// [`ReplicaConfig::check_deps`]). Only the eventual-consistency benchmark mode and tests
+    /// switch it off.
+    pub check_deps: bool,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self { check_deps: true }
+    }
+}
+
+/// State shared by a node's tasks.
+pub(crate) struct Shared {
+    pub cfg: SiteConfig,
+    /// The replica. A std mutex: it is never held across an await, and critical sections are
+    /// short (one request or one batch).
+    pub replica: Mutex<Replica<MemStore>>,
+    /// Bumped whenever `applied` or a peer's acked vector moves; requests waiting for causal
+    /// readiness or synchronous replication watch it.
+    pub changed: watch::Sender<u64>,
+    /// Per peer: wakes the outbound sender when there is something new to send.
+    pub peer_wake: Vec<Notify>,
+    pub peers: Vec<Mutex<PeerState>>,
+    pub metrics: Metrics,
+    pub shutdown: watch::Receiver<bool>,
+    pub inflight: AtomicUsize,
+    pub drained: Notify,
+    pub identity: Identity,
+    pub transport: TransportLimits,
+}
+
+/// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.
+pub fn now_micros() -> Timestamp {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as Timestamp)
+}
+
+impl Shared {
+    pub fn site(&self) -> SiteId {
+        self.cfg.site_id
+    }
+
+    /// Runs `f` on the replica, then persists what it produced, marks it durable, and wakes
+    /// whoever waits on it. The one place replica state changes.
+    pub fn mutate<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> T {
+        let mut r = self.replica.lock().expect("replica lock poisoned");
+        let before = r.durable().get(self.site());
+        let out = f(&mut r);
+        let ready = r.take_ready();
+        // Durable storage (write-ahead log) plugs in here; the in-memory store keeps the
+        // records' effects only.
+        r.advance(&ready.applied, ready.lease);
+        let own_moved = r.durable().get(self.site()) != before;
+        drop(r);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        if own_moved {
+            for w in &self.peer_wake {
+                w.notify_one();
+            }
+        }
+        out
+    }
+
+    /// Reads the replica.
+    pub fn read<T>(&self, f: impl FnOnce(&Replica<MemStore>) -> T) -> T {
+        f(&self.replica.lock().expect("replica lock poisoned"))
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    pub fn site_name(&self, id: SiteId) -> &str {
+        &self.cfg.sites[id as usize].name
+    }
+
+    /// The site's status.
+    pub fn status(&self) -> StatusInfo {
+        let me = self.site();
+        let (applied, stable, buffered, retained, keys, peer_vecs, unacked) = self.read(|r| {
+            let peer_vecs: Vec<_> = (0..self.cfg.n() as SiteId)
+                .map(|p| r.peer_applied(p).as_slice().to_vec())
+                .collect();
+            let unacked: Vec<_> = (0..self.cfg.n() as SiteId)
+                .map(|p| r.unacked_by(p) as u64)
+                .collect();
+            (
+                r.applied().as_slice().to_vec(),
+                r.stable().as_slice().to_vec(),
+                r.buffer().len() as u64,
+                r.retained_len() as u64,
+                r.store().len() as u64,
+                peer_vecs,
+                unacked,
+            )
+        });
+        let hb = Duration::from_millis(self.cfg.timeouts.heartbeat_ms);
+        let peers = self
+            .cfg
+            .peers()
+            .map(|p| {
+                let st = self.peers[p.id as usize].lock().expect("peer lock").clone();
+                let (state, reason) = match st.last_heard.map(|t| t.elapsed()) {
+                    Some(e) if st.outbound_up && e < hb * 5 => ("up", "heartbeats arriving".into()),
+                    Some(e) if e < hb * 20 => {
+                        ("suspect", format!("last heard {} ms ago", e.as_millis()))
+                    }
+                    _ => ("down", st.reason.clone()),
+                };
+                let theirs = peer_vecs[p.id as usize]
+                    .get(me as usize)
+                    .copied()
+                    .unwrap_or(0);
+                PeerStatus {
+                    site: p.id,
+                    name: p.name.clone(),
+                    addr: p.addr.to_string(),
+                    state: state.into(),
+                    reason,
+                    applied: peer_vecs[p.id as usize].clone(),
+                    lag_updates: unacked[p.id as usize],
+                    lag_ms: applied[me as usize].saturating_sub(theirs) / 1000,
+                }
+            })
+            .collect();
+        StatusInfo {
+            site: me,
+            name: self.cfg.me().name.clone(),
+            applied,
+            stable,
+            buffered,
+            retained,
+            keys,
+            peers,
+        }
+    }
+}
+
+/// A running site.
+pub struct Node {
+    shared: Arc<Shared>,
+    endpoint: Endpoint,
+    shutdown_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Node {
+    /// Loads the certificates, binds the endpoint and starts serving and replicating.
+    pub async fn start(cfg: SiteConfig) -> Result<Node, NodeError> {
+        Self::start_with(cfg, NodeOptions::default()).await
+    }
+
+    /// [`Node::start`] with options no configuration file can set.
+    pub async fn start_with(cfg: SiteConfig, opts: NodeOptions) -> Result<Node, NodeError> {
+        cfg.validate()?;
+        tls::install_crypto_provider();
+        let identity = Identity::load(&TlsFiles {
+            ca: cfg.tls.ca.clone(),
+            cert: cfg.tls.cert.clone(),
+            key: cfg.tls.key.clone(),
+        })?;
+        let transport = TransportLimits {
+            idle_timeout: Duration::from_millis(cfg.timeouts.idle_ms),
+            keep_alive: Duration::from_millis(cfg.timeouts.keep_alive_ms),
+            ..TransportLimits::default()
+        };
+        let server = tls::server_config(&identity, &transport, cfg.tls.require_client_cert)?;
+        let addr = cfg.me().addr;
+        let endpoint =
+            Endpoint::server(server, addr).map_err(|source| NodeError::Bind { addr, source })?;
+        let mut rc = ReplicaConfig::new(cfg.site_id, cfg.n());
+        rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
+        rc.check_deps = opts.check_deps;
+        let replica = Replica::new(rc, MemStore::new());
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let n = cfg.n();
+        let shared = Arc::new(Shared {
+            replica: Mutex::new(replica),
+            changed: watch::channel(0).0,
+            peer_wake: (0..n).map(|_| Notify::new()).collect(),
+            peers: (0..n)
+                .map(|_| {
+                    Mutex::new(PeerState {
+                        outbound_up: false,
+                        last_heard: None,
+                        reason: "not connected yet".into(),
+                    })
+                })
+                .collect(),
+            metrics: Metrics::default(),
+            shutdown,
+            inflight: AtomicUsize::new(0),
+            drained: Notify::new(),
+            identity,
+            transport,
+            cfg,
+        });
+        let span = info_span!("site", name = %shared.cfg.me().name);
+        info!(parent: &span, %addr, sites = n, "site listening");
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(
+            accept_loop(shared.clone(), endpoint.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            ticker(shared.clone()).instrument(span.clone()),
+        ));
+        for p in shared.cfg.peers() {
+            tasks.push(tokio::spawn(
+                super::peer::run_outbound(shared.clone(), endpoint.clone(), p.id)
+                    .instrument(span.clone()),
+            ));
+        }
+        Ok(Node {
+            shared,
+            endpoint,
+            shutdown_tx,
+            tasks,
+        })
+    }
+
+    /// Serves until `signal` completes, then shuts down gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) {
+        signal.await;
+        self.shutdown().await;
+    }
+
+    /// The address the endpoint is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().expect("bound endpoint")
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// The site's status, as `causalkv status` shows it.
+    pub fn status(&self) -> StatusInfo {
+        self.shared.status()
+    }
+
+    /// The live contents (tombstones left out), sorted: what convergence checks compare.
+    pub fn contents(
+        &self,
+    ) -> std::collections::BTreeMap<Vec<u8>, (crate::clock::Version, bytes::Bytes)> {
+        self.shared
+            .read(|r| crate::storage::live_contents(r.store() as &dyn Store))
+    }
+
+    /// Stops accepting, drains in-flight requests (bounded), flushes, and closes every
+    /// connection with [`close_code::SHUTDOWN`].
+    pub async fn shutdown(self) {
+        let span = info_span!("site", name = %self.shared.cfg.me().name);
+        let _ = self.shutdown_tx.send(true);
+        let drain = Duration::from_millis(self.shared.cfg.timeouts.drain_ms);
+        let _ = tokio::time::timeout(drain, async {
+            loop {
+                let notified = self.shared.drained.notified();
+                if self.shared.inflight.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        })
+        .await;
+        self.shared.mutate(|_| ());
+        self.endpoint.close(
+            VarInt::from_u32(close_code::SHUTDOWN),
+            b"site shutting down",
+        );
+        for t in self.tasks {
+            t.abort();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        info!(parent: &span, "site stopped");
+    }
+}
+
+/// Accepts connections and routes them by ALPN.
+async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => return },
+            _ = shutdown.changed() => return,
+        };
+        let shared = shared.clone();
+        tokio::spawn(
+            async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        Metrics::bump(&shared.metrics.tls_failures);
+                        warn!(%remote, error = %e, "connection refused during TLS handshake");
+                        return;
+                    }
+                };
+                match tls::negotiated_alpn(&conn).as_deref() {
+                    Some(a) if a == tls::ALPN_PEER => super::peer::run_inbound(shared, conn).await,
+                    Some(a) if a == tls::ALPN_CLIENT => super::service::serve(shared, conn).await,
+                    other => {
+                        warn!(%remote, alpn = ?other, "unknown ALPN, closing");
+                        conn.close(VarInt::from_u32(close_code::BAD_ALPN), b"unknown ALPN");
+                    }
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// Passes time to the replica: clock markers and tombstone collection.
+async fn ticker(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let period = Duration::from_millis(shared.cfg.replication.marker_interval_ms);
+    let mut iv = tokio::time::interval(period);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = iv.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        shared.mutate(|r| r.tick(now_micros()));
+    }
+}

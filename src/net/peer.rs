@@ -1,0 +1,424 @@
+//! Peer links: the connections between sites.
+//!
+//! Each site dials every peer ([`run_outbound`]) and sends its own update stream on that
+//! connection; it receives each peer's stream on the connection that peer dialed
+//! ([`run_inbound`]). So every pair of sites has two connections, each carrying one origin's
+//! ordered stream, and a reconnect of one never disturbs the other direction.
+//!
+//! On every connection:
+//! 1. the dialer opens a bidirectional control stream and both sides send a [`PeerHello`]
+//!    (cluster id, claimed site id, durable `applied` vector). The acceptor checks the claim
+//!    against the certificate: the client certificate must name the site it claims
+//!    (`site-<name>.causalkv`), or the hello is refused with a reason and the connection closed.
+//!    The dialer already checked the server certificate names the site it dialed. A peer counts
+//!    as connected only after this exchange: TLS 1.3 reports a refused client certificate only
+//!    at the first stream.
+//! 2. the dialer opens one unidirectional stream and sends [`UpdateBatch`](crate::wire::UpdateBatch)
+//!    frames from the receiver's `applied` entry on (the replica's retained log is the backlog:
+//!    a slow peer costs log space, not memory in a channel).
+//! 3. both sides send their durable `applied` vector on the control stream after changes and
+//!    at every heartbeat; that is the ack (retention, synchronous replication) and the
+//!    heartbeat (peer state).
+//!
+//! A malformed frame closes the connection with [`close_code::MALFORMED`] and bumps a counter;
+//! the dialer reconnects with exponential backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use tracing::{debug, info, warn};
+
+use super::node::{Metrics, Shared, close_code};
+use super::tls;
+use crate::clock::{SiteId, VClock};
+use crate::wire::{
+    self, ArchivedPeerControl, PeerControl, PeerHello, WireError, read_frame, write_frame,
+};
+
+/// Why a link failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Connecting failed.
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing failed.
+    #[error("write: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// A frame was malformed or the stream failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The hello exchange failed.
+    #[error("hello refused: {0}")]
+    Hello(String),
+    /// TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Keeps an outbound link to `peer` up, reconnecting with exponential backoff.
+pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: SiteId) {
+    let name = shared.site_name(peer).to_owned();
+    let mut shutdown = shared.shutdown.clone();
+    let max_backoff = Duration::from_millis(shared.cfg.timeouts.max_backoff_ms);
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let started = Instant::now();
+        let result = outbound_once(&shared, &endpoint, peer).await;
+        {
+            let mut st = shared.peers[peer as usize].lock().expect("peer lock");
+            st.outbound_up = false;
+            if let Err(e) = &result {
+                st.reason = e.to_string();
+            }
+        }
+        if shared.is_shutting_down() {
+            return;
+        }
+        match result {
+            Ok(()) => {}
+            Err(e) => warn!(peer = %name, error = %e, "link to peer failed; reconnecting"),
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = Duration::from_millis(20); // the link had been up: start over
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+async fn outbound_once(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    peer: SiteId,
+) -> Result<(), LinkError> {
+    let entry = shared.cfg.sites[peer as usize].clone();
+    let client = tls::client_config(&shared.identity, &shared.transport, tls::ALPN_PEER)?;
+    let conn = endpoint
+        .connect_with(client, entry.addr, &tls::site_server_name(&entry.name))?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send_hello(shared, &mut send).await?;
+    let their = read_hello(shared, &mut recv, Some(peer)).await?;
+    shared.mutate(|r| r.on_peer_connected(peer, &their));
+    {
+        let mut st = shared.peers[peer as usize].lock().expect("peer lock");
+        st.outbound_up = true;
+        st.last_heard = Some(Instant::now());
+        st.reason = "connected".into();
+    }
+    info!(peer = %entry.name, "link to peer up");
+    let control = tokio::spawn(run_control(shared.clone(), peer, conn.clone(), send, recv));
+    let result = send_updates(shared, &conn, peer).await;
+    control.abort();
+    result
+}
+
+/// Streams this site's updates to `peer` until the connection fails or the node stops.
+async fn send_updates(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    peer: SiteId,
+) -> Result<(), LinkError> {
+    let mut stream = conn.open_uni().await?;
+    let me = shared.site();
+    let max = shared.cfg.replication.batch_max_items;
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let notified = shared.peer_wake[peer as usize].notified();
+        let batch = shared
+            .replica
+            .lock()
+            .expect("replica lock")
+            .poll_batch(peer, max);
+        match batch {
+            Some(items) => {
+                let frame = wire::encode_batch(me, &items);
+                write_frame(&mut stream, &frame)
+                    .await
+                    .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
+                Metrics::bump(&shared.metrics.batches_out);
+                shared
+                    .metrics
+                    .bytes_out
+                    .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+            }
+            None => {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = shutdown.changed() => return Ok(()),
+                    e = conn.closed() => return Err(e.into()),
+                }
+            }
+        }
+    }
+}
+
+/// Serves a connection another site dialed: hello, then its update stream.
+pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
+    let remote = conn.remote_address();
+    let (mut send, mut recv) = match conn.accept_bi().await {
+        Ok(s) => s,
+        Err(e) => {
+            // A client certificate the TLS layer refused surfaces here, at the first stream.
+            Metrics::bump(&shared.metrics.tls_failures);
+            warn!(%remote, error = %e, "peer connection failed before its hello");
+            return;
+        }
+    };
+    let claimed = match read_hello_from(&shared, &conn, &mut recv).await {
+        Ok(v) => v,
+        Err(reason) => {
+            Metrics::bump(&shared.metrics.hellos_rejected);
+            warn!(%remote, %reason, "peer refused");
+            let reject = wire::encode(&PeerControl::Reject {
+                reason: reason.clone(),
+            });
+            let _ = write_frame(&mut send, &reject).await;
+            let _ = send.finish();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            conn.close(
+                VarInt::from_u32(close_code::HELLO_REJECTED),
+                reason.as_bytes(),
+            );
+            return;
+        }
+    };
+    let (peer, their) = claimed;
+    if send_hello(&shared, &mut send).await.is_err() {
+        return;
+    }
+    shared.mutate(|r| r.on_peer_applied(peer, &their));
+    shared.peers[peer as usize]
+        .lock()
+        .expect("peer lock")
+        .last_heard = Some(Instant::now());
+    debug!(peer = %shared.site_name(peer), "inbound link up");
+    let control = tokio::spawn(run_control(shared.clone(), peer, conn.clone(), send, recv));
+    let result = receive_updates(&shared, &conn, peer).await;
+    control.abort();
+    if let Err(e) = result {
+        if matches!(
+            e,
+            LinkError::Wire(WireError::Io(_)) | LinkError::Connection(_)
+        ) {
+            debug!(peer = %shared.site_name(peer), error = %e, "inbound link closed");
+        } else {
+            Metrics::bump(&shared.metrics.malformed_frames);
+            warn!(peer = %shared.site_name(peer), error = %e, "malformed update stream; closing the connection");
+            conn.close(VarInt::from_u32(close_code::MALFORMED), b"malformed frame");
+        }
+    }
+}
+
+async fn receive_updates(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    peer: SiteId,
+) -> Result<(), LinkError> {
+    let mut stream = conn.accept_uni().await?;
+    let n = shared.cfg.n();
+    let limits = shared.cfg.limits;
+    let max_buffered = shared.cfg.replication.max_buffered;
+    let mut changed = shared.changed.subscribe();
+    loop {
+        let Some(frame) = read_frame(&mut stream, limits.max_frame).await? else {
+            return Ok(());
+        };
+        shared
+            .metrics
+            .bytes_in
+            .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+        Metrics::bump(&shared.metrics.batches_in);
+        let items = wire::decode_batch(&frame, peer, n, &limits)?;
+        shared.mutate(|r| r.receive(peer, items));
+        // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
+        // control then slows the sender, whose backlog stays in its log.
+        while shared.read(|r| r.buffer().len()) > max_buffered {
+            if changed.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkError> {
+    let hello = PeerControl::Hello(PeerHello {
+        cluster: shared.cfg.cluster_id.clone(),
+        site: shared.site(),
+        sites: shared.cfg.n() as u16,
+        applied: shared.read(|r| r.durable().as_slice().to_vec()),
+    });
+    write_frame(send, &wire::encode(&hello))
+        .await
+        .map_err(|e| LinkError::Wire(WireError::Io(e)))
+}
+
+/// Reads the dialed peer's hello and checks it is the site we dialed.
+async fn read_hello(
+    shared: &Shared,
+    recv: &mut RecvStream,
+    expect: Option<SiteId>,
+) -> Result<VClock, LinkError> {
+    let (site, applied) = read_hello_raw(shared, recv).await?;
+    if let Some(e) = expect
+        && site != e
+    {
+        return Err(LinkError::Hello(format!(
+            "dialed site {e} but it says it is site {site}"
+        )));
+    }
+    Ok(applied)
+}
+
+/// Reads a dialing peer's hello and checks its certificate names the site it claims.
+async fn read_hello_from(
+    shared: &Shared,
+    conn: &Connection,
+    recv: &mut RecvStream,
+) -> Result<(SiteId, VClock), String> {
+    let (site, applied) = tokio::time::timeout(
+        Duration::from_millis(shared.cfg.timeouts.request_ms),
+        read_hello_raw(shared, recv),
+    )
+    .await
+    .map_err(|_| "no hello within the request timeout".to_string())?
+    .map_err(|e| e.to_string())?;
+    if site == shared.site() {
+        return Err(format!("peer claims this site's own id {site}"));
+    }
+    let expected = shared.site_name(site);
+    let ident = tls::peer_identity(conn);
+    let cert_site = ident.as_ref().and_then(|i| i.site_name());
+    if cert_site != Some(expected) {
+        return Err(format!(
+            "certificate names site {:?} but the hello claims site {site} ({expected})",
+            cert_site.unwrap_or("<none>")
+        ));
+    }
+    Ok((site, applied))
+}
+
+async fn read_hello_raw(
+    shared: &Shared,
+    recv: &mut RecvStream,
+) -> Result<(SiteId, VClock), LinkError> {
+    let frame = read_frame(recv, 64 * 1024)
+        .await?
+        .ok_or_else(|| LinkError::Hello("stream closed before the hello".into()))?;
+    match wire::decode::<PeerControl>(&frame)? {
+        PeerControl::Hello(h) => {
+            if h.cluster != shared.cfg.cluster_id {
+                return Err(LinkError::Hello(format!(
+                    "peer is in cluster {:?}, this site in {:?}",
+                    h.cluster, shared.cfg.cluster_id
+                )));
+            }
+            let n = shared.cfg.n();
+            if h.sites as usize != n || h.site as usize >= n {
+                return Err(LinkError::Hello(format!(
+                    "peer claims site {} of {} sites; this cluster has {n}",
+                    h.site, h.sites
+                )));
+            }
+            let applied = wire::check_vector(&h.applied, n, "hello applied vector")?;
+            Ok((h.site, applied))
+        }
+        PeerControl::Reject { reason } => {
+            Err(LinkError::Hello(format!("peer refused us: {reason}")))
+        }
+        PeerControl::Ack { .. } => Err(LinkError::Hello("expected a hello, got an ack".into())),
+    }
+}
+
+/// Both directions of the control stream after the hello: acks and heartbeats out, the peer's
+/// acks in.
+async fn run_control(
+    shared: Arc<Shared>,
+    peer: SiteId,
+    conn: Connection,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) {
+    let reader = {
+        let shared = shared.clone();
+        let conn = conn.clone();
+        async move {
+            let n = shared.cfg.n();
+            loop {
+                let frame = match read_frame(&mut recv, 64 * 1024).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return,
+                    Err(WireError::Io(_)) => return,
+                    Err(e) => {
+                        malformed(&shared, &conn, peer, &e.to_string());
+                        return;
+                    }
+                };
+                let applied = match wire::access::<ArchivedPeerControl>(&frame) {
+                    Ok(ArchivedPeerControl::Ack { applied, .. }) => {
+                        let v: Vec<u64> = applied.iter().map(|x| x.to_native()).collect();
+                        wire::check_vector(&v, n, "ack vector")
+                    }
+                    Ok(_) => Err(WireError::Semantic("unexpected message after hello".into())),
+                    Err(e) => Err(e),
+                };
+                match applied {
+                    Ok(v) => {
+                        shared.mutate(|r| r.on_peer_applied(peer, &v));
+                        shared.peers[peer as usize]
+                            .lock()
+                            .expect("peer lock")
+                            .last_heard = Some(Instant::now());
+                    }
+                    Err(e) => {
+                        malformed(&shared, &conn, peer, &e.to_string());
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async {
+        let mut changed = shared.changed.subscribe();
+        let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
+        let mut last: Option<VClock> = None;
+        let mut last_at = Instant::now();
+        loop {
+            let durable = shared.read(|r| r.durable().clone());
+            if last.as_ref() != Some(&durable) || last_at.elapsed() >= hb {
+                let msg = PeerControl::Ack {
+                    applied: durable.as_slice().to_vec(),
+                    hlc: durable.get(shared.site()),
+                };
+                if write_frame(&mut send, &wire::encode(&msg)).await.is_err() {
+                    return;
+                }
+                last = Some(durable);
+                last_at = Instant::now();
+                // Coalesce: at most one ack per millisecond under load.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::select! {
+                r = changed.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(hb) => {}
+            }
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+}
+
+fn malformed(shared: &Shared, conn: &Connection, peer: SiteId, why: &str) {
+    Metrics::bump(&shared.metrics.malformed_frames);
+    warn!(peer = %shared.site_name(peer), error = %why, "malformed control frame; closing the connection");
+    conn.close(VarInt::from_u32(close_code::MALFORMED), b"malformed frame");
+}

@@ -1,0 +1,238 @@
+//! The client service: one bidirectional QUIC stream per request.
+//!
+//! A request frame is validated (bytecheck, then sizes and vector lengths) before anything is
+//! done with it. Keys and values are sliced out of the received frame and stored as they are.
+//! A request whose causal context this site has not applied yet waits, bounded by the smaller
+//! of the request's and the site's timeout, and then gets [`error_code::NOT_READY`] saying which
+//! entry is missing. A put that asks for synchronous replication waits until that many peers
+//! have acked it durably.
+//!
+//! Bad input closes only that stream (`STOP_SENDING` / `RESET_STREAM` with
+//! [`close_code::MALFORMED`](super::node::close_code::MALFORMED)), after a clear error response
+//! where one can still be sent; the connection and every other client keep being served.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tracing::{debug, warn};
+
+use super::node::{Metrics, Shared, close_code, now_micros};
+use crate::clock::VClock;
+use crate::replica::NotReady;
+use crate::wire::{
+    self, ArchivedClientOp, ArchivedRequest, Response, ResponseBody, WireError, error_code,
+    read_frame, write_frame,
+};
+
+/// Serves one client connection until it closes or the node stops.
+pub(crate) async fn serve(shared: Arc<Shared>, conn: Connection) {
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let (send, recv) = tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!(remote = %conn.remote_address(), error = %e, "client connection ended");
+                    if matches!(e, quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)) {
+                        Metrics::bump(&shared.metrics.tls_failures);
+                        warn!(remote = %conn.remote_address(), error = %e, "client connection failed");
+                    }
+                    return;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        shared.inflight.fetch_add(1, Ordering::SeqCst);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            handle(&shared, send, recv).await;
+            if shared.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                shared.drained.notify_waiters();
+            }
+        });
+    }
+}
+
+fn error(code: u16, message: impl Into<String>) -> ResponseBody {
+    ResponseBody::Error {
+        code,
+        message: message.into(),
+        version: None,
+    }
+}
+
+async fn handle(shared: &Shared, mut send: SendStream, mut recv: RecvStream) {
+    let limits = shared.cfg.limits;
+    let frame = match read_frame(&mut recv, limits.max_frame).await {
+        Ok(Some(f)) => f,
+        Ok(None) => return,
+        Err(WireError::Io(_)) => return,
+        Err(e) => {
+            Metrics::bump(&shared.metrics.malformed_frames);
+            if matches!(e, WireError::FrameTooLarge { .. }) {
+                Metrics::bump(&shared.metrics.too_large);
+            }
+            warn!(error = %e, "malformed client frame; closing the stream");
+            let code = if matches!(e, WireError::FrameTooLarge { .. }) {
+                error_code::TOO_LARGE
+            } else {
+                error_code::BAD_REQUEST
+            };
+            respond(shared, &mut send, error(code, e.to_string())).await;
+            let _ = recv.stop(VarInt::from_u32(close_code::MALFORMED));
+            return;
+        }
+    };
+    let body = match wire::access::<ArchivedRequest>(&frame) {
+        Ok(req) => execute(shared, &frame, req).await,
+        Err(e) => {
+            Metrics::bump(&shared.metrics.malformed_frames);
+            warn!(error = %e, "malformed client request; closing the stream");
+            respond(
+                shared,
+                &mut send,
+                error(error_code::BAD_REQUEST, e.to_string()),
+            )
+            .await;
+            let _ = send.reset(VarInt::from_u32(close_code::MALFORMED));
+            return;
+        }
+    };
+    Metrics::bump(&shared.metrics.requests);
+    respond(shared, &mut send, body).await;
+}
+
+async fn respond(shared: &Shared, send: &mut SendStream, body: ResponseBody) {
+    let applied = shared.read(|r| r.applied().as_slice().to_vec());
+    let resp = wire::encode(&Response { body, applied });
+    if write_frame(send, &resp).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> ResponseBody {
+    if shared.is_shutting_down() {
+        return error(error_code::SHUTTING_DOWN, "site is shutting down");
+    }
+    let n = shared.cfg.n();
+    let ctx: Vec<u64> = req.ctx.iter().map(|x| x.to_native()).collect();
+    if !ctx.is_empty() && ctx.len() != n {
+        return error(
+            error_code::BAD_REQUEST,
+            format!(
+                "causal context has {} entries, the cluster has {n} sites",
+                ctx.len()
+            ),
+        );
+    }
+    let ctx = VClock::from_vec(ctx).resized(n);
+    let timeout = Duration::from_millis(
+        (req.timeout_ms.to_native() as u64).min(shared.cfg.timeouts.request_ms),
+    );
+    let deadline = Instant::now() + timeout;
+    let limits = &shared.cfg.limits;
+    let (key, value, sync) = match &req.op {
+        ArchivedClientOp::Status => return ResponseBody::Status(shared.status()),
+        ArchivedClientOp::Get { key } => {
+            if let Err(e) = wire::check_sizes(key.len(), 0, limits) {
+                Metrics::bump(&shared.metrics.too_large);
+                return error(error_code::TOO_LARGE, e.to_string());
+            }
+            let got = wait_for(shared, deadline, || {
+                shared.read(|r| r.get(key.as_slice(), &ctx))
+            })
+            .await;
+            return match got {
+                Ok(res) => ResponseBody::Value {
+                    value: res.value.map(|v| v.to_vec()),
+                    version: res.version.map(Into::into),
+                },
+                Err(nr) => not_ready(nr, timeout),
+            };
+        }
+        ArchivedClientOp::Put { key, value, sync } => (key, Some(value), *sync),
+        ArchivedClientOp::Delete { key, sync } => (key, None, *sync),
+    };
+    let vlen = value.map_or(0, |v| v.len());
+    if let Err(e) = wire::check_sizes(key.len(), vlen, limits) {
+        Metrics::bump(&shared.metrics.too_large);
+        return error(error_code::TOO_LARGE, e.to_string());
+    }
+    if sync as usize >= n {
+        return error(
+            error_code::BAD_REQUEST,
+            format!(
+                "synchronous replication to {sync} sites asked, the cluster has {} other sites",
+                n - 1
+            ),
+        );
+    }
+    // Keys and values are slices of the received frame: stored without a copy.
+    let key_b = frame.slice_ref(key.as_slice());
+    let value_b = value.map(|v| {
+        if v.is_empty() {
+            Bytes::new()
+        } else {
+            frame.slice_ref(v.as_slice())
+        }
+    });
+    let written = wait_for(shared, deadline, || {
+        shared.mutate(|r| r.put(now_micros(), key_b.clone(), value_b.clone(), &ctx))
+    })
+    .await;
+    let version = match written {
+        Ok(v) => v,
+        Err(nr) => return not_ready(nr, timeout),
+    };
+    if sync > 0 {
+        let acked = wait_for(shared, deadline, || {
+            let k = shared.read(|r| r.acked_by(version.ts));
+            if k >= sync as usize { Ok(()) } else { Err(k) }
+        })
+        .await;
+        if let Err(k) = acked {
+            return ResponseBody::Error {
+                code: error_code::SYNC_TIMEOUT,
+                message: format!(
+                    "write {version} is durable here but only {k} of the {sync} requested remote sites acked it within {} ms",
+                    timeout.as_millis()
+                ),
+                version: Some(version.into()),
+            };
+        }
+    }
+    ResponseBody::Written {
+        version: version.into(),
+    }
+}
+
+fn not_ready(nr: NotReady, timeout: Duration) -> ResponseBody {
+    error(
+        error_code::NOT_READY,
+        format!("{nr} (waited {} ms)", timeout.as_millis()),
+    )
+}
+
+/// Retries `f` each time replica state changes, until it succeeds or `deadline` passes; then
+/// returns its last error.
+async fn wait_for<T, E>(
+    shared: &Shared,
+    deadline: Instant,
+    mut f: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut rx = shared.changed.subscribe();
+    loop {
+        rx.borrow_and_update();
+        let err = match f() {
+            Ok(t) => return Ok(t),
+            Err(e) => e,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
+            return Err(err);
+        }
+    }
+}
