@@ -131,3 +131,74 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
         certs: certs_dir,
     })
 }
+
+/// A local cluster running in this process: what `causalkv dev` runs, and what tests and
+/// examples start.
+pub struct LocalCluster {
+    /// Where things are.
+    pub layout: DevCluster,
+    nodes: Vec<Option<crate::Node>>,
+}
+
+impl LocalCluster {
+    /// Lays out (see [`prepare`]) and starts every site.
+    pub async fn start(opts: &DevOptions) -> Result<LocalCluster, DevError> {
+        let layout = prepare(opts)?;
+        let mut nodes = Vec::new();
+        for cfg in &layout.configs {
+            nodes.push(Some(crate::Node::start(cfg.clone()).await.map_err(
+                |e| DevError::Io {
+                    path: cfg.data_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                },
+            )?));
+        }
+        Ok(LocalCluster { layout, nodes })
+    }
+
+    /// Site `i`'s node, if running.
+    pub fn node(&self, i: usize) -> Option<&crate::Node> {
+        self.nodes[i].as_ref()
+    }
+
+    /// Site `i`'s address.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.layout.configs[i].me().addr
+    }
+
+    /// A client builder for the `cli` identity, with site `i` first and the others after it in
+    /// failover order.
+    pub fn client_builder(&self, i: usize) -> crate::client::ClientBuilder {
+        let n = self.layout.configs.len();
+        let sites: Vec<String> = (0..n).map(|k| self.addr((i + k) % n).to_string()).collect();
+        let id = certs::client_paths(&self.layout.certs, CLI_CLIENT);
+        crate::Client::builder()
+            .sites(sites)
+            .identity(id.cert, id.key)
+            .ca(certs::ca_paths(&self.layout.certs).cert)
+    }
+
+    /// Stops site `i` gracefully.
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(n) = self.nodes[i].take() {
+            n.shutdown().await;
+        }
+    }
+
+    /// Starts site `i` again from its configuration.
+    pub async fn restart(&mut self, i: usize) -> Result<(), crate::net::NodeError> {
+        if self.nodes[i].is_none() {
+            self.nodes[i] = Some(crate::Node::start(self.layout.configs[i].clone()).await?);
+        }
+        Ok(())
+    }
+
+    /// Stops every site.
+    pub async fn shutdown(mut self) {
+        let mut stopping = tokio::task::JoinSet::new();
+        for n in self.nodes.iter_mut().filter_map(Option::take) {
+            stopping.spawn(n.shutdown());
+        }
+        while stopping.join_next().await.is_some() {}
+    }
+}

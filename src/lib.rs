@@ -37,3 +37,8 @@ pub mod wire;
 pub use client::{Client, ClientError};
 pub use config::SiteConfig;
 pub use net::Node;
+
+/// The README's examples, compiled and run as doctests.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -6,13 +6,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
 use causalkv::client::{Client, ClientError};
 use causalkv::dev::{self, CLI_CLIENT, DevOptions};
 use causalkv::{Node, SiteConfig, certs};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "causalkv", version, about = "Geo-replicated key-value store with causal+ consistency")]
+#[command(
+    name = "causalkv",
+    version,
+    about = "Geo-replicated key-value store with causal+ consistency"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -222,9 +226,7 @@ fn fail(e: &dyn std::fmt::Display) -> ExitCode {
 async fn client_cmd<F, Fut>(args: &ConnArgs, f: F) -> ExitCode
 where
     F: FnOnce(std::sync::Arc<Client>) -> Fut,
-    Fut: std::future::Future<
-        Output = Result<(Option<String>, serde_json::Value, bool), ClientError>,
-    >,
+    Fut: std::future::Future<Output = Result<(Option<String>, serde_json::Value, bool), ClientError>>,
 {
     let paths = certs::client_paths(&args.certs, &args.client);
     let connected = Client::builder()
@@ -285,12 +287,23 @@ async fn run_dev(sites: usize, dir: PathBuf, port: u16) -> Result<(), String> {
     for cfg in &cluster.configs {
         nodes.push(Node::start(cfg.clone()).await.map_err(|e| e.to_string())?);
     }
-    let addrs: Vec<String> = cluster.configs.iter().map(|c| c.me().addr.to_string()).collect();
+    let addrs: Vec<String> = cluster
+        .configs
+        .iter()
+        .map(|c| c.me().addr.to_string())
+        .collect();
     let certs = cluster.certs.display();
-    println!("causalkv dev: {} sites up: {}", nodes.len(), addrs.join(", "));
+    println!(
+        "causalkv dev: {} sites up: {}",
+        nodes.len(),
+        addrs.join(", ")
+    );
     println!("site configs: {}/site-<name>.toml", dir.display());
     println!("try, from another shell:");
-    println!("  causalkv put hello world --site {} --certs {certs}", addrs[0]);
+    println!(
+        "  causalkv put hello world --site {} --certs {certs}",
+        addrs[0]
+    );
     println!(
         "  causalkv get hello --site {} --certs {certs}",
         addrs.get(1).unwrap_or(&addrs[0])

@@ -1,0 +1,398 @@
+//! Shared scaffolding of the end-to-end suites: the one place tests build clusters.
+//!
+//! - [`Cluster`]: `n` sites laid out by [`dev::prepare`] (the same layout `causalkv dev` runs) in
+//!   a temporary directory, each a [`Node`] on its own loopback port; clients with the `cli`
+//!   certificate; stop and restart of one site from its configuration.
+//! - [`Relay`]: a user-space UDP relay that delays (or cuts) the datagrams of one link.
+//! - [`wait_until`] / [`eventually`]: poll a condition at a short interval with a hard deadline,
+//!   failing with a message; [`bounded`] caps a whole test.
+//! - [`init`]: the rustls provider and a tracing subscriber whose output shows on failure and is
+//!   also kept in memory, so tests can assert that a refusal was logged ([`logs_contain`]).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use causalkv::config::SiteConfig;
+use causalkv::net::tls;
+use causalkv::{Client, Node, certs, dev};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+/// Milliseconds.
+pub fn ms(v: u64) -> Duration {
+    Duration::from_millis(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging
+
+static LOGS: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+
+fn log_buffer() -> &'static Mutex<Vec<u8>> {
+    LOGS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Writes each log line to the test's captured output (shown on failure) and to a process-wide
+/// buffer that [`logs_contain`] searches.
+struct TeeWriter;
+
+impl Write for TeeWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        log_buffer()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        // `print!` goes through libtest's output capture, like `with_test_writer`.
+        print!("{}", String::from_utf8_lossy(buf));
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the rustls provider and the tracing subscriber (once per process).
+pub fn init() {
+    tls::install_crypto_provider();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_writer(|| TeeWriter)
+        .try_init();
+}
+
+/// True when any log line so far (from any test of this process) contains `needle`.
+pub fn logs_contain(needle: &str) -> bool {
+    let buf = log_buffer().lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&buf).contains(needle)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting
+
+/// Runs a whole test body with a hard time limit.
+pub async fn bounded<T>(limit: Duration, body: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, body).await {
+        Ok(t) => t,
+        Err(_) => panic!("test did not finish within {limit:?}"),
+    }
+}
+
+const POLL: Duration = Duration::from_millis(10);
+
+/// Polls `cond` every 10 ms until it holds; panics with `what` after `timeout`.
+pub async fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`wait_until`] with an async condition (client calls).
+pub async fn eventually(timeout: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Ok(true) = tokio::time::timeout(left, cond()).await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clusters
+
+/// A cluster laid out but not started: adjust the configurations (limits, a peer address that
+/// goes through a [`Relay`], ...), then [`Prepared::start`].
+pub struct Prepared {
+    pub dir: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub configs: Vec<SiteConfig>,
+}
+
+impl Prepared {
+    /// Starts every site.
+    pub async fn start(self) -> Cluster {
+        let mut nodes = Vec::new();
+        for cfg in &self.configs {
+            let name = cfg.me().name.clone();
+            let node = Node::start(cfg.clone())
+                .await
+                .unwrap_or_else(|e| panic!("site {name} does not start: {e}"));
+            nodes.push(Some(node));
+        }
+        Cluster {
+            dir: self.dir,
+            certs: self.certs,
+            configs: self.configs,
+            nodes,
+        }
+    }
+}
+
+/// Running sites on loopback, in a temporary directory that lives as long as the cluster.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    /// `<dir>/certs`: CA, site and client (`cli`) certificates.
+    pub certs: PathBuf,
+    /// The configuration each site runs with (and restarts from).
+    pub configs: Vec<SiteConfig>,
+    nodes: Vec<Option<Node>>,
+}
+
+impl Cluster {
+    /// Lays out `n` sites with [`dev::prepare`] (free ports) without starting them. Tests use
+    /// short reconnection backoffs and drains so that restarts are quick.
+    pub fn prepare(n: usize) -> Prepared {
+        init();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dc = dev::prepare(&dev::DevOptions {
+            sites: n,
+            dir: dir.path().to_owned(),
+            base_port: 0,
+            clients: Vec::new(),
+        })
+        .expect("dev::prepare");
+        let mut configs = dc.configs;
+        for c in &mut configs {
+            c.timeouts.max_backoff_ms = 200;
+            c.timeouts.drain_ms = 1_000;
+        }
+        Prepared {
+            dir,
+            certs: dc.certs,
+            configs,
+        }
+    }
+
+    /// Lays out and starts `n` sites, and waits until every link is up.
+    pub async fn start(n: usize) -> Cluster {
+        let c = Self::prepare(n).start().await;
+        c.wait_connected().await;
+        c
+    }
+
+    /// Waits until every running site sees every other running site up.
+    pub async fn wait_connected(&self) {
+        let running: Vec<u16> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .map(|i| i as u16)
+            .collect();
+        wait_until(ms(10_000), "every link is up", || {
+            running.iter().all(|&i| {
+                self.node(i as usize)
+                    .status()
+                    .peers
+                    .iter()
+                    .filter(|p| running.contains(&p.site))
+                    .all(|p| p.state == "up")
+            })
+        })
+        .await;
+    }
+
+    /// Number of sites.
+    pub fn len(&self) -> usize {
+        self.configs.len()
+    }
+
+    /// A running site. Panics if it is stopped.
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i]
+            .as_ref()
+            .unwrap_or_else(|| panic!("site {i} is stopped"))
+    }
+
+    /// The address site `i` listens on.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.configs[i].me().addr
+    }
+
+    /// The cluster CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        certs::ca_paths(&self.certs).cert
+    }
+
+    /// A client of site `i` only, with the `cli` certificate and a fresh session.
+    pub async fn client(&self, i: usize) -> Client {
+        let id = certs::client_paths(&self.certs, dev::CLI_CLIENT);
+        Client::builder()
+            .sites([self.addr(i).to_string()])
+            .identity(id.cert, id.key)
+            .ca(self.ca())
+            .timeout(ms(5_000))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("client of site {i} cannot connect: {e}"))
+    }
+
+    /// Stops site `i` gracefully.
+    pub async fn stop(&mut self, i: usize) {
+        let node = self.nodes[i]
+            .take()
+            .unwrap_or_else(|| panic!("site {i} is already stopped"));
+        node.shutdown().await;
+    }
+
+    /// Starts stopped site `i` again from its configuration (a new [`Node`]).
+    pub async fn restart(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "site {i} is running");
+        let cfg = self.configs[i].clone();
+        // The port was released by the shutdown; retry briefly in case the OS lags.
+        let deadline = Instant::now() + ms(2_000);
+        let node = loop {
+            match Node::start(cfg.clone()).await {
+                Ok(n) => break n,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = %e, "restart failed, retrying");
+                    tokio::time::sleep(ms(50)).await;
+                }
+                Err(e) => panic!("site {i} does not restart: {e}"),
+            }
+        };
+        self.nodes[i] = Some(node);
+    }
+
+    /// Stops every running site.
+    pub async fn shutdown(mut self) {
+        for n in self.nodes.iter_mut() {
+            if let Some(n) = n.take() {
+                n.shutdown().await;
+            }
+        }
+    }
+}
+
+/// A free UDP port on 127.0.0.1 as an address.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], dev::free_udp_port().expect("free port")))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay
+
+/// A user-space UDP relay. Datagrams from each client address are forwarded to the target
+/// after the relay's delay (one way: client → target), through one upstream socket per client
+/// address; replies come back undelayed. [`Relay::cut`] drops everything in both directions.
+pub struct Relay {
+    addr: SocketAddr,
+    delay: Arc<Mutex<Duration>>,
+    cut: Arc<AtomicBool>,
+    tasks: Arc<Mutex<Vec<AbortHandle>>>,
+}
+
+impl Relay {
+    /// Binds `127.0.0.1:0` and starts relaying to `target`.
+    pub async fn start(target: SocketAddr, delay: Duration) -> Relay {
+        let main = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay bind"));
+        let addr = main.local_addr().expect("relay addr");
+        let delay = Arc::new(Mutex::new(delay));
+        let cut = Arc::new(AtomicBool::new(false));
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        // The delay queue: datagrams in arrival order with their due time.
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, Arc<UdpSocket>)>();
+        let forward = tokio::spawn(async move {
+            while let Some((due, data, upstream)) = rx.recv().await {
+                tokio::time::sleep_until(due).await;
+                let _ = upstream.send(&data).await;
+            }
+        });
+        let receive = {
+            let (main, delay, cut, tasks) =
+                (main.clone(), delay.clone(), cut.clone(), tasks.clone());
+            tokio::spawn(async move {
+                let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+                let mut buf = vec![0u8; 65_536];
+                loop {
+                    let Ok((n, from)) = main.recv_from(&mut buf).await else {
+                        continue;
+                    };
+                    if cut.load(Ordering::Relaxed) {
+                        continue;
+                    }
+                    let upstream = match upstreams.get(&from) {
+                        Some(u) => u.clone(),
+                        None => {
+                            let u = Arc::new(
+                                UdpSocket::bind("127.0.0.1:0").await.expect("upstream bind"),
+                            );
+                            u.connect(target).await.expect("upstream connect");
+                            let (u2, main, cut) = (u.clone(), main.clone(), cut.clone());
+                            let back = tokio::spawn(async move {
+                                let mut buf = vec![0u8; 65_536];
+                                loop {
+                                    let Ok(n) = u2.recv(&mut buf).await else {
+                                        continue;
+                                    };
+                                    if !cut.load(Ordering::Relaxed) {
+                                        let _ = main.send_to(&buf[..n], from).await;
+                                    }
+                                }
+                            });
+                            tasks.lock().unwrap().push(back.abort_handle());
+                            upstreams.insert(from, u.clone());
+                            u
+                        }
+                    };
+                    let due = Instant::now() + *delay.lock().unwrap();
+                    let _ = tx.send((due, buf[..n].to_vec(), upstream));
+                }
+            })
+        };
+        tasks
+            .lock()
+            .unwrap()
+            .extend([forward.abort_handle(), receive.abort_handle()]);
+        Relay {
+            addr,
+            delay,
+            cut,
+            tasks,
+        }
+    }
+
+    /// The address to send to instead of the target.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Changes the delay of datagrams received from now on.
+    pub fn set_delay(&self, d: Duration) {
+        *self.delay.lock().unwrap() = d;
+    }
+
+    /// Drops every datagram (both directions) while `on`.
+    pub fn cut(&self, on: bool) {
+        self.cut.store(on, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! End-to-end tests of the transport over real QUIC on 127.0.0.1: replication between sites,
+//! causal delivery across a delayed link, refusal of foreign or lying peers and of clients
+//! without a valid certificate, malformed frames, size limits, and catch-up after a restart.
+//!
+//! Clusters come from `common::Cluster` (the `dev::prepare` layout). Every test is bounded in
+//! time; waiting is polling a condition with a deadline, never a bare sleep.
+
+mod common;
+
+use std::time::Duration;
+
+use causalkv::client::ClientError;
+use causalkv::config::SiteConfig;
+use causalkv::net::node::close_code;
+use causalkv::net::tls::{self, Identity, TlsFiles, TransportLimits};
+use causalkv::wire::{self, PeerControl, PeerHello, Request, Response, ResponseBody, error_code};
+use causalkv::{Client, Node, certs, dev};
+use common::{Cluster, Relay, bounded, eventually, free_addr, logs_contain, ms, wait_until};
+use quinn::{Connection, Endpoint, VarInt};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn metric(c: &std::sync::atomic::AtomicU64) -> u64 {
+    causalkv::net::Metrics::get(c)
+}
+
+async fn get(c: &Client, key: &str) -> Option<Vec<u8>> {
+    c.get(key).await.expect("get").map(|b| b.to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_at_one_site_is_readable_at_the_others() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(3).await;
+        let a = cluster.client(0).await;
+        a.put("k", "v").await.expect("put at a");
+        for i in 1..3 {
+            let c = cluster.client(i).await;
+            eventually(ms(5_000), &format!("site {i} has k"), async || {
+                get(&c, "k").await.as_deref() == Some(b"v")
+            })
+            .await;
+        }
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causal_order_holds_across_a_delayed_link() {
+    bounded(LIMIT, async {
+        // A reaches C only through a relay that delays A → C by 300 ms; B → C is direct.
+        let mut prep = Cluster::prepare(3);
+        let relay = Relay::start(prep.configs[2].me().addr, ms(300)).await;
+        prep.configs[0].sites[2].addr = relay.addr();
+        let cluster = prep.start().await;
+        cluster.wait_connected().await;
+
+        let at_a = cluster.client(0).await;
+        let at_b = cluster.client(1).await;
+        at_a.put("x", "1").await.expect("put x");
+        eventually(ms(5_000), "b reads x", async || {
+            get(&at_b, "x").await.is_some()
+        })
+        .await;
+        // y depends on x through b's session.
+        at_b.put("y", "2").await.expect("put y");
+
+        // Probe c with fresh sessions, reading y before x: whenever y is visible, x must be.
+        let deadline = tokio::time::Instant::now() + ms(10_000);
+        let (mut probes, mut y_seen, mut violations, mut saw_buffered) = (0, 0, 0, false);
+        loop {
+            let c = cluster.client(2).await;
+            let y = get(&c, "y").await;
+            let x = get(&c, "x").await;
+            saw_buffered |= cluster.node(2).status().buffered > 0;
+            probes += 1;
+            if y.is_some() {
+                y_seen += 1;
+                if x.is_none() {
+                    violations += 1;
+                }
+            }
+            if (x.is_some() && y.is_some()) || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        assert_eq!(
+            violations, 0,
+            "c exposed y without its cause x in {violations} of {probes} probes"
+        );
+        assert!(y_seen > 0, "y never became visible at c ({probes} probes)");
+        assert!(
+            saw_buffered,
+            "y was never held in c's dependency buffer: the delayed link did not delay x"
+        );
+        tracing::info!(probes, "causal probes done");
+        cluster.shutdown().await;
+        drop(relay);
+    })
+    .await;
+}
+
+/// A second, unrelated cluster's certificates (another CA) under `dir`.
+fn foreign_certs(dir: &std::path::Path) -> std::path::PathBuf {
+    let out = dir.join("foreign-certs");
+    certs::init(&certs::InitOptions {
+        out: out.clone(),
+        sites: vec!["a".into(), "b".into(), "c".into()],
+        clients: vec![dev::CLI_CLIENT.into()],
+        force: false,
+    })
+    .expect("foreign certs");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_a_foreign_ca_is_refused() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(2).await;
+        let foreign = foreign_certs(cluster.dir.path());
+        let before = metric(&cluster.node(0).metrics().tls_failures)
+            + metric(&cluster.node(0).metrics().hellos_rejected);
+
+        // A rogue "site b" with the other CA's certificate, on its own port, dialing a.
+        let mut cfg: SiteConfig = cluster.configs[1].clone();
+        cfg.sites[1].addr = free_addr();
+        cfg.data_dir = cluster.dir.path().join("rogue");
+        let site_b = certs::site_paths(&foreign, "b");
+        cfg.tls.ca = certs::ca_paths(&foreign).cert;
+        cfg.tls.cert = site_b.cert;
+        cfg.tls.key = site_b.key;
+        let rogue = Node::start(cfg.clone()).await.expect("rogue starts");
+
+        let refused = || {
+            metric(&cluster.node(0).metrics().tls_failures)
+                + metric(&cluster.node(0).metrics().hellos_rejected)
+        };
+        wait_until(ms(5_000), "a refuses the rogue", || refused() > before).await;
+
+        // A write at the rogue must never reach the real cluster.
+        let cli = certs::client_paths(&foreign, dev::CLI_CLIENT);
+        let rc = Client::builder()
+            .sites([cfg.me().addr.to_string()])
+            .identity(cli.cert, cli.key)
+            .ca(certs::ca_paths(&foreign).cert)
+            .connect()
+            .await
+            .expect("client of the rogue");
+        rc.put("rogue-key", "evil").await.expect("put at rogue");
+        // The rogue keeps retrying; let it try (and fail) a few more times after the write.
+        let after_write = refused();
+        wait_until(ms(5_000), "the rogue retries and is refused again", || {
+            refused() >= after_write + 2
+        })
+        .await;
+        for i in 0..2 {
+            assert!(
+                !cluster.node(i).contents().contains_key(&b"rogue-key"[..]),
+                "site {i} applied an update from a foreign-CA peer"
+            );
+        }
+        assert!(
+            logs_contain("connection refused during TLS handshake"),
+            "the refusal was not logged"
+        );
+        rogue.shutdown().await;
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_certificate_cannot_claim_another_site() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(3).await;
+        let before = metric(&cluster.node(0).metrics().hellos_rejected);
+        // b's certificate, but claiming to be c (site 2), on a fresh port.
+        let mut cfg = cluster.configs[1].clone();
+        cfg.site_id = 2;
+        cfg.sites[2].addr = free_addr();
+        cfg.data_dir = cluster.dir.path().join("liar");
+        let liar = Node::start(cfg).await.expect("liar starts");
+        wait_until(ms(5_000), "a rejects the hello", || {
+            metric(&cluster.node(0).metrics().hellos_rejected) > before
+        })
+        .await;
+        wait_until(ms(2_000), "the rejection is logged", || {
+            logs_contain("certificate names site \"b\" but the hello claims site 2 (c)")
+        })
+        .await;
+        // The real c is unaffected.
+        let a = cluster.client(0).await;
+        a.put("after-liar", "ok").await.expect("put");
+        let c = cluster.client(2).await;
+        eventually(ms(5_000), "c still replicates from a", async || {
+            get(&c, "after-liar").await.is_some()
+        })
+        .await;
+        liar.shutdown().await;
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// Connects and runs one request; returns the first error (from connect or the request).
+async fn first_error(builder: causalkv::client::ClientBuilder) -> ClientError {
+    match builder.timeout(ms(2_000)).connect().await {
+        Err(e) => e,
+        Ok(c) => c
+            .get("k")
+            .await
+            .expect_err("a request without a valid client certificate was served"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_a_valid_certificate_are_refused() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(1).await;
+        let failures = || metric(&cluster.node(0).metrics().tls_failures);
+        let addr = cluster.addr(0).to_string();
+
+        // No certificate at all.
+        let before = failures();
+        let e = first_error(Client::builder().sites([addr.clone()]).ca(cluster.ca())).await;
+        assert!(
+            matches!(e, ClientError::Tls(_) | ClientError::Connection(_)),
+            "anonymous client: {e:?}"
+        );
+        wait_until(ms(2_000), "the anonymous client is counted", || {
+            failures() > before
+        })
+        .await;
+
+        // A client certificate from another CA. The client trusts both CAs (so it accepts the
+        // site and can load its own certificate); the site trusts only its own.
+        let foreign = foreign_certs(cluster.dir.path());
+        let bundle = cluster.dir.path().join("both-cas.pem");
+        let mut pem = std::fs::read(cluster.ca()).unwrap();
+        pem.extend(std::fs::read(certs::ca_paths(&foreign).cert).unwrap());
+        std::fs::write(&bundle, pem).unwrap();
+        let cli = certs::client_paths(&foreign, dev::CLI_CLIENT);
+        let before = failures();
+        let e = first_error(
+            Client::builder()
+                .sites([addr.clone()])
+                .identity(cli.cert, cli.key)
+                .ca(bundle),
+        )
+        .await;
+        assert!(
+            matches!(e, ClientError::Tls(_) | ClientError::Connection(_)),
+            "foreign-CA client: {e:?}"
+        );
+        wait_until(ms(2_000), "the foreign client is counted", || {
+            failures() > before
+        })
+        .await;
+        assert!(
+            logs_contain("connection refused during TLS handshake"),
+            "the refusal was not logged"
+        );
+
+        // A proper client still works.
+        let ok = cluster.client(0).await;
+        ok.put("k", "v").await.expect("put");
+        assert_eq!(get(&ok, "k").await.as_deref(), Some(&b"v"[..]));
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// A raw QUIC connection to `addr` with `identity` and `alpn`.
+async fn raw_connect(
+    identity: &TlsFiles,
+    alpn: &[u8],
+    addr: std::net::SocketAddr,
+    server_name: &str,
+) -> (Endpoint, Connection) {
+    let id = Identity::load(identity).expect("identity");
+    let config = tls::client_config(&id, &TransportLimits::default(), alpn).expect("config");
+    let endpoint = Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("endpoint");
+    let conn = endpoint
+        .connect_with(config, addr, server_name)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    (endpoint, conn)
+}
+
+/// What a site answered on a stream that carried bad input.
+#[derive(Debug)]
+enum Answer {
+    Error(u16, String),
+    Closed(String),
+}
+
+/// Sends `bytes` raw on a new stream and reads the answer.
+async fn send_raw(conn: &Connection, bytes: &[u8]) -> Answer {
+    let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
+    use tokio::io::AsyncWriteExt;
+    // The site may stop the stream before reading everything: a failed write is fine.
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    match wire::read_frame(&mut recv, 1 << 20).await {
+        Ok(Some(frame)) => match wire::decode::<Response>(&frame).expect("a valid response") {
+            Response {
+                body: ResponseBody::Error { code, message, .. },
+                ..
+            } => Answer::Error(code, message),
+            other => panic!("bad input was served: {other:?}"),
+        },
+        Ok(None) => Answer::Closed("finished without an answer".into()),
+        Err(e) => Answer::Closed(e.to_string()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_client_frames_are_refused_and_the_site_keeps_serving() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(1).await;
+        let malformed = || metric(&cluster.node(0).metrics().malformed_frames);
+        let (_ep, conn) = raw_connect(
+            &TlsFiles::client(&cluster.certs, dev::CLI_CLIENT),
+            tls::ALPN_CLIENT,
+            cluster.addr(0),
+            tls::ANY_SITE_SERVER_NAME,
+        )
+        .await;
+
+        // (a) garbage with a small, valid length prefix.
+        let garbage = [0xffu8; 24];
+        assert!(wire::decode::<Request>(&garbage).is_err());
+        let mut frame = (garbage.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(&garbage);
+        // (b) an oversized length prefix.
+        let huge = u32::MAX.to_le_bytes().to_vec();
+        // (c) a valid length, an invalid archive: a real request whose root object (at the
+        // end of the archive) is overwritten.
+        let mut archive = wire::encode(&Request {
+            timeout_ms: 1_000,
+            ctx: vec![0],
+            op: wire::ClientOp::Get { key: b"k".to_vec() },
+        })
+        .to_vec();
+        let n = archive.len();
+        archive[n - 12..].fill(0xee);
+        assert!(wire::decode::<Request>(&archive).is_err());
+        let mut invalid = (archive.len() as u32).to_le_bytes().to_vec();
+        invalid.extend_from_slice(&archive);
+
+        for (what, bytes, code) in [
+            ("garbage", frame, error_code::BAD_REQUEST),
+            ("oversized length", huge, error_code::TOO_LARGE),
+            ("invalid archive", invalid, error_code::BAD_REQUEST),
+        ] {
+            let before = malformed();
+            let answer = send_raw(&conn, &bytes).await;
+            tracing::info!(what, ?answer, "site answered bad input");
+            if let Answer::Error(c, m) = &answer {
+                assert_eq!(*c, code, "{what}: {m}");
+            }
+            wait_until(ms(2_000), &format!("{what} is counted"), || {
+                malformed() > before
+            })
+            .await;
+        }
+        assert!(
+            conn.close_reason().is_none(),
+            "bad streams must not close the connection: {:?}",
+            conn.close_reason()
+        );
+        assert!(logs_contain("malformed client"), "not logged");
+
+        let c = cluster.client(0).await;
+        c.put("k", "v").await.expect("put after bad frames");
+        assert_eq!(get(&c, "k").await.as_deref(), Some(&b"v"[..]));
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_update_stream_closes_the_peer_connection() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(2).await;
+        let a = cluster.node(0);
+        let before = metric(&a.metrics().malformed_frames);
+        // A real site certificate (b's), a valid hello, then garbage on the update stream.
+        let (_ep, conn) = raw_connect(
+            &TlsFiles::site(&cluster.certs, "b"),
+            tls::ALPN_PEER,
+            cluster.addr(0),
+            &tls::site_server_name("a"),
+        )
+        .await;
+        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+        let hello = PeerControl::Hello(PeerHello {
+            cluster: cluster.configs[0].cluster_id.clone(),
+            site: 1,
+            sites: 2,
+            applied: vec![0, 0],
+        });
+        wire::write_frame(&mut send, &wire::encode(&hello))
+            .await
+            .expect("send hello");
+        let theirs = wire::read_frame(&mut recv, 1 << 16)
+            .await
+            .expect("read hello")
+            .expect("a hello");
+        assert!(
+            matches!(
+                wire::decode::<PeerControl>(&theirs),
+                Ok(PeerControl::Hello(_))
+            ),
+            "a did not answer with a hello"
+        );
+        let mut updates = conn.open_uni().await.expect("update stream");
+        wire::write_frame(&mut updates, &[0xab; 40])
+            .await
+            .expect("send garbage");
+        let why = tokio::time::timeout(ms(5_000), conn.closed())
+            .await
+            .expect("a closes the connection");
+        match why {
+            quinn::ConnectionError::ApplicationClosed(c) => {
+                assert_eq!(
+                    c.error_code,
+                    VarInt::from_u32(close_code::MALFORMED),
+                    "{c:?}"
+                )
+            }
+            other => panic!("closed with {other:?}, expected code 0x10"),
+        }
+        assert!(metric(&a.metrics().malformed_frames) > before);
+        assert!(logs_contain("malformed update stream"), "not logged");
+
+        // a still serves clients and still replicates.
+        let ca = cluster.client(0).await;
+        ca.put("k", "v").await.expect("put");
+        let cb = cluster.client(1).await;
+        eventually(ms(5_000), "b gets k", async || {
+            get(&cb, "k").await.is_some()
+        })
+        .await;
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_keys_and_values_are_refused() {
+    bounded(LIMIT, async {
+        let mut prep = Cluster::prepare(1);
+        let limits = &mut prep.configs[0].limits;
+        limits.max_value = 64 << 10;
+        limits.max_frame = 128 << 10;
+        let cluster = prep.start().await;
+        let c = cluster.client(0).await;
+
+        let key = "k".repeat(2048);
+        match c.put(&key, "v").await {
+            Err(ClientError::TooLarge(m)) => {
+                assert!(m.contains("key of 2048 bytes") && m.contains("1024"), "{m}")
+            }
+            other => panic!("2 KiB key: {other:?}"),
+        }
+        let value = vec![7u8; (64 << 10) + 1];
+        match c.put("big", &value).await {
+            Err(ClientError::TooLarge(m)) => {
+                assert!(
+                    m.contains("value of 65537 bytes") && m.contains("65536"),
+                    "{m}"
+                )
+            }
+            other => panic!("value over max_value: {other:?}"),
+        }
+        // Larger than a whole frame: refused from the length prefix alone.
+        let value = vec![7u8; 256 << 10];
+        match c.put("bigger", &value).await {
+            Err(ClientError::TooLarge(m)) => assert!(m.contains("exceeds the limit"), "{m}"),
+            other => panic!("value over max_frame: {other:?}"),
+        }
+        assert_eq!(get(&c, "big").await, None);
+        assert_eq!(get(&c, "bigger").await, None);
+        assert!(
+            cluster.node(0).contents().is_empty(),
+            "something was stored"
+        );
+        assert!(metric(&cluster.node(0).metrics().too_large) >= 3);
+        // The session still works.
+        c.put("small", "ok").await.expect("put");
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_site_catches_up_without_loss_or_duplicates() {
+    bounded(LIMIT, async {
+        let mut cluster = Cluster::start(3).await;
+        cluster.stop(2).await;
+        let a = cluster.client(0).await;
+        let mut last = None;
+        for i in 0..500 {
+            last = Some(
+                a.put(format!("key-{i:03}"), format!("value-{i}"))
+                    .await
+                    .expect("put"),
+            );
+        }
+        let last = last.unwrap();
+        cluster.restart(2).await;
+        wait_until(ms(10_000), "c has all 500 keys", || {
+            cluster.node(2).contents().len() >= 500
+                && cluster.node(2).status().applied[0] >= last.ts
+        })
+        .await;
+        let want = cluster.node(0).contents();
+        assert_eq!(want.len(), 500);
+        for (i, node) in [(1, cluster.node(1)), (2, cluster.node(2))] {
+            let got = node.contents();
+            assert_eq!(got.len(), 500, "site {i} holds extra or missing keys");
+            assert!(got == want, "site {i} differs from a (values or versions)");
+        }
+        for i in 0..500 {
+            let (v, bytes) = &want[format!("key-{i:03}").as_bytes()];
+            assert_eq!(&bytes[..], format!("value-{i}").as_bytes());
+            assert_eq!(v.site, 0);
+        }
+        let (sa, sc) = (cluster.node(0).status(), cluster.node(2).status());
+        assert_eq!(sc.keys, 500, "c holds {} keys", sc.keys);
+        assert_eq!(sc.buffered, 0);
+        assert!(sc.applied[0] >= last.ts && sc.applied[0] <= sa.applied[0]);
+        cluster.shutdown().await;
+    })
+    .await;
+}
