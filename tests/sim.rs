@@ -34,6 +34,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const MS: u64 = 1_000;
+
+/// A site's live contents, as convergence compares them.
+type Contents = BTreeMap<Vec<u8>, (Version, Bytes)>;
 const SEC: u64 = 1_000_000;
 
 /// Knobs of one simulation run.
@@ -367,7 +370,7 @@ impl Sim {
                 self.last_write
             ));
         }
-        let states: Vec<(u16, BTreeMap<Vec<u8>, (Version, Bytes)>)> = self
+        let states: Vec<(u16, Contents)> = self
             .sites
             .iter()
             .enumerate()
@@ -505,7 +508,7 @@ impl Sim {
                     site.disk.iter().cloned(),
                 ));
                 site.greeted = vec![false; self.n];
-                self.schedule(1 * MS, Event::Tick(i));
+                self.schedule(MS, Event::Tick(i));
                 for j in 0..self.n as SiteId {
                     if j != i {
                         self.schedule(0, Event::Reconnect(i, j));
@@ -565,17 +568,15 @@ impl Sim {
                 }
                 self.schedule(dur, Event::Heal(Fault::Isolate(x)));
             }
-            3 => {
-                // Crash: memory lost, disk kept.
-                if self.sites[x as usize].replica.take().is_some() {
-                    self.stats.crashes += 1;
-                    for j in 0..n {
-                        if j != x {
-                            self.break_connection(x, j);
-                        }
+            // Crash: memory lost, disk kept.
+            3 if self.sites[x as usize].replica.take().is_some() => {
+                self.stats.crashes += 1;
+                for j in 0..n {
+                    if j != x {
+                        self.break_connection(x, j);
                     }
-                    self.schedule(dur, Event::Restart(x));
                 }
+                self.schedule(dur, Event::Restart(x));
             }
             4 => {
                 self.links[x as usize][y as usize].loss_ppm = 200_000;

@@ -291,6 +291,7 @@ async fn raw_connect(
 
 /// What a site answered on a stream that carried bad input.
 #[derive(Debug)]
+#[allow(dead_code)] // the details are read through `Debug`, in the log
 enum Answer {
     Error(u16, String),
     Closed(String),
@@ -299,7 +300,6 @@ enum Answer {
 /// Sends `bytes` raw on a new stream and reads the answer.
 async fn send_raw(conn: &Connection, bytes: &[u8]) -> Answer {
     let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
-    use tokio::io::AsyncWriteExt;
     // The site may stop the stream before reading everything: a failed write is fine.
     let _ = send.write_all(bytes).await;
     let _ = send.finish();
@@ -336,16 +336,19 @@ async fn malformed_client_frames_are_refused_and_the_site_keeps_serving() {
         frame.extend_from_slice(&garbage);
         // (b) an oversized length prefix.
         let huge = u32::MAX.to_le_bytes().to_vec();
-        // (c) a valid length, an invalid archive: a real request whose root object (at the
-        // end of the archive) is overwritten.
+        // (c) a valid length, an invalid archive: a real request whose context vector points
+        // outside the frame (its relative pointer precedes its length, 51 = 0x33).
         let mut archive = wire::encode(&Request {
             timeout_ms: 1_000,
-            ctx: vec![0],
+            ctx: vec![0; 51],
             op: wire::ClientOp::Get { key: b"k".to_vec() },
         })
         .to_vec();
-        let n = archive.len();
-        archive[n - 12..].fill(0xee);
+        let at = archive
+            .windows(4)
+            .rposition(|w| w == [0x33, 0, 0, 0])
+            .expect("the vector length is in the archive");
+        archive[at - 4..at].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
         assert!(wire::decode::<Request>(&archive).is_err());
         let mut invalid = (archive.len() as u32).to_le_bytes().to_vec();
         invalid.extend_from_slice(&archive);

@@ -1,0 +1,257 @@
+//! End-to-end tests of the client library and the CLI over real QUIC with real certificates:
+//! causal failover, the readiness timeout, session tokens shared between processes, and the
+//! `causalkv dev` deployment driven by the CLI from another process.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use causalkv::client::ClientError;
+use causalkv::{Client, certs, dev};
+use common::{Cluster, Relay, ms};
+
+const BIN: &str = env!("CARGO_BIN_EXE_causalkv");
+
+/// A client of the given sites, in failover order.
+async fn client_of(cluster: &Cluster, sites: &[usize], timeout: Duration) -> Client {
+    let id = certs::client_paths(&cluster.certs, dev::CLI_CLIENT);
+    Client::builder()
+        .sites(sites.iter().map(|&i| cluster.addr(i).to_string()))
+        .identity(id.cert, id.key)
+        .ca(cluster.ca())
+        .timeout(timeout)
+        .connect()
+        .await
+        .expect("client connects")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_keeps_read_your_writes() {
+    common::bounded(ms(60_000), async {
+        let mut cluster = Cluster::start(3).await;
+        let client = client_of(&cluster, &[0, 1, 2], ms(10_000)).await;
+        for i in 0..20 {
+            client.put("k", format!("v{i}")).await.unwrap();
+        }
+        assert_eq!(client.current_site().await, Some(cluster.addr(0)));
+        cluster.stop(0).await;
+        // The first request after the stop fails over to b and waits until b has applied the
+        // session's context: it must return the session's own last write, never an older one.
+        let got = client.get("k").await.unwrap();
+        assert_eq!(got.as_deref(), Some(&b"v19"[..]));
+        assert_eq!(client.current_site().await, Some(cluster.addr(1)));
+        // Writes continue at b, after the session's earlier writes.
+        let v = client.put("k", "after-failover").await.unwrap();
+        assert_eq!(v.site, 1);
+        let other = cluster.client(2).await;
+        common::eventually(
+            ms(10_000),
+            "c sees the write made after failover",
+            async || other.get("k").await.unwrap().as_deref() == Some(&b"after-failover"[..]),
+        )
+        .await;
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_to_a_site_that_lacks_the_write_waits_then_times_out() {
+    common::bounded(ms(60_000), async {
+        let mut cluster = Cluster::start(2).await;
+        cluster.stop(1).await;
+        let client = client_of(&cluster, &[0, 1], ms(1_500)).await;
+        client.put("k", "only-at-a").await.unwrap();
+        cluster.stop(0).await;
+        cluster.restart(1).await; // b never received the write, and a is gone
+        let started = std::time::Instant::now();
+        let err = client.get("k").await.unwrap_err();
+        let waited = started.elapsed();
+        match &err {
+            ClientError::NotReady { site, message } => {
+                assert_eq!(*site, cluster.addr(1));
+                assert!(
+                    message.contains("entry 0"),
+                    "names the missing entry: {message}"
+                );
+            }
+            other => panic!("expected NotReady, got {other:?}"),
+        }
+        assert!(
+            waited >= ms(1_000),
+            "the site waited for the context before giving up ({waited:?})"
+        );
+        // A fresh session (empty context) is served at once: the site stays available.
+        let fresh = cluster.client(1).await;
+        assert_eq!(fresh.get("k").await.unwrap(), None);
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_token_carries_guarantees_to_another_process() {
+    common::bounded(ms(60_000), async {
+        // Updates from a to b take 400 ms: b lags behind a.
+        let mut prepared = Cluster::prepare(2);
+        let b_addr = prepared.configs[1].me().addr;
+        let relay = Relay::start(b_addr, ms(400)).await;
+        prepared.configs[0].sites[1].addr = relay.addr();
+        let cluster = prepared.start().await;
+        cluster.wait_connected().await;
+        let writer = cluster.client(0).await;
+        let certs_dir = cluster.certs.to_str().unwrap().to_owned();
+        let cli_get = |key: &str, token: Option<&str>| {
+            let mut cmd = Command::new(BIN);
+            cmd.args(["get", key, "--site", &cluster.addr(1).to_string()])
+                .args(["--certs", &certs_dir, "--json", "--timeout-ms", "5000"]);
+            if let Some(t) = token {
+                cmd.args(["--token", t]);
+            }
+            cmd.output().expect("run causalkv get")
+        };
+
+        // Without the token, a read at b right after the write misses it (b lags): this shows
+        // the check below is not vacuous.
+        writer.put("t1", "one").await.unwrap();
+        let out = cli_get("t1", None);
+        assert_eq!(out.status.code(), Some(1), "b has not applied t1 yet");
+
+        // With the session's token, the second process reads the session's write at b.
+        writer.put("t2", "two").await.unwrap();
+        let out = cli_get("t2", Some(&writer.session_token()));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("\"value\":\"two\""), "{stdout}");
+        // And it hands back a token that covers everything it saw.
+        assert!(stdout.contains("\"token\":\"ckv1."), "{stdout}");
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_session_tokens_are_refused() {
+    common::bounded(ms(30_000), async {
+        let cluster = Cluster::start(1).await;
+        let c = cluster.client(0).await;
+        for bad in ["", "nope", "ckv1.***", "ckv1.AAA"] {
+            assert!(
+                matches!(c.set_session_token(bad), Err(ClientError::Config(_))),
+                "{bad:?} must be refused"
+            );
+        }
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn dev_deployment_and_cli_from_another_process() {
+    // Exactly what the README says: `causalkv dev`, then the CLI from another shell.
+    let dir = tempfile::tempdir().unwrap();
+    let base = loop {
+        let p = dev::free_udp_port().unwrap();
+        if p < 60_000 {
+            break p;
+        }
+    };
+    let mut child = Child(
+        Command::new(BIN)
+            .args([
+                "dev",
+                "--dir",
+                dir.path().to_str().unwrap(),
+                "--port",
+                &base.to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start causalkv dev"),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut banner = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        banner.push_str(&line);
+        banner.push('\n');
+        if line.starts_with("(with cargo") {
+            break;
+        }
+    }
+    assert!(banner.contains("3 sites up"), "{banner}");
+    let certs_dir = dir.path().join("certs");
+    let site = |i: u16| format!("127.0.0.1:{}", base + i);
+    assert!(banner.contains(&format!("--site {}", site(0))), "{banner}");
+    let cli = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .args(["--certs", certs_dir.to_str().unwrap()])
+            .output()
+            .expect("run the CLI")
+    };
+    let put = cli(&["put", "greeting", "hello", "--site", &site(0)]);
+    assert_eq!(put.status.code(), Some(0), "{put:?}");
+    // The put's session token makes the read at b wait until b has the write.
+    let token = {
+        let out = cli(&["put", "greeting2", "hello2", "--site", &site(0), "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["token"].as_str().unwrap().to_owned()
+    };
+    let get = cli(&["get", "greeting2", "--site", &site(1), "--token", &token]);
+    assert_eq!(get.status.code(), Some(0), "{get:?}");
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "hello2");
+    // Eventually visible at b without a token too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let get = cli(&["get", "greeting", "--site", &site(1)]);
+        if get.status.code() == Some(0) {
+            assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "hello");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b never showed the write"
+        );
+    }
+    let missing = cli(&["get", "nothing-here", "--site", &site(2)]);
+    assert_eq!(missing.status.code(), Some(1));
+    let status = cli(&["status", "--site", &site(2), "--json"]);
+    assert_eq!(status.status.code(), Some(0));
+    let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(s["peers"].as_array().unwrap().len(), 2);
+    let unreachable = cli(&["get", "x", "--site", "127.0.0.1:9", "--timeout-ms", "500"]);
+    assert_eq!(unreachable.status.code(), Some(2));
+    // Ctrl-C stops it cleanly.
+    send_sigint(child.0.id());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "dev exits cleanly on SIGINT: {status:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+}
+
+fn send_sigint(pid: u32) {
+    let ok = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
