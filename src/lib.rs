@@ -18,11 +18,13 @@
 //!   (a `DashMap` today).
 //! - [`checker`]: a causal-consistency checker over recorded histories, used by the
 //!   simulation and by end-to-end suites.
+//! - [`bench`]: load generation and replication measurements for the benchmark scripts.
 //! - [`certs`]: development CA and certificate tooling (`causalkv certs init`).
 //! - [`wire`]: rkyv messages, the one framing function, validation and limits.
 //! - [`net`]: the tokio + quinn driver: TLS setup, peer links, the client service.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod certs;
 pub mod checker;
 pub mod client;

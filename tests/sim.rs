@@ -122,6 +122,7 @@ struct Sim {
     last_write: Vec<Timestamp>,
     healing: bool,
     stats: SimStats,
+    last_tick: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -198,6 +199,7 @@ impl Sim {
             last_write: vec![0; n],
             healing: false,
             stats: SimStats::default(),
+            last_tick: vec![0; n],
         };
         for i in 0..n as SiteId {
             let at = sim.rng.gen_range(0..5 * MS);
@@ -327,13 +329,14 @@ impl Sim {
             if !self.healing && t >= end_active {
                 self.heal_all();
             }
-            if self.healing && self.quiescent() {
-                break;
-            }
             if t > deadline {
                 break;
             }
             self.step(ev);
+            // Checked after the step, so that no popped event (a site's tick chain) is lost.
+            if self.healing && self.quiescent() {
+                break;
+            }
         }
         // Let markers move every entry past the last tombstones, then compare.
         let settle = self.now + 2 * SEC;
@@ -388,8 +391,18 @@ impl Sim {
             r.store()
                 .for_each(&mut |_, e| tombs += e.is_tombstone() as usize);
             if tombs > 0 {
+                let mut versions = Vec::new();
+                r.store().for_each(&mut |_, e| {
+                    if e.is_tombstone() {
+                        versions.push(e.version);
+                    }
+                });
                 return Err(format!(
-                    "site {i} still holds {tombs} tombstones after heal"
+                    "site {i} still holds {tombs} tombstones after heal: {versions:?}, applied {:?}, last tick {:?} now {} pending {}",
+                    r.applied(),
+                    self.last_tick,
+                    self.now,
+                    r.tombstones_pending()
                 ));
             }
         }
@@ -426,6 +439,7 @@ impl Sim {
             Event::Tick(i) => {
                 let now = self.site_now(i);
                 if let Some(r) = self.sites[i as usize].replica.as_mut() {
+                    self.last_tick[i as usize] = now;
                     r.tick(now);
                     self.flush(i);
                     let ack = self.sites[i as usize]

@@ -114,6 +114,15 @@ fn foreign_certs(dir: &std::path::Path) -> std::path::PathBuf {
     out
 }
 
+/// A PEM file trusting both the cluster's CA and the foreign one.
+fn ca_bundle(cluster: &Cluster, foreign: &std::path::Path) -> std::path::PathBuf {
+    let bundle = cluster.dir.path().join("both-cas.pem");
+    let mut pem = std::fs::read(cluster.ca()).expect("cluster CA");
+    pem.extend(std::fs::read(certs::ca_paths(foreign).cert).expect("foreign CA"));
+    std::fs::write(&bundle, pem).expect("write bundle");
+    bundle
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_with_a_foreign_ca_is_refused() {
     bounded(LIMIT, async {
@@ -122,12 +131,13 @@ async fn a_peer_with_a_foreign_ca_is_refused() {
         let before = metric(&cluster.node(0).metrics().tls_failures)
             + metric(&cluster.node(0).metrics().hellos_rejected);
 
-        // A rogue "site b" with the other CA's certificate, on its own port, dialing a.
+        // A rogue "site b" with the other CA's certificate, on its own port, dialing a. It
+        // trusts both CAs, so that it accepts a's certificate and the refusal is a's own.
         let mut cfg: SiteConfig = cluster.configs[1].clone();
         cfg.sites[1].addr = free_addr();
         cfg.data_dir = cluster.dir.path().join("rogue");
         let site_b = certs::site_paths(&foreign, "b");
-        cfg.tls.ca = certs::ca_paths(&foreign).cert;
+        cfg.tls.ca = ca_bundle(&cluster, &foreign);
         cfg.tls.cert = site_b.cert;
         cfg.tls.key = site_b.key;
         let rogue = Node::start(cfg.clone()).await.expect("rogue starts");
@@ -160,10 +170,13 @@ async fn a_peer_with_a_foreign_ca_is_refused() {
                 "site {i} applied an update from a foreign-CA peer"
             );
         }
-        assert!(
-            logs_contain("connection refused during TLS handshake"),
-            "the refusal was not logged"
+        // The rogue dials from its own listening address.
+        let line = format!(
+            "connection refused during TLS handshake remote={} error=the cryptographic handshake \
+             failed: error 48: invalid peer certificate: UnknownIssuer",
+            cfg.me().addr
         );
+        assert!(logs_contain(&line), "not logged: {line}");
         rogue.shutdown().await;
         cluster.shutdown().await;
     })
@@ -180,13 +193,19 @@ async fn a_site_certificate_cannot_claim_another_site() {
         cfg.site_id = 2;
         cfg.sites[2].addr = free_addr();
         cfg.data_dir = cluster.dir.path().join("liar");
+        let liar_addr = cfg.me().addr;
         let liar = Node::start(cfg).await.expect("liar starts");
         wait_until(ms(5_000), "a rejects the hello", || {
             metric(&cluster.node(0).metrics().hellos_rejected) > before
         })
         .await;
-        wait_until(ms(2_000), "the rejection is logged", || {
-            logs_contain("certificate names site \"b\" but the hello claims site 2 (c)")
+        let line = format!(
+            "peer refused remote={liar_addr} reason=certificate names site \"b\" but the hello \
+             claims site 2 (c)"
+        );
+        // The counter moves just before the warning is logged.
+        wait_until(ms(2_000), &format!("logged: {line}"), || {
+            logs_contain(&line)
         })
         .await;
         // The real c is unaffected.
@@ -236,10 +255,7 @@ async fn clients_without_a_valid_certificate_are_refused() {
         // A client certificate from another CA. The client trusts both CAs (so it accepts the
         // site and can load its own certificate); the site trusts only its own.
         let foreign = foreign_certs(cluster.dir.path());
-        let bundle = cluster.dir.path().join("both-cas.pem");
-        let mut pem = std::fs::read(cluster.ca()).unwrap();
-        pem.extend(std::fs::read(certs::ca_paths(&foreign).cert).unwrap());
-        std::fs::write(&bundle, pem).unwrap();
+        let bundle = ca_bundle(&cluster, &foreign);
         let cli = certs::client_paths(&foreign, dev::CLI_CLIENT);
         let before = failures();
         let e = first_error(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use causalkv::client::{Client, ClientError};
 use causalkv::dev::{self, CLI_CLIENT, DevOptions};
-use causalkv::{Node, SiteConfig, certs};
+use causalkv::{Node, SiteConfig, bench, certs};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -41,6 +41,15 @@ enum Cmd {
         /// First UDP port; site i listens on port + i.
         #[arg(long, default_value_t = 7100)]
         port: u16,
+        /// Only write certificates and site configs (for `causalkv serve --config`), then exit.
+        #[arg(long)]
+        layout_only: bool,
+    },
+    /// Benchmarks (release builds): load against running sites, replication throughput,
+    /// visibility latency.
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
     },
     /// Certificate tooling.
     Certs {
@@ -99,6 +108,57 @@ enum CertsCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Closed- or open-loop load from one client (one connection, pipelined requests).
+    Load {
+        /// Concurrent requests in flight.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Fraction of reads (0 = puts only, 1 = gets only).
+        #[arg(long, default_value_t = 0.5)]
+        read_ratio: f64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        /// Distinct keys.
+        #[arg(long, default_value_t = 10_000)]
+        keys: u64,
+        /// Zipfian key choice with this exponent (default: uniform).
+        #[arg(long)]
+        zipf: Option<f64>,
+        /// Open loop at this many operations per second (default: closed loop).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Synchronous replication for puts.
+        #[arg(long, default_value_t = 0)]
+        sync: u8,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Replication throughput between two in-process sites on loopback (catch-up of a backlog).
+    Replication {
+        /// Updates to stream.
+        #[arg(long, default_value_t = 1_000_000)]
+        updates: u64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+    },
+    /// Remote visibility latency on loopback (write acked at a until applied at b).
+    Visibility {
+        /// Writes to measure.
+        #[arg(long, default_value_t = 2000)]
+        writes: u64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+    },
+}
+
 #[derive(Args)]
 struct ConnArgs {
     /// Site to talk to (repeat for failover order).
@@ -143,10 +203,16 @@ async fn run(cmd: Cmd) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
-        Cmd::Dev { sites, dir, port } => match run_dev(sites, dir, port).await {
+        Cmd::Dev {
+            sites,
+            dir,
+            port,
+            layout_only,
+        } => match run_dev(sites, dir, port, layout_only).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
+        Cmd::Bench { cmd } => run_bench(cmd).await,
         Cmd::Certs {
             cmd:
                 CertsCmd::Init {
@@ -216,6 +282,67 @@ async fn run(cmd: Cmd) -> ExitCode {
     }
 }
 
+async fn run_bench(cmd: BenchCmd) -> ExitCode {
+    let print = |v: serde_json::Value| {
+        println!("{v}");
+        ExitCode::SUCCESS
+    };
+    match cmd {
+        BenchCmd::Load {
+            concurrency,
+            seconds,
+            read_ratio,
+            value_size,
+            keys,
+            zipf,
+            rate,
+            sync,
+            conn,
+        } => {
+            let opts = bench::LoadOptions {
+                concurrency,
+                duration: Duration::from_secs_f64(seconds),
+                read_ratio,
+                value_size,
+                keys,
+                dist: zipf.map_or(bench::KeyDist::Uniform, bench::KeyDist::Zipf),
+                rate,
+                sync,
+                seed: 1,
+            };
+            client_cmd(&conn, |c| async move {
+                let report = bench::run_load(c, &opts).await;
+                let json = serde_json::to_value(&report).expect("report serialises");
+                Ok((Some(json.to_string()), json, true))
+            })
+            .await
+        }
+        BenchCmd::Replication {
+            updates,
+            value_size,
+        } => {
+            let dir =
+                std::env::temp_dir().join(format!("causalkv-bench-repl-{}", std::process::id()));
+            let r = bench::replication_throughput(&dir, updates, value_size).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            match r {
+                Ok(r) => print(serde_json::to_value(r).expect("serialises")),
+                Err(e) => fail(&e),
+            }
+        }
+        BenchCmd::Visibility { writes, value_size } => {
+            let dir =
+                std::env::temp_dir().join(format!("causalkv-bench-vis-{}", std::process::id()));
+            let r = bench::visibility_latency(&dir, writes, value_size).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            match r {
+                Ok(r) => print(serde_json::to_value(r).expect("serialises")),
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(2)
@@ -275,7 +402,7 @@ async fn serve(config: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-async fn run_dev(sites: usize, dir: PathBuf, port: u16) -> Result<(), String> {
+async fn run_dev(sites: usize, dir: PathBuf, port: u16, layout_only: bool) -> Result<(), String> {
     let cluster = dev::prepare(&DevOptions {
         sites,
         dir: dir.clone(),
@@ -283,6 +410,15 @@ async fn run_dev(sites: usize, dir: PathBuf, port: u16) -> Result<(), String> {
         clients: vec![],
     })
     .map_err(|e| e.to_string())?;
+    if layout_only {
+        for c in &cluster.configs {
+            println!(
+                "{}",
+                dir.join(format!("site-{}.toml", c.me().name)).display()
+            );
+        }
+        return Ok(());
+    }
     let mut nodes = Vec::new();
     for cfg in &cluster.configs {
         nodes.push(Node::start(cfg.clone()).await.map_err(|e| e.to_string())?);

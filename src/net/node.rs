@@ -360,6 +360,43 @@ impl Node {
             .read(|r| crate::storage::live_contents(r.store() as &dyn Store))
     }
 
+    /// Writes directly through this node, as a client with an empty causal context would
+    /// (embedded use, bulk loading, benchmarks). `None` deletes.
+    pub fn put_local(
+        &self,
+        key: bytes::Bytes,
+        value: Option<bytes::Bytes>,
+    ) -> crate::clock::Version {
+        self.shared.mutate(|r| {
+            r.put(now_micros(), key, value, &crate::clock::VClock::default())
+                .expect("an empty context is always covered")
+        })
+    }
+
+    /// The `applied` vector.
+    pub fn applied(&self) -> crate::clock::VClock {
+        self.shared.read(|r| r.applied().clone())
+    }
+
+    /// Waits until this site has applied `version` (it is visible here), up to `timeout`.
+    /// Returns false on timeout.
+    pub async fn wait_visible(&self, version: crate::clock::Version, timeout: Duration) -> bool {
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            if self.shared.read(|r| r.applied().get(version.site)) >= version.ts {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+    }
+
     /// Stops accepting, drains in-flight requests (bounded), flushes, and closes every
     /// connection with [`close_code::SHUTDOWN`].
     pub async fn shutdown(self) {

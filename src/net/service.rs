@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::node::{Metrics, Shared, close_code, now_micros};
 use crate::clock::VClock;
@@ -47,12 +47,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, conn: Connection) {
         };
         shared.inflight.fetch_add(1, Ordering::SeqCst);
         let shared = shared.clone();
-        tokio::spawn(async move {
-            handle(&shared, send, recv).await;
-            if shared.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
-                shared.drained.notify_waiters();
+        tokio::spawn(
+            async move {
+                handle(&shared, send, recv).await;
+                if shared.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+                    shared.drained.notify_waiters();
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 }
 

@@ -6,8 +6,13 @@
 //! (write-ahead log, snapshots) is layered beside it by the node driver, which persists the
 //! [`Record`](crate::replica::Record)s the replica hands out, so the protocol code does not change
 //! when storage does.
+//!
+//! - [`wal`]: the segmented write-ahead log with CRCs, group commit and an fsync policy.
+//! - [`snapshot`]: rkyv snapshots of the whole state, loaded zero-copy through mmap.
 
 mod mem;
+pub mod snapshot;
+pub mod wal;
 
 pub use mem::MemStore;
 

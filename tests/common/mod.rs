@@ -275,12 +275,17 @@ impl Cluster {
         self.nodes[i] = Some(node);
     }
 
-    /// Stops every running site.
+    /// Stops every running site (concurrently: each shutdown waits up to a second for its
+    /// endpoint to go idle).
     pub async fn shutdown(mut self) {
+        let mut stopping = tokio::task::JoinSet::new();
         for n in self.nodes.iter_mut() {
             if let Some(n) = n.take() {
-                n.shutdown().await;
+                stopping.spawn(n.shutdown());
             }
+        }
+        while let Some(r) = stopping.join_next().await {
+            r.expect("site shutdown panicked");
         }
     }
 }

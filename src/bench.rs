@@ -1,0 +1,389 @@
+//! Load generation for the benchmark scripts (`causalkv bench ...`).
+//!
+//! [`run_load`] drives one [`Client`] (one QUIC connection, requests pipelined as streams) with a
+//! number of concurrent workers in closed loop, or at a target rate in open loop, and records
+//! per-operation latency in HDR histograms. Latency in open loop is measured from each
+//! operation's *scheduled* start, so a stalled server cannot hide queueing delay (no
+//! coordinated omission).
+//!
+//! [`replication_throughput`] measures how fast one site's backlog streams to a peer: it fills
+//! a site's log while the peer is down, restarts the peer and times the catch-up.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::client::{Client, ClientError};
+
+/// Key choice.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum KeyDist {
+    /// Every key equally likely.
+    Uniform,
+    /// Zipfian with this exponent (popular keys hot).
+    Zipf(f64),
+}
+
+/// What load to apply.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Concurrent requests in flight (closed loop), or workers (open loop).
+    pub concurrency: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Fraction of operations that are reads.
+    pub read_ratio: f64,
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Number of distinct keys.
+    pub keys: u64,
+    /// Key distribution.
+    pub dist: KeyDist,
+    /// Open loop at this many operations per second (`None`: closed loop).
+    pub rate: Option<f64>,
+    /// Synchronous replication for puts.
+    pub sync: u8,
+    /// RNG seed.
+    pub seed: u64,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            concurrency: 1,
+            duration: Duration::from_secs(5),
+            read_ratio: 0.5,
+            value_size: 100,
+            keys: 10_000,
+            dist: KeyDist::Uniform,
+            rate: None,
+            sync: 0,
+            seed: 1,
+        }
+    }
+}
+
+/// Latency summary of one operation kind, in microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LatencyStats {
+    /// Operations recorded.
+    pub count: u64,
+    /// Median.
+    pub p50_us: u64,
+    /// 99th percentile.
+    pub p99_us: u64,
+    /// 99.9th percentile.
+    pub p999_us: u64,
+    /// Maximum.
+    pub max_us: u64,
+    /// Mean.
+    pub mean_us: f64,
+}
+
+impl LatencyStats {
+    fn from(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            p50_us: h.value_at_quantile(0.5),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+            mean_us: h.mean(),
+        }
+    }
+}
+
+/// What a load run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadReport {
+    /// Operations completed.
+    pub ops: u64,
+    /// Operations that failed.
+    pub errors: u64,
+    /// Wall time.
+    pub seconds: f64,
+    /// Completed operations per second.
+    pub throughput: f64,
+    /// Puts.
+    pub put: LatencyStats,
+    /// Gets.
+    pub get: LatencyStats,
+    /// Throughput per second of the run, for plots.
+    pub per_second: Vec<u64>,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+/// Zipfian sampler over `0..n` (rejection-free inverse CDF over a precomputed table).
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: u64, s: f64) -> Self {
+        let n = n.min(1_000_000) as usize;
+        let mut cdf = Vec::with_capacity(n);
+        let mut acc = 0.0;
+        for k in 1..=n {
+            acc += 1.0 / (k as f64).powf(s);
+            cdf.push(acc);
+        }
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Self { cdf }
+    }
+
+    fn sample(&self, r: f64) -> u64 {
+        self.cdf.partition_point(|&c| c < r) as u64
+    }
+}
+
+struct Worker {
+    put: Histogram<u64>,
+    get: Histogram<u64>,
+    errors: u64,
+    first_error: Option<String>,
+    done_at: Vec<u64>,
+}
+
+/// Runs the load against `client` and reports.
+pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
+    let start = Instant::now();
+    let end = start + opts.duration;
+    let zipf = match opts.dist {
+        KeyDist::Zipf(s) => Some(Arc::new(Zipf::new(opts.keys, s))),
+        KeyDist::Uniform => None,
+    };
+    let value = Arc::new(vec![b'x'; opts.value_size]);
+    let mut tasks = Vec::new();
+    for w in 0..opts.concurrency.max(1) {
+        let client = client.clone();
+        let opts = opts.clone();
+        let zipf = zipf.clone();
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed * 1000 + w as u64);
+            let mut me = Worker {
+                put: histogram(),
+                get: histogram(),
+                errors: 0,
+                first_error: None,
+                done_at: vec![0; opts.duration.as_secs() as usize + 2],
+            };
+            // Open loop: this worker's share of the rate, as a fixed schedule.
+            let interval = opts
+                .rate
+                .map(|r| Duration::from_secs_f64(opts.concurrency as f64 / r));
+            let mut next = start;
+            loop {
+                let scheduled = match interval {
+                    Some(iv) => {
+                        next += iv;
+                        if next > end {
+                            break;
+                        }
+                        tokio::time::sleep_until(next.into()).await;
+                        next
+                    }
+                    None => {
+                        let now = Instant::now();
+                        if now >= end {
+                            break;
+                        }
+                        now
+                    }
+                };
+                let k = match &zipf {
+                    Some(z) => z.sample(rng.r#gen::<f64>()),
+                    None => rng.gen_range(0..opts.keys),
+                };
+                let key = format!("key{k:08}");
+                let read = rng.r#gen::<f64>() < opts.read_ratio;
+                let result: Result<(), ClientError> = if read {
+                    client.get(&key).await.map(|_| ())
+                } else {
+                    client
+                        .put_sync(&key, &value[..], opts.sync)
+                        .await
+                        .map(|_| ())
+                };
+                let us = scheduled.elapsed().as_micros().max(1) as u64;
+                match result {
+                    Ok(()) => {
+                        let h = if read { &mut me.get } else { &mut me.put };
+                        let _ = h.record(us);
+                        let sec = start.elapsed().as_secs() as usize;
+                        if let Some(c) = me.done_at.get_mut(sec) {
+                            *c += 1;
+                        }
+                    }
+                    Err(e) => {
+                        me.errors += 1;
+                        me.first_error.get_or_insert_with(|| e.to_string());
+                    }
+                }
+            }
+            me
+        }));
+    }
+    let mut put = histogram();
+    let mut get = histogram();
+    let mut errors = 0;
+    let mut first_error = None;
+    let mut per_second = vec![0u64; opts.duration.as_secs() as usize + 2];
+    for t in tasks {
+        let w = t.await.expect("load worker panicked");
+        put.add(&w.put).expect("same bounds");
+        get.add(&w.get).expect("same bounds");
+        errors += w.errors;
+        if first_error.is_none() {
+            first_error = w.first_error;
+        }
+        for (a, b) in per_second.iter_mut().zip(&w.done_at) {
+            *a += b;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let ops = put.len() + get.len();
+    per_second.truncate(opts.duration.as_secs() as usize);
+    LoadReport {
+        ops,
+        errors,
+        seconds,
+        throughput: ops as f64 / seconds,
+        put: LatencyStats::from(&put),
+        get: LatencyStats::from(&get),
+        per_second,
+        first_error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zipf_prefers_small_ranks() {
+        let z = Zipf::new(1000, 1.0);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let hits = (0..10_000)
+            .filter(|_| z.sample(rng.r#gen::<f64>()) < 10)
+            .count();
+        assert!(hits > 3_000, "top 10 of 1000 keys get {hits} of 10000");
+        assert!((0..1000).all(|_| z.sample(rng.r#gen::<f64>()) < 1000));
+    }
+}
+
+/// What [`replication_throughput`] measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReplicationReport {
+    /// Updates streamed.
+    pub updates: u64,
+    /// Value size in bytes.
+    pub value_size: usize,
+    /// Catch-up time, from the restart of the receiver until it applied everything.
+    pub seconds: f64,
+    /// Updates per second.
+    pub updates_per_s: f64,
+    /// Payload (key + value) megabytes per second.
+    pub mb_per_s: f64,
+    /// Frame bytes on the wire per update.
+    pub wire_bytes_per_update: f64,
+}
+
+/// Fills site a's log with `updates` writes while site b is down, restarts b and times the
+/// catch-up over real QUIC on loopback.
+pub async fn replication_throughput(
+    dir: &std::path::Path,
+    updates: u64,
+    value_size: usize,
+) -> Result<ReplicationReport, String> {
+    use crate::dev::{DevOptions, LocalCluster};
+    let mut cluster = LocalCluster::start(&DevOptions {
+        sites: 2,
+        dir: dir.to_owned(),
+        base_port: 0,
+        clients: vec![],
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    cluster.stop(1).await;
+    let value = bytes::Bytes::from(vec![b'v'; value_size]);
+    let a = cluster.node(0).expect("site a runs");
+    let mut last = None;
+    for i in 0..updates {
+        let key = bytes::Bytes::from(format!("key{i:012}"));
+        last = Some(a.put_local(key, Some(value.clone())));
+    }
+    let last = last.ok_or("no updates")?;
+    let bytes_before = crate::net::Metrics::get(&a.metrics().bytes_out);
+    let t0 = Instant::now();
+    cluster.restart(1).await.map_err(|e| e.to_string())?;
+    let b = cluster.node(1).expect("site b runs");
+    if !b.wait_visible(last, Duration::from_secs(300)).await {
+        return Err("site b did not catch up within 300 s".into());
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let a = cluster.node(0).expect("site a runs");
+    let wire = crate::net::Metrics::get(&a.metrics().bytes_out) - bytes_before;
+    cluster.shutdown().await;
+    let payload = updates as f64 * (value_size as f64 + 15.0);
+    Ok(ReplicationReport {
+        updates,
+        value_size,
+        seconds,
+        updates_per_s: updates as f64 / seconds,
+        mb_per_s: payload / seconds / 1e6,
+        wire_bytes_per_update: wire as f64 / updates as f64,
+    })
+}
+
+/// Remote visibility latency on loopback: the time from a write's acknowledgement at site a
+/// until it is applied at site b, for `writes` writes made one at a time by a client of a.
+pub async fn visibility_latency(
+    dir: &std::path::Path,
+    writes: u64,
+    value_size: usize,
+) -> Result<LatencyStats, String> {
+    use crate::dev::{DevOptions, LocalCluster};
+    let cluster = LocalCluster::start(&DevOptions {
+        sites: 3,
+        dir: dir.to_owned(),
+        base_port: 0,
+        clients: vec![],
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let client = cluster
+        .client_builder(0)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let b = cluster.node(1).expect("site b runs");
+    let value = vec![b'v'; value_size];
+    let mut h = histogram();
+    for i in 0..writes {
+        let v = client
+            .put(format!("vis{i}"), &value)
+            .await
+            .map_err(|e| e.to_string())?;
+        let acked = Instant::now();
+        if !b.wait_visible(v, Duration::from_secs(10)).await {
+            return Err(format!("write {v} not visible at b within 10 s"));
+        }
+        let _ = h.record(acked.elapsed().as_micros().max(1) as u64);
+    }
+    cluster.shutdown().await;
+    Ok(LatencyStats::from(&h))
+}

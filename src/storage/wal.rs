@@ -1,0 +1,1459 @@
+//! The write-ahead log: segmented, CRC-checked, with group commit and an fsync policy.
+//!
+//! # Layout
+//!
+//! The log lives in one directory as segment files named `wal-<start lsn, 20 digits>.log`. An LSN
+//! is a byte offset in the logical log, across segments: a segment's records occupy
+//! `start .. start + file length`, and the next segment starts exactly where the previous one
+//! ends. Each record is framed as
+//!
+//! ```text
+//! [u32 LE payload length][u32 LE crc32 of payload][payload]
+//! ```
+//!
+//! where the payload is an rkyv archive of the log's twin of [`Record`]. On reading, the payload
+//! is copied into a 16-byte aligned buffer, validated with bytecheck and converted back.
+//!
+//! # Recovery
+//!
+//! [`Wal::open`] scans the segments from the one holding `from_lsn` (the LSN a snapshot covers;
+//! earlier records are skipped, earlier whole segments are not even read). A bad record is either:
+//!
+//! - a **torn tail**: it is in the *last* segment and no complete record with a valid CRC starts
+//!   anywhere after it (a crash interrupted the last write). The segment is truncated at the bad
+//!   record (`set_len` + fsync), a warning is logged and [`Recovery::torn_tail`] reports it;
+//! - **corruption**: anything else (valid data follows the bad record, the bad record is in an
+//!   earlier segment, a record whose CRC matches fails validation, segments do not join up).
+//!   [`Wal::open`] then fails with [`StorageError::Corrupt`], whose message names the segment and
+//!   offset and the way out: `causalkv repair --config FILE`, which calls [`repair`].
+//!
+//! # Group commit
+//!
+//! [`Wal::append`] only writes (`write(2)`, one call per batch of records). Durability is asked for
+//! with [`Wal::request_sync`] and observed on a `tokio::sync::watch` channel ([`Wal::synced`],
+//! [`wait_synced`]). A dedicated thread (`wal-sync`) owns fsync: it syncs once for every request
+//! pending at that moment, so concurrent writers share one `fdatasync`. The [`FsyncPolicy`] says
+//! when it syncs.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rkyv::rancor;
+use rkyv::util::AlignedVec;
+use tokio::sync::watch;
+
+use crate::clock::{VClock, Version};
+use crate::replica::{Record, Update};
+
+use twin::{ArchivedUpdateRef, ArchivedWalRecord, UpdateRef, WalRecord};
+
+/// Size of a record header: payload length and CRC.
+const HEADER: usize = 8;
+
+/// What can go wrong in durable storage.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// A file operation failed.
+    #[error("storage i/o error on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The write-ahead log holds a damaged record that is not a torn tail.
+    #[error(
+        "write-ahead log segment {segment} is corrupt at offset {offset}: {reason}. This is not \
+         a torn write from a crash, so the node refuses to start rather than silently drop data. \
+         To truncate the log at this record (the records after it are lost at this site; peers \
+         resend their own updates, but this site's updates after that point survive only where \
+         peers already have them), stop the node and run `causalkv repair --config FILE`"
+    )]
+    Corrupt {
+        /// The segment file.
+        segment: PathBuf,
+        /// Byte offset of the bad record inside the segment.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The log and the snapshot do not fit together (records are missing in between).
+    #[error("write-ahead log in {dir} does not match the snapshot: {reason}")]
+    Inconsistent {
+        /// The log directory.
+        dir: PathBuf,
+        /// What does not match.
+        reason: String,
+    },
+    /// A snapshot file failed to load or validate.
+    #[error("snapshot {path} is invalid: {reason}")]
+    Snapshot {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An earlier write or fsync failed; the log accepts nothing more (restart the node).
+    #[error("write-ahead log is unusable after an earlier failure: {0}")]
+    Failed(String),
+    /// The sync thread stopped (an fsync failed, or the log was closed) before the LSN waited
+    /// for became durable.
+    #[error("write-ahead log stopped before the data became durable (fsync failed or log closed)")]
+    SyncStopped,
+}
+
+pub(super) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StorageError + '_ {
+    move |source| StorageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// When the log is fsynced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Every sync request is fsynced as soon as the previous fsync finishes (requests pending
+    /// meanwhile share the next one). Nothing acknowledged is lost in a crash.
+    #[default]
+    Always,
+    /// At most one fsync every `batch_ms`: requests wait for the next batch fsync; data appended
+    /// without a request is fsynced within `batch_ms` too.
+    Batch,
+    /// Never fsync (the OS writes back eventually): requests are marked synced at once. A crash
+    /// of the machine (not just the process) can lose acknowledged writes.
+    Never,
+}
+
+/// Write-ahead log settings (the `[storage]` table of the site configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalOptions {
+    /// When to fsync.
+    pub fsync: FsyncPolicy,
+    /// Interval between fsyncs under [`FsyncPolicy::Batch`], in milliseconds.
+    pub batch_ms: u64,
+    /// A segment is closed and a new one started once it would grow past this many bytes.
+    pub segment_bytes: u64,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncPolicy::Always,
+            batch_ms: 5,
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// A torn tail that recovery truncated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment file.
+    pub segment: PathBuf,
+    /// Offset inside the segment where the file was cut.
+    pub offset: u64,
+    /// Bytes dropped.
+    pub bytes_dropped: u64,
+}
+
+/// What [`Wal::open`] recovered.
+#[derive(Debug)]
+pub struct Recovery {
+    /// The records at or after `from_lsn`, in log order.
+    pub records: Vec<Record>,
+    /// The LSN after the last valid record: where the next append goes.
+    pub end_lsn: u64,
+    /// The torn tail that was truncated, if any.
+    pub torn_tail: Option<TornTail>,
+}
+
+/// What [`repair`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Why the log was cut (`None` when nothing was wrong).
+    pub reason: Option<String>,
+    /// The segment that was truncated and the offset it was cut at.
+    pub truncated: Option<(PathBuf, u64)>,
+    /// Later segments that were deleted.
+    pub deleted_segments: Vec<PathBuf>,
+    /// Bytes dropped in total (truncated tail plus deleted segments).
+    pub bytes_dropped: u64,
+    /// Valid records kept (from `from_lsn` on).
+    pub records_kept: u64,
+    /// The end of the log after the repair.
+    pub end_lsn: u64,
+}
+
+impl std::fmt::Display for RepairReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.reason, &self.truncated) {
+            (None, _) => write!(
+                f,
+                "write-ahead log is intact: {} records, ends at LSN {}",
+                self.records_kept, self.end_lsn
+            ),
+            (Some(reason), truncated) => {
+                write!(f, "write-ahead log repaired: {reason}; ")?;
+                if let Some((seg, off)) = truncated {
+                    write!(f, "truncated {} at offset {off}; ", seg.display())?;
+                }
+                if !self.deleted_segments.is_empty() {
+                    write!(
+                        f,
+                        "deleted {} later segment(s); ",
+                        self.deleted_segments.len()
+                    )?;
+                }
+                write!(
+                    f,
+                    "dropped {} bytes; kept {} records, log ends at LSN {}. Records after the cut \
+                     are lost at this site: peers resend their own updates, this site's own \
+                     updates after the cut survive only where peers already received them",
+                    self.bytes_dropped, self.records_kept, self.end_lsn
+                )
+            }
+        }
+    }
+}
+
+/// The log's archived twins of the replica's records. Keys, values and dependency vectors are
+/// borrowed when writing (no copies) and archived as boxed slices.
+#[allow(missing_docs)]
+pub(super) mod twin {
+    use rkyv::with::{InlineAsBox, Map};
+    use rkyv::{Archive, Serialize};
+
+    /// An update, borrowed.
+    #[derive(Archive, Serialize)]
+    pub struct UpdateRef<'a> {
+        #[rkyv(with = InlineAsBox)]
+        pub key: &'a [u8],
+        #[rkyv(with = Map<InlineAsBox>)]
+        pub value: Option<&'a [u8]>,
+        pub ts: u64,
+        pub site: u16,
+        #[rkyv(with = InlineAsBox)]
+        pub deps: &'a [u64],
+    }
+
+    /// A log record, borrowed.
+    #[derive(Archive, Serialize)]
+    pub enum WalRecord<'a> {
+        Update(UpdateRef<'a>),
+        Marker { origin: u16, ts: u64 },
+        ClockLease(u64),
+    }
+}
+
+impl<'a> UpdateRef<'a> {
+    pub(super) fn new(u: &'a Update) -> Self {
+        Self {
+            key: &u.key,
+            value: u.value.as_deref(),
+            ts: u.version.ts,
+            site: u.version.site,
+            deps: u.deps.as_slice(),
+        }
+    }
+}
+
+impl ArchivedUpdateRef<'_> {
+    /// Converts back to an owned update (copies key, value and deps).
+    pub(super) fn to_update(&self) -> Update {
+        Update {
+            key: Bytes::copy_from_slice(&self.key),
+            value: self.value.as_ref().map(|v| Bytes::copy_from_slice(v)),
+            version: Version::new(self.ts.to_native(), self.site.to_native()),
+            deps: VClock::from_vec(self.deps.iter().map(|d| d.to_native()).collect()),
+        }
+    }
+}
+
+fn to_twin(r: &Record) -> WalRecord<'_> {
+    match r {
+        Record::Update(u) => WalRecord::Update(UpdateRef::new(u)),
+        Record::Marker { origin, ts } => WalRecord::Marker {
+            origin: *origin,
+            ts: *ts,
+        },
+        Record::ClockLease(ts) => WalRecord::ClockLease(*ts),
+    }
+}
+
+fn from_twin(a: &ArchivedWalRecord<'_>) -> Record {
+    match a {
+        ArchivedWalRecord::Update(u) => Record::Update(u.to_update()),
+        ArchivedWalRecord::Marker { origin, ts } => Record::Marker {
+            origin: origin.to_native(),
+            ts: ts.to_native(),
+        },
+        ArchivedWalRecord::ClockLease(ts) => Record::ClockLease(ts.to_native()),
+    }
+}
+
+/// One segment file.
+#[derive(Clone, Debug)]
+struct Segment {
+    start: u64,
+    len: u64,
+    path: PathBuf,
+}
+
+impl Segment {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+fn segment_path(dir: &Path, start: u64) -> PathBuf {
+    dir.join(format!("wal-{start:020}.log"))
+}
+
+/// The segments in `dir`, sorted by start LSN.
+fn list_segments(dir: &Path) -> Result<Vec<Segment>, StorageError> {
+    let mut out = Vec::new();
+    for ent in fs::read_dir(dir).map_err(io_err(dir))? {
+        let ent = ent.map_err(io_err(dir))?;
+        let name = ent.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(digits) = name
+            .strip_prefix("wal-")
+            .and_then(|n| n.strip_suffix(".log"))
+        else {
+            continue;
+        };
+        if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(start) = digits.parse::<u64>() else {
+            continue;
+        };
+        let path = ent.path();
+        let len = ent.metadata().map_err(io_err(&path))?.len();
+        out.push(Segment { start, len, path });
+    }
+    out.sort_by_key(|s| s.start);
+    Ok(out)
+}
+
+pub(super) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// Why a frame could not be read.
+enum BadFrame {
+    /// Incomplete header, length past the end of the file, empty payload or CRC mismatch: what a
+    /// torn write looks like (it is torn if nothing valid follows).
+    Damaged(String),
+    /// The CRC matches but the payload is not a valid record: never a torn write.
+    Invalid(String),
+}
+
+/// Reads the frame at `off`: `Ok(Some((payload, next offset)))`, `Ok(None)` at the end.
+fn frame_at(data: &[u8], off: usize) -> Result<Option<(&[u8], usize)>, BadFrame> {
+    let rest = &data[off..];
+    if rest.is_empty() {
+        return Ok(None);
+    }
+    if rest.len() < HEADER {
+        return Err(BadFrame::Damaged(format!(
+            "incomplete record header ({} of {HEADER} bytes)",
+            rest.len()
+        )));
+    }
+    let len = u32::from_le_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes"));
+    if len == 0 {
+        return Err(BadFrame::Damaged("record with an empty payload".into()));
+    }
+    if rest.len() - HEADER < len {
+        return Err(BadFrame::Damaged(format!(
+            "record of {len} bytes runs past the end of the file ({} bytes left)",
+            rest.len() - HEADER
+        )));
+    }
+    let payload = &rest[HEADER..HEADER + len];
+    let actual = crc32fast::hash(payload);
+    if actual != crc {
+        return Err(BadFrame::Damaged(format!(
+            "CRC mismatch (stored {crc:#010x}, computed {actual:#010x}) in a record of {len} bytes"
+        )));
+    }
+    Ok(Some((payload, off + HEADER + len)))
+}
+
+/// True when a complete frame with a valid CRC starts anywhere after `bad` (the start of a bad
+/// frame). Tries the position the bad frame's own length points to first, then every byte.
+fn valid_frame_after(data: &[u8], bad: usize) -> bool {
+    let check = |p: usize| -> bool {
+        if p + HEADER > data.len() {
+            return false;
+        }
+        let len = u32::from_le_bytes(data[p..p + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(data[p + 4..p + 8].try_into().expect("4 bytes"));
+        len > 0
+            && data.len() - p - HEADER >= len
+            && crc32fast::hash(&data[p + HEADER..][..len]) == crc
+    };
+    if bad + HEADER <= data.len() {
+        let len = u32::from_le_bytes(data[bad..bad + 4].try_into().expect("4 bytes")) as usize;
+        let next = bad.saturating_add(HEADER).saturating_add(len);
+        if next > bad + HEADER && check(next) {
+            return true;
+        }
+    }
+    (bad + 1..data.len().saturating_sub(HEADER - 1)).any(check)
+}
+
+/// Validates a payload (copied into `aligned`) and converts it.
+fn decode(payload: &[u8], aligned: &mut AlignedVec<16>) -> Result<Record, String> {
+    aligned.clear();
+    aligned.extend_from_slice(payload);
+    let a = rkyv::access::<ArchivedWalRecord<'_>, rancor::Error>(aligned)
+        .map_err(|e| format!("record fails validation: {e}"))?;
+    Ok(from_twin(a))
+}
+
+/// A damaged spot found by [`scan`].
+struct Problem {
+    /// Index into the scanned segment list.
+    seg: usize,
+    offset: u64,
+    reason: String,
+    /// Whether it qualifies as a torn tail.
+    torn: bool,
+}
+
+/// The result of scanning the log.
+struct Scan {
+    segments: Vec<Segment>,
+    records: Vec<Record>,
+    /// Valid records read (from `from_lsn` on), whether collected or not.
+    records_seen: u64,
+    /// The first damaged spot, where the scan stopped.
+    problem: Option<Problem>,
+}
+
+/// Scans the segments of `dir` from the one holding `from_lsn`, stopping at the first problem.
+fn scan(dir: &Path, from_lsn: u64, collect: bool) -> Result<Scan, StorageError> {
+    let segments = list_segments(dir)?;
+    let mut out = Scan {
+        records: Vec::new(),
+        records_seen: 0,
+        problem: None,
+        segments,
+    };
+    if out.segments.is_empty() {
+        return Ok(out);
+    }
+    // The first segment to read: the last one starting at or before `from_lsn`.
+    let first = out
+        .segments
+        .iter()
+        .rposition(|s| s.start <= from_lsn)
+        .unwrap_or(0);
+    if out.segments[first].start > from_lsn {
+        return Err(StorageError::Inconsistent {
+            dir: dir.to_path_buf(),
+            reason: format!(
+                "the log starts at LSN {} but the snapshot covers only up to LSN {from_lsn}: the \
+                 records in between are missing (was the snapshot file removed?)",
+                out.segments[first].start
+            ),
+        });
+    }
+    let last = out.segments.len() - 1;
+    let mut aligned = AlignedVec::<16>::new();
+    for i in first..=last {
+        let seg = out.segments[i].clone();
+        if i > first {
+            let prev = &out.segments[i - 1];
+            if prev.end() != seg.start {
+                out.problem = Some(Problem {
+                    seg: i - 1,
+                    offset: prev.len,
+                    reason: format!(
+                        "the segment ends at LSN {} but the next segment {} starts at LSN {}",
+                        prev.end(),
+                        seg.path.display(),
+                        seg.start
+                    ),
+                    torn: false,
+                });
+                return Ok(out);
+            }
+        }
+        if seg.end() <= from_lsn {
+            // Wholly covered by the snapshot (the log ends before it, see `Wal::open`).
+            continue;
+        }
+        let data = fs::read(&seg.path).map_err(io_err(&seg.path))?;
+        out.segments[i].len = data.len() as u64;
+        let mut off = 0usize;
+        loop {
+            let bad = match frame_at(&data, off) {
+                Ok(None) => break,
+                Ok(Some((payload, next))) => {
+                    let lsn = seg.start + off as u64;
+                    let end = seg.start + next as u64;
+                    if lsn >= from_lsn {
+                        match decode(payload, &mut aligned) {
+                            Ok(rec) => {
+                                out.records_seen += 1;
+                                if collect {
+                                    out.records.push(rec);
+                                }
+                                off = next;
+                                continue;
+                            }
+                            Err(reason) => BadFrame::Invalid(reason),
+                        }
+                    } else if end > from_lsn {
+                        return Err(StorageError::Inconsistent {
+                            dir: dir.to_path_buf(),
+                            reason: format!(
+                                "the snapshot covers the log up to LSN {from_lsn}, which falls \
+                                 inside the record at LSN {lsn}..{end} in {}",
+                                seg.path.display()
+                            ),
+                        });
+                    } else {
+                        off = next;
+                        continue;
+                    }
+                }
+                Err(b) => b,
+            };
+            let (reason, torn) = match bad {
+                BadFrame::Invalid(r) => (r, false),
+                BadFrame::Damaged(r) if i < last => {
+                    (format!("{r}, in a segment that is not the last one"), false)
+                }
+                BadFrame::Damaged(r) if valid_frame_after(&data, off) => {
+                    (format!("{r}, and valid records follow it"), false)
+                }
+                BadFrame::Damaged(r) => (r, true),
+            };
+            out.problem = Some(Problem {
+                seg: i,
+                offset: off as u64,
+                reason,
+                torn,
+            });
+            return Ok(out);
+        }
+    }
+    Ok(out)
+}
+
+/// Truncates `path` to `len` bytes and fsyncs it.
+fn truncate(path: &Path, len: u64) -> Result<(), StorageError> {
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io_err(path))?;
+    f.set_len(len).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+/// Cuts the log at the first damaged record, corrupt or torn: truncates that segment there and
+/// deletes every later segment. Run it offline (no [`Wal`] open on `dir`) when [`Wal::open`]
+/// reports [`StorageError::Corrupt`]; `from_lsn` is the snapshot's LSN as for [`Wal::open`]
+/// (segments wholly covered by the snapshot are left alone).
+///
+/// **This loses data at this site**: every record after the cut. Peers resend their own updates
+/// (they keep them until this site acks them, and this site's durable state now acks less), but
+/// this site's own updates after the cut are lost unless peers already received them.
+pub fn repair(dir: &Path, from_lsn: u64) -> Result<RepairReport, StorageError> {
+    let scan = scan(dir, from_lsn, false)?;
+    let mut report = RepairReport {
+        records_kept: scan.records_seen,
+        end_lsn: scan.segments.last().map_or(from_lsn, Segment::end),
+        ..RepairReport::default()
+    };
+    let Some(p) = scan.problem else {
+        return Ok(report);
+    };
+    let seg = &scan.segments[p.seg];
+    if p.offset < seg.len {
+        truncate(&seg.path, p.offset)?;
+        report.truncated = Some((seg.path.clone(), p.offset));
+        report.bytes_dropped += seg.len - p.offset;
+    }
+    for later in &scan.segments[p.seg + 1..] {
+        fs::remove_file(&later.path).map_err(io_err(&later.path))?;
+        report.bytes_dropped += later.len;
+        report.deleted_segments.push(later.path.clone());
+    }
+    sync_dir(dir)?;
+    report.end_lsn = seg.start + p.offset;
+    tracing::warn!(
+        dir = %dir.display(),
+        segment = %seg.path.display(),
+        offset = p.offset,
+        bytes_dropped = report.bytes_dropped,
+        reason = %p.reason,
+        "write-ahead log repaired: records after the cut are lost at this site"
+    );
+    report.reason = Some(format!(
+        "{} at offset {}: {}",
+        seg.path.display(),
+        p.offset,
+        p.reason
+    ));
+    Ok(report)
+}
+
+/// State shared with the sync thread.
+struct Shared {
+    policy: FsyncPolicy,
+    batch: Duration,
+    state: Mutex<SyncState>,
+    cv: Condvar,
+    /// The LSN everything appended so far ends at (stored after the write).
+    appended: AtomicU64,
+    fsyncs: AtomicU64,
+    failed: AtomicBool,
+}
+
+struct SyncState {
+    requested: u64,
+    synced: u64,
+    /// The current segment (earlier segments were fsynced when they were closed).
+    current: Arc<File>,
+    shutdown: bool,
+    /// Publishes the synced LSN; dropped when an fsync fails, which wakes waiters with an error.
+    tx: Option<watch::Sender<u64>>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(st: &mut SyncState, lsn: u64) {
+        if lsn > st.synced {
+            st.synced = lsn;
+        }
+        if let Some(tx) = &st.tx {
+            tx.send_if_modified(|v| {
+                if *v < lsn {
+                    *v = lsn;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    fn fail(&self, st: &mut SyncState, what: String) {
+        tracing::error!("{what}; the write-ahead log accepts no more writes");
+        self.failed.store(true, Ordering::SeqCst);
+        st.tx = None;
+    }
+}
+
+/// The sync thread: fsyncs once for all pending requests, publishes the synced LSN.
+fn sync_loop(shared: Arc<Shared>) {
+    let mut last_sync: Option<Instant> = None;
+    let mut st = shared.lock();
+    loop {
+        if st.tx.is_none() {
+            return;
+        }
+        // Read `appended` while holding the lock, before reading `current`: a segment roll sets
+        // `current` (under the lock) before writing, so everything below `appended` is in
+        // `current` or in a closed segment that was fsynced when it was closed.
+        let appended = shared.appended.load(Ordering::Acquire);
+        let pending = match shared.policy {
+            FsyncPolicy::Always => st.requested > st.synced,
+            FsyncPolicy::Batch => st.requested.max(appended) > st.synced,
+            FsyncPolicy::Never => false,
+        };
+        if !pending {
+            if st.shutdown {
+                return;
+            }
+            st = match shared.policy {
+                FsyncPolicy::Batch => {
+                    shared
+                        .cv
+                        .wait_timeout(st, shared.batch)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                _ => shared.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+            };
+            continue;
+        }
+        if shared.policy == FsyncPolicy::Batch
+            && !st.shutdown
+            && let Some(due) = last_sync.map(|t| t + shared.batch)
+        {
+            let now = Instant::now();
+            if now < due {
+                st = shared
+                    .cv
+                    .wait_timeout(st, due - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+                continue;
+            }
+        }
+        let target = st.requested.max(appended);
+        let file = st.current.clone();
+        drop(st);
+        let res = file.sync_data();
+        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        last_sync = Some(Instant::now());
+        st = shared.lock();
+        match res {
+            Ok(()) => Shared::publish(&mut st, target),
+            Err(e) => {
+                shared.fail(&mut st, format!("write-ahead log fsync failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// An open write-ahead log.
+///
+/// [`append`](Wal::append) and [`request_sync`](Wal::request_sync) are cheap (one `write(2)`, a
+/// mutex and a condvar signal) and meant to be called under the lock that orders the records;
+/// waiting for durability ([`wait_synced`]) happens outside it.
+pub struct Wal {
+    dir: PathBuf,
+    opts: WalOptions,
+    /// Every segment on disk, oldest first; the last one is current.
+    segments: Vec<Segment>,
+    file: Arc<File>,
+    end_lsn: u64,
+    buf: Vec<u8>,
+    scratch: Option<AlignedVec>,
+    shared: Arc<Shared>,
+    synced_rx: watch::Receiver<u64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("dir", &self.dir)
+            .field("opts", &self.opts)
+            .field("segments", &self.segments.len())
+            .field("end_lsn", &self.end_lsn)
+            .finish_non_exhaustive()
+    }
+}
+
+fn create_segment(dir: &Path, start: u64) -> Result<(Segment, File), StorageError> {
+    let path = segment_path(dir, start);
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    Ok((
+        Segment {
+            start,
+            len: 0,
+            path,
+        },
+        file,
+    ))
+}
+
+impl Wal {
+    /// Opens (or creates) the log in `dir` and recovers the records at or after `from_lsn`, the
+    /// LSN a snapshot covers (0 without one). A torn tail is truncated; any other damage is
+    /// [`StorageError::Corrupt`]. If the log ends before `from_lsn` (its unsynced tail was lost
+    /// but the snapshot had it), the old segments are deleted and the log restarts at `from_lsn`.
+    pub fn open(
+        dir: &Path,
+        opts: WalOptions,
+        from_lsn: u64,
+    ) -> Result<(Wal, Recovery), StorageError> {
+        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let Scan {
+            mut segments,
+            records,
+            problem,
+            ..
+        } = scan(dir, from_lsn, true)?;
+        let mut torn_tail = None;
+        if let Some(p) = problem {
+            let seg = &mut segments[p.seg];
+            if !p.torn {
+                return Err(StorageError::Corrupt {
+                    segment: seg.path.clone(),
+                    offset: p.offset,
+                    reason: p.reason,
+                });
+            }
+            let dropped = seg.len - p.offset;
+            tracing::warn!(
+                segment = %seg.path.display(),
+                offset = p.offset,
+                bytes_dropped = dropped,
+                reason = %p.reason,
+                "write-ahead log has a torn tail (interrupted write); truncating it"
+            );
+            truncate(&seg.path, p.offset)?;
+            seg.len = p.offset;
+            torn_tail = Some(TornTail {
+                segment: seg.path.clone(),
+                offset: p.offset,
+                bytes_dropped: dropped,
+            });
+        }
+        let end = segments.last().map(Segment::end);
+        let file = match end {
+            Some(end) if end >= from_lsn => {
+                let seg = segments.last().expect("non-empty");
+                OpenOptions::new()
+                    .append(true)
+                    .open(&seg.path)
+                    .map_err(io_err(&seg.path))?
+            }
+            _ => {
+                if let Some(end) = end {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        log_end = end,
+                        snapshot_lsn = from_lsn,
+                        "write-ahead log ends before the snapshot; restarting it at the snapshot"
+                    );
+                    // Delete before creating, so that a crash in between never leaves a gap.
+                    for s in segments.drain(..) {
+                        fs::remove_file(&s.path).map_err(io_err(&s.path))?;
+                    }
+                }
+                let (seg, file) = create_segment(dir, from_lsn)?;
+                segments.push(seg);
+                file
+            }
+        };
+        let end_lsn = segments.last().expect("non-empty").end();
+        let file = Arc::new(file);
+        let (tx, synced_rx) = watch::channel(end_lsn);
+        let shared = Arc::new(Shared {
+            policy: opts.fsync,
+            batch: Duration::from_millis(opts.batch_ms.max(1)),
+            state: Mutex::new(SyncState {
+                requested: end_lsn,
+                synced: end_lsn,
+                current: file.clone(),
+                shutdown: false,
+                tx: Some(tx),
+            }),
+            cv: Condvar::new(),
+            appended: AtomicU64::new(end_lsn),
+            fsyncs: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+        });
+        let thread = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("wal-sync".into())
+                .spawn(move || sync_loop(shared))
+                .map_err(io_err(dir))?
+        };
+        let wal = Wal {
+            dir: dir.to_path_buf(),
+            opts,
+            segments,
+            file,
+            end_lsn,
+            buf: Vec::new(),
+            scratch: None,
+            shared,
+            synced_rx,
+            thread: Some(thread),
+        };
+        Ok((
+            wal,
+            Recovery {
+                records,
+                end_lsn,
+                torn_tail,
+            },
+        ))
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The settings.
+    pub fn options(&self) -> &WalOptions {
+        &self.opts
+    }
+
+    /// The LSN after the last appended record.
+    pub fn end_lsn(&self) -> u64 {
+        self.end_lsn
+    }
+
+    fn check_failed(&self) -> Result<(), StorageError> {
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(StorageError::Failed(
+                "an earlier write or fsync failed".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Appends `records` with one `write(2)` (no fsync) and returns the LSN after them. Rolls to
+    /// a new segment first when the current one would grow past `segment_bytes` (fsyncing the old
+    /// segment and the directory). After a failed write the log refuses further appends.
+    pub fn append(&mut self, records: &[Record]) -> Result<u64, StorageError> {
+        self.check_failed()?;
+        if records.is_empty() {
+            return Ok(self.end_lsn);
+        }
+        self.buf.clear();
+        let mut scratch = self.scratch.take().unwrap_or_default();
+        for r in records {
+            scratch.clear();
+            scratch = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&to_twin(r), scratch)
+                .expect("serialising into memory cannot fail");
+            let len = u32::try_from(scratch.len()).map_err(|_| {
+                StorageError::Failed(format!("record of {} bytes is too large", scratch.len()))
+            })?;
+            self.buf.extend_from_slice(&len.to_le_bytes());
+            self.buf
+                .extend_from_slice(&crc32fast::hash(&scratch).to_le_bytes());
+            self.buf.extend_from_slice(&scratch);
+        }
+        self.scratch = Some(scratch);
+        let cur = self.segments.last().expect("a current segment");
+        if cur.len > 0 && cur.len + self.buf.len() as u64 > self.opts.segment_bytes {
+            self.roll()?;
+        }
+        let cur = self.segments.last_mut().expect("a current segment");
+        if let Err(e) = (&*self.file).write_all(&self.buf) {
+            let mut st = self.shared.lock();
+            self.shared.fail(
+                &mut st,
+                format!(
+                    "write-ahead log write to {} failed: {e}",
+                    cur.path.display()
+                ),
+            );
+            return Err(StorageError::Io {
+                path: cur.path.clone(),
+                source: e,
+            });
+        }
+        cur.len += self.buf.len() as u64;
+        self.end_lsn += self.buf.len() as u64;
+        self.shared.appended.store(self.end_lsn, Ordering::Release);
+        Ok(self.end_lsn)
+    }
+
+    /// Closes the current segment (fsynced) and starts a new one at the end of the log.
+    fn roll(&mut self) -> Result<(), StorageError> {
+        let old = self
+            .segments
+            .last()
+            .expect("a current segment")
+            .path
+            .clone();
+        let res = self.file.sync_data();
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = res {
+            let mut st = self.shared.lock();
+            self.shared
+                .fail(&mut st, format!("fsync of {} failed: {e}", old.display()));
+            return Err(StorageError::Io {
+                path: old,
+                source: e,
+            });
+        }
+        let (seg, file) = create_segment(&self.dir, self.end_lsn)?;
+        let file = Arc::new(file);
+        self.shared.lock().current = file.clone();
+        self.file = file;
+        self.segments.push(seg);
+        Ok(())
+    }
+
+    /// Asks for everything up to `lsn` (an LSN returned by [`Wal::append`]) to become durable.
+    /// Does not block. Under [`FsyncPolicy::Never`] the LSN is marked synced at once.
+    pub fn request_sync(&self, lsn: u64) {
+        let lsn = lsn.min(self.end_lsn);
+        let mut st = self.shared.lock();
+        if self.opts.fsync == FsyncPolicy::Never {
+            Shared::publish(&mut st, lsn);
+            return;
+        }
+        if lsn > st.requested {
+            st.requested = lsn;
+            drop(st);
+            self.shared.cv.notify_one();
+        }
+    }
+
+    /// A receiver of the synced LSN (everything below it is durable).
+    pub fn synced(&self) -> watch::Receiver<u64> {
+        self.synced_rx.clone()
+    }
+
+    /// The synced LSN now.
+    pub fn synced_lsn(&self) -> u64 {
+        *self.synced_rx.borrow()
+    }
+
+    /// Fsyncs the current segment now, from the calling thread (blocking), and publishes the
+    /// synced LSN. For shutdown, and before pruning the log after a snapshot.
+    pub fn sync_now(&self) -> Result<u64, StorageError> {
+        self.check_failed()?;
+        let target = self.end_lsn;
+        let res = self.file.sync_data();
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.shared.lock();
+        match res {
+            Ok(()) => {
+                Shared::publish(&mut st, target);
+                Ok(target)
+            }
+            Err(e) => {
+                let path = self.segments.last().expect("a segment").path.clone();
+                self.shared
+                    .fail(&mut st, format!("fsync of {} failed: {e}", path.display()));
+                Err(StorageError::Io { path, source: e })
+            }
+        }
+    }
+
+    /// Number of fsyncs issued so far (sync thread, segment rolls and [`Wal::sync_now`]).
+    pub fn fsyncs(&self) -> u64 {
+        self.shared.fsyncs.load(Ordering::Relaxed)
+    }
+
+    /// Deletes the closed segments that end at or before `lsn` (a snapshot covers them). The
+    /// current segment is never deleted. Returns the number of segments deleted.
+    pub fn prune_before(&mut self, lsn: u64) -> Result<usize, StorageError> {
+        let n = self.segments.len() - 1;
+        let k = self.segments[..n]
+            .iter()
+            .take_while(|s| s.end() <= lsn)
+            .count();
+        for s in self.segments.drain(..k) {
+            fs::remove_file(&s.path).map_err(io_err(&s.path))?;
+        }
+        Ok(k)
+    }
+
+    /// Bytes on disk across all segments.
+    pub fn disk_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Number of segment files.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        self.shared.lock().shutdown = true;
+        self.shared.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits until everything up to `lsn` is durable. Fails with [`StorageError::SyncStopped`] when
+/// the sync thread stopped (failed fsync, or the log was dropped) first.
+pub async fn wait_synced(rx: &mut watch::Receiver<u64>, lsn: u64) -> Result<(), StorageError> {
+    rx.wait_for(|&v| v >= lsn)
+        .await
+        .map(|_| ())
+        .map_err(|_| StorageError::SyncStopped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn upd(ts: u64, key: &str, value: Option<&str>) -> Record {
+        Record::Update(Update {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            version: Version::new(ts, (ts % 3) as u16),
+            deps: VClock::from_vec(vec![ts, ts / 2, 0]),
+        })
+    }
+
+    fn sample(n: u64) -> Vec<Record> {
+        (1..=n)
+            .map(|i| match i % 5 {
+                0 => Record::Marker {
+                    origin: 1,
+                    ts: i * 10,
+                },
+                4 => Record::ClockLease(i * 100),
+                3 => upd(i, &format!("k{i}"), None),
+                _ => upd(i, &format!("key-{i}"), Some(&"v".repeat(i as usize % 40))),
+            })
+            .collect()
+    }
+
+    fn opts(segment_bytes: u64) -> WalOptions {
+        WalOptions {
+            segment_bytes,
+            ..WalOptions::default()
+        }
+    }
+
+    fn last_segment(dir: &Path) -> PathBuf {
+        list_segments(dir).unwrap().last().unwrap().path.clone()
+    }
+
+    #[test]
+    fn options_parse_from_toml_with_defaults() {
+        let o: WalOptions = toml::from_str("fsync = \"batch\"\nbatch_ms = 2").unwrap();
+        assert_eq!(o.fsync, FsyncPolicy::Batch);
+        assert_eq!(o.batch_ms, 2);
+        assert_eq!(o.segment_bytes, 64 << 20);
+        let d: WalOptions = toml::from_str("").unwrap();
+        assert_eq!(d, WalOptions::default());
+        assert!(toml::from_str::<WalOptions>("fsynk = \"never\"").is_err());
+        assert!(toml::from_str::<WalOptions>("fsync = \"sometimes\"").is_err());
+    }
+
+    #[test]
+    fn roundtrip_across_segment_rolls_and_from_lsn() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = sample(200);
+        let mut lsns = Vec::new();
+        {
+            let (mut wal, rec) = Wal::open(dir.path(), opts(512), 0).unwrap();
+            assert!(rec.records.is_empty());
+            assert_eq!(rec.end_lsn, 0);
+            let mut last = 0;
+            for chunk in recs.chunks(3) {
+                let lsn = wal.append(chunk).unwrap();
+                assert!(lsn > last, "LSNs grow");
+                last = lsn;
+                lsns.push(lsn);
+            }
+            assert!(wal.segment_count() > 5, "rolled: {}", wal.segment_count());
+            assert_eq!(wal.disk_bytes(), last);
+            wal.request_sync(last);
+            let mut rx = wal.synced();
+            tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap()
+                .block_on(wait_synced(&mut rx, last))
+                .unwrap();
+        }
+        let (mut wal, rec) = Wal::open(dir.path(), opts(512), 0).unwrap();
+        assert_eq!(rec.records, recs);
+        assert_eq!(rec.end_lsn, *lsns.last().unwrap());
+        assert!(rec.torn_tail.is_none());
+        // Appending after reopen continues the LSN sequence.
+        let more = sample(3);
+        let end = wal.append(&more).unwrap();
+        assert!(end > rec.end_lsn);
+        drop(wal);
+        // Skipping: from an LSN returned by append, only later chunks come back.
+        let cut = 20; // chunks
+        let (_, rec) = Wal::open(dir.path(), opts(512), lsns[cut - 1]).unwrap();
+        let mut expect = recs[cut * 3..].to_vec();
+        expect.extend(more);
+        assert_eq!(rec.records, expect);
+    }
+
+    #[test]
+    fn prune_deletes_covered_segments_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), opts(256), 0).unwrap();
+        let mut lsns = Vec::new();
+        for r in sample(100).chunks(2) {
+            lsns.push(wal.append(r).unwrap());
+        }
+        let before = wal.segment_count();
+        let mid = lsns[lsns.len() / 2];
+        let deleted = wal.prune_before(mid).unwrap();
+        assert!(deleted > 0 && deleted < before);
+        assert_eq!(wal.segment_count(), before - deleted);
+        drop(wal);
+        let (_, rec) = Wal::open(dir.path(), opts(256), mid).unwrap();
+        assert_eq!(
+            rec.records,
+            sample(100)[(lsns.len() / 2 + 1) * 2..].to_vec()
+        );
+        // Without the snapshot's LSN the missing prefix is reported.
+        let err = Wal::open(dir.path(), opts(256), 0).unwrap_err();
+        assert!(matches!(err, StorageError::Inconsistent { .. }), "{err}");
+    }
+
+    #[test]
+    fn log_behind_snapshot_restarts_at_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        let end = wal.append(&sample(10)).unwrap();
+        drop(wal);
+        // Damage inside the part the snapshot covers does not matter.
+        let seg = last_segment(dir.path());
+        let mut data = fs::read(&seg).unwrap();
+        data[20] ^= 1;
+        fs::write(&seg, &data).unwrap();
+        let (mut wal, rec) = Wal::open(dir.path(), opts(1 << 20), end + 1000).unwrap();
+        assert!(!seg.exists(), "old segment deleted");
+        assert!(rec.records.is_empty());
+        assert_eq!(rec.end_lsn, end + 1000);
+        let e2 = wal.append(&sample(2)).unwrap();
+        drop(wal);
+        let (_, rec) = Wal::open(dir.path(), opts(1 << 20), end + 1000).unwrap();
+        assert_eq!(rec.records, sample(2));
+        assert_eq!(rec.end_lsn, e2);
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_appends_continue() {
+        for chop in [1u64, 5, 13] {
+            let dir = tempfile::tempdir().unwrap();
+            let recs = sample(30);
+            let (mut wal, _) = Wal::open(dir.path(), opts(1024), 0).unwrap();
+            for r in recs.chunks(1) {
+                wal.append(r).unwrap();
+            }
+            wal.sync_now().unwrap();
+            drop(wal);
+            let seg = last_segment(dir.path());
+            let len = fs::metadata(&seg).unwrap().len();
+            OpenOptions::new()
+                .write(true)
+                .open(&seg)
+                .unwrap()
+                .set_len(len - chop)
+                .unwrap();
+            let (mut wal, rec) = Wal::open(dir.path(), opts(1024), 0).unwrap();
+            let torn = rec.torn_tail.expect("torn tail reported");
+            assert_eq!(torn.segment, seg);
+            assert_eq!(rec.records, recs[..29].to_vec(), "chop {chop}");
+            assert_eq!(torn.offset + torn.bytes_dropped, len - chop);
+            assert_eq!(fs::metadata(&seg).unwrap().len(), torn.offset);
+            wal.append(&recs[29..]).unwrap();
+            drop(wal);
+            let (_, rec) = Wal::open(dir.path(), opts(1024), 0).unwrap();
+            assert!(rec.torn_tail.is_none());
+            assert_eq!(rec.records, recs);
+        }
+    }
+
+    #[test]
+    fn half_header_and_garbage_tail_are_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = sample(10);
+        let (mut wal, _) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        let end = wal.append(&recs).unwrap();
+        drop(wal);
+        let seg = last_segment(dir.path());
+        // Half a header.
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&[7, 0]).unwrap();
+        drop(f);
+        let (wal, rec) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        assert_eq!(rec.torn_tail.unwrap().bytes_dropped, 2);
+        assert_eq!(rec.records, recs);
+        drop(wal);
+        // A full-length record whose payload never made it (zeros): CRC mismatch at the end.
+        let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
+        f.write_all(&40u32.to_le_bytes()).unwrap();
+        f.write_all(&0xdead_beefu32.to_le_bytes()).unwrap();
+        f.write_all(&[0u8; 40]).unwrap();
+        // And zero-filled blocks after it.
+        f.write_all(&[0u8; 100]).unwrap();
+        drop(f);
+        let (_, rec) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        let torn = rec.torn_tail.unwrap();
+        assert_eq!(torn.offset, end);
+        assert_eq!(torn.bytes_dropped, 148);
+        assert_eq!(rec.records, recs);
+    }
+
+    #[test]
+    fn corrupt_record_in_the_middle_fails_and_repair_cuts_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = sample(40);
+        let (mut wal, _) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        let mut lsns = Vec::new();
+        for r in recs.chunks(1) {
+            lsns.push(wal.append(r).unwrap());
+        }
+        drop(wal);
+        let seg = last_segment(dir.path());
+        let mut data = fs::read(&seg).unwrap();
+        // Flip a payload byte of record #5 (starts at lsns[4]).
+        let at = lsns[4] as usize + HEADER + 3;
+        data[at] ^= 0x40;
+        fs::write(&seg, &data).unwrap();
+        let err = Wal::open(dir.path(), opts(1 << 20), 0).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, StorageError::Corrupt { segment, offset, .. }
+                if *segment == seg && *offset == lsns[4]),
+            "{msg}"
+        );
+        assert!(msg.contains(&seg.display().to_string()), "{msg}");
+        assert!(msg.contains(&format!("offset {}", lsns[4])), "{msg}");
+        assert!(msg.contains("causalkv repair --config"), "{msg}");
+        assert!(msg.contains("CRC mismatch"), "{msg}");
+
+        let report = repair(dir.path(), 0).unwrap();
+        println!("{report}");
+        assert_eq!(report.truncated, Some((seg.clone(), lsns[4])));
+        assert_eq!(report.records_kept, 5);
+        assert_eq!(report.end_lsn, lsns[4]);
+        let (mut wal, rec) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        assert_eq!(rec.records, recs[..5].to_vec());
+        assert!(rec.torn_tail.is_none());
+        wal.append(&recs[5..6]).unwrap();
+        // A second repair finds nothing to do.
+        drop(wal);
+        let again = repair(dir.path(), 0).unwrap();
+        assert!(again.reason.is_none(), "{again}");
+        assert_eq!(again.records_kept, 6);
+    }
+
+    #[test]
+    fn corruption_in_an_earlier_segment_is_not_torn_and_repair_drops_later_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = sample(60);
+        let (mut wal, _) = Wal::open(dir.path(), opts(400), 0).unwrap();
+        for r in recs.chunks(2) {
+            wal.append(r).unwrap();
+        }
+        drop(wal);
+        let segs = list_segments(dir.path()).unwrap();
+        assert!(segs.len() >= 3);
+        // Cut the tail of the first segment: it is not the last one, so this is corruption.
+        let first = &segs[0];
+        OpenOptions::new()
+            .write(true)
+            .open(&first.path)
+            .unwrap()
+            .set_len(first.len - 3)
+            .unwrap();
+        let err = Wal::open(dir.path(), opts(400), 0).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        let report = repair(dir.path(), 0).unwrap();
+        assert_eq!(report.deleted_segments.len(), segs.len() - 1);
+        let (_, rec) = Wal::open(dir.path(), opts(400), 0).unwrap();
+        assert!(!rec.records.is_empty());
+        assert_eq!(rec.records, recs[..rec.records.len()].to_vec());
+    }
+
+    #[test]
+    fn group_commit_shares_fsyncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (wal, _) = Wal::open(dir.path(), WalOptions::default(), 0).unwrap();
+        let wal = Arc::new(Mutex::new(wal));
+        let writes = Arc::new(AtomicUsize::new(0));
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for t in 0..16u64 {
+                let wal = wal.clone();
+                let writes = writes.clone();
+                tasks.push(tokio::spawn(async move {
+                    for i in 0..25u64 {
+                        let (lsn, mut rx) = {
+                            let mut w = wal.lock().unwrap();
+                            let lsn = w.append(&[upd(t * 1000 + i, "k", Some("v"))]).unwrap();
+                            w.request_sync(lsn);
+                            (lsn, w.synced())
+                        };
+                        wait_synced(&mut rx, lsn).await.unwrap();
+                        writes.fetch_add(1, Ordering::Relaxed);
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        let w = wal.lock().unwrap();
+        let (n, f) = (writes.load(Ordering::Relaxed) as u64, w.fsyncs());
+        println!(
+            "group commit: {n} writes, {f} fsyncs, {:.2} writes per fsync",
+            n as f64 / f as f64
+        );
+        assert_eq!(n, 400);
+        assert!(f < n, "{f} fsyncs for {n} writes");
+        assert_eq!(w.synced_lsn(), w.end_lsn());
+    }
+
+    #[test]
+    fn batch_and_never_policies_complete_requests() {
+        for fsync in [FsyncPolicy::Batch, FsyncPolicy::Never] {
+            let dir = tempfile::tempdir().unwrap();
+            let o = WalOptions {
+                fsync,
+                batch_ms: 2,
+                ..WalOptions::default()
+            };
+            let (mut wal, _) = Wal::open(dir.path(), o, 0).unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            for i in 0..5 {
+                let lsn = wal.append(&[upd(i + 1, "k", Some("v"))]).unwrap();
+                wal.request_sync(lsn);
+                let mut rx = wal.synced();
+                rt.block_on(wait_synced(&mut rx, lsn)).unwrap();
+            }
+            if fsync == FsyncPolicy::Never {
+                assert_eq!(wal.fsyncs(), 0);
+            } else {
+                // Unrequested appends get synced by the batch timer too.
+                let lsn = wal.append(&[upd(99, "k", None)]).unwrap();
+                let mut rx = wal.synced();
+                rt.block_on(wait_synced(&mut rx, lsn)).unwrap();
+                assert!(wal.fsyncs() >= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn waiters_fail_when_the_log_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), WalOptions::default(), 0).unwrap();
+        let lsn = wal.append(&sample(1)).unwrap();
+        let mut rx = wal.synced();
+        drop(wal);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Nothing requested the sync, so the LSN is never published.
+        assert!(matches!(
+            rt.block_on(wait_synced(&mut rx, lsn)),
+            Err(StorageError::SyncStopped)
+        ));
+    }
+}
