@@ -147,6 +147,9 @@ enum BenchCmd {
         /// Value size in bytes.
         #[arg(long, default_value_t = 100)]
         value_size: usize,
+        /// Distinct keys written (fewer keys than updates: overwrites).
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
     },
     /// Remote visibility latency on loopback (write acked at a until applied at b).
     Visibility {
@@ -320,10 +323,11 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
         BenchCmd::Replication {
             updates,
             value_size,
+            keys,
         } => {
             let dir =
                 std::env::temp_dir().join(format!("causalkv-bench-repl-{}", std::process::id()));
-            let r = bench::replication_throughput(&dir, updates, value_size).await;
+            let r = bench::replication_throughput(&dir, updates, value_size, keys).await;
             let _ = std::fs::remove_dir_all(&dir);
             match r {
                 Ok(r) => print(serde_json::to_value(r).expect("serialises")),

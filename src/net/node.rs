@@ -279,8 +279,14 @@ impl Node {
         };
         let server = tls::server_config(&identity, &transport, cfg.tls.require_client_cert)?;
         let addr = cfg.me().addr;
-        let endpoint =
-            Endpoint::server(server, addr).map_err(|source| NodeError::Bind { addr, source })?;
+        let socket = bind_udp(addr).map_err(|source| NodeError::Bind { addr, source })?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| NodeError::Bind { addr, source })?;
         let mut rc = ReplicaConfig::new(cfg.site_id, cfg.n());
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
         rc.check_deps = opts.check_deps;
@@ -424,6 +430,18 @@ impl Node {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         info!(parent: &span, "site stopped");
     }
+}
+
+/// Binds the site's UDP socket with large kernel buffers: at replication rates the default
+/// ~200 KiB receive buffer overflows during bursts, and every drop costs QUIC a congestion-window
+/// cut. The kernel caps the request at `net.core.rmem_max` / `wmem_max`.
+fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(8 << 20);
+    let _ = socket.set_send_buffer_size(8 << 20);
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// Accepts connections and routes them by ALPN.

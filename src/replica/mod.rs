@@ -261,10 +261,10 @@ impl<S: Store> Replica<S> {
             Record::Update(u) => {
                 let origin = u.version.site;
                 self.applied.raise(origin, u.version.ts);
+                self.merge_into_store(&u);
                 if origin == self.cfg.site {
-                    self.retained.push_back(u.clone());
+                    self.retained.push_back(u);
                 }
-                self.merge_into_store(u);
             }
             Record::Marker { origin, ts } => self.applied.raise(origin, ts),
             Record::ClockLease(ts) => self.lease = self.lease.max(ts),
@@ -390,9 +390,9 @@ impl<S: Store> Replica<S> {
             version,
             deps,
         };
-        self.pending.push(Record::Update(u.clone()));
+        self.merge_into_store(&u);
         self.retained.push_back(u.clone());
-        self.merge_into_store(u);
+        self.pending.push(Record::Update(u));
         self.advance_entry(self.cfg.site, ts);
         Ok(version)
     }
@@ -437,10 +437,10 @@ impl<S: Store> Replica<S> {
                 match item {
                     Item::Update(u) => {
                         self.stats.remote_applied += 1;
-                        self.pending.push(Record::Update(u.clone()));
-                        if !self.merge_into_store(u) {
+                        if !self.merge_into_store(&u) {
                             self.stats.remote_lost_lww += 1;
                         }
+                        self.pending.push(Record::Update(u));
                     }
                     Item::Marker(ts) => self.pending.push(Record::Marker { origin, ts }),
                 }
@@ -462,18 +462,16 @@ impl<S: Store> Replica<S> {
 
     /// LWW merge into the store; tracks winning tombstones for collection. Returns true when the
     /// update won.
-    fn merge_into_store(&mut self, u: Update) -> bool {
-        let tomb = u.value.is_none();
-        let key = u.key.clone();
+    fn merge_into_store(&mut self, u: &Update) -> bool {
         let won = self.store.merge(
-            u.key,
+            u.key.clone(),
             Entry {
                 version: u.version,
-                value: u.value,
+                value: u.value.clone(),
             },
         );
-        if won && tomb {
-            self.tombstones.insert((u.version, key));
+        if won && u.value.is_none() {
+            self.tombstones.insert((u.version, u.key.clone()));
         }
         won
     }

@@ -285,41 +285,18 @@ impl LoadedSnapshot {
 
     /// Merges every entry into `store` without copying: keys and values are slices of the
     /// mapping (which stays mapped while any of them lives; the file may be deleted meanwhile).
-    /// Large snapshots are loaded by several threads (the store is concurrent). Returns the
-    /// number of entries.
+    /// Returns the number of entries.
     pub fn load_into(&self, store: &dyn Store) -> usize {
         let entries = self.root().entries.as_slice();
-        let threads = if entries.len() < 200_000 {
-            1
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
-        };
-        self.load_with_threads(store, threads)
-    }
-
-    fn load_with_threads(&self, store: &dyn Store, threads: usize) -> usize {
-        let entries = self.root().entries.as_slice();
-        let load = |chunk: &[format::ArchivedEntryRef<'static>]| {
-            for e in chunk {
-                let value = e.value.as_ref().map(|v| self.data.slice_ref(v));
-                store.merge(
-                    self.data.slice_ref(&e.key),
-                    Entry {
-                        version: Version::new(e.ts.to_native(), e.site.to_native()),
-                        value,
-                    },
-                );
-            }
-        };
-        if threads <= 1 {
-            load(entries);
-        } else {
-            let per = entries.len().div_ceil(threads);
-            std::thread::scope(|s| {
-                for chunk in entries.chunks(per) {
-                    s.spawn(move || load(chunk));
-                }
-            });
+        for e in entries {
+            let value = e.value.as_ref().map(|v| self.data.slice_ref(v));
+            store.merge(
+                self.data.slice_ref(&e.key),
+                Entry {
+                    version: Version::new(e.ts.to_native(), e.site.to_native()),
+                    value,
+                },
+            );
         }
         entries.len()
     }
