@@ -149,6 +149,48 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// Durable storage: write-ahead log and snapshots (`[storage]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// When the write-ahead log is fsynced: `always` (default; a write is acknowledged after
+    /// its fsync, shared by concurrent writers), `batch` (one fsync every `batch_ms`; writes are
+    /// acknowledged after it) or `never` (acknowledged at once; a machine crash may lose them).
+    pub fsync: crate::storage::wal::FsyncPolicy,
+    /// Group-commit interval under `batch`, in milliseconds.
+    pub batch_ms: u64,
+    /// Log segment size in bytes.
+    pub segment_bytes: u64,
+    /// How often to consider a snapshot, in milliseconds.
+    pub snapshot_interval_ms: u64,
+    /// Take a snapshot (and drop the log segments it covers) once the log holds this many bytes.
+    pub snapshot_log_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        let w = crate::storage::wal::WalOptions::default();
+        Self {
+            fsync: w.fsync,
+            batch_ms: w.batch_ms,
+            segment_bytes: w.segment_bytes,
+            snapshot_interval_ms: 10_000,
+            snapshot_log_bytes: 256 << 20,
+        }
+    }
+}
+
+impl StorageConfig {
+    /// The write-ahead log options.
+    pub fn wal(&self) -> crate::storage::wal::WalOptions {
+        crate::storage::wal::WalOptions {
+            fsync: self.fsync,
+            batch_ms: self.batch_ms,
+            segment_bytes: self.segment_bytes,
+        }
+    }
+}
+
 /// A site's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +214,9 @@ pub struct SiteConfig {
     /// Replication knobs.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// Durable storage.
+    #[serde(default)]
+    pub storage: StorageConfig,
 }
 
 impl SiteConfig {
@@ -252,6 +297,13 @@ impl SiteConfig {
                 "limits: max_frame ({}) must exceed max_key ({}) + max_value ({}) + 4096",
                 l.max_frame, l.max_key, l.max_value
             ));
+        }
+        let st = &self.storage;
+        if st.segment_bytes < 4096 || st.batch_ms == 0 || st.snapshot_interval_ms == 0 {
+            return bad(
+                "storage: segment_bytes must be >= 4096, batch_ms and snapshot_interval_ms above 0"
+                    .into(),
+            );
         }
         if self.replication.batch_max_items == 0 || self.replication.marker_interval_ms == 0 {
             return bad(

@@ -9,7 +9,7 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use crate::certs;
-use crate::config::{ReplicationConfig, SiteConfig, SiteEntry, Timeouts, TlsConfig};
+use crate::config::{ReplicationConfig, SiteConfig, SiteEntry, StorageConfig, Timeouts, TlsConfig};
 use crate::wire::Limits;
 
 /// The client certificate name `causalkv dev` makes for the CLI.
@@ -119,6 +119,7 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             replication: ReplicationConfig::default(),
+            storage: StorageConfig::default(),
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
         let file = opts.dir.join(format!("site-{name}.toml"));

@@ -30,6 +30,14 @@ enum Cmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Truncate a site's write-ahead log at its first corrupt record (the site must be stopped).
+    /// Records after it are lost at this site: peers resend their own updates, but this site's
+    /// own updates after that point survive only where peers already have them.
+    Repair {
+        /// The site's TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Run a ready-to-use local deployment: certificates, configs and N sites on loopback.
     Dev {
         /// Number of sites.
@@ -227,6 +235,13 @@ async fn run(cmd: Cmd) -> ExitCode {
             Err(e) => fail(&e),
         },
         Cmd::Bench { cmd } => run_bench(cmd).await,
+        Cmd::Repair { config } => match repair(&config) {
+            Ok(report) => {
+                println!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Cmd::Certs {
             cmd:
                 CertsCmd::Init {
@@ -408,6 +423,16 @@ where
             fail(&e)
         }
     }
+}
+
+fn repair(config: &std::path::Path) -> Result<String, String> {
+    use causalkv::storage::{snapshot, wal};
+    let cfg = SiteConfig::load(config).map_err(|e| e.to_string())?;
+    let from = snapshot::load(&cfg.data_dir)
+        .map_err(|e| e.to_string())?
+        .map_or(0, |s| s.wal_lsn());
+    let report = wal::repair(&cfg.data_dir, from).map_err(|e| e.to_string())?;
+    Ok(report.to_string())
 }
 
 async fn serve(config: PathBuf) -> Result<(), String> {

@@ -30,6 +30,8 @@ use super::tls::{self, Identity, TlsFiles, TransportLimits};
 use crate::clock::{SiteId, Timestamp};
 use crate::config::SiteConfig;
 use crate::replica::{Replica, ReplicaConfig};
+use crate::storage::snapshot::{self, SnapshotData};
+use crate::storage::wal::{self, StorageError, Wal};
 use crate::storage::{MemStore, Store};
 use crate::wire::{PeerStatus, StatusInfo};
 
@@ -62,6 +64,14 @@ pub enum NodeError {
     /// Configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// Durable storage could not be opened or recovered.
+    #[error("storage in {dir}: {source}")]
+    Storage {
+        /// The data directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        source: StorageError,
+    },
 }
 
 /// Counters of one node, readable at any time.
@@ -139,6 +149,19 @@ pub(crate) struct Shared {
     pub drained: Notify,
     pub identity: Identity,
     pub transport: TransportLimits,
+    /// The write-ahead log and the commits waiting for its fsync. Locked only while the replica
+    /// lock is held (lock order: replica, then wal), so log order is apply order.
+    pub wal: Mutex<WalState>,
+    /// The log's synced LSN.
+    pub synced: watch::Receiver<u64>,
+}
+
+/// The write-ahead log plus the durable points waiting for its fsync.
+pub(crate) struct WalState {
+    pub wal: Wal,
+    /// `(lsn, applied, lease)`: once the log is synced to `lsn`, `applied` and `lease` are
+    /// durable.
+    pub pending: std::collections::VecDeque<(u64, crate::clock::VClock, Timestamp)>,
 }
 
 /// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.
@@ -153,25 +176,62 @@ impl Shared {
         self.cfg.site_id
     }
 
-    /// Runs `f` on the replica, then persists what it produced, marks it durable, and wakes
-    /// whoever waits on it. The one place replica state changes.
-    pub fn mutate<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> T {
+    /// Runs `f` on the replica, then appends the records it produced to the write-ahead log and
+    /// asks for an fsync under the configured policy. The one place replica state changes.
+    ///
+    /// Returns `f`'s result and the LSN to wait for ([`Shared::wait_durable`]) before telling
+    /// anyone the effect is durable. The replica's durable state (what peers are sent and what
+    /// is acked) advances in [`durability_pump`] once the fsync is done.
+    pub fn mutate<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
         let mut r = self.replica.lock().expect("replica lock poisoned");
-        let before = r.durable().get(self.site());
         let out = f(&mut r);
-        let ready = r.take_ready();
-        // Durable storage (write-ahead log) plugs in here; the in-memory store keeps the
-        // records' effects only.
-        r.advance(&ready.applied, ready.lease);
-        let own_moved = r.durable().get(self.site()) != before;
+        let lsn = Self::append_ready(&mut r, &mut self.wal.lock().expect("wal lock poisoned"));
         drop(r);
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
-        if own_moved {
-            for w in &self.peer_wake {
-                w.notify_one();
+        self.wake_peers();
+        (out, lsn)
+    }
+
+    /// Appends the replica's pending records to the log and requests their fsync; queues the
+    /// durable point for [`durability_pump`] (or advances at once when it is already durable).
+    /// Returns the LSN to wait for, or `u64::MAX` when the log has failed.
+    fn append_ready(r: &mut Replica<MemStore>, w: &mut WalState) -> u64 {
+        let ready = r.take_ready();
+        let lsn = if ready.records.is_empty() {
+            w.wal.end_lsn()
+        } else {
+            match w.wal.append(&ready.records) {
+                Ok(lsn) => lsn,
+                Err(e) => {
+                    // The log refuses everything from now on; waiters see SyncStopped.
+                    tracing::error!(error = %e, "write-ahead log append failed");
+                    return u64::MAX;
+                }
             }
+        };
+        w.wal.request_sync(lsn);
+        if w.wal.synced_lsn() >= lsn && w.pending.is_empty() {
+            // Already durable (nothing new, or fsync=never): advance now.
+            r.advance(&ready.applied, ready.lease);
+        } else {
+            w.pending.push_back((lsn, ready.applied, ready.lease));
         }
-        out
+        lsn
+    }
+
+    /// Waits until the write-ahead log is durable up to `lsn`.
+    pub async fn wait_durable(&self, lsn: u64) -> Result<(), StorageError> {
+        if lsn == u64::MAX {
+            return Err(StorageError::SyncStopped);
+        }
+        let mut rx = self.synced.clone();
+        wal::wait_synced(&mut rx, lsn).await
+    }
+
+    fn wake_peers(&self) {
+        for w in &self.peer_wake {
+            w.notify_one();
+        }
     }
 
     /// Reads the replica.
@@ -290,7 +350,8 @@ impl Node {
         let mut rc = ReplicaConfig::new(cfg.site_id, cfg.n());
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
         rc.check_deps = opts.check_deps;
-        let replica = Replica::new(rc, MemStore::new());
+        let (replica, wal) = recover(&cfg, rc)?;
+        let synced = wal.synced();
         let (shutdown_tx, shutdown) = watch::channel(false);
         let n = cfg.n();
         let shared = Arc::new(Shared {
@@ -312,17 +373,21 @@ impl Node {
             drained: Notify::new(),
             identity,
             transport,
+            wal: Mutex::new(WalState {
+                wal,
+                pending: Default::default(),
+            }),
+            synced,
             cfg,
         });
         let span = info_span!("site", name = %shared.cfg.me().name);
         info!(parent: &span, %addr, sites = n, "site listening");
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(
-            accept_loop(shared.clone(), endpoint.clone()).instrument(span.clone()),
-        ));
-        tasks.push(tokio::spawn(
-            ticker(shared.clone()).instrument(span.clone()),
-        ));
+        let mut tasks = vec![
+            tokio::spawn(accept_loop(shared.clone(), endpoint.clone()).instrument(span.clone())),
+            tokio::spawn(ticker(shared.clone()).instrument(span.clone())),
+            tokio::spawn(durability_pump(shared.clone()).instrument(span.clone())),
+            tokio::spawn(snapshotter(shared.clone()).instrument(span.clone())),
+        ];
         for p in shared.cfg.peers() {
             tasks.push(tokio::spawn(
                 super::peer::run_outbound(shared.clone(), endpoint.clone(), p.id)
@@ -368,15 +433,30 @@ impl Node {
 
     /// Writes directly through this node, as a client with an empty causal context would
     /// (embedded use, bulk loading, benchmarks). `None` deletes.
+    /// The write is applied when this returns; it is durable (and sent to peers) once the
+    /// log's fsync covers it, as for client writes.
     pub fn put_local(
         &self,
         key: bytes::Bytes,
         value: Option<bytes::Bytes>,
     ) -> crate::clock::Version {
-        self.shared.mutate(|r| {
-            r.put(now_micros(), key, value, &crate::clock::VClock::default())
-                .expect("an empty context is always covered")
-        })
+        self.shared
+            .mutate(|r| {
+                r.put(now_micros(), key, value, &crate::clock::VClock::default())
+                    .expect("an empty context is always covered")
+            })
+            .0
+    }
+
+    /// Write-ahead log figures: `(fsyncs, bytes on disk)`.
+    pub fn wal_stats(&self) -> (u64, u64) {
+        let w = self.shared.wal.lock().expect("wal lock");
+        (w.wal.fsyncs(), w.wal.disk_bytes())
+    }
+
+    /// Takes a snapshot now and prunes the log it covers (normally periodic).
+    pub async fn snapshot(&self) -> Result<std::path::PathBuf, StorageError> {
+        take_snapshot(&self.shared).await
     }
 
     /// The `applied` vector.
@@ -420,6 +500,10 @@ impl Node {
         })
         .await;
         self.shared.mutate(|_| ());
+        let synced = self.shared.wal.lock().expect("wal lock").wal.sync_now();
+        if let Err(e) = synced {
+            tracing::error!(parent: &span, error = %e, "final fsync failed");
+        }
         self.endpoint.close(
             VarInt::from_u32(close_code::SHUTDOWN),
             b"site shutting down",
@@ -491,4 +575,124 @@ async fn ticker(shared: Arc<Shared>) {
         }
         shared.mutate(|r| r.tick(now_micros()));
     }
+}
+
+/// Recovers a site's state from its data directory: the newest snapshot (memory-mapped), then
+/// the write-ahead log after it. A torn tail is truncated with a warning; a corrupt record stops
+/// start-up with an error that names the repair command.
+fn recover(cfg: &SiteConfig, rc: ReplicaConfig) -> Result<(Replica<MemStore>, Wal), NodeError> {
+    let dir = &cfg.data_dir;
+    let err = |source| NodeError::Storage {
+        dir: dir.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| {
+        err(StorageError::Io {
+            path: dir.clone(),
+            source: e,
+        })
+    })?;
+    let started = Instant::now();
+    let store = MemStore::new();
+    let snap = snapshot::load(dir).map_err(err)?;
+    let (from_lsn, prefix, keys) = match &snap {
+        Some(s) => (s.wal_lsn(), s.replay_prefix(), s.load_into(&store)),
+        None => (0, Vec::new(), 0),
+    };
+    let (wal, rec) = Wal::open(dir, cfg.storage.wal(), from_lsn).map_err(err)?;
+    if let Some(t) = &rec.torn_tail {
+        warn!(segment = %t.segment.display(), offset = t.offset, bytes = t.bytes_dropped,
+            "truncated a torn write at the end of the write-ahead log");
+    }
+    let records = rec.records.len();
+    let replica = Replica::recover(rc, store, prefix.into_iter().chain(rec.records));
+    if keys > 0 || records > 0 {
+        info!(
+            snapshot_keys = keys,
+            log_records = records,
+            ms = started.elapsed().as_millis() as u64,
+            "recovered"
+        );
+    }
+    Ok((replica, wal))
+}
+
+/// Advances the replica's durable state as the write-ahead log's fsyncs complete; only then are
+/// updates sent to peers and acked.
+async fn durability_pump(shared: Arc<Shared>) {
+    let mut rx = shared.synced.clone();
+    loop {
+        let synced = *rx.borrow_and_update();
+        let mut moved = false;
+        {
+            let mut r = shared.replica.lock().expect("replica lock");
+            let mut w = shared.wal.lock().expect("wal lock");
+            while let Some((lsn, _, _)) = w.pending.front() {
+                if *lsn > synced {
+                    break;
+                }
+                let (_, applied, lease) = w.pending.pop_front().expect("front");
+                r.advance(&applied, lease);
+                moved = true;
+            }
+        }
+        if moved {
+            shared.changed.send_modify(|v| *v = v.wrapping_add(1));
+            shared.wake_peers();
+        }
+        if rx.changed().await.is_err() {
+            tracing::error!(
+                "write-ahead log sync stopped: this site can no longer make writes durable"
+            );
+            return;
+        }
+    }
+}
+
+/// Takes a snapshot when the log has grown past the configured size, then drops the log
+/// segments it covers, so disk use stays bounded under steady load.
+async fn snapshotter(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.clone();
+    let period = Duration::from_millis(shared.cfg.storage.snapshot_interval_ms);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = shutdown.changed() => return,
+        }
+        let due = shared.wal.lock().expect("wal lock").wal.disk_bytes()
+            >= shared.cfg.storage.snapshot_log_bytes;
+        if due && let Err(e) = take_snapshot(&shared).await {
+            warn!(error = %e, "snapshot failed; the log keeps growing until one succeeds");
+        }
+    }
+}
+
+/// Captures the state under the lock (after appending every pending record to the log),
+/// writes it outside the lock, then prunes the log segments it covers.
+pub(crate) async fn take_snapshot(
+    shared: &Arc<Shared>,
+) -> Result<std::path::PathBuf, StorageError> {
+    let (data, lsn) = {
+        let mut r = shared.replica.lock().expect("replica lock");
+        let mut w = shared.wal.lock().expect("wal lock");
+        let lsn = Shared::append_ready(&mut r, &mut w);
+        if lsn == u64::MAX {
+            return Err(StorageError::SyncStopped);
+        }
+        let data = SnapshotData::capture(
+            r.store(),
+            r.applied(),
+            r.lease(),
+            lsn,
+            r.retained().cloned(),
+        );
+        (data, lsn)
+    };
+    let dir = shared.cfg.data_dir.clone();
+    let path = tokio::task::spawn_blocking(move || snapshot::write(&dir, &data))
+        .await
+        .map_err(|e| StorageError::Failed(e.to_string()))??;
+    shared.wal.lock().expect("wal lock").wal.prune_before(lsn)?;
+    info!(path = %path.display(), "snapshot written; log pruned");
+    Ok(path)
 }

@@ -184,13 +184,22 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
         }
     });
     let written = wait_for(shared, deadline, || {
-        shared.mutate(|r| r.put(now_micros(), key_b.clone(), value_b.clone(), &ctx))
+        let (res, lsn) =
+            shared.mutate(|r| r.put(now_micros(), key_b.clone(), value_b.clone(), &ctx));
+        res.map(|v| (v, lsn))
     })
     .await;
-    let version = match written {
+    let (version, lsn) = match written {
         Ok(v) => v,
         Err(nr) => return not_ready(nr, timeout),
     };
+    // Acknowledge only once the write is durable under the fsync policy in force.
+    if let Err(e) = shared.wait_durable(lsn).await {
+        return error(
+            error_code::STORAGE,
+            format!("write {version} is applied but could not be made durable: {e}"),
+        );
+    }
     if sync > 0 {
         let acked = wait_for(shared, deadline, || {
             let k = shared.read(|r| r.acked_by(version.ts));

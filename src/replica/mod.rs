@@ -246,6 +246,14 @@ impl<S: Store> Replica<S> {
         for rec in records {
             r.replay(rec);
         }
+        // Tombstones that came with a snapshot did not pass through a merge: register them.
+        let mut tombs = Vec::new();
+        r.store.for_each(&mut |k, e| {
+            if e.is_tombstone() {
+                tombs.push((e.version, Bytes::copy_from_slice(k)));
+            }
+        });
+        r.tombstones.extend(tombs);
         r.received = r.applied.clone();
         r.durable = r.applied.clone();
         r.durable_lease = r.lease;
@@ -314,6 +322,16 @@ impl<S: Store> Replica<S> {
     /// The dependency buffer.
     pub fn buffer(&self) -> &DependencyBuffer {
         &self.buffer
+    }
+
+    /// This site's own updates retained until every peer acks them, oldest first.
+    pub fn retained(&self) -> impl Iterator<Item = &Update> {
+        self.retained.iter()
+    }
+
+    /// The clock lease (see [`Record::ClockLease`]).
+    pub fn lease(&self) -> Timestamp {
+        self.lease
     }
 
     /// Number of own updates retained until every peer acks them.
