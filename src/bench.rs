@@ -389,3 +389,78 @@ pub async fn visibility_latency(
     cluster.shutdown().await;
     Ok(LatencyStats::from(&h))
 }
+
+/// What [`recovery`] measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryReport {
+    /// Keys in the snapshot.
+    pub snapshot_keys: u64,
+    /// Records in the log tail after the snapshot.
+    pub tail_records: u64,
+    /// Log bytes on disk before the snapshot.
+    pub log_bytes_before_snapshot: u64,
+    /// Log bytes on disk after the snapshot pruned the log (the tail included).
+    pub log_bytes_after_pruning: u64,
+    /// Snapshot file size.
+    pub snapshot_bytes: u64,
+    /// Time for `Node::start` to recover and serve.
+    pub recovery_seconds: f64,
+}
+
+/// Writes `keys` keys through a one-site node, snapshots, writes a `tail` of further records,
+/// stops the node and times its restart (snapshot load + log replay).
+pub async fn recovery(
+    dir: &std::path::Path,
+    keys: u64,
+    tail: u64,
+    value_size: usize,
+) -> Result<RecoveryReport, String> {
+    use crate::dev::{DevOptions, prepare};
+    let layout = prepare(&DevOptions {
+        sites: 1,
+        dir: dir.to_owned(),
+        base_port: 0,
+        clients: vec![],
+    })
+    .map_err(|e| e.to_string())?;
+    let mut cfg = layout.configs[0].clone();
+    cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never;
+    cfg.storage.snapshot_log_bytes = u64::MAX; // snapshots only when asked below
+    let node = crate::Node::start(cfg.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    let value = bytes::Bytes::from(vec![b'v'; value_size]);
+    for i in 0..keys {
+        node.put_local(
+            bytes::Bytes::from(format!("key{i:012}")),
+            Some(value.clone()),
+        );
+    }
+    let before = node.wal_stats().1;
+    let path = node.snapshot().await.map_err(|e| e.to_string())?;
+    let snapshot_bytes = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
+    for i in 0..tail {
+        node.put_local(
+            bytes::Bytes::from(format!("key{i:012}")),
+            Some(value.clone()),
+        );
+    }
+    let after = node.wal_stats().1;
+    node.shutdown().await;
+    let t0 = Instant::now();
+    let node = crate::Node::start(cfg).await.map_err(|e| e.to_string())?;
+    let recovery_seconds = t0.elapsed().as_secs_f64();
+    let n = node.status().keys;
+    node.shutdown().await;
+    if n != keys {
+        return Err(format!("recovered {n} keys, expected {keys}"));
+    }
+    Ok(RecoveryReport {
+        snapshot_keys: keys,
+        tail_records: tail,
+        log_bytes_before_snapshot: before,
+        log_bytes_after_pruning: after,
+        snapshot_bytes,
+        recovery_seconds,
+    })
+}

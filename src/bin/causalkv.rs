@@ -159,6 +159,18 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1_000_000)]
         keys: u64,
     },
+    /// Recovery time of one site: snapshot of N keys plus a log tail.
+    Recovery {
+        /// Keys in the snapshot.
+        #[arg(long, default_value_t = 1_000_000)]
+        keys: u64,
+        /// Log records after the snapshot.
+        #[arg(long, default_value_t = 100_000)]
+        tail: u64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+    },
     /// Remote visibility latency on loopback (write acked at a until applied at b).
     Visibility {
         /// Writes to measure.
@@ -354,6 +366,20 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             let dir =
                 std::env::temp_dir().join(format!("causalkv-bench-repl-{}", std::process::id()));
             let r = bench::replication_throughput(&dir, updates, value_size, keys).await;
+            let _ = std::fs::remove_dir_all(&dir);
+            match r {
+                Ok(r) => print(serde_json::to_value(r).expect("serialises")),
+                Err(e) => fail(&e),
+            }
+        }
+        BenchCmd::Recovery {
+            keys,
+            tail,
+            value_size,
+        } => {
+            let dir =
+                std::env::temp_dir().join(format!("causalkv-bench-rec-{}", std::process::id()));
+            let r = bench::recovery(&dir, keys, tail, value_size).await;
             let _ = std::fs::remove_dir_all(&dir);
             match r {
                 Ok(r) => print(serde_json::to_value(r).expect("serialises")),

@@ -508,10 +508,25 @@ impl Node {
             VarInt::from_u32(close_code::SHUTDOWN),
             b"site shutting down",
         );
-        for t in self.tasks {
+        for t in &self.tasks {
             t.abort();
         }
+        for t in self.tasks {
+            let _ = t.await; // drops the tasks' endpoint handles
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        // The endpoint's driver releases the UDP port once the last handle is gone; give it the
+        // turns it needs so that a restart on the same address can bind at once.
+        let socket_gone = Arc::downgrade(&self.shared);
+        drop(self.endpoint);
+        drop(self.shared);
+        for _ in 0..100 {
+            if socket_gone.strong_count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tokio::task::yield_now().await;
         info!(parent: &span, "site stopped");
     }
 }
@@ -593,8 +608,8 @@ fn recover(cfg: &SiteConfig, rc: ReplicaConfig) -> Result<(Replica<MemStore>, Wa
         })
     })?;
     let started = Instant::now();
-    let store = MemStore::new();
     let snap = snapshot::load(dir).map_err(err)?;
+    let store = MemStore::with_capacity(snap.as_ref().map_or(0, |s| s.len()));
     let (from_lsn, prefix, keys) = match &snap {
         Some(s) => (s.wal_lsn(), s.replay_prefix(), s.load_into(&store)),
         None => (0, Vec::new(), 0),

@@ -270,7 +270,7 @@ impl<S: Store> Replica<S> {
                 let origin = u.version.site;
                 self.applied.raise(origin, u.version.ts);
                 self.merge_into_store(&u);
-                if origin == self.cfg.site {
+                if origin == self.cfg.site && self.cfg.sites > 1 {
                     self.retained.push_back(u);
                 }
             }
@@ -409,7 +409,10 @@ impl<S: Store> Replica<S> {
             deps,
         };
         self.merge_into_store(&u);
-        self.retained.push_back(u.clone());
+        if self.cfg.sites > 1 {
+            // Kept until every peer has acked it (a lone site has no one to send it to).
+            self.retained.push_back(u.clone());
+        }
         self.pending.push(Record::Update(u));
         self.advance_entry(self.cfg.site, ts);
         Ok(version)

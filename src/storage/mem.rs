@@ -20,6 +20,13 @@ impl MemStore {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// An empty store with room for `n` keys (recovery knows the count from the snapshot).
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            map: DashMap::with_capacity_and_hasher(n, ahash::RandomState::new()),
+        }
+    }
 }
 
 impl Store for MemStore {
