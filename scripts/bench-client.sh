@@ -4,7 +4,9 @@
 #   bash scripts/bench-client.sh [--seconds N] [--out DIR]
 #
 # Starts three causalkv sites as separate `causalkv serve` processes (mutual TLS, replication
-# to two peer sites on), and one redis-server with TLS (Debian's redis-server, installed if
+# to two peer sites on, fsync = "never" to match the Redis configuration it is compared with,
+# which has persistence off; scripts/bench-durability.sh compares the fsync policies), and one
+# redis-server with TLS (Debian's redis-server, installed if
 # missing, using the same development CA). Measures:
 #   - single-client put and get latency (p50, p99): `causalkv bench load --concurrency 1`
 #     against `redis-benchmark -c 1`;
@@ -31,7 +33,7 @@ fi
 cargo build --release --bin causalkv >&2
 BIN=target/release/causalkv
 
-WORK=$(mktemp -d)
+WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}")
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -43,6 +45,7 @@ trap cleanup EXIT
 BASE=$(( 20000 + RANDOM % 20000 ))
 "$BIN" dev --layout-only --dir "$WORK" --port "$BASE" >/dev/null
 for s in a b c; do
+  sed -i 's/^fsync = .*/fsync = "never"/' "$WORK/site-$s.toml"
   "$BIN" serve --config "$WORK/site-$s.toml" 2>"$WORK/site-$s.log" &
   PIDS+=($!)
 done

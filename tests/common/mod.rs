@@ -3,6 +3,7 @@
 //! - [`Cluster`]: `n` sites laid out by [`dev::prepare`] (the same layout `causalkv dev` runs) in
 //!   a temporary directory, each a [`Node`] on its own loopback port; clients with the `cli`
 //!   certificate; stop and restart of one site from its configuration.
+//! - [`Processes`]: the same layout run as `causalkv serve` child processes, for `kill -9`.
 //! - [`Relay`]: a user-space UDP relay that delays (or cuts) the datagrams of one link.
 //! - [`wait_until`] / [`eventually`]: poll a condition at a short interval with a hard deadline,
 //!   failing with a message; [`bounded`] caps a whole test.
@@ -77,6 +78,15 @@ pub fn init() {
 pub fn logs_contain(needle: &str) -> bool {
     let buf = log_buffer().lock().unwrap_or_else(|e| e.into_inner());
     String::from_utf8_lossy(&buf).contains(needle)
+}
+
+/// True when a single log line so far (from any test of this process) contains every needle:
+/// to tie a message to one site or file when tests run in parallel.
+pub fn log_line_contains_all(needles: &[&str]) -> bool {
+    let buf = log_buffer().lock().unwrap_or_else(|e| e.into_inner());
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .any(|l| needles.iter().all(|n| l.contains(n)))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,6 +296,200 @@ impl Cluster {
         }
         while let Some(r) = stopping.join_next().await {
             r.expect("site shutdown panicked");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sites as separate processes
+
+/// The `causalkv` binary built for this test run.
+pub const BIN: &str = env!("CARGO_BIN_EXE_causalkv");
+
+/// Sites running as separate `causalkv serve --config FILE` processes (what an operator runs),
+/// laid out by [`Cluster::prepare`]. Each site's configuration is written to
+/// `<dir>/site-<name>.toml` (overwriting the one [`dev::prepare`] wrote, so adjustments made on
+/// [`Prepared::configs`] apply); each start of a site logs to its own `site-<name>.<n>.log`.
+/// Children are killed when this is dropped, so a failing test leaves no process behind.
+pub struct Processes {
+    pub dir: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub configs: Vec<SiteConfig>,
+    /// `<dir>/site-<name>.toml`: what `serve` and `repair` are given.
+    pub config_files: Vec<PathBuf>,
+    children: Vec<Option<std::process::Child>>,
+    /// How many times each site was started.
+    starts: Vec<usize>,
+}
+
+impl Prepared {
+    /// Writes every site's configuration file and starts each site as a `causalkv serve`
+    /// process; returns once every site is listening (not necessarily connected to its peers).
+    pub async fn spawn(self) -> Processes {
+        let mut config_files = Vec::new();
+        for cfg in &self.configs {
+            let file = self.dir.path().join(format!("site-{}.toml", cfg.me().name));
+            let text = toml::to_string_pretty(cfg).expect("config serialises");
+            std::fs::write(&file, text).expect("write site config");
+            config_files.push(file);
+        }
+        let n = self.configs.len();
+        let mut p = Processes {
+            dir: self.dir,
+            certs: self.certs,
+            configs: self.configs,
+            config_files,
+            children: (0..n).map(|_| None).collect(),
+            starts: vec![0; n],
+        };
+        for i in 0..n {
+            p.start(i);
+        }
+        for i in 0..n {
+            p.wait_listening(i, ms(10_000)).await;
+        }
+        p
+    }
+}
+
+impl Processes {
+    /// Number of sites.
+    pub fn len(&self) -> usize {
+        self.configs.len()
+    }
+
+    /// The address site `i` listens on.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.configs[i].me().addr
+    }
+
+    /// The cluster CA certificate.
+    pub fn ca(&self) -> PathBuf {
+        certs::ca_paths(&self.certs).cert
+    }
+
+    /// The log file of site `i`'s current (latest) start.
+    pub fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!(
+            "site-{}.{}.log",
+            self.configs[i].me().name,
+            self.starts[i]
+        ))
+    }
+
+    /// The log of site `i`'s current (latest) start.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    /// Starts site `i`'s process (from its configuration file, on its data directory). Does not
+    /// wait: see [`Processes::wait_listening`].
+    pub fn start(&mut self, i: usize) {
+        assert!(self.children[i].is_none(), "site {i} is running");
+        self.starts[i] += 1;
+        let log = std::fs::File::create(self.log_path(i)).expect("create site log");
+        let child = std::process::Command::new(BIN)
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_files[i])
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn causalkv serve");
+        self.children[i] = Some(child);
+    }
+
+    /// Waits until site `i`'s current start logged that it is listening (it has recovered its
+    /// state and bound its port). Panics with the log if the process exits first or after
+    /// `timeout`.
+    pub async fn wait_listening(&mut self, i: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.log(i).contains("site listening") {
+                return;
+            }
+            let child = self.children[i].as_mut().expect("site started");
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                panic!(
+                    "site {i} exited ({status}) before listening; log:\n{}",
+                    self.log(i)
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "site {i} not listening after {timeout:?}; log:\n{}",
+                    self.log(i)
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// `kill -9` of site `i`: SIGKILL, then reaps the process.
+    pub fn kill(&mut self, i: usize) {
+        let mut child = self.children[i]
+            .take()
+            .unwrap_or_else(|| panic!("site {i} is not running"));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap killed site");
+    }
+
+    /// Whether site `i`'s process is running (started and not exited).
+    pub fn is_running(&mut self, i: usize) -> bool {
+        match self.children[i].as_mut() {
+            Some(c) => c.try_wait().expect("try_wait").is_none(),
+            None => false,
+        }
+    }
+
+    /// A client builder for site `i` only, with the `cli` certificate.
+    pub fn client_builder(&self, i: usize) -> causalkv::client::ClientBuilder {
+        let id = certs::client_paths(&self.certs, dev::CLI_CLIENT);
+        Client::builder()
+            .sites([self.addr(i).to_string()])
+            .identity(id.cert, id.key)
+            .ca(self.ca())
+            .timeout(ms(5_000))
+    }
+
+    /// A client of site `i` only, with a fresh session.
+    pub async fn client(&self, i: usize) -> Client {
+        self.client_builder(i)
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("client of site {i} cannot connect: {e}"))
+    }
+
+    /// Waits until every running site sees every other site up (polled with `status`).
+    pub async fn wait_connected(&self) {
+        let clients: Vec<Client> = {
+            let mut v = Vec::new();
+            for i in 0..self.len() {
+                v.push(self.client(i).await);
+            }
+            v
+        };
+        eventually(ms(10_000), "every link is up", async || {
+            for c in &clients {
+                match c.status().await {
+                    Ok(s) if s.peers.iter().all(|p| p.state == "up") => {}
+                    _ => return false,
+                }
+            }
+            true
+        })
+        .await;
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in self.children.iter_mut().filter_map(Option::take) {
+            let mut c = c;
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
