@@ -20,4 +20,8 @@ echo "== doc tests"
 cargo test --release --doc
 echo "== benchmark smoke run (each criterion bench once)"
 cargo bench --bench core -- --test >/dev/null
+if [ "${WAN_SMOKE:-1}" = 1 ]; then
+  echo "== WAN benchmark smoke run (bench-wan.sh --quick, about a minute; WAN_SMOKE=0 skips)"
+  bash scripts/bench-wan.sh --quick --out "$(mktemp -d)" >/dev/null
+fi
 echo "== all checks passed"

@@ -118,6 +118,25 @@ pub struct LoadReport {
     pub per_second: Vec<u64>,
     /// The first error seen, if any.
     pub first_error: Option<String>,
+    /// Put latency distribution as `(quantile, µs)` points, for CDF plots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub put_cdf: Vec<(f64, u64)>,
+    /// Get latency distribution as `(quantile, µs)` points, for CDF plots.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub get_cdf: Vec<(f64, u64)>,
+}
+
+/// `(quantile, value)` points of a histogram: every percent, then finer in the tail.
+pub fn cdf_points(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut qs: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
+    qs.extend((0..10).map(|i| 0.99 + i as f64 / 1000.0));
+    qs.extend([0.9995, 0.9999, 1.0]);
+    qs.into_iter()
+        .map(|q| (q, h.value_at_quantile(q)))
+        .collect()
 }
 
 fn histogram() -> Histogram<u64> {
@@ -266,6 +285,8 @@ pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
         get: LatencyStats::from(&get),
         per_second,
         first_error,
+        put_cdf: cdf_points(&put),
+        get_cdf: cdf_points(&get),
     }
 }
 
@@ -463,4 +484,147 @@ pub async fn recovery(
         snapshot_bytes,
         recovery_seconds,
     })
+}
+
+/// What [`visibility_wan`] measured at one remote site.
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteVisibility {
+    /// The remote site's address.
+    pub site: String,
+    /// Ack → visible latency.
+    pub latency: LatencyStats,
+    /// Distribution as `(quantile, µs)` points.
+    pub cdf: Vec<(f64, u64)>,
+    /// Writes not visible within the timeout.
+    pub timeouts: u64,
+}
+
+/// What [`visibility_wan`] measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct VisibilityReport {
+    /// Writes made at the origin.
+    pub writes: u64,
+    /// Pause between two polls of a remote site, in microseconds (the measurement's
+    /// resolution, plus one local read).
+    pub poll_interval_us: u64,
+    /// Per remote site.
+    pub sites: Vec<SiteVisibility>,
+}
+
+/// Remote visibility latency between separate processes over a (possibly emulated) WAN.
+///
+/// Method: every `interval`, a write of a fresh key goes to the origin through `origin`; when
+/// its acknowledgement arrives at the client (the "ack" instant), a task per remote site polls
+/// that site through its own client, which has never written anything (so its reads never wait
+/// on a causal context), with a get of the key every `poll`, until the value is there. The
+/// sample is the time from the ack to the first poll that saw the value: it overstates the
+/// true figure by at most one poll interval plus one local read.
+pub async fn visibility_wan(
+    origin: Arc<Client>,
+    remotes: Vec<(String, Arc<Client>)>,
+    writes: u64,
+    interval: Duration,
+    poll: Duration,
+    value_size: usize,
+) -> Result<VisibilityReport, String> {
+    let value = vec![b'v'; value_size];
+    let run = std::process::id();
+    // Per remote site: the latency histogram and the count of timeouts.
+    type Site = Arc<std::sync::Mutex<(Histogram<u64>, u64)>>;
+    let hists: Vec<Site> = remotes
+        .iter()
+        .map(|_| Arc::new(std::sync::Mutex::new((histogram(), 0))))
+        .collect();
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut next = Instant::now();
+    for w in 0..writes {
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+        let key = format!("vis-{run}-{w}");
+        origin
+            .put(&key, &value)
+            .await
+            .map_err(|e| format!("put at the origin: {e}"))?;
+        let acked = Instant::now();
+        for ((_, c), h) in remotes.iter().zip(&hists) {
+            let (c, h, key) = (c.clone(), h.clone(), key.clone());
+            tasks.spawn(async move {
+                let deadline = acked + Duration::from_secs(30);
+                loop {
+                    if let Ok(Some(_)) = c.get(&key).await {
+                        let us = acked.elapsed().as_micros().max(1) as u64;
+                        let _ = h.lock().expect("histogram").0.record(us);
+                        return;
+                    }
+                    if Instant::now() > deadline {
+                        h.lock().expect("histogram").1 += 1;
+                        return;
+                    }
+                    tokio::time::sleep(poll).await;
+                }
+            });
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let sites = remotes
+        .iter()
+        .zip(&hists)
+        .map(|((name, _), h)| {
+            let h = h.lock().expect("histogram");
+            SiteVisibility {
+                site: name.clone(),
+                latency: LatencyStats::from(&h.0),
+                cdf: cdf_points(&h.0),
+                timeouts: h.1,
+            }
+        })
+        .collect();
+    Ok(VisibilityReport {
+        writes,
+        poll_interval_us: poll.as_micros() as u64,
+        sites,
+    })
+}
+
+/// One sample of [`sample_status`].
+#[derive(Clone, Debug, Serialize)]
+pub struct StatusSample {
+    /// Seconds since the start of sampling.
+    pub t: f64,
+    /// Site address.
+    pub site: String,
+    /// Updates held in the dependency buffer.
+    pub buffered: u64,
+    /// Updates retained in the log for peers.
+    pub retained: u64,
+    /// Keys stored.
+    pub keys: u64,
+}
+
+/// Samples each site's status (dependency-buffer occupancy, retention) every `interval` for
+/// `duration`, one client per site.
+pub async fn sample_status(
+    sites: Vec<(String, Arc<Client>)>,
+    interval: Duration,
+    duration: Duration,
+) -> Vec<StatusSample> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    let mut next = start;
+    while start.elapsed() < duration {
+        for (name, c) in &sites {
+            if let Ok(s) = c.status().await {
+                out.push(StatusSample {
+                    t: start.elapsed().as_secs_f64(),
+                    site: name.clone(),
+                    buffered: s.buffered,
+                    retained: s.retained,
+                    keys: s.keys,
+                });
+            }
+        }
+        next += interval;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    out
 }

@@ -388,6 +388,20 @@ impl Client {
                 // NOT_READY included, comes before this limit).
                 Err(_) if !idempotent => return Err(ClientError::Timeout(limit)),
                 Err(_) => Exchange::AfterSend(format!("no answer within {limit:?}")),
+                Ok(Ok(Response {
+                    body: ResponseBody::Error { code, message, .. },
+                    ..
+                })) if code == error_code::SHUTTING_DOWN => {
+                    // Refused before it was executed: safe to retry elsewhere, write or not.
+                    conn.close(0u32.into(), b"failing over");
+                    if attempts >= self.sites.len() * 2 {
+                        return Err(ClientError::Connection(format!(
+                            "{}: {message}",
+                            self.sites[i]
+                        )));
+                    }
+                    continue;
+                }
                 Ok(Ok(resp)) => return self.interpret(i, resp),
                 Ok(Err(e)) => e,
             };

@@ -191,6 +191,36 @@ impl StorageConfig {
     }
 }
 
+/// Failure detection of peers (`[failure]`): a phi-accrual detector per peer, fed by the
+/// heartbeats and acks on its control streams (see [`crate::net::failure`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailureConfig {
+    /// Suspicion level from which a peer is reported `suspect`.
+    pub phi_suspect: f64,
+    /// Suspicion level from which a peer is reported `down`; above `phi_suspect`.
+    pub phi_down: f64,
+    /// Heartbeat inter-arrival times remembered per peer.
+    pub window: usize,
+    /// Floor of the inter-arrival standard deviation, in milliseconds: the jitter a perfectly
+    /// regular link is still allowed (scheduling pauses, a lost datagram).
+    pub min_std_dev_ms: u64,
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        Self {
+            phi_suspect: 5.0,
+            phi_down: 10.0,
+            window: 200,
+            min_std_dev_ms: 100,
+        }
+    }
+}
+
+// Validation refuses NaN, so equality is an equivalence on every accepted configuration.
+impl Eq for FailureConfig {}
+
 /// A site's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -201,6 +231,11 @@ pub struct SiteConfig {
     pub site_id: SiteId,
     /// Where durable state lives.
     pub data_dir: PathBuf,
+    /// Where to serve the admin HTTP endpoints (`GET /metrics` in the Prometheus text format,
+    /// `GET /status` as JSON), over plain TCP: bind it to loopback or a management network.
+    /// Default: none (no admin server). Port 0 picks a free port ([`crate::Node::admin_addr`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_addr: Option<SocketAddr>,
     /// Every site of the cluster.
     pub sites: Vec<SiteEntry>,
     /// Certificates.
@@ -217,6 +252,9 @@ pub struct SiteConfig {
     /// Durable storage.
     #[serde(default)]
     pub storage: StorageConfig,
+    /// Failure detection.
+    #[serde(default)]
+    pub failure: FailureConfig,
 }
 
 impl SiteConfig {
@@ -289,6 +327,25 @@ impl SiteConfig {
             return bad(format!(
                 "timeouts.keep_alive_ms ({}) must be above 0 and below timeouts.idle_ms ({})",
                 t.keep_alive_ms, t.idle_ms
+            ));
+        }
+        if t.heartbeat_ms == 0 {
+            return bad("timeouts.heartbeat_ms must be above 0".into());
+        }
+        let f = &self.failure;
+        if !(f.phi_suspect.is_finite() && f.phi_down.is_finite())
+            || f.phi_suspect <= 0.0
+            || f.phi_down <= f.phi_suspect
+        {
+            return bad(format!(
+                "failure: phi_suspect ({}) must be above 0 and phi_down ({}) above phi_suspect",
+                f.phi_suspect, f.phi_down
+            ));
+        }
+        if f.window < 2 || f.min_std_dev_ms == 0 {
+            return bad(format!(
+                "failure: window ({}) must be at least 2 and min_std_dev_ms ({}) above 0",
+                f.window, f.min_std_dev_ms
             ));
         }
         let l = &self.limits;
@@ -365,6 +422,30 @@ key = "b.key"
         assert!(c.tls.require_client_cert);
         assert!(c.tls.ca.is_absolute());
         assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.failure, FailureConfig::default());
+        assert_eq!(c.admin_addr, None);
+    }
+
+    #[test]
+    fn failure_detection_and_admin_settings_load_and_are_checked() {
+        let c = load(&format!(
+            "admin_addr = \"127.0.0.1:9100\"\n{GOOD}\n[failure]\nphi_suspect = 3\nphi_down = 8.5\n"
+        ))
+        .unwrap();
+        assert_eq!(c.admin_addr, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!((c.failure.phi_suspect, c.failure.phi_down), (3.0, 8.5));
+        assert_eq!(c.failure.window, FailureConfig::default().window);
+        // A round trip through TOML keeps everything.
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(toml::from_str::<SiteConfig>(&text).unwrap(), c);
+        let e = load(&format!("{GOOD}\n[failure]\nphi_suspect = 12\n")).unwrap_err();
+        assert!(e.to_string().contains("phi_down"), "{e}");
+        let e = load(&format!("{GOOD}\n[failure]\nphi_suspect = nan\n")).unwrap_err();
+        assert!(e.to_string().contains("phi_suspect"), "{e}");
+        let e = load(&format!("{GOOD}\n[failure]\nwindow = 1\n")).unwrap_err();
+        assert!(e.to_string().contains("window"), "{e}");
+        let e = load(&format!("{GOOD}\n[failure]\nphi_threshold = 8\n")).unwrap_err();
+        assert!(e.to_string().contains("phi_threshold"), "{e}");
     }
 
     #[test]

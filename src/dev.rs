@@ -9,7 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use crate::certs;
-use crate::config::{ReplicationConfig, SiteConfig, SiteEntry, StorageConfig, Timeouts, TlsConfig};
+use crate::config::{
+    FailureConfig, ReplicationConfig, SiteConfig, SiteEntry, StorageConfig, Timeouts, TlsConfig,
+};
 use crate::wire::Limits;
 
 /// The client certificate name `causalkv dev` makes for the CLI.
@@ -31,7 +33,8 @@ pub struct DevOptions {
     pub sites: usize,
     /// Directory for certificates (`DIR/certs`), configs and data (`DIR/site-<name>`).
     pub dir: PathBuf,
-    /// First UDP port; site `i` listens on `base_port + i`. `0` picks free ports.
+    /// First UDP port; site `i` listens on `base_port + i` and serves its admin HTTP endpoints
+    /// on TCP port `base_port + 1000 + i` ([`admin_port`]). `0` picks free ports.
     pub base_port: u16,
     /// Extra client certificates to make.
     pub clients: Vec<String>,
@@ -76,6 +79,16 @@ pub fn free_udp_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// The admin (HTTP) port of site `i` in a layout whose first UDP port is `base_port`:
+/// `base_port + 1000 + i`, or `None` when that overflows. A `base_port` of 0 gives 0 (the port
+/// is picked when the site binds it; see [`crate::Node::admin_addr`]).
+pub fn admin_port(base_port: u16, i: usize) -> Option<u16> {
+    if base_port == 0 {
+        return Some(0);
+    }
+    u16::try_from(base_port as usize + 1000 + i).ok()
+}
+
 /// Makes certificates (keeping existing ones), site configurations and data directories.
 pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
     std::fs::create_dir_all(&opts.dir).map_err(io(&opts.dir))?;
@@ -109,6 +122,8 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             cluster_id: "dev".into(),
             site_id: i as u16,
             data_dir: opts.dir.join(format!("site-{name}")),
+            admin_addr: admin_port(opts.base_port, i)
+                .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
             sites: sites.clone(),
             tls: TlsConfig {
                 ca: certs::ca_paths(&certs_dir).cert,
@@ -120,6 +135,7 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             timeouts: Timeouts::default(),
             replication: ReplicationConfig::default(),
             storage: StorageConfig::default(),
+            failure: FailureConfig::default(),
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
         let file = opts.dir.join(format!("site-{name}.toml"));

@@ -22,6 +22,7 @@
 //! - [`certs`]: development CA and certificate tooling (`causalkv certs init`).
 //! - [`wire`]: rkyv messages, the one framing function, validation and limits.
 //! - [`net`]: the tokio + quinn driver: TLS setup, peer links, the client service.
+//! - [`wan`]: user-space WAN emulation (delaying UDP/TCP relay mesh) for the benchmarks.
 #![warn(missing_docs)]
 
 pub mod bench;
@@ -34,6 +35,7 @@ pub mod dev;
 pub mod net;
 pub mod replica;
 pub mod storage;
+pub mod wan;
 pub mod wire;
 
 pub use client::{Client, ClientError};

@@ -236,6 +236,10 @@ mod messages {
         pub state: String,
         /// Why the peer is in that state.
         pub reason: String,
+        /// The failure detector's suspicion level (phi accrual; 0 before any heartbeat).
+        pub phi: f64,
+        /// Milliseconds since the peer's last heartbeat or ack (0 before any).
+        pub silence_ms: u64,
         /// The peer's durable `applied` vector as last reported.
         pub applied: Vec<u64>,
         /// Own updates the peer has not acked yet.
@@ -261,6 +265,10 @@ mod messages {
         pub retained: u64,
         /// Keys held (tombstones included).
         pub keys: u64,
+        /// Bytes of write-ahead log on disk (what the next snapshot lets go).
+        pub wal_bytes: u64,
+        /// Write-ahead log fsyncs since the site started.
+        pub fsyncs: u64,
         /// Peers.
         pub peers: Vec<PeerStatus>,
     }

@@ -471,7 +471,6 @@ async fn kill_dash_nine_loses_no_acknowledged_write() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut progress_rx = progress.subscribe();
         let mut restarts = Vec::new();
-        let mut epoch = 0;
         for kill in 1..=kills {
             // Load is running at A: acknowledged operations since the last restart.
             let base = *progress_rx.borrow_and_update();
@@ -490,22 +489,29 @@ async fn kill_dash_nine_loses_no_acknowledged_write() {
 
             let t0 = Instant::now();
             procs.kill(0);
-            phase_tx.send_replace(Phase { up: false, epoch });
+            // Epoch `kill - 1` is the process just killed; the restarted one is epoch `kill`.
+            phase_tx.send_replace(Phase {
+                up: false,
+                epoch: kill as u64 - 1,
+            });
             procs.start(0);
             procs.wait_listening(0, ms(10_000)).await;
             let took = t0.elapsed();
             restarts.push(took);
-            epoch += 1;
-            phase_tx.send_replace(Phase { up: true, epoch });
+            phase_tx.send_replace(Phase {
+                up: true,
+                epoch: kill as u64,
+            });
 
             // Every acknowledged write so far is at A.
             let floors = model.lock().unwrap().floors();
             let got = read_all(&procs, 0, &a_keys).await;
-            let m = model.lock().unwrap();
-            let bad: Vec<String> = got
-                .iter()
-                .filter_map(|(k, v)| m.judge(&floors, k, v.as_deref()).err())
-                .collect();
+            let bad: Vec<String> = {
+                let m = model.lock().unwrap();
+                got.iter()
+                    .filter_map(|(k, v)| m.judge(&floors, k, v.as_deref()).err())
+                    .collect()
+            };
             assert!(
                 bad.is_empty(),
                 "after kill {kill} (seed {seed}) site A lost acknowledged writes:\n  {}\nlog:\n{}",
@@ -552,13 +558,15 @@ async fn kill_dash_nine_loses_no_acknowledged_write() {
         }
         // And what they hold is every acknowledged write (or a later one).
         {
-            let m = model.lock().unwrap();
-            let floors = m.floors();
-            let bad: Vec<String> = states[0]
-                .1
-                .iter()
-                .filter_map(|(k, v)| m.judge(&floors, k, v.as_deref()).err())
-                .collect();
+            let bad: Vec<String> = {
+                let m = model.lock().unwrap();
+                let floors = m.floors();
+                states[0]
+                    .1
+                    .iter()
+                    .filter_map(|(k, v)| m.judge(&floors, k, v.as_deref()).err())
+                    .collect()
+            };
             assert!(bad.is_empty(), "final state misses acknowledged writes:\n  {}", bad.join("\n  "));
         }
 
@@ -637,16 +645,32 @@ async fn kill_dash_nine_loses_no_acknowledged_write() {
                 l.errors
             );
         }
-        let snaps: usize = (1..=kills + 1)
+        // Site A's own account, from the logs of its starts: snapshots taken, and recovery
+        // (snapshot load + log replay) times.
+        let a_logs: Vec<String> = (1..=kills + 1)
             .map(|n| {
                 let p = procs.dir.path().join(format!("site-a.{n}.log"));
-                fs::read_to_string(p)
-                    .unwrap_or_default()
-                    .matches("snapshot written")
-                    .count()
+                fs::read_to_string(p).unwrap_or_default()
             })
+            .collect();
+        let snaps: usize = a_logs
+            .iter()
+            .map(|l| l.matches("snapshot written").count())
             .sum();
-        println!("site A took {snaps} snapshots; total {:?}", started.elapsed());
+        let recovery_ms: Vec<u64> = a_logs
+            .iter()
+            .flat_map(|l| l.lines())
+            .filter(|l| l.contains(" recovered "))
+            .filter_map(|l| l.split(" ms=").nth(1)?.split(' ').next()?.parse().ok())
+            .collect();
+        println!(
+            "site A took {snaps} snapshots; recoveries logged {} (max {} ms); restarts (ms): {:?}; \
+             total {:?}",
+            recovery_ms.len(),
+            recovery_ms.iter().max().copied().unwrap_or(0),
+            restarts.iter().map(|d| d.as_millis()).collect::<Vec<_>>(),
+            started.elapsed()
+        );
         assert!(report.is_ok(), "seed {seed}: {report}");
         assert_eq!(report.ops_checked, history.len());
         assert!(

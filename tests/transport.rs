@@ -556,3 +556,202 @@ async fn a_restarted_site_catches_up_without_loss_or_duplicates() {
     })
     .await;
 }
+
+/// One HTTP/1.1 request over a plain TCP connection; returns the status code, the head and
+/// the body (the admin server closes the connection after answering).
+async fn http(addr: std::net::SocketAddr, request_line: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the admin port");
+    let req = format!("{request_line}\r\nHost: {addr}\r\nUser-Agent: test\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read response");
+    let raw = String::from_utf8(raw).expect("UTF-8 response");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("response head");
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (code, head.to_owned(), body.to_owned())
+}
+
+/// Parses the Prometheus text format strictly enough for a test: every sample line is
+/// `name{labels} value` with a float value, and its family was declared by `# HELP` and
+/// `# TYPE` lines before it. Returns `series -> value` (series as written, labels included).
+fn parse_exposition(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut helped = std::collections::HashSet::new();
+    let mut typed = std::collections::HashMap::new();
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            let (name, help) = rest.split_once(' ').expect("HELP has text");
+            assert!(!help.is_empty(), "{line}");
+            helped.insert(name.to_owned());
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE has a kind");
+            assert!(
+                ["counter", "gauge", "histogram"].contains(&kind),
+                "unknown type in {line}"
+            );
+            assert!(helped.contains(name), "TYPE before HELP: {line}");
+            typed.insert(name.to_owned(), kind.to_owned());
+            continue;
+        }
+        assert!(
+            !line.starts_with('#') && !line.is_empty(),
+            "stray line {line:?}"
+        );
+        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("value of {series} does not parse: {value:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(name.starts_with("causalkv_"), "{name} lacks the prefix");
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                name.strip_suffix(s)
+                    .filter(|f| typed.get(*f).map(String::as_str) == Some("histogram"))
+            })
+            .unwrap_or(name);
+        let kind = typed
+            .get(family)
+            .unwrap_or_else(|| panic!("{name} has no # TYPE line before it"));
+        if kind == "counter" {
+            assert!(
+                name.ends_with("_total"),
+                "counter {name} must end in _total"
+            );
+        }
+        let labels = &series[name.len()..];
+        assert!(
+            labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+            "{series}"
+        );
+        assert!(
+            samples.insert(series.to_owned(), value).is_none(),
+            "duplicate series {series}"
+        );
+    }
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_site_is_reported_down_and_metrics_are_served() {
+    bounded(LIMIT, async {
+        let mut cluster = Cluster::start(3).await;
+        let a = cluster.client(0).await;
+        a.put("k", "v").await.expect("put");
+        assert_eq!(get(&a, "k").await.as_deref(), Some(&b"v"[..]));
+        a.status().await.expect("status");
+        let s = cluster.node(0).status();
+        assert!(s.wal_bytes > 0 && s.fsyncs > 0, "{s:?}");
+        for p in &s.peers {
+            assert_eq!(p.state, "up", "{p:?}");
+            assert!(p.reason.contains("phi"), "{p:?}");
+        }
+
+        // Metrics over plain HTTP, from the admin port every dev-layout site has.
+        let admin = cluster
+            .node(0)
+            .admin_addr()
+            .expect("site a has an admin port");
+        let (code, head, body) = http(admin, "GET /metrics HTTP/1.1").await;
+        assert_eq!(code, 200, "{head}");
+        assert!(
+            head.contains("Content-Type: text/plain; version=0.0.4"),
+            "{head}"
+        );
+        let m = parse_exposition(&body);
+        for series in [
+            "causalkv_malformed_frames_total",
+            "causalkv_hellos_rejected_total",
+            "causalkv_tls_handshake_failures_total",
+            "causalkv_requests_too_large_total",
+            "causalkv_replication_bytes_in_total",
+            "causalkv_replication_bytes_out_total",
+            "causalkv_wal_fsyncs_total",
+            "causalkv_wal_bytes",
+            "causalkv_buffered_updates",
+            "causalkv_peer_state{peer=\"b\"}",
+            "causalkv_peer_state{peer=\"c\"}",
+            "causalkv_peer_phi{peer=\"c\"}",
+            "causalkv_replication_lag_seconds{peer=\"b\"}",
+            "causalkv_replication_lag_updates{peer=\"c\"}",
+            "causalkv_request_duration_seconds_bucket{op=\"put\",le=\"+Inf\"}",
+            "causalkv_request_duration_seconds_count{op=\"get\"}",
+        ] {
+            assert!(m.contains_key(series), "no {series} in:\n{body}");
+        }
+        assert_eq!(m["causalkv_malformed_frames_total"], 0.0);
+        assert_eq!(m["causalkv_hellos_rejected_total"], 0.0);
+        assert!(m["causalkv_wal_fsyncs_total"] >= 1.0);
+        assert!(m["causalkv_wal_bytes"] > 0.0);
+        assert!(
+            m["causalkv_peer_state{peer=\"c\"}"] < 2.0,
+            "c is down already"
+        );
+        assert_eq!(m["causalkv_requests_total{op=\"put\",result=\"ok\"}"], 1.0);
+        assert_eq!(
+            m["causalkv_request_duration_seconds_count{op=\"put\"}"],
+            1.0
+        );
+        assert!(m["causalkv_request_duration_seconds_count{op=\"get\"}"] >= 1.0);
+        // The status as JSON, and strictness.
+        let (code, _, body) = http(admin, "GET /status HTTP/1.1").await;
+        assert_eq!(code, 200);
+        let json: serde_json::Value = serde_json::from_str(&body).expect("status JSON");
+        assert_eq!(json["name"], "a");
+        assert_eq!(json["peers"].as_array().map(Vec::len), Some(2));
+        assert!(json["wal_bytes"].as_u64() > Some(0), "{json}");
+        assert_eq!(http(admin, "GET /nope HTTP/1.1").await.0, 404);
+        assert_eq!(http(admin, "POST /metrics HTTP/1.1").await.0, 405);
+        assert_eq!(http(admin, "GET /metrics HTTP/9").await.0, 505);
+
+        // Stop c: a and b must report it down, with a reason, within a bounded time.
+        let stopping = tokio::time::Instant::now();
+        cluster.stop(2).await;
+        let stopped_in = stopping.elapsed();
+        let mut detected = [None, None];
+        wait_until(ms(5_000), "a and b report c down", || {
+            for (i, d) in detected.iter_mut().enumerate() {
+                let s = cluster.node(i).status();
+                let c = s.peers.iter().find(|p| p.site == 2).expect("c listed");
+                if d.is_none() && c.state == "down" {
+                    *d = Some((stopping.elapsed(), c.reason.clone(), c.phi));
+                }
+            }
+            detected.iter().all(Option::is_some)
+        })
+        .await;
+        for (i, d) in detected.iter().enumerate() {
+            let (t, reason, phi) = d.as_ref().unwrap();
+            println!(
+                "site {i} reported c down {t:?} after the stop began (shutdown took \
+                 {stopped_in:?}): {reason}"
+            );
+            assert!(reason.contains("ms of silence"), "{reason}");
+            assert!(*phi >= cluster.configs[i].failure.phi_down, "{phi}");
+        }
+        // The survivors still see each other up, and the metrics show c down.
+        wait_until(ms(5_000), "a and b see each other up", || {
+            (0..2).all(|i| {
+                let s = cluster.node(i).status();
+                s.peers
+                    .iter()
+                    .any(|p| p.site == 1 - i as u16 && p.state == "up")
+            })
+        })
+        .await;
+        let m = parse_exposition(&http(admin, "GET /metrics HTTP/1.1").await.2);
+        assert_eq!(m["causalkv_peer_state{peer=\"c\"}"], 2.0);
+        assert!(m["causalkv_peer_phi{peer=\"c\"}"] >= 10.0);
+        cluster.shutdown().await;
+    })
+    .await;
+}

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use causalkv::client::{Client, ClientError};
 use causalkv::dev::{self, CLI_CLIENT, DevOptions};
+use causalkv::net::NodeError;
 use causalkv::{Node, SiteConfig, bench, certs};
 use clap::{Args, Parser, Subcommand};
 
@@ -46,7 +47,8 @@ enum Cmd {
         /// Directory for certificates, configs and data.
         #[arg(long, default_value = "causalkv-dev")]
         dir: PathBuf,
-        /// First UDP port; site i listens on port + i.
+        /// First UDP port; site i listens on port + i, and serves its admin HTTP endpoints
+        /// (`/metrics`, `/status`) on TCP port + 1000 + i.
         #[arg(long, default_value_t = 7100)]
         port: u16,
         /// Only write certificates and site configs (for `causalkv serve --config`), then exit.
@@ -59,6 +61,10 @@ enum Cmd {
         #[command(subcommand)]
         cmd: BenchCmd,
     },
+    /// User-space WAN emulator: a mesh of delaying UDP relays between the sites of a local
+    /// layout (and TCP relays, e.g. for etcd peers), running until SIGINT/SIGTERM.
+    /// `--self-test` instead measures the delay the emulator itself adds.
+    Wan(WanArgs),
     /// Certificate tooling.
     Certs {
         #[command(subcommand)]
@@ -171,6 +177,35 @@ enum BenchCmd {
         #[arg(long, default_value_t = 100)]
         value_size: usize,
     },
+    /// Remote visibility latency between running sites: writes at the first --site, polls
+    /// every other --site with its own fresh client until the value is there (ack → visible).
+    VisibilityWan {
+        /// Writes to measure.
+        #[arg(long, default_value_t = 200)]
+        writes: u64,
+        /// Milliseconds between two writes.
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+        /// Microseconds between two polls of a remote site.
+        #[arg(long, default_value_t = 500)]
+        poll_us: u64,
+        /// Value size in bytes.
+        #[arg(long, default_value_t = 100)]
+        value_size: usize,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Samples every --site's status (dependency-buffer occupancy, retained log) as JSON.
+    StatusSample {
+        /// Milliseconds between samples.
+        #[arg(long, default_value_t = 250)]
+        interval_ms: u64,
+        /// Seconds to sample.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Remote visibility latency on loopback (write acked at a until applied at b).
     Visibility {
         /// Writes to measure.
@@ -180,6 +215,45 @@ enum BenchCmd {
         #[arg(long, default_value_t = 100)]
         value_size: usize,
     },
+}
+
+#[derive(Args)]
+struct WanArgs {
+    /// A layout directory from `causalkv dev --layout-only`: its site configs are rewritten
+    /// (originals kept as `.orig`) to dial each peer through its own relay.
+    #[arg(long)]
+    layout: Option<PathBuf>,
+    /// One-way delays in ms, rows `;`-separated: row i, column j = delay of i → j
+    /// (e.g. "0,15,40;15,0,75;40,75,0" for RTTs of 30/80/150 ms).
+    #[arg(long)]
+    matrix: Option<String>,
+    /// A JSON `WanSpec` (matrix, link parameters, layout, TCP relays); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Jitter of every link, ms.
+    #[arg(long)]
+    jitter_ms: Option<f64>,
+    /// Datagram loss probability of every link (0.01 = 1 %).
+    #[arg(long)]
+    loss: Option<f64>,
+    /// Reordering probability of every link.
+    #[arg(long)]
+    reorder: Option<f64>,
+    /// Bandwidth limit of every link, Mbit/s.
+    #[arg(long)]
+    bandwidth_mbit: Option<f64>,
+    /// Control file, re-applied whenever it changes (cut/heal/set; see the `wan` module docs).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Write relays and per-link counters here (JSON) every 500 ms and at exit.
+    #[arg(long)]
+    stats: Option<PathBuf>,
+    /// Measure the delay the emulator adds (0 ms and 20 ms links) and exit.
+    #[arg(long)]
+    self_test: bool,
+    /// Datagrams per delay in the self-test (one per millisecond).
+    #[arg(long, default_value_t = 3000)]
+    samples: usize,
 }
 
 #[derive(Args)]
@@ -247,6 +321,10 @@ async fn run(cmd: Cmd) -> ExitCode {
             Err(e) => fail(&e),
         },
         Cmd::Bench { cmd } => run_bench(cmd).await,
+        Cmd::Wan(args) => match run_wan(args).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e),
+        },
         Cmd::Repair { config } => match repair(&config) {
             Ok(report) => {
                 println!("{report}");
@@ -307,8 +385,10 @@ async fn run(cmd: Cmd) -> ExitCode {
         Cmd::Status { conn } => client_cmd(&conn, |c| async move {
             let s = c.status().await?;
             let mut text = format!(
-                "site {} ({})\n  applied  {:?}\n  stable   {:?}\n  buffered {}  retained {}  keys {}\n  peers:",
-                s.name, s.site, s.applied, s.stable, s.buffered, s.retained, s.keys
+                "site {} ({})\n  applied  {:?}\n  stable   {:?}\n  buffered {}  retained {}  keys {}\n  \
+                 wal {} bytes  fsyncs {}\n  peers:",
+                s.name, s.site, s.applied, s.stable, s.buffered, s.retained, s.keys, s.wal_bytes,
+                s.fsyncs
             );
             for p in &s.peers {
                 text.push_str(&format!(
@@ -386,6 +466,52 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        BenchCmd::VisibilityWan {
+            writes,
+            interval_ms,
+            poll_us,
+            value_size,
+            conn,
+        } => {
+            let clients = match connect_each(&conn).await {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let mut it = clients.into_iter();
+            let Some((_, origin)) = it.next() else {
+                return fail(&"give the origin and remote sites with --site");
+            };
+            let r = bench::visibility_wan(
+                origin,
+                it.collect(),
+                writes,
+                Duration::from_millis(interval_ms),
+                Duration::from_micros(poll_us),
+                value_size,
+            )
+            .await;
+            match r {
+                Ok(r) => print(serde_json::to_value(r).expect("serialises")),
+                Err(e) => fail(&e),
+            }
+        }
+        BenchCmd::StatusSample {
+            interval_ms,
+            seconds,
+            conn,
+        } => {
+            let clients = match connect_each(&conn).await {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            let r = bench::sample_status(
+                clients,
+                Duration::from_millis(interval_ms),
+                Duration::from_secs_f64(seconds),
+            )
+            .await;
+            print(serde_json::to_value(r).expect("serialises"))
+        }
         BenchCmd::Visibility { writes, value_size } => {
             let dir =
                 std::env::temp_dir().join(format!("causalkv-bench-vis-{}", std::process::id()));
@@ -451,6 +577,112 @@ where
     }
 }
 
+/// One client per `--site` (each talking to that site only).
+async fn connect_each(
+    args: &ConnArgs,
+) -> Result<Vec<(String, std::sync::Arc<Client>)>, ClientError> {
+    let paths = certs::client_paths(&args.certs, &args.client);
+    let mut out = Vec::new();
+    for site in &args.sites {
+        let c = Client::builder()
+            .sites(vec![site.clone()])
+            .identity(paths.cert.clone(), paths.key.clone())
+            .ca(certs::ca_paths(&args.certs).cert)
+            .timeout(Duration::from_millis(args.timeout_ms))
+            .connect()
+            .await?;
+        out.push((site.clone(), std::sync::Arc::new(c)));
+    }
+    Ok(out)
+}
+
+async fn run_wan(args: WanArgs) -> Result<(), String> {
+    use causalkv::wan;
+    if args.self_test {
+        let r = tokio::task::spawn_blocking(move || {
+            wan::self_test(&[0.0, 20.0], args.samples, Duration::from_millis(1))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        println!("{}", serde_json::to_string(&r).expect("serialises"));
+        return Ok(());
+    }
+    let mut spec: wan::WanSpec = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?
+        }
+        None => wan::WanSpec::default(),
+    };
+    if let Some(m) = &args.matrix {
+        spec.matrix_ms = wan::parse_matrix(m)?;
+    }
+    if let Some(l) = &args.layout {
+        spec.layout = Some(l.clone());
+    }
+    if let Some(v) = args.jitter_ms {
+        spec.link.jitter_ms = v;
+    }
+    if let Some(v) = args.loss {
+        spec.link.loss = v;
+    }
+    if let Some(v) = args.reorder {
+        spec.link.reorder = v;
+    }
+    if let Some(v) = args.bandwidth_mbit {
+        spec.link.bandwidth_mbit = v;
+    }
+    let net = wan::start(&spec)?;
+    let write_stats = |net: &wan::Wan| {
+        if let Some(p) = &args.stats {
+            let v = serde_json::json!({ "relays": net.relays(), "links": net.stats() });
+            let tmp = p.with_extension("tmp");
+            if std::fs::write(&tmp, v.to_string()).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
+            }
+        }
+    };
+    write_stats(&net);
+    eprintln!(
+        "causalkv wan: {} sites, {} relays up",
+        net.sites(),
+        net.relays().len()
+    );
+    let mut control_seen = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let mut n = 0u64;
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        n += 1;
+        if let Some(c) = &args.control {
+            let text = std::fs::read_to_string(c).unwrap_or_default();
+            if control_seen.as_ref() != Some(&text) {
+                match net.apply_control(&text) {
+                    Ok(()) => eprintln!(
+                        "causalkv wan: control applied ({} lines)",
+                        text.lines().count()
+                    ),
+                    Err(e) => eprintln!("causalkv wan: {e}"),
+                }
+                control_seen = Some(text);
+            }
+        }
+        if n.is_multiple_of(5) {
+            write_stats(&net);
+        }
+    }
+    write_stats(&net);
+    tokio::task::spawn_blocking(move || net.shutdown())
+        .await
+        .map_err(|e| e.to_string())
+}
+
 fn repair(config: &std::path::Path) -> Result<String, String> {
     use causalkv::storage::{snapshot, wal};
     let cfg = SiteConfig::load(config).map_err(|e| e.to_string())?;
@@ -463,7 +695,18 @@ fn repair(config: &std::path::Path) -> Result<String, String> {
 
 async fn serve(config: PathBuf) -> Result<(), String> {
     let cfg = SiteConfig::load(&config).map_err(|e| e.to_string())?;
-    let node = Node::start(cfg).await.map_err(|e| e.to_string())?;
+    // Benchmark-only: `CAUSALKV_BENCH_EVENTUAL=1` switches the dependency check off, so remote
+    // updates apply on arrival (eventual consistency), for the side-by-side comparison in
+    // scripts/bench-wan.sh. Never set it in a deployment: it gives up causal consistency.
+    let opts = causalkv::net::NodeOptions {
+        check_deps: std::env::var("CAUSALKV_BENCH_EVENTUAL").as_deref() != Ok("1"),
+    };
+    if !opts.check_deps {
+        tracing::warn!("CAUSALKV_BENCH_EVENTUAL=1: dependency checks off (benchmark only)");
+    }
+    let node = Node::start_with(cfg, opts)
+        .await
+        .map_err(|e| e.to_string())?;
     node.run_until(shutdown_signal()).await;
     Ok(())
 }
@@ -487,7 +730,20 @@ async fn run_dev(sites: usize, dir: PathBuf, port: u16, layout_only: bool) -> Re
     }
     let mut nodes = Vec::new();
     for cfg in &cluster.configs {
-        nodes.push(Node::start(cfg.clone()).await.map_err(|e| e.to_string())?);
+        let node = match Node::start(cfg.clone()).await {
+            // The admin port is a convenience here: run without it rather than not at all.
+            Err(NodeError::Bind { addr, source }) if cfg.admin_addr == Some(addr) => {
+                eprintln!(
+                    "warning: site {}: admin port {addr} unavailable ({source}); no /metrics",
+                    cfg.me().name
+                );
+                let mut cfg = cfg.clone();
+                cfg.admin_addr = None;
+                Node::start(cfg).await
+            }
+            other => other,
+        };
+        nodes.push(node.map_err(|e| e.to_string())?);
     }
     let addrs: Vec<String> = cluster
         .configs
@@ -500,6 +756,17 @@ async fn run_dev(sites: usize, dir: PathBuf, port: u16, layout_only: bool) -> Re
         nodes.len(),
         addrs.join(", ")
     );
+    let admin: Vec<String> = nodes
+        .iter()
+        .filter_map(|n| n.admin_addr())
+        .map(|a| format!("http://{a}/metrics"))
+        .collect();
+    if !admin.is_empty() {
+        println!(
+            "metrics (Prometheus; /status for JSON): {}",
+            admin.join(", ")
+        );
+    }
     println!("site configs: {}/site-<name>.toml", dir.display());
     println!("try, from another shell:");
     println!(

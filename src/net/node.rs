@@ -6,7 +6,12 @@
 //! - the accept loop, which hands each connection to [`super::peer`] or [`super::service`];
 //! - one outbound link per peer ([`super::peer::run_outbound`]), which sends this site's update
 //!   stream, pulled from the replica's retained log;
-//! - the ticker, which passes time to the replica (clock markers, tombstone collection).
+//! - the ticker, which passes time to the replica (clock markers, tombstone collection);
+//! - the admin HTTP server ([`super::admin`]), when `admin_addr` is configured.
+//!
+//! Peer state (`up`, `suspect`, `down`, each with a reason) comes from a phi-accrual detector
+//! per peer ([`super::failure`]) fed by the heartbeats and acks of the peer's control streams,
+//! combined with the state of the outbound link.
 //!
 //! All replica mutations go through [`Shared::mutate`], the one place that persists the records a
 //! mutation produced, marks them durable, wakes the peer senders and tells waiting requests that
@@ -26,6 +31,8 @@ use quinn::{Endpoint, VarInt};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, info, info_span, warn};
 
+use super::failure::PhiAccrual;
+use super::metrics::OpMetrics;
 use super::tls::{self, Identity, TlsFiles, TransportLimits};
 use crate::clock::{SiteId, Timestamp};
 use crate::config::SiteConfig;
@@ -95,6 +102,8 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     /// Bytes of update frames sent.
     pub bytes_out: AtomicU64,
+    /// Per client operation: counts and latency histograms.
+    pub ops: OpMetrics,
 }
 
 impl Metrics {
@@ -111,9 +120,70 @@ impl Metrics {
 /// What this node knows of one peer.
 #[derive(Debug, Clone)]
 pub(crate) struct PeerState {
+    /// Whether this site's link to the peer is up (hello exchanged).
     pub outbound_up: bool,
-    pub last_heard: Option<Instant>,
+    /// Heartbeat and ack arrivals, from the control streams of both connections.
+    pub detector: PhiAccrual,
+    /// Why the outbound link is in its state ("connected", or the last error).
     pub reason: String,
+}
+
+impl PeerState {
+    /// A heartbeat (or ack) arrived.
+    pub fn heard(&mut self, now: Instant) {
+        self.detector.heartbeat(now);
+    }
+
+    /// A connection to the peer came up: the silence before it says nothing about the link's
+    /// rhythm, so the detector starts over (seeded with the heartbeat period).
+    pub fn connected(&mut self, now: Instant) {
+        self.detector.reset();
+        self.detector.heartbeat(now);
+    }
+}
+
+/// A peer's state and the reason for it, from the suspicion level `phi` after `silence`
+/// (`None` before any heartbeat) and the state of the outbound link.
+fn judge(
+    st: &PeerState,
+    phi: f64,
+    silence: Option<Duration>,
+    f: &crate::config::FailureConfig,
+) -> (&'static str, String) {
+    let link = if st.outbound_up {
+        String::new()
+    } else {
+        format!("; link down: {}", st.reason)
+    };
+    let Some(silence) = silence else {
+        return if st.outbound_up {
+            ("suspect", "connected, no heartbeat yet".into())
+        } else {
+            ("down", format!("no heartbeat yet{link}"))
+        };
+    };
+    let silent = format!("phi {phi:.1} after {} ms of silence", silence.as_millis());
+    if phi >= f.phi_down {
+        ("down", format!("{silent}{link}"))
+    } else if phi >= f.phi_suspect {
+        ("suspect", format!("{silent}{link}"))
+    } else if !st.outbound_up {
+        (
+            "suspect",
+            format!(
+                "link down: {}; heartbeats still arriving (phi {phi:.1})",
+                st.reason
+            ),
+        )
+    } else {
+        (
+            "up",
+            format!(
+                "phi {phi:.1}, last heartbeat {} ms ago",
+                silence.as_millis()
+            ),
+        )
+    }
 }
 
 /// Options that no configuration file can set.
@@ -146,6 +216,9 @@ pub(crate) struct Shared {
     pub metrics: Metrics,
     pub shutdown: watch::Receiver<bool>,
     pub inflight: AtomicUsize,
+    /// Set when a graceful shutdown begins: new requests are refused (clients fail over) while
+    /// in-flight ones finish and the update streams drain to peers.
+    pub draining: std::sync::atomic::AtomicBool,
     pub drained: Notify,
     pub identity: Identity,
     pub transport: TransportLimits,
@@ -240,11 +313,17 @@ impl Shared {
     }
 
     pub fn is_shutting_down(&self) -> bool {
-        *self.shutdown.borrow()
+        self.draining.load(Ordering::SeqCst) || *self.shutdown.borrow()
     }
 
     pub fn site_name(&self, id: SiteId) -> &str {
         &self.cfg.sites[id as usize].name
+    }
+
+    /// Write-ahead log figures: `(fsyncs, bytes on disk)`.
+    pub fn wal_stats(&self) -> (u64, u64) {
+        let w = self.wal.lock().expect("wal lock");
+        (w.wal.fsyncs(), w.wal.disk_bytes())
     }
 
     /// The site's status.
@@ -267,19 +346,20 @@ impl Shared {
                 unacked,
             )
         });
-        let hb = Duration::from_millis(self.cfg.timeouts.heartbeat_ms);
+        let (fsyncs, wal_bytes) = self.wal_stats();
+        let now = Instant::now();
         let peers = self
             .cfg
             .peers()
             .map(|p| {
-                let st = self.peers[p.id as usize].lock().expect("peer lock").clone();
-                let (state, reason) = match st.last_heard.map(|t| t.elapsed()) {
-                    Some(e) if st.outbound_up && e < hb * 5 => ("up", "heartbeats arriving".into()),
-                    Some(e) if e < hb * 20 => {
-                        ("suspect", format!("last heard {} ms ago", e.as_millis()))
-                    }
-                    _ => ("down", st.reason.clone()),
-                };
+                let st = self.peers[p.id as usize].lock().expect("peer lock");
+                let phi = st.detector.phi(now);
+                let silence = st
+                    .detector
+                    .last_heartbeat()
+                    .map(|_| st.detector.silence(now));
+                let (state, reason) = judge(&st, phi, silence, &self.cfg.failure);
+                drop(st);
                 let theirs = peer_vecs[p.id as usize]
                     .get(me as usize)
                     .copied()
@@ -290,6 +370,8 @@ impl Shared {
                     addr: p.addr.to_string(),
                     state: state.into(),
                     reason,
+                    phi,
+                    silence_ms: silence.map_or(0, |d| d.as_millis() as u64),
                     applied: peer_vecs[p.id as usize].clone(),
                     lag_updates: unacked[p.id as usize],
                     lag_ms: applied[me as usize].saturating_sub(theirs) / 1000,
@@ -304,6 +386,8 @@ impl Shared {
             buffered,
             retained,
             keys,
+            wal_bytes,
+            fsyncs,
             peers,
         }
     }
@@ -313,6 +397,7 @@ impl Shared {
 pub struct Node {
     shared: Arc<Shared>,
     endpoint: Endpoint,
+    admin: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -338,6 +423,15 @@ impl Node {
             ..TransportLimits::default()
         };
         let server = tls::server_config(&identity, &transport, cfg.tls.require_client_cert)?;
+        // Before the UDP endpoint: if this fails, nothing is left bound.
+        let admin_listener = match cfg.admin_addr {
+            Some(addr) => Some(
+                super::admin::bind(addr)
+                    .await
+                    .map_err(|source| NodeError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         let addr = cfg.me().addr;
         let socket = bind_udp(addr).map_err(|source| NodeError::Bind { addr, source })?;
         let endpoint = Endpoint::new(
@@ -360,9 +454,14 @@ impl Node {
             peer_wake: (0..n).map(|_| Notify::new()).collect(),
             peers: (0..n)
                 .map(|_| {
+                    let f = &cfg.failure;
                     Mutex::new(PeerState {
                         outbound_up: false,
-                        last_heard: None,
+                        detector: PhiAccrual::new(
+                            f.window,
+                            Duration::from_millis(f.min_std_dev_ms),
+                        )
+                        .with_first_interval(Duration::from_millis(cfg.timeouts.heartbeat_ms)),
                         reason: "not connected yet".into(),
                     })
                 })
@@ -370,6 +469,7 @@ impl Node {
             metrics: Metrics::default(),
             shutdown,
             inflight: AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
             drained: Notify::new(),
             identity,
             transport,
@@ -394,9 +494,19 @@ impl Node {
                     .instrument(span.clone()),
             ));
         }
+        let mut admin = None;
+        if let Some(listener) = admin_listener {
+            let addr = listener.local_addr().ok();
+            info!(parent: &span, admin = ?addr, "admin endpoints: GET /metrics, GET /status");
+            admin = addr;
+            tasks.push(tokio::spawn(
+                super::admin::serve(shared.clone(), listener).instrument(span.clone()),
+            ));
+        }
         Ok(Node {
             shared,
             endpoint,
+            admin,
             shutdown_tx,
             tasks,
         })
@@ -411,6 +521,17 @@ impl Node {
     /// The address the endpoint is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.endpoint.local_addr().expect("bound endpoint")
+    }
+
+    /// The address the admin HTTP server is bound to (`GET /metrics`, `GET /status`), if one
+    /// is configured (`admin_addr`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin
+    }
+
+    /// The metrics in the Prometheus text format, as `GET /metrics` serves them.
+    pub fn metrics_text(&self) -> String {
+        super::admin::render_metrics(&self.shared)
     }
 
     /// The counters.
@@ -450,8 +571,7 @@ impl Node {
 
     /// Write-ahead log figures: `(fsyncs, bytes on disk)`.
     pub fn wal_stats(&self) -> (u64, u64) {
-        let w = self.shared.wal.lock().expect("wal lock");
-        (w.wal.fsyncs(), w.wal.disk_bytes())
+        self.shared.wal_stats()
     }
 
     /// Takes a snapshot now and prunes the log it covers (normally periodic).
@@ -487,23 +607,50 @@ impl Node {
     /// connection with [`close_code::SHUTDOWN`].
     pub async fn shutdown(self) {
         let span = info_span!("site", name = %self.shared.cfg.me().name);
-        let _ = self.shutdown_tx.send(true);
-        let drain = Duration::from_millis(self.shared.cfg.timeouts.drain_ms);
-        let _ = tokio::time::timeout(drain, async {
+        let shared = &self.shared;
+        shared.draining.store(true, Ordering::SeqCst);
+        let drain = Duration::from_millis(shared.cfg.timeouts.drain_ms);
+        let deadline = tokio::time::Instant::now() + drain;
+        // 1. Let in-flight requests finish (new ones are refused, so clients fail over).
+        let _ = tokio::time::timeout_at(deadline, async {
             loop {
-                let notified = self.shared.drained.notified();
-                if self.shared.inflight.load(Ordering::SeqCst) == 0 {
+                let notified = shared.drained.notified();
+                if shared.inflight.load(Ordering::SeqCst) == 0 {
                     break;
                 }
                 notified.await;
             }
         })
         .await;
-        self.shared.mutate(|_| ());
-        let synced = self.shared.wal.lock().expect("wal lock").wal.sync_now();
-        if let Err(e) = synced {
+        // 2. Make everything durable, then let connected peers receive and ack this site's
+        //    updates, so that a planned stop leaves nothing only here.
+        shared.mutate(|_| ());
+        if let Err(e) = shared.wal.lock().expect("wal lock").wal.sync_now() {
             tracing::error!(parent: &span, error = %e, "final fsync failed");
         }
+        let mut rx = shared.changed.subscribe();
+        let _ = tokio::time::timeout_at(deadline, async {
+            loop {
+                rx.borrow_and_update();
+                let pending: usize = shared.read(|r| {
+                    r.peers()
+                        .filter(|&p| {
+                            shared.peers[p as usize]
+                                .lock()
+                                .expect("peer lock")
+                                .outbound_up
+                        })
+                        .map(|p| r.unacked_by(p))
+                        .sum()
+                });
+                if pending == 0 || rx.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        // 3. Stop every task and close the connections.
+        let _ = self.shutdown_tx.send(true);
         self.endpoint.close(
             VarInt::from_u32(close_code::SHUTDOWN),
             b"site shutting down",

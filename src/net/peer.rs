@@ -18,7 +18,8 @@
 //!    a slow peer costs log space, not memory in a channel).
 //! 3. both sides send their durable `applied` vector on the control stream after changes and
 //!    at every heartbeat; that is the ack (retention, synchronous replication) and the
-//!    heartbeat (peer state).
+//!    heartbeat: each arrival feeds the peer's phi-accrual failure detector
+//!    ([`super::failure`]), which decides whether the peer is `up`, `suspect` or `down`.
 //!
 //! A malformed frame closes the connection with [`close_code::MALFORMED`] and bumps a counter;
 //! the dialer reconnects with exponential backoff.
@@ -110,7 +111,7 @@ async fn outbound_once(
     {
         let mut st = shared.peers[peer as usize].lock().expect("peer lock");
         st.outbound_up = true;
-        st.last_heard = Some(Instant::now());
+        st.connected(Instant::now());
         st.reason = "connected".into();
     }
     info!(peer = %entry.name, "link to peer up");
@@ -198,7 +199,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
     shared.peers[peer as usize]
         .lock()
         .expect("peer lock")
-        .last_heard = Some(Instant::now());
+        .connected(Instant::now());
     debug!(peer = %shared.site_name(peer), "inbound link up");
     let control = tokio::spawn(run_control(shared.clone(), peer, conn.clone(), send, recv));
     let result = receive_updates(&shared, &conn, peer).await;
@@ -371,11 +372,13 @@ async fn run_control(
                 };
                 match applied {
                     Ok(v) => {
+                        // Every ack is a heartbeat: it feeds the peer's failure detector.
+                        let now = Instant::now();
                         shared.mutate(|r| r.on_peer_applied(peer, &v));
                         shared.peers[peer as usize]
                             .lock()
                             .expect("peer lock")
-                            .last_heard = Some(Instant::now());
+                            .heard(now);
                     }
                     Err(e) => {
                         malformed(&shared, &conn, peer, &e.to_string());

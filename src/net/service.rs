@@ -10,6 +10,8 @@
 //! Bad input closes only that stream (`STOP_SENDING` / `RESET_STREAM` with
 //! [`close_code::MALFORMED`](super::node::close_code::MALFORMED)), after a clear error response
 //! where one can still be sent; the connection and every other client keep being served.
+//!
+//! Every answered request is counted and timed by operation ([`super::metrics`]).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,6 +21,7 @@ use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tracing::{Instrument, debug, warn};
 
+use super::metrics::Op;
 use super::node::{Metrics, Shared, close_code, now_micros};
 use crate::clock::VClock;
 use crate::replica::NotReady;
@@ -89,8 +92,9 @@ async fn handle(shared: &Shared, mut send: SendStream, mut recv: RecvStream) {
             return;
         }
     };
-    let body = match wire::access::<ArchivedRequest>(&frame) {
-        Ok(req) => execute(shared, &frame, req).await,
+    let started = Instant::now();
+    let (op, body) = match wire::access::<ArchivedRequest>(&frame) {
+        Ok(req) => (op_of(req), execute(shared, &frame, req).await),
         Err(e) => {
             Metrics::bump(&shared.metrics.malformed_frames);
             warn!(error = %e, "malformed client request; closing the stream");
@@ -105,7 +109,18 @@ async fn handle(shared: &Shared, mut send: SendStream, mut recv: RecvStream) {
         }
     };
     Metrics::bump(&shared.metrics.requests);
+    let ok = !matches!(body, ResponseBody::Error { .. });
     respond(shared, &mut send, body).await;
+    shared.metrics.ops.record(op, ok, started.elapsed());
+}
+
+fn op_of(req: &ArchivedRequest) -> Op {
+    match req.op {
+        ArchivedClientOp::Get { .. } => Op::Get,
+        ArchivedClientOp::Put { .. } => Op::Put,
+        ArchivedClientOp::Delete { .. } => Op::Delete,
+        ArchivedClientOp::Status => Op::Status,
+    }
 }
 
 async fn respond(shared: &Shared, send: &mut SendStream, body: ResponseBody) {
@@ -146,14 +161,24 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
                 return error(error_code::TOO_LARGE, e.to_string());
             }
             let got = wait_for(shared, deadline, || {
-                shared.read(|r| r.get(key.as_slice(), &ctx))
+                shared.read(|r| {
+                    r.get(key.as_slice(), &ctx)
+                        .map(|res| (res, shared.wal.lock().expect("wal lock").wal.end_lsn()))
+                })
             })
             .await;
             return match got {
-                Ok(res) => ResponseBody::Value {
-                    value: res.value.map(|v| v.to_vec()),
-                    version: res.version.map(Into::into),
-                },
+                Ok((res, lsn)) => {
+                    // Never show a value that a crash could still take back: wait until the log
+                    // is durable as far as it was when the value was read (usually already).
+                    if let Err(e) = shared.wait_durable(lsn).await {
+                        return error(error_code::STORAGE, format!("storage failed: {e}"));
+                    }
+                    ResponseBody::Value {
+                        value: res.value.map(|v| v.to_vec()),
+                        version: res.version.map(Into::into),
+                    }
+                }
                 Err(nr) => not_ready(nr, timeout),
             };
         }

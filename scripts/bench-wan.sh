@@ -1,0 +1,477 @@
+#!/usr/bin/env bash
+# The WAN benchmark suite: causalkv over an emulated wide-area network, side by side with
+# eventual consistency, synchronous replication and etcd (Raft) behind the same network, and
+# Redis as the single-site local-latency anchor.
+#
+#   bash scripts/bench-wan.sh [--quick] [--no-sweeps] [--seconds N] [--out DIR]
+#
+# No netem needed: `causalkv wan` (src/wan.rs) is a user-space relay mesh on 127.0.0.0/8, one
+# UDP relay per directed site pair (TCP relays in front of the etcd members), with one-way
+# delays from the RTT matrix a-b 30 ms, a-c 80 ms, b-c 150 ms. Each causalkv site is a
+# `causalkv serve` process (mutual TLS, default fsync = always); etcd members use their
+# default fsync on the same disk.
+#
+# Modes (each on a fresh cluster behind the same emulated WAN):
+#   causal    the default;
+#   eventual  dependency check off (CAUSALKV_BENCH_EVENTUAL=1, benchmark-only);
+#   sync      causal with `--sync 1` puts (each put waits for one remote site's durable ack);
+#   etcd      3 members, client at member a, leader moved to a; puts through the HTTP/JSON
+#             gateway (/v3/kv/put) from a keep-alive Python client.
+# Workloads (one `causalkv bench load` per site, all sites at once, each against its own site):
+#   mixed50   closed loop, 8 in flight per site, 50 % reads, uniform over 10 000 keys, 100 B values;
+#   read95    closed loop, 8 in flight per site, 95 % reads, zipfian keys (s = 0.99);
+#   open      open loop at a fixed rate per site, 50 % reads, uniform keys;
+#   values    puts only at site a, 4 in flight, values of 100 B, 4 KiB, 64 KiB.
+# Measured during each workload: op latency p50/p99/p999, throughput (and per second),
+# remote visibility latency (`causalkv bench visibility-wan`: writes at a, polls b and c with
+# fresh clients; ack -> visible), dependency-buffer occupancy (`causalkv bench status-sample`),
+# bytes on the wire per update (relay counters / puts).
+# Sweeps (skip with --no-sweeps; off in --quick): 3/5/8 sites, 0/1/5 % loss.
+# Output: results.json, results.csv, results.md and PNG plots (scripts/plot.py) in --out.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0
+SWEEPS=1
+SECS=""
+OUT=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1; shift ;;
+    --no-sweeps) SWEEPS=0; shift ;;
+    --seconds) SECS="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$OUT" ] || { [ "$QUICK" = 1 ] && OUT=results/wan-quick || OUT=results/wan; }
+
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  echo "installing etcd-server and etcd-client..." >&2
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
+if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
+  echo "installing redis-server and redis-tools..." >&2
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+fi
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+  echo "installing matplotlib..." >&2
+  pip install -q matplotlib >&2 || echo "matplotlib unavailable: no plots" >&2
+fi
+cargo build --release --bin causalkv >&2
+
+CMDLINE="bash scripts/bench-wan.sh $*"
+WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" <<'PY'
+import base64, hashlib, http.client, json, os, random, signal, subprocess, sys, threading, time
+
+OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE = sys.argv[1:]
+QUICK, SWEEPS = QUICK == "1", SWEEPS == "1" and QUICK != "1"
+T = float(SECS) if SECS else (3.0 if QUICK else 8.0)
+BIN = os.path.abspath("target/release/causalkv")
+RTT = {(0, 1): 30, (0, 2): 80, (1, 2): 150}
+T0 = time.time()
+procs = []
+
+
+def log(msg):
+    m, s = divmod(int(time.time() - T0), 60)
+    print(f"[{m:02d}:{s:02d}] {msg}", file=sys.stderr, flush=True)
+
+
+def one_way(n):
+    """One-way delay matrix (ms): the 30/80/150 ms RTT triangle for 3 sites; for more sites,
+    RTTs spread from 30 to 150 ms by distance between site indices."""
+    m = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            a, b = min(i, j), max(i, j)
+            rtt = RTT[(a, b)] if n == 3 else 30 + 120 * (b - a - 1) / max(1, n - 2)
+            m[i][j] = rtt / 2
+    return m
+
+
+def spawn(args, env=None, **kw):
+    p = subprocess.Popen(args, env={**os.environ, **(env or {})}, **kw)
+    procs.append(p)
+    return p
+
+
+def stop(ps):
+    for p in ps:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in ps:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        if p in procs:
+            procs.remove(p)
+
+
+def run_json(args, timeout=None):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:3])}: {r.stderr.strip()[-400:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def free_base(span):
+    # Below the kernel's ephemeral range (32768+), where the relays' port-0 sockets land.
+    return random.randint(12000, 32000 - span)
+
+
+class Cluster:
+    """n causalkv sites as `causalkv serve` processes behind `causalkv wan`."""
+
+    def __init__(self, n, mode, loss=0.0):
+        self.n, self.mode = n, mode
+        self.dir = os.path.join(WORK, f"ckv-{mode}-{n}-{loss}-{int(time.time()*1000) % 100000}")
+        base = free_base(n)
+        subprocess.run([BIN, "dev", "--layout-only", "--sites", str(n), "--dir", self.dir, "--port", str(base)],
+                       check=True, capture_output=True)
+        self.addrs = [f"127.0.0.1:{base + i}" for i in range(n)]
+        self.certs = os.path.join(self.dir, "certs")
+        self.stats_file = os.path.join(self.dir, "wan-stats.json")
+        m = ";".join(",".join(str(x) for x in row) for row in one_way(n))
+        wan = ["nice", "-n", "-10", BIN, "wan", "--layout", self.dir, "--matrix", m,
+               "--control", os.path.join(self.dir, "wan.ctl"), "--stats", self.stats_file]
+        if loss:
+            wan += ["--loss", str(loss)]
+        self.wan = spawn(wan, stderr=open(os.path.join(self.dir, "wan.log"), "w"))
+        for _ in range(100):
+            if os.path.exists(self.stats_file):
+                break
+            time.sleep(0.05)
+        env = {"CAUSALKV_BENCH_EVENTUAL": "1"} if mode == "eventual" else {}
+        self.sites = []
+        for i in range(n):
+            name = chr(ord("a") + i)
+            self.sites.append(spawn([BIN, "serve", "--config", os.path.join(self.dir, f"site-{name}.toml")],
+                                    env=env, stderr=open(os.path.join(self.dir, f"site-{name}.log"), "w")))
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                ok = all(
+                    all(p["state"] == "up" for p in run_json(self.status_cmd(a), timeout=5)["peers"])
+                    for a in self.addrs)
+                if ok:
+                    return
+            except Exception:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{mode} cluster of {n} did not connect within 30 s")
+
+    def status_cmd(self, addr):
+        return [BIN, "status", "--site", addr, "--certs", self.certs, "--json"]
+
+    def wire(self):
+        with open(self.stats_file) as f:
+            links = json.load(f)["links"]
+        return sum(l["bytes"] for l in links), sum(l["packets"] for l in links)
+
+    def close(self):
+        stop(self.sites + [self.wan])
+
+
+def load_cmd(cl, site, secs, conc=8, read=0.5, value=100, zipf=None, rate=None, sync=0):
+    a = [BIN, "bench", "load", "--site", cl.addrs[site], "--certs", cl.certs, "--seconds", str(secs),
+         "--concurrency", str(conc), "--read-ratio", str(read), "--value-size", str(value),
+         "--keys", "10000", "--sync", str(sync), "--timeout-ms", "20000"]
+    if zipf:
+        a += ["--zipf", str(zipf)]
+    if rate:
+        a += ["--rate", str(rate)]
+    return a
+
+
+def workload(cl, name, secs, sites=None, probe=True, **kw):
+    """Runs one load generator per site (all at once), the visibility probe and the status
+    sampler alongside, and returns everything measured."""
+    sites = list(range(cl.n)) if sites is None else sites
+    log(f"  {cl.mode:8s} {cl.n} sites: {name} ({secs:.0f} s) ...")
+    time.sleep(0.6)  # let the wan stats file settle
+    b0, p0 = cl.wire()
+    gens = [spawn(load_cmd(cl, s, secs, **kw), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            for s in sites]
+    sampler = spawn([BIN, "bench", "status-sample", "--certs", cl.certs, "--seconds", str(secs),
+                     "--interval-ms", "250"] + sum((["--site", a] for a in cl.addrs), []),
+                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    vis = None
+    if probe:
+        writes = max(20, int((secs - 1) * 1000 / 40))
+        vis = spawn([BIN, "bench", "visibility-wan", "--certs", cl.certs, "--writes", str(writes),
+                     "--interval-ms", "40", "--poll-us", "500", "--timeout-ms", "20000"]
+                    + sum((["--site", a] for a in cl.addrs[:3]), []),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    loads = []
+    for g in gens:
+        out, _ = g.communicate()
+        procs.remove(g)
+        loads.append(json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": "no output"})
+    status, _ = sampler.communicate()
+    procs.remove(sampler)
+    visibility = None
+    if vis:
+        out, err = vis.communicate()
+        procs.remove(vis)
+        visibility = json.loads(out.strip().splitlines()[-1]) if vis.returncode == 0 else {"error": err[-300:]}
+    time.sleep(0.7)
+    b1, p1 = cl.wire()
+    puts = sum(l.get("put", {}).get("count", 0) for l in loads)
+    if visibility and "writes" in visibility:
+        puts += visibility["writes"]
+    ops = sum(l.get("ops", 0) for l in loads)
+    thr = sum(l.get("throughput", 0) for l in loads)
+    per_second = [sum(x) for x in zip(*[l.get("per_second", []) for l in loads])]
+    samples = json.loads(status) if status.strip() else []
+    buf = [s["buffered"] for s in samples]
+    r = {"name": name, "mode": cl.mode, "sites": cl.n, "seconds": secs, "params": kw,
+         "load_sites": sites, "loads": loads, "ops": ops, "throughput": thr, "per_second": per_second,
+         "errors": sum(l.get("errors", 0) for l in loads), "visibility": visibility,
+         "buffer_samples": samples, "buffer_max": max(buf, default=0),
+         "buffer_mean": sum(buf) / len(buf) if buf else 0,
+         "wire_bytes": b1 - b0, "wire_packets": p1 - p0, "puts": puts,
+         "wire_bytes_per_update": (b1 - b0) / puts if puts else None}
+    l0 = loads[0]
+    vis_txt = ""
+    if visibility and "sites" in visibility:
+        vis_txt = " vis p99 " + "/".join(f"{s['latency']['p99_us']/1000:.0f}" for s in visibility["sites"]) + " ms"
+    log(f"  {cl.mode:8s} {name}: {thr:,.0f} ops/s, put p50 {l0.get('put',{}).get('p50_us',0)/1000:.2f} ms"
+        f"{vis_txt}, buffer max {r['buffer_max']}, {r['wire_bytes_per_update'] or 0:,.0f} B/update")
+    return r
+
+
+# ---------------------------------------------------------------------------------------------
+# etcd behind the same emulated WAN
+
+def etcd_member_id(peer_url, token):
+    """etcd's member id: sha1 of the sorted peer URLs joined, plus the cluster token."""
+    return format(int.from_bytes(hashlib.sha1((peer_url + token).encode()).digest()[:8], "big"), "x")
+
+
+def etcd_bench(secs, concs):
+    n = 3
+    base = free_base(20)
+    d = os.path.join(WORK, "etcd")
+    os.makedirs(d, exist_ok=True)
+    token = f"bench-{base}"
+    client = [base + i for i in range(n)]
+    peer = [base + 5 + i for i in range(n)]
+    relay = [base + 10 + i for i in range(n)]
+    purl = [f"http://127.0.0.1:{p}" for p in relay]
+    ids = [etcd_member_id(u, token) for u in purl]
+    spec = {"sites": ["a", "b", "c"], "matrix_ms": one_way(n),
+            "tcp": [{"site": i, "listen": f"127.0.0.1:{relay[i]}", "target": f"127.0.0.1:{peer[i]}",
+                     "sources": {"header": "X-Server-From", "map": {ids[k]: k for k in range(n)}}}
+                    for i in range(n)]}
+    with open(os.path.join(d, "wan.json"), "w") as f:
+        json.dump(spec, f)
+    stats = os.path.join(d, "wan-stats.json")
+    wan = spawn(["nice", "-n", "-10", BIN, "wan", "--config", os.path.join(d, "wan.json"), "--stats", stats],
+                stderr=open(os.path.join(d, "wan.log"), "w"))
+    cluster = ",".join(f"m{i}={purl[i]}" for i in range(n))
+    members = []
+    for i in range(n):
+        members.append(spawn(["etcd", "--name", f"m{i}", "--data-dir", os.path.join(d, f"m{i}"),
+                              "--listen-client-urls", f"http://127.0.0.1:{client[i]}",
+                              "--advertise-client-urls", f"http://127.0.0.1:{client[i]}",
+                              "--listen-peer-urls", f"http://127.0.0.1:{peer[i]}",
+                              "--initial-advertise-peer-urls", purl[i],
+                              "--initial-cluster", cluster, "--initial-cluster-token", token,
+                              "--initial-cluster-state", "new",
+                              # Raft timing for 150 ms RTTs (etcd's tuning guide: heartbeat ~ RTT).
+                              "--heartbeat-interval", "150", "--election-timeout", "1500"],
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, f"m{i}.log"), "w")))
+    eps = ",".join(f"127.0.0.1:{c}" for c in client)
+    out = {}
+    try:
+        deadline = time.time() + 60
+        st = None
+        while time.time() < deadline:
+            r = subprocess.run(["etcdctl", "--endpoints", eps, "endpoint", "status", "-w", "json"],
+                               capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"})
+            if r.returncode == 0:
+                st = json.loads(r.stdout)
+                if all(s["Status"]["leader"] for s in st):
+                    break
+            time.sleep(0.5)
+        else:
+            raise RuntimeError("etcd cluster did not elect a leader within 60 s")
+        got = sorted(format(s["Status"]["header"]["member_id"], "x") for s in st)
+        if got != sorted(ids):
+            raise RuntimeError(f"etcd member ids {got} differ from the computed {ids}: relays cannot attribute")
+        a_id = next(s["Status"]["header"]["member_id"] for s in st if s["Endpoint"].endswith(str(client[0])))
+        leader = st[0]["Status"]["leader"]
+        if leader != a_id:
+            lep = next(s["Endpoint"] for s in st if s["Status"]["header"]["member_id"] == leader)
+            subprocess.run(["etcdctl", "--endpoints", lep, "move-leader", format(a_id, "x")],
+                           capture_output=True, env={**os.environ, "ETCDCTL_API": "3"})
+            time.sleep(1)
+        out["leader_at_a"] = True
+        for c in concs:
+            log(f"  etcd     3 members: puts, {c} in flight ({secs:.0f} s) ...")
+            r = etcd_load(client[0], secs, c)
+            out[f"put_c{c}"] = r
+            log(f"  etcd     put p50 {r['p50_us']/1000:.2f} ms p99 {r['p99_us']/1000:.2f} ms, {r['throughput']:,.0f} puts/s")
+        with open(stats) as f:
+            out["wire_bytes"] = sum(l["bytes"] for l in json.load(f)["links"])
+    finally:
+        stop(members + [wan])
+    return out
+
+
+def quantiles(xs):
+    xs = sorted(xs)
+    if not xs:
+        return {}
+    q = lambda p: xs[min(len(xs) - 1, int(round((len(xs) - 1) * p)))]
+    pts = [i / 100 for i in range(100)] + [0.99 + i / 1000 for i in range(10)] + [0.9995, 0.9999, 1.0]
+    return {"count": len(xs), "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": xs[-1],
+            "mean_us": sum(xs) / len(xs), "cdf": [(p, q(p)) for p in pts]}
+
+
+def etcd_load(port, secs, conc):
+    """Closed-loop puts through etcd's HTTP/JSON gateway, one keep-alive connection per thread."""
+    lat, lock, errors = [], threading.Lock(), [0]
+    value = base64.b64encode(b"x" * 100).decode()
+    end = time.time() + secs
+
+    def worker(w):
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+        mine, k = [], 0
+        while time.time() < end:
+            key = base64.b64encode(f"key{w:03d}{k % 100000:08d}".encode()).decode()
+            body = json.dumps({"key": key, "value": value})
+            t = time.perf_counter()
+            try:
+                c.request("POST", "/v3/kv/put", body, {"Content-Type": "application/json"})
+                resp = c.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(resp.status)
+                mine.append((time.perf_counter() - t) * 1e6)
+            except Exception:
+                errors[0] += 1
+                c.close()
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
+            k += 1
+        with lock:
+            lat.extend(mine)
+
+    t0 = time.time()
+    ths = [threading.Thread(target=worker, args=(w,)) for w in range(conc)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    r = quantiles(lat)
+    r["throughput"] = len(lat) / (time.time() - t0)
+    r["errors"] = errors[0]
+    return r
+
+
+def redis_anchor(n):
+    port = free_base(1)
+    p = spawn(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+               "--logfile", os.path.join(WORK, "redis.log")])
+    try:
+        for _ in range(50):
+            if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True).stdout.strip() == "PONG":
+                break
+            time.sleep(0.1)
+        r = subprocess.run(["redis-benchmark", "-p", str(port), "-c", "1", "-n", str(n), "-d", "100",
+                            "-r", "100000", "-t", "set,get", "--csv"], capture_output=True, text=True, check=True)
+        import csv, io
+        rows = {x["test"]: x for x in csv.DictReader(io.StringIO(r.stdout))}
+        return {t: {"p50_us": float(x["p50_latency_ms"]) * 1000, "p99_us": float(x["p99_latency_ms"]) * 1000,
+                    "rps": float(x["rps"])} for t, x in rows.items()}
+    finally:
+        stop([p])
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main():
+    res = {"command": CMDLINE, "quick": QUICK, "seconds_per_run": T, "rtt_ms": {"a-b": 30, "a-c": 80, "b-c": 150},
+           "one_way_ms": one_way(3), "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
+           "runs": [], "sweeps": {}}
+    log("emulator self-test (0 and 20 ms links) ...")
+    res["emulator_self_test"] = run_json(["nice", "-n", "-10", BIN, "wan", "--self-test", "--samples",
+                                          "1000" if QUICK else "3000"])
+    for s in res["emulator_self_test"]:
+        log(f"  {s['delay_ms']:.0f} ms link: added p50 {s['added_p50_us']:.0f} us, p99 {s['added_p99_us']:.0f} us")
+    open_rate = 200 if QUICK else 500
+    for mode in ["causal", "eventual"]:
+        log(f"{mode}: starting 3 sites behind the emulated WAN ...")
+        cl = Cluster(3, mode)
+        try:
+            res["runs"].append(workload(cl, "mixed50", T))
+            if not QUICK:
+                res["runs"].append(workload(cl, "read95", T, read=0.95, zipf=0.99))
+            res["runs"].append(workload(cl, "open", T, rate=open_rate))
+            if mode == "causal":
+                cl.mode = "sync"
+                res["runs"].append(workload(cl, "mixed50", T, sync=1))
+                cl.mode = "causal"
+                for v in ([100, 65536] if QUICK else [100, 4096, 65536]):
+                    res["runs"].append(workload(cl, f"values-{v}", max(3.0, T / 2), sites=[0], probe=False,
+                                                conc=4, read=0.0, value=v))
+        finally:
+            cl.close()
+    log("etcd: 3 members behind the emulated WAN ...")
+    try:
+        res["etcd"] = etcd_bench(T, [1] if QUICK else [1, 8])
+    except Exception as e:
+        log(f"  etcd failed: {e}")
+        res["etcd"] = {"error": str(e)}
+    log("redis: single-site local anchor ...")
+    try:
+        res["redis"] = redis_anchor(5000 if QUICK else 20000)
+    except Exception as e:
+        res["redis"] = {"error": str(e)}
+    if SWEEPS:
+        res["sweeps"]["sites"] = []
+        for n in [3, 5, 8]:
+            log(f"sweep: {n} sites ...")
+            try:
+                cl = Cluster(n, "causal")
+                try:
+                    r = workload(cl, f"sites-{n}", max(4.0, T * 0.75), sites=[0], probe=True, conc=8)
+                    res["sweeps"]["sites"].append(r)
+                finally:
+                    cl.close()
+            except Exception as e:
+                log(f"  sweep with {n} sites failed: {e}")
+        res["sweeps"]["loss"] = []
+        for loss in [0.0, 0.01, 0.05]:
+            log(f"sweep: {loss:.0%} loss on every link ...")
+            try:
+                cl = Cluster(3, "causal", loss=loss)
+                try:
+                    r = workload(cl, f"loss-{loss}", T, rate=open_rate)
+                    r["loss"] = loss
+                    res["sweeps"]["loss"].append(r)
+                finally:
+                    cl.close()
+            except Exception as e:
+                log(f"  sweep with {loss:.0%} loss failed: {e}")
+    res["machine"]["load_after"] = os.getloadavg()
+    res["wall_seconds"] = time.time() - T0
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    log(f"done in {time.time() - T0:.0f} s; writing tables and plots")
+
+
+try:
+    main()
+finally:
+    stop(list(procs))
+PY
+python3 scripts/plot.py "$OUT"

@@ -1,0 +1,534 @@
+//! The admin endpoints: metrics in the Prometheus text format and the status as JSON, over a
+//! deliberately tiny HTTP/1.1 responder on plain TCP (`admin_addr`; bind it to loopback or a
+//! management network).
+//!
+//! - `GET /metrics`: every metric is named `causalkv_*` with `# HELP` and `# TYPE` lines
+//!   (text exposition format 0.0.4).
+//! - `GET /status`: what `causalkv status --json` shows.
+//!
+//! The responder serves exactly one request per connection and then closes it
+//! (`Connection: close`). It is strict: the request head must arrive within
+//! [`IO_TIMEOUT`] and fit in [`MAX_HEAD`] bytes, the request line must be
+//! `GET|HEAD <path> HTTP/1.x`, every header line must be `name: value`, and a request body is
+//! refused; anything else gets a 4xx answer. At most [`MAX_CONNECTIONS`] are served at once;
+//! further connections are closed at once.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use super::metrics::{BUCKETS_MICROS, Histogram, Op};
+use super::node::{Metrics, Shared};
+
+/// Longest a connection may take to send its request and receive the answer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head (request line and headers), in bytes.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Most connections served at once.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// Binds the admin listener.
+pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves admin requests until the node shuts down.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let mut shutdown = shared.shutdown.clone();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(%remote, "admin connection refused: too many at once");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(IO_TIMEOUT, handle(&shared, stream)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!(%remote, error = %e, "admin connection failed"),
+                Err(_) => debug!(%remote, "admin connection timed out"),
+            }
+        });
+    }
+}
+
+/// Reads one request head, answers it and closes the connection.
+async fn handle(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let head_len = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i;
+        }
+        if buf.len() >= MAX_HEAD {
+            return reply(
+                &mut stream,
+                431,
+                "text/plain",
+                b"request head too large\n",
+                true,
+            )
+            .await;
+        }
+        let mut chunk = [0u8; 1024];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(()); // closed before a complete request
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let (status, content_type, body, head_only) = match parse(&buf[..head_len]) {
+        Err((status, why)) => (status, "text/plain", format!("{why}\n"), false),
+        Ok((head_only, path)) => match path {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                render_metrics(shared),
+                head_only,
+            ),
+            "/status" => (
+                200,
+                "application/json",
+                serde_json::to_string(&shared.status()).expect("status serialises") + "\n",
+                head_only,
+            ),
+            _ => (
+                404,
+                "text/plain",
+                "not found: try /metrics or /status\n".into(),
+                head_only,
+            ),
+        },
+    };
+    let with_body = !head_only;
+    reply(
+        &mut stream,
+        status,
+        content_type,
+        body.as_bytes(),
+        with_body,
+    )
+    .await
+}
+
+/// Checks a request head; returns whether it is a HEAD request and the path (query dropped).
+fn parse(head: &[u8]) -> Result<(bool, &str), (u16, &'static str)> {
+    let head = std::str::from_utf8(head).map_err(|_| (400, "request head is not UTF-8"))?;
+    let mut lines = head.split("\r\n");
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err((400, "malformed request line"));
+    };
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err((505, "only HTTP/1.0 and HTTP/1.1 are served"));
+    }
+    for line in lines {
+        let Some((name, _)) = line.split_once(':') else {
+            return Err((400, "malformed header line"));
+        };
+        let name = name.trim();
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err((400, "malformed header name"));
+        }
+        if name.eq_ignore_ascii_case("transfer-encoding")
+            || (name.eq_ignore_ascii_case("content-length")
+                && line.split_once(':').is_some_and(|(_, v)| v.trim() != "0"))
+        {
+            return Err((400, "request bodies are not accepted"));
+        }
+    }
+    let head_only = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Err((405, "only GET and HEAD are served")),
+    };
+    if !target.starts_with('/') {
+        return Err((400, "the request target must be a path"));
+    }
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    Ok((head_only, path))
+}
+
+async fn reply(
+    stream: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    with_body: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "HTTP Version Not Supported",
+    };
+    let allow = if status == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         {allow}Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    if with_body {
+        stream.write_all(body).await?;
+    }
+    stream.shutdown().await
+}
+
+/// Writes metric families in the text exposition format.
+struct Exposition(String);
+
+impl Exposition {
+    /// Starts a family: its `# HELP` and `# TYPE` lines.
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.0, "# HELP {name} {help}");
+        let _ = writeln!(self.0, "# TYPE {name} {kind}");
+    }
+
+    /// One sample; `labels` are `(name, value)` pairs, values escaped here.
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        self.0.push_str(name);
+        if !labels.is_empty() {
+            self.0.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.0.push(',');
+                }
+                let _ = write!(self.0, "{k}=\"{}\"", escape(v));
+            }
+            self.0.push('}');
+        }
+        let _ = writeln!(self.0, " {value}");
+    }
+
+    /// A family with a single unlabelled sample.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+        self.family(name, kind, help);
+        self.sample(name, &[], value);
+    }
+
+    /// The samples of one histogram with `labels`.
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &Histogram) {
+        let (cumulative, sum_micros) = h.snapshot();
+        let bucket = format!("{name}_bucket");
+        for (i, count) in cumulative.iter().enumerate() {
+            let le = BUCKETS_MICROS
+                .get(i)
+                .map_or("+Inf".to_string(), |us| (*us as f64 / 1e6).to_string());
+            let mut l = labels.to_vec();
+            l.push(("le", &le));
+            self.sample(&bucket, &l, count);
+        }
+        self.sample(&format!("{name}_sum"), labels, sum_micros as f64 / 1e6);
+        let total = cumulative.last().copied().unwrap_or(0);
+        self.sample(&format!("{name}_count"), labels, total);
+    }
+}
+
+/// Escapes a label value (backslash, double quote, newline).
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A peer state as a gauge value: 0 up, 1 suspect, 2 down.
+fn state_value(state: &str) -> u8 {
+    match state {
+        "up" => 0,
+        "suspect" => 1,
+        _ => 2,
+    }
+}
+
+/// Renders every metric of the node in the Prometheus text format.
+pub(crate) fn render_metrics(shared: &Shared) -> String {
+    let status = shared.status();
+    let m = &shared.metrics;
+    let get = Metrics::get;
+    let mut e = Exposition(String::with_capacity(8 * 1024));
+
+    e.family(
+        "causalkv_site_info",
+        "gauge",
+        "This site's name and id (always 1).",
+    );
+    let id = status.site.to_string();
+    e.sample(
+        "causalkv_site_info",
+        &[("site", &status.name), ("id", &id)],
+        1,
+    );
+
+    e.family(
+        "causalkv_requests_total",
+        "counter",
+        "Client requests answered, by operation and result.",
+    );
+    for op in Op::ALL {
+        let s = m.ops.get(op);
+        for (result, c) in [("ok", &s.ok), ("error", &s.errors)] {
+            e.sample(
+                "causalkv_requests_total",
+                &[("op", op.name()), ("result", result)],
+                get(c),
+            );
+        }
+    }
+    e.family(
+        "causalkv_request_duration_seconds",
+        "histogram",
+        "Time from a valid request frame to its response, by operation.",
+    );
+    for op in Op::ALL {
+        e.histogram(
+            "causalkv_request_duration_seconds",
+            &[("op", op.name())],
+            &m.ops.get(op).latency,
+        );
+    }
+    e.single(
+        "causalkv_requests_in_flight",
+        "gauge",
+        "Client requests being served.",
+        shared.inflight.load(Ordering::Relaxed),
+    );
+    e.single(
+        "causalkv_requests_too_large_total",
+        "counter",
+        "Client requests refused for the size of a key, value or frame.",
+        get(&m.too_large),
+    );
+    e.single(
+        "causalkv_malformed_frames_total",
+        "counter",
+        "Frames (client or peer) that failed validation.",
+        get(&m.malformed_frames),
+    );
+    e.single(
+        "causalkv_hellos_rejected_total",
+        "counter",
+        "Peer hellos refused (wrong cluster, wrong site, certificate mismatch).",
+        get(&m.hellos_rejected),
+    );
+    e.single(
+        "causalkv_tls_handshake_failures_total",
+        "counter",
+        "Connections whose TLS handshake or certificate check failed.",
+        get(&m.tls_failures),
+    );
+    e.single(
+        "causalkv_replication_batches_in_total",
+        "counter",
+        "Update batches received from peers.",
+        get(&m.batches_in),
+    );
+    e.single(
+        "causalkv_replication_batches_out_total",
+        "counter",
+        "Update batches sent to peers.",
+        get(&m.batches_out),
+    );
+    e.single(
+        "causalkv_replication_bytes_in_total",
+        "counter",
+        "Bytes of update frames received from peers.",
+        get(&m.bytes_in),
+    );
+    e.single(
+        "causalkv_replication_bytes_out_total",
+        "counter",
+        "Bytes of update frames sent to peers.",
+        get(&m.bytes_out),
+    );
+    e.single(
+        "causalkv_wal_fsyncs_total",
+        "counter",
+        "Write-ahead log fsyncs.",
+        status.fsyncs,
+    );
+    e.single(
+        "causalkv_wal_bytes",
+        "gauge",
+        "Bytes of write-ahead log on disk.",
+        status.wal_bytes,
+    );
+    e.single(
+        "causalkv_keys",
+        "gauge",
+        "Keys held, tombstones included.",
+        status.keys,
+    );
+    e.single(
+        "causalkv_buffered_updates",
+        "gauge",
+        "Remote updates in the dependency buffer, waiting for their dependencies.",
+        status.buffered,
+    );
+    e.single(
+        "causalkv_retained_updates",
+        "gauge",
+        "Own updates retained until every peer acks them.",
+        status.retained,
+    );
+
+    let peers: Vec<(&str, &crate::wire::PeerStatus)> =
+        status.peers.iter().map(|p| (p.name.as_str(), p)).collect();
+    e.family(
+        "causalkv_peer_state",
+        "gauge",
+        "Peer state from the failure detector: 0 up, 1 suspect, 2 down.",
+    );
+    for (name, p) in &peers {
+        e.sample(
+            "causalkv_peer_state",
+            &[("peer", name)],
+            state_value(&p.state),
+        );
+    }
+    e.family(
+        "causalkv_peer_phi",
+        "gauge",
+        "Phi-accrual suspicion level of the peer (0 before any heartbeat).",
+    );
+    for (name, p) in &peers {
+        e.sample("causalkv_peer_phi", &[("peer", name)], p.phi);
+    }
+    e.family(
+        "causalkv_peer_silence_seconds",
+        "gauge",
+        "Time since the peer's last heartbeat or ack.",
+    );
+    for (name, p) in &peers {
+        e.sample(
+            "causalkv_peer_silence_seconds",
+            &[("peer", name)],
+            p.silence_ms as f64 / 1e3,
+        );
+    }
+    e.family(
+        "causalkv_replication_lag_updates",
+        "gauge",
+        "Own updates the peer has not acked yet.",
+    );
+    for (name, p) in &peers {
+        e.sample(
+            "causalkv_replication_lag_updates",
+            &[("peer", name)],
+            p.lag_updates,
+        );
+    }
+    e.family(
+        "causalkv_replication_lag_seconds",
+        "gauge",
+        "How far the peer's acked entry for this site is behind this site's clock.",
+    );
+    for (name, p) in &peers {
+        e.sample(
+            "causalkv_replication_lag_seconds",
+            &[("peer", name)],
+            p.lag_ms as f64 / 1e3,
+        );
+    }
+    e.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads_are_parsed_strictly() {
+        fn ok(h: &str) -> Result<(bool, &str), (u16, &'static str)> {
+            parse(h.as_bytes())
+        }
+        assert_eq!(
+            ok("GET /metrics HTTP/1.1\r\nHost: x"),
+            Ok((false, "/metrics"))
+        );
+        assert_eq!(ok("HEAD /status?x=1 HTTP/1.0"), Ok((true, "/status")));
+        assert_eq!(
+            ok("GET /metrics HTTP/1.1\r\nContent-Length: 0"),
+            Ok((false, "/metrics"))
+        );
+        assert_eq!(ok("POST /metrics HTTP/1.1").unwrap_err().0, 405);
+        assert_eq!(ok("GET /metrics HTTP/2").unwrap_err().0, 505);
+        assert_eq!(ok("GET  /metrics HTTP/1.1").unwrap_err().0, 400);
+        assert_eq!(ok("GET /metrics").unwrap_err().0, 400);
+        assert_eq!(ok("GET http://x/ HTTP/1.1").unwrap_err().0, 400);
+        assert_eq!(ok("GET / HTTP/1.1\r\nbroken").unwrap_err().0, 400);
+        assert_eq!(ok("GET / HTTP/1.1\r\nbad name: v").unwrap_err().0, 400);
+        assert_eq!(
+            ok("GET / HTTP/1.1\r\nContent-Length: 5").unwrap_err().0,
+            400
+        );
+        assert_eq!(
+            ok("GET / HTTP/1.1\r\nTransfer-Encoding: chunked")
+                .unwrap_err()
+                .0,
+            400
+        );
+        assert_eq!(parse(b"GET /\xff HTTP/1.1").unwrap_err().0, 400);
+    }
+
+    #[test]
+    fn exposition_lines_are_well_formed() {
+        let mut e = Exposition(String::new());
+        e.family("causalkv_x", "gauge", "An x.");
+        e.sample("causalkv_x", &[("peer", "a\"b\\c\nd")], 1.5);
+        let h = Histogram::default();
+        h.record(Duration::from_micros(300));
+        e.histogram("causalkv_h", &[("op", "get")], &h);
+        let text = e.0;
+        assert!(text.starts_with("# HELP causalkv_x An x.\n# TYPE causalkv_x gauge\n"));
+        assert!(
+            text.contains("causalkv_x{peer=\"a\\\"b\\\\c\\nd\"} 1.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("causalkv_h_bucket{op=\"get\",le=\"0.00025\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("causalkv_h_bucket{op=\"get\",le=\"0.0005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("causalkv_h_bucket{op=\"get\",le=\"+Inf\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("causalkv_h_sum{op=\"get\"} 0.0003\n"),
+            "{text}"
+        );
+        assert!(text.contains("causalkv_h_count{op=\"get\"} 1\n"), "{text}");
+    }
+}
