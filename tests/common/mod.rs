@@ -320,12 +320,19 @@ pub struct Processes {
     children: Vec<Option<std::process::Child>>,
     /// How many times each site was started.
     starts: Vec<usize>,
+    /// Extra environment variables every start of every site gets.
+    env: Vec<(String, String)>,
 }
 
 impl Prepared {
     /// Writes every site's configuration file and starts each site as a `causalkv serve`
     /// process; returns once every site is listening (not necessarily connected to its peers).
     pub async fn spawn(self) -> Processes {
+        self.spawn_with_env(&[]).await
+    }
+
+    /// [`Prepared::spawn`] with extra environment variables for every start of every site.
+    pub async fn spawn_with_env(self, env: &[(&str, &str)]) -> Processes {
         let mut config_files = Vec::new();
         for cfg in &self.configs {
             let file = self.dir.path().join(format!("site-{}.toml", cfg.me().name));
@@ -341,6 +348,10 @@ impl Prepared {
             config_files,
             children: (0..n).map(|_| None).collect(),
             starts: vec![0; n],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         for i in 0..n {
             p.start(i);
@@ -393,6 +404,7 @@ impl Processes {
             .arg("--config")
             .arg(&self.config_files[i])
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)

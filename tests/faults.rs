@@ -1,0 +1,776 @@
+//! Fault injection end to end: real `causalkv serve` processes behind the user-space WAN
+//! emulator ([`causalkv::wan`]), under a seeded schedule of asymmetric partitions, isolation of
+//! one site, `kill -9` with restart, and loss bursts, while client sessions hop between sites.
+//! The recorded history must be causally consistent ([`checker::check`]), no acknowledged write
+//! may be lost, and the sites must converge once everything is healed.
+//!
+//! `FAULTS_SEED` overrides the schedule's seed; `FAULTS_SECS` its length (default 35 s).
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use causalkv::checker::{self, History, Op, OpKind, Report};
+use causalkv::client::ClientBuilder;
+use causalkv::clock::Version;
+use causalkv::storage::wal::FsyncPolicy;
+use causalkv::wan::{LinkParams, Wan};
+use causalkv::{Client, certs, dev};
+use common::{Cluster, Prepared, Processes, bounded, ms};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const DEFAULT_SEED: u64 = 0xFA_0175;
+
+/// The tests of this target each run three site processes; on a small machine they would starve
+/// each other, so they take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+/// Puts every directed link `i → j` of the prepared cluster through a relay of `wan`: site
+/// `i` dials site `j` at the relay's address (what [`causalkv::wan::relay_layout`] does to the
+/// configuration files, done here on the configurations before the processes start).
+fn through_wan(p: &mut Prepared, wan: &Wan) {
+    let real: Vec<SocketAddr> = p.configs[0].sites.iter().map(|s| s.addr).collect();
+    let n = real.len();
+    for i in 0..n {
+        for j in (0..n).filter(|&j| j != i) {
+            let relay = wan
+                .udp_relay(i, j, SocketAddr::from(([127, 0, 0, 1], 0)), real[j])
+                .expect("start relay");
+            p.configs[i].sites[j].addr = relay;
+        }
+    }
+}
+
+/// Connection settings for clients (a [`ClientBuilder`] is not `Clone`).
+#[derive(Clone)]
+struct Conn {
+    addrs: Vec<String>,
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+}
+
+impl Conn {
+    fn of(p: &Processes) -> Conn {
+        let id = certs::client_paths(&p.certs, dev::CLI_CLIENT);
+        Conn {
+            addrs: (0..p.len()).map(|i| p.addr(i).to_string()).collect(),
+            cert: id.cert,
+            key: id.key,
+            ca: p.ca(),
+        }
+    }
+
+    fn builder(&self, site: usize, timeout: Duration) -> ClientBuilder {
+        Client::builder()
+            .sites([self.addrs[site].clone()])
+            .identity(&self.cert, &self.key)
+            .ca(&self.ca)
+            .timeout(timeout)
+    }
+}
+
+/// One session's operations in issue order.
+enum Logged {
+    Acked(Op),
+    /// A write whose outcome is unknown (error or timeout).
+    Unknown(Op),
+}
+
+/// What one session task did.
+#[derive(Default)]
+struct TaskLog {
+    ops: Vec<Logged>,
+    /// Acknowledged writes with the version the site gave them.
+    acked: Vec<(String, String, Version)>,
+    errors: BTreeMap<String, usize>,
+    hops: usize,
+}
+
+impl TaskLog {
+    fn error(&mut self, e: &causalkv::ClientError) {
+        let kind = format!("{e:?}");
+        let kind = kind.split(['(', ' ', '{']).next().unwrap_or("?").to_owned();
+        *self.errors.entry(kind).or_default() += 1;
+    }
+}
+
+/// A session task: hops between sites in its own failover order (a new client per hop that
+/// carries the session token), writing unique values to a small key set and reading. After a
+/// write of unknown outcome the task goes on as a *new* session id (still carrying the token):
+/// the unknown write, if it took effect, must stay the last op of its session, or a read that
+/// cannot see it on another site would look like a read-your-writes violation.
+async fn session_task(
+    task: u64,
+    conn: Conn,
+    keys: Arc<Vec<String>>,
+    alive: Arc<Vec<AtomicBool>>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) -> TaskLog {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ task.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut order = [0usize, 1, 2];
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.gen_range(0..=i));
+    }
+    let mut log = TaskLog::default();
+    let mut sid = task * 1_000_000;
+    let mut token: Option<String> = None;
+    let mut n = 0u64;
+    let mut hop = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        hop += 1;
+        let site = order[hop % order.len()];
+        if !alive[site].load(Ordering::Relaxed) {
+            continue;
+        }
+        log.hops += 1;
+        let client = match conn.builder(site, ms(1_500)).connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                log.error(&e);
+                tokio::time::sleep(ms(20)).await;
+                continue;
+            }
+        };
+        if let Some(t) = &token {
+            client.set_session_token(t).expect("own token");
+        }
+        for _ in 0..rng.gen_range(5..40) {
+            if stop.load(Ordering::Relaxed) || !alive[site].load(Ordering::Relaxed) {
+                break;
+            }
+            let k = keys[rng.gen_range(0..keys.len())].clone();
+            if rng.gen_bool(0.45) {
+                n += 1;
+                let v = format!("{k}=t{task}.{n}");
+                match client.put(&k, &v).await {
+                    Ok(version) => {
+                        log.ops.push(Logged::Acked(Op::write(
+                            sid,
+                            site as u16,
+                            k.clone(),
+                            v.clone(),
+                        )));
+                        log.acked.push((k, v, version));
+                    }
+                    Err(e) => {
+                        log.error(&e);
+                        log.ops
+                            .push(Logged::Unknown(Op::write(sid, site as u16, k, v)));
+                        sid += 1;
+                        break;
+                    }
+                }
+            } else {
+                match client.get(&k).await {
+                    Ok(got) => log.ops.push(Logged::Acked(Op::read(
+                        sid,
+                        site as u16,
+                        k,
+                        got.map(|b| b.to_vec()),
+                    ))),
+                    Err(e) => {
+                        log.error(&e);
+                        break;
+                    }
+                }
+            }
+            token = Some(client.session_token());
+        }
+    }
+    log
+}
+
+/// Every key of `keys` at site `i` with its version (a fresh client).
+async fn read_versions(
+    conn: &Conn,
+    i: usize,
+    keys: &[String],
+) -> Option<BTreeMap<String, Option<(String, Version)>>> {
+    let c = conn.builder(i, ms(2_000)).connect().await.ok()?;
+    let mut out = BTreeMap::new();
+    for k in keys {
+        let r = c.get_versioned(k).await.ok()?;
+        let v = match (r.value, r.version) {
+            (Some(v), Some(ver)) => Some((String::from_utf8(v.to_vec()).expect("utf-8"), ver)),
+            _ => None,
+        };
+        out.insert(k.clone(), v);
+    }
+    Some(out)
+}
+
+/// Waits until every site is caught up with every other and all hold the same contents;
+/// returns each site's contents.
+async fn converge(
+    conn: &Conn,
+    keys: &[String],
+    limit: Duration,
+) -> Vec<(u16, BTreeMap<String, Option<(String, Version)>>)> {
+    let deadline = Instant::now() + limit;
+    let n = conn.addrs.len();
+    loop {
+        let mut caught_up = true;
+        for i in 0..n {
+            let ok = match conn.builder(i, ms(1_000)).connect().await {
+                Ok(c) => matches!(c.status().await, Ok(s) if s.buffered == 0
+                    && s.peers.iter().all(|p| p.state == "up" && p.lag_updates == 0)),
+                Err(_) => false,
+            };
+            caught_up &= ok;
+        }
+        if caught_up {
+            let mut states = Vec::new();
+            for i in 0..n {
+                if let Some(s) = read_versions(conn, i, keys).await {
+                    states.push((i as u16, s));
+                }
+            }
+            if states.len() == n {
+                match checker::check_convergence(&states) {
+                    Ok(()) => return states,
+                    Err(e) if Instant::now() >= deadline => panic!("sites do not converge: {e}"),
+                    Err(_) => {}
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sites are not caught up within {limit:?}"
+        );
+        tokio::time::sleep(ms(50)).await;
+    }
+}
+
+/// A digest of a site's contents (FNV-1a over keys, values and versions).
+fn digest(state: &BTreeMap<String, Option<(String, Version)>>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let text = format!("{state:?}");
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// The history of acknowledged operations. A write of unknown outcome is left out unless a read
+/// (or a site's final state) returned its value: then it took effect, and it is recorded where
+/// it was issued (the last op of its session id).
+fn history(
+    logs: &[TaskLog],
+    final_state: &BTreeMap<String, Option<(String, Version)>>,
+) -> (History, usize, usize) {
+    let observed: HashSet<(Vec<u8>, Vec<u8>)> = logs
+        .iter()
+        .flat_map(|l| &l.ops)
+        .filter_map(|o| match o {
+            Logged::Acked(Op {
+                kind:
+                    OpKind::Read {
+                        key,
+                        value: Some(v),
+                    },
+                ..
+            }) => Some((key.clone(), v.clone())),
+            _ => None,
+        })
+        .chain(final_state.iter().filter_map(|(k, v)| {
+            v.as_ref()
+                .map(|(v, _)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+        }))
+        .collect();
+    let mut h = History::new();
+    let (mut unknown, mut kept) = (0, 0);
+    for l in logs {
+        for o in &l.ops {
+            match o {
+                Logged::Acked(op) => h.record(op.clone()),
+                Logged::Unknown(op) => {
+                    unknown += 1;
+                    let OpKind::Write { key, value } = &op.kind else {
+                        unreachable!()
+                    };
+                    if observed.contains(&(key.clone(), value.clone())) {
+                        kept += 1;
+                        h.record(op.clone());
+                    }
+                }
+            }
+        }
+    }
+    (h, unknown, kept)
+}
+
+fn names() -> Vec<String> {
+    ["a", "b", "c"].iter().map(|s| s.to_string()).collect()
+}
+
+fn keys(n: usize) -> Arc<Vec<String>> {
+    Arc::new((0..n).map(|i| format!("k{i:02}")).collect())
+}
+
+/// Runs `sessions` session tasks until `stop`; returns them.
+fn spawn_sessions(
+    set: &mut tokio::task::JoinSet<TaskLog>,
+    sessions: u64,
+    conn: &Conn,
+    keys: &Arc<Vec<String>>,
+    alive: &Arc<Vec<AtomicBool>>,
+    stop: &Arc<AtomicBool>,
+    seed: u64,
+) {
+    for t in 1..=sessions {
+        set.spawn(session_task(
+            t,
+            conn.clone(),
+            keys.clone(),
+            alive.clone(),
+            stop.clone(),
+            seed,
+        ));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Partitions, kills and loss
+
+#[derive(Debug)]
+enum Fault {
+    /// Link `from → to` cut, the other direction up.
+    Asymmetric(usize, usize),
+    /// Every link of the site cut.
+    Isolate(usize),
+    /// `kill -9`, then a restart from its configuration.
+    Kill(usize),
+    /// ~20 % loss on a few links.
+    Loss(Vec<(usize, usize)>),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_under_partitions_kills_and_loss() {
+    let _turn = SERIAL.lock().await;
+    let seed = env_u64("FAULTS_SEED", DEFAULT_SEED);
+    let secs = env_u64("FAULTS_SECS", 35);
+    println!("FAULTS_SEED={seed} FAULTS_SECS={secs}");
+    bounded(ms(150_000), async {
+        // A few milliseconds one way (3–6 ms), so the run is fast.
+        let base = |i: usize, j: usize| LinkParams::default().with_delay_ms((2 + i + j) as f64);
+        let wan = Wan::new(names(), base);
+        let mut prepared = Cluster::prepare(3);
+        for c in &prepared.configs {
+            assert_eq!(c.storage.fsync, FsyncPolicy::Always, "the default");
+        }
+        through_wan(&mut prepared, &wan);
+        let mut procs = prepared.spawn().await;
+        procs.wait_connected().await;
+        let conn = Conn::of(&procs);
+        let keys = keys(16);
+        let alive: Arc<Vec<AtomicBool>> = Arc::new((0..3).map(|_| AtomicBool::new(true)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        spawn_sessions(&mut tasks, 12, &conn, &keys, &alive, &stop, seed);
+
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let started = Instant::now();
+        let end = started + Duration::from_secs(secs);
+        let mut faults = Vec::new();
+        let mut max_lag_ms = 0u64;
+        let mut restarts = Vec::new();
+        while Instant::now() < end && faults.len() < 200 {
+            tokio::time::sleep(ms(rng.gen_range(200..800))).await;
+            let s = rng.gen_range(0..3usize);
+            let other = (s + rng.gen_range(1..3usize)) % 3;
+            let fault = match rng.gen_range(0..4) {
+                0 => Fault::Asymmetric(s, other),
+                1 => Fault::Isolate(s),
+                2 => Fault::Kill(s),
+                _ => Fault::Loss(
+                    (0..rng.gen_range(1..=3))
+                        .map(|_| {
+                            let i = rng.gen_range(0..3usize);
+                            (i, (i + rng.gen_range(1..3usize)) % 3)
+                        })
+                        .collect(),
+                ),
+            };
+            let hold = ms(rng.gen_range(800..2_500));
+            let t0 = Instant::now();
+            match &fault {
+                Fault::Asymmetric(i, j) => {
+                    wan.link(*i, *j).set_cut(true);
+                    // The lag site i reports for peer j grows while j misses i's updates.
+                    max_lag_ms = max_lag_ms.max(sample_lag(&conn, *i, *j, hold).await);
+                    wan.link(*i, *j).set_cut(false);
+                }
+                Fault::Isolate(i) => {
+                    wan.isolate(*i, true);
+                    let peer = (*i + 1) % 3;
+                    max_lag_ms = max_lag_ms.max(sample_lag(&conn, peer, *i, hold).await);
+                    wan.isolate(*i, false);
+                }
+                Fault::Kill(i) => {
+                    alive[*i].store(false, Ordering::Relaxed);
+                    procs.kill(*i);
+                    tokio::time::sleep(hold / 2).await;
+                    procs.start(*i);
+                    procs.wait_listening(*i, ms(10_000)).await;
+                    alive[*i].store(true, Ordering::Relaxed);
+                    restarts.push(t0.elapsed());
+                }
+                Fault::Loss(links) => {
+                    for (i, j) in links {
+                        wan.link(*i, *j).set_params(LinkParams { loss: 0.2, ..base(*i, *j) });
+                    }
+                    tokio::time::sleep(ms(1_000)).await;
+                    for (i, j) in links {
+                        wan.link(*i, *j).set_params(base(*i, *j));
+                    }
+                }
+            }
+            faults.push(fault);
+        }
+
+        // Heal everything (every fault above is already undone; make sure) and stop the load.
+        for i in 0..3 {
+            for j in (0..3).filter(|&j| j != i) {
+                wan.link(i, j).set_cut(false);
+                wan.link(i, j).set_params(base(i, j));
+            }
+            if !procs.is_running(i) {
+                procs.start(i);
+                procs.wait_listening(i, ms(10_000)).await;
+            }
+            alive[i].store(true, Ordering::Relaxed);
+        }
+        let healed = Instant::now();
+        stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            logs.push(r.expect("session task"));
+        }
+        let states = converge(&conn, &keys, ms(30_000)).await;
+        let converged = healed.elapsed();
+
+        // (a) identical contents.
+        let digests: Vec<u64> = states.iter().map(|(_, s)| digest(s)).collect();
+        assert!(
+            digests.windows(2).all(|w| w[0] == w[1]),
+            "digests differ: {digests:x?}"
+        );
+        // (b) no acknowledged write lost: each key's final version is at least every
+        // acknowledged write's.
+        let fin = &states[0].1;
+        let mut acked_writes = 0;
+        for (k, v, ver) in logs.iter().flat_map(|l| &l.acked) {
+            acked_writes += 1;
+            match &fin[k] {
+                None => panic!("{k}: absent, but {v:?} ({ver:?}) was acknowledged"),
+                Some((fv, fver)) => {
+                    assert!(
+                        fver >= ver,
+                        "{k}: final {fv:?} ({fver:?}) is older than the acknowledged {v:?} ({ver:?})"
+                    );
+                    if fver == ver {
+                        assert_eq!(fv, v, "{k}: two values with version {ver:?}");
+                    }
+                }
+            }
+        }
+        // (c) causal consistency of the history.
+        let (history, unknown, kept) = history(&logs, fin);
+        let report = checker::check(&history);
+        let kinds = |f: &dyn Fn(&Fault) -> bool| faults.iter().filter(|x| f(x)).count();
+        println!(
+            "faults (seed {seed}) over {:?}: {} asymmetric cuts, {} isolations, {} kills, {} loss \
+             bursts; restarts (kill to listening) {:?}",
+            healed - started,
+            kinds(&|f| matches!(f, Fault::Asymmetric(..))),
+            kinds(&|f| matches!(f, Fault::Isolate(..))),
+            kinds(&|f| matches!(f, Fault::Kill(..))),
+            kinds(&|f| matches!(f, Fault::Loss(..))),
+            restarts.iter().map(|d| d.as_millis()).collect::<Vec<_>>()
+        );
+        println!(
+            "history: {} ops ({acked_writes} acknowledged writes, {unknown} writes of unknown \
+             outcome, {kept} observed and kept); {report}",
+            history.len()
+        );
+        println!(
+            "converged {converged:?} after the heal; max replication lag (status lag_ms of a \
+             partitioned peer) {max_lag_ms} ms; digest {:016x}",
+            digests[0]
+        );
+        let hops: usize = logs.iter().map(|l| l.hops).sum();
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        for l in &logs {
+            for (k, n) in &l.errors {
+                *errors.entry(k.clone()).or_default() += n;
+            }
+        }
+        println!("sessions: {hops} hops, errors {errors:?}");
+        assert!(report.is_ok(), "seed {seed}: {report}");
+        assert_eq!(report.ops_checked, history.len());
+        assert!(
+            report.ops_checked >= 10_000,
+            "too few operations checked: {}",
+            report.ops_checked
+        );
+        assert!(max_lag_ms > 0, "no lag observed during partitions");
+        drop(procs);
+        wan.shutdown();
+    })
+    .await;
+}
+
+/// Samples site `at`'s status for `hold`, returning the largest `lag_ms` it reports for `peer`.
+async fn sample_lag(conn: &Conn, at: usize, peer: usize, hold: Duration) -> u64 {
+    let end = Instant::now() + hold;
+    let mut max = 0;
+    let client = conn.builder(at, ms(500)).connect().await.ok();
+    while Instant::now() < end {
+        tokio::time::sleep(ms(100)).await;
+        let Some(c) = &client else { continue };
+        if let Ok(s) = c.status().await {
+            for p in s.peers.iter().filter(|p| p.site == peer as u16) {
+                max = max.max(p.lag_ms);
+            }
+        }
+    }
+    tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
+    max
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Split brain
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_brain_both_sides_accept_writes_and_converge() {
+    let _turn = SERIAL.lock().await;
+    bounded(ms(60_000), async {
+        let wan = Wan::new(names(), |_, _| LinkParams::default().with_delay_ms(3.0));
+        let mut prepared = Cluster::prepare(3);
+        through_wan(&mut prepared, &wan);
+        let procs = prepared.spawn().await;
+        procs.wait_connected().await;
+        let conn = Conn::of(&procs);
+        let keys = keys(10);
+
+        wan.isolate(2, true);
+        let (a, c) = (procs.client(0).await, procs.client(2).await);
+        let mut written = BTreeMap::new();
+        for round in 0..3 {
+            for k in keys.iter() {
+                // Both sides accept writes during the partition.
+                let va = format!("{k}@a{round}");
+                let vc = format!("{k}@c{round}");
+                let ver_a = a
+                    .put(k, &va)
+                    .await
+                    .expect("write at a during the partition");
+                let ver_c = c
+                    .put(k, &vc)
+                    .await
+                    .expect("write at c during the partition");
+                written.insert(k.clone(), [(va, ver_a), (vc, ver_c)]);
+            }
+        }
+        // Each side sees its own value.
+        for (k, [(va, _), (vc, _)]) in &written {
+            assert_eq!(a.get(k).await.unwrap().as_deref(), Some(va.as_bytes()));
+            assert_eq!(c.get(k).await.unwrap().as_deref(), Some(vc.as_bytes()));
+        }
+        wan.isolate(2, false);
+        let healed = Instant::now();
+        let states = converge(&conn, &keys, ms(30_000)).await;
+        println!(
+            "split brain: converged {:?} after the heal",
+            healed.elapsed()
+        );
+        for (k, writes) in &written {
+            let winner = writes.iter().max_by_key(|(_, v)| *v).unwrap();
+            for (site, s) in &states {
+                assert_eq!(
+                    s[k].as_ref(),
+                    Some(winner),
+                    "{k} at site {site}: not the greater version"
+                );
+            }
+        }
+        drop(procs);
+        wan.shutdown();
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The checker catches a planted bug
+
+/// The planted bug is the "build switch that skips the dependency check": the `serve`
+/// subcommand's `CAUSALKV_BENCH_EVENTUAL=1`, a runtime switch that only the WAN benchmark sets
+/// (scripts/bench-wan.sh), which makes a site apply remote updates on arrival. Delays are chosen
+/// so causal chains race: `a → c` is slow, `a → b` and `b → c` fast. Writers at a write `x`;
+/// sessions read `x` at b, write `y` at b that depends on it, then hop to c; observers at c read
+/// `y` then `x`. `y` reaches c before the `x` it depends on, and c, not checking dependencies,
+/// shows it: the checker must report violations. With the switch off (as in the real suite
+/// above) the same schedule passes; with it on, scenario 1 fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planted_bug_is_caught() {
+    let _turn = SERIAL.lock().await;
+    bounded(ms(60_000), async {
+        let delay = |i: usize, j: usize| match (i, j) {
+            (0, 2) => 150.0,
+            (i, j) if i == j => 0.0,
+            _ => 2.0,
+        };
+        let wan = Wan::new(names(), |i, j| {
+            LinkParams::default().with_delay_ms(delay(i, j))
+        });
+        let mut prepared = Cluster::prepare(3);
+        through_wan(&mut prepared, &wan);
+        let procs = prepared
+            .spawn_with_env(&[("CAUSALKV_BENCH_EVENTUAL", "1")])
+            .await;
+        procs.wait_connected().await;
+        let conn = Conn::of(&procs);
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        const PAIRS: usize = 4;
+        // Writers at a: x{p} = unique values.
+        for p in 0..PAIRS {
+            let (conn, stop) = (conn.clone(), stop.clone());
+            set.spawn(async move {
+                let mut log = TaskLog::default();
+                let c = conn
+                    .builder(0, ms(3_000))
+                    .connect()
+                    .await
+                    .expect("client of a");
+                let sid = 100 + p as u64;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 5_000 {
+                    n += 1;
+                    let (k, v) = (format!("x{p}"), format!("x{p}.{n}"));
+                    if c.put(&k, &v).await.is_ok() {
+                        log.ops.push(Logged::Acked(Op::write(sid, 0, k, v)));
+                    }
+                    tokio::time::sleep(ms(5)).await;
+                }
+                log
+            });
+        }
+        // Relays: read x at b, write y at b, hop to c (new client, same session), read y and x.
+        for p in 0..PAIRS {
+            let (conn, stop) = (conn.clone(), stop.clone());
+            set.spawn(async move {
+                let mut log = TaskLog::default();
+                let sid = 200 + p as u64;
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 1_000 {
+                    n += 1;
+                    let Ok(b) = conn.builder(1, ms(3_000)).connect().await else {
+                        continue;
+                    };
+                    let (x, y) = (format!("x{p}"), format!("y{p}"));
+                    let Ok(got) = b.get(&x).await else { break };
+                    log.ops.push(Logged::Acked(Op::read(
+                        sid,
+                        1,
+                        x.clone(),
+                        got.map(|v| v.to_vec()),
+                    )));
+                    let v = format!("y{p}.{n}");
+                    if b.put(&y, &v).await.is_err() {
+                        break;
+                    }
+                    log.ops.push(Logged::Acked(Op::write(sid, 1, y.clone(), v)));
+                    let token = b.session_token();
+                    let Ok(c) = conn.builder(2, ms(3_000)).connect().await else {
+                        break;
+                    };
+                    c.set_session_token(&token).expect("token");
+                    for k in [&y, &x] {
+                        let Ok(got) = c.get(k).await else { break };
+                        log.ops.push(Logged::Acked(Op::read(
+                            sid,
+                            2,
+                            k.clone(),
+                            got.map(|v| v.to_vec()),
+                        )));
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                }
+                log
+            });
+        }
+        // Observers at c: read y then x.
+        for p in 0..PAIRS {
+            let (conn, stop) = (conn.clone(), stop.clone());
+            set.spawn(async move {
+                let mut log = TaskLog::default();
+                let sid = 300 + p as u64;
+                let c = conn
+                    .builder(2, ms(3_000))
+                    .connect()
+                    .await
+                    .expect("client of c");
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) && n < 10_000 {
+                    n += 1;
+                    for k in [format!("y{p}"), format!("x{p}")] {
+                        if let Ok(got) = c.get(&k).await {
+                            log.ops.push(Logged::Acked(Op::read(
+                                sid,
+                                2,
+                                k,
+                                got.map(|v| v.to_vec()),
+                            )));
+                        }
+                    }
+                    tokio::time::sleep(ms(2)).await;
+                }
+                log
+            });
+        }
+        // A bounded run: 5 s of load.
+        tokio::time::sleep(ms(5_000)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut logs = Vec::new();
+        while let Some(r) = set.join_next().await {
+            logs.push(r.expect("task"));
+        }
+        let (history, _, _) = history(&logs, &BTreeMap::new());
+        let report: Report = checker::check(&history);
+        let detected = (!report.is_ok()).then(|| started.elapsed());
+        println!(
+            "planted bug (CAUSALKV_BENCH_EVENTUAL=1): {} ops over {:?}; {report}",
+            history.len(),
+            detected
+        );
+        assert!(
+            report.total() >= 1,
+            "the checker missed the planted bug (dependency checks off): {report}"
+        );
+        drop(procs);
+        wan.shutdown();
+    })
+    .await;
+}
