@@ -185,6 +185,7 @@ impl ClientBuilder {
             endpoint,
             sites,
             conn: tokio::sync::Mutex::new(None),
+            known_down: Mutex::new(Vec::new()),
             ctx: Mutex::new(VClock::default()),
             timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
         };
@@ -201,6 +202,9 @@ pub struct Client {
     conn: tokio::sync::Mutex<Option<(usize, Connection)>>,
     ctx: Mutex<VClock>,
     timeout: Duration,
+    /// Sites the last connected site's failure detector reported `down`: failover tries them
+    /// last instead of waiting on their connect timeouts first.
+    known_down: Mutex<Vec<SocketAddr>>,
 }
 
 const TOKEN_PREFIX: &str = "ckv1.";
@@ -342,9 +346,14 @@ impl Client {
             return Ok((*i, c.clone()));
         }
         let start = guard.as_ref().map_or(0, |(i, _)| i + 1);
+        let down = self.known_down();
+        // Configured order from the next site on, with sites reported down moved to the end.
+        let mut order: Vec<usize> = (0..self.sites.len())
+            .map(|k| (start + k) % self.sites.len())
+            .collect();
+        order.sort_by_key(|&i| down.contains(&self.sites[i]));
         let mut last = String::new();
-        for k in 0..self.sites.len() {
-            let i = (start + k) % self.sites.len();
+        for i in order {
             let addr = self.sites[i];
             let connecting = match self.endpoint.connect(addr, tls::ANY_SITE_SERVER_NAME) {
                 Ok(c) => c,
@@ -356,6 +365,7 @@ impl Client {
             match tokio::time::timeout(self.timeout, connecting).await {
                 Ok(Ok(c)) => {
                     *guard = Some((i, c.clone()));
+                    self.learn_peer_states(&c).await;
                     return Ok((i, c));
                 }
                 Ok(Err(e)) => last = format!("{addr}: {e}"),
@@ -366,6 +376,35 @@ impl Client {
         Err(ClientError::Connection(format!(
             "no site reachable (last: {last})"
         )))
+    }
+
+    /// Sites that the site this client last connected to reported `down` (phi-accrual failure
+    /// detector); failover tries them last.
+    pub fn known_down(&self) -> Vec<SocketAddr> {
+        self.known_down.lock().expect("known_down lock").clone()
+    }
+
+    /// Asks a newly connected site for its view of its peers (best effort, short timeout).
+    async fn learn_peer_states(&self, conn: &Connection) {
+        let req = Request {
+            timeout_ms: 0,
+            ctx: Vec::new(),
+            op: ClientOp::Status,
+        };
+        let limit = self.timeout.min(Duration::from_secs(1));
+        if let Ok(Ok(Response {
+            body: ResponseBody::Status(s),
+            ..
+        })) = tokio::time::timeout(limit, exchange(conn, &req)).await
+        {
+            let down = s
+                .peers
+                .iter()
+                .filter(|p| p.state == "down")
+                .filter_map(|p| p.addr.parse().ok())
+                .collect();
+            *self.known_down.lock().expect("known_down lock") = down;
+        }
     }
 
     /// Sends one request, failing over to the next site when the current one is unreachable.

@@ -58,6 +58,39 @@ async fn failover_keeps_read_your_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_skips_sites_the_failure_detector_reports_down() {
+    common::bounded(ms(60_000), async {
+        let mut cluster = Cluster::start(3).await;
+        cluster.stop(2).await;
+        common::wait_until(ms(10_000), "a reports c down", || {
+            cluster
+                .node(0)
+                .status()
+                .peers
+                .iter()
+                .any(|p| p.site == 2 && p.state == "down")
+        })
+        .await;
+        // Failover order a, c, b: c is next in line, but a reported it down.
+        let client = client_of(&cluster, &[0, 2, 1], ms(5_000)).await;
+        assert_eq!(client.known_down(), vec![cluster.addr(2)]);
+        client.put("k", "v").await.unwrap();
+        cluster.stop(0).await;
+        let started = std::time::Instant::now();
+        assert_eq!(client.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(client.current_site().await, Some(cluster.addr(1)));
+        // Trying c first would have cost its whole 5 s connect timeout (nothing answers there).
+        assert!(
+            started.elapsed() < ms(4_000),
+            "failover went to b without trying c first ({:?})",
+            started.elapsed()
+        );
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_to_a_site_that_lacks_the_write_waits_then_times_out() {
     common::bounded(ms(60_000), async {
         let mut cluster = Cluster::start(2).await;
