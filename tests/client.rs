@@ -155,13 +155,7 @@ async fn session_token_carries_guarantees_to_another_process() {
         // With the session's token, the second process reads the session's write at b.
         writer.put("t2", "two").await.unwrap();
         let out = cli_get("t2", Some(&writer.session_token()));
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = common::assert_success(&out);
         assert!(stdout.contains("\"value\":\"two\""), "{stdout}");
         // And it hands back a token that covers everything it saw.
         assert!(stdout.contains("\"token\":\"ckv1."), "{stdout}");

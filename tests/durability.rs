@@ -13,32 +13,23 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use causalkv::checker::{self, History, Op, OpKind};
+use causalkv::checker::{self, Op};
 use causalkv::client::ClientBuilder;
 use causalkv::storage::wal::FsyncPolicy;
 use causalkv::{Client, ClientError, Node, certs, dev};
-use common::{BIN, Cluster, Processes, bounded, eventually, ms, wait_until};
+use common::{BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, ms, wait_until};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;
 
 const DEFAULT_SEED: u64 = 0xD0_5EED;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Write-ahead log files
@@ -207,13 +198,6 @@ impl Model {
             },
         }
     }
-}
-
-/// One session's operations in issue order.
-enum Logged {
-    Acked(Op),
-    /// A write whose outcome is unknown.
-    Unknown(Op),
 }
 
 /// What a session did.
@@ -570,56 +554,21 @@ async fn kill_dash_nine_loses_no_acknowledged_write() {
             assert!(bad.is_empty(), "final state misses acknowledged writes:\n  {}", bad.join("\n  "));
         }
 
-        // The history: every acknowledged operation in session order. A write whose outcome is
-        // unknown is left out unless some read returned its value; then it did take effect, and
-        // it is put back *where it was issued* in its session, not where it was first observed:
-        // it was applied before the process died, so before everything its session did after
-        // the restart. Recording it later would let a store that orders it after the session's
-        // next writes (a clock going backwards across the restart) pass unnoticed, and leaving
-        // it out would make reads of it ThinAirRead.
-        let observed: HashSet<(Vec<u8>, Vec<u8>)> = logs
-            .values()
-            .flat_map(|l| &l.ops)
-            .filter_map(|o| match o {
-                Logged::Acked(Op {
-                    kind:
-                        OpKind::Read {
-                            key,
-                            value: Some(v),
-                        },
-                    ..
-                }) => Some((key.clone(), v.clone())),
-                _ => None,
-            })
-            .chain(states[0].1.iter().filter_map(|(k, v)| {
-                v.as_ref().map(|v| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-            }))
-            .collect();
-        let mut history = History::new();
-        let (mut writes, mut reads, mut unknown, mut unknown_kept) = (0, 0, 0, 0);
-        for log in logs.values() {
-            for o in &log.ops {
-                match o {
-                    Logged::Acked(op) => {
-                        match op.kind {
-                            OpKind::Write { .. } => writes += 1,
-                            OpKind::Read { .. } => reads += 1,
-                        }
-                        history.record(op.clone());
-                    }
-                    Logged::Unknown(op) => {
-                        unknown += 1;
-                        let OpKind::Write { key, value } = &op.kind else {
-                            unreachable!()
-                        };
-                        if observed.contains(&(key.clone(), value.clone())) {
-                            unknown_kept += 1;
-                            history.record(op.clone());
-                        }
-                    }
-                }
-            }
-        }
+        // The history (see `common::history`): acknowledged ops, plus the unknown-outcome writes
+        // some read or the final state observed, where they were issued.
+        let common::Built {
+            history,
+            writes,
+            reads,
+            unknown,
+            kept: unknown_kept,
+        } = common::history(
+            logs.values().map(|l| l.ops.as_slice()),
+            states[0]
+                .1
+                .iter()
+                .filter_map(|(k, v)| v.as_deref().map(|v| (k.as_str(), v))),
+        );
         let report = checker::check(&history);
         let mut sorted = restarts.clone();
         sorted.sort();
@@ -685,17 +634,23 @@ async fn kill_dash_nine_loses_no_acknowledged_write() {
 // ---------------------------------------------------------------------------------------------
 // 2. Torn tail
 
+/// One site holding keys `0..n` (written through a client), then stopped gracefully.
+async fn written_and_stopped(n: usize) -> Cluster {
+    let mut cluster = Cluster::prepare(1).start().await;
+    let c = cluster.client(0).await;
+    for i in 0..n {
+        c.put(key(i), value(i)).await.expect("put");
+    }
+    drop(c);
+    cluster.stop(0).await;
+    cluster
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_tail_is_truncated_with_a_warning() {
     bounded(ms(60_000), async {
         const N: usize = 100;
-        let mut cluster = Cluster::prepare(1).start().await;
-        let c = cluster.client(0).await;
-        for i in 0..N {
-            c.put(key(i), value(i)).await.expect("put");
-        }
-        drop(c);
-        cluster.stop(0).await;
+        let mut cluster = written_and_stopped(N).await;
         let dir = cluster.configs[0].data_dir.clone();
         let seg = wal_segments(&dir).pop().expect("a segment");
         let before = fs::read(&seg).unwrap();
@@ -764,13 +719,7 @@ async fn torn_tail_is_truncated_with_a_warning() {
 async fn corrupt_record_stops_startup_with_a_clear_error() {
     bounded(ms(60_000), async {
         const N: usize = 60;
-        let mut cluster = Cluster::prepare(1).start().await;
-        let c = cluster.client(0).await;
-        for i in 0..N {
-            c.put(key(i), value(i)).await.expect("put");
-        }
-        drop(c);
-        cluster.stop(0).await;
+        let mut cluster = written_and_stopped(N).await;
         let cfg = cluster.configs[0].clone();
         let seg = wal_segments(&cfg.data_dir).pop().expect("a segment");
         let mut data = fs::read(&seg).unwrap();
@@ -835,13 +784,7 @@ async fn corrupt_record_stops_startup_with_a_clear_error() {
             .arg(&toml)
             .output()
             .expect("run causalkv repair");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{stdout} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = common::assert_success(&out);
         println!("repair: {stdout}");
         assert!(stdout.contains("repaired"), "{stdout}");
         assert!(stdout.contains(&format!("offset {bad_off}")), "{stdout}");

@@ -8,20 +8,20 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use causalkv::checker::{self, History, Op, OpKind, Report};
+use causalkv::checker::{self, Op, Report};
 use causalkv::client::ClientBuilder;
 use causalkv::clock::Version;
 use causalkv::storage::wal::FsyncPolicy;
 use causalkv::wan::{LinkParams, Wan};
 use causalkv::{Client, certs, dev};
-use common::{Cluster, Prepared, Processes, bounded, ms};
+use common::{Cluster, Logged, Prepared, Processes, bounded, env_u64, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -30,15 +30,6 @@ const DEFAULT_SEED: u64 = 0xFA_0175;
 /// The tests of this target each run three site processes; on a small machine they would starve
 /// each other, so they take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-        Err(_) => default,
-    }
-}
 
 /// Puts every directed link `i → j` of the prepared cluster through a relay of `wan`: site
 /// `i` dials site `j` at the relay's address (what [`causalkv::wan::relay_layout`] does to the
@@ -83,13 +74,6 @@ impl Conn {
             .ca(&self.ca)
             .timeout(timeout)
     }
-}
-
-/// One session's operations in issue order.
-enum Logged {
-    Acked(Op),
-    /// A write whose outcome is unknown (error or timeout).
-    Unknown(Op),
 }
 
 /// What one session task did.
@@ -269,52 +253,15 @@ fn digest(state: &BTreeMap<String, Option<(String, Version)>>) -> u64 {
     h
 }
 
-/// The history of acknowledged operations. A write of unknown outcome is left out unless a read
-/// (or a site's final state) returned its value: then it took effect, and it is recorded where
-/// it was issued (the last op of its session id).
-fn history(
-    logs: &[TaskLog],
-    final_state: &BTreeMap<String, Option<(String, Version)>>,
-) -> (History, usize, usize) {
-    let observed: HashSet<(Vec<u8>, Vec<u8>)> = logs
-        .iter()
-        .flat_map(|l| &l.ops)
-        .filter_map(|o| match o {
-            Logged::Acked(Op {
-                kind:
-                    OpKind::Read {
-                        key,
-                        value: Some(v),
-                    },
-                ..
-            }) => Some((key.clone(), v.clone())),
-            _ => None,
-        })
-        .chain(final_state.iter().filter_map(|(k, v)| {
-            v.as_ref()
-                .map(|(v, _)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
-        }))
-        .collect();
-    let mut h = History::new();
-    let (mut unknown, mut kept) = (0, 0);
-    for l in logs {
-        for o in &l.ops {
-            match o {
-                Logged::Acked(op) => h.record(op.clone()),
-                Logged::Unknown(op) => {
-                    unknown += 1;
-                    let OpKind::Write { key, value } = &op.kind else {
-                        unreachable!()
-                    };
-                    if observed.contains(&(key.clone(), value.clone())) {
-                        kept += 1;
-                        h.record(op.clone());
-                    }
-                }
-            }
-        }
-    }
-    (h, unknown, kept)
+/// The history of acknowledged operations (see `common::history`); with the final state `fin`
+/// of the sites. An observed unknown-outcome write is recorded where it was issued: the last op
+/// of its session id, as a task starts a new session id after one.
+fn history(logs: &[TaskLog], fin: &BTreeMap<String, Option<(String, Version)>>) -> common::Built {
+    common::history(
+        logs.iter().map(|l| l.ops.as_slice()),
+        fin.iter()
+            .filter_map(|(k, v)| v.as_ref().map(|(v, _)| (k.as_str(), v.as_str()))),
+    )
 }
 
 fn names() -> Vec<String> {
@@ -493,7 +440,12 @@ async fn faults_under_partitions_kills_and_loss() {
             }
         }
         // (c) causal consistency of the history.
-        let (history, unknown, kept) = history(&logs, fin);
+        let common::Built {
+            history,
+            unknown,
+            kept,
+            ..
+        } = history(&logs, fin);
         let report = checker::check(&history);
         let kinds = |f: &dyn Fn(&Fault) -> bool| faults.iter().filter(|x| f(x)).count();
         println!(
@@ -757,7 +709,7 @@ async fn planted_bug_is_caught() {
         while let Some(r) = set.join_next().await {
             logs.push(r.expect("task"));
         }
-        let (history, _, _) = history(&logs, &BTreeMap::new());
+        let history = history(&logs, &BTreeMap::new()).history;
         let report: Report = checker::check(&history);
         let detected = (!report.is_ok()).then(|| started.elapsed());
         println!(

@@ -11,7 +11,7 @@
 //!   also kept in memory, so tests can assert that a refusal was logged ([`logs_contain`]).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use causalkv::checker::{History, Op, OpKind};
 use causalkv::config::SiteConfig;
 use causalkv::net::tls;
 use causalkv::{Client, Node, certs, dev};
@@ -27,6 +28,16 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+
+/// The number in environment variable `name`, or `default` if it is unset.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
 
 /// Milliseconds.
 pub fn ms(v: u64) -> Duration {
@@ -616,4 +627,105 @@ impl Drop for Relay {
             t.abort();
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operation logs and the history they make
+
+/// One session's operations in issue order.
+pub enum Logged {
+    Acked(Op),
+    /// A write whose outcome is unknown (error, timeout or the site killed under it).
+    Unknown(Op),
+}
+
+/// A [`History`] built by [`history`], with what went into it.
+pub struct Built {
+    pub history: History,
+    /// Acknowledged writes and reads.
+    pub writes: usize,
+    pub reads: usize,
+    /// Writes of unknown outcome, and how many of them were observed and so kept.
+    pub unknown: usize,
+    pub kept: usize,
+}
+
+/// The history: every acknowledged operation in session order. A write whose outcome is unknown
+/// is left out unless some read, or the final state (`final_values`: `(key, value)` pairs), returned
+/// its value; then it did take effect, and it is put back *where it was issued* in its session,
+/// not where it was first observed: it was applied before the failure, so before everything its
+/// session did afterwards. Recording it later would let a store that orders it after the
+/// session's next writes (a clock going backwards across a restart) pass unnoticed, and leaving
+/// it out would make reads of it ThinAirRead.
+pub fn history<'a, L, F>(logs: L, final_values: F) -> Built
+where
+    L: IntoIterator<Item = &'a [Logged]> + Clone,
+    F: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    let observed: HashSet<(Vec<u8>, Vec<u8>)> = logs
+        .clone()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| match o {
+            Logged::Acked(Op {
+                kind:
+                    OpKind::Read {
+                        key,
+                        value: Some(v),
+                    },
+                ..
+            }) => Some((key.clone(), v.clone())),
+            _ => None,
+        })
+        .chain(
+            final_values
+                .into_iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())),
+        )
+        .collect();
+    let mut b = Built {
+        history: History::new(),
+        writes: 0,
+        reads: 0,
+        unknown: 0,
+        kept: 0,
+    };
+    for o in logs.into_iter().flatten() {
+        match o {
+            Logged::Acked(op) => {
+                match op.kind {
+                    OpKind::Write { .. } => b.writes += 1,
+                    OpKind::Read { .. } => b.reads += 1,
+                }
+                b.history.record(op.clone());
+            }
+            Logged::Unknown(op) => {
+                b.unknown += 1;
+                let OpKind::Write { key, value } = &op.kind else {
+                    unreachable!("only writes have an unknown outcome")
+                };
+                if observed.contains(&(key.clone(), value.clone())) {
+                    b.kept += 1;
+                    b.history.record(op.clone());
+                }
+            }
+        }
+    }
+    b
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+
+/// Asserts that a finished command exited with code 0 (showing its stdout and stderr if not);
+/// returns its stdout.
+pub fn assert_success(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
