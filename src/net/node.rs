@@ -256,9 +256,23 @@ impl Shared {
     /// anyone the effect is durable. The replica's durable state (what peers are sent and what
     /// is acked) advances in [`durability_pump`] once the fsync is done.
     pub fn mutate<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
+        self.mutate_with(true, f)
+    }
+
+    /// [`Shared::mutate`] without asking for an fsync now: the records are group-committed by
+    /// the next fsync anyone asks for, at the latest the ticker's (every marker interval). Used
+    /// for remote batches, so that a steady stream of replicated updates does not put an fsync
+    /// in front of every local write; the origin's ack waits for that group commit.
+    pub fn mutate_deferred<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
+        self.mutate_with(false, f)
+    }
+
+    fn mutate_with<T>(&self, sync: bool, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
         let mut r = self.replica.lock().expect("replica lock poisoned");
         let out = f(&mut r);
-        let lsn = Self::append_ready(&mut r, &mut self.wal.lock().expect("wal lock poisoned"));
+        let mut w = self.wal.lock().expect("wal lock poisoned");
+        let lsn = Self::append_ready(&mut r, &mut w, sync);
+        drop(w);
         drop(r);
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
         self.wake_peers();
@@ -268,7 +282,7 @@ impl Shared {
     /// Appends the replica's pending records to the log and requests their fsync; queues the
     /// durable point for [`durability_pump`] (or advances at once when it is already durable).
     /// Returns the LSN to wait for, or `u64::MAX` when the log has failed.
-    fn append_ready(r: &mut Replica<MemStore>, w: &mut WalState) -> u64 {
+    fn append_ready(r: &mut Replica<MemStore>, w: &mut WalState, sync: bool) -> u64 {
         let ready = r.take_ready();
         let lsn = if ready.records.is_empty() {
             w.wal.end_lsn()
@@ -282,7 +296,9 @@ impl Shared {
                 }
             }
         };
-        w.wal.request_sync(lsn);
+        if sync {
+            w.wal.request_sync(lsn);
+        }
         if w.wal.synced_lsn() >= lsn && w.pending.is_empty() {
             // Already durable (nothing new, or fsync=never): advance now.
             r.advance(&ready.applied, ready.lease);
@@ -837,7 +853,7 @@ pub(crate) async fn take_snapshot(
     let (data, lsn) = {
         let mut r = shared.replica.lock().expect("replica lock");
         let mut w = shared.wal.lock().expect("wal lock");
-        let lsn = Shared::append_ready(&mut r, &mut w);
+        let lsn = Shared::append_ready(&mut r, &mut w, true);
         if lsn == u64::MAX {
             return Err(StorageError::SyncStopped);
         }

@@ -238,7 +238,7 @@ async fn receive_updates(
             .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
         Metrics::bump(&shared.metrics.batches_in);
         let items = wire::decode_batch(&frame, peer, n, &limits)?;
-        shared.mutate(|r| r.receive(peer, items));
+        shared.mutate_deferred(|r| r.receive(peer, items));
         // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
         // control then slows the sender, whose backlog stays in its log.
         while shared.read(|r| r.buffer().len()) > max_buffered {
