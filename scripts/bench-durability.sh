@@ -9,29 +9,13 @@
 #   bash scripts/bench-durability.sh [--seconds N] [--out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib.sh
 
 SECONDS_PER_RUN=4
 OUT=results/durability
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
-    --out) OUT="$2"; shift 2 ;;
-    *) echo "unknown option $1" >&2; exit 2 ;;
-  esac
-done
-if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
-fi
-cargo build --release --bin causalkv >&2
-BIN=target/release/causalkv
-WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+parse_seconds_out "$@"
+ensure_pkg redis-server redis-benchmark -- redis-server redis-tools
+start_work
 mkdir -p "$OUT"
 RESULTS="$WORK/results.jsonl"
 : > "$RESULTS"

@@ -46,14 +46,9 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$OUT" ] || { [ "$QUICK" = 1 ] && OUT=results/wan-quick || OUT=results/wan; }
 
-if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
-  echo "installing etcd-server and etcd-client..." >&2
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null
-fi
-if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null; then
-  echo "installing redis-server and redis-tools..." >&2
-  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
-fi
+source scripts/lib.sh
+ensure_pkg etcd etcdctl -- etcd-server etcd-client
+ensure_pkg redis-server redis-benchmark -- redis-server redis-tools
 if ! python3 -c 'import matplotlib' 2>/dev/null; then
   echo "installing matplotlib..." >&2
   pip install -q matplotlib >&2 || echo "matplotlib unavailable: no plots" >&2

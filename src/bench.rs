@@ -306,6 +306,21 @@ mod tests {
     }
 }
 
+/// Starts `sites` sites in this process on free loopback ports, laid out in `dir`.
+async fn local_cluster(
+    dir: &std::path::Path,
+    sites: usize,
+) -> Result<crate::dev::LocalCluster, String> {
+    crate::dev::LocalCluster::start(&crate::dev::DevOptions {
+        sites,
+        dir: dir.to_owned(),
+        base_port: 0,
+        clients: vec![],
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
 /// What [`replication_throughput`] measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct ReplicationReport {
@@ -331,15 +346,7 @@ pub async fn replication_throughput(
     value_size: usize,
     keys: u64,
 ) -> Result<ReplicationReport, String> {
-    use crate::dev::{DevOptions, LocalCluster};
-    let mut cluster = LocalCluster::start(&DevOptions {
-        sites: 2,
-        dir: dir.to_owned(),
-        base_port: 0,
-        clients: vec![],
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let mut cluster = local_cluster(dir, 2).await?;
     cluster.stop(1).await;
     let value = bytes::Bytes::from(vec![b'v'; value_size]);
     let a = cluster.node(0).expect("site a runs");
@@ -378,15 +385,7 @@ pub async fn visibility_latency(
     writes: u64,
     value_size: usize,
 ) -> Result<LatencyStats, String> {
-    use crate::dev::{DevOptions, LocalCluster};
-    let cluster = LocalCluster::start(&DevOptions {
-        sites: 3,
-        dir: dir.to_owned(),
-        base_port: 0,
-        clients: vec![],
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let cluster = local_cluster(dir, 3).await?;
     let a = cluster.node(0).expect("site a runs");
     let b = cluster.node(1).expect("site b runs");
     // Let the links come up before measuring.

@@ -9,18 +9,15 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use causalkv::client::ClientError;
-use causalkv::{Client, certs, dev};
+use causalkv::{Client, dev};
 use common::{Cluster, Relay, ms};
 
 const BIN: &str = env!("CARGO_BIN_EXE_causalkv");
 
 /// A client of the given sites, in failover order.
 async fn client_of(cluster: &Cluster, sites: &[usize], timeout: Duration) -> Client {
-    let id = certs::client_paths(&cluster.certs, dev::CLI_CLIENT);
-    Client::builder()
-        .sites(sites.iter().map(|&i| cluster.addr(i).to_string()))
-        .identity(id.cert, id.key)
-        .ca(cluster.ca())
+    cluster
+        .client_builder_of(sites)
         .timeout(timeout)
         .connect()
         .await

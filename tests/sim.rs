@@ -263,27 +263,20 @@ impl Sim {
         if dup && let Msg::Batch(items) = &msg {
             self.stats.duplicated += 1;
             let copy = Msg::Batch(items.clone());
-            self.seq += 1;
-            self.events.insert(
-                (at, self.seq),
-                Event::Deliver {
-                    from,
-                    to,
-                    epoch,
-                    msg: copy,
-                },
-            );
+            self.deliver_at(at, from, to, epoch, copy);
         }
+        self.deliver_at(at, from, to, epoch, msg);
+    }
+
+    fn deliver_at(&mut self, at: u64, from: SiteId, to: SiteId, epoch: u64, msg: Msg) {
         self.seq += 1;
-        self.events.insert(
-            (at, self.seq),
-            Event::Deliver {
-                from,
-                to,
-                epoch,
-                msg,
-            },
-        );
+        let ev = Event::Deliver {
+            from,
+            to,
+            epoch,
+            msg,
+        };
+        self.events.insert((at, self.seq), ev);
     }
 
     fn break_connection(&mut self, x: SiteId, y: SiteId) {

@@ -443,28 +443,20 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             value_size,
             keys,
         } => {
-            let dir =
-                std::env::temp_dir().join(format!("causalkv-bench-repl-{}", std::process::id()));
-            let r = bench::replication_throughput(&dir, updates, value_size, keys).await;
-            let _ = std::fs::remove_dir_all(&dir);
-            match r {
-                Ok(r) => print(serde_json::to_value(r).expect("serialises")),
-                Err(e) => fail(&e),
-            }
+            in_temp_dir("repl", |dir| async move {
+                bench::replication_throughput(&dir, updates, value_size, keys).await
+            })
+            .await
         }
         BenchCmd::Recovery {
             keys,
             tail,
             value_size,
         } => {
-            let dir =
-                std::env::temp_dir().join(format!("causalkv-bench-rec-{}", std::process::id()));
-            let r = bench::recovery(&dir, keys, tail, value_size).await;
-            let _ = std::fs::remove_dir_all(&dir);
-            match r {
-                Ok(r) => print(serde_json::to_value(r).expect("serialises")),
-                Err(e) => fail(&e),
-            }
+            in_temp_dir("rec", |dir| async move {
+                bench::recovery(&dir, keys, tail, value_size).await
+            })
+            .await
         }
         BenchCmd::VisibilityWan {
             writes,
@@ -513,15 +505,31 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             print(serde_json::to_value(r).expect("serialises"))
         }
         BenchCmd::Visibility { writes, value_size } => {
-            let dir =
-                std::env::temp_dir().join(format!("causalkv-bench-vis-{}", std::process::id()));
-            let r = bench::visibility_latency(&dir, writes, value_size).await;
-            let _ = std::fs::remove_dir_all(&dir);
-            match r {
-                Ok(r) => print(serde_json::to_value(r).expect("serialises")),
-                Err(e) => fail(&e),
-            }
+            in_temp_dir("vis", |dir| async move {
+                bench::visibility_latency(&dir, writes, value_size).await
+            })
+            .await
         }
+    }
+}
+
+/// Runs an in-process benchmark in a fresh temporary directory, removes the directory, and
+/// prints the report as JSON.
+async fn in_temp_dir<R, F, Fut>(name: &str, f: F) -> ExitCode
+where
+    R: serde::Serialize,
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Result<R, String>>,
+{
+    let dir = std::env::temp_dir().join(format!("causalkv-bench-{name}-{}", std::process::id()));
+    let r = f(dir.clone()).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match r {
+        Ok(r) => {
+            println!("{}", serde_json::to_value(r).expect("report serialises"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(&e),
     }
 }
 

@@ -258,15 +258,20 @@ impl Cluster {
 
     /// A client of site `i` only, with the `cli` certificate and a fresh session.
     pub async fn client(&self, i: usize) -> Client {
-        let id = certs::client_paths(&self.certs, dev::CLI_CLIENT);
-        Client::builder()
-            .sites([self.addr(i).to_string()])
-            .identity(id.cert, id.key)
-            .ca(self.ca())
-            .timeout(ms(5_000))
+        self.client_builder(i)
             .connect()
             .await
             .unwrap_or_else(|e| panic!("client of site {i} cannot connect: {e}"))
+    }
+
+    /// A client builder with the `cli` certificate for `sites`, in failover order.
+    pub fn client_builder_of(&self, sites: &[usize]) -> causalkv::client::ClientBuilder {
+        cli_client_builder(&self.certs, sites.iter().map(|&i| self.addr(i)))
+    }
+
+    /// A client builder for site `i` only, with the `cli` certificate.
+    pub fn client_builder(&self, i: usize) -> causalkv::client::ClientBuilder {
+        self.client_builder_of(&[i])
     }
 
     /// Stops site `i` gracefully.
@@ -469,12 +474,7 @@ impl Processes {
 
     /// A client builder for site `i` only, with the `cli` certificate.
     pub fn client_builder(&self, i: usize) -> causalkv::client::ClientBuilder {
-        let id = certs::client_paths(&self.certs, dev::CLI_CLIENT);
-        Client::builder()
-            .sites([self.addr(i).to_string()])
-            .identity(id.cert, id.key)
-            .ca(self.ca())
-            .timeout(ms(5_000))
+        cli_client_builder(&self.certs, [self.addr(i)])
     }
 
     /// A client of site `i` only, with a fresh session.
@@ -515,6 +515,20 @@ impl Drop for Processes {
             let _ = c.wait();
         }
     }
+}
+
+/// The one client builder of the tests: the `cli` certificate from `certs`, the given sites in
+/// failover order, a 5 s request timeout.
+pub fn cli_client_builder(
+    certs_dir: &std::path::Path,
+    sites: impl IntoIterator<Item = SocketAddr>,
+) -> causalkv::client::ClientBuilder {
+    let id = certs::client_paths(certs_dir, dev::CLI_CLIENT);
+    Client::builder()
+        .sites(sites.into_iter().map(|a| a.to_string()))
+        .identity(id.cert, id.key)
+        .ca(certs::ca_paths(certs_dir).cert)
+        .timeout(ms(5_000))
 }
 
 /// A free UDP port on 127.0.0.1 as an address.

@@ -1,0 +1,41 @@
+# Shared pieces of the benchmark scripts (sourced, not run).
+
+# ensure_pkg COMMAND... -- DEBIAN_PACKAGE...: installs the packages unless every command exists.
+ensure_pkg() {
+  local cmds=() missing=0
+  while [ "$1" != "--" ]; do cmds+=("$1"); shift; done
+  shift
+  for c in "${cmds[@]}"; do command -v "$c" >/dev/null || missing=1; done
+  if [ "$missing" = 1 ]; then
+    echo "installing $*..." >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  fi
+}
+
+# parse_seconds_out ARGS...: the common options --seconds N and --out DIR (into SECONDS_PER_RUN
+# and OUT, which the caller sets to its defaults first).
+parse_seconds_out() {
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --seconds) SECONDS_PER_RUN="$2"; shift 2 ;;
+      --out) OUT="$2"; shift 2 ;;
+      *) echo "unknown option $1" >&2; exit 2 ;;
+    esac
+  done
+}
+
+# start_work: builds the release binary (BIN) and makes a scratch folder (WORK); on exit every
+# process in PIDS is stopped and WORK removed.
+start_work() {
+  cargo build --release --bin causalkv >&2
+  BIN=target/release/causalkv
+  WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}")
+  PIDS=()
+  trap _cleanup_work EXIT
+}
+
+_cleanup_work() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
