@@ -176,6 +176,38 @@ struct Worker {
     done_at: Vec<u64>,
 }
 
+/// Open-loop pacing: a thread that sleeps with a fine timer (tokio's ticks are about 1 ms, which
+/// would add up to a millisecond to every open-loop latency) and sends each send time, every
+/// `interval` from `start` until `end`, to the workers in turn.
+fn pace(
+    start: Instant,
+    end: Instant,
+    interval: Duration,
+    workers: usize,
+) -> Vec<tokio::sync::mpsc::UnboundedReceiver<Instant>> {
+    let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    std::thread::spawn(move || {
+        crate::wan::precise_timers();
+        let mut next = start;
+        for w in (0..workers).cycle() {
+            next += interval;
+            if next > end {
+                return;
+            }
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            if txs[w].send(next).is_err() {
+                return;
+            }
+        }
+    });
+    rxs
+}
+
 /// Runs the load against `client` and reports.
 pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
     let start = Instant::now();
@@ -185,12 +217,19 @@ pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
         KeyDist::Uniform => None,
     };
     let value = Arc::new(vec![b'x'; opts.value_size]);
+    let workers = opts.concurrency.max(1);
+    // Open loop: a pacing thread hands each worker its scheduled send times.
+    let mut schedules = match opts.rate {
+        Some(rate) => pace(start, end, Duration::from_secs_f64(1.0 / rate), workers),
+        None => Vec::new(),
+    };
     let mut tasks = Vec::new();
-    for w in 0..opts.concurrency.max(1) {
+    for w in 0..workers {
         let client = client.clone();
         let opts = opts.clone();
         let zipf = zipf.clone();
         let value = value.clone();
+        let mut schedule = schedules.pop();
         tasks.push(tokio::spawn(async move {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed * 1000 + w as u64);
             let mut me = Worker {
@@ -200,21 +239,14 @@ pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
                 first_error: None,
                 done_at: vec![0; opts.duration.as_secs() as usize + 2],
             };
-            // Open loop: this worker's share of the rate, as a fixed schedule.
-            let interval = opts
-                .rate
-                .map(|r| Duration::from_secs_f64(opts.concurrency as f64 / r));
-            let mut next = start;
             loop {
-                let scheduled = match interval {
-                    Some(iv) => {
-                        next += iv;
-                        if next > end {
-                            break;
-                        }
-                        tokio::time::sleep_until(next.into()).await;
-                        next
-                    }
+                let scheduled = match &mut schedule {
+                    // Open loop: latency counts from the scheduled send time, so a send that
+                    // waits for this worker's previous request is charged for the wait.
+                    Some(rx) => match rx.recv().await {
+                        Some(at) => at,
+                        None => break,
+                    },
                     None => {
                         let now = Instant::now();
                         if now >= end {
@@ -311,12 +343,7 @@ async fn local_cluster(
     dir: &std::path::Path,
     sites: usize,
 ) -> Result<crate::dev::LocalCluster, String> {
-    crate::dev::LocalCluster::start(&crate::dev::DevOptions {
-        sites,
-        dir: dir.to_owned(),
-        base_port: 0,
-        clients: vec![],
-    })
+    crate::dev::LocalCluster::start(&crate::dev::DevOptions::new(sites, dir, 0))
     .await
     .map_err(|e| e.to_string())
 }
@@ -436,12 +463,7 @@ pub async fn recovery(
     value_size: usize,
 ) -> Result<RecoveryReport, String> {
     use crate::dev::{DevOptions, prepare};
-    let layout = prepare(&DevOptions {
-        sites: 1,
-        dir: dir.to_owned(),
-        base_port: 0,
-        clients: vec![],
-    })
+    let layout = prepare(&DevOptions::new(1, dir, 0))
     .map_err(|e| e.to_string())?;
     let mut cfg = layout.configs[0].clone();
     cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never;

@@ -101,6 +101,8 @@ pub struct ReadValue {
 #[derive(Debug, Default)]
 pub struct ClientBuilder {
     sites: Vec<String>,
+    partitions: Option<u32>,
+    site_partitions: Vec<Vec<SocketAddr>>,
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     ca: Option<PathBuf>,
@@ -115,6 +117,28 @@ impl ClientBuilder {
         S: Into<String>,
     {
         self.sites = sites.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The number of partition nodes per site (default 1). Keys are routed by
+    /// [`partition_of`](crate::sharding::partition_of); partition `p` of a site listens at the
+    /// site address's port + `p`, unless [`ClientBuilder::site_partitions`] says otherwise.
+    pub fn partitions(mut self, p: u32) -> Self {
+        self.partitions = Some(p);
+        self
+    }
+
+    /// The sites to use, in failover order, each as the addresses of its partition nodes in
+    /// partition order (overrides [`ClientBuilder::sites`]).
+    pub fn site_partitions<I, A>(mut self, sites: I) -> Self
+    where
+        I: IntoIterator<Item = A>,
+        A: IntoIterator<Item = SocketAddr>,
+    {
+        self.site_partitions = sites
+            .into_iter()
+            .map(|s| s.into_iter().collect())
+            .collect();
         self
     }
 
@@ -154,8 +178,38 @@ impl ClientBuilder {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if sites.is_empty() {
+        let routes: Vec<Vec<SocketAddr>> = if self.site_partitions.is_empty() {
+            let parts = self.partitions.unwrap_or(1);
+            if !(1..=64).contains(&parts) {
+                return Err(ClientError::Config(format!(
+                    "partitions must be 1 to 64, not {parts}"
+                )));
+            }
+            sites
+                .iter()
+                .map(|a| {
+                    (0..parts)
+                        .map(|p| {
+                            let mut a = *a;
+                            a.set_port(a.port().wrapping_add(p as u16));
+                            a
+                        })
+                        .collect()
+                })
+                .collect()
+        } else {
+            self.site_partitions
+        };
+        let parts = routes.first().map_or(0, Vec::len);
+        if routes.is_empty() || parts == 0 {
             return Err(ClientError::Config("no sites given".into()));
+        }
+        if routes.iter().any(|r| r.len() != parts)
+            || self.partitions.is_some_and(|p| p as usize != parts)
+        {
+            return Err(ClientError::Config(
+                "every site must list the same number of partitions".into(),
+            ));
         }
         let ca = self
             .ca
@@ -173,7 +227,7 @@ impl ClientBuilder {
             }
         }
         .map_err(|e| ClientError::Config(e.to_string()))?;
-        let bind: SocketAddr = if sites[0].is_ipv6() {
+        let bind: SocketAddr = if routes[0][0].is_ipv6() {
             "[::]:0".parse().expect("addr")
         } else {
             "0.0.0.0:0".parse().expect("addr")
@@ -183,13 +237,13 @@ impl ClientBuilder {
         endpoint.set_default_client_config(config);
         let client = Client {
             endpoint,
-            sites,
-            conn: tokio::sync::Mutex::new(None),
+            conns: (0..parts).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            routes,
             known_down: Mutex::new(Vec::new()),
             ctx: Mutex::new(VClock::default()),
             timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
         };
-        client.connection().await?;
+        client.connection(0).await?;
         Ok(client)
     }
 }
@@ -197,9 +251,12 @@ impl ClientBuilder {
 /// A causal session against a causalkv cluster. See the [module docs](self).
 pub struct Client {
     endpoint: Endpoint,
-    sites: Vec<SocketAddr>,
-    /// The current site index and its connection.
-    conn: tokio::sync::Mutex<Option<(usize, Connection)>>,
+    /// Per site, in failover order: the address of each of its partition nodes.
+    routes: Vec<Vec<SocketAddr>>,
+    /// Per partition: the current site index and the connection to its node there. Each
+    /// partition fails over on its own; the session context is shared, so causality holds
+    /// whichever sites serve which partitions.
+    conns: Vec<tokio::sync::Mutex<Option<(usize, Connection)>>>,
     ctx: Mutex<VClock>,
     timeout: Duration,
     /// Sites the last connected site's failure detector reported `down`: failover tries them
@@ -225,7 +282,7 @@ impl Client {
         let op = ClientOp::Get {
             key: key.as_ref().to_vec(),
         };
-        match self.call(op, true).await? {
+        match self.call(op, true, self.partition(key.as_ref())).await? {
             ResponseBody::Value { value, version } => {
                 let version = version.map(Version::from);
                 if let Some(v) = version {
@@ -275,7 +332,7 @@ impl Client {
 
     /// The current site's status.
     pub async fn status(&self) -> Result<StatusInfo, ClientError> {
-        match self.call(ClientOp::Status, true).await? {
+        match self.call(ClientOp::Status, true, 0).await? {
             ResponseBody::Status(s) => Ok(s),
             other => Err(unexpected(other)),
         }
@@ -321,13 +378,27 @@ impl Client {
         Ok(())
     }
 
-    /// The address of the site currently serving this session.
+    /// The address of the site currently serving this session (its partition 0 node).
     pub async fn current_site(&self) -> Option<SocketAddr> {
-        self.conn.lock().await.as_ref().map(|(i, _)| self.sites[*i])
+        self.conns[0]
+            .lock()
+            .await
+            .as_ref()
+            .map(|(i, _)| self.routes[*i][0])
+    }
+
+    /// The partition that holds `key`.
+    fn partition(&self, key: &[u8]) -> usize {
+        crate::sharding::partition_of(key, self.conns.len() as u32) as usize
     }
 
     async fn write(&self, op: ClientOp) -> Result<Version, ClientError> {
-        match self.call(op, false).await? {
+        let key = match &op {
+            ClientOp::Put { key, .. } | ClientOp::Delete { key, .. } => key.as_slice(),
+            _ => &[],
+        };
+        let p = self.partition(key);
+        match self.call(op, false, p).await? {
             ResponseBody::Written { version } => {
                 let v = Version::from(version);
                 self.ctx.lock().expect("ctx lock").raise(v.site, v.ts);
@@ -337,9 +408,10 @@ impl Client {
         }
     }
 
-    /// The connection to the current site, connecting (with failover) if there is none.
-    async fn connection(&self) -> Result<(usize, Connection), ClientError> {
-        let mut guard = self.conn.lock().await;
+    /// The connection to partition `p` at its current site, connecting (with failover) if there
+    /// is none.
+    async fn connection(&self, p: usize) -> Result<(usize, Connection), ClientError> {
+        let mut guard = self.conns[p].lock().await;
         if let Some((i, c)) = guard.as_ref()
             && c.close_reason().is_none()
         {
@@ -348,13 +420,12 @@ impl Client {
         let start = guard.as_ref().map_or(0, |(i, _)| i + 1);
         let down = self.known_down();
         // Configured order from the next site on, with sites reported down moved to the end.
-        let mut order: Vec<usize> = (0..self.sites.len())
-            .map(|k| (start + k) % self.sites.len())
-            .collect();
-        order.sort_by_key(|&i| down.contains(&self.sites[i]));
+        let n = self.routes.len();
+        let mut order: Vec<usize> = (0..n).map(|k| (start + k) % n).collect();
+        order.sort_by_key(|&i| self.routes[i].iter().any(|a| down.contains(a)));
         let mut last = String::new();
         for i in order {
-            let addr = self.sites[i];
+            let addr = self.routes[i][p];
             let connecting = match self.endpoint.connect(addr, tls::ANY_SITE_SERVER_NAME) {
                 Ok(c) => c,
                 Err(e) => {
@@ -409,11 +480,16 @@ impl Client {
 
     /// Sends one request, failing over to the next site when the current one is unreachable.
     /// A write is retried on another site only if it was certainly not delivered.
-    async fn call(&self, op: ClientOp, idempotent: bool) -> Result<ResponseBody, ClientError> {
+    async fn call(
+        &self,
+        op: ClientOp,
+        idempotent: bool,
+        p: usize,
+    ) -> Result<ResponseBody, ClientError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let (i, conn) = self.connection().await?;
+            let (i, conn) = self.connection(p).await?;
             let req = Request {
                 timeout_ms: self.timeout.as_millis().min(u32::MAX as u128) as u32,
                 ctx: self.context().into_vec(),
@@ -433,15 +509,15 @@ impl Client {
                 })) if code == error_code::SHUTTING_DOWN => {
                     // Refused before it was executed: safe to retry elsewhere, write or not.
                     conn.close(0u32.into(), b"failing over");
-                    if attempts >= self.sites.len() * 2 {
+                    if attempts >= self.routes.len() * 2 {
                         return Err(ClientError::Connection(format!(
                             "{}: {message}",
-                            self.sites[i]
+                            self.routes[i][p]
                         )));
                     }
                     continue;
                 }
-                Ok(Ok(resp)) => return self.interpret(i, resp),
+                Ok(Ok(resp)) => return self.interpret(self.routes[i][p], resp),
                 Ok(Err(e)) => e,
             };
             // The site failed: forget its connection so the next attempt fails over.
@@ -451,10 +527,10 @@ impl Client {
             if is_tls(&msg) {
                 return Err(ClientError::Tls(msg));
             }
-            if (delivered && !idempotent) || attempts >= self.sites.len() * 2 {
+            if (delivered && !idempotent) || attempts >= self.routes.len() * 2 {
                 return Err(ClientError::Connection(format!(
                     "{}: {msg}{}",
-                    self.sites[i],
+                    self.routes[i][p],
                     if delivered && !idempotent {
                         " (the write may or may not have been applied)"
                     } else {
@@ -465,7 +541,7 @@ impl Client {
         }
     }
 
-    fn interpret(&self, i: usize, resp: Response) -> Result<ResponseBody, ClientError> {
+    fn interpret(&self, site: SocketAddr, resp: Response) -> Result<ResponseBody, ClientError> {
         match resp.body {
             ResponseBody::Error {
                 code,
@@ -473,7 +549,7 @@ impl Client {
                 version,
             } => Err(match code {
                 error_code::NOT_READY => ClientError::NotReady {
-                    site: self.sites[i],
+                    site,
                     message,
                 },
                 error_code::TOO_LARGE => ClientError::TooLarge(message),

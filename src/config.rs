@@ -66,8 +66,38 @@ pub struct SiteEntry {
     pub id: SiteId,
     /// Site name; the site's certificate must carry it.
     pub name: String,
-    /// Address the site listens on, for peers and clients (UDP, QUIC).
+    /// Address the site listens on, for peers and clients (UDP, QUIC). With several partitions,
+    /// the address of partition 0.
     pub addr: SocketAddr,
+    /// With several partitions (top-level `partitions`): the address of every partition node of
+    /// this site, in partition order, the first equal to `addr`. When omitted, partition `p`
+    /// listens on `addr`'s host at `addr`'s port + `p`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub partition_addrs: Vec<SocketAddr>,
+}
+
+impl SiteEntry {
+    /// A site entry with no explicit partition addresses.
+    pub fn new(id: SiteId, name: impl Into<String>, addr: SocketAddr) -> Self {
+        Self {
+            id,
+            name: name.into(),
+            addr,
+            partition_addrs: Vec::new(),
+        }
+    }
+
+    /// The address of this site's partition `p` (see [`SiteEntry::partition_addrs`]).
+    pub fn partition_addr(&self, p: u32) -> SocketAddr {
+        match self.partition_addrs.get(p as usize) {
+            Some(a) => *a,
+            None => {
+                let mut a = self.addr;
+                a.set_port(self.addr.port().wrapping_add(p as u16));
+                a
+            }
+        }
+    }
 }
 
 /// Certificate files.
@@ -87,6 +117,18 @@ pub struct TlsConfig {
 
 fn yes() -> bool {
     true
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// Timeouts, in milliseconds.
@@ -137,6 +179,9 @@ pub struct ReplicationConfig {
     pub marker_interval_ms: u64,
     /// Most updates held in the dependency buffer before reading from peers pauses.
     pub max_buffered: usize,
+    /// With several partitions: how often the partitions of a site exchange their contributions
+    /// to the site's stable vector (ms). Remote visibility waits up to about this long more.
+    pub stable_exchange_ms: u64,
 }
 
 impl Default for ReplicationConfig {
@@ -145,6 +190,7 @@ impl Default for ReplicationConfig {
             batch_max_items: 1024,
             marker_interval_ms: 5,
             max_buffered: 1_000_000,
+            stable_exchange_ms: 2,
         }
     }
 }
@@ -236,6 +282,13 @@ pub struct SiteConfig {
     /// Default: none (no admin server). Port 0 picks a free port ([`crate::Node::admin_addr`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_addr: Option<SocketAddr>,
+    /// Partition nodes per site (`1..=64`, default 1): keys map to partitions by
+    /// [`crate::sharding::partition_of`]. The same in every node's file.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub partitions: u32,
+    /// Which partition of its site this node serves (`0..partitions`, default 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub partition: u32,
     /// Every site of the cluster.
     pub sites: Vec<SiteEntry>,
     /// Certificates.
@@ -313,6 +366,26 @@ impl SiteConfig {
                 return bad(format!("site name {:?} is listed twice", s.name));
             }
         }
+        let parts = self.partitions;
+        if !(1..=64).contains(&parts) {
+            return bad(format!("partitions must be 1 to 64, not {parts}"));
+        }
+        if self.partition >= parts {
+            return bad(format!(
+                "partition {} is not among the {parts} partitions",
+                self.partition
+            ));
+        }
+        for s in &self.sites {
+            if !s.partition_addrs.is_empty()
+                && (s.partition_addrs.len() != parts as usize || s.partition_addrs[0] != s.addr)
+            {
+                return bad(format!(
+                    "site {:?}: partition_addrs must list all {parts} partition addresses, the first equal to addr",
+                    s.name
+                ));
+            }
+        }
         if self.site_id as usize >= n {
             return bad(format!(
                 "site_id {} is not among the {n} listed sites",
@@ -362,9 +435,11 @@ impl SiteConfig {
                     .into(),
             );
         }
-        if self.replication.batch_max_items == 0 || self.replication.marker_interval_ms == 0 {
+        let r = &self.replication;
+        if r.batch_max_items == 0 || r.marker_interval_ms == 0 || r.stable_exchange_ms == 0 {
             return bad(
-                "replication.batch_max_items and marker_interval_ms must be above 0".into(),
+                "replication.batch_max_items, marker_interval_ms and stable_exchange_ms must be above 0"
+                    .into(),
             );
         }
         Ok(())
@@ -373,6 +448,16 @@ impl SiteConfig {
     /// This site's entry.
     pub fn me(&self) -> &SiteEntry {
         &self.sites[self.site_id as usize]
+    }
+
+    /// The address this node listens on: its partition's address at its site.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.me().partition_addr(self.partition)
+    }
+
+    /// The address of `site`'s node for this node's partition: the peer it replicates with.
+    pub fn peer_addr(&self, site: SiteId) -> SocketAddr {
+        self.sites[site as usize].partition_addr(self.partition)
     }
 
     /// Number of sites.

@@ -38,13 +38,35 @@ pub struct DevOptions {
     pub base_port: u16,
     /// Extra client certificates to make.
     pub clients: Vec<String>,
+    /// Partition nodes per site (1: one node per site). With `P` partitions, site `i`'s
+    /// partition `p` listens on `base_port + i * P + p`.
+    pub partitions: u32,
+}
+
+impl DevOptions {
+    /// `sites` sites under `dir` on ports from `base_port`, one node per site.
+    pub fn new(sites: usize, dir: impl Into<PathBuf>, base_port: u16) -> Self {
+        Self {
+            sites,
+            dir: dir.into(),
+            base_port,
+            clients: Vec::new(),
+            partitions: 1,
+        }
+    }
 }
 
 /// Where things are.
 #[derive(Clone, Debug)]
 pub struct DevCluster {
-    /// One configuration per site, also written as `DIR/site-<name>.toml`.
+    /// One configuration per node, site by site and partition by partition within a site (node
+    /// `i * P + p` is site `i`'s partition `p`), also written as `DIR/site-<name>.toml`
+    /// (`DIR/site-<name>-p<p>.toml` with several partitions).
     pub configs: Vec<SiteConfig>,
+    /// Where each configuration was written, in the same order.
+    pub files: Vec<PathBuf>,
+    /// Partition nodes per site.
+    pub partitions: u32,
     /// The certificate directory.
     pub certs: PathBuf,
 }
@@ -102,28 +124,45 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
         clients,
         force: false,
     })?;
+    let parts = opts.partitions.max(1);
     let mut sites = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let port = if opts.base_port == 0 {
-            free_udp_port().map_err(io(&opts.dir))?
-        } else {
-            opts.base_port + i as u16
-        };
-        sites.push(SiteEntry {
-            id: i as u16,
-            name: name.clone(),
-            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
-        });
+        let mut addrs = Vec::new();
+        for p in 0..parts {
+            let port = if opts.base_port == 0 {
+                free_udp_port().map_err(io(&opts.dir))?
+            } else {
+                opts.base_port + (i as u32 * parts + p) as u16
+            };
+            addrs.push(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+        }
+        let mut entry = SiteEntry::new(i as u16, name.clone(), addrs[0]);
+        if parts > 1 {
+            entry.partition_addrs = addrs;
+        }
+        sites.push(entry);
     }
     let mut configs = Vec::new();
-    for (i, name) in names.iter().enumerate() {
+    let mut files = Vec::new();
+    let nodes = names
+        .iter()
+        .enumerate()
+        .flat_map(|(i, name)| (0..parts).map(move |p| (i, name, p)));
+    for (node, (i, name, partition)) in nodes.enumerate() {
+        let suffix = if parts > 1 {
+            format!("{name}-p{partition}")
+        } else {
+            name.clone()
+        };
         let paths = certs::site_paths(&certs_dir, name);
         let cfg = SiteConfig {
             cluster_id: "dev".into(),
             site_id: i as u16,
-            data_dir: opts.dir.join(format!("site-{name}")),
-            admin_addr: admin_port(opts.base_port, i)
+            data_dir: opts.dir.join(format!("site-{suffix}")),
+            admin_addr: admin_port(opts.base_port, node)
                 .map(|p| SocketAddr::from((Ipv4Addr::LOCALHOST, p))),
+            partitions: parts,
+            partition,
             sites: sites.clone(),
             tls: TlsConfig {
                 ca: certs::ca_paths(&certs_dir).cert,
@@ -138,15 +177,36 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             failure: FailureConfig::default(),
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
-        let file = opts.dir.join(format!("site-{name}.toml"));
+        let file = opts.dir.join(format!("site-{suffix}.toml"));
         let text = toml::to_string_pretty(&cfg).expect("config serialises");
         std::fs::write(&file, text).map_err(io(&file))?;
         configs.push(cfg);
+        files.push(file);
     }
     Ok(DevCluster {
         configs,
+        files,
+        partitions: parts,
         certs: certs_dir,
     })
+}
+
+impl DevCluster {
+    /// A client builder for client identity `client`, with site `i` first and the others after
+    /// it in failover order, routing to every partition.
+    pub fn client_builder(&self, client: &str, i: usize) -> crate::client::ClientBuilder {
+        let entries = &self.configs[0].sites;
+        let n = entries.len();
+        let id = certs::client_paths(&self.certs, client);
+        let parts = self.partitions;
+        crate::Client::builder()
+            .site_partitions((0..n).map(|k| {
+                let e = &entries[(i + k) % n];
+                (0..parts).map(|p| e.partition_addr(p)).collect::<Vec<_>>()
+            }))
+            .identity(id.cert, id.key)
+            .ca(certs::ca_paths(&self.certs).cert)
+    }
 }
 
 /// A local cluster running in this process: what `causalkv dev` runs, and what tests and
@@ -173,26 +233,25 @@ impl LocalCluster {
         Ok(LocalCluster { layout, nodes })
     }
 
-    /// Site `i`'s node, if running.
+    /// Node `i`'s running node (site `i / P`, partition `i % P`), if running.
     pub fn node(&self, i: usize) -> Option<&crate::Node> {
         self.nodes[i].as_ref()
     }
 
-    /// Site `i`'s address.
+    /// Number of sites.
+    pub fn sites(&self) -> usize {
+        self.layout.configs.len() / self.layout.partitions as usize
+    }
+
+    /// Site `i`'s address (its partition 0).
     pub fn addr(&self, i: usize) -> SocketAddr {
-        self.layout.configs[i].me().addr
+        self.layout.configs[0].sites[i].addr
     }
 
     /// A client builder for the `cli` identity, with site `i` first and the others after it in
     /// failover order.
     pub fn client_builder(&self, i: usize) -> crate::client::ClientBuilder {
-        let n = self.layout.configs.len();
-        let sites: Vec<String> = (0..n).map(|k| self.addr((i + k) % n).to_string()).collect();
-        let id = certs::client_paths(&self.layout.certs, CLI_CLIENT);
-        crate::Client::builder()
-            .sites(sites)
-            .identity(id.cert, id.key)
-            .ca(certs::ca_paths(&self.layout.certs).cert)
+        self.layout.client_builder(CLI_CLIENT, i)
     }
 
     /// Stops site `i` gracefully.

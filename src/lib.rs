@@ -14,6 +14,7 @@
 //! - [`replica`]: the sans-IO replication core (no tokio, no sockets, no wall clock): local
 //!   reads and writes under a causal context, the dependency buffer, LWW apply, markers, acks,
 //!   retention and tombstone collection. Side effects come back as values.
+//! - [`sharding`]: which partition node of a site holds a key (the hash clients route by).
 //! - [`storage`]: the live key/value state behind a small [`Store`](storage::Store) trait
 //!   (a `DashMap` today).
 //! - [`checker`]: a causal-consistency checker over recorded histories, used by the
@@ -34,6 +35,7 @@ pub mod config;
 pub mod dev;
 pub mod net;
 pub mod replica;
+pub mod sharding;
 pub mod storage;
 pub mod wan;
 pub mod wire;

@@ -110,6 +110,11 @@ mod messages {
         pub site: u16,
         /// Number of sites the sender is configured with.
         pub sites: u16,
+        /// The sender's partition of its site: peers replicate partition with like partition;
+        /// the partitions of one site exchange stable-vector contributions.
+        pub partition: u16,
+        /// Number of partitions per site the sender is configured with.
+        pub partitions: u16,
         /// The sender's durable `applied` vector.
         pub applied: Vec<u64>,
     }
@@ -221,6 +226,9 @@ mod messages {
         pub const SHUTTING_DOWN: u16 = 5;
         /// Durable storage failed.
         pub const STORAGE: u16 = 6;
+        /// The key belongs to another partition node of the site (see
+        /// [`crate::sharding::partition_of`]).
+        pub const WRONG_PARTITION: u16 = 7;
     }
 
     /// One peer's line in a status answer.

@@ -8,9 +8,13 @@
 //! SIM_SEEDS=2000 cargo test --release --test sim                  # many seeds
 //! ```
 //!
-//! The model: 3 to 5 sites, each a [`Replica`] whose records are "fsynced" to a simulated disk
-//! after every step. Every pair of sites shares a connection that carries each side's ordered
-//! update stream and its control messages (hello, acks). A connection delivers in order, after a
+//! The model: 3 to 5 sites of `P` partition nodes each (`P` = 1, 2 or 4), every node a
+//! [`Replica`] whose records are "fsynced" to a simulated disk after every step. Every pair of
+//! nodes of the same partition at two sites shares a connection that carries each side's ordered
+//! update stream and its control messages (hello, acks); each has its own delay, so one
+//! partition's stream can run far behind another's. The partitions of a site exchange their
+//! stable-vector contributions every tick, with a small delay, and some of those messages are
+//! lost. A connection delivers in order, after a
 //! per-link delay of 0 to 300 ms plus jitter, so messages reorder across links. A lost message
 //! breaks the connection (as a QUIC connection dies when its path does), and after a backoff the
 //! sides reconnect, exchange hellos and resend from each other's `applied` entry. Batches are
@@ -18,8 +22,8 @@
 //! site. A crash loses the replica's memory (buffer included) and keeps its disk; the restart
 //! recovers from the disk.
 //!
-//! Client sessions hop between sites, waiting (bounded) for a site to cover their causal context,
-//! and write unique values. Every acknowledged operation is recorded, and at the end the causal
+//! Client sessions hop between sites, send each operation to the partition that holds its key,
+//! wait (bounded) for it to cover their causal context, and write unique values. Every acknowledged operation is recorded, and at the end the causal
 //! checker runs over the history; after the network heals, every site must hold identical live
 //! contents and have collected every tombstone.
 
@@ -29,6 +33,7 @@ use bytes::Bytes;
 use causalkv::checker::{self, History, Op, OpKind};
 use causalkv::clock::{SiteId, Timestamp, VClock, Version};
 use causalkv::replica::{Item, Record, Replica, ReplicaConfig};
+use causalkv::sharding::partition_of;
 use causalkv::storage::{MemStore, Store, live_contents};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -39,11 +44,20 @@ const MS: u64 = 1_000;
 type Contents = BTreeMap<Vec<u8>, (Version, Bytes)>;
 const SEC: u64 = 1_000_000;
 
+/// A node: site `i`'s partition `p` is node `i * P + p`.
+type NodeId = usize;
+
 /// Knobs of one simulation run.
 #[derive(Clone, Debug)]
 struct SimConfig {
     seed: u64,
     check_deps: bool,
+    /// Partitions per site.
+    partitions: usize,
+    /// Partitioned sites check deps against the stable vector (off: the planted bug).
+    check_stable: bool,
+    /// More sessions issuing operations more often.
+    dense: bool,
     /// Simulated time with clients and faults running.
     active: u64,
     faults: bool,
@@ -59,24 +73,32 @@ enum Msg {
 #[derive(Debug)]
 enum Event {
     Deliver {
-        from: SiteId,
-        to: SiteId,
+        from: NodeId,
+        to: NodeId,
         epoch: u64,
         msg: Msg,
     },
-    Tick(SiteId),
+    /// A sibling partition's stable-vector contribution arrives.
+    Contribution {
+        to: NodeId,
+        from_partition: u32,
+        v: VClock,
+    },
+    Tick(NodeId),
     Client(usize),
     Fault,
     Heal(Fault),
-    Reconnect(SiteId, SiteId),
-    Restart(SiteId),
+    Reconnect(NodeId, NodeId),
+    Restart(NodeId),
 }
 
+/// Faults between sites (every partition's link) or between two nodes.
 #[derive(Clone, Copy, Debug)]
 enum Fault {
     Cut(SiteId, SiteId),
     Isolate(SiteId),
-    Loss(SiteId, SiteId),
+    Loss(NodeId, NodeId),
+    SlowSiblings(SiteId),
 }
 
 /// One direction of a connection.
@@ -92,8 +114,10 @@ struct Site {
     replica: Option<Replica<MemStore>>,
     disk: Vec<Record>,
     skew: i64,
-    /// Per peer: hello received on the current connection epoch.
+    /// Per node: hello received on the current connection epoch.
     greeted: Vec<bool>,
+    /// Extra delay on this site's sibling exchange (a fault).
+    sibling_delay: u64,
 }
 
 struct Session {
@@ -108,10 +132,15 @@ struct Sim {
     rng: ChaCha8Rng,
     now: u64,
     seq: u64,
+    /// Number of sites.
     n: usize,
+    /// Partitions per site.
+    parts: usize,
+    /// Nodes, site by site (`n * parts`); named `sites` from the unpartitioned model.
     sites: Vec<Site>,
+    /// Per ordered pair of nodes (only pairs of the same partition at two sites are used).
     links: Vec<Vec<Link>>,
-    /// Connection epoch per unordered pair (indexed [min][max]).
+    /// Connection epoch per unordered pair of nodes (indexed [min][max]).
     epoch: Vec<Vec<u64>>,
     connected: Vec<Vec<bool>>,
     events: BTreeMap<(u64, u64), Event>,
@@ -119,6 +148,7 @@ struct Sim {
     history: History,
     delete_values: HashMap<Version, Vec<u8>>,
     deleted_keys: BTreeSet<Vec<u8>>,
+    /// Per node: the timestamp of its last write.
     last_write: Vec<Timestamp>,
     healing: bool,
     stats: SimStats,
@@ -134,6 +164,8 @@ struct SimStats {
     lost_messages: u64,
     duplicated: u64,
     max_buffered: usize,
+    contributions: u64,
+    bypass: u64,
 }
 
 /// What one run found.
@@ -148,21 +180,20 @@ impl Sim {
     fn new(cfg: SimConfig) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
         let n = rng.gen_range(3..=5);
-        let sites = (0..n)
-            .map(|i| {
-                let mut rc = ReplicaConfig::new(i as SiteId, n);
-                rc.check_deps = cfg.check_deps;
-                Site {
-                    replica: Some(Replica::new(rc, MemStore::new())),
-                    disk: Vec::new(),
-                    skew: rng.gen_range(-50_000..50_000),
-                    greeted: vec![false; n],
-                }
+        let parts = cfg.partitions;
+        let nodes = n * parts;
+        let sites = (0..nodes)
+            .map(|x| Site {
+                replica: Some(Replica::new(Self::replica_config(&cfg, n, x), MemStore::new())),
+                disk: Vec::new(),
+                skew: rng.gen_range(-50_000..50_000),
+                greeted: vec![false; nodes],
+                sibling_delay: 0,
             })
             .collect();
-        let links = (0..n)
+        let links = (0..nodes)
             .map(|_| {
-                (0..n)
+                (0..nodes)
                     .map(|_| Link {
                         delay: rng.gen_range(0..300 * MS),
                         jitter: rng.gen_range(0..20 * MS),
@@ -173,7 +204,7 @@ impl Sim {
                     .collect()
             })
             .collect();
-        let sessions = (0..rng.gen_range(3..=8))
+        let sessions = (0..if cfg.dense { rng.gen_range(12..=20) } else { rng.gen_range(3..=8) })
             .map(|_| Session {
                 ctx: VClock::zero(n),
                 site: rng.gen_range(0..n) as SiteId,
@@ -187,25 +218,26 @@ impl Sim {
             now: 0,
             seq: 0,
             n,
+            parts,
             sites,
             links,
-            epoch: vec![vec![0; n]; n],
-            connected: vec![vec![false; n]; n],
+            epoch: vec![vec![0; nodes]; nodes],
+            connected: vec![vec![false; nodes]; nodes],
             events: BTreeMap::new(),
             sessions,
             history: History::new(),
             delete_values: HashMap::new(),
             deleted_keys: BTreeSet::new(),
-            last_write: vec![0; n],
+            last_write: vec![0; nodes],
             healing: false,
             stats: SimStats::default(),
-            last_tick: vec![0; n],
+            last_tick: vec![0; nodes],
         };
-        for i in 0..n as SiteId {
+        for x in 0..nodes {
             let at = sim.rng.gen_range(0..5 * MS);
-            sim.schedule(at, Event::Tick(i));
-            for j in (i + 1)..n as SiteId {
-                sim.schedule(0, Event::Reconnect(i, j));
+            sim.schedule(at, Event::Tick(x));
+            for y in sim.peers_of(x).filter(|&y| y > x) {
+                sim.schedule(0, Event::Reconnect(x, y));
             }
         }
         for s in 0..sim.sessions.len() {
@@ -218,38 +250,68 @@ impl Sim {
         sim
     }
 
+    fn replica_config(cfg: &SimConfig, n: usize, x: NodeId) -> ReplicaConfig {
+        let p = cfg.partitions;
+        let mut rc = ReplicaConfig::new((x / p) as SiteId, n).with_partition((x % p) as u32, p as u32);
+        rc.check_deps = cfg.check_deps;
+        rc.check_stable = cfg.check_stable;
+        rc
+    }
+
+    fn site_of(&self, x: NodeId) -> SiteId {
+        (x / self.parts) as SiteId
+    }
+
+    fn node(&self, site: SiteId, partition: usize) -> NodeId {
+        site as usize * self.parts + partition
+    }
+
+    /// The nodes `x` replicates with: its partition at every other site.
+    fn peers_of(&self, x: NodeId) -> impl Iterator<Item = NodeId> + use<> {
+        let (p, i, n) = (self.parts, x / self.parts, self.n);
+        (0..n).filter(move |&j| j != i).map(move |j| j * p + x % p)
+    }
+
+    /// The other partitions of `x`'s site.
+    fn siblings_of(&self, x: NodeId) -> impl Iterator<Item = NodeId> + use<> {
+        let (p, base) = (self.parts, x - x % self.parts);
+        (base..base + p).filter(move |&y| y != x)
+    }
+
     fn schedule(&mut self, after: u64, ev: Event) {
         self.seq += 1;
         self.events.insert((self.now + after, self.seq), ev);
     }
 
-    fn pair(a: SiteId, b: SiteId) -> (usize, usize) {
-        (a.min(b) as usize, a.max(b) as usize)
+    fn pair(a: NodeId, b: NodeId) -> (usize, usize) {
+        (a.min(b), a.max(b))
     }
 
-    fn site_now(&self, i: SiteId) -> Timestamp {
-        (self.now as i64 + self.sites[i as usize].skew).max(0) as u64
+    fn site_now(&self, x: NodeId) -> Timestamp {
+        (self.now as i64 + self.sites[x].skew).max(0) as u64
     }
 
     /// Persists the replica's records (a simulated fsync) and marks them durable.
-    fn flush(&mut self, i: SiteId) {
-        let site = &mut self.sites[i as usize];
+    fn flush(&mut self, x: NodeId) {
+        let site = &mut self.sites[x];
         if let Some(r) = site.replica.as_mut() {
             let ready = r.take_ready();
             site.disk.extend(ready.records);
             r.advance(&ready.applied, ready.lease);
             self.stats.max_buffered = self.stats.max_buffered.max(r.buffer().len());
+            self.stats.bypass = self.stats.bypass.max(0) + 0;
+            if r.stats().tombstones_collected >= 1_000_000 { self.stats.bypass = r.stats().tombstones_collected / 1_000_000_000_000 * 100000 + (r.stats().tombstones_collected % 1_000_000_000_000) / 1_000_000; }
         }
     }
 
     /// Sends one message on the connection between `from` and `to`, if it is up.
-    fn send(&mut self, from: SiteId, to: SiteId, msg: Msg) {
+    fn send(&mut self, from: NodeId, to: NodeId, msg: Msg) {
         let (a, b) = Self::pair(from, to);
         if !self.connected[a][b] {
             return;
         }
         let epoch = self.epoch[a][b];
-        let link = &self.links[from as usize][to as usize];
+        let link = &self.links[from][to];
         if link.cut > 0 || self.rng.gen_range(0..1_000_000) < link.loss_ppm {
             // The message is lost: the connection breaks, and the sides reconnect later.
             self.stats.lost_messages += 1;
@@ -258,7 +320,7 @@ impl Sim {
         }
         let delay = link.delay + self.rng.gen_range(0..=link.jitter);
         let at = (self.now + delay).max(link.last_delivery);
-        self.links[from as usize][to as usize].last_delivery = at;
+        self.links[from][to].last_delivery = at;
         let dup = matches!(msg, Msg::Batch(_)) && self.rng.gen_range(0..100) == 0;
         if dup && let Msg::Batch(items) = &msg {
             self.stats.duplicated += 1;
@@ -268,7 +330,7 @@ impl Sim {
         self.deliver_at(at, from, to, epoch, msg);
     }
 
-    fn deliver_at(&mut self, at: u64, from: SiteId, to: SiteId, epoch: u64, msg: Msg) {
+    fn deliver_at(&mut self, at: u64, from: NodeId, to: NodeId, epoch: u64, msg: Msg) {
         self.seq += 1;
         let ev = Event::Deliver {
             from,
@@ -279,7 +341,7 @@ impl Sim {
         self.events.insert((at, self.seq), ev);
     }
 
-    fn break_connection(&mut self, x: SiteId, y: SiteId) {
+    fn break_connection(&mut self, x: NodeId, y: NodeId) {
         let (a, b) = Self::pair(x, y);
         if !self.connected[a][b] {
             return;
@@ -289,28 +351,57 @@ impl Sim {
         self.sites[a].greeted[b] = false;
         self.sites[b].greeted[a] = false;
         let backoff = self.rng.gen_range(10 * MS..200 * MS);
-        self.schedule(backoff, Event::Reconnect(a as SiteId, b as SiteId));
+        self.schedule(backoff, Event::Reconnect(a, b));
     }
 
-    /// Pushes every pending batch from `i` to its greeted peers.
-    fn pump(&mut self, i: SiteId) {
-        self.flush(i);
-        for j in 0..self.n as SiteId {
-            if j == i || !self.sites[i as usize].greeted[j as usize] {
+    /// Pushes every pending batch from node `x` to its greeted peers.
+    fn pump(&mut self, x: NodeId) {
+        self.flush(x);
+        for y in self.peers_of(x) {
+            if !self.sites[x].greeted[y] {
                 continue;
             }
+            let peer = self.site_of(y);
             loop {
-                let Some(r) = self.sites[i as usize].replica.as_mut() else {
+                let Some(r) = self.sites[x].replica.as_mut() else {
                     return;
                 };
-                let Some(batch) = r.poll_batch(j, 16) else {
+                let Some(batch) = r.poll_batch(peer, 16) else {
                     break;
                 };
-                self.send(i, j, Msg::Batch(batch));
-                if !self.sites[i as usize].greeted[j as usize] {
+                self.send(x, y, Msg::Batch(batch));
+                if !self.sites[x].greeted[y] {
                     break;
                 }
             }
+        }
+    }
+
+    /// Sends node `x`'s stable-vector contribution to its sibling partitions: a few ms late,
+    /// sometimes much later (a fault), sometimes lost (contributions only grow, so a lost one
+    /// is made up by the next).
+    fn exchange(&mut self, x: NodeId) {
+        if self.parts == 1 {
+            return;
+        }
+        let Some(v) = self.sites[x].replica.as_ref().map(|r| r.contribution()) else {
+            return;
+        };
+        let from_partition = (x % self.parts) as u32;
+        for y in self.siblings_of(x) {
+            if self.cfg.faults && self.rng.gen_range(0..100) < 2 {
+                continue;
+            }
+            let delay = self.rng.gen_range(0..3 * MS) + self.sites[x].sibling_delay;
+            self.stats.contributions += 1;
+            self.schedule(
+                delay,
+                Event::Contribution {
+                    to: y,
+                    from_partition,
+                    v: v.clone(),
+                },
+            );
         }
     }
 
@@ -366,15 +457,17 @@ impl Sim {
                 self.last_write
             ));
         }
+        // A site's contents: the union of its partitions' (each key lives in one partition).
         let states: Vec<(u16, Contents)> = self
             .sites
-            .iter()
+            .chunks(self.parts)
             .enumerate()
-            .map(|(i, s)| {
-                (
-                    i as u16,
-                    live_contents(s.replica.as_ref().expect("healed").store()),
-                )
+            .map(|(i, nodes)| {
+                let mut all = Contents::new();
+                for s in nodes {
+                    all.extend(live_contents(s.replica.as_ref().expect("healed").store()));
+                }
+                (i as u16, all)
             })
             .collect();
         checker::check_convergence(&states).map_err(|e| e.to_string())?;
@@ -402,12 +495,15 @@ impl Sim {
         Ok(())
     }
 
-    /// Every site is up, has applied every write of every origin and buffers nothing.
+    /// Every node is up, has applied every write of its partition at every origin and
+    /// buffers nothing.
     fn quiescent(&self) -> bool {
-        self.sites.iter().all(|s| {
+        self.sites.iter().enumerate().all(|(x, s)| {
             s.replica.as_ref().is_some_and(|r| {
                 r.buffer().is_empty()
-                    && (0..self.n).all(|o| r.applied().get(o as SiteId) >= self.last_write[o])
+                    && (0..self.n).all(|o| {
+                        r.applied().get(o as SiteId) >= self.last_write[self.node(o as SiteId, x % self.parts)]
+                    })
             })
         })
     }
@@ -420,36 +516,47 @@ impl Sim {
                 l.loss_ppm = 0;
             }
         }
-        for i in 0..self.n as SiteId {
-            if self.sites[i as usize].replica.is_none() {
-                self.schedule(0, Event::Restart(i));
+        for s in &mut self.sites {
+            s.sibling_delay = 0;
+        }
+        for x in 0..self.sites.len() {
+            if self.sites[x].replica.is_none() {
+                self.schedule(0, Event::Restart(x));
             }
         }
     }
 
     fn step(&mut self, ev: Event) {
         match ev {
-            Event::Tick(i) => {
-                let now = self.site_now(i);
-                if let Some(r) = self.sites[i as usize].replica.as_mut() {
-                    self.last_tick[i as usize] = now;
+            Event::Tick(x) => {
+                let now = self.site_now(x);
+                if let Some(r) = self.sites[x].replica.as_mut() {
+                    self.last_tick[x] = now;
                     r.tick(now);
-                    self.flush(i);
-                    let ack = self.sites[i as usize]
-                        .replica
-                        .as_ref()
-                        .map(|r| r.durable().clone());
+                    self.flush(x);
+                    let ack = self.sites[x].replica.as_ref().map(|r| r.durable().clone());
                     if let Some(ack) = ack
                         && self.rng.gen_range(0..4) == 0
                     {
-                        for j in 0..self.n as SiteId {
-                            if j != i && self.sites[i as usize].greeted[j as usize] {
-                                self.send(i, j, Msg::Ack(ack.clone()));
+                        for y in self.peers_of(x) {
+                            if self.sites[x].greeted[y] {
+                                self.send(x, y, Msg::Ack(ack.clone()));
                             }
                         }
                     }
-                    self.pump(i);
-                    self.schedule(5 * MS, Event::Tick(i));
+                    self.pump(x);
+                    self.exchange(x);
+                    self.schedule(5 * MS, Event::Tick(x));
+                }
+            }
+            Event::Contribution {
+                to,
+                from_partition,
+                v,
+            } => {
+                if let Some(r) = self.sites[to].replica.as_mut() {
+                    r.on_sibling(from_partition, &v);
+                    self.pump(to);
                 }
             }
             Event::Reconnect(a, b) => {
@@ -475,7 +582,7 @@ impl Sim {
                         .expect("up")
                         .durable()
                         .clone();
-                    self.send(from as SiteId, to as SiteId, Msg::Hello(hello));
+                    self.send(from, to, Msg::Hello(hello));
                 }
             }
             Event::Deliver {
@@ -488,57 +595,68 @@ impl Sim {
                 if epoch != self.epoch[a][b] || !self.connected[a][b] {
                     return; // sent on a connection that has since broken
                 }
-                let Some(r) = self.sites[to as usize].replica.as_mut() else {
+                let origin = self.site_of(from);
+                let Some(r) = self.sites[to].replica.as_mut() else {
                     return;
                 };
                 match msg {
                     Msg::Hello(applied) => {
-                        r.on_peer_connected(from, &applied);
-                        self.sites[to as usize].greeted[from as usize] = true;
+                        r.on_peer_connected(origin, &applied);
+                        self.sites[to].greeted[from] = true;
                     }
-                    Msg::Batch(items) => r.receive(from, items),
-                    Msg::Ack(applied) => r.on_peer_applied(from, &applied),
+                    Msg::Batch(items) => r.receive(origin, items),
+                    Msg::Ack(applied) => r.on_peer_applied(origin, &applied),
                 }
                 self.pump(to);
             }
             Event::Client(s) => self.client_step(s),
-            Event::Restart(i) => {
-                let site = &mut self.sites[i as usize];
+            Event::Restart(x) => {
+                let rc = Self::replica_config(&self.cfg, self.n, x);
+                let nodes = self.sites.len();
+                let site = &mut self.sites[x];
                 if site.replica.is_some() {
                     return;
                 }
-                let mut rc = ReplicaConfig::new(i, self.n);
-                rc.check_deps = self.cfg.check_deps;
                 site.replica = Some(Replica::recover(
                     rc,
                     MemStore::new(),
                     site.disk.iter().cloned(),
                 ));
-                site.greeted = vec![false; self.n];
-                self.schedule(MS, Event::Tick(i));
-                for j in 0..self.n as SiteId {
-                    if j != i {
-                        self.schedule(0, Event::Reconnect(i, j));
-                    }
+                site.greeted = vec![false; nodes];
+                self.schedule(MS, Event::Tick(x));
+                for y in self.peers_of(x) {
+                    self.schedule(0, Event::Reconnect(x, y));
                 }
             }
             Event::Fault => self.inject_fault(),
             Event::Heal(f) => match f {
-                Fault::Cut(x, y) => {
-                    let l = &mut self.links[x as usize][y as usize];
-                    l.cut = l.cut.saturating_sub(1);
-                }
+                Fault::Cut(x, y) => self.cut_sites(x, y, false),
                 Fault::Isolate(x) => {
-                    for j in 0..self.n {
-                        if j != x as usize {
-                            for (a, b) in [(x as usize, j), (j, x as usize)] {
-                                self.links[a][b].cut = self.links[a][b].cut.saturating_sub(1);
-                            }
+                    for j in 0..self.n as SiteId {
+                        if j != x {
+                            self.cut_sites(x, j, false);
+                            self.cut_sites(j, x, false);
                         }
                     }
                 }
-                Fault::Loss(x, y) => self.links[x as usize][y as usize].loss_ppm = 2_000,
+                Fault::Loss(x, y) => self.links[x][y].loss_ppm = 2_000,
+                Fault::SlowSiblings(i) => {
+                    for p in 0..self.parts {
+                        let x = self.node(i, p);
+                        self.sites[x].sibling_delay = 0;
+                    }
+                }
             },
+        }
+    }
+
+    /// Cuts (or heals one cut of) the direction `x → y` of every partition's link between two
+    /// sites.
+    fn cut_sites(&mut self, x: SiteId, y: SiteId, cut: bool) {
+        for p in 0..self.parts {
+            let (a, b) = (self.node(x, p), self.node(y, p));
+            let l = &mut self.links[a][b];
+            l.cut = if cut { l.cut + 1 } else { l.cut.saturating_sub(1) };
         }
     }
 
@@ -549,45 +667,57 @@ impl Sim {
         let n = self.n as SiteId;
         let x = self.rng.gen_range(0..n);
         let y = (x + self.rng.gen_range(1..n)) % n;
+        let p = self.rng.gen_range(0..self.parts);
         let dur = self.rng.gen_range(100 * MS..3 * SEC);
-        match self.rng.gen_range(0..6) {
+        match self.rng.gen_range(0..7) {
             0 => {
                 // One-way partition.
                 self.stats.partitions += 1;
-                self.links[x as usize][y as usize].cut += 1;
+                self.cut_sites(x, y, true);
                 self.schedule(dur, Event::Heal(Fault::Cut(x, y)));
             }
             1 => {
                 // Two-way partition.
                 self.stats.partitions += 1;
-                self.links[x as usize][y as usize].cut += 1;
-                self.links[y as usize][x as usize].cut += 1;
+                self.cut_sites(x, y, true);
+                self.cut_sites(y, x, true);
                 self.schedule(dur, Event::Heal(Fault::Cut(x, y)));
                 self.schedule(dur, Event::Heal(Fault::Cut(y, x)));
             }
             2 => {
                 self.stats.partitions += 1;
-                for j in 0..self.n {
-                    if j != x as usize {
-                        self.links[x as usize][j].cut += 1;
-                        self.links[j][x as usize].cut += 1;
+                for j in 0..n {
+                    if j != x {
+                        self.cut_sites(x, j, true);
+                        self.cut_sites(j, x, true);
                     }
                 }
                 self.schedule(dur, Event::Heal(Fault::Isolate(x)));
             }
-            // Crash: memory lost, disk kept.
-            3 if self.sites[x as usize].replica.take().is_some() => {
+            // Crash of one partition node: memory lost, disk kept.
+            3 if self.sites[self.node(x, p)].replica.is_some() => {
+                let node = self.node(x, p);
+                self.sites[node].replica = None;
                 self.stats.crashes += 1;
-                for j in 0..n {
-                    if j != x {
-                        self.break_connection(x, j);
-                    }
+                for y in self.peers_of(node) {
+                    self.break_connection(node, y);
                 }
-                self.schedule(dur, Event::Restart(x));
+                self.schedule(dur, Event::Restart(node));
             }
             4 => {
-                self.links[x as usize][y as usize].loss_ppm = 200_000;
-                self.schedule(dur / 4, Event::Heal(Fault::Loss(x, y)));
+                // Heavy loss on one partition's link: only that stream stalls and reconnects.
+                let (a, b) = (self.node(x, p), self.node(y, p));
+                self.links[a][b].loss_ppm = 200_000;
+                self.schedule(dur / 4, Event::Heal(Fault::Loss(a, b)));
+            }
+            5 if self.parts > 1 => {
+                // The site's partitions hear of each other late.
+                let extra = self.rng.gen_range(20 * MS..300 * MS);
+                for q in 0..self.parts {
+                    let node = self.node(x, q);
+                    self.sites[node].sibling_delay = extra;
+                }
+                self.schedule(dur, Event::Heal(Fault::SlowSiblings(x)));
             }
             _ => {}
         }
@@ -604,19 +734,27 @@ impl Sim {
         let stuck = self.sessions[s]
             .waiting_since
             .is_some_and(|t| self.now - t > 1_500 * MS);
+        let key = format!("k{}", self.rng.gen_range(0..6)).into_bytes();
+        let part = partition_of(&key, self.parts as u32) as usize;
         if stuck
-            || self.sites[self.sessions[s].site as usize].replica.is_none()
+            || self.sites[self.node(self.sessions[s].site, part)]
+                .replica
+                .is_none()
             || self.rng.gen_range(0..10) < 3
         {
             self.sessions[s].site = self.rng.gen_range(0..n);
             self.sessions[s].waiting_since = None;
         }
         let site = self.sessions[s].site;
-        let now = self.site_now(site);
-        let key = format!("k{}", self.rng.gen_range(0..6)).into_bytes();
+        let node = self.node(site, part);
+        let now = self.site_now(node);
         let roll = self.rng.gen_range(0..10);
-        let next = self.rng.gen_range(5 * MS..60 * MS);
-        let Some(r) = self.sites[site as usize].replica.as_mut() else {
+        let next = if self.cfg.dense {
+            self.rng.gen_range(MS..15 * MS)
+        } else {
+            self.rng.gen_range(5 * MS..60 * MS)
+        };
+        let Some(r) = self.sites[node].replica.as_mut() else {
             self.schedule(next, Event::Client(s));
             return;
         };
@@ -630,7 +768,7 @@ impl Sim {
                 Ok(v) => {
                     sess.ctx.raise(v.site, v.ts);
                     sess.waiting_since = None;
-                    self.last_write[site as usize] = v.ts;
+                    self.last_write[node] = v.ts;
                     if is_delete {
                         self.delete_values.insert(v, value.clone());
                         self.deleted_keys.insert(key.clone());
@@ -641,7 +779,7 @@ impl Sim {
                         kind: OpKind::Write { key, value },
                     });
                     self.stats.ops += 1;
-                    self.pump(site);
+                    self.pump(node);
                 }
                 Err(_) => {
                     self.stats.not_ready_waits += 1;
@@ -686,10 +824,29 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64, check_deps: bool) -> Outcome {
+/// What varies between the tests: partitions per site and the planted bugs.
+#[derive(Clone, Copy, Debug)]
+struct Variant {
+    partitions: usize,
+    dense: bool,
+    check_deps: bool,
+    check_stable: bool,
+}
+
+const CORRECT: Variant = Variant {
+    partitions: 1,
+    dense: false,
+    check_deps: true,
+    check_stable: true,
+};
+
+fn run_seed(seed: u64, v: Variant) -> Outcome {
     Sim::new(SimConfig {
         seed,
-        check_deps,
+        check_deps: v.check_deps,
+        partitions: v.partitions,
+        check_stable: v.check_stable,
+        dense: v.dense,
         active: 8 * SEC,
         faults: true,
     })
@@ -709,7 +866,7 @@ fn seeds(default: u64) -> Vec<u64> {
 }
 
 /// Runs `seeds` on all cores, returning `(seed, outcome)` in seed order.
-fn run_many(seeds: &[u64], check_deps: bool) -> Vec<(u64, Outcome)> {
+fn run_many(seeds: &[u64], v: Variant) -> Vec<(u64, Outcome)> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results = std::sync::Mutex::new(Vec::new());
@@ -719,7 +876,7 @@ fn run_many(seeds: &[u64], check_deps: bool) -> Vec<(u64, Outcome)> {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(&seed) = seeds.get(i) else { break };
-                    let out = run_seed(seed, check_deps);
+                    let out = run_seed(seed, v);
                     results.lock().unwrap().push((seed, out));
                 }
             });
@@ -730,28 +887,34 @@ fn run_many(seeds: &[u64], check_deps: bool) -> Vec<(u64, Outcome)> {
     r
 }
 
-#[test]
-fn causal_consistency_and_convergence_under_faults() {
+/// Runs the correct replicas with `partitions` per site over the seeds and asserts a clean
+/// history and convergence on every one.
+fn check_all_seeds(partitions: usize) {
     let seeds = seeds(16);
-    let results = run_many(&seeds, true);
+    let v = Variant {
+        partitions,
+        ..CORRECT
+    };
+    let results = run_many(&seeds, v);
     let mut failed = Vec::new();
-    let (mut ops, mut crashes, mut parts, mut lost, mut maxbuf) = (0, 0, 0, 0, 0);
+    let (mut ops, mut crashes, mut parts, mut lost, mut maxbuf, mut contrib) = (0, 0, 0, 0, 0, 0);
     for (seed, out) in &results {
         ops += out.stats.ops;
         crashes += out.stats.crashes;
         parts += out.stats.partitions;
         lost += out.stats.lost_messages;
+        contrib += out.stats.contributions;
         maxbuf = maxbuf.max(out.stats.max_buffered);
         if !out.report.is_ok() || out.converged.is_err() {
             eprintln!(
-                "seed {seed} FAILED (replay: SIM_SEED={seed} cargo test --release --test sim)\n{}\n{:?}\n{:?}",
+                "seed {seed} with {partitions} partitions FAILED (replay: SIM_SEED={seed} cargo test --release --test sim)\n{}\n{:?}\n{:?}",
                 out.report, out.converged, out.stats
             );
             failed.push(*seed);
         }
     }
     println!(
-        "{} seeds: {ops} ops checked, {crashes} crashes, {parts} partitions, {lost} lost messages, max buffered {maxbuf}",
+        "{} seeds, {partitions} partition(s) per site: {ops} ops checked, {crashes} crashes, {parts} partitions, {lost} lost messages, {contrib} stable-vector exchanges, max buffered {maxbuf}",
         results.len()
     );
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
@@ -759,25 +922,74 @@ fn causal_consistency_and_convergence_under_faults() {
 }
 
 #[test]
-fn checker_catches_missing_dependency_checks() {
-    // The planted bug: remote updates are applied without waiting for their dependencies.
-    let seeds: Vec<u64> = (0..64).collect();
-    let results = run_many(&seeds, false);
+fn causal_consistency_and_convergence_under_faults() {
+    check_all_seeds(1);
+}
+
+#[test]
+fn two_partitions_per_site() {
+    check_all_seeds(2);
+}
+
+#[test]
+fn four_partitions_per_site() {
+    check_all_seeds(4);
+}
+
+/// Runs a planted bug over 64 seeds and asserts the checker reports violations.
+fn assert_caught(v: Variant, what: &str) {
+    let seeds: Vec<u64> = (0..std::env::var("BUG_SEEDS").map_or(64, |s| s.parse().unwrap())).collect();
+    let results = run_many(&seeds, v);
     let violations: usize = results.iter().map(|(_, o)| o.report.violations.len()).sum();
+    println!("BYPASS {}", results.iter().map(|(_, o)| o.stats.bypass).sum::<u64>());
+    let caught = results
+        .iter()
+        .filter(|(_, o)| !o.report.violations.is_empty())
+        .count();
     for (seed, out) in &results {
-        println!("seed {seed} without dependency checks: {}", out.report);
+        println!("seed {seed} {what}: {}", out.report);
     }
+    println!("{what}: {violations} violations in {caught} of 64 seeds");
     assert!(
         violations > 0,
-        "the checker must report violations when dependency checks are off"
+        "the checker must report violations {what}"
     );
 }
 
 #[test]
+fn checker_catches_missing_dependency_checks() {
+    // The planted bug: remote updates are applied without waiting for their dependencies.
+    let v = Variant {
+        check_deps: false,
+        ..CORRECT
+    };
+    assert_caught(v, "without dependency checks");
+}
+
+#[test]
+fn checker_catches_skipped_stable_vector_check() {
+    // The planted bug: a partition checks deps against its own `applied` only, not against the
+    // site's stable vector.
+    let v = Variant {
+        partitions: 2,
+        check_stable: false,
+        dense: true,
+        ..CORRECT
+    };
+    assert_caught(v, "without the stable-vector check");
+}
+
+#[test]
 fn same_seed_replays_exactly() {
-    let a = run_seed(7, true);
-    let b = run_seed(7, true);
-    assert_eq!(a.stats.ops, b.stats.ops);
-    assert_eq!(a.stats.lost_messages, b.stats.lost_messages);
-    assert_eq!(format!("{}", a.report), format!("{}", b.report));
+    for partitions in [1, 2] {
+        let v = Variant {
+            partitions,
+            ..CORRECT
+        };
+        let a = run_seed(7, v);
+        let b = run_seed(7, v);
+        assert_eq!(a.stats.ops, b.stats.ops);
+        assert_eq!(a.stats.lost_messages, b.stats.lost_messages);
+        assert_eq!(format!("{}", a.report), format!("{}", b.report));
+    }
 }

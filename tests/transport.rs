@@ -419,6 +419,8 @@ async fn a_malformed_update_stream_closes_the_peer_connection() {
             cluster: cluster.configs[0].cluster_id.clone(),
             site: 1,
             sites: 2,
+            partition: 0,
+            partitions: 1,
             applied: vec![0, 0],
         });
         wire::write_frame(&mut send, &wire::encode(&hello))

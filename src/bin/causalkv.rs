@@ -51,6 +51,9 @@ enum Cmd {
         /// (`/metrics`, `/status`) on TCP port + 1000 + i.
         #[arg(long, default_value_t = 7100)]
         port: u16,
+        /// Partition nodes per site: site i's partition p listens on port + i * P + p.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
         /// Only write certificates and site configs (for `causalkv serve --config`), then exit.
         #[arg(long)]
         layout_only: bool,
@@ -273,6 +276,9 @@ struct ConnArgs {
     /// Request timeout in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    /// Partition nodes per site: keys are routed to partition p at the --site port + p.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
     /// Machine-readable output.
     #[arg(long)]
     json: bool,
@@ -315,8 +321,9 @@ async fn run(cmd: Cmd) -> ExitCode {
             sites,
             dir,
             port,
+            partitions,
             layout_only,
-        } => match run_dev(sites, dir, port, layout_only).await {
+        } => match run_dev(sites, dir, port, partitions, layout_only).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
@@ -548,6 +555,7 @@ where
     let paths = certs::client_paths(&args.certs, &args.client);
     let connected = Client::builder()
         .sites(args.sites.clone())
+        .partitions(args.partitions)
         .identity(paths.cert, paths.key)
         .ca(certs::ca_paths(&args.certs).cert)
         .timeout(Duration::from_millis(args.timeout_ms))
@@ -594,6 +602,7 @@ async fn connect_each(
     for site in &args.sites {
         let c = Client::builder()
             .sites(vec![site.clone()])
+            .partitions(args.partitions)
             .identity(paths.cert.clone(), paths.key.clone())
             .ca(certs::ca_paths(&args.certs).cert)
             .timeout(Duration::from_millis(args.timeout_ms))
@@ -719,20 +728,24 @@ async fn serve(config: PathBuf) -> Result<(), String> {
     Ok(())
 }
 
-async fn run_dev(sites: usize, dir: PathBuf, port: u16, layout_only: bool) -> Result<(), String> {
+async fn run_dev(
+    sites: usize,
+    dir: PathBuf,
+    port: u16,
+    partitions: u32,
+    layout_only: bool,
+) -> Result<(), String> {
+    if !(1..=64).contains(&partitions) {
+        return Err(format!("--partitions must be 1 to 64, not {partitions}"));
+    }
     let cluster = dev::prepare(&DevOptions {
-        sites,
-        dir: dir.clone(),
-        base_port: port,
-        clients: vec![],
+        partitions,
+        ..DevOptions::new(sites, &dir, port)
     })
     .map_err(|e| e.to_string())?;
     if layout_only {
-        for c in &cluster.configs {
-            println!(
-                "{}",
-                dir.join(format!("site-{}.toml", c.me().name)).display()
-            );
+        for f in &cluster.files {
+            println!("{}", f.display());
         }
         return Ok(());
     }
@@ -753,17 +766,31 @@ async fn run_dev(sites: usize, dir: PathBuf, port: u16, layout_only: bool) -> Re
         };
         nodes.push(node.map_err(|e| e.to_string())?);
     }
-    let addrs: Vec<String> = cluster
-        .configs
+    let addrs: Vec<String> = cluster.configs[0]
+        .sites
         .iter()
-        .map(|c| c.me().addr.to_string())
+        .map(|s| s.addr.to_string())
         .collect();
+    let part_flag = if partitions > 1 {
+        format!(" --partitions {partitions}")
+    } else {
+        String::new()
+    };
     let certs = cluster.certs.display();
-    println!(
-        "causalkv dev: {} sites up: {}",
-        nodes.len(),
-        addrs.join(", ")
-    );
+    if partitions > 1 {
+        println!(
+            "causalkv dev: {} sites x {partitions} partitions up ({} nodes), partition 0 at: {}",
+            addrs.len(),
+            nodes.len(),
+            addrs.join(", ")
+        );
+    } else {
+        println!(
+            "causalkv dev: {} sites up: {}",
+            nodes.len(),
+            addrs.join(", ")
+        );
+    }
     let admin: Vec<String> = nodes
         .iter()
         .filter_map(|n| n.admin_addr())
@@ -778,11 +805,11 @@ async fn run_dev(sites: usize, dir: PathBuf, port: u16, layout_only: bool) -> Re
     println!("site configs: {}/site-<name>.toml", dir.display());
     println!("try, from another shell:");
     println!(
-        "  causalkv put hello world --site {} --certs {certs}",
+        "  causalkv put hello world --site {}{part_flag} --certs {certs}",
         addrs[0]
     );
     println!(
-        "  causalkv get hello --site {} --certs {certs}",
+        "  causalkv get hello --site {}{part_flag} --certs {certs}",
         addrs.get(1).unwrap_or(&addrs[0])
     );
     println!("  causalkv status --site {} --certs {certs}", addrs[0]);

@@ -383,7 +383,7 @@ impl Shared {
                 PeerStatus {
                     site: p.id,
                     name: p.name.clone(),
-                    addr: p.addr.to_string(),
+                    addr: self.cfg.peer_addr(p.id).to_string(),
                     state: state.into(),
                     reason,
                     phi,
@@ -448,7 +448,7 @@ impl Node {
             ),
             None => None,
         };
-        let addr = cfg.me().addr;
+        let addr = cfg.listen_addr();
         let socket = bind_udp(addr).map_err(|source| NodeError::Bind { addr, source })?;
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
@@ -457,7 +457,8 @@ impl Node {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| NodeError::Bind { addr, source })?;
-        let mut rc = ReplicaConfig::new(cfg.site_id, cfg.n());
+        let mut rc = ReplicaConfig::new(cfg.site_id, cfg.n())
+            .with_partition(cfg.partition, cfg.partitions);
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
         rc.check_deps = opts.check_deps;
         let (replica, wal) = recover(&cfg, rc)?;
@@ -496,8 +497,12 @@ impl Node {
             synced,
             cfg,
         });
-        let span = info_span!("site", name = %shared.cfg.me().name);
-        info!(parent: &span, %addr, sites = n, "site listening");
+        let span = if shared.cfg.partitions > 1 {
+            info_span!("site", name = %shared.cfg.me().name, partition = shared.cfg.partition)
+        } else {
+            info_span!("site", name = %shared.cfg.me().name)
+        };
+        info!(parent: &span, %addr, sites = n, partitions = shared.cfg.partitions, "site listening");
         let mut tasks = vec![
             tokio::spawn(accept_loop(shared.clone(), endpoint.clone()).instrument(span.clone())),
             tokio::spawn(ticker(shared.clone()).instrument(span.clone())),
@@ -507,6 +512,12 @@ impl Node {
         for p in shared.cfg.peers() {
             tasks.push(tokio::spawn(
                 super::peer::run_outbound(shared.clone(), endpoint.clone(), p.id)
+                    .instrument(span.clone()),
+            ));
+        }
+        for q in (0..shared.cfg.partitions).filter(|&q| q != shared.cfg.partition) {
+            tasks.push(tokio::spawn(
+                super::peer::run_sibling(shared.clone(), endpoint.clone(), q)
                     .instrument(span.clone()),
             ));
         }
@@ -812,6 +823,11 @@ async fn durability_pump(shared: Arc<Shared>) {
                 let (_, applied, lease) = w.pending.pop_front().expect("front");
                 r.advance(&applied, lease);
                 moved = true;
+            }
+            if moved && r.has_records() {
+                // Partitioned: durability raised the stable vector and buffered updates became
+                // visible; log them (group-committed like any replicated batch).
+                Shared::append_ready(&mut r, &mut w, false);
             }
         }
         if moved {

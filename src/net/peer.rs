@@ -23,6 +23,12 @@
 //!
 //! A malformed frame closes the connection with [`close_code::MALFORMED`] and bumps a counter;
 //! the dialer reconnects with exponential backoff.
+//!
+//! With several partitions per site, a node links only with the nodes of its own partition at
+//! the other sites (one ordered stream per origin and partition), and with the other partitions
+//! of its own site ([`run_sibling`]): over those sibling links, on the same hello and mutual
+//! TLS, each node sends its contribution to the site's stable vector every
+//! `replication.stable_exchange_ms` (see [`crate::sharding`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -60,28 +66,69 @@ pub enum LinkError {
     Tls(#[from] tls::TlsError),
 }
 
+/// Who a hello says is at the other end of a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Remote {
+    /// The node of this node's partition at another site.
+    Peer(SiteId),
+    /// Another partition node of this node's own site.
+    Sibling(u32),
+}
+
 /// Keeps an outbound link to `peer` up, reconnecting with exponential backoff.
 pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: SiteId) {
     let name = shared.site_name(peer).to_owned();
+    keep_up(
+        &shared,
+        &name,
+        || outbound_once(&shared, &endpoint, peer),
+        |result| {
+            let mut st = shared.peers[peer as usize].lock().expect("peer lock");
+            st.outbound_up = false;
+            if let Err(e) = result {
+                st.reason = e.to_string();
+            }
+        },
+    )
+    .await
+}
+
+/// Keeps the link to sibling partition `partition` of this site up: sends this node's
+/// contribution to the site's stable vector every `stable_exchange_ms` (and at least every
+/// heartbeat).
+pub(crate) async fn run_sibling(shared: Arc<Shared>, endpoint: Endpoint, partition: u32) {
+    let name = format!("{}/p{partition}", shared.site_name(shared.site()));
+    keep_up(
+        &shared,
+        &name,
+        || sibling_once(&shared, &endpoint, partition),
+        |_| {},
+    )
+    .await
+}
+
+/// Runs `attempt` again and again until shutdown, with exponential backoff between failures.
+async fn keep_up<F, Fut>(
+    shared: &Arc<Shared>,
+    name: &str,
+    mut attempt: F,
+    mut ended: impl FnMut(&Result<(), LinkError>),
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), LinkError>>,
+{
     let mut shutdown = shared.shutdown.clone();
     let max_backoff = Duration::from_millis(shared.cfg.timeouts.max_backoff_ms);
     let mut backoff = Duration::from_millis(20);
     loop {
         let started = Instant::now();
-        let result = outbound_once(&shared, &endpoint, peer).await;
-        {
-            let mut st = shared.peers[peer as usize].lock().expect("peer lock");
-            st.outbound_up = false;
-            if let Err(e) = &result {
-                st.reason = e.to_string();
-            }
-        }
+        let result = attempt().await;
+        ended(&result);
         if shared.is_shutting_down() {
             return;
         }
-        match result {
-            Ok(()) => {}
-            Err(e) => warn!(peer = %name, error = %e, "link to peer failed; reconnecting"),
+        if let Err(e) = result {
+            warn!(peer = %name, error = %e, "link failed; reconnecting");
         }
         if started.elapsed() > Duration::from_secs(5) {
             backoff = Duration::from_millis(20); // the link had been up: start over
@@ -100,13 +147,7 @@ async fn outbound_once(
     peer: SiteId,
 ) -> Result<(), LinkError> {
     let entry = shared.cfg.sites[peer as usize].clone();
-    let client = tls::client_config(&shared.identity, &shared.transport, tls::ALPN_PEER)?;
-    let conn = endpoint
-        .connect_with(client, entry.addr, &tls::site_server_name(&entry.name))?
-        .await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    send_hello(shared, &mut send).await?;
-    let their = read_hello(shared, &mut recv, Some(peer)).await?;
+    let (conn, (their, (send, recv))) = dial(shared, endpoint, Remote::Peer(peer)).await?;
     shared.mutate(|r| r.on_peer_connected(peer, &their));
     {
         let mut st = shared.peers[peer as usize].lock().expect("peer lock");
@@ -119,6 +160,108 @@ async fn outbound_once(
     let result = send_updates(shared, &conn, peer).await;
     control.abort();
     result
+}
+
+type ControlStream = (SendStream, RecvStream);
+
+/// Connects to `remote`, opens the control stream and exchanges hellos: returns the connection,
+/// the remote's durable `applied` vector and the control stream.
+async fn dial(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    remote: Remote,
+) -> Result<(Connection, (VClock, ControlStream)), LinkError> {
+    let (site, addr) = match remote {
+        Remote::Peer(peer) => (peer, shared.cfg.peer_addr(peer)),
+        Remote::Sibling(p) => (shared.site(), shared.cfg.me().partition_addr(p)),
+    };
+    let name = shared.site_name(site).to_owned();
+    let client = tls::client_config(&shared.identity, &shared.transport, tls::ALPN_PEER)?;
+    let conn = endpoint
+        .connect_with(client, addr, &tls::site_server_name(&name))?
+        .await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send_hello(shared, &mut send).await?;
+    let (said, their) = read_hello_raw(shared, &mut recv).await?;
+    if said != remote {
+        return Err(LinkError::Hello(format!(
+            "dialed {remote:?} at {addr} but it says it is {said:?}"
+        )));
+    }
+    Ok((conn, (their, (send, recv))))
+}
+
+/// One connection to a sibling partition: hello, then contributions until it fails.
+async fn sibling_once(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    partition: u32,
+) -> Result<(), LinkError> {
+    let (conn, (_, (mut send, _recv))) = dial(shared, endpoint, Remote::Sibling(partition)).await?;
+    debug!(partition, "sibling link up");
+    let every = Duration::from_millis(shared.cfg.replication.stable_exchange_ms);
+    let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
+    let mut iv = tokio::time::interval(every);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = shared.shutdown.clone();
+    let mut last: Option<VClock> = None;
+    let mut last_at = Instant::now();
+    loop {
+        let contribution = shared.read(|r| r.contribution());
+        if last.as_ref() != Some(&contribution) || last_at.elapsed() >= hb {
+            let msg = PeerControl::Ack {
+                hlc: contribution.get(shared.site()),
+                applied: contribution.as_slice().to_vec(),
+            };
+            write_frame(&mut send, &wire::encode(&msg))
+                .await
+                .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
+            last = Some(contribution);
+            last_at = Instant::now();
+        }
+        tokio::select! {
+            _ = iv.tick() => {}
+            _ = shutdown.changed() => return Ok(()),
+            e = conn.closed() => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads a sibling's contributions and feeds them to the replica until the stream ends.
+async fn receive_contributions(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    partition: u32,
+    mut recv: RecvStream,
+) {
+    let n = shared.cfg.n();
+    loop {
+        let frame = match read_frame(&mut recv, 64 * 1024).await {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(WireError::Io(_)) => return,
+            Err(e) => {
+                malformed(shared, conn, &format!("partition {partition}"), &e.to_string());
+                return;
+            }
+        };
+        let v = match wire::access::<ArchivedPeerControl>(&frame) {
+            Ok(ArchivedPeerControl::Ack { applied, .. }) => {
+                let v: Vec<u64> = applied.iter().map(|x| x.to_native()).collect();
+                wire::check_vector(&v, n, "contribution vector")
+            }
+            Ok(_) => Err(WireError::Semantic("unexpected message after hello".into())),
+            Err(e) => Err(e),
+        };
+        match v {
+            Ok(v) => {
+                shared.mutate(|r| r.on_sibling(partition, &v));
+            }
+            Err(e) => {
+                malformed(shared, conn, &format!("partition {partition}"), &e.to_string());
+                return;
+            }
+        }
+    }
 }
 
 /// Streams this site's updates to `peer` until the connection fails or the node stops.
@@ -191,10 +334,18 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
             return;
         }
     };
-    let (peer, their) = claimed;
+    let (remote, their) = claimed;
     if send_hello(&shared, &mut send).await.is_err() {
         return;
     }
+    let peer = match remote {
+        Remote::Peer(peer) => peer,
+        Remote::Sibling(partition) => {
+            debug!(partition, "inbound sibling link up");
+            receive_contributions(&shared, &conn, partition, recv).await;
+            return;
+        }
+    };
     shared.mutate(|r| r.on_peer_applied(peer, &their));
     shared.peers[peer as usize]
         .lock()
@@ -254,6 +405,8 @@ async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkEr
         cluster: shared.cfg.cluster_id.clone(),
         site: shared.site(),
         sites: shared.cfg.n() as u16,
+        partition: shared.cfg.partition as u16,
+        partitions: shared.cfg.partitions as u16,
         applied: shared.read(|r| r.durable().as_slice().to_vec()),
     });
     write_frame(send, &wire::encode(&hello))
@@ -261,39 +414,23 @@ async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkEr
         .map_err(|e| LinkError::Wire(WireError::Io(e)))
 }
 
-/// Reads the dialed peer's hello and checks it is the site we dialed.
-async fn read_hello(
-    shared: &Shared,
-    recv: &mut RecvStream,
-    expect: Option<SiteId>,
-) -> Result<VClock, LinkError> {
-    let (site, applied) = read_hello_raw(shared, recv).await?;
-    if let Some(e) = expect
-        && site != e
-    {
-        return Err(LinkError::Hello(format!(
-            "dialed site {e} but it says it is site {site}"
-        )));
-    }
-    Ok(applied)
-}
-
 /// Reads a dialing peer's hello and checks its certificate names the site it claims.
 async fn read_hello_from(
     shared: &Shared,
     conn: &Connection,
     recv: &mut RecvStream,
-) -> Result<(SiteId, VClock), String> {
-    let (site, applied) = tokio::time::timeout(
+) -> Result<(Remote, VClock), String> {
+    let (remote, applied) = tokio::time::timeout(
         Duration::from_millis(shared.cfg.timeouts.request_ms),
         read_hello_raw(shared, recv),
     )
     .await
     .map_err(|_| "no hello within the request timeout".to_string())?
     .map_err(|e| e.to_string())?;
-    if site == shared.site() {
-        return Err(format!("peer claims this site's own id {site}"));
-    }
+    let site = match remote {
+        Remote::Peer(site) => site,
+        Remote::Sibling(_) => shared.site(),
+    };
     let expected = shared.site_name(site);
     let ident = tls::peer_identity(conn);
     let cert_site = ident.as_ref().and_then(|i| i.site_name());
@@ -303,13 +440,16 @@ async fn read_hello_from(
             cert_site.unwrap_or("<none>")
         ));
     }
-    Ok((site, applied))
+    Ok((remote, applied))
 }
 
+/// Reads a hello and checks it against this node's configuration: same cluster, sites and
+/// partitions; a peer must be this node's partition at another site, a sibling another
+/// partition of this site.
 async fn read_hello_raw(
     shared: &Shared,
     recv: &mut RecvStream,
-) -> Result<(SiteId, VClock), LinkError> {
+) -> Result<(Remote, VClock), LinkError> {
     let frame = read_frame(recv, 64 * 1024)
         .await?
         .ok_or_else(|| LinkError::Hello("stream closed before the hello".into()))?;
@@ -328,8 +468,31 @@ async fn read_hello_raw(
                     h.site, h.sites
                 )));
             }
+            let (parts, me) = (shared.cfg.partitions, shared.cfg.partition);
+            let (site, partition) = (h.site, h.partition as u32);
+            if h.partitions as u32 != parts {
+                return Err(LinkError::Hello(format!(
+                    "peer is configured with {} partitions per site; this node with {parts}",
+                    h.partitions
+                )));
+            }
+            let remote = if site == shared.site() {
+                if partition == me || partition >= parts {
+                    return Err(LinkError::Hello(format!(
+                        "peer claims this site's own id {site} with partition {partition} \
+                         (this node is partition {me} of {parts})"
+                    )));
+                }
+                Remote::Sibling(partition)
+            } else if partition != me {
+                return Err(LinkError::Hello(format!(
+                    "peer at site {site} is partition {partition}; this node replicates partition {me}"
+                )));
+            } else {
+                Remote::Peer(site)
+            };
             let applied = wire::check_vector(&h.applied, n, "hello applied vector")?;
-            Ok((h.site, applied))
+            Ok((remote, applied))
         }
         PeerControl::Reject { reason } => {
             Err(LinkError::Hello(format!("peer refused us: {reason}")))
@@ -358,7 +521,7 @@ async fn run_control(
                     Ok(None) => return,
                     Err(WireError::Io(_)) => return,
                     Err(e) => {
-                        malformed(&shared, &conn, peer, &e.to_string());
+                        malformed(&shared, &conn, shared.site_name(peer), &e.to_string());
                         return;
                     }
                 };
@@ -381,7 +544,7 @@ async fn run_control(
                             .heard(now);
                     }
                     Err(e) => {
-                        malformed(&shared, &conn, peer, &e.to_string());
+                        malformed(&shared, &conn, shared.site_name(peer), &e.to_string());
                         return;
                     }
                 }
@@ -420,8 +583,8 @@ async fn run_control(
     }
 }
 
-fn malformed(shared: &Shared, conn: &Connection, peer: SiteId, why: &str) {
+fn malformed(shared: &Shared, conn: &Connection, peer: &str, why: &str) {
     Metrics::bump(&shared.metrics.malformed_frames);
-    warn!(peer = %shared.site_name(peer), error = %why, "malformed control frame; closing the connection");
+    warn!(peer = %peer, error = %why, "malformed control frame; closing the connection");
     conn.close(VarInt::from_u32(close_code::MALFORMED), b"malformed frame");
 }

@@ -160,18 +160,40 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
                 Metrics::bump(&shared.metrics.too_large);
                 return error(error_code::TOO_LARGE, e.to_string());
             }
+            if let Some(refusal) = wrong_partition(shared, key) {
+                return refusal;
+            }
             let got = wait_for(shared, deadline, || {
                 shared.read(|r| {
-                    r.get(key.as_slice(), &ctx)
-                        .map(|res| (res, shared.wal.lock().expect("wal lock").wal.end_lsn()))
+                    r.get(key.as_slice(), &ctx).map(|res| {
+                        let lsn = res
+                            .version
+                            .filter(|v| v.site == r.site() && r.durable().get(v.site) < v.ts)
+                            .map(|_| {
+                                let w = shared.wal.lock().expect("wal lock");
+                                let lsn = w.wal.end_lsn();
+                                w.wal.request_sync(lsn);
+                                lsn
+                            });
+                        (res, lsn)
+                    })
                 })
             })
             .await;
             return match got {
                 Ok((res, lsn)) => {
-                    // Never show a value that a crash could still take back: wait until the log
-                    // is durable as far as it was when the value was read (usually already).
-                    if let Err(e) = shared.wait_durable(lsn).await {
+                    // Never show a value that a crash could still take back. A remote update
+                    // is durable at its origin before it is sent, and the origin resends it
+                    // until this site acks it durably; a session that saw it carries its
+                    // version in its context, so after a crash here its reads wait until it
+                    // is back. A local write is only on this site's disk: if the durable
+                    // `applied` vector does not cover the version read yet, fsync now and wait
+                    // until the log is durable as far as it was when the value was read.
+                    // Waiting only for the version read, not for the log's tail, keeps reads
+                    // off the path of unrelated writes.
+                    if let Some(lsn) = lsn
+                        && let Err(e) = shared.wait_durable(lsn).await
+                    {
                         return error(error_code::STORAGE, format!("storage failed: {e}"));
                     }
                     ResponseBody::Value {
@@ -189,6 +211,9 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
     if let Err(e) = wire::check_sizes(key.len(), vlen, limits) {
         Metrics::bump(&shared.metrics.too_large);
         return error(error_code::TOO_LARGE, e.to_string());
+    }
+    if let Some(refusal) = wrong_partition(shared, key) {
+        return refusal;
     }
     if sync as usize >= n {
         return error(
@@ -256,6 +281,21 @@ fn not_ready(nr: NotReady, timeout: Duration) -> ResponseBody {
 
 /// Retries `f` each time replica state changes, until it succeeds or `deadline` passes; then
 /// returns its last error.
+/// Refuses a key that another partition node of this site holds.
+fn wrong_partition(shared: &Shared, key: &[u8]) -> Option<ResponseBody> {
+    let (me, parts) = (shared.cfg.partition, shared.cfg.partitions);
+    let p = crate::sharding::partition_of(key, parts);
+    (p != me).then(|| {
+        error(
+            error_code::WRONG_PARTITION,
+            format!(
+                "key belongs to partition {p} of {parts} (crc32(key) mod {parts}); this node is partition {me}: \
+                 route by partition, e.g. --partitions {parts}"
+            ),
+        )
+    })
+}
+
 async fn wait_for<T, E>(
     shared: &Shared,
     deadline: Instant,

@@ -78,6 +78,11 @@ impl DependencyBuffer {
         self.queues[origin as usize].front()
     }
 
+    /// The timestamp of the head of `origin`'s queue, blocked or not.
+    pub fn head_ts(&self, origin: SiteId) -> Option<Timestamp> {
+        self.queues[origin as usize].front().map(Item::ts)
+    }
+
     /// Removes and returns the head of `origin`'s queue.
     pub fn pop(&mut self, origin: SiteId) -> Option<Item> {
         let item = self.queues[origin as usize].pop_front()?;

@@ -147,6 +147,16 @@ pub struct ReplicaConfig {
     /// it off turns causal+ into eventual consistency, for tests that prove the checker can fail
     /// and for the eventual-mode benchmark. No configuration file can set it.
     pub check_deps: bool,
+    /// Which partition of its site this replica is (`0..partitions`).
+    pub partition: u32,
+    /// Number of partitions per site. With more than one, a remote update waits until the
+    /// site's stable vector (the entry-wise minimum over the partitions, see
+    /// [`Replica::on_sibling`]) covers its deps, not just this partition's `applied`.
+    pub partitions: u32,
+    /// Whether a partitioned replica checks deps against the site's stable vector. Always true
+    /// in production; tests switch it off to show the checker catching the resulting bug (a
+    /// partition then checks only its own `applied`). No configuration file can set it.
+    pub check_stable: bool,
 }
 
 impl ReplicaConfig {
@@ -158,7 +168,26 @@ impl ReplicaConfig {
             marker_interval: 5_000,
             clock_lease: 1_000_000,
             check_deps: true,
+            partition: 0,
+            partitions: 1,
+            check_stable: true,
         }
+    }
+
+    /// The same settings for partition `partition` of `partitions`.
+    pub fn with_partition(mut self, partition: u32, partitions: u32) -> Self {
+        assert!(
+            partition < partitions,
+            "partition {partition} out of range for {partitions} partitions"
+        );
+        self.partition = partition;
+        self.partitions = partitions;
+        self
+    }
+
+    /// True when the site is split into more than one partition.
+    pub fn partitioned(&self) -> bool {
+        self.partitions > 1
     }
 }
 
@@ -199,6 +228,9 @@ pub struct Replica<S: Store> {
     sent: Vec<Timestamp>,
     /// Per peer: its latest durable `applied` vector.
     peer_applied: Vec<VClock>,
+    /// Per partition of this site: its latest reported contribution to the stable vector
+    /// ([`Replica::contribution`]); this partition's own slot is unused.
+    siblings: Vec<VClock>,
     tombstones: BTreeSet<(Version, Bytes)>,
     pending: Vec<Record>,
     last_marker_at: Timestamp,
@@ -225,6 +257,7 @@ impl<S: Store> Replica<S> {
             retained: VecDeque::new(),
             sent: vec![0; n],
             peer_applied: vec![VClock::zero(n); n],
+            siblings: vec![VClock::zero(n); cfg.partitions.max(1) as usize],
             tombstones: BTreeSet::new(),
             pending: Vec::new(),
             last_marker_at: 0,
@@ -368,9 +401,109 @@ impl<S: Store> Replica<S> {
                 });
             }
         }
+        if self.cfg.partitioned() {
+            // Every remote entry against the site's stable vector, not just this partition's
+            // `applied`: a context entry `o: t` stands for every update from `o` up to `t`, in
+            // whichever partition, together with their dependencies, and only the stable
+            // vector says those are visible here. The site's own entry is always covered,
+            // because every local write is applied in its partition when it is issued.
+            let stable = self.site_stable();
+            let me = self.cfg.site as usize;
+            let gap = ctx.as_slice().iter().enumerate().find_map(|(k, &need)| {
+                let have = stable.get(k as SiteId);
+                (k != me && have < need).then_some(NotReady {
+                    site: k as SiteId,
+                    have,
+                    need,
+                })
+            });
+            return gap.map_or(Ok(()), Err);
+        }
         match self.applied.first_gap(ctx) {
             None => Ok(()),
             Some((site, have, need)) => Err(NotReady { site, have, need }),
+        }
+    }
+
+    /// This partition's contribution to its site's stable vector: per origin, the timestamp up
+    /// to which every update from it that belongs to this partition is applied *and durable*
+    /// here (so a crash cannot take back what siblings were told): the durable `applied`,
+    /// raised to just below a waiting head when everything applied is durable (the stream is
+    /// ordered, so nothing from that origin lies between the two). The own site's entry is the
+    /// durable own entry. Partitions exchange it every few milliseconds
+    /// ([`Replica::on_sibling`]).
+    pub fn contribution(&self) -> VClock {
+        let mut v = self.durable.clone();
+        for o in self.peers() {
+            if self.durable.get(o) >= self.applied.get(o)
+                && let Some(h) = self.buffer.head_ts(o)
+            {
+                v.raise(o, h - 1);
+            }
+        }
+        v
+    }
+
+    /// The site's stable vector as this partition knows it: the entry-wise minimum of every
+    /// partition's contribution (this one's current, the others' latest reported). A remote
+    /// update is visible only once this covers its deps. On an unpartitioned site it is
+    /// `applied`.
+    pub fn site_stable(&self) -> VClock {
+        if !self.cfg.partitioned() {
+            return self.applied.clone();
+        }
+        let mut s = self.contribution();
+        for (q, v) in self.siblings.iter().enumerate() {
+            if q != self.cfg.partition as usize {
+                s.meet(v);
+            }
+        }
+        s
+    }
+
+    /// Another partition of this site reported its contribution ([`Replica::contribution`]).
+    /// Applies what the raised stable vector makes visible.
+    pub fn on_sibling(&mut self, partition: u32, contribution: &VClock) {
+        if partition == self.cfg.partition || partition >= self.cfg.partitions {
+            return;
+        }
+        let v = contribution.resized(self.cfg.sites);
+        self.siblings[partition as usize].merge(&v);
+        self.wake_stable();
+    }
+
+    /// Partitioned: wakes every buffered head the current stable vector may have unblocked.
+    fn wake_stable(&mut self) {
+        if !self.cfg.partitioned() || self.buffer.is_empty() {
+            return;
+        }
+        let stable = self.site_stable();
+        let mut work = Vec::new();
+        for k in 0..self.cfg.sites as SiteId {
+            self.buffer.wake(k, stable.get(k), &mut work);
+        }
+        if !work.is_empty() {
+            self.drain(work);
+        }
+    }
+
+    /// The first entry of `deps` the dependency check finds missing for an update from
+    /// `origin`, as `(entry, need)`.
+    fn missing(
+        &self,
+        stable: Option<&VClock>,
+        deps: &VClock,
+        origin: SiteId,
+    ) -> Option<(SiteId, Timestamp)> {
+        match stable {
+            // Partitioned: every entry but the site's own (its writes are applied when issued)
+            // against the site's stable vector. The origin's entry counts too: it may name the
+            // origin's writes in other partitions.
+            Some(s) => deps.as_slice().iter().enumerate().find_map(|(k, &need)| {
+                let k = k as SiteId;
+                (k != self.cfg.site && s.get(k) < need).then_some((k, need))
+            }),
+            None => DependencyBuffer::first_missing(&self.applied, deps, origin),
         }
     }
 
@@ -438,16 +571,20 @@ impl<S: Store> Replica<S> {
         if start {
             self.drain(vec![origin]);
         }
+        // Partitioned: a new head raises this partition's contribution.
+        self.wake_stable();
     }
 
     /// Applies every applicable head, starting from the origins in `work`, following wake-ups.
     fn drain(&mut self, mut work: Vec<SiteId>) {
+        // Applying here never raises the stable vector (the contribution counts durable state
+        // only), so it is computed once per drain.
+        let stable = (self.cfg.partitioned() && self.cfg.check_stable).then(|| self.site_stable());
         while let Some(origin) = work.pop() {
             while let Some(head) = self.buffer.ready_head(origin) {
                 if let Item::Update(u) = head
                     && self.cfg.check_deps
-                    && let Some((entry, need)) =
-                        DependencyBuffer::first_missing(&self.applied, &u.deps, origin)
+                    && let Some((entry, need)) = self.missing(stable.as_ref(), &u.deps, origin)
                 {
                     self.stats.buffered_total += 1;
                     self.buffer.block(origin, entry, need);
@@ -544,6 +681,11 @@ impl<S: Store> Replica<S> {
         }
     }
 
+    /// True when there are records waiting to be handed out by [`Replica::take_ready`].
+    pub fn has_records(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// True when there are records waiting to be persisted.
     pub fn has_ready(&self) -> bool {
         !self.pending.is_empty() || self.durable != self.applied
@@ -553,6 +695,8 @@ impl<S: Store> Replica<S> {
     pub fn advance(&mut self, applied: &VClock, lease: Timestamp) {
         self.durable.merge(applied);
         self.durable_lease = self.durable_lease.max(lease);
+        // Partitioned: the contribution counts durable state, so the stable vector may rise.
+        self.wake_stable();
     }
 
     /// A (re)connected peer reported its durable `applied` vector in its hello: resend this

@@ -189,12 +189,7 @@ impl Cluster {
     pub fn prepare(n: usize) -> Prepared {
         init();
         let dir = tempfile::tempdir().expect("tempdir");
-        let dc = dev::prepare(&dev::DevOptions {
-            sites: n,
-            dir: dir.path().to_owned(),
-            base_port: 0,
-            clients: Vec::new(),
-        })
+        let dc = dev::prepare(&dev::DevOptions::new(n, dir.path(), 0))
         .expect("dev::prepare");
         let mut configs = dc.configs;
         for c in &mut configs {
