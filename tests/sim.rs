@@ -98,12 +98,15 @@ enum Fault {
     Cut(SiteId, SiteId),
     Isolate(SiteId),
     Loss(NodeId, NodeId),
+    Slow(NodeId, NodeId),
     SlowSiblings(SiteId),
 }
 
 /// One direction of a connection.
 struct Link {
     delay: u64,
+    /// Extra delay while a slow-link fault lasts.
+    extra: u64,
     jitter: u64,
     last_delivery: u64,
     cut: u32,
@@ -121,6 +124,8 @@ struct Site {
 }
 
 struct Session {
+    /// The id recorded in the history; a session that ends is replaced by a fresh one.
+    id: u64,
     ctx: VClock,
     site: SiteId,
     writes: u64,
@@ -146,8 +151,12 @@ struct Sim {
     events: BTreeMap<(u64, u64), Event>,
     sessions: Vec<Session>,
     history: History,
-    delete_values: HashMap<Version, Vec<u8>>,
+    /// The unique value each delete stands for in the history, by key and version (versions are
+    /// unique per key; two partitions of a site may issue the same timestamp).
+    delete_values: HashMap<(Vec<u8>, Version), Vec<u8>>,
     deleted_keys: BTreeSet<Vec<u8>>,
+    /// The last session id handed out.
+    next_session: u64,
     /// Per node: the timestamp of its last write.
     last_write: Vec<Timestamp>,
     healing: bool,
@@ -196,6 +205,7 @@ impl Sim {
                 (0..nodes)
                     .map(|_| Link {
                         delay: rng.gen_range(0..300 * MS),
+                        extra: 0,
                         jitter: rng.gen_range(0..20 * MS),
                         last_delivery: 0,
                         cut: 0,
@@ -205,7 +215,9 @@ impl Sim {
             })
             .collect();
         let sessions = (0..if cfg.dense { rng.gen_range(12..=20) } else { rng.gen_range(3..=8) })
-            .map(|_| Session {
+            .enumerate()
+            .map(|(id, _)| Session {
+                id: id as u64,
                 ctx: VClock::zero(n),
                 site: rng.gen_range(0..n) as SiteId,
                 writes: 0,
@@ -229,6 +241,7 @@ impl Sim {
             delete_values: HashMap::new(),
             deleted_keys: BTreeSet::new(),
             last_write: vec![0; nodes],
+            next_session: 1_000,
             healing: false,
             stats: SimStats::default(),
             last_tick: vec![0; nodes],
@@ -318,7 +331,7 @@ impl Sim {
             self.break_connection(from, to);
             return;
         }
-        let delay = link.delay + self.rng.gen_range(0..=link.jitter);
+        let delay = link.delay + link.extra + self.rng.gen_range(0..=link.jitter);
         let at = (self.now + delay).max(link.last_delivery);
         self.links[from][to].last_delivery = at;
         let dup = matches!(msg, Msg::Batch(_)) && self.rng.gen_range(0..100) == 0;
@@ -513,6 +526,7 @@ impl Sim {
         for row in &mut self.links {
             for l in row {
                 l.cut = 0;
+                l.extra = 0;
                 l.loss_ppm = 0;
             }
         }
@@ -640,6 +654,7 @@ impl Sim {
                     }
                 }
                 Fault::Loss(x, y) => self.links[x][y].loss_ppm = 2_000,
+                Fault::Slow(x, y) => self.links[x][y].extra = 0,
                 Fault::SlowSiblings(i) => {
                     for p in 0..self.parts {
                         let x = self.node(i, p);
@@ -669,7 +684,7 @@ impl Sim {
         let y = (x + self.rng.gen_range(1..n)) % n;
         let p = self.rng.gen_range(0..self.parts);
         let dur = self.rng.gen_range(100 * MS..3 * SEC);
-        match self.rng.gen_range(0..7) {
+        match self.rng.gen_range(0..8) {
             0 => {
                 // One-way partition.
                 self.stats.partitions += 1;
@@ -710,6 +725,13 @@ impl Sim {
                 self.links[a][b].loss_ppm = 200_000;
                 self.schedule(dur / 4, Event::Heal(Fault::Loss(a, b)));
             }
+            6 => {
+                // One partition's stream from one site to another falls far behind (a slow
+                // path): its updates arrive long after causally later ones on other links.
+                let (a, b) = (self.node(x, p), self.node(y, p));
+                self.links[a][b].extra = self.rng.gen_range(300 * MS..1_500 * MS);
+                self.schedule(dur, Event::Heal(Fault::Slow(a, b)));
+            }
             5 if self.parts > 1 => {
                 // The site's partitions hear of each other late.
                 let extra = self.rng.gen_range(20 * MS..300 * MS);
@@ -734,6 +756,17 @@ impl Sim {
         let stuck = self.sessions[s]
             .waiting_since
             .is_some_and(|t| self.now - t > 1_500 * MS);
+        // Now and then a session ends and a fresh one, with an empty context, takes its place:
+        // fresh sessions are the ones that see whatever a site shows first.
+        if self.rng.gen_range(0..if self.cfg.dense { std::env::var("RESET").map_or(2, |s| s.parse().unwrap()) } else { 20 }) == 0 {
+            self.next_session += 1;
+            let sess = &mut self.sessions[s];
+            sess.id = self.next_session;
+            sess.ctx = VClock::zero(self.n);
+            sess.waiting_since = None;
+            sess.site = self.rng.gen_range(0..n);
+        }
+        let sid = self.sessions[s].id;
         let key = format!("k{}", self.rng.gen_range(0..6)).into_bytes();
         let part = partition_of(&key, self.parts as u32) as usize;
         if stuck
@@ -770,11 +803,11 @@ impl Sim {
                     sess.waiting_since = None;
                     self.last_write[node] = v.ts;
                     if is_delete {
-                        self.delete_values.insert(v, value.clone());
+                        self.delete_values.insert((key.clone(), v), value.clone());
                         self.deleted_keys.insert(key.clone());
                     }
                     self.history.record(Op {
-                        session: s as u64,
+                        session: sid,
                         site,
                         kind: OpKind::Write { key, value },
                     });
@@ -797,7 +830,7 @@ impl Sim {
                         (Some(v), _) => Some(Some(v.to_vec())),
                         (None, Some(ver)) => Some(Some(
                             self.delete_values
-                                .get(&ver)
+                                .get(&(key.clone(), ver))
                                 .expect("tombstone of a known delete")
                                 .clone(),
                         )),
@@ -807,7 +840,7 @@ impl Sim {
                     };
                     if let Some(value) = value {
                         self.history.record(Op {
-                            session: s as u64,
+                            session: sid,
                             site,
                             kind: OpKind::Read { key, value },
                         });

@@ -210,3 +210,92 @@ fn recovery_restores_state_and_never_undercuts_a_sent_marker() {
     assert!(v.ts > marker);
     assert_eq!(a2.retained_len(), 2);
 }
+
+/// Two keys that live in different partitions of two.
+fn keys_in_two_partitions() -> (&'static str, &'static str) {
+    let cands = ["w", "y", "x", "z", "k1", "k2", "k3"];
+    let w = cands[0];
+    let pw = crate::sharding::partition_of(w.as_bytes(), 2);
+    let y = cands
+        .iter()
+        .find(|k| crate::sharding::partition_of(k.as_bytes(), 2) != pw)
+        .expect("some key in the other partition");
+    (w, y)
+}
+
+/// Site c (id 2) split in two partitions; y from a depends on w from k, and w's partition at c
+/// has not received w yet while y's partition has y and k's marker past w. Returns c's two
+/// partition replicas (w's, y's), w and y.
+fn partitioned_scenario(check_stable: bool) -> (Replica<MemStore>, Replica<MemStore>, Update, Update) {
+    let (kw, ky) = keys_in_two_partitions();
+    let (pw, py) = (
+        crate::sharding::partition_of(kw.as_bytes(), 2),
+        crate::sharding::partition_of(ky.as_bytes(), 2),
+    );
+    let (mut a, mut k) = (replica(0, 3), replica(1, 3));
+    let vw = k.put(10, b(kw), Some(b("w")), &VClock::zero(3)).unwrap();
+    let w = k.retained().next().unwrap().clone();
+    sync(&mut k, &mut a);
+    let mut ctx = VClock::zero(3);
+    ctx.raise(vw.site, vw.ts);
+    a.get(kw.as_bytes(), &ctx).unwrap();
+    a.put(20, b(ky), Some(b("y")), &ctx).unwrap();
+    let y = a.retained().next().unwrap().clone();
+    assert_eq!(y.deps.get(1), vw.ts, "y depends on w");
+    let part = |p: u32| {
+        let mut rc = ReplicaConfig::new(2, 3).with_partition(p, 2);
+        rc.check_stable = check_stable;
+        Replica::new(rc, MemStore::new())
+    };
+    let (mut cw, mut cy) = (part(pw), part(py));
+    // y's partition at c: y from a, and k's stream in that partition has moved past w.
+    cy.receive(0, [Item::Update(y.clone())]);
+    cy.receive(1, [Item::Marker(vw.ts + 5)]);
+    flush(&mut cy);
+    // w's partition has heard nothing from k yet; the partitions exchange contributions.
+    flush(&mut cw);
+    cy.on_sibling(pw, &cw.contribution());
+    cw.on_sibling(py, &cy.contribution());
+    flush(&mut cy);
+    (cw, cy, w, y)
+}
+
+#[test]
+fn partitioned_update_waits_for_the_site_stable_vector() {
+    let (mut cw, mut cy, w, y) = partitioned_scenario(true);
+    let zero = VClock::zero(3);
+    assert_eq!(cy.get(&y.key, &zero).unwrap().value, None, "y before w is visible at c");
+    assert_eq!(cy.buffer().len(), 1);
+    // w arrives in its partition; once that partition's contribution covers it, y is visible.
+    cw.receive(1, [Item::Update(w.clone())]);
+    flush(&mut cw);
+    assert_eq!(cw.get(&w.key, &zero).unwrap().value, Some(b("w")));
+    cy.on_sibling(cw.config().partition, &cw.contribution());
+    flush(&mut cy);
+    assert_eq!(cy.get(&y.key, &zero).unwrap().value, Some(b("y")));
+    // A session that read y may read w's key at the other partition only once the stable
+    // vector there covers y's entry.
+    let mut ctx = zero.clone();
+    ctx.raise(y.version.site, y.version.ts);
+    assert!(cw.get(&w.key, &ctx).is_err(), "not ready before the exchange");
+    cw.receive(0, [Item::Marker(y.version.ts)]);
+    flush(&mut cw);
+    cw.on_sibling(cy.config().partition, &cy.contribution());
+    assert_eq!(cw.get(&w.key, &ctx).unwrap().value, Some(b("w")));
+}
+
+#[test]
+fn skipping_the_stable_vector_check_shows_effect_before_cause() {
+    // The planted bug: y's partition checks y's deps against its own `applied` only.
+    let (mut cw, cy, w, y) = partitioned_scenario(false);
+    let zero = VClock::zero(3);
+    assert_eq!(cy.get(&y.key, &zero).unwrap().value, Some(b("y")));
+    // A session read y; w's partition becomes ready for it (a's marker, an exchange) while w
+    // itself is still on its way, and the session reads w's key without w.
+    let mut ctx = zero.clone();
+    ctx.raise(y.version.site, y.version.ts);
+    cw.receive(0, [Item::Marker(y.version.ts)]);
+    flush(&mut cw);
+    cw.on_sibling(cy.config().partition, &cy.contribution());
+    assert_eq!(cw.get(&w.key, &ctx).unwrap().value, None, "effect before cause");
+}
