@@ -344,8 +344,8 @@ async fn local_cluster(
     sites: usize,
 ) -> Result<crate::dev::LocalCluster, String> {
     crate::dev::LocalCluster::start(&crate::dev::DevOptions::new(sites, dir, 0))
-    .await
-    .map_err(|e| e.to_string())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// What [`replication_throughput`] measured.
@@ -463,8 +463,7 @@ pub async fn recovery(
     value_size: usize,
 ) -> Result<RecoveryReport, String> {
     use crate::dev::{DevOptions, prepare};
-    let layout = prepare(&DevOptions::new(1, dir, 0))
-    .map_err(|e| e.to_string())?;
+    let layout = prepare(&DevOptions::new(1, dir, 0)).map_err(|e| e.to_string())?;
     let mut cfg = layout.configs[0].clone();
     cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never;
     cfg.storage.snapshot_log_bytes = u64::MAX; // snapshots only when asked below

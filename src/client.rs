@@ -135,10 +135,7 @@ impl ClientBuilder {
         I: IntoIterator<Item = A>,
         A: IntoIterator<Item = SocketAddr>,
     {
-        self.site_partitions = sites
-            .into_iter()
-            .map(|s| s.into_iter().collect())
-            .collect();
+        self.site_partitions = sites.into_iter().map(|s| s.into_iter().collect()).collect();
         self
     }
 
@@ -548,10 +545,7 @@ impl Client {
                 message,
                 version,
             } => Err(match code {
-                error_code::NOT_READY => ClientError::NotReady {
-                    site,
-                    message,
-                },
+                error_code::NOT_READY => ClientError::NotReady { site, message },
                 error_code::TOO_LARGE => ClientError::TooLarge(message),
                 error_code::SYNC_TIMEOUT => {
                     let version = version.map(Version::from).unwrap_or_default();

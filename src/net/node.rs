@@ -457,8 +457,8 @@ impl Node {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| NodeError::Bind { addr, source })?;
-        let mut rc = ReplicaConfig::new(cfg.site_id, cfg.n())
-            .with_partition(cfg.partition, cfg.partitions);
+        let mut rc =
+            ReplicaConfig::new(cfg.site_id, cfg.n()).with_partition(cfg.partition, cfg.partitions);
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
         rc.check_deps = opts.check_deps;
         let (replica, wal) = recover(&cfg, rc)?;

@@ -240,7 +240,12 @@ async fn receive_contributions(
             Ok(Some(f)) => f,
             Ok(None) | Err(WireError::Io(_)) => return,
             Err(e) => {
-                malformed(shared, conn, &format!("partition {partition}"), &e.to_string());
+                malformed(
+                    shared,
+                    conn,
+                    &format!("partition {partition}"),
+                    &e.to_string(),
+                );
                 return;
             }
         };
@@ -257,7 +262,12 @@ async fn receive_contributions(
                 shared.mutate(|r| r.on_sibling(partition, &v));
             }
             Err(e) => {
-                malformed(shared, conn, &format!("partition {partition}"), &e.to_string());
+                malformed(
+                    shared,
+                    conn,
+                    &format!("partition {partition}"),
+                    &e.to_string(),
+                );
                 return;
             }
         }

@@ -226,7 +226,9 @@ fn keys_in_two_partitions() -> (&'static str, &'static str) {
 /// Site c (id 2) split in two partitions; y from a depends on w from k, and w's partition at c
 /// has not received w yet while y's partition has y and k's marker past w. Returns c's two
 /// partition replicas (w's, y's), w and y.
-fn partitioned_scenario(check_stable: bool) -> (Replica<MemStore>, Replica<MemStore>, Update, Update) {
+fn partitioned_scenario(
+    check_stable: bool,
+) -> (Replica<MemStore>, Replica<MemStore>, Update, Update) {
     let (kw, ky) = keys_in_two_partitions();
     let (pw, py) = (
         crate::sharding::partition_of(kw.as_bytes(), 2),
@@ -264,7 +266,11 @@ fn partitioned_scenario(check_stable: bool) -> (Replica<MemStore>, Replica<MemSt
 fn partitioned_update_waits_for_the_site_stable_vector() {
     let (mut cw, mut cy, w, y) = partitioned_scenario(true);
     let zero = VClock::zero(3);
-    assert_eq!(cy.get(&y.key, &zero).unwrap().value, None, "y before w is visible at c");
+    assert_eq!(
+        cy.get(&y.key, &zero).unwrap().value,
+        None,
+        "y before w is visible at c"
+    );
     assert_eq!(cy.buffer().len(), 1);
     // w arrives in its partition; once that partition's contribution covers it, y is visible.
     cw.receive(1, [Item::Update(w.clone())]);
@@ -277,7 +283,10 @@ fn partitioned_update_waits_for_the_site_stable_vector() {
     // vector there covers y's entry.
     let mut ctx = zero.clone();
     ctx.raise(y.version.site, y.version.ts);
-    assert!(cw.get(&w.key, &ctx).is_err(), "not ready before the exchange");
+    assert!(
+        cw.get(&w.key, &ctx).is_err(),
+        "not ready before the exchange"
+    );
     cw.receive(0, [Item::Marker(y.version.ts)]);
     flush(&mut cw);
     cw.on_sibling(cy.config().partition, &cy.contribution());
@@ -297,5 +306,9 @@ fn skipping_the_stable_vector_check_shows_effect_before_cause() {
     cw.receive(0, [Item::Marker(y.version.ts)]);
     flush(&mut cw);
     cw.on_sibling(cy.config().partition, &cy.contribution());
-    assert_eq!(cw.get(&w.key, &ctx).unwrap().value, None, "effect before cause");
+    assert_eq!(
+        cw.get(&w.key, &ctx).unwrap().value,
+        None,
+        "effect before cause"
+    );
 }

@@ -189,8 +189,7 @@ impl Cluster {
     pub fn prepare(n: usize) -> Prepared {
         init();
         let dir = tempfile::tempdir().expect("tempdir");
-        let dc = dev::prepare(&dev::DevOptions::new(n, dir.path(), 0))
-        .expect("dev::prepare");
+        let dc = dev::prepare(&dev::DevOptions::new(n, dir.path(), 0)).expect("dev::prepare");
         let mut configs = dc.configs;
         for c in &mut configs {
             c.timeouts.max_backoff_ms = 200;
