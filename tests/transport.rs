@@ -101,6 +101,122 @@ async fn causal_order_holds_across_a_delayed_link() {
     .await;
 }
 
+/// Two keys held by different partitions of two.
+fn keys_on_two_partitions() -> (String, String) {
+    use causalkv::sharding::partition_of;
+    let x = "x".to_string();
+    let px = partition_of(x.as_bytes(), 2);
+    let y = (0..)
+        .map(|i| format!("y{i}"))
+        .find(|k| partition_of(k.as_bytes(), 2) != px)
+        .expect("a key in the other partition");
+    (x, y)
+}
+
+/// What the probes of [`probe_across_partitions`] saw.
+struct Probed {
+    probes: usize,
+    y_seen: usize,
+    violations: usize,
+    saw_buffered: bool,
+}
+
+/// 3 sites × 2 partitions; x and y live in different partitions, and A's partition of x reaches
+/// C's only through a relay that delays it by 300 ms (every other link is direct). x is written
+/// at A, read at B, then y is written at B; fresh sessions at C read y and then x.
+async fn probe_across_partitions(check_stable: bool) -> Probed {
+    let (x, y) = keys_on_two_partitions();
+    let px = causalkv::sharding::partition_of(x.as_bytes(), 2) as usize;
+    let mut prep = Cluster::prepare_partitioned(3, 2);
+    let (a_x, c_x, c_y) = (px, 2 * 2 + px, 2 * 2 + 1 - px); // node = site * 2 + partition
+    let relay = Relay::start(prep.configs[c_x].listen_addr(), ms(300)).await;
+    let entry = &mut prep.configs[a_x].sites[2];
+    entry.partition_addrs[px] = relay.addr();
+    if px == 0 {
+        entry.addr = relay.addr();
+    }
+    let opts = causalkv::net::NodeOptions {
+        check_stable,
+        ..Default::default()
+    };
+    let cluster = prep.start_with(opts).await;
+    cluster.wait_connected().await;
+
+    let at_a = cluster.site_client(0).await;
+    let at_b = cluster.site_client(1).await;
+    at_a.put(&x, "1").await.expect("put x");
+    eventually(ms(5_000), "b reads x", async || {
+        get(&at_b, &x).await.is_some()
+    })
+    .await;
+    // y depends on x through b's session, and lives in the other partition.
+    at_b.put(&y, "2").await.expect("put y");
+
+    // Probe c with fresh sessions, reading y before x: whenever y is visible, x must be.
+    let deadline = tokio::time::Instant::now() + ms(10_000);
+    let mut p = Probed {
+        probes: 0,
+        y_seen: 0,
+        violations: 0,
+        saw_buffered: false,
+    };
+    loop {
+        let c = cluster.site_client(2).await;
+        let got_y = get(&c, &y).await;
+        let got_x = get(&c, &x).await;
+        p.saw_buffered |= cluster.node(c_y).status().buffered > 0;
+        p.probes += 1;
+        if got_y.is_some() {
+            p.y_seen += 1;
+            if got_x.is_none() {
+                p.violations += 1;
+            }
+        }
+        if (got_x.is_some() && got_y.is_some()) || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+    }
+    cluster.shutdown().await;
+    drop(relay);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causal_order_holds_across_partitions_with_a_delayed_link() {
+    bounded(LIMIT, async {
+        let p = probe_across_partitions(true).await;
+        assert_eq!(
+            p.violations, 0,
+            "c exposed y without its cause x in {} of {} probes",
+            p.violations, p.probes
+        );
+        assert!(
+            p.y_seen > 0,
+            "y never became visible at c ({} probes)",
+            p.probes
+        );
+        assert!(
+            p.saw_buffered,
+            "y was never held in its partition's dependency buffer at c: the stable vector did \
+             not hold it back"
+        );
+        // The same probe catches the bug the stable vector guards against: a partition that
+        // checks deps against its own `applied` only shows y without x.
+        let bug = probe_across_partitions(false).await;
+        println!(
+            "probes across partitions: {} with the stable-vector check (0 violations); {} of {} \
+             without it saw y without x",
+            p.probes, bug.violations, bug.probes
+        );
+        assert!(
+            bug.violations > 0,
+            "the probe did not catch a skipped stable-vector check ({} probes)",
+            bug.probes
+        );
+    })
+    .await;
+}
+
 /// A second, unrelated cluster's certificates (another CA) under `dir`.
 fn foreign_certs(dir: &std::path::Path) -> std::path::PathBuf {
     let out = dir.join("foreign-certs");

@@ -717,6 +717,7 @@ async fn serve(config: PathBuf) -> Result<(), String> {
     // scripts/bench-wan.sh. Never set it in a deployment: it gives up causal consistency.
     let opts = causalkv::net::NodeOptions {
         check_deps: std::env::var("CAUSALKV_BENCH_EVENTUAL").as_deref() != Ok("1"),
+        ..Default::default()
     };
     if !opts.check_deps {
         tracing::warn!("CAUSALKV_BENCH_EVENTUAL=1: dependency checks off (benchmark only)");

@@ -193,11 +193,17 @@ pub struct NodeOptions {
     /// [`ReplicaConfig::check_deps`]). Only the eventual-consistency benchmark mode and tests
     /// switch it off.
     pub check_deps: bool,
+    /// Whether a partitioned node checks deps against the site's stable vector (see
+    /// [`ReplicaConfig::check_stable`]). Only tests switch it off, to show the bug it guards.
+    pub check_stable: bool,
 }
 
 impl Default for NodeOptions {
     fn default() -> Self {
-        Self { check_deps: true }
+        Self {
+            check_deps: true,
+            check_stable: true,
+        }
     }
 }
 
@@ -461,6 +467,7 @@ impl Node {
             ReplicaConfig::new(cfg.site_id, cfg.n()).with_partition(cfg.partition, cfg.partitions);
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
         rc.check_deps = opts.check_deps;
+        rc.check_stable = opts.check_stable;
         let (replica, wal) = recover(&cfg, rc)?;
         let synced = wal.synced();
         let (shutdown_tx, shutdown) = watch::channel(false);

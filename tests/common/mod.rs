@@ -150,16 +150,24 @@ pub async fn eventually(timeout: Duration, what: &str, mut cond: impl AsyncFnMut
 pub struct Prepared {
     pub dir: tempfile::TempDir,
     pub certs: PathBuf,
+    /// One per node: site `i`'s partition `p` is node `i * partitions + p`.
     pub configs: Vec<SiteConfig>,
+    /// Partition nodes per site.
+    pub partitions: usize,
 }
 
 impl Prepared {
     /// Starts every site.
     pub async fn start(self) -> Cluster {
+        self.start_with(causalkv::net::NodeOptions::default()).await
+    }
+
+    /// Starts every site with `opts` (tests that plant a bug).
+    pub async fn start_with(self, opts: causalkv::net::NodeOptions) -> Cluster {
         let mut nodes = Vec::new();
         for cfg in &self.configs {
             let name = cfg.me().name.clone();
-            let node = Node::start(cfg.clone())
+            let node = Node::start_with(cfg.clone(), opts.clone())
                 .await
                 .unwrap_or_else(|e| panic!("site {name} does not start: {e}"));
             nodes.push(Some(node));
@@ -168,6 +176,7 @@ impl Prepared {
             dir: self.dir,
             certs: self.certs,
             configs: self.configs,
+            partitions: self.partitions,
             nodes,
         }
     }
@@ -178,8 +187,11 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     /// `<dir>/certs`: CA, site and client (`cli`) certificates.
     pub certs: PathBuf,
-    /// The configuration each site runs with (and restarts from).
+    /// The configuration each node runs with (and restarts from); site `i`'s partition `p` is
+    /// node `i * partitions + p`.
     pub configs: Vec<SiteConfig>,
+    /// Partition nodes per site.
+    pub partitions: usize,
     nodes: Vec<Option<Node>>,
 }
 
@@ -187,9 +199,18 @@ impl Cluster {
     /// Lays out `n` sites with [`dev::prepare`] (free ports) without starting them. Tests use
     /// short reconnection backoffs and drains so that restarts are quick.
     pub fn prepare(n: usize) -> Prepared {
+        Self::prepare_partitioned(n, 1)
+    }
+
+    /// [`Cluster::prepare`] with `partitions` partition nodes per site.
+    pub fn prepare_partitioned(n: usize, partitions: usize) -> Prepared {
         init();
         let dir = tempfile::tempdir().expect("tempdir");
-        let dc = dev::prepare(&dev::DevOptions::new(n, dir.path(), 0)).expect("dev::prepare");
+        let dc = dev::prepare(&dev::DevOptions {
+            partitions: partitions as u32,
+            ..dev::DevOptions::new(n, dir.path(), 0)
+        })
+        .expect("dev::prepare");
         let mut configs = dc.configs;
         for c in &mut configs {
             c.timeouts.max_backoff_ms = 200;
@@ -199,6 +220,7 @@ impl Cluster {
             dir,
             certs: dc.certs,
             configs,
+            partitions,
         }
     }
 
@@ -209,28 +231,34 @@ impl Cluster {
         c
     }
 
-    /// Waits until every running site sees every other running site up.
+    /// Waits until every running node sees its running peers (its partition at the other
+    /// sites) up.
     pub async fn wait_connected(&self) {
-        let running: Vec<u16> = (0..self.nodes.len())
+        let parts = self.partitions;
+        let running: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].is_some())
-            .map(|i| i as u16)
             .collect();
         wait_until(ms(10_000), "every link is up", || {
             running.iter().all(|&i| {
-                self.node(i as usize)
+                self.node(i)
                     .status()
                     .peers
                     .iter()
-                    .filter(|p| running.contains(&p.site))
+                    .filter(|p| running.contains(&(p.site as usize * parts + i % parts)))
                     .all(|p| p.state == "up")
             })
         })
         .await;
     }
 
-    /// Number of sites.
+    /// Number of nodes (sites × partitions).
     pub fn len(&self) -> usize {
         self.configs.len()
+    }
+
+    /// The addresses of site `site`'s partition nodes, in partition order.
+    pub fn site_addrs(&self, site: usize) -> Vec<SocketAddr> {
+        site_addrs(&self.configs, self.partitions, site)
     }
 
     /// A running site. Panics if it is stopped.
@@ -240,14 +268,23 @@ impl Cluster {
             .unwrap_or_else(|| panic!("site {i} is stopped"))
     }
 
-    /// The address site `i` listens on.
+    /// The address node `i` listens on.
     pub fn addr(&self, i: usize) -> SocketAddr {
-        self.configs[i].me().addr
+        self.configs[i].listen_addr()
     }
 
     /// The cluster CA certificate.
     pub fn ca(&self) -> PathBuf {
         certs::ca_paths(&self.certs).cert
+    }
+
+    /// A client of site `site` only, routing to its partition nodes, with a fresh session.
+    pub async fn site_client(&self, site: usize) -> Client {
+        cli_client_builder(&self.certs, [])
+            .site_partitions([self.site_addrs(site)])
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("client of site {site} cannot connect: {e}"))
     }
 
     /// A client of site `i` only, with the `cli` certificate and a fresh session.
@@ -325,6 +362,8 @@ pub struct Processes {
     pub dir: tempfile::TempDir,
     pub certs: PathBuf,
     pub configs: Vec<SiteConfig>,
+    /// Partition nodes per site (node `i * partitions + p` is site `i`'s partition `p`).
+    pub partitions: usize,
     /// `<dir>/site-<name>.toml`: what `serve` and `repair` are given.
     pub config_files: Vec<PathBuf>,
     children: Vec<Option<std::process::Child>>,
@@ -345,7 +384,10 @@ impl Prepared {
     pub async fn spawn_with_env(self, env: &[(&str, &str)]) -> Processes {
         let mut config_files = Vec::new();
         for cfg in &self.configs {
-            let file = self.dir.path().join(format!("site-{}.toml", cfg.me().name));
+            let file = self
+                .dir
+                .path()
+                .join(format!("site-{}.toml", node_name(cfg)));
             let text = toml::to_string_pretty(cfg).expect("config serialises");
             std::fs::write(&file, text).expect("write site config");
             config_files.push(file);
@@ -355,6 +397,7 @@ impl Prepared {
             dir: self.dir,
             certs: self.certs,
             configs: self.configs,
+            partitions: self.partitions,
             config_files,
             children: (0..n).map(|_| None).collect(),
             starts: vec![0; n],
@@ -374,14 +417,24 @@ impl Prepared {
 }
 
 impl Processes {
-    /// Number of sites.
+    /// Number of nodes (sites × partitions).
     pub fn len(&self) -> usize {
         self.configs.len()
     }
 
-    /// The address site `i` listens on.
+    /// The address node `i` listens on.
     pub fn addr(&self, i: usize) -> SocketAddr {
-        self.configs[i].me().addr
+        self.configs[i].listen_addr()
+    }
+
+    /// The addresses of site `site`'s partition nodes, in partition order.
+    pub fn site_addrs(&self, site: usize) -> Vec<SocketAddr> {
+        site_addrs(&self.configs, self.partitions, site)
+    }
+
+    /// The nodes of site `site`.
+    pub fn nodes_of(&self, site: usize) -> std::ops::Range<usize> {
+        site * self.partitions..(site + 1) * self.partitions
     }
 
     /// The cluster CA certificate.
@@ -393,7 +446,7 @@ impl Processes {
     pub fn log_path(&self, i: usize) -> PathBuf {
         self.dir.path().join(format!(
             "site-{}.{}.log",
-            self.configs[i].me().name,
+            node_name(&self.configs[i]),
             self.starts[i]
         ))
     }
@@ -509,6 +562,24 @@ impl Drop for Processes {
             let _ = c.wait();
         }
     }
+}
+
+/// A node's name in file names: the site's name, with `-p<partition>` when sites are
+/// partitioned.
+pub fn node_name(cfg: &SiteConfig) -> String {
+    if cfg.partitions > 1 {
+        format!("{}-p{}", cfg.me().name, cfg.partition)
+    } else {
+        cfg.me().name.clone()
+    }
+}
+
+/// Where site `site`'s partition nodes listen, from the node configurations.
+fn site_addrs(configs: &[SiteConfig], partitions: usize, site: usize) -> Vec<SocketAddr> {
+    configs[site * partitions..(site + 1) * partitions]
+        .iter()
+        .map(SiteConfig::listen_addr)
+        .collect()
 }
 
 /// The one client builder of the tests: the `cli` certificate from `certs`, the given sites in
