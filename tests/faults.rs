@@ -4,7 +4,12 @@
 //! The recorded history must be causally consistent ([`checker::check`]), no acknowledged write
 //! may be lost, and the sites must converge once everything is healed.
 //!
-//! `FAULTS_SEED` overrides the schedule's seed; `FAULTS_SECS` its length (default 35 s).
+//! The main schedule runs twice: with one node per site, and with two partition nodes per site
+//! (six processes; a kill takes down both nodes of a site, and every partition's stream between
+//! two sites goes through the same emulated link).
+//!
+//! `FAULTS_SEED` overrides the schedule's seed; `FAULTS_SECS` its length (default 35 s, 25 s
+//! with partitions).
 
 mod common;
 
@@ -34,15 +39,30 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Puts every directed link `i → j` of the prepared cluster through a relay of `wan`: site
 /// `i` dials site `j` at the relay's address (what [`causalkv::wan::relay_layout`] does to the
 /// configuration files, done here on the configurations before the processes start).
+/// With partitions, node `(i, q)` dials node `(j, q)` through a relay on link `i → j`.
 fn through_wan(p: &mut Prepared, wan: &Wan) {
-    let real: Vec<SocketAddr> = p.configs[0].sites.iter().map(|s| s.addr).collect();
-    let n = real.len();
+    let parts = p.partitions;
+    let real: Vec<SocketAddr> = p.configs.iter().map(|c| c.listen_addr()).collect();
+    let n = real.len() / parts;
     for i in 0..n {
         for j in (0..n).filter(|&j| j != i) {
-            let relay = wan
-                .udp_relay(i, j, SocketAddr::from(([127, 0, 0, 1], 0)), real[j])
-                .expect("start relay");
-            p.configs[i].sites[j].addr = relay;
+            for q in 0..parts {
+                let relay = wan
+                    .udp_relay(
+                        i,
+                        j,
+                        SocketAddr::from(([127, 0, 0, 1], 0)),
+                        real[j * parts + q],
+                    )
+                    .expect("start relay");
+                let entry = &mut p.configs[i * parts + q].sites[j];
+                if parts > 1 {
+                    entry.partition_addrs[q] = relay;
+                }
+                if q == 0 {
+                    entry.addr = relay;
+                }
+            }
         }
     }
 }
@@ -50,7 +70,10 @@ fn through_wan(p: &mut Prepared, wan: &Wan) {
 /// Connection settings for clients (a [`ClientBuilder`] is not `Clone`).
 #[derive(Clone)]
 struct Conn {
-    addrs: Vec<String>,
+    /// Per site: its partition nodes' addresses.
+    sites: Vec<Vec<SocketAddr>>,
+    /// Every node's address (site by site).
+    nodes: Vec<SocketAddr>,
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
@@ -59,17 +82,29 @@ struct Conn {
 impl Conn {
     fn of(p: &Processes) -> Conn {
         let id = certs::client_paths(&p.certs, dev::CLI_CLIENT);
+        let n = p.len() / p.partitions;
         Conn {
-            addrs: (0..p.len()).map(|i| p.addr(i).to_string()).collect(),
+            sites: (0..n).map(|i| p.site_addrs(i)).collect(),
+            nodes: (0..p.len()).map(|i| p.addr(i)).collect(),
             cert: id.cert,
             key: id.key,
             ca: p.ca(),
         }
     }
 
+    /// A client of one site, routing to its partitions.
     fn builder(&self, site: usize, timeout: Duration) -> ClientBuilder {
         Client::builder()
-            .sites([self.addrs[site].clone()])
+            .site_partitions([self.sites[site].clone()])
+            .identity(&self.cert, &self.key)
+            .ca(&self.ca)
+            .timeout(timeout)
+    }
+
+    /// A client of one node (for its status).
+    fn node_builder(&self, node: usize, timeout: Duration) -> ClientBuilder {
+        Client::builder()
+            .sites([self.nodes[node].to_string()])
             .identity(&self.cert, &self.key)
             .ca(&self.ca)
             .timeout(timeout)
@@ -208,11 +243,11 @@ async fn converge(
     limit: Duration,
 ) -> Vec<(u16, BTreeMap<String, Option<(String, Version)>>)> {
     let deadline = Instant::now() + limit;
-    let n = conn.addrs.len();
+    let n = conn.sites.len();
     loop {
         let mut caught_up = true;
-        for i in 0..n {
-            let ok = match conn.builder(i, ms(1_000)).connect().await {
+        for i in 0..conn.nodes.len() {
+            let ok = match conn.node_builder(i, ms(1_000)).connect().await {
                 Ok(c) => matches!(c.status().await, Ok(s) if s.buffered == 0
                     && s.peers.iter().all(|p| p.state == "up" && p.lag_updates == 0)),
                 Err(_) => false,
@@ -311,15 +346,27 @@ enum Fault {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faults_under_partitions_kills_and_loss() {
+    run_faults(1, 35, 10_000).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_with_two_partitions_per_site() {
+    // Six processes on the same cores: fewer operations per second.
+    run_faults(2, 25, 5_000).await;
+}
+
+/// The seeded fault schedule against 3 sites of `parts` partition nodes each; at least
+/// `min_ops` operations must be checked.
+async fn run_faults(parts: usize, default_secs: u64, min_ops: usize) {
     let _turn = SERIAL.lock().await;
     let seed = env_u64("FAULTS_SEED", DEFAULT_SEED);
-    let secs = env_u64("FAULTS_SECS", 35);
-    println!("FAULTS_SEED={seed} FAULTS_SECS={secs}");
+    let secs = env_u64("FAULTS_SECS", default_secs);
+    println!("FAULTS_SEED={seed} FAULTS_SECS={secs} partitions={parts}");
     bounded(ms(150_000), async {
         // A few milliseconds one way (3–6 ms), so the run is fast.
         let base = |i: usize, j: usize| LinkParams::default().with_delay_ms((2 + i + j) as f64);
         let wan = Wan::new(names(), base);
-        let mut prepared = Cluster::prepare(3);
+        let mut prepared = Cluster::prepare_partitioned(3, parts);
         for c in &prepared.configs {
             assert_eq!(c.storage.fsync, FsyncPolicy::Always, "the default");
         }
@@ -373,10 +420,16 @@ async fn faults_under_partitions_kills_and_loss() {
                 }
                 Fault::Kill(i) => {
                     alive[*i].store(false, Ordering::Relaxed);
-                    procs.kill(*i);
+                    for node in procs.nodes_of(*i) {
+                        procs.kill(node);
+                    }
                     tokio::time::sleep(hold / 2).await;
-                    procs.start(*i);
-                    procs.wait_listening(*i, ms(10_000)).await;
+                    for node in procs.nodes_of(*i) {
+                        procs.start(node);
+                    }
+                    for node in procs.nodes_of(*i) {
+                        procs.wait_listening(node, ms(10_000)).await;
+                    }
                     alive[*i].store(true, Ordering::Relaxed);
                     restarts.push(t0.elapsed());
                 }
@@ -399,9 +452,11 @@ async fn faults_under_partitions_kills_and_loss() {
                 wan.link(i, j).set_cut(false);
                 wan.link(i, j).set_params(base(i, j));
             }
-            if !procs.is_running(i) {
-                procs.start(i);
-                procs.wait_listening(i, ms(10_000)).await;
+            for node in procs.nodes_of(i) {
+                if !procs.is_running(node) {
+                    procs.start(node);
+                    procs.wait_listening(node, ms(10_000)).await;
+                }
             }
             alive[i].store(true, Ordering::Relaxed);
         }
@@ -449,7 +504,7 @@ async fn faults_under_partitions_kills_and_loss() {
         let report = checker::check(&history);
         let kinds = |f: &dyn Fn(&Fault) -> bool| faults.iter().filter(|x| f(x)).count();
         println!(
-            "faults (seed {seed}) over {:?}: {} asymmetric cuts, {} isolations, {} kills, {} loss \
+            "faults (seed {seed}, {parts} partition(s) per site) over {:?}: {} asymmetric cuts, {} isolations, {} kills, {} loss \
              bursts; restarts (kill to listening) {:?}",
             healed - started,
             kinds(&|f| matches!(f, Fault::Asymmetric(..))),
@@ -479,7 +534,7 @@ async fn faults_under_partitions_kills_and_loss() {
         assert!(report.is_ok(), "seed {seed}: {report}");
         assert_eq!(report.ops_checked, history.len());
         assert!(
-            report.ops_checked >= 10_000,
+            report.ops_checked >= min_ops,
             "too few operations checked: {}",
             report.ops_checked
         );
