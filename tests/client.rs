@@ -187,10 +187,11 @@ impl Drop for Child {
     }
 }
 
-#[test]
-fn dev_deployment_and_cli_from_another_process() {
-    // Exactly what the README says: `causalkv dev`, then the CLI from another shell.
-    let dir = tempfile::tempdir().unwrap();
+type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// Starts `causalkv dev` with `extra` arguments in `dir` on a free base port; returns the
+/// child, the rest of its output, its banner and the base port.
+fn spawn_dev(dir: &std::path::Path, extra: &[&str]) -> (Child, Lines, String, u16) {
     let base = loop {
         let p = dev::free_udp_port().unwrap();
         if p < 60_000 {
@@ -202,10 +203,11 @@ fn dev_deployment_and_cli_from_another_process() {
             .args([
                 "dev",
                 "--dir",
-                dir.path().to_str().unwrap(),
+                dir.to_str().unwrap(),
                 "--port",
                 &base.to_string(),
             ])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -221,17 +223,28 @@ fn dev_deployment_and_cli_from_another_process() {
             break;
         }
     }
+    (child, lines, banner, base)
+}
+
+/// Runs the CLI with `--certs DIR`.
+fn cli_in(certs_dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--certs", certs_dir.to_str().unwrap()])
+        .output()
+        .expect("run the CLI")
+}
+
+#[test]
+fn dev_deployment_and_cli_from_another_process() {
+    // Exactly what the README says: `causalkv dev`, then the CLI from another shell.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, lines, banner, base) = spawn_dev(dir.path(), &[]);
     assert!(banner.contains("3 sites up"), "{banner}");
     let certs_dir = dir.path().join("certs");
     let site = |i: u16| format!("127.0.0.1:{}", base + i);
     assert!(banner.contains(&format!("--site {}", site(0))), "{banner}");
-    let cli = |args: &[&str]| {
-        Command::new(BIN)
-            .args(args)
-            .args(["--certs", certs_dir.to_str().unwrap()])
-            .output()
-            .expect("run the CLI")
-    };
+    let cli = |args: &[&str]| cli_in(&certs_dir, args);
     let put = cli(&["put", "greeting", "hello", "--site", &site(0)]);
     assert_eq!(put.status.code(), Some(0), "{put:?}");
     // The put's session token makes the read at b wait until b has the write.
@@ -278,4 +291,78 @@ fn send_sigint(pid: u32) {
         .status()
         .unwrap();
     assert!(ok.success());
+}
+
+#[test]
+fn dev_with_partitions_routes_keys_and_refuses_the_wrong_partition() {
+    // `causalkv dev --partitions 2`: site i's partition p listens on port + 2i + p.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, _lines, banner, base) = spawn_dev(dir.path(), &["--partitions", "2"]);
+    assert!(
+        banner.contains("3 sites x 2 partitions up (6 nodes)"),
+        "{banner}"
+    );
+    assert!(banner.contains("--partitions 2"), "{banner}");
+    let certs_dir = dir.path().join("certs");
+    let site = |i: u16| format!("127.0.0.1:{}", base + 2 * i);
+    let cli = |args: &[&str]| cli_in(&certs_dir, args);
+    // Keys of both partitions, written at a in one session, read at b with its token.
+    let keys: Vec<String> = (0..8).map(|i| format!("key{i}")).collect();
+    assert!(
+        keys.iter()
+            .map(|k| causalkv::sharding::partition_of(k.as_bytes(), 2))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+            == 2
+    );
+    let (a, b_, c) = (site(0), site(1), site(2));
+    let mut token = String::new();
+    for k in &keys {
+        let mut args = vec!["put", k, "v", "--site", &a, "--partitions", "2", "--json"];
+        if !token.is_empty() {
+            args.extend(["--token", &token]);
+        }
+        let out = cli(&args);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        token = v["token"].as_str().unwrap().to_owned();
+    }
+    for k in &keys {
+        let args = [
+            "get",
+            k,
+            "--site",
+            &b_,
+            "--partitions",
+            "2",
+            "--token",
+            &token,
+        ];
+        let out = cli(&args);
+        assert_eq!(out.status.code(), Some(0), "{k}: {out:?}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v");
+    }
+    // A key sent to a node that does not hold it: a clear error, exit 2, nothing stored.
+    let k1 = keys
+        .iter()
+        .find(|k| causalkv::sharding::partition_of(k.as_bytes(), 2) == 1)
+        .unwrap();
+    let wrong = cli(&["put", k1, "other", "--site", &a]);
+    assert_eq!(wrong.status.code(), Some(2), "{wrong:?}");
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("belongs to partition 1 of 2"), "{err}");
+    let again = cli(&[
+        "get",
+        k1,
+        "--site",
+        &c,
+        "--partitions",
+        "2",
+        "--token",
+        &token,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout).trim(), "v");
+    send_sigint(child.0.id());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "dev exits cleanly on SIGINT: {status:?}");
 }
