@@ -535,8 +535,8 @@ pub struct VisibilityReport {
 ///
 /// Method: every `interval`, a write of a fresh key goes to the origin through `origin`; when
 /// its acknowledgement arrives at the client (the "ack" instant), a task per remote site polls
-/// that site through its own client, which has never written anything (so its reads never wait
-/// on a causal context), with a get of the key every `poll`, until the value is there. The
+/// that site through its own client, which never writes, with a get of the key in a fresh
+/// session (so its reads never wait on a causal context) every `poll`, until the value is there. The
 /// sample is the time from the ack to the first poll that saw the value: it overstates the
 /// true figure by at most one poll interval plus one local read.
 pub async fn visibility_wan(
@@ -571,6 +571,9 @@ pub async fn visibility_wan(
             tasks.spawn(async move {
                 let deadline = acked + Duration::from_secs(30);
                 loop {
+                    // A fresh session per poll: with partitioned sites a session's earlier
+                    // reads could otherwise make this one wait for the stable vector.
+                    c.new_session();
                     if let Ok(Some(_)) = c.get(&key).await {
                         let us = acked.elapsed().as_micros().max(1) as u64;
                         let _ = h.lock().expect("histogram").0.record(us);

@@ -353,6 +353,12 @@ impl Client {
         )
     }
 
+    /// Starts a new session on the same connections: the causal context is emptied, so later
+    /// requests carry no guarantee about what this client did or saw before.
+    pub fn new_session(&self) {
+        *self.ctx.lock().expect("ctx lock") = VClock::default();
+    }
+
     /// Adopts a session token (merged into the current context, so nothing already seen is
     /// forgotten).
     pub fn set_session_token(&self, token: &str) -> Result<(), ClientError> {

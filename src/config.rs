@@ -190,7 +190,7 @@ impl Default for ReplicationConfig {
             batch_max_items: 1024,
             marker_interval_ms: 5,
             max_buffered: 1_000_000,
-            stable_exchange_ms: 2,
+            stable_exchange_ms: 1,
         }
     }
 }

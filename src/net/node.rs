@@ -269,8 +269,12 @@ impl Shared {
     /// the next fsync anyone asks for, at the latest the ticker's (every marker interval). Used
     /// for remote batches, so that a steady stream of replicated updates does not put an fsync
     /// in front of every local write; the origin's ack waits for that group commit.
+    ///
+    /// On a partitioned site it asks for the fsync at once: a partition's contribution to the
+    /// stable vector counts durable state only, so updates that wait on other partitions are
+    /// released one fsync after they arrive rather than one tick.
     pub fn mutate_deferred<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
-        self.mutate_with(false, f)
+        self.mutate_with(self.cfg.partitions > 1, f)
     }
 
     fn mutate_with<T>(&self, sync: bool, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
@@ -833,8 +837,8 @@ async fn durability_pump(shared: Arc<Shared>) {
             }
             if moved && r.has_records() {
                 // Partitioned: durability raised the stable vector and buffered updates became
-                // visible; log them (group-committed like any replicated batch).
-                Shared::append_ready(&mut r, &mut w, false);
+                // visible; log them and make them durable soon, for the next hop.
+                Shared::append_ready(&mut r, &mut w, true);
             }
         }
         if moved {

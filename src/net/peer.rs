@@ -199,10 +199,10 @@ async fn sibling_once(
 ) -> Result<(), LinkError> {
     let (conn, (_, (mut send, _recv))) = dial(shared, endpoint, Remote::Sibling(partition)).await?;
     debug!(partition, "sibling link up");
+    // Sent when it changes, at most once per `stable_exchange_ms`, and at every heartbeat.
     let every = Duration::from_millis(shared.cfg.replication.stable_exchange_ms);
     let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
-    let mut iv = tokio::time::interval(every);
-    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut changed = shared.changed.subscribe();
     let mut shutdown = shared.shutdown.clone();
     let mut last: Option<VClock> = None;
     let mut last_at = Instant::now();
@@ -218,9 +218,15 @@ async fn sibling_once(
                 .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
             last = Some(contribution);
             last_at = Instant::now();
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return Ok(()),
+                e = conn.closed() => return Err(e.into()),
+            }
         }
         tokio::select! {
-            _ = iv.tick() => {}
+            r = changed.changed() => if r.is_err() { return Ok(()) },
+            _ = tokio::time::sleep(hb) => {}
             _ = shutdown.changed() => return Ok(()),
             e = conn.closed() => return Err(e.into()),
         }
