@@ -279,6 +279,14 @@ mod messages {
         pub fsyncs: u64,
         /// Peers.
         pub peers: Vec<PeerStatus>,
+        /// This node's partition of its site, and the number of partitions per site.
+        pub partition: u16,
+        /// Number of partitions per site (1: one node per site).
+        pub partitions: u16,
+        /// With several partitions: the site's stable vector as this partition knows it (what
+        /// every partition of the site has applied and made durable); else the `applied`
+        /// vector.
+        pub site_stable: Vec<u64>,
     }
 
     /// The body of a response.

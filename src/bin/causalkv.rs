@@ -393,10 +393,17 @@ async fn run(cmd: Cmd) -> ExitCode {
             let s = c.status().await?;
             let mut text = format!(
                 "site {} ({})\n  applied  {:?}\n  stable   {:?}\n  buffered {}  retained {}  keys {}\n  \
-                 wal {} bytes  fsyncs {}\n  peers:",
+                 wal {} bytes  fsyncs {}",
                 s.name, s.site, s.applied, s.stable, s.buffered, s.retained, s.keys, s.wal_bytes,
                 s.fsyncs
             );
+            if s.partitions > 1 {
+                text.push_str(&format!(
+                    "\n  partition {} of {}  site stable {:?}",
+                    s.partition, s.partitions, s.site_stable
+                ));
+            }
+            text.push_str("\n  peers:");
             for p in &s.peers {
                 text.push_str(&format!(
                     "\n    {} ({}) {}  {}: lag {} updates, {} ms ({})",

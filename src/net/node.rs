@@ -355,6 +355,7 @@ impl Shared {
     /// The site's status.
     pub fn status(&self) -> StatusInfo {
         let me = self.site();
+        let site_stable = self.read(|r| r.site_stable().as_slice().to_vec());
         let (applied, stable, buffered, retained, keys, peer_vecs, unacked) = self.read(|r| {
             let peer_vecs: Vec<_> = (0..self.cfg.n() as SiteId)
                 .map(|p| r.peer_applied(p).as_slice().to_vec())
@@ -415,6 +416,9 @@ impl Shared {
             wal_bytes,
             fsyncs,
             peers,
+            partition: self.cfg.partition as u16,
+            partitions: self.cfg.partitions as u16,
+            site_stable,
         }
     }
 }
