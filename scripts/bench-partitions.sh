@@ -26,6 +26,15 @@ start_work
 RESULTS="$WORK/results"
 mkdir -p "$RESULTS"
 
+# cpu_ticks PID...: user + system CPU time of the processes, in clock ticks.
+cpu_ticks() {
+  local t=0
+  for p in "$@"; do
+    t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
+  done
+  echo "$t"
+}
+
 # run_config NAME SITES P FSYNC: starts the nodes, runs the measurements, stops the nodes.
 run_config() {
   local name=$1 sites=$2 parts=$3 fsync=$4
@@ -68,8 +77,12 @@ run_config() {
     wait "$bg"
   fi
   echo "  $name: load (64 in flight, ${SECONDS_PER_RUN} s)..." >&2
+  local cpu0 cpu1
+  cpu0=$(cpu_ticks "${pids[@]}")
   "$BIN" bench load --site "$a" --partitions "$parts" --certs "$certs" --seconds "$SECONDS_PER_RUN" \
     --concurrency 64 --read-ratio 0.5 --value-size 100 2>/dev/null > "$RESULTS/$name.load.json"
+  cpu1=$(cpu_ticks "${pids[@]}")
+  echo "$(( cpu1 - cpu0 ))" > "$RESULTS/$name.cpu"
   for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
 }
@@ -85,9 +98,9 @@ run_config vis-p2 3 2 always
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
 
 mkdir -p "$OUT"
-python3 - "$OUT" "$RESULTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" "bash scripts/bench-partitions.sh $*" <<'PY'
+python3 - "$OUT" "$RESULTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" "bash scripts/bench-partitions.sh $*" "$(getconf CLK_TCK)" <<'PY'
 import json, os, sys
-out, res, cpus, before, after, cmd = sys.argv[1:]
+out, res, cpus, before, after, cmd, tck = sys.argv[1:]
 def load(name, kind):
     return json.load(open(os.path.join(res, f"{name}.{kind}.json")))
 L = {n: load(n, "load") for n in ["one-site-p1", "one-site-p2", "three-sites-p1", "three-sites-p2",
@@ -97,15 +110,21 @@ VL = {n: load(n, "visload") for n in ["vis-p1", "vis-p2"]}
 lines = [f"# Partitions: P = 1 against P = 2", "",
          f"Command: `{cmd}` ({cpus} CPUs, load average before {before}, after {after}).", "",
          "## Throughput (64 requests in flight, 50 % reads, 100 B values, fsync never)", "",
-         "| sites | P | ops/s | put p50 (µs) | put p99 (µs) | get p50 (µs) | errors | P=2 / P=1 |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+         "| sites | P | ops/s | put p50 (µs) | put p99 (µs) | get p50 (µs) | errors | P=2 / P=1 | server cores busy | ops per server CPU-second |",
+         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+def cpu(name):
+    return int(open(os.path.join(res, f"{name}.cpu")).read()) / int(tck)
 for sites, pre in [(1, "one-site"), (3, "three-sites")]:
     base = L[f"{pre}-p1"]["throughput"]
     for p in (1, 2):
         r = L[f"{pre}-p{p}"]
         ratio = f"{r['throughput'] / base:.2f}" if p == 2 else ""
+        c = cpu(f"{pre}-p{p}")
         lines.append(f"| {sites} | {p} | {r['throughput']:,.0f} | {r['put']['p50_us']:,} | "
-                     f"{r['put']['p99_us']:,} | {r['get']['p50_us']:,} | {r['errors']} | {ratio} |")
+                     f"{r['put']['p99_us']:,} | {r['get']['p50_us']:,} | {r['errors']} | {ratio} | "
+                     f"{c / r['seconds']:.2f} | {r['ops'] / c:,.0f} |")
+lines += ["", "Server cores busy: CPU time of every `causalkv serve` process of the configuration during the "
+          "load, per second. The load generator (one more process) shares the same cores."]
 lines += ["", "## Remote visibility (3 sites, fsync always, a write every 10 ms at a; ack → visible)", "",
           "| P | load at a | site | p50 (ms) | p99 (ms) | max (ms) | timeouts |",
           "|---:|---|---|---:|---:|---:|---:|"]

@@ -536,7 +536,8 @@ pub struct VisibilityReport {
 /// Method: every `interval`, a write of a fresh key goes to the origin through `origin`; when
 /// its acknowledgement arrives at the client (the "ack" instant), a task per remote site polls
 /// that site through its own client, which never writes, with a get of the key in a fresh
-/// session (so its reads never wait on a causal context) every `poll`, until the value is there. The
+/// session (so its reads never wait on a causal context) every `poll` (paced by a thread with a
+/// fine timer), until the value is there. The
 /// sample is the time from the ack to the first poll that saw the value: it overstates the
 /// true figure by at most one poll interval plus one local read.
 pub async fn visibility_wan(
@@ -556,6 +557,24 @@ pub async fn visibility_wan(
         .map(|_| Arc::new(std::sync::Mutex::new((histogram(), 0))))
         .collect();
     let mut tasks = tokio::task::JoinSet::new();
+    // Poll ticks from a thread with a fine timer: tokio's ~1 ms timer would make every poll
+    // interval at least a millisecond, which is the resolution of this measurement.
+    let (tick_tx, ticks) = tokio::sync::watch::channel(0u64);
+    let ticking = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let ticking = ticking.clone();
+        std::thread::spawn(move || {
+            crate::wan::precise_timers();
+            let mut n = 0;
+            while ticking.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(poll);
+                n += 1;
+                if tick_tx.send(n).is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let mut next = Instant::now();
     for w in 0..writes {
         next += interval;
@@ -568,6 +587,7 @@ pub async fn visibility_wan(
         let acked = Instant::now();
         for ((_, c), h) in remotes.iter().zip(&hists) {
             let (c, h, key) = (c.clone(), h.clone(), key.clone());
+            let mut ticks = ticks.clone();
             tasks.spawn(async move {
                 let deadline = acked + Duration::from_secs(30);
                 loop {
@@ -583,12 +603,16 @@ pub async fn visibility_wan(
                         h.lock().expect("histogram").1 += 1;
                         return;
                     }
-                    tokio::time::sleep(poll).await;
+                    ticks.borrow_and_update();
+                    if ticks.changed().await.is_err() {
+                        return;
+                    }
                 }
             });
         }
     }
     while tasks.join_next().await.is_some() {}
+    ticking.store(false, std::sync::atomic::Ordering::Relaxed);
     let sites = remotes
         .iter()
         .zip(&hists)
