@@ -34,6 +34,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -235,6 +236,7 @@ impl ClientBuilder {
         let client = Client {
             endpoint,
             conns: (0..parts).map(|_| tokio::sync::Mutex::new(None)).collect(),
+            current: AtomicUsize::new(0),
             routes,
             known_down: Mutex::new(Vec::new()),
             ctx: Mutex::new(VClock::default()),
@@ -250,10 +252,10 @@ pub struct Client {
     endpoint: Endpoint,
     /// Per site, in failover order: the address of each of its partition nodes.
     routes: Vec<Vec<SocketAddr>>,
-    /// Per partition: the current site index and the connection to its node there. Each
-    /// partition fails over on its own; the session context is shared, so causality holds
-    /// whichever sites serve which partitions.
+    /// Per partition: the site index and the connection to its node there.
     conns: Vec<tokio::sync::Mutex<Option<(usize, Connection)>>>,
+    /// The site the session uses for every partition (an index into `routes`).
+    current: AtomicUsize,
     ctx: Mutex<VClock>,
     timeout: Duration,
     /// Sites the last connected site's failure detector reported `down`: failover tries them
@@ -383,11 +385,13 @@ impl Client {
 
     /// The address of the site currently serving this session (its partition 0 node).
     pub async fn current_site(&self) -> Option<SocketAddr> {
-        self.conns[0]
-            .lock()
-            .await
-            .as_ref()
-            .map(|(i, _)| self.routes[*i][0])
+        let current = self.current.load(Ordering::Relaxed);
+        for c in &self.conns {
+            if c.lock().await.as_ref().is_some_and(|(i, _)| *i == current) {
+                return Some(self.routes[current][0]);
+            }
+        }
+        None
     }
 
     /// The partition that holds `key`.
@@ -415,12 +419,21 @@ impl Client {
     /// is none.
     async fn connection(&self, p: usize) -> Result<(usize, Connection), ClientError> {
         let mut guard = self.conns[p].lock().await;
+        let current = self.current.load(Ordering::Relaxed);
         if let Some((i, c)) = guard.as_ref()
+            && *i == current
             && c.close_reason().is_none()
         {
             return Ok((*i, c.clone()));
         }
-        let start = guard.as_ref().map_or(0, |(i, _)| i + 1);
+        // All partitions follow the session's current site: a partition whose node there failed
+        // moves on, and the others follow it on their next request (staying behind on a site
+        // where one partition node is down would leave them waiting for a context that site
+        // can no longer cover).
+        let start = match guard.as_ref() {
+            Some((i, _)) if *i == current => current + 1,
+            _ => current,
+        };
         let down = self.known_down();
         // Configured order from the next site on, with sites reported down moved to the end.
         let n = self.routes.len();
@@ -439,6 +452,7 @@ impl Client {
             match tokio::time::timeout(self.timeout, connecting).await {
                 Ok(Ok(c)) => {
                     *guard = Some((i, c.clone()));
+                    self.current.store(i, Ordering::Relaxed);
                     self.learn_peer_states(&c).await;
                     return Ok((i, c));
                 }

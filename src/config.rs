@@ -376,7 +376,27 @@ impl SiteConfig {
                 self.partition
             ));
         }
+        let mut seen = std::collections::HashSet::new();
         for s in &self.sites {
+            for p in 0..parts {
+                if s.partition_addrs.is_empty() && u32::from(s.addr.port()) + p > 65535 {
+                    return bad(format!(
+                        "site {:?}: partition {p} would listen on port {} + {p}, past 65535; \
+                         list partition_addrs",
+                        s.name,
+                        s.addr.port()
+                    ));
+                }
+                if s.partition_addrs.is_empty() || s.partition_addrs.len() == parts as usize {
+                    let a = s.partition_addr(p);
+                    if !seen.insert(a) {
+                        return bad(format!(
+                            "address {a} (site {:?}, partition {p}) is used by another node",
+                            s.name
+                        ));
+                    }
+                }
+            }
             if !s.partition_addrs.is_empty()
                 && (s.partition_addrs.len() != parts as usize || s.partition_addrs[0] != s.addr)
             {

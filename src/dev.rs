@@ -132,7 +132,12 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             let port = if opts.base_port == 0 {
                 free_udp_port().map_err(io(&opts.dir))?
             } else {
-                opts.base_port + (i as u32 * parts + p) as u16
+                u16::try_from(u32::from(opts.base_port) + i as u32 * parts + p).map_err(|_| {
+                    io(&opts.dir)(std::io::Error::other(format!(
+                        "ports from {} for {} sites x {parts} partitions run past 65535",
+                        opts.base_port, opts.sites
+                    )))
+                })?
             };
             addrs.push(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
         }
@@ -254,14 +259,14 @@ impl LocalCluster {
         self.layout.client_builder(CLI_CLIENT, i)
     }
 
-    /// Stops site `i` gracefully.
+    /// Stops node `i` (site `i / P`, partition `i % P`) gracefully.
     pub async fn stop(&mut self, i: usize) {
         if let Some(n) = self.nodes[i].take() {
             n.shutdown().await;
         }
     }
 
-    /// Starts site `i` again from its configuration.
+    /// Starts node `i` again from its configuration.
     pub async fn restart(&mut self, i: usize) -> Result<(), crate::net::NodeError> {
         if self.nodes[i].is_none() {
             self.nodes[i] = Some(crate::Node::start(self.layout.configs[i].clone()).await?);

@@ -55,6 +55,46 @@ async fn failover_keeps_read_your_writes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_partitions_fail_over_together_when_one_partition_node_stops() {
+    common::bounded(ms(60_000), async {
+        // 2 sites × 2 partitions; node index = site * 2 + partition.
+        let mut cluster = Cluster::prepare_partitioned(2, 2).start().await;
+        cluster.wait_connected().await;
+        let client = common::cli_client_builder(&cluster.certs, [])
+            .site_partitions([cluster.site_addrs(0), cluster.site_addrs(1)])
+            .timeout(ms(3_000))
+            .connect()
+            .await
+            .expect("client connects");
+        let part = |k: &str| causalkv::sharding::partition_of(k.as_bytes(), 2) as usize;
+        let k0 = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| part(k) == 0)
+            .unwrap();
+        let k1 = (0..)
+            .map(|i| format!("k{i}"))
+            .find(|k| part(k) == 1)
+            .unwrap();
+        client.put(&k0, "a0").await.unwrap();
+        client.put(&k1, "a1").await.unwrap();
+        // Site a's partition 1 stops; its partition 0 keeps running.
+        cluster.stop(1).await;
+        let v = client.put(&k1, "b1").await.unwrap();
+        assert_eq!(v.site, 1, "partition 1 failed over to b");
+        // Partition 0 follows the session to b: a's partition 0 could not cover the session's
+        // context (it depends on a write at b that a's stopped partition 1 never reports).
+        let got = client
+            .get(&k0)
+            .await
+            .expect("partition 0 is served after the failover");
+        assert_eq!(got.as_deref(), Some(&b"a0"[..]), "read your writes at b");
+        assert_eq!(client.current_site().await, Some(cluster.site_addrs(1)[0]));
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_skips_sites_the_failure_detector_reports_down() {
     common::bounded(ms(60_000), async {
         let mut cluster = Cluster::start(3).await;

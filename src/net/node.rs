@@ -293,29 +293,35 @@ impl Shared {
     /// durable point for [`durability_pump`] (or advances at once when it is already durable).
     /// Returns the LSN to wait for, or `u64::MAX` when the log has failed.
     fn append_ready(r: &mut Replica<MemStore>, w: &mut WalState, sync: bool) -> u64 {
-        let ready = r.take_ready();
-        let lsn = if ready.records.is_empty() {
-            w.wal.end_lsn()
-        } else {
-            match w.wal.append(&ready.records) {
-                Ok(lsn) => lsn,
-                Err(e) => {
-                    // The log refuses everything from now on; waiters see SyncStopped.
-                    tracing::error!(error = %e, "write-ahead log append failed");
-                    return u64::MAX;
+        loop {
+            let ready = r.take_ready();
+            let lsn = if ready.records.is_empty() {
+                w.wal.end_lsn()
+            } else {
+                match w.wal.append(&ready.records) {
+                    Ok(lsn) => lsn,
+                    Err(e) => {
+                        // The log refuses everything from now on; waiters see SyncStopped.
+                        tracing::error!(error = %e, "write-ahead log append failed");
+                        return u64::MAX;
+                    }
                 }
+            };
+            if sync {
+                w.wal.request_sync(lsn);
             }
-        };
-        if sync {
-            w.wal.request_sync(lsn);
+            if w.wal.synced_lsn() >= lsn && w.pending.is_empty() {
+                // Already durable (nothing new, or fsync=never): advance now. On a partitioned
+                // site that can make buffered updates visible: log those too.
+                r.advance(&ready.applied, ready.lease);
+                if r.has_records() {
+                    continue;
+                }
+            } else {
+                w.pending.push_back((lsn, ready.applied, ready.lease));
+            }
+            return lsn;
         }
-        if w.wal.synced_lsn() >= lsn && w.pending.is_empty() {
-            // Already durable (nothing new, or fsync=never): advance now.
-            r.advance(&ready.applied, ready.lease);
-        } else {
-            w.pending.push_back((lsn, ready.applied, ready.lease));
-        }
-        lsn
     }
 
     /// Waits until the write-ahead log is durable up to `lsn`.

@@ -279,8 +279,6 @@ fn not_ready(nr: NotReady, timeout: Duration) -> ResponseBody {
     )
 }
 
-/// Retries `f` each time replica state changes, until it succeeds or `deadline` passes; then
-/// returns its last error.
 /// Refuses a key that another partition node of this site holds.
 fn wrong_partition(shared: &Shared, key: &[u8]) -> Option<ResponseBody> {
     let (me, parts) = (shared.cfg.partition, shared.cfg.partitions);
@@ -296,6 +294,8 @@ fn wrong_partition(shared: &Shared, key: &[u8]) -> Option<ResponseBody> {
     })
 }
 
+/// Retries `f` each time replica state changes, until it succeeds or `deadline` passes; then
+/// returns its last error.
 async fn wait_for<T, E>(
     shared: &Shared,
     deadline: Instant,

@@ -24,6 +24,15 @@
 //!
 //! Tombstones are dropped once every entry of the local `applied` is at or past their timestamp:
 //! per-origin FIFO plus markers guarantee that no older write to the key can still arrive.
+//!
+//! A site split into partitions ([`ReplicaConfig::partitions`] > 1) runs one replica per
+//! partition, each with its own per-origin streams. Then `applied` only speaks for this
+//! partition's keys, so the dependency check and [`Replica::ready_for`] use the site's stable
+//! vector instead ([`Replica::site_stable`]): the entry-wise minimum of every partition's
+//! [`Replica::contribution`], which the driver exchanges between partitions
+//! ([`Replica::on_sibling`]). A contribution counts durable state only, so what a partition
+//! claimed is still true after it crashes; DESIGN.md's "exchange `applied` vectors" would let a
+//! sibling expose an update whose dependency a crash then takes back.
 
 mod buffer;
 
@@ -231,6 +240,10 @@ pub struct Replica<S: Store> {
     /// Per partition of this site: its latest reported contribution to the stable vector
     /// ([`Replica::contribution`]); this partition's own slot is unused.
     siblings: Vec<VClock>,
+    /// The greatest contribution this partition has computed: applying a waiting head lowers
+    /// the computed value (the head is applied but not yet durable) although what it claimed
+    /// stays true, so the claim never goes down.
+    contributed: VClock,
     tombstones: BTreeSet<(Version, Bytes)>,
     pending: Vec<Record>,
     last_marker_at: Timestamp,
@@ -258,6 +271,7 @@ impl<S: Store> Replica<S> {
             sent: vec![0; n],
             peer_applied: vec![VClock::zero(n); n],
             siblings: vec![VClock::zero(n); cfg.partitions.max(1) as usize],
+            contributed: VClock::zero(n),
             tombstones: BTreeSet::new(),
             pending: Vec::new(),
             last_marker_at: 0,
@@ -433,7 +447,7 @@ impl<S: Store> Replica<S> {
     /// durable own entry. Partitions exchange it every few milliseconds
     /// ([`Replica::on_sibling`]).
     pub fn contribution(&self) -> VClock {
-        let mut v = self.durable.clone();
+        let mut v = self.contributed.merged(&self.durable);
         for o in self.peers() {
             if self.durable.get(o) >= self.applied.get(o)
                 && let Some(h) = self.buffer.head_ts(o)
@@ -578,7 +592,11 @@ impl<S: Store> Replica<S> {
     /// Applies every applicable head, starting from the origins in `work`, following wake-ups.
     fn drain(&mut self, mut work: Vec<SiteId>) {
         // Applying here never raises the stable vector (the contribution counts durable state
-        // only), so it is computed once per drain.
+        // only), so it is computed once per drain; the contribution is remembered first, since
+        // applying a waiting head lowers what it computes to.
+        if self.cfg.partitioned() {
+            self.contributed = self.contribution();
+        }
         let stable = (self.cfg.partitioned() && self.cfg.check_stable).then(|| self.site_stable());
         while let Some(origin) = work.pop() {
             while let Some(head) = self.buffer.ready_head(origin) {
@@ -650,7 +668,9 @@ impl<S: Store> Replica<S> {
             }
             self.advance_entry(self.cfg.site, ts);
         }
-        let floor = self.applied.min_entry();
+        // Against the durable vector: a tombstone collected on the strength of non-durable
+        // state could leave a reader seeing "absent" and, after a crash, the old value again.
+        let floor = self.durable.min_entry();
         self.collect_tombstones(floor);
     }
 
