@@ -437,6 +437,119 @@ pub async fn visibility_latency(
     Ok(LatencyStats::from(&h))
 }
 
+/// [`replication_throughput`] with the two sites as separate `causalkv serve` processes (`bin`),
+/// each with its own runtime and core: site a's log is filled in this process first (site b
+/// down), then a is started and, once it listens, b; the sample is the time from starting b
+/// until b's status reports a's last write applied (polled every 2 ms over the client
+/// protocol; b's process start and handshakes are included).
+pub async fn replication_throughput_processes(
+    dir: &std::path::Path,
+    bin: &std::path::Path,
+    updates: u64,
+    value_size: usize,
+    keys: u64,
+) -> Result<ReplicationReport, String> {
+    use crate::dev::{DevOptions, prepare};
+    let layout = prepare(&DevOptions::new(2, dir, 0)).map_err(|e| e.to_string())?;
+    let mut a_cfg = layout.configs[0].clone();
+    a_cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never; // the sender's log is not measured
+    a_cfg.storage.snapshot_log_bytes = i64::MAX as u64; // TOML integers are i64
+    let a_file = dir.join("site-a.toml");
+    std::fs::write(
+        &a_file,
+        toml::to_string_pretty(&a_cfg).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
+    let last = {
+        let node = crate::Node::start(a_cfg.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let value = bytes::Bytes::from(vec![b'v'; value_size]);
+        let mut last = None;
+        for i in 0..updates {
+            let key = bytes::Bytes::from(format!("key{:012}", i % keys.max(1)));
+            last = Some(node.put_local(key, Some(value.clone())));
+        }
+        node.shutdown().await;
+        last.ok_or("no updates")?
+    };
+    struct Kill(Vec<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            for c in &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let serve = |file: &std::path::Path| {
+        std::process::Command::new(bin)
+            .arg("serve")
+            .arg("--config")
+            .arg(file)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("start {}: {e}", bin.display()))
+    };
+    let mut children = Kill(vec![serve(&a_file)?]);
+    let id = crate::certs::client_paths(&layout.certs, crate::dev::CLI_CLIENT);
+    let connect = |addr: std::net::SocketAddr| {
+        crate::Client::builder()
+            .sites([addr.to_string()])
+            .identity(id.cert.clone(), id.key.clone())
+            .ca(crate::certs::ca_paths(&layout.certs).cert)
+            .timeout(Duration::from_secs(2))
+            .connect()
+    };
+    let a_addr = layout.configs[0].listen_addr();
+    let started = Instant::now();
+    let a = loop {
+        match connect(a_addr).await {
+            Ok(c) => break c,
+            Err(_) if started.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => return Err(format!("site a does not serve: {e}")),
+        }
+    };
+    let bytes_before = a.status().await.map_err(|e| e.to_string())?;
+    drop(bytes_before);
+    let t0 = Instant::now();
+    children.0.push(serve(&dir.join("site-b.toml"))?);
+    let b_addr = layout.configs[1].listen_addr();
+    let b = loop {
+        match connect(b_addr).await {
+            Ok(c) => break c,
+            Err(_) if t0.elapsed() < Duration::from_secs(60) => {
+                tokio::time::sleep(Duration::from_millis(2)).await
+            }
+            Err(e) => return Err(format!("site b does not serve: {e}")),
+        }
+    };
+    loop {
+        let st = b.status().await.map_err(|e| e.to_string())?;
+        if st.applied.get(last.site as usize).copied().unwrap_or(0) >= last.ts {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            return Err("site b did not catch up within 300 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    let payload = updates as f64 * (value_size as f64 + 15.0);
+    Ok(ReplicationReport {
+        updates,
+        value_size,
+        seconds,
+        updates_per_s: updates as f64 / seconds,
+        mb_per_s: payload / seconds / 1e6,
+        wire_bytes_per_update: 0.0,
+    })
+}
+
 /// What [`recovery`] measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoveryReport {

@@ -167,6 +167,10 @@ enum BenchCmd {
         /// Distinct keys written (fewer keys than updates: overwrites).
         #[arg(long, default_value_t = 1_000_000)]
         keys: u64,
+        /// Run the two sites as separate `causalkv serve` processes (default: both in this
+        /// process, on one runtime).
+        #[arg(long)]
+        processes: bool,
     },
     /// Recovery time of one site: snapshot of N keys plus a log tail.
     Recovery {
@@ -456,9 +460,16 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             updates,
             value_size,
             keys,
+            processes,
         } => {
             in_temp_dir("repl", |dir| async move {
-                bench::replication_throughput(&dir, updates, value_size, keys).await
+                if processes {
+                    let bin = std::env::current_exe().map_err(|e| e.to_string())?;
+                    bench::replication_throughput_processes(&dir, &bin, updates, value_size, keys)
+                        .await
+                } else {
+                    bench::replication_throughput(&dir, updates, value_size, keys).await
+                }
             })
             .await
         }
