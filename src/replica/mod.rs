@@ -22,8 +22,9 @@
 //!   it feeds retention (the site's own updates are kept until every peer has them), the stable
 //!   vector and synchronous replication.
 //!
-//! Tombstones are dropped once every entry of the local `applied` is at or past their timestamp:
-//! per-origin FIFO plus markers guarantee that no older write to the key can still arrive.
+//! Tombstones are dropped once every entry of the stable vector (durable here, acked by every
+//! peer) is at or past their timestamp: per-origin FIFO plus markers guarantee that no older
+//! write to the key can still arrive, and every site has applied the delete.
 //!
 //! A site split into partitions ([`ReplicaConfig::partitions`] > 1) runs one replica per
 //! partition, each with its own per-origin streams. Then `applied` only speaks for this
@@ -305,8 +306,7 @@ impl<S: Store> Replica<S> {
         r.durable = r.applied.clone();
         r.durable_lease = r.lease;
         r.hlc = Hlc::starting_after(r.lease.max(r.applied.get(r.cfg.site)));
-        let gc_floor = r.applied.min_entry();
-        r.collect_tombstones(gc_floor);
+        // Collected at the first tick, once peers have reported (see `tick`).
         r
     }
 
@@ -668,9 +668,12 @@ impl<S: Store> Replica<S> {
             }
             self.advance_entry(self.cfg.site, ts);
         }
-        // Against the durable vector: a tombstone collected on the strength of non-durable
-        // state could leave a reader seeing "absent" and, after a crash, the old value again.
-        let floor = self.durable.min_entry();
+        // Against the stable vector (durable here and acked by every peer): collected on the
+        // strength of non-durable state, a tombstone could leave a reader seeing "absent" and,
+        // after a crash, the old value again; collected before every site applied the delete,
+        // a reader that saw "absent" here (which carries no version into its context) could
+        // fail over and read the deleted value there.
+        let floor = self.stable().min_entry();
         self.collect_tombstones(floor);
     }
 

@@ -161,7 +161,7 @@ fn retained_log_is_pruned_only_when_every_peer_acked() {
 }
 
 #[test]
-fn tombstone_is_collected_only_when_every_entry_passed_it() {
+fn tombstone_is_collected_only_when_every_site_has_the_delete_and_no_older_write_can_come() {
     let (mut a, mut b_) = (replica(0, 2), replica(1, 2));
     a.put(10, b("k"), Some(b("v")), &VClock::zero(2)).unwrap();
     a.put(20, b("k"), None, &VClock::zero(2)).unwrap();
@@ -174,7 +174,17 @@ fn tombstone_is_collected_only_when_every_entry_passed_it() {
     // b is idle: its marker moves a's entry for b past the tombstone.
     b_.tick(10_000);
     sync(&mut b_, &mut a);
+    flush(&mut a);
     a.tick(40);
+    assert_eq!(
+        a.store().len(),
+        1,
+        "b has not acked the delete: a session that saw \"absent\" here could read v at b"
+    );
+    // b applies and acks a's writes, the delete included: now every site has it.
+    sync(&mut a, &mut b_);
+    a.on_peer_applied(1, &b_.durable().clone());
+    a.tick(50);
     assert_eq!(a.store().len(), 0);
     assert_eq!(a.stats().tombstones_collected, 1);
 }
