@@ -365,6 +365,23 @@ pub struct ReplicationReport {
     pub wire_bytes_per_update: f64,
 }
 
+/// Writes `updates` values of `value_size` bytes through `node`, cycling over `keys` keys
+/// (`key000000000000`, ...); returns the last version.
+fn fill(
+    node: &crate::Node,
+    updates: u64,
+    keys: u64,
+    value_size: usize,
+) -> Result<crate::clock::Version, String> {
+    let value = bytes::Bytes::from(vec![b'v'; value_size]);
+    let mut last = None;
+    for i in 0..updates {
+        let key = bytes::Bytes::from(format!("key{:012}", i % keys.max(1)));
+        last = Some(node.put_local(key, Some(value.clone())));
+    }
+    last.ok_or_else(|| "no updates".to_string())
+}
+
 /// Fills site a's log with `updates` writes while site b is down, restarts b and times the
 /// catch-up over real QUIC on loopback.
 pub async fn replication_throughput(
@@ -375,14 +392,8 @@ pub async fn replication_throughput(
 ) -> Result<ReplicationReport, String> {
     let mut cluster = local_cluster(dir, 2).await?;
     cluster.stop(1).await;
-    let value = bytes::Bytes::from(vec![b'v'; value_size]);
     let a = cluster.node(0).expect("site a runs");
-    let mut last = None;
-    for i in 0..updates {
-        let key = bytes::Bytes::from(format!("key{:012}", i % keys.max(1)));
-        last = Some(a.put_local(key, Some(value.clone())));
-    }
-    let last = last.ok_or("no updates")?;
+    let last = fill(a, updates, keys, value_size)?;
     let bytes_before = crate::net::Metrics::get(&a.metrics().bytes_out);
     let t0 = Instant::now();
     cluster.restart(1).await.map_err(|e| e.to_string())?;
@@ -464,14 +475,9 @@ pub async fn replication_throughput_processes(
         let node = crate::Node::start(a_cfg.clone())
             .await
             .map_err(|e| e.to_string())?;
-        let value = bytes::Bytes::from(vec![b'v'; value_size]);
-        let mut last = None;
-        for i in 0..updates {
-            let key = bytes::Bytes::from(format!("key{:012}", i % keys.max(1)));
-            last = Some(node.put_local(key, Some(value.clone())));
-        }
+        let last = fill(&node, updates, keys, value_size);
         node.shutdown().await;
-        last.ok_or("no updates")?
+        last?
     };
     struct Kill(Vec<std::process::Child>);
     impl Drop for Kill {
@@ -583,21 +589,12 @@ pub async fn recovery(
     let node = crate::Node::start(cfg.clone())
         .await
         .map_err(|e| e.to_string())?;
-    let value = bytes::Bytes::from(vec![b'v'; value_size]);
-    for i in 0..keys {
-        node.put_local(
-            bytes::Bytes::from(format!("key{i:012}")),
-            Some(value.clone()),
-        );
-    }
+    fill(&node, keys, keys, value_size)?;
     let before = node.wal_stats().1;
     let path = node.snapshot().await.map_err(|e| e.to_string())?;
     let snapshot_bytes = std::fs::metadata(&path).map_err(|e| e.to_string())?.len();
-    for i in 0..tail {
-        node.put_local(
-            bytes::Bytes::from(format!("key{i:012}")),
-            Some(value.clone()),
-        );
+    if tail > 0 {
+        fill(&node, tail, keys, value_size)?;
     }
     let after = node.wal_stats().1;
     node.shutdown().await;

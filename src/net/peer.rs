@@ -242,31 +242,11 @@ async fn receive_contributions(
 ) {
     let n = shared.cfg.n();
     loop {
-        let frame = match read_frame(&mut recv, 64 * 1024).await {
-            Ok(Some(f)) => f,
-            Ok(None) | Err(WireError::Io(_)) => return,
-            Err(e) => {
-                malformed(
-                    shared,
-                    conn,
-                    &format!("partition {partition}"),
-                    &e.to_string(),
-                );
-                return;
-            }
-        };
-        let v = match wire::access::<ArchivedPeerControl>(&frame) {
-            Ok(ArchivedPeerControl::Ack { applied, .. }) => {
-                let v: Vec<u64> = applied.iter().map(|x| x.to_native()).collect();
-                wire::check_vector(&v, n, "contribution vector")
-            }
-            Ok(_) => Err(WireError::Semantic("unexpected message after hello".into())),
-            Err(e) => Err(e),
-        };
-        match v {
-            Ok(v) => {
+        match read_vector(&mut recv, n, "contribution vector").await {
+            Ok(Some(v)) => {
                 shared.mutate(|r| r.on_sibling(partition, &v));
             }
+            Ok(None) => return,
             Err(e) => {
                 malformed(
                     shared,
@@ -277,6 +257,27 @@ async fn receive_contributions(
                 return;
             }
         }
+    }
+}
+
+/// Reads the next vector message (an [`PeerControl::Ack`]) from a control stream: `None` when
+/// the stream ends or fails; an error for a malformed frame or another message.
+async fn read_vector(
+    recv: &mut RecvStream,
+    n: usize,
+    what: &str,
+) -> Result<Option<VClock>, WireError> {
+    let frame = match read_frame(recv, 64 * 1024).await {
+        Ok(Some(f)) => f,
+        Ok(None) | Err(WireError::Io(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match wire::access::<ArchivedPeerControl>(&frame)? {
+        ArchivedPeerControl::Ack { applied, .. } => {
+            let v: Vec<u64> = applied.iter().map(|x| x.to_native()).collect();
+            wire::check_vector(&v, n, what).map(Some)
+        }
+        _ => Err(WireError::Semantic("unexpected message after hello".into())),
     }
 }
 
@@ -532,25 +533,9 @@ async fn run_control(
         async move {
             let n = shared.cfg.n();
             loop {
-                let frame = match read_frame(&mut recv, 64 * 1024).await {
-                    Ok(Some(f)) => f,
+                match read_vector(&mut recv, n, "ack vector").await {
                     Ok(None) => return,
-                    Err(WireError::Io(_)) => return,
-                    Err(e) => {
-                        malformed(&shared, &conn, shared.site_name(peer), &e.to_string());
-                        return;
-                    }
-                };
-                let applied = match wire::access::<ArchivedPeerControl>(&frame) {
-                    Ok(ArchivedPeerControl::Ack { applied, .. }) => {
-                        let v: Vec<u64> = applied.iter().map(|x| x.to_native()).collect();
-                        wire::check_vector(&v, n, "ack vector")
-                    }
-                    Ok(_) => Err(WireError::Semantic("unexpected message after hello".into())),
-                    Err(e) => Err(e),
-                };
-                match applied {
-                    Ok(v) => {
+                    Ok(Some(v)) => {
                         // Every ack is a heartbeat: it feeds the peer's failure detector.
                         let now = Instant::now();
                         shared.mutate(|r| r.on_peer_applied(peer, &v));
