@@ -365,6 +365,20 @@ pub struct ReplicationReport {
     pub wire_bytes_per_update: f64,
 }
 
+/// Lays out `sites` sites in `dir` and returns the layout with site a's configuration set for
+/// loading data fast: no fsync, and snapshots only when asked (TOML integers are i64).
+fn unsynced_layout(
+    dir: &std::path::Path,
+    sites: usize,
+) -> Result<(crate::dev::DevCluster, crate::SiteConfig), String> {
+    use crate::dev::{DevOptions, prepare};
+    let layout = prepare(&DevOptions::new(sites, dir, 0)).map_err(|e| e.to_string())?;
+    let mut cfg = layout.configs[0].clone();
+    cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never;
+    cfg.storage.snapshot_log_bytes = i64::MAX as u64;
+    Ok((layout, cfg))
+}
+
 /// Writes `updates` values of `value_size` bytes through `node`, cycling over `keys` keys
 /// (`key000000000000`, ...); returns the last version.
 fn fill(
@@ -460,11 +474,7 @@ pub async fn replication_throughput_processes(
     value_size: usize,
     keys: u64,
 ) -> Result<ReplicationReport, String> {
-    use crate::dev::{DevOptions, prepare};
-    let layout = prepare(&DevOptions::new(2, dir, 0)).map_err(|e| e.to_string())?;
-    let mut a_cfg = layout.configs[0].clone();
-    a_cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never; // the sender's log is not measured
-    a_cfg.storage.snapshot_log_bytes = i64::MAX as u64; // TOML integers are i64
+    let (layout, a_cfg) = unsynced_layout(dir, 2)?; // the sender's log is not measured
     let a_file = dir.join("site-a.toml");
     std::fs::write(
         &a_file,
@@ -581,11 +591,7 @@ pub async fn recovery(
     tail: u64,
     value_size: usize,
 ) -> Result<RecoveryReport, String> {
-    use crate::dev::{DevOptions, prepare};
-    let layout = prepare(&DevOptions::new(1, dir, 0)).map_err(|e| e.to_string())?;
-    let mut cfg = layout.configs[0].clone();
-    cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never;
-    cfg.storage.snapshot_log_bytes = u64::MAX; // snapshots only when asked below
+    let (_layout, cfg) = unsynced_layout(dir, 1)?;
     let node = crate::Node::start(cfg.clone())
         .await
         .map_err(|e| e.to_string())?;
