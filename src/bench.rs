@@ -791,3 +791,180 @@ pub async fn sample_status(
     }
     out
 }
+
+/// What [`transport_floor`] measured: bare QUIC between two endpoints with the product's TLS
+/// setup and framing, each on its own thread and `current_thread` runtime (like two
+/// processes), with no store, log or replica behind them.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloorReport {
+    /// Messages sent one way on one unidirectional stream.
+    pub messages: u64,
+    /// Bytes per message.
+    pub message_size: usize,
+    /// Messages per frame.
+    pub batch: usize,
+    /// One-way messages per second (until the receiver has read the last frame).
+    pub messages_per_s: f64,
+    /// One-way megabytes per second.
+    pub mb_per_s: f64,
+    /// Request/response round trips of `message_size` bytes on one long-lived bidirectional
+    /// stream.
+    pub ping_one_stream: LatencyStats,
+    /// Request/response round trips with a new bidirectional stream per request.
+    pub ping_stream_per_request: LatencyStats,
+}
+
+/// The transport's floor on this machine: one-way batched throughput and request/response
+/// latency of bare QUIC with mutual TLS (certificates from a fresh layout in `dir`).
+pub fn transport_floor(
+    dir: &std::path::Path,
+    messages: u64,
+    message_size: usize,
+    batch: usize,
+    pings: u64,
+) -> Result<FloorReport, String> {
+    use crate::net::tls::{self, Identity, TlsFiles, TransportLimits};
+    use crate::wire::{read_frame, write_frame};
+    tls::install_crypto_provider();
+    let layout =
+        crate::dev::prepare(&crate::dev::DevOptions::new(2, dir, 0)).map_err(|e| e.to_string())?;
+    let a = Identity::load(&TlsFiles::site(&layout.certs, "a")).map_err(|e| e.to_string())?;
+    let b = Identity::load(&TlsFiles::site(&layout.certs, "b")).map_err(|e| e.to_string())?;
+    let limits = TransportLimits::default();
+    let server = tls::server_config(&b, &limits, true).map_err(|e| e.to_string())?;
+    let client = tls::client_config(&a, &limits, tls::ALPN_PEER).map_err(|e| e.to_string())?;
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let endpoint = |server: Option<quinn::ServerConfig>| {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| e.to_string())
+    };
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let server_rt = rt()?;
+    let max_frame = 64 << 20;
+    let server_thread = std::thread::spawn(move || -> Result<(), String> {
+        server_rt.block_on(async move {
+            let endpoint = endpoint(Some(server))?;
+            let _ = addr_tx.send(endpoint.local_addr().map_err(|e| e.to_string())?);
+            let conn = endpoint
+                .accept()
+                .await
+                .ok_or("no connection")?
+                .await
+                .map_err(|e| e.to_string())?;
+            // Echo every bidirectional stream's frames until the client closes.
+            let echo = conn.clone();
+            tokio::spawn(async move {
+                while let Ok((mut send, mut recv)) = echo.accept_bi().await {
+                    tokio::spawn(async move {
+                        while let Ok(Some(f)) = read_frame(&mut recv, max_frame).await {
+                            if write_frame(&mut send, &f).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = send.finish();
+                    });
+                }
+            });
+            let mut uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
+            let mut ack = conn.open_uni().await.map_err(|e| e.to_string())?;
+            while read_frame(&mut uni, max_frame)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some()
+            {}
+            write_frame(&mut ack, b"done")
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = ack.finish();
+            conn.closed().await;
+            Ok(())
+        })
+    });
+    let addr = addr_rx
+        .recv_timeout(Duration::from_secs(10))
+        .map_err(|e| format!("server did not start: {e}"))?;
+    let client_rt = rt()?;
+    let client_thread = std::thread::spawn(move || {
+        client_rt.block_on(async move {
+            let mut endpoint = endpoint(None)?;
+            endpoint.set_default_client_config(client);
+            let conn = endpoint
+                .connect(addr, &tls::site_server_name("b"))
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let msg = vec![b'v'; message_size];
+            let mut pings_one = histogram();
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            for _ in 0..pings {
+                let t = Instant::now();
+                write_frame(&mut send, &msg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                read_frame(&mut recv, max_frame)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("echo stream ended")?;
+                let _ = pings_one.record(t.elapsed().as_micros().max(1) as u64);
+            }
+            let mut pings_new = histogram();
+            for _ in 0..pings {
+                let t = Instant::now();
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                write_frame(&mut send, &msg)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let _ = send.finish();
+                read_frame(&mut recv, max_frame)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("echo stream ended")?;
+                let _ = pings_new.record(t.elapsed().as_micros().max(1) as u64);
+            }
+            let frame = vec![b'v'; message_size * batch.max(1)];
+            let frames = messages.div_ceil(batch.max(1) as u64);
+            let t0 = Instant::now();
+            let mut uni = conn.open_uni().await.map_err(|e| e.to_string())?;
+            let done = conn.accept_uni();
+            for _ in 0..frames {
+                write_frame(&mut uni, &frame)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            uni.finish().map_err(|e| e.to_string())?;
+            let mut done = done.await.map_err(|e| e.to_string())?;
+            read_frame(&mut done, 16).await.map_err(|e| e.to_string())?;
+            let seconds = t0.elapsed().as_secs_f64();
+            conn.close(0u32.into(), b"done");
+            endpoint.wait_idle().await;
+            let sent = frames * batch.max(1) as u64;
+            Ok::<_, String>(FloorReport {
+                messages: sent,
+                message_size,
+                batch,
+                messages_per_s: sent as f64 / seconds,
+                mb_per_s: (sent as f64 * message_size as f64) / seconds / 1e6,
+                ping_one_stream: LatencyStats::from(&pings_one),
+                ping_stream_per_request: LatencyStats::from(&pings_new),
+            })
+        })
+    });
+    let report = client_thread
+        .join()
+        .map_err(|_| "client thread panicked".to_string())??;
+    server_thread
+        .join()
+        .map_err(|_| "server thread panicked".to_string())??;
+    Ok(report)
+}

@@ -172,6 +172,22 @@ enum BenchCmd {
         #[arg(long)]
         processes: bool,
     },
+    /// The transport's floor: bare QUIC with mutual TLS between two threads (one-way batched
+    /// throughput, request/response latency), with no store, log or replica behind it.
+    TransportFloor {
+        /// Messages to send one way.
+        #[arg(long, default_value_t = 2_000_000)]
+        messages: u64,
+        /// Bytes per message (176 is what one 100-byte update takes on the wire).
+        #[arg(long, default_value_t = 176)]
+        message_size: usize,
+        /// Messages per frame.
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+        /// Request/response round trips per variant.
+        #[arg(long, default_value_t = 20_000)]
+        pings: u64,
+    },
     /// Recovery time of one site: snapshot of N keys plus a log tail.
     Recovery {
         /// Keys in the snapshot.
@@ -470,6 +486,17 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
                 } else {
                     bench::replication_throughput(&dir, updates, value_size, keys).await
                 }
+            })
+            .await
+        }
+        BenchCmd::TransportFloor {
+            messages,
+            message_size,
+            batch,
+            pings,
+        } => {
+            in_temp_dir("floor", |dir| async move {
+                bench::transport_floor(&dir, messages, message_size, batch, pings)
             })
             .await
         }
