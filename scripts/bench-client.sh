@@ -11,7 +11,14 @@
 #   - single-client put and get latency (p50, p99): `causalkv bench load --concurrency 1`
 #     against `redis-benchmark -c 1`;
 #   - throughput with 64 concurrent requests on one causalkv client connection against
-#     `redis-benchmark -c 50`.
+#     `redis-benchmark -c 50`;
+#   - the transport's floor: a bare QUIC request/response with the same TLS setup and framing
+#     and nothing behind it (`causalkv bench transport-floor`), to read the single-client
+#     latency against.
+# The machine is shared and its wake-up latency drifts (the same Redis run measured 31 µs and
+# 119 µs p50 at different times), so the measurements run in ROUNDS interleaved rounds (default
+# 3): each round runs every causalkv, floor and Redis measurement once, back to back. A ratio is
+# taken within a round; the table gives the median of the rounds' ratios and every round's.
 # Writes results.md and results.json into the output folder and prints the table with ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +26,7 @@ source scripts/lib.sh
 
 SECONDS_PER_RUN=5
 OUT=results/client
+ROUNDS=${ROUNDS:-3}
 parse_seconds_out "$@"
 ensure_pkg redis-server redis-benchmark -- redis-server redis-tools
 start_work
@@ -52,42 +60,70 @@ for _ in $(seq 1 50); do
 done
 
 ckv() { "$BIN" bench load --site "$SITE" --certs "$CERTS" --seconds "$SECONDS_PER_RUN" --value-size 100 "$@" 2>/dev/null; }
-echo "causalkv: single-client puts, gets; 64 concurrent..." >&2
-CK_PUT=$(ckv --concurrency 1 --read-ratio 0)
-CK_GET=$(ckv --concurrency 1 --read-ratio 1)
-CK_64=$(ckv --concurrency 64 --read-ratio 0.5)
 N1=$(( SECONDS_PER_RUN * 8000 ))
-echo "redis-benchmark (TLS): -c 1, -c 50..." >&2
-R1=$("${RB[@]}" -c 1 -n "$N1" -t set,get)
-R50=$("${RB[@]}" -c 50 -n $(( N1 * 10 )) -t set,get)
-
 mkdir -p "$OUT"
-python3 - "$OUT" "$CK_PUT" "$CK_GET" "$CK_64" "$R1" "$R50" <<'PY'
+RAW="$WORK/rounds.jsonl"
+: > "$RAW"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round/$ROUNDS: causalkv puts, gets; bare QUIC floor; redis -c 1; causalkv 64 in flight; redis -c 50..." >&2
+  CK_PUT=$(ckv --concurrency 1 --read-ratio 0)
+  CK_GET=$(ckv --concurrency 1 --read-ratio 1)
+  FLOOR=$("$BIN" bench transport-floor --messages 100000 --pings "$N1" 2>/dev/null)
+  R1=$("${RB[@]}" -c 1 -n "$N1" -t set,get)
+  CK_64=$(ckv --concurrency 64 --read-ratio 0.5)
+  R50=$("${RB[@]}" -c 50 -n $(( N1 * 10 )) -t set,get)
+  python3 - "$CK_PUT" "$CK_GET" "$FLOOR" "$R1" "$CK_64" "$R50" >> "$RAW" <<'PY'
 import csv, io, json, sys
-out, ck_put, ck_get, ck_64, r1, r50 = sys.argv[1:]
-ck_put, ck_get, ck_64 = json.loads(ck_put), json.loads(ck_get), json.loads(ck_64)
+ck_put, ck_get, floor, r1, ck_64, r50 = sys.argv[1:]
 def redis(text):
     rows = {r["test"]: r for r in csv.DictReader(io.StringIO(text))}
     return {t: {"rps": float(r["rps"]), "p50_us": float(r["p50_latency_ms"]) * 1000,
                 "p99_us": float(r["p99_latency_ms"]) * 1000} for t, r in rows.items()}
-r1, r50 = redis(r1), redis(r50)
-rows = [
-  ("put p50 (µs), 1 client", ck_put["put"]["p50_us"], r1["SET"]["p50_us"], "lower is better"),
-  ("put p99 (µs), 1 client", ck_put["put"]["p99_us"], r1["SET"]["p99_us"], "lower is better"),
-  ("get p50 (µs), 1 client", ck_get["get"]["p50_us"], r1["GET"]["p50_us"], "lower is better"),
-  ("get p99 (µs), 1 client", ck_get["get"]["p99_us"], r1["GET"]["p99_us"], "lower is better"),
-  ("throughput (ops/s), causalkv 64 in flight vs redis -c 50 (SET+GET mean)",
-   ck_64["throughput"], (r50["SET"]["rps"] + r50["GET"]["rps"]) / 2, "higher is better"),
-]
-lines = ["| metric | causalkv (QUIC+mTLS, 3 sites) | Redis 7 (TLS) | ratio causalkv/Redis | |",
-         "|---|---:|---:|---:|---|"]
-for name, c, r, note in rows:
-    lines.append(f"| {name} | {c:,.0f} | {r:,.0f} | {c / r:.2f} | {note} |")
+print(json.dumps({"causalkv": {"put_c1": json.loads(ck_put), "get_c1": json.loads(ck_get),
+                               "mixed_c64": json.loads(ck_64)},
+                  "floor": json.loads(floor), "redis": {"c1": redis(r1), "c50": redis(r50)}}))
+PY
+done
+
+python3 - "$OUT" "$RAW" <<'PY'
+import json, statistics, sys
+out, raw = sys.argv[1:]
+rounds = [json.loads(l) for l in open(raw)]
+def rows(r):
+    ck, fl, rd = r["causalkv"], r["floor"]["ping_stream_per_request"], r["redis"]
+    return [
+      ("put p50 (µs), 1 client", ck["put_c1"]["put"]["p50_us"], fl["p50_us"], rd["c1"]["SET"]["p50_us"], "lower is better"),
+      ("put p99 (µs), 1 client", ck["put_c1"]["put"]["p99_us"], fl["p99_us"], rd["c1"]["SET"]["p99_us"], "lower is better"),
+      ("get p50 (µs), 1 client", ck["get_c1"]["get"]["p50_us"], fl["p50_us"], rd["c1"]["GET"]["p50_us"], "lower is better"),
+      ("get p99 (µs), 1 client", ck["get_c1"]["get"]["p99_us"], fl["p99_us"], rd["c1"]["GET"]["p99_us"], "lower is better"),
+      ("throughput (ops/s), causalkv 64 in flight vs redis -c 50 (SET+GET mean)",
+       ck["mixed_c64"]["throughput"], None,
+       (rd["c50"]["SET"]["rps"] + rd["c50"]["GET"]["rps"]) / 2, "higher is better"),
+    ]
+per = [rows(r) for r in rounds]
+fmt = lambda v: "–" if v is None else f"{v:,.0f}"
+lines = [f"{len(rounds)} interleaved rounds; values are medians over the rounds, ratios are the median of the per-round ratios (each round's ratio in brackets).", "",
+         "| metric | causalkv (QUIC+mTLS, 3 sites) | bare QUIC floor | Redis 7 (TLS) | causalkv/Redis | causalkv/floor | |",
+         "|---|---:|---:|---:|---:|---:|---|"]
+summary = []
+for i in range(len(per[0])):
+    name, note = per[0][i][0], per[0][i][4]
+    c = statistics.median(p[i][1] for p in per)
+    f = None if per[0][i][2] is None else statistics.median(p[i][2] for p in per)
+    r = statistics.median(p[i][3] for p in per)
+    ratios = [p[i][1] / p[i][3] for p in per]
+    fr = None if f is None else statistics.median(p[i][1] / p[i][2] for p in per)
+    rs = statistics.median(ratios)
+    each = ", ".join(f"{x:.2f}" for x in ratios)
+    lines.append(f"| {name} | {fmt(c)} | {fmt(f)} | {fmt(r)} | {rs:.2f} ({each}) | {'–' if fr is None else f'{fr:.2f}'} | {note} |")
+    summary.append({"metric": name, "causalkv": c, "floor": f, "redis": r, "ratio_redis": rs,
+                    "ratios_redis_per_round": ratios, "ratio_floor": fr})
+errors = [(r["causalkv"]["put_c1"]["errors"], r["causalkv"]["get_c1"]["errors"], r["causalkv"]["mixed_c64"]["errors"]) for r in rounds]
 lines.append("")
-lines.append(f"causalkv errors: put {ck_put['errors']}, get {ck_get['errors']}, mixed {ck_64['errors']}")
+lines.append("bare QUIC floor: `causalkv bench transport-floor`, a request/response of 176 B on a new stream per request between two runtimes, the same TLS setup and framing, no store behind it.")
+lines.append("causalkv errors per round (put, get, mixed): " + ", ".join(str(e) for e in errors))
 md = "\n".join(lines)
 open(f"{out}/results.md", "w").write(md + "\n")
-json.dump({"causalkv": {"put_c1": ck_put, "get_c1": ck_get, "mixed_c64": ck_64},
-           "redis": {"c1": r1, "c50": r50}}, open(f"{out}/results.json", "w"), indent=1)
+json.dump({"summary": summary, "rounds": rounds}, open(f"{out}/results.json", "w"), indent=1)
 print(md)
 PY
