@@ -914,6 +914,45 @@ async fn snapshot_and_pruning_bound_disk_use() {
     .await;
 }
 
+/// On a multi-threaded runtime the endpoint's socket is closed on another worker after the stop;
+/// the stop waits for it, so a site restarts on its own address at once (no retry), while its
+/// peer and a client are connected and with requests in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_site_restarts_on_its_address_at_once() {
+    bounded(ms(60_000), async {
+        let mut c = Cluster::start(2).await;
+        // Stopped while its links are still being set up.
+        c.stop(1).await;
+        c.restart(1).await;
+        c.wait_connected().await;
+        for round in 0..5 {
+            let client = c.client(0).await;
+            client.put(key(0), value(round)).await.expect("put at a");
+            // Puts keep going until the stop refuses or cuts them.
+            let load = tokio::spawn(async move {
+                let mut i = 1;
+                while client.put(key(i), value(round)).await.is_ok() {
+                    i += 1;
+                }
+            });
+            let peer = c.client(1).await;
+            peer.put(key(1_000 + round), value(round))
+                .await
+                .expect("put at b");
+            c.stop(0).await;
+            load.await.unwrap();
+            c.restart(0).await;
+            let again = c.client(0).await;
+            again
+                .put(key(2_000 + round), value(round))
+                .await
+                .expect("put after restart");
+        }
+        c.shutdown().await;
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Remote updates
 

@@ -6,6 +6,7 @@
 //! - [`failure`]: the phi-accrual failure detector (sans-IO) that turns heartbeat arrivals into
 //!   peer states.
 //! - [`service`]: the client request service.
+//! - `socket`: the site's UDP socket, and an event for its closing (a restart waits for it).
 //! - [`metrics`]: per-operation request counts and latency histograms.
 //! - [`admin`]: the admin HTTP endpoints (`GET /metrics` in the Prometheus text format,
 //!   `GET /status`).
@@ -15,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub(crate) mod service;
+mod socket;
 pub mod tls;
 
 pub use node::{Metrics, Node, NodeError, NodeOptions};

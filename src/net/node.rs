@@ -436,6 +436,8 @@ pub struct Node {
     admin: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Completes once the endpoint's UDP socket is closed.
+    released: super::socket::Released,
 }
 
 impl Node {
@@ -469,12 +471,14 @@ impl Node {
             None => None,
         };
         let addr = cfg.listen_addr();
-        let socket = bind_udp(addr).map_err(|source| NodeError::Bind { addr, source })?;
+        let socket =
+            super::socket::bind_udp(addr).map_err(|source| NodeError::Bind { addr, source })?;
+        let (runtime, released) = super::socket::tracked_runtime();
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            runtime,
         )
         .map_err(|source| NodeError::Bind { addr, source })?;
         let mut rc =
@@ -557,6 +561,7 @@ impl Node {
             admin,
             shutdown_tx,
             tasks,
+            released,
         })
     }
 
@@ -710,32 +715,19 @@ impl Node {
             let _ = t.await; // drops the tasks' endpoint handles
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
-        // The endpoint's driver releases the UDP port once the last handle is gone; give it the
-        // turns it needs so that a restart on the same address can bind at once.
-        let socket_gone = Arc::downgrade(&self.shared);
+        // The endpoint's driver closes the UDP socket once the last endpoint handle and
+        // connection are gone (on a multi-threaded runtime, on another worker): wait for it, so
+        // that a restart on the same address can bind at once.
         drop(self.endpoint);
         drop(self.shared);
-        for _ in 0..100 {
-            if socket_gone.strong_count() == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        if tokio::time::timeout(Duration::from_secs(10), self.released)
+            .await
+            .is_err()
+        {
+            warn!(parent: &span, "the UDP socket was still open 10 s after the stop");
         }
-        tokio::task::yield_now().await;
         info!(parent: &span, "site stopped");
     }
-}
-
-/// Binds the site's UDP socket with large kernel buffers: at replication rates the default
-/// ~200 KiB receive buffer overflows during bursts, and every drop costs QUIC a congestion-window
-/// cut. The kernel caps the request at `net.core.rmem_max` / `wmem_max`.
-fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    let _ = socket.set_recv_buffer_size(8 << 20);
-    let _ = socket.set_send_buffer_size(8 << 20);
-    socket.bind(&addr.into())?;
-    Ok(socket.into())
 }
 
 /// Accepts connections and routes them by ALPN.

@@ -313,22 +313,13 @@ impl Cluster {
         node.shutdown().await;
     }
 
-    /// Starts stopped site `i` again from its configuration (a new [`Node`]).
+    /// Starts stopped site `i` again from its configuration (a new [`Node`]). No retry: a
+    /// stopped node has closed its socket, so the address binds at once.
     pub async fn restart(&mut self, i: usize) {
         assert!(self.nodes[i].is_none(), "site {i} is running");
-        let cfg = self.configs[i].clone();
-        // The port was released by the shutdown; retry briefly in case the OS lags.
-        let deadline = Instant::now() + ms(2_000);
-        let node = loop {
-            match Node::start(cfg.clone()).await {
-                Ok(n) => break n,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::warn!(error = %e, "restart failed, retrying");
-                    tokio::time::sleep(ms(50)).await;
-                }
-                Err(e) => panic!("site {i} does not restart: {e}"),
-            }
-        };
+        let node = Node::start(self.configs[i].clone())
+            .await
+            .unwrap_or_else(|e| panic!("site {i} does not restart: {e}"));
         self.nodes[i] = Some(node);
     }
 
