@@ -519,31 +519,39 @@ pub async fn replication_throughput_processes(
             .timeout(Duration::from_secs(2))
             .connect()
     };
-    let a_addr = layout.configs[0].listen_addr();
-    let started = Instant::now();
-    let a = loop {
-        match connect(a_addr).await {
-            Ok(c) => break c,
-            Err(_) if started.elapsed() < Duration::from_secs(60) => {
-                tokio::time::sleep(Duration::from_millis(20)).await
+    // Polls `addr` until a client connects: the process is up and serving.
+    let serving =
+        |addr: std::net::SocketAddr, name: &'static str, since: Instant, poll: Duration| {
+            let connect = &connect;
+            async move {
+                loop {
+                    match connect(addr).await {
+                        Ok(c) => return Ok(c),
+                        Err(_) if since.elapsed() < Duration::from_secs(60) => {
+                            tokio::time::sleep(poll).await
+                        }
+                        Err(e) => return Err(format!("site {name} does not serve: {e}")),
+                    }
+                }
             }
-            Err(e) => return Err(format!("site a does not serve: {e}")),
-        }
-    };
-    let bytes_before = a.status().await.map_err(|e| e.to_string())?;
-    drop(bytes_before);
+        };
+    let a = serving(
+        layout.configs[0].listen_addr(),
+        "a",
+        Instant::now(),
+        Duration::from_millis(20),
+    )
+    .await?;
+    a.status().await.map_err(|e| e.to_string())?;
     let t0 = Instant::now();
     children.0.push(serve(&dir.join("site-b.toml"))?);
-    let b_addr = layout.configs[1].listen_addr();
-    let b = loop {
-        match connect(b_addr).await {
-            Ok(c) => break c,
-            Err(_) if t0.elapsed() < Duration::from_secs(60) => {
-                tokio::time::sleep(Duration::from_millis(2)).await
-            }
-            Err(e) => return Err(format!("site b does not serve: {e}")),
-        }
-    };
+    let b = serving(
+        layout.configs[1].listen_addr(),
+        "b",
+        t0,
+        Duration::from_millis(2),
+    )
+    .await?;
     loop {
         let st = b.status().await.map_err(|e| e.to_string())?;
         if st.applied.get(last.site as usize).copied().unwrap_or(0) >= last.ts {
