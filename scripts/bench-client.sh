@@ -13,7 +13,7 @@
 #   - throughput with 64 concurrent requests on one causalkv client connection against
 #     `redis-benchmark -c 50`;
 #   - the transport's floor: a bare QUIC request/response with the same TLS setup and framing
-#     and nothing behind it (`causalkv bench transport-floor`), to read the single-client
+#     and nothing behind it (`causalkv bench transport-floor --processes`), to read the single-client
 #     latency against.
 # The machine is shared and its wake-up latency drifts (the same Redis run measured 31 µs and
 # 119 µs p50 at different times), so the measurements run in ROUNDS interleaved rounds (default
@@ -68,7 +68,7 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS: causalkv puts, gets; bare QUIC floor; redis -c 1; causalkv 64 in flight; redis -c 50..." >&2
   CK_PUT=$(ckv --concurrency 1 --read-ratio 0)
   CK_GET=$(ckv --concurrency 1 --read-ratio 1)
-  FLOOR=$("$BIN" bench transport-floor --messages 100000 --pings "$N1" 2>/dev/null)
+  FLOOR=$("$BIN" bench transport-floor --processes --messages 100000 --pings "$N1" 2>/dev/null)
   R1=$("${RB[@]}" -c 1 -n "$N1" -t set,get)
   CK_64=$(ckv --concurrency 64 --read-ratio 0.5)
   R50=$("${RB[@]}" -c 50 -n $(( N1 * 10 )) -t set,get)
@@ -120,7 +120,7 @@ for i in range(len(per[0])):
                     "ratios_redis_per_round": ratios, "ratio_floor": fr})
 errors = [(r["causalkv"]["put_c1"]["errors"], r["causalkv"]["get_c1"]["errors"], r["causalkv"]["mixed_c64"]["errors"]) for r in rounds]
 lines.append("")
-lines.append("bare QUIC floor: `causalkv bench transport-floor`, a request/response of 176 B on a new stream per request between two runtimes, the same TLS setup and framing, no store behind it.")
+lines.append("bare QUIC floor: `causalkv bench transport-floor`, a request/response of 176 B on a new stream per request between two processes, the same TLS setup and framing, no store behind it.")
 lines.append("causalkv errors per round (put, get, mixed): " + ", ".join(str(e) for e in errors))
 md = "\n".join(lines)
 open(f"{out}/results.md", "w").write(md + "\n")

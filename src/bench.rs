@@ -822,14 +822,91 @@ pub struct FloorReport {
     pub ping_stream_per_request: LatencyStats,
 }
 
+/// The current-thread runtime each end of the transport floor runs on.
+fn floor_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+/// A QUIC endpoint on a fresh loopback port (a server when `server` is given).
+fn floor_endpoint(server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, String> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| e.to_string())
+}
+
+const FLOOR_MAX_FRAME: usize = 64 << 20;
+
+/// The serving end of [`transport_floor`], as site b of the certificates in `certs`: tells
+/// `on_addr` where it listens, then serves one connection until the client closes it (echoes
+/// every bidirectional stream's frames, reads the unidirectional stream to its end and
+/// answers "done"). Runs its own runtime on the calling thread.
+pub fn floor_server(
+    certs: &std::path::Path,
+    on_addr: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), String> {
+    use crate::net::tls::{self, Identity, TlsFiles, TransportLimits};
+    use crate::wire::{read_frame, write_frame};
+    tls::install_crypto_provider();
+    let b = Identity::load(&TlsFiles::site(certs, "b")).map_err(|e| e.to_string())?;
+    let server =
+        tls::server_config(&b, &TransportLimits::default(), true).map_err(|e| e.to_string())?;
+    floor_runtime()?.block_on(async move {
+        let endpoint = floor_endpoint(Some(server))?;
+        on_addr(endpoint.local_addr().map_err(|e| e.to_string())?);
+        let conn = endpoint
+            .accept()
+            .await
+            .ok_or("no connection")?
+            .await
+            .map_err(|e| e.to_string())?;
+        let echo = conn.clone();
+        tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = echo.accept_bi().await {
+                tokio::spawn(async move {
+                    while let Ok(Some(f)) = read_frame(&mut recv, FLOOR_MAX_FRAME).await {
+                        if write_frame(&mut send, &f).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = send.finish();
+                });
+            }
+        });
+        let mut uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
+        let mut ack = conn.open_uni().await.map_err(|e| e.to_string())?;
+        while read_frame(&mut uni, FLOOR_MAX_FRAME)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {}
+        write_frame(&mut ack, b"done")
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = ack.finish();
+        conn.closed().await;
+        Ok(())
+    })
+}
+
 /// The transport's floor on this machine: one-way batched throughput and request/response
-/// latency of bare QUIC with mutual TLS (certificates from a fresh layout in `dir`).
+/// latency of bare QUIC with mutual TLS (certificates from a fresh layout in `dir`). The
+/// serving end runs on a thread of this process, or, given `server_bin`, as a separate
+/// `server_bin bench floor-server` process (as a client and a site are).
 pub fn transport_floor(
     dir: &std::path::Path,
     messages: u64,
     message_size: usize,
     batch: usize,
     pings: u64,
+    server_bin: Option<&std::path::Path>,
 ) -> Result<FloorReport, String> {
     use crate::net::tls::{self, Identity, TlsFiles, TransportLimits};
     use crate::wire::{read_frame, write_frame};
@@ -837,75 +914,59 @@ pub fn transport_floor(
     let layout =
         crate::dev::prepare(&crate::dev::DevOptions::new(2, dir, 0)).map_err(|e| e.to_string())?;
     let a = Identity::load(&TlsFiles::site(&layout.certs, "a")).map_err(|e| e.to_string())?;
-    let b = Identity::load(&TlsFiles::site(&layout.certs, "b")).map_err(|e| e.to_string())?;
-    let limits = TransportLimits::default();
-    let server = tls::server_config(&b, &limits, true).map_err(|e| e.to_string())?;
-    let client = tls::client_config(&a, &limits, tls::ALPN_PEER).map_err(|e| e.to_string())?;
-    let rt = || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())
-    };
-    let endpoint = |server: Option<quinn::ServerConfig>| {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-        quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            server,
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|e| e.to_string())
-    };
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let server_rt = rt()?;
-    let max_frame = 64 << 20;
-    let server_thread = std::thread::spawn(move || -> Result<(), String> {
-        server_rt.block_on(async move {
-            let endpoint = endpoint(Some(server))?;
-            let _ = addr_tx.send(endpoint.local_addr().map_err(|e| e.to_string())?);
-            let conn = endpoint
-                .accept()
-                .await
-                .ok_or("no connection")?
-                .await
+    let client = tls::client_config(&a, &TransportLimits::default(), tls::ALPN_PEER)
+        .map_err(|e| e.to_string())?;
+    let max_frame = FLOOR_MAX_FRAME;
+    struct Kill(Option<std::process::Child>);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            if let Some(c) = &mut self.0 {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let mut child = Kill(None);
+    let (addr, server_thread) = match server_bin {
+        Some(bin) => {
+            use std::io::BufRead;
+            let mut c = std::process::Command::new(bin)
+                .args(["bench", "floor-server", "--certs"])
+                .arg(&layout.certs)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .map_err(|e| format!("start {}: {e}", bin.display()))?;
+            let mut line = String::new();
+            std::io::BufReader::new(c.stdout.take().ok_or("no stdout")?)
+                .read_line(&mut line)
                 .map_err(|e| e.to_string())?;
-            // Echo every bidirectional stream's frames until the client closes.
-            let echo = conn.clone();
-            tokio::spawn(async move {
-                while let Ok((mut send, mut recv)) = echo.accept_bi().await {
-                    tokio::spawn(async move {
-                        while let Ok(Some(f)) = read_frame(&mut recv, max_frame).await {
-                            if write_frame(&mut send, &f).await.is_err() {
-                                break;
-                            }
-                        }
-                        let _ = send.finish();
-                    });
-                }
+            child.0 = Some(c);
+            let addr = line
+                .trim()
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("floor server said {line:?}: {e}"))?;
+            (addr, None)
+        }
+        None => {
+            let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+            let certs = layout.certs.clone();
+            let t = std::thread::spawn(move || {
+                floor_server(&certs, |a| {
+                    let _ = addr_tx.send(a);
+                })
             });
-            let mut uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
-            let mut ack = conn.open_uni().await.map_err(|e| e.to_string())?;
-            while read_frame(&mut uni, max_frame)
-                .await
-                .map_err(|e| e.to_string())?
-                .is_some()
-            {}
-            write_frame(&mut ack, b"done")
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = ack.finish();
-            conn.closed().await;
-            Ok(())
-        })
-    });
-    let addr = addr_rx
-        .recv_timeout(Duration::from_secs(10))
-        .map_err(|e| format!("server did not start: {e}"))?;
-    let client_rt = rt()?;
+            let addr = addr_rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|e| format!("server did not start: {e}"))?;
+            (addr, Some(t))
+        }
+    };
+    let client_rt = floor_runtime()?;
     let client_thread = std::thread::spawn(move || {
         client_rt.block_on(async move {
-            let mut endpoint = endpoint(None)?;
+            let mut endpoint = floor_endpoint(None)?;
             endpoint.set_default_client_config(client);
             let conn = endpoint
                 .connect(addr, &tls::site_server_name("b"))
@@ -971,8 +1032,15 @@ pub fn transport_floor(
     let report = client_thread
         .join()
         .map_err(|_| "client thread panicked".to_string())??;
-    server_thread
-        .join()
-        .map_err(|_| "server thread panicked".to_string())??;
+    if let Some(t) = server_thread {
+        t.join()
+            .map_err(|_| "server thread panicked".to_string())??;
+    }
+    if let Some(mut c) = child.0.take() {
+        let status = c.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("floor server exited with {status}"));
+        }
+    }
     Ok(report)
 }

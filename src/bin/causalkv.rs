@@ -187,6 +187,17 @@ enum BenchCmd {
         /// Request/response round trips per variant.
         #[arg(long, default_value_t = 20_000)]
         pings: u64,
+        /// Run the serving end as a separate process (default: a thread of this process).
+        #[arg(long)]
+        processes: bool,
+    },
+    /// The serving end of `transport-floor --processes` (prints its address, serves one
+    /// connection).
+    #[command(hide = true)]
+    FloorServer {
+        /// The certificate directory (serves as site b).
+        #[arg(long)]
+        certs: PathBuf,
     },
     /// Recovery time of one site: snapshot of N keys plus a log tail.
     Recovery {
@@ -494,11 +505,33 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             message_size,
             batch,
             pings,
+            processes,
         } => {
             in_temp_dir("floor", |dir| async move {
-                bench::transport_floor(&dir, messages, message_size, batch, pings)
+                let bin = match processes {
+                    true => Some(std::env::current_exe().map_err(|e| e.to_string())?),
+                    false => None,
+                };
+                bench::transport_floor(&dir, messages, message_size, batch, pings, bin.as_deref())
             })
             .await
+        }
+        BenchCmd::FloorServer { certs } => {
+            // Its own runtime, so on a thread of its own.
+            let served = std::thread::spawn(move || {
+                bench::floor_server(&certs, |addr| {
+                    use std::io::Write;
+                    let mut out = std::io::stdout();
+                    let _ = writeln!(out, "{addr}");
+                    let _ = out.flush();
+                })
+            })
+            .join();
+            match served {
+                Ok(Ok(())) => ExitCode::SUCCESS,
+                Ok(Err(e)) => fail(&e),
+                Err(_) => fail(&"the floor server panicked"),
+            }
         }
         BenchCmd::Recovery {
             keys,
