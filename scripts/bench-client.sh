@@ -120,7 +120,7 @@ for i in range(len(per[0])):
                     "ratios_redis_per_round": ratios, "ratio_floor": fr})
 errors = [(r["causalkv"]["put_c1"]["errors"], r["causalkv"]["get_c1"]["errors"], r["causalkv"]["mixed_c64"]["errors"]) for r in rounds]
 lines.append("")
-lines.append("bare QUIC floor: `causalkv bench transport-floor`, a request/response of 176 B on a new stream per request between two processes, the same TLS setup and framing, no store behind it.")
+lines.append("bare QUIC floor: `causalkv bench transport-floor --processes`, a request/response of 176 B on a new stream per request between two processes, the same TLS setup and framing, no store behind it.")
 lines.append("causalkv errors per round (put, get, mixed): " + ", ".join(str(e) for e in errors))
 md = "\n".join(lines)
 open(f"{out}/results.md", "w").write(md + "\n")
