@@ -365,6 +365,22 @@ pub struct ReplicationReport {
     pub wire_bytes_per_update: f64,
 }
 
+impl ReplicationReport {
+    /// The rates for `updates` updates of `value_size`-byte values (15-byte keys) streamed in
+    /// `seconds`.
+    fn new(updates: u64, value_size: usize, seconds: f64, wire_bytes_per_update: f64) -> Self {
+        let payload = updates as f64 * (value_size as f64 + 15.0);
+        Self {
+            updates,
+            value_size,
+            seconds,
+            updates_per_s: updates as f64 / seconds,
+            mb_per_s: payload / seconds / 1e6,
+            wire_bytes_per_update,
+        }
+    }
+}
+
 /// Lays out `sites` sites in `dir` and returns the layout with site a's configuration set for
 /// loading data fast: no fsync, and snapshots only when asked (TOML integers are i64).
 fn unsynced_layout(
@@ -419,15 +435,12 @@ pub async fn replication_throughput(
     let a = cluster.node(0).expect("site a runs");
     let wire = crate::net::Metrics::get(&a.metrics().bytes_out) - bytes_before;
     cluster.shutdown().await;
-    let payload = updates as f64 * (value_size as f64 + 15.0);
-    Ok(ReplicationReport {
+    Ok(ReplicationReport::new(
         updates,
         value_size,
         seconds,
-        updates_per_s: updates as f64 / seconds,
-        mb_per_s: payload / seconds / 1e6,
-        wire_bytes_per_update: wire as f64 / updates as f64,
-    })
+        wire as f64 / updates as f64,
+    ))
 }
 
 /// Remote visibility latency on loopback: the time from a write's commit at site a (the moment
@@ -563,15 +576,7 @@ pub async fn replication_throughput_processes(
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let payload = updates as f64 * (value_size as f64 + 15.0);
-    Ok(ReplicationReport {
-        updates,
-        value_size,
-        seconds,
-        updates_per_s: updates as f64 / seconds,
-        mb_per_s: payload / seconds / 1e6,
-        wire_bytes_per_update: 0.0,
-    })
+    Ok(ReplicationReport::new(updates, value_size, seconds, 0.0))
 }
 
 /// What [`recovery`] measured.
@@ -830,9 +835,11 @@ fn floor_runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| e.to_string())
 }
 
-/// A QUIC endpoint on a fresh loopback port (a server when `server` is given).
+/// A QUIC endpoint on a fresh loopback port (a server when `server` is given), its socket
+/// bound as a site's is.
 fn floor_endpoint(server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, String> {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let socket = crate::net::socket::bind_udp("127.0.0.1:0".parse().expect("loopback address"))
+        .map_err(|e| e.to_string())?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         server,

@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub(crate) mod service;
-mod socket;
+pub(crate) mod socket;
 pub mod tls;
 
 pub use node::{Metrics, Node, NodeError, NodeOptions};
