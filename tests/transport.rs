@@ -675,6 +675,31 @@ async fn a_restarted_site_catches_up_without_loss_or_duplicates() {
     .await;
 }
 
+/// A site that comes back is redialled as soon as it dials in. While it was down, its peer's
+/// handshake to it could only be retransmitted on QUIC's doubling probe timer (about 1 s, then
+/// 3 s, 7 s, ... after the attempt began), so without the redial a site that returns after a
+/// second or so waits seconds more for its backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_site_is_redialled_at_once() {
+    bounded(LIMIT, async {
+        let mut cluster = Cluster::start(2).await;
+        cluster.stop(1).await;
+        let a = cluster.client(0).await;
+        let last = a.put("written-while-b-was-down", "v").await.expect("put");
+        // b stays down long enough for a's first redial attempt to be waiting on its probe
+        // timer (the scenario, not a synchronisation).
+        tokio::time::sleep(ms(1_500)).await;
+        cluster.restart(1).await;
+        // The handshake and hello take milliseconds; the next probe would come ~1.5 s later.
+        wait_until(ms(800), "b has a's write, 0.8 s after its restart", || {
+            cluster.node(1).status().applied[0] >= last.ts
+        })
+        .await;
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
 /// One HTTP/1.1 request over a plain TCP connection; returns the status code, the head and
 /// the body (the admin server closes the connection after answering).
 async fn http(addr: std::net::SocketAddr, request_line: &str) -> (u16, String, String) {

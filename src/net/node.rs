@@ -52,6 +52,8 @@ pub mod close_code {
     pub const HELLO_REJECTED: u32 = 0x11;
     /// The ALPN is not one this node serves.
     pub const BAD_ALPN: u32 = 0x12;
+    /// A link dial that was given up for a newer one, closed when it completed late.
+    pub const SUPERSEDED: u32 = 0x13;
 }
 
 /// Errors starting a node.
@@ -218,6 +220,10 @@ pub(crate) struct Shared {
     pub changed: watch::Sender<u64>,
     /// Per peer: wakes the outbound sender when there is something new to send.
     pub peer_wake: Vec<Notify>,
+    /// Per peer: cuts the outbound link's reconnection backoff short. A peer that dials in has
+    /// come back, so the link to it is redialled at once rather than after up to
+    /// `max_backoff_ms`: a returning site starts catching up as soon as it is reachable.
+    pub peer_redial: Vec<Notify>,
     pub peers: Vec<Mutex<PeerState>>,
     pub metrics: Metrics,
     pub shutdown: watch::Receiver<bool>,
@@ -494,6 +500,7 @@ impl Node {
             replica: Mutex::new(replica),
             changed: watch::channel(0).0,
             peer_wake: (0..n).map(|_| Notify::new()).collect(),
+            peer_redial: (0..n).map(|_| Notify::new()).collect(),
             peers: (0..n)
                 .map(|_| {
                     let f = &cfg.failure;

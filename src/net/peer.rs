@@ -75,12 +75,16 @@ enum Remote {
     Sibling(u32),
 }
 
+/// How old an unfinished dial must be before a peer's dialling in makes us start it over.
+const REDIAL_AFTER: Duration = Duration::from_millis(250);
+
 /// Keeps an outbound link to `peer` up, reconnecting with exponential backoff.
 pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: SiteId) {
     let name = shared.site_name(peer).to_owned();
     keep_up(
         &shared,
         &name,
+        Some(&shared.peer_redial[peer as usize]),
         || outbound_once(&shared, &endpoint, peer),
         |result| {
             let mut st = shared.peers[peer as usize].lock().expect("peer lock");
@@ -101,6 +105,7 @@ pub(crate) async fn run_sibling(shared: Arc<Shared>, endpoint: Endpoint, partiti
     keep_up(
         &shared,
         &name,
+        None,
         || sibling_once(&shared, &endpoint, partition),
         |_| {},
     )
@@ -108,9 +113,11 @@ pub(crate) async fn run_sibling(shared: Arc<Shared>, endpoint: Endpoint, partiti
 }
 
 /// Runs `attempt` again and again until shutdown, with exponential backoff between failures.
+/// A notification on `redial` ends the wait at once and starts the backoff over.
 async fn keep_up<F, Fut>(
     shared: &Arc<Shared>,
     name: &str,
+    redial: Option<&tokio::sync::Notify>,
     mut attempt: F,
     mut ended: impl FnMut(&Result<(), LinkError>),
 ) where
@@ -133,11 +140,17 @@ async fn keep_up<F, Fut>(
         if started.elapsed() > Duration::from_secs(5) {
             backoff = Duration::from_millis(20); // the link had been up: start over
         }
+        let redialled = async {
+            match redial {
+                Some(n) => n.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(max_backoff),
+            _ = redialled => backoff = Duration::from_millis(20),
             _ = shutdown.changed() => return,
         }
-        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
@@ -147,7 +160,44 @@ async fn outbound_once(
     peer: SiteId,
 ) -> Result<(), LinkError> {
     let entry = shared.cfg.sites[peer as usize].clone();
-    let (conn, (their, (send, recv))) = dial(shared, endpoint, Remote::Peer(peer)).await?;
+    // A handshake sent while the peer was down is only retransmitted on QUIC's probe timer
+    // (about 1 s, then doubling). When the peer dials in meanwhile, it is up: a dial that has
+    // run for REDIAL_AFTER without completing is set aside and a new one started. A younger one
+    // is most likely just crossing the peer's own dial, so it gets until that age first. The
+    // one set aside is left to finish (so that the peer sees a complete connection rather than
+    // a stray close) and closed with SUPERSEDED if it does; it is dropped at shutdown.
+    let redial = &shared.peer_redial[peer as usize];
+    let spawn_dial = || {
+        let (shared, endpoint) = (shared.clone(), endpoint.clone());
+        tokio::spawn(async move { dial(&shared, &endpoint, Remote::Peer(peer)).await })
+    };
+    let joined = |r: Result<_, tokio::task::JoinError>| {
+        r.map_err(|e| LinkError::Hello(format!("dial task failed: {e}")))?
+    };
+    let mut attempt = spawn_dial();
+    let (conn, (their, (send, recv))) = loop {
+        let started = tokio::time::Instant::now();
+        tokio::select! {
+            r = &mut attempt => break joined(r)?,
+            _ = redial.notified() => {}
+        }
+        tokio::select! {
+            r = &mut attempt => break joined(r)?,
+            _ = tokio::time::sleep_until(started + REDIAL_AFTER) => {
+                debug!(peer = %entry.name, "peer dialled in while our dial hung; redialling");
+                let old = std::mem::replace(&mut attempt, spawn_dial());
+                let mut shutdown = shared.shutdown.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        r = old => if let Ok(Ok((conn, _))) = r {
+                            conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
+                        },
+                        _ = shutdown.changed() => {}
+                    }
+                });
+            }
+        }
+    };
     shared.mutate(|r| r.on_peer_connected(peer, &their));
     {
         let mut st = shared.peers[peer as usize].lock().expect("peer lock");
@@ -364,6 +414,8 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         }
     };
     shared.mutate(|r| r.on_peer_applied(peer, &their));
+    // It is back: if our link to it is waiting out a backoff, dial now.
+    shared.peer_redial[peer as usize].notify_one();
     shared.peers[peer as usize]
         .lock()
         .expect("peer lock")
