@@ -16,10 +16,11 @@
 use bytes::Bytes;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
+use rkyv::with::InlineAsBox;
 use rkyv::{Archive, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::clock::{SiteId, VClock, Version};
+use crate::clock::{SiteId, Timestamp, VClock, Version};
 use crate::replica::{Item, Update};
 
 /// Limits on what a peer or client may send.
@@ -148,28 +149,32 @@ mod messages {
         pub const MARKER: u8 = 2;
     }
 
-    /// One item of an origin's update stream.
-    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
-    pub struct WireItem {
+    /// One item of an origin's update stream. It borrows its key, value and dependencies from
+    /// the sender's log, so a batch is serialised without copying them first.
+    #[derive(Archive, Serialize, Clone, Copy, Debug, PartialEq)]
+    pub struct WireItem<'a> {
         /// Origin timestamp.
         pub ts: u64,
         /// One of [`item_kind`].
         pub kind: u8,
         /// Key (empty for markers).
-        pub key: Vec<u8>,
+        #[rkyv(with = InlineAsBox)]
+        pub key: &'a [u8],
         /// Value (empty for deletes and markers).
-        pub value: Vec<u8>,
+        #[rkyv(with = InlineAsBox)]
+        pub value: &'a [u8],
         /// Dependencies, one entry per site (empty for markers).
-        pub deps: Vec<u64>,
+        #[rkyv(with = InlineAsBox)]
+        pub deps: &'a [u64],
     }
 
     /// Many items of one origin's stream in one frame.
-    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
-    pub struct UpdateBatch {
+    #[derive(Archive, Serialize, Clone, Debug, PartialEq)]
+    pub struct UpdateBatch<'a> {
         /// The origin site.
         pub origin: u16,
         /// Items in stream order.
-        pub items: Vec<WireItem>,
+        pub items: Vec<WireItem<'a>>,
     }
 
     /// A client operation.
@@ -409,32 +414,56 @@ where
     rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| WireError::Invalid(e.to_string()))
 }
 
+/// The wire form of a replica item, borrowing from it.
+pub fn wire_item(item: &Item) -> WireItem<'_> {
+    match item {
+        Item::Update(u) => wire_update(u),
+        Item::Marker(ts) => wire_marker(*ts),
+    }
+}
+
+/// The wire form of a clock marker.
+pub fn wire_marker(ts: Timestamp) -> WireItem<'static> {
+    WireItem {
+        ts,
+        kind: item_kind::MARKER,
+        key: &[],
+        value: &[],
+        deps: &[],
+    }
+}
+
+/// The wire form of an update, borrowing from it.
+pub fn wire_update(u: &Update) -> WireItem<'_> {
+    WireItem {
+        ts: u.version.ts,
+        kind: if u.value.is_some() {
+            item_kind::PUT
+        } else {
+            item_kind::DELETE
+        },
+        key: &u.key,
+        value: u.value.as_deref().unwrap_or(&[]),
+        deps: u.deps.as_slice(),
+    }
+}
+
 /// Encodes one origin's items as an [`UpdateBatch`] archive.
 pub fn encode_batch(origin: SiteId, items: &[Item]) -> AlignedVec {
-    let items = items
-        .iter()
-        .map(|i| match i {
-            Item::Update(u) => WireItem {
-                ts: u.version.ts,
-                kind: if u.value.is_some() {
-                    item_kind::PUT
-                } else {
-                    item_kind::DELETE
-                },
-                key: u.key.to_vec(),
-                value: u.value.as_ref().map_or_else(Vec::new, |v| v.to_vec()),
-                deps: u.deps.as_slice().to_vec(),
-            },
-            Item::Marker(ts) => WireItem {
-                ts: *ts,
-                kind: item_kind::MARKER,
-                key: Vec::new(),
-                value: Vec::new(),
-                deps: Vec::new(),
-            },
-        })
-        .collect();
-    encode(&UpdateBatch { origin, items })
+    encode_wire_batch(origin, items.iter().map(wire_item))
+}
+
+/// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] archive. The
+/// sender serialises straight from its log this way: keys, values and dependency vectors are
+/// copied once, into the frame.
+pub fn encode_wire_batch<'a>(
+    origin: SiteId,
+    items: impl IntoIterator<Item = WireItem<'a>>,
+) -> AlignedVec {
+    encode(&UpdateBatch {
+        origin,
+        items: items.into_iter().collect(),
+    })
 }
 
 /// Validates an [`UpdateBatch`] frame and turns it into replica items. Keys and values are
@@ -476,12 +505,12 @@ pub fn decode_batch(
                     )));
                 }
                 check_sizes(it.key.len(), it.value.len(), limits)?;
-                let key = frame.slice_ref(it.key.as_slice());
+                let key = frame.slice_ref(it.key.get());
                 let value = (it.kind == item_kind::PUT).then(|| {
                     if it.value.is_empty() {
                         Bytes::new()
                     } else {
-                        frame.slice_ref(it.value.as_slice())
+                        frame.slice_ref(it.value.get())
                     }
                 });
                 let deps = VClock::from_vec(it.deps.iter().map(|d| d.to_native()).collect());

@@ -343,14 +343,16 @@ async fn send_updates(
     let mut shutdown = shared.shutdown.clone();
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
-        let batch = shared
-            .replica
-            .lock()
-            .expect("replica lock")
-            .poll_batch(peer, max);
-        match batch {
-            Some(items) => {
-                let frame = wire::encode_batch(me, &items);
+        // Serialised straight from the retained log, under the lock (a batch takes tens of µs).
+        let frame = {
+            let mut r = shared.replica.lock().expect("replica lock");
+            r.poll_batch_refs(peer, max).map(|(updates, marker)| {
+                let marker = marker.map(wire::wire_marker);
+                wire::encode_wire_batch(me, updates.map(wire::wire_update).chain(marker))
+            })
+        };
+        match frame {
+            Some(frame) => {
                 write_frame(&mut stream, &frame)
                     .await
                     .map_err(|e| LinkError::Wire(WireError::Io(e)))?;

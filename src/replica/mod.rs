@@ -773,6 +773,20 @@ impl<S: Store> Replica<S> {
     /// last sent on this connection, followed by a clock marker when everything durable has been
     /// sent. Returns `None` when there is nothing new.
     pub fn poll_batch(&mut self, peer: SiteId, max_items: usize) -> Option<Vec<Item>> {
+        let (updates, marker) = self.poll_batch_refs(peer, max_items)?;
+        let mut items: Vec<Item> = updates.cloned().map(Item::Update).collect();
+        items.extend(marker.map(Item::Marker));
+        Some(items)
+    }
+
+    /// [`Replica::poll_batch`] without copying: the batch's updates, borrowed from the retained
+    /// log, and the marker that follows them, if any. The node serialises these straight into
+    /// a frame.
+    pub fn poll_batch_refs(
+        &mut self,
+        peer: SiteId,
+        max_items: usize,
+    ) -> Option<(impl Iterator<Item = &Update>, Option<Timestamp>)> {
         let p = peer as usize;
         let cursor = self.sent[p];
         let limit = self.durable.get(self.cfg.site);
@@ -780,23 +794,21 @@ impl<S: Store> Replica<S> {
             return None;
         }
         let start = self.retained.partition_point(|u| u.version.ts <= cursor);
-        let mut items = Vec::new();
-        let mut last = cursor;
-        for u in self.retained.range(start..) {
-            if u.version.ts > limit || items.len() >= max_items {
-                break;
-            }
-            last = u.version.ts;
-            items.push(Item::Update(u.clone()));
-        }
-        if items.len() < max_items && last < limit {
+        let below_limit = self.retained.partition_point(|u| u.version.ts <= limit);
+        let end = below_limit.min(start.saturating_add(max_items));
+        let mut last = match end.checked_sub(1) {
+            Some(i) if i >= start => self.retained[i].version.ts,
+            _ => cursor,
+        };
+        let mut marker = None;
+        if end - start < max_items && last < limit {
             // Everything durable up to `limit` is in this batch or was sent before: a marker
             // lets the peer advance this site's entry past the idle gap.
             last = limit;
-            items.push(Item::Marker(limit));
+            marker = Some(limit);
         }
         self.sent[p] = last;
-        Some(items)
+        Some((self.retained.range(start..end), marker))
     }
 
     /// True when `peer` has been sent everything durable.
