@@ -195,6 +195,32 @@ impl Default for ReplicationConfig {
     }
 }
 
+/// QUIC transport settings (`[quic]`), for peer and client connections alike.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuicConfig {
+    /// Per-stream receive window, bytes: what a peer may send on one stream ahead of what this
+    /// site has read. It bounds one link's throughput to window / round trip, so size it to the
+    /// bandwidth-delay product of the slowest link (the default, 16 MiB, is 100 ms x 160 MB/s).
+    pub stream_window: u64,
+    /// Per-connection receive window and send buffer, bytes; at least `stream_window`.
+    pub conn_window: u64,
+    /// Largest UDP payload path-MTU discovery probes for, bytes (1200..=65527). Discovery
+    /// only uses what the path proves to carry, so a high bound is safe anywhere.
+    pub max_udp_payload: u16,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        let t = crate::net::tls::TransportLimits::default();
+        Self {
+            stream_window: t.stream_window,
+            conn_window: t.conn_window,
+            max_udp_payload: t.max_udp_payload,
+        }
+    }
+}
+
 /// Durable storage: write-ahead log and snapshots (`[storage]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -302,6 +328,9 @@ pub struct SiteConfig {
     /// Replication knobs.
     #[serde(default)]
     pub replication: ReplicationConfig,
+    /// QUIC transport.
+    #[serde(default)]
+    pub quic: QuicConfig,
     /// Durable storage.
     #[serde(default)]
     pub storage: StorageConfig,
@@ -335,6 +364,18 @@ impl SiteConfig {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The QUIC transport limits this configuration asks for.
+    pub fn transport_limits(&self) -> crate::net::tls::TransportLimits {
+        crate::net::tls::TransportLimits {
+            idle_timeout: std::time::Duration::from_millis(self.timeouts.idle_ms),
+            keep_alive: std::time::Duration::from_millis(self.timeouts.keep_alive_ms),
+            stream_window: self.quic.stream_window,
+            conn_window: self.quic.conn_window,
+            max_udp_payload: self.quic.max_udp_payload,
+            ..Default::default()
+        }
     }
 
     /// Checks the values are consistent.
@@ -421,6 +462,9 @@ impl SiteConfig {
                 "timeouts.keep_alive_ms ({}) must be above 0 and below timeouts.idle_ms ({})",
                 t.keep_alive_ms, t.idle_ms
             ));
+        }
+        if let Err(e) = self.transport_limits().validate() {
+            return bad(format!("[quic]: {e}"));
         }
         if t.heartbeat_ms == 0 {
             return bad("timeouts.heartbeat_ms must be above 0".into());
@@ -561,6 +605,15 @@ key = "b.key"
         assert!(e.to_string().contains("site_id 5"), "{e}");
         let e = load(&format!("{GOOD}\n[timeouts]\nkeep_alive_ms = 20000\n")).unwrap_err();
         assert!(e.to_string().contains("keep_alive_ms"), "{e}");
+        let e = load(&format!("{GOOD}\n[quic]\nmax_udp_payload = 1000\n")).unwrap_err();
+        assert!(e.to_string().contains("max_udp_payload"), "{e}");
+        let e = load(&format!(
+            "{GOOD}\n[quic]\nstream_window = 1\nconn_window = 0\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("stream_window"), "{e}");
+        let ok = load(&format!("{GOOD}\n[quic]\nmax_udp_payload = 1452\n")).expect("valid");
+        assert_eq!(ok.transport_limits().max_udp_payload, 1452);
         let e = load(&GOOD.replace("name = \"b\"", "name = \"a\"")).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
     }

@@ -178,6 +178,7 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             limits: Limits::default(),
             timeouts: Timeouts::default(),
             replication: ReplicationConfig::default(),
+            quic: Default::default(),
             storage: StorageConfig::default(),
             failure: FailureConfig::default(),
         };

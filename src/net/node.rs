@@ -461,11 +461,7 @@ impl Node {
             cert: cfg.tls.cert.clone(),
             key: cfg.tls.key.clone(),
         })?;
-        let transport = TransportLimits {
-            idle_timeout: Duration::from_millis(cfg.timeouts.idle_ms),
-            keep_alive: Duration::from_millis(cfg.timeouts.keep_alive_ms),
-            ..TransportLimits::default()
-        };
+        let transport = cfg.transport_limits();
         let server = tls::server_config(&identity, &transport, cfg.tls.require_client_cert)?;
         // Before the UDP endpoint: if this fails, nothing is left bound.
         let admin_listener = match cfg.admin_addr {
