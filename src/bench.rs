@@ -840,13 +840,11 @@ fn floor_runtime() -> Result<tokio::runtime::Runtime, String> {
 fn floor_endpoint(server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, String> {
     let socket = crate::net::socket::bind_udp("127.0.0.1:0".parse().expect("loopback address"))
         .map_err(|e| e.to_string())?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| e.to_string())
+    let config = crate::net::tls::TransportLimits::default()
+        .endpoint_config()
+        .map_err(|e| e.to_string())?;
+    quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|e| e.to_string())
 }
 
 const FLOOR_MAX_FRAME: usize = 64 << 20;

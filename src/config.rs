@@ -205,8 +205,10 @@ pub struct QuicConfig {
     pub stream_window: u64,
     /// Per-connection receive window and send buffer, bytes; at least `stream_window`.
     pub conn_window: u64,
-    /// Largest UDP payload path-MTU discovery probes for, bytes (1200..=65527). Discovery
-    /// only uses what the path proves to carry, so a high bound is safe anywhere.
+    /// Largest UDP payload accepted and probed for by path-MTU discovery, bytes
+    /// (1200..=65527; default 1452, one Ethernet frame). See
+    /// [`TransportLimits::max_udp_payload`](crate::net::tls::TransportLimits::max_udp_payload)
+    /// before raising it.
     pub max_udp_payload: u16,
 }
 

@@ -476,13 +476,8 @@ impl Node {
         let socket =
             super::socket::bind_udp(addr).map_err(|source| NodeError::Bind { addr, source })?;
         let (runtime, released) = super::socket::tracked_runtime();
-        let endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server),
-            socket,
-            runtime,
-        )
-        .map_err(|source| NodeError::Bind { addr, source })?;
+        let endpoint = Endpoint::new(transport.endpoint_config()?, Some(server), socket, runtime)
+            .map_err(|source| NodeError::Bind { addr, source })?;
         let mut rc =
             ReplicaConfig::new(cfg.site_id, cfg.n()).with_partition(cfg.partition, cfg.partitions);
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;

@@ -368,12 +368,12 @@ pub struct TransportLimits {
     /// Unidirectional streams the peer may have open at once (peers send updates on these,
     /// one per origin / partition). Default 100.
     pub max_concurrent_uni_streams: u32,
-    /// Largest UDP payload path-MTU discovery probes for, bytes (1200..=65527). Default 9000.
-    /// quinn's own default is 1452 (one Ethernet frame); we raise it because discovery only
-    /// settles on what the path proves to carry (a lost probe is not taken as congestion), so a
-    /// high bound is safe on any path and only makes discovery take a few more probes, while
-    /// loopback and jumbo-frame links then carry ~6x fewer packets per byte, and per-packet work
-    /// is most of QUIC's cost at replication rates.
+    /// Largest UDP payload this endpoint accepts and path-MTU discovery probes for, bytes
+    /// (1200..=65527). Default 1452, quinn's: one Ethernet frame. Raising it lets loopback and
+    /// jumbo-frame links carry fewer, larger packets, but measured on loopback between two
+    /// sites at full replication rate (9000) the large packets met spurious loss detection
+    /// while the receiver was busy applying, and quinn's black-hole detection then fell back to
+    /// 1200-byte packets, so throughput halved. Raise it only where that was measured to help.
     pub max_udp_payload: u16,
 }
 
@@ -386,7 +386,7 @@ impl Default for TransportLimits {
             conn_window: 32 << 20,
             max_concurrent_bidi_streams: 100,
             max_concurrent_uni_streams: 100,
-            max_udp_payload: 9000,
+            max_udp_payload: 1452,
         }
     }
 }
@@ -414,6 +414,18 @@ impl TransportLimits {
             return bad("idle_timeout too large");
         }
         Ok(())
+    }
+
+    /// The quinn endpoint configuration for these limits: it accepts (and tells peers it
+    /// accepts) UDP payloads up to `max_udp_payload`, without which a peer's MTU discovery
+    /// stops at quinn's default of 1472.
+    pub fn endpoint_config(&self) -> Result<quinn::EndpointConfig, TlsError> {
+        self.validate()?;
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(self.max_udp_payload)
+            .map_err(|e| TlsError::Limits(e.to_string()))?;
+        Ok(config)
     }
 
     /// The quinn transport configuration for these limits.
