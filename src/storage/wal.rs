@@ -277,6 +277,26 @@ impl ArchivedUpdateRef<'_> {
     }
 }
 
+/// An rkyv writer appending to the log's batch buffer, with positions counted from the start of
+/// the record being written.
+struct RecordWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    start: usize,
+}
+
+impl rkyv::ser::Positional for RecordWriter<'_> {
+    fn pos(&self) -> usize {
+        self.buf.len() - self.start
+    }
+}
+
+impl<E> rkyv::ser::Writer<E> for RecordWriter<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
 fn to_twin(r: &Record) -> WalRecord<'_> {
     match r {
         Record::Update(u) => WalRecord::Update(UpdateRef::new(u)),
@@ -741,7 +761,6 @@ pub struct Wal {
     file: Arc<File>,
     end_lsn: u64,
     buf: Vec<u8>,
-    scratch: Option<AlignedVec>,
     shared: Arc<Shared>,
     synced_rx: watch::Receiver<u64>,
     thread: Option<JoinHandle<()>>,
@@ -878,7 +897,6 @@ impl Wal {
             file,
             end_lsn,
             buf: Vec::new(),
-            scratch: None,
             shared,
             synced_rx,
             thread: Some(thread),
@@ -926,20 +944,30 @@ impl Wal {
             return Ok(self.end_lsn);
         }
         self.buf.clear();
-        let mut scratch = self.scratch.take().unwrap_or_default();
         for r in records {
-            scratch.clear();
-            scratch = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&to_twin(r), scratch)
-                .expect("serialising into memory cannot fail");
-            let len = u32::try_from(scratch.len()).map_err(|_| {
-                StorageError::Failed(format!("record of {} bytes is too large", scratch.len()))
+            // Serialised in place after a header that is filled in afterwards: positions (and
+            // so rkyv's alignment padding) count from the record's first byte, exactly as when
+            // it is serialised on its own, so the bytes are the same.
+            let header = self.buf.len();
+            self.buf.extend_from_slice(&[0; HEADER]);
+            let start = self.buf.len();
+            rkyv::api::low::to_bytes_in_with_alloc::<_, _, rancor::Error>(
+                &to_twin(r),
+                RecordWriter {
+                    buf: &mut self.buf,
+                    start,
+                },
+                rkyv::ser::allocator::SubAllocator::empty(),
+            )
+            .expect("serialising into memory cannot fail");
+            let body = &self.buf[start..];
+            let len = u32::try_from(body.len()).map_err(|_| {
+                StorageError::Failed(format!("record of {} bytes is too large", body.len()))
             })?;
-            self.buf.extend_from_slice(&len.to_le_bytes());
-            self.buf
-                .extend_from_slice(&crc32fast::hash(&scratch).to_le_bytes());
-            self.buf.extend_from_slice(&scratch);
+            let crc = crc32fast::hash(body);
+            self.buf[header..header + 4].copy_from_slice(&len.to_le_bytes());
+            self.buf[header + 4..start].copy_from_slice(&crc.to_le_bytes());
         }
-        self.scratch = Some(scratch);
         let cur = self.segments.last().expect("a current segment");
         if cur.len > 0 && cur.len + self.buf.len() as u64 > self.opts.segment_bytes {
             self.roll()?;
@@ -1181,6 +1209,27 @@ mod tests {
         let mut expect = recs[cut * 3..].to_vec();
         expect.extend(more);
         assert_eq!(rec.records, expect);
+    }
+
+    #[test]
+    fn records_are_serialised_in_place_exactly_as_on_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = sample(40);
+        let (mut wal, _) = Wal::open(dir.path(), opts(64 << 20), 0).unwrap();
+        wal.append(&recs).unwrap();
+        drop(wal);
+        let file = std::fs::read(last_segment(dir.path())).unwrap();
+        let mut at = 0;
+        for r in &recs {
+            let alone = rkyv::to_bytes::<rancor::Error>(&to_twin(r)).unwrap();
+            let len = u32::from_le_bytes(file[at..at + 4].try_into().unwrap()) as usize;
+            let crc = u32::from_le_bytes(file[at + 4..at + HEADER].try_into().unwrap());
+            let body = &file[at + HEADER..at + HEADER + len];
+            assert_eq!(body, &alone[..], "record {r:?}");
+            assert_eq!(crc, crc32fast::hash(&alone));
+            at += HEADER + len;
+        }
+        assert_eq!(at, file.len());
     }
 
     #[test]
