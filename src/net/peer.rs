@@ -31,6 +31,7 @@
 //! `replication.stable_exchange_ms` (see [`crate::sharding`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
@@ -74,9 +75,6 @@ enum Remote {
     /// Another partition node of this node's own site.
     Sibling(u32),
 }
-
-/// How old an unfinished dial must be before a peer's dialling in makes us start it over.
-const REDIAL_AFTER: Duration = Duration::from_millis(250);
 
 /// Keeps an outbound link to `peer` up, reconnecting with exponential backoff.
 pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: SiteId) {
@@ -162,41 +160,46 @@ async fn outbound_once(
     let entry = shared.cfg.sites[peer as usize].clone();
     // A handshake sent while the peer was down is only retransmitted on QUIC's probe timer
     // (about 1 s, then doubling). When the peer dials in meanwhile, it is up: a dial that has
-    // run for REDIAL_AFTER without completing is set aside and a new one started. A younger one
-    // is most likely just crossing the peer's own dial, so it gets until that age first. The
-    // one set aside is left to finish (so that the peer sees a complete connection rather than
-    // a stray close) and closed with SUPERSEDED if it does; it is dropped at shutdown.
+    // not heard from it yet is set aside and a new one started at once (one that has heard back
+    // is completing and is left alone). The one set aside is left to finish, so that the peer
+    // sees a complete connection rather than a stray close, and closed with SUPERSEDED if it
+    // does; it is dropped at shutdown.
     let redial = &shared.peer_redial[peer as usize];
     let spawn_dial = || {
         let (shared, endpoint) = (shared.clone(), endpoint.clone());
-        tokio::spawn(async move { dial(&shared, &endpoint, Remote::Peer(peer)).await })
+        let answered = Arc::new(AtomicBool::new(false));
+        let flag = answered.clone();
+        let task =
+            tokio::spawn(
+                async move { dial(&shared, &endpoint, Remote::Peer(peer), Some(&flag)).await },
+            );
+        (task, answered)
     };
     let joined = |r: Result<_, tokio::task::JoinError>| {
         r.map_err(|e| LinkError::Hello(format!("dial task failed: {e}")))?
     };
-    let mut attempt = spawn_dial();
+    let (mut attempt, mut answered) = spawn_dial();
     let (conn, (their, (send, recv))) = loop {
-        let started = tokio::time::Instant::now();
         tokio::select! {
             r = &mut attempt => break joined(r)?,
             _ = redial.notified() => {}
         }
-        tokio::select! {
-            r = &mut attempt => break joined(r)?,
-            _ = tokio::time::sleep_until(started + REDIAL_AFTER) => {
-                debug!(peer = %entry.name, "peer dialled in while our dial hung; redialling");
-                let old = std::mem::replace(&mut attempt, spawn_dial());
-                let mut shutdown = shared.shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::select! {
-                        r = old => if let Ok(Ok((conn, _))) = r {
-                            conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
-                        },
-                        _ = shutdown.changed() => {}
-                    }
-                });
-            }
+        if answered.load(Ordering::Acquire) {
+            continue;
         }
+        debug!(peer = %entry.name, "peer dialled in before our dial heard from it; redialling");
+        let (next, next_answered) = spawn_dial();
+        let old = std::mem::replace(&mut attempt, next);
+        answered = next_answered;
+        let mut shutdown = shared.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                r = old => if let Ok(Ok((conn, _))) = r {
+                    conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
+                },
+                _ = shutdown.changed() => {}
+            }
+        });
     };
     shared.mutate(|r| r.on_peer_connected(peer, &their));
     {
@@ -216,10 +219,12 @@ type ControlStream = (SendStream, RecvStream);
 
 /// Connects to `remote`, opens the control stream and exchanges hellos: returns the connection,
 /// the remote's durable `applied` vector and the control stream.
+/// `answered`, when given, is set once the remote has answered the handshake.
 async fn dial(
     shared: &Arc<Shared>,
     endpoint: &Endpoint,
     remote: Remote,
+    answered: Option<&AtomicBool>,
 ) -> Result<(Connection, (VClock, ControlStream)), LinkError> {
     let (site, addr) = match remote {
         Remote::Peer(peer) => (peer, shared.cfg.peer_addr(peer)),
@@ -227,9 +232,12 @@ async fn dial(
     };
     let name = shared.site_name(site).to_owned();
     let client = tls::client_config(&shared.identity, &shared.transport, tls::ALPN_PEER)?;
-    let conn = endpoint
-        .connect_with(client, addr, &tls::site_server_name(&name))?
-        .await?;
+    let mut connecting = endpoint.connect_with(client, addr, &tls::site_server_name(&name))?;
+    connecting.handshake_data().await?;
+    if let Some(a) = answered {
+        a.store(true, Ordering::Release);
+    }
+    let conn = connecting.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     send_hello(shared, &mut send).await?;
     let (said, their) = read_hello_raw(shared, &mut recv).await?;
@@ -247,7 +255,8 @@ async fn sibling_once(
     endpoint: &Endpoint,
     partition: u32,
 ) -> Result<(), LinkError> {
-    let (conn, (_, (mut send, _recv))) = dial(shared, endpoint, Remote::Sibling(partition)).await?;
+    let (conn, (_, (mut send, _recv))) =
+        dial(shared, endpoint, Remote::Sibling(partition), None).await?;
     debug!(partition, "sibling link up");
     // Sent when it changes, at most once per `stable_exchange_ms`, and at every heartbeat.
     let every = Duration::from_millis(shared.cfg.replication.stable_exchange_ms);
