@@ -675,6 +675,43 @@ async fn a_restarted_site_catches_up_without_loss_or_duplicates() {
     .await;
 }
 
+/// A backlog of large values is sent in frames under the frame limit. A batch used to be cut
+/// by item count only, so 1,024 values of up to 1 MiB made a frame far above `max_frame`
+/// (16 MiB): the receiver refused it as malformed and the sender resent it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_large_values_is_split_under_the_frame_limit() {
+    bounded(LIMIT, async {
+        let mut cluster = Cluster::start(2).await;
+        cluster.stop(1).await;
+        let a = cluster.client(0).await;
+        let big = vec![b'x'; 1 << 20];
+        let mut last = None;
+        for i in 0..24 {
+            last = Some(
+                a.put(format!("big-{i:02}"), big.clone())
+                    .await
+                    .expect("put"),
+            );
+        }
+        let last = last.unwrap();
+        cluster.restart(1).await;
+        wait_until(ms(20_000), "b has the 24 MiB backlog", || {
+            cluster.node(1).status().applied[0] >= last.ts
+        })
+        .await;
+        let got = cluster.node(1).contents();
+        assert_eq!(got.len(), 24);
+        assert!(got.values().all(|(_, v)| v.len() == 1 << 20));
+        assert_eq!(
+            metric(&cluster.node(1).metrics().malformed_frames),
+            0,
+            "b refused a frame"
+        );
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
 /// A site that comes back is redialled as soon as it dials in. While it was down, its peer's
 /// handshake to it could only be retransmitted on QUIC's doubling probe timer (about 1 s, then
 /// 3 s, 7 s, ... after the attempt began), so without the redial a site that returns after a

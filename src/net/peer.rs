@@ -76,6 +76,9 @@ enum Remote {
     Sibling(u32),
 }
 
+/// Most dials to one peer outstanding at once (see `outbound_once`).
+const MAX_DIALS: usize = 3;
+
 /// Keeps an outbound link to `peer` up, reconnecting with exponential backoff.
 pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: SiteId) {
     let name = shared.site_name(peer).to_owned();
@@ -86,10 +89,11 @@ pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: 
         || outbound_once(&shared, &endpoint, peer),
         |result| {
             let mut st = shared.peers[peer as usize].lock().expect("peer lock");
-            st.outbound_up = false;
+            let was_up = std::mem::replace(&mut st.outbound_up, false);
             if let Err(e) = result {
                 st.reason = e.to_string();
             }
+            was_up
         },
     )
     .await
@@ -105,19 +109,23 @@ pub(crate) async fn run_sibling(shared: Arc<Shared>, endpoint: Endpoint, partiti
         &name,
         None,
         || sibling_once(&shared, &endpoint, partition),
-        |_| {},
+        |_| false,
     )
     .await
 }
 
 /// Runs `attempt` again and again until shutdown, with exponential backoff between failures.
-/// A notification on `redial` ends the wait at once and starts the backoff over.
+/// `ended` says whether the attempt had brought the link up. After an attempt that never did
+/// (the peer was unreachable), a notification on `redial` (the peer has dialled in: it is back)
+/// ends the wait at once. After a link that was up and failed, the peer was reachable and
+/// something else went wrong, so the full backoff applies: two sites whose links keep failing
+/// after their hellos cannot wake each other into a tight reconnection loop.
 async fn keep_up<F, Fut>(
     shared: &Arc<Shared>,
     name: &str,
     redial: Option<&tokio::sync::Notify>,
     mut attempt: F,
-    mut ended: impl FnMut(&Result<(), LinkError>),
+    mut ended: impl FnMut(&Result<(), LinkError>) -> bool,
 ) where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), LinkError>>,
@@ -128,7 +136,7 @@ async fn keep_up<F, Fut>(
     loop {
         let started = Instant::now();
         let result = attempt().await;
-        ended(&result);
+        let was_up = ended(&result);
         if shared.is_shutting_down() {
             return;
         }
@@ -140,15 +148,16 @@ async fn keep_up<F, Fut>(
         }
         let redialled = async {
             match redial {
-                Some(n) => n.notified().await,
-                None => std::future::pending().await,
+                Some(n) if !was_up => n.notified().await,
+                _ => std::future::pending().await,
             }
         };
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => backoff = (backoff * 2).min(max_backoff),
-            _ = redialled => backoff = Duration::from_millis(20),
+            _ = tokio::time::sleep(backoff) => {}
+            _ = redialled => debug!(peer = %name, "peer dialled in; redialling before the backoff ends"),
             _ = shutdown.changed() => return,
         }
+        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
@@ -159,48 +168,62 @@ async fn outbound_once(
 ) -> Result<(), LinkError> {
     let entry = shared.cfg.sites[peer as usize].clone();
     // A handshake sent while the peer was down is only retransmitted on QUIC's probe timer
-    // (about 1 s, then doubling). When the peer dials in meanwhile, it is up: a dial that has
-    // not heard from it yet is set aside and a new one started at once (one that has heard back
-    // is completing and is left alone). The one set aside is left to finish, so that the peer
-    // sees a complete connection rather than a stray close, and closed with SUPERSEDED if it
-    // does; it is dropped at shutdown.
+    // (about 1 s, then doubling). When the peer dials in while no dial of ours has heard from
+    // it yet, it is back: a new dial starts at once, racing the old ones (whichever completes
+    // first is the link; the others are closed with SUPERSEDED when they complete, so the peer
+    // never sees a stray close, and cancelled at shutdown). Only dial-ins that arrive while we
+    // wait count (notify_waiters), so a stale one can never cancel a fresh dial.
     let redial = &shared.peer_redial[peer as usize];
-    let spawn_dial = || {
+    let mut dials = tokio::task::JoinSet::new();
+    let mut answered: Vec<Arc<AtomicBool>> = Vec::new();
+    let spawn_dial = |dials: &mut tokio::task::JoinSet<_>| {
         let (shared, endpoint) = (shared.clone(), endpoint.clone());
-        let answered = Arc::new(AtomicBool::new(false));
-        let flag = answered.clone();
-        let task =
-            tokio::spawn(
-                async move { dial(&shared, &endpoint, Remote::Peer(peer), Some(&flag)).await },
-            );
-        (task, answered)
+        let flag = Arc::new(AtomicBool::new(false));
+        let answered = flag.clone();
+        dials.spawn(async move { dial(&shared, &endpoint, Remote::Peer(peer), Some(&flag)).await });
+        answered
     };
-    let joined = |r: Result<_, tokio::task::JoinError>| {
-        r.map_err(|e| LinkError::Hello(format!("dial task failed: {e}")))?
-    };
-    let (mut attempt, mut answered) = spawn_dial();
+    let mut notified = std::pin::pin!(redial.notified());
+    notified.as_mut().enable();
+    answered.push(spawn_dial(&mut dials));
     let (conn, (their, (send, recv))) = loop {
         tokio::select! {
-            r = &mut attempt => break joined(r)?,
-            _ = redial.notified() => {}
+            Some(r) = dials.join_next() => {
+                match r.map_err(|e| LinkError::Hello(format!("dial task failed: {e}"))).and_then(|r| r) {
+                    Ok(won) => break won,
+                    Err(e) if dials.is_empty() => return Err(e),
+                    Err(_) => {}
+                }
+            }
+            _ = notified.as_mut() => {
+                notified.set(redial.notified());
+                notified.as_mut().enable();
+                let heard = answered.iter().any(|a| a.load(Ordering::Acquire));
+                if !heard && dials.len() < MAX_DIALS {
+                    debug!(peer = %entry.name, "peer dialled in before our dial heard from it; redialling");
+                    answered.push(spawn_dial(&mut dials));
+                }
+            }
         }
-        if answered.load(Ordering::Acquire) {
-            continue;
-        }
-        debug!(peer = %entry.name, "peer dialled in before our dial heard from it; redialling");
-        let (next, next_answered) = spawn_dial();
-        let old = std::mem::replace(&mut attempt, next);
-        answered = next_answered;
+    };
+    if !dials.is_empty() {
         let mut shutdown = shared.shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                r = old => if let Ok(Ok((conn, _))) = r {
-                    conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
-                },
-                _ = shutdown.changed() => {}
+            loop {
+                tokio::select! {
+                    r = dials.join_next() => match r {
+                        Some(Ok(Ok((conn, _)))) => {
+                            conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
+                        }
+                        Some(_) => {}
+                        None => return,
+                    },
+                    // Dropping the set cancels the dials still running.
+                    _ = shutdown.changed() => return,
+                }
             }
         });
-    };
+    }
     shared.mutate(|r| r.on_peer_connected(peer, &their));
     {
         let mut st = shared.peers[peer as usize].lock().expect("peer lock");
@@ -349,16 +372,20 @@ async fn send_updates(
     let mut stream = conn.open_uni().await?;
     let me = shared.site();
     let max = shared.cfg.replication.batch_max_items;
+    // A frame must stay under the frame limit (the config keeps max_frame above one largest
+    // update plus 4096 bytes, so a single update always fits).
+    let max_bytes = shared.cfg.limits.max_frame - 4096;
     let mut shutdown = shared.shutdown.clone();
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
         // Serialised straight from the retained log, under the lock (a batch takes tens of µs).
         let frame = {
             let mut r = shared.replica.lock().expect("replica lock");
-            r.poll_batch_refs(peer, max).map(|(updates, marker)| {
-                let marker = marker.map(wire::wire_marker);
-                wire::encode_wire_batch(me, updates.map(wire::wire_update).chain(marker))
-            })
+            r.poll_batch_refs(peer, max, max_bytes)
+                .map(|(updates, marker)| {
+                    let marker = marker.map(wire::wire_marker);
+                    wire::encode_wire_batch(me, updates.map(wire::wire_update).chain(marker))
+                })
         };
         match frame {
             Some(frame) => {
@@ -425,8 +452,9 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         }
     };
     shared.mutate(|r| r.on_peer_applied(peer, &their));
-    // It is back: if our link to it is waiting out a backoff, dial now.
-    shared.peer_redial[peer as usize].notify_one();
+    // It is back: if our link to it is waiting out a backoff or hanging in a dial sent while
+    // it was down, dial now.
+    shared.peer_redial[peer as usize].notify_waiters();
     shared.peers[peer as usize]
         .lock()
         .expect("peer lock")

@@ -46,6 +46,10 @@ use bytes::Bytes;
 use crate::clock::{Hlc, SiteId, Timestamp, VClock, Version};
 use crate::storage::{Entry, Store};
 
+/// Bytes a batch frame spends on one update besides its key, value and dependency vector (a
+/// bound on the archived item's fixed fields and padding), for [`Replica::poll_batch_refs`].
+pub const ITEM_OVERHEAD: usize = 64;
+
 /// One write as it travels between sites.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Update {
@@ -773,7 +777,7 @@ impl<S: Store> Replica<S> {
     /// last sent on this connection, followed by a clock marker when everything durable has been
     /// sent. Returns `None` when there is nothing new.
     pub fn poll_batch(&mut self, peer: SiteId, max_items: usize) -> Option<Vec<Item>> {
-        let (updates, marker) = self.poll_batch_refs(peer, max_items)?;
+        let (updates, marker) = self.poll_batch_refs(peer, max_items, usize::MAX)?;
         let mut items: Vec<Item> = updates.cloned().map(Item::Update).collect();
         items.extend(marker.map(Item::Marker));
         Some(items)
@@ -781,11 +785,13 @@ impl<S: Store> Replica<S> {
 
     /// [`Replica::poll_batch`] without copying: the batch's updates, borrowed from the retained
     /// log, and the marker that follows them, if any. The node serialises these straight into
-    /// a frame.
+    /// a frame. The batch also stops before its updates' keys, values and dependency vectors
+    /// (plus [`ITEM_OVERHEAD`] each) pass `max_bytes`, but always holds at least one update.
     pub fn poll_batch_refs(
         &mut self,
         peer: SiteId,
         max_items: usize,
+        max_bytes: usize,
     ) -> Option<(impl Iterator<Item = &Update>, Option<Timestamp>)> {
         let p = peer as usize;
         let cursor = self.sent[p];
@@ -795,14 +801,25 @@ impl<S: Store> Replica<S> {
         }
         let start = self.retained.partition_point(|u| u.version.ts <= cursor);
         let below_limit = self.retained.partition_point(|u| u.version.ts <= limit);
-        let end = below_limit.min(start.saturating_add(max_items));
+        let mut end = below_limit.min(start.saturating_add(max_items));
+        if max_bytes != usize::MAX {
+            let mut bytes = 0usize;
+            for (i, u) in self.retained.range(start..end).enumerate() {
+                bytes += u.payload_len() + 8 * u.deps.len() + ITEM_OVERHEAD;
+                if bytes > max_bytes && i > 0 {
+                    end = start + i;
+                    break;
+                }
+            }
+        }
         let mut last = match end.checked_sub(1) {
             Some(i) if i >= start => self.retained[i].version.ts,
             _ => cursor,
         };
         let mut marker = None;
-        if end - start < max_items && last < limit {
-            // Everything durable up to `limit` is in this batch or was sent before: a marker
+        if end == below_limit && end - start < max_items && last < limit {
+            // Everything durable up to `limit` is in this batch or was sent before (not when
+            // the byte budget cut the batch short: the marker would skip the rest): a marker
             // lets the peer advance this site's entry past the idle gap.
             last = limit;
             marker = Some(limit);

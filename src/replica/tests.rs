@@ -322,3 +322,38 @@ fn skipping_the_stable_vector_check_shows_effect_before_cause() {
         "effect before cause"
     );
 }
+
+#[test]
+fn batches_stop_at_the_byte_budget_but_always_carry_one_update() {
+    let mut a = replica(0, 2);
+    let ctx = VClock::zero(2);
+    let big = Bytes::from(vec![b'v'; 1000]);
+    for (i, now) in (1..=5u64).enumerate() {
+        a.put(now, Bytes::from(format!("k{i}")), Some(big.clone()), &ctx)
+            .unwrap();
+    }
+    flush(&mut a);
+    a.on_peer_connected(1, &VClock::zero(2));
+    // Each update costs 2 + 1000 + 16 + ITEM_OVERHEAD bytes against the budget.
+    let per = 2 + 1000 + 16 + ITEM_OVERHEAD;
+    let sizes: Vec<usize> = std::iter::from_fn(|| {
+        a.poll_batch_refs(1, 100, 2 * per + 10)
+            .map(|(updates, _)| updates.count())
+    })
+    .collect();
+    assert_eq!(
+        sizes,
+        vec![2, 2, 1],
+        "two updates fit the budget, a third does not"
+    );
+    a.on_peer_connected(1, &VClock::zero(2));
+    let (updates, _) = a.poll_batch_refs(1, 100, 1).unwrap();
+    assert_eq!(
+        updates.count(),
+        1,
+        "an update larger than the budget still goes alone"
+    );
+    a.on_peer_connected(1, &VClock::zero(2));
+    let (updates, _) = a.poll_batch_refs(1, 100, usize::MAX).unwrap();
+    assert_eq!(updates.count(), 5);
+}
