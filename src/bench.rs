@@ -540,12 +540,13 @@ pub async fn replication_throughput_processes(
             let connect = &connect;
             async move {
                 loop {
-                    match connect(addr, poll.max(Duration::from_millis(50))).await {
-                        Ok(_) => {
-                            return connect(addr, Duration::from_secs(2))
-                                .await
-                                .map_err(|e| e.to_string());
-                        }
+                    let probe = connect(addr, poll.max(Duration::from_millis(50))).await;
+                    let serving = match probe {
+                        Ok(_) => connect(addr, Duration::from_secs(2)).await,
+                        Err(e) => Err(e),
+                    };
+                    match serving {
+                        Ok(c) => return Ok(c),
                         Err(_) if since.elapsed() < Duration::from_secs(60) => {
                             tokio::time::sleep(poll).await
                         }

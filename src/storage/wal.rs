@@ -761,6 +761,8 @@ pub struct Wal {
     file: Arc<File>,
     end_lsn: u64,
     buf: Vec<u8>,
+    /// Scratch space for serialising records (kept, so no per-record setup).
+    arena: rkyv::ser::allocator::Arena,
     shared: Arc<Shared>,
     synced_rx: watch::Receiver<u64>,
     thread: Option<JoinHandle<()>>,
@@ -897,6 +899,7 @@ impl Wal {
             file,
             end_lsn,
             buf: Vec::new(),
+            arena: rkyv::ser::allocator::Arena::new(),
             shared,
             synced_rx,
             thread: Some(thread),
@@ -957,7 +960,7 @@ impl Wal {
                     buf: &mut self.buf,
                     start,
                 },
-                rkyv::ser::allocator::SubAllocator::empty(),
+                self.arena.acquire(),
             )
             .expect("serialising into memory cannot fail");
             let body = &self.buf[start..];
