@@ -76,6 +76,9 @@ enum Remote {
     Sibling(u32),
 }
 
+/// Payload bytes (keys and values) up to which a batch is serialised under the replica lock.
+const LOCKED_ENCODE_MAX: usize = 1 << 20;
+
 /// Most dials to one peer outstanding at once (see `outbound_once`).
 const MAX_DIALS: usize = 3;
 
@@ -378,15 +381,39 @@ async fn send_updates(
     let mut shutdown = shared.shutdown.clone();
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
-        // Serialised straight from the retained log, under the lock (a batch takes tens of µs).
-        let frame = {
+        // A batch of small updates is serialised straight from the retained log under the lock
+        // (tens of µs). A batch carrying more than LOCKED_ENCODE_MAX bytes is copied out by
+        // reference count first and serialised after the lock is released, so that large
+        // values never hold client requests up for a multi-megabyte copy.
+        let batch = {
             let mut r = shared.replica.lock().expect("replica lock");
             r.poll_batch_refs(peer, max, max_bytes)
                 .map(|(updates, marker)| {
-                    let marker = marker.map(wire::wire_marker);
-                    wire::encode_wire_batch(me, updates.map(wire::wire_update).chain(marker))
+                    let bytes: usize = updates
+                        .clone()
+                        .map(|u| u.key.len() + u.value.as_ref().map_or(0, |v| v.len()))
+                        .sum();
+                    let marker_item = marker.map(wire::wire_marker);
+                    if bytes <= LOCKED_ENCODE_MAX {
+                        Ok(wire::encode_wire_batch(
+                            me,
+                            updates.map(wire::wire_update).chain(marker_item),
+                        ))
+                    } else {
+                        Err((updates.cloned().collect::<Vec<_>>(), marker))
+                    }
                 })
         };
+        let frame = batch.map(|b| match b {
+            Ok(frame) => frame,
+            Err((updates, marker)) => wire::encode_wire_batch(
+                me,
+                updates
+                    .iter()
+                    .map(wire::wire_update)
+                    .chain(marker.map(wire::wire_marker)),
+            ),
+        });
         match frame {
             Some(frame) => {
                 write_frame(&mut stream, &frame)

@@ -792,7 +792,7 @@ impl<S: Store> Replica<S> {
         peer: SiteId,
         max_items: usize,
         max_bytes: usize,
-    ) -> Option<(impl Iterator<Item = &Update>, Option<Timestamp>)> {
+    ) -> Option<(impl Iterator<Item = &Update> + Clone, Option<Timestamp>)> {
         let p = peer as usize;
         let cursor = self.sent[p];
         let limit = self.durable.get(self.cfg.site);
