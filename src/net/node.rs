@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quinn::{Endpoint, VarInt};
 use tokio::sync::{Notify, watch};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::failure::PhiAccrual;
 use super::metrics::OpMetrics;
@@ -742,6 +742,12 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
                 let remote = incoming.remote_address();
                 let conn = match incoming.await {
                     Ok(c) => c,
+                    // The dialling application gave up mid-handshake (a dial set aside for a
+                    // newer one, a client's connect timeout): nothing was refused.
+                    Err(quinn::ConnectionError::ApplicationClosed(e)) => {
+                        debug!(%remote, reason = %e, "connection abandoned by the peer during the handshake");
+                        return;
+                    }
                     Err(e) => {
                         Metrics::bump(&shared.metrics.tls_failures);
                         warn!(%remote, error = %e, "connection refused during TLS handshake");
