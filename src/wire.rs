@@ -453,6 +453,19 @@ pub fn encode_batch(origin: SiteId, items: &[Item]) -> AlignedVec {
     encode_wire_batch(origin, items.iter().map(wire_item))
 }
 
+/// Encodes an origin's updates, then an optional clock marker, as one [`UpdateBatch`] archive,
+/// serialising straight from the updates.
+pub fn encode_updates<'a>(
+    origin: SiteId,
+    updates: impl Iterator<Item = &'a Update>,
+    marker: Option<Timestamp>,
+) -> AlignedVec {
+    encode_wire_batch(
+        origin,
+        updates.map(wire_update).chain(marker.map(wire_marker)),
+    )
+}
+
 /// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] archive. The
 /// sender serialises straight from its log this way: keys, values and dependency vectors are
 /// copied once, into the frame.

@@ -391,28 +391,17 @@ async fn send_updates(
                 .map(|(updates, marker)| {
                     let bytes: usize = updates
                         .clone()
-                        .map(|u| u.key.len() + u.value.as_ref().map_or(0, |v| v.len()))
+                        .map(crate::replica::Update::payload_len)
                         .sum();
-                    let marker_item = marker.map(wire::wire_marker);
                     if bytes <= LOCKED_ENCODE_MAX {
-                        Ok(wire::encode_wire_batch(
-                            me,
-                            updates.map(wire::wire_update).chain(marker_item),
-                        ))
+                        Ok(wire::encode_updates(me, updates, marker))
                     } else {
                         Err((updates.cloned().collect::<Vec<_>>(), marker))
                     }
                 })
         };
-        let frame = batch.map(|b| match b {
-            Ok(frame) => frame,
-            Err((updates, marker)) => wire::encode_wire_batch(
-                me,
-                updates
-                    .iter()
-                    .map(wire::wire_update)
-                    .chain(marker.map(wire::wire_marker)),
-            ),
+        let frame = batch.map(|b| {
+            b.unwrap_or_else(|(updates, marker)| wire::encode_updates(me, updates.iter(), marker))
         });
         match frame {
             Some(frame) => {

@@ -64,7 +64,8 @@ pub struct Update {
 }
 
 impl Update {
-    fn payload_len(&self) -> usize {
+    /// Key and value bytes.
+    pub fn payload_len(&self) -> usize {
         self.key.len() + self.value.as_ref().map_or(0, Bytes::len)
     }
 }
