@@ -33,9 +33,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use causalkv::clock::{SiteId, VClock, Version};
+use causalkv::peer_wire::{decode_batch, encode_batch};
 use causalkv::replica::{Item, Replica, ReplicaConfig, Update};
 use causalkv::storage::{Entry, MemStore, Store};
-use causalkv::wire::{Limits, decode_batch, encode_batch};
+use causalkv::wire::Limits;
 use criterion::measurement::WallTime;
 use criterion::{
     BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,

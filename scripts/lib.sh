@@ -1,4 +1,10 @@
-# Shared pieces of the benchmark scripts (sourced, not run).
+#!/usr/bin/env bash
+# Shared pieces of the benchmark scripts: they source it (`source scripts/lib.sh`). Run on its
+# own, it only says so.
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  echo "scripts/lib.sh holds helpers that the scripts/bench-*.sh scripts source; run one of those" >&2
+  exit 0
+fi
 
 # ensure_pkg COMMAND... -- DEBIAN_PACKAGE...: installs the packages unless every command exists.
 ensure_pkg() {

@@ -1,4 +1,6 @@
 #!/usr/bin/env python3
+''''exec python3 -- "$0" "$@" # '''
+# (The line above lets `bash scripts/plot.py DIR` hand the file to Python, like the other scripts.)
 """Tables and plots for scripts/bench-wan.sh: reads DIR/results.json, writes DIR/results.md,
 DIR/results.csv and DIR/*.png (latency CDFs, visibility CDFs, throughput and dependency-buffer
 occupancy over time, sweeps).

@@ -207,14 +207,14 @@ pub struct QuicConfig {
     pub conn_window: u64,
     /// Largest UDP payload accepted and probed for by path-MTU discovery, bytes
     /// (1200..=65527; default 1452, one Ethernet frame). See
-    /// [`TransportLimits::max_udp_payload`](crate::net::tls::TransportLimits::max_udp_payload)
+    /// [`TransportLimits::max_udp_payload`](crate::tls::TransportLimits::max_udp_payload)
     /// before raising it.
     pub max_udp_payload: u16,
 }
 
 impl Default for QuicConfig {
     fn default() -> Self {
-        let t = crate::net::tls::TransportLimits::default();
+        let t = crate::tls::TransportLimits::default();
         Self {
             stream_window: t.stream_window,
             conn_window: t.conn_window,
@@ -369,8 +369,8 @@ impl SiteConfig {
     }
 
     /// The QUIC transport limits this configuration asks for.
-    pub fn transport_limits(&self) -> crate::net::tls::TransportLimits {
-        crate::net::tls::TransportLimits {
+    pub fn transport_limits(&self) -> crate::tls::TransportLimits {
+        crate::tls::TransportLimits {
             idle_timeout: std::time::Duration::from_millis(self.timeouts.idle_ms),
             keep_alive: std::time::Duration::from_millis(self.timeouts.keep_alive_ms),
             stream_window: self.quic.stream_window,

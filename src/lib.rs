@@ -5,46 +5,46 @@
 //! mutual TLS, each tagged with a vector clock of its causal dependencies, and a receiver buffers an
 //! update until everything it depends on is applied locally.
 //!
+//! This crate is the server. The client library is its own crate, `causalkv-client`, which this
+//! one builds on and re-exports ([`client`], [`clock`], [`wire`], [`tls`], [`names`],
+//! [`sharding`]): an application that only talks to causalkv depends on that crate alone.
+//!
 //! # Layout
 //!
-//! - [`client`]: the async client library with causal sessions and failover.
-//! - [`clock`]: hybrid logical clock, [`Version`](clock::Version) and [`VClock`](clock::VClock).
+//! From the top down; each module imports only modules below it, and the graph has no cycles:
+//!
+//! - `tools` (feature `tools`, on by default): what the `causalkv` binary, the tests and the
+//!   benchmark scripts use beside the server: the dev-cluster builder, the benchmark driver,
+//!   the WAN emulator, the causal-consistency checker and the certificate tooling.
+//! - [`net`]: the tokio + quinn driver: a running [`Node`], peer links, the client service,
+//!   admin endpoints, the durability and snapshot tasks.
 //! - [`config`]: the site configuration file (TOML).
-//! - [`dev`]: lays out a local multi-site deployment (`causalkv dev`, tests, scripts).
+//! - [`peer_wire`]: the peer protocol's messages (hello, acks, update batches).
 //! - [`replica`]: the sans-IO replication core (no tokio, no sockets, no wall clock): local
 //!   reads and writes under a causal context, the dependency buffer, LWW apply, markers, acks,
 //!   retention and tombstone collection. Side effects come back as values.
-//! - [`sharding`]: which partition node of a site holds a key (the hash clients route by).
 //! - [`storage`]: the live key/value state behind a small [`Store`](storage::Store) trait
-//!   (a `DashMap` today).
-//! - [`checker`]: a causal-consistency checker over recorded histories, used by the
-//!   simulation and by end-to-end suites.
-//! - [`bench`]: load generation and replication measurements for the benchmark scripts.
-//! - [`certs`]: development CA and certificate tooling (`causalkv certs init`).
-//! - [`wire`]: rkyv messages, the one framing function, validation and limits.
-//! - [`net`]: the tokio + quinn driver: TLS setup, peer links, the client service.
-//! - [`wan`]: user-space WAN emulation (delaying UDP/TCP relay mesh) for the benchmarks.
+//!   (a `DashMap`), the write-ahead log and snapshots.
+//! - [`update`]: the values replicated and logged ([`Update`](update::Update),
+//!   [`Item`](update::Item), [`Record`](update::Record)).
+//! - From `causalkv-client`: [`client`], [`tls`], [`names`], [`wire`], [`sharding`], [`clock`].
 #![warn(missing_docs)]
 
-pub mod bench;
-pub mod certs;
-pub mod checker;
-pub mod client;
-pub mod clock;
 pub mod config;
-pub mod dev;
 pub mod net;
+pub mod peer_wire;
 pub mod replica;
-pub mod sharding;
 pub mod storage;
-pub mod wan;
-pub mod wire;
+#[cfg(feature = "tools")]
+pub mod tools;
+pub mod update;
 
-pub use client::{Client, ClientError};
+pub use causalkv_client::{Client, ClientError};
+pub use causalkv_client::{client, clock, names, sharding, tls, wire};
 pub use config::SiteConfig;
 pub use net::Node;
 
 /// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "tools"))]
 #[doc = include_str!("../README.md")]
-#[cfg(doctest)]
 pub struct ReadmeDoctests;

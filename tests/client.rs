@@ -8,8 +8,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use causalkv::Client;
 use causalkv::client::ClientError;
-use causalkv::{Client, dev};
+use causalkv::tools::dev;
 use common::{Cluster, Relay, ms};
 
 const BIN: &str = env!("CARGO_BIN_EXE_causalkv");

@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use causalkv::checker::{self, Op};
 use causalkv::client::ClientBuilder;
 use causalkv::storage::wal::FsyncPolicy;
-use causalkv::{Client, ClientError, Node, certs, dev};
+use causalkv::tools::checker::{self, Op};
+use causalkv::tools::{certs, dev};
+use causalkv::{Client, ClientError, Node};
 use common::{BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, ms, wait_until};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -1,5 +1,5 @@
 //! Fault injection end to end: real `causalkv serve` processes behind the user-space WAN
-//! emulator ([`causalkv::wan`]), under a seeded schedule of asymmetric partitions, isolation of
+//! emulator ([`causalkv::tools::wan`]), under a seeded schedule of asymmetric partitions, isolation of
 //! one site, `kill -9` with restart, and loss bursts, while client sessions hop between sites.
 //! The recorded history must be causally consistent ([`checker::check`]), no acknowledged write
 //! may be lost, and the sites must converge once everything is healed.
@@ -20,12 +20,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use causalkv::checker::{self, Op, Report};
+use causalkv::Client;
 use causalkv::client::ClientBuilder;
 use causalkv::clock::Version;
 use causalkv::storage::wal::FsyncPolicy;
-use causalkv::wan::{LinkParams, Wan};
-use causalkv::{Client, certs, dev};
+use causalkv::tools::checker::{self, Op, Report};
+use causalkv::tools::wan::{LinkParams, Wan};
+use causalkv::tools::{certs, dev};
 use common::{Cluster, Logged, Prepared, Processes, bounded, env_u64, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -37,7 +38,7 @@ const DEFAULT_SEED: u64 = 0xFA_0175;
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Puts every directed link `i → j` of the prepared cluster through a relay of `wan`: site
-/// `i` dials site `j` at the relay's address (what [`causalkv::wan::relay_layout`] does to the
+/// `i` dials site `j` at the relay's address (what [`causalkv::tools::wan::relay_layout`] does to the
 /// configuration files, done here on the configurations before the processes start).
 /// With partitions, node `(i, q)` dials node `(j, q)` through a relay on link `i → j`.
 fn through_wan(p: &mut Prepared, wan: &Wan) {

@@ -30,11 +30,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
-use causalkv::checker::{self, History, Op, OpKind};
 use causalkv::clock::{SiteId, Timestamp, VClock, Version};
 use causalkv::replica::{Item, Record, Replica, ReplicaConfig};
 use causalkv::sharding::partition_of;
 use causalkv::storage::{MemStore, Store, live_contents};
+use causalkv::tools::checker::{self, History, Op, OpKind};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

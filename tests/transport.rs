@@ -11,10 +11,12 @@ use std::time::Duration;
 
 use causalkv::client::ClientError;
 use causalkv::config::SiteConfig;
-use causalkv::net::node::close_code;
-use causalkv::net::tls::{self, Identity, TlsFiles, TransportLimits};
-use causalkv::wire::{self, PeerControl, PeerHello, Request, Response, ResponseBody, error_code};
-use causalkv::{Client, Node, certs, dev};
+use causalkv::peer_wire::{PeerControl, PeerHello};
+use causalkv::tls::{self, Identity, TlsFiles, TransportLimits};
+use causalkv::tools::{certs, dev};
+use causalkv::wire::close_code;
+use causalkv::wire::{self, Request, Response, ResponseBody, error_code};
+use causalkv::{Client, Node};
 use common::{Cluster, Relay, bounded, eventually, free_addr, logs_contain, ms, wait_until};
 use quinn::{Connection, Endpoint, VarInt};
 

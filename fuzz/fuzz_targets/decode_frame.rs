@@ -3,7 +3,8 @@
 //! are the expected outcome for almost every input.
 #![no_main]
 
-use causalkv::wire::{self, ArchivedRequest, Limits, PeerControl};
+use causalkv::peer_wire::{self, PeerControl};
+use causalkv::wire::{self, ArchivedRequest, Limits};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -11,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = Limits::default();
     let mut input = data;
     while let Ok(Some(frame)) = rt.block_on(wire::read_frame(&mut input, 1 << 20)) {
-        let _ = wire::decode_batch(&frame, 1, 3, &limits);
+        let _ = peer_wire::decode_batch(&frame, 1, 3, &limits);
         let _ = wire::decode::<PeerControl>(&frame);
         let _ = wire::access::<ArchivedRequest>(&frame);
     }

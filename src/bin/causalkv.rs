@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use causalkv::client::{Client, ClientError};
-use causalkv::dev::{self, CLI_CLIENT, DevOptions};
 use causalkv::net::NodeError;
-use causalkv::{Node, SiteConfig, bench, certs};
+use causalkv::tools::dev::{self, CLI_CLIENT, DevOptions};
+use causalkv::tools::{bench, certs};
+use causalkv::{Node, SiteConfig};
 use clap::{Args, Parser, Subcommand};
 
 /// mimalloc instead of the system allocator: replication moves millions of short-lived buffers
@@ -698,7 +699,7 @@ async fn connect_each(
 }
 
 async fn run_wan(args: WanArgs) -> Result<(), String> {
-    use causalkv::wan;
+    use causalkv::tools::wan;
     if args.self_test {
         let r = tokio::task::spawn_blocking(move || {
             wan::self_test(&[0.0, 20.0], args.samples, Duration::from_millis(1))

@@ -24,8 +24,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::metrics::{BUCKETS_MICROS, Histogram, Op};
-use super::node::{Metrics, Shared};
+use super::metrics::{BUCKETS_MICROS, Histogram, Metrics, Op};
+use super::shared::Shared;
 
 /// Longest a connection may take to send its request and receive the answer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);

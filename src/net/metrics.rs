@@ -114,6 +114,42 @@ impl OpMetrics {
     }
 }
 
+/// Counters of one node, readable at any time.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Frames that failed validation.
+    pub malformed_frames: AtomicU64,
+    /// Peer hellos refused.
+    pub hellos_rejected: AtomicU64,
+    /// Connections whose TLS handshake failed.
+    pub tls_failures: AtomicU64,
+    /// Client requests served.
+    pub requests: AtomicU64,
+    /// Client requests refused for size.
+    pub too_large: AtomicU64,
+    /// Update batches received from peers.
+    pub batches_in: AtomicU64,
+    /// Update batches sent to peers.
+    pub batches_out: AtomicU64,
+    /// Bytes of update frames received.
+    pub bytes_in: AtomicU64,
+    /// Bytes of update frames sent.
+    pub bytes_out: AtomicU64,
+    /// Per client operation: counts and latency histograms.
+    pub ops: OpMetrics,
+}
+
+impl Metrics {
+    /// Reads one counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn bump(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,22 +1,42 @@
 //! The tokio + quinn driver around the sans-IO replica.
 //!
-//! - [`tls`]: the one TLS setup (mutual TLS with the cluster CA, ALPNs, transport limits).
-//! - [`node`]: a running site: endpoint, tasks, shared state, graceful shutdown.
-//! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
-//! - [`failure`]: the phi-accrual failure detector (sans-IO) that turns heartbeat arrivals into
-//!   peer states.
-//! - [`service`]: the client request service.
-//! - `socket`: the site's UDP socket, and an event for its closing (a restart waits for it).
-//! - [`metrics`]: per-operation request counts and latency histograms.
+//! Files, from the top down (each imports only what is below it):
+//!
+//! - [`node`]: a running site: endpoint, accept loop, start and graceful shutdown.
 //! - [`admin`]: the admin HTTP endpoints (`GET /metrics` in the Prometheus text format,
 //!   `GET /status`).
+//! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
+//! - `service`: the client request service.
+//! - `tasks`: the ticker, the durability pump and the snapshotter.
+//! - `status`: the site's status view.
+//! - `recovery`: start-up recovery from snapshot and log.
+//! - `shared`: the state a node's tasks share and `Shared::mutate`, the one place replica state
+//!   changes.
+//! - `durability`: the write-ahead log as the node drives it (append in apply order, durable
+//!   state advances with fsyncs).
+//! - `peer_state`: what the node knows of each peer.
+//! - [`metrics`]: counters, per-operation request counts and latency histograms.
+//! - [`failure`]: the phi-accrual failure detector (sans-IO) that turns heartbeat arrivals into
+//!   peer states.
+//! - `socket`: the site's UDP socket, and an event for its closing (a restart waits for it).
+//! - [`error`]: why a node could not start.
+//!
+//! The TLS setup is the client library's ([`crate::tls`]): one setup for peers and clients.
 pub mod admin;
+pub(crate) mod durability;
+pub mod error;
 pub mod failure;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+pub(crate) mod peer_state;
+pub(crate) mod recovery;
 pub(crate) mod service;
+pub(crate) mod shared;
 pub(crate) mod socket;
-pub mod tls;
+pub(crate) mod status;
+pub(crate) mod tasks;
 
-pub use node::{Metrics, Node, NodeError, NodeOptions};
+pub use error::NodeError;
+pub use metrics::Metrics;
+pub use node::{Node, NodeOptions};

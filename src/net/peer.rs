@@ -13,7 +13,7 @@
 //!    The dialer already checked the server certificate names the site it dialed. A peer counts
 //!    as connected only after this exchange: TLS 1.3 reports a refused client certificate only
 //!    at the first stream.
-//! 2. the dialer opens one unidirectional stream and sends [`UpdateBatch`](crate::wire::UpdateBatch)
+//! 2. the dialer opens one unidirectional stream and sends [`UpdateBatch`](crate::peer_wire::UpdateBatch)
 //!    frames from the receiver's `applied` entry on (the replica's retained log is the backlog:
 //!    a slow peer costs log space, not memory in a channel).
 //! 3. both sides send their durable `applied` vector on the control stream after changes and
@@ -37,12 +37,12 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tracing::{debug, info, warn};
 
-use super::node::{Metrics, Shared, close_code};
-use super::tls;
+use super::metrics::Metrics;
+use super::shared::Shared;
 use crate::clock::{SiteId, VClock};
-use crate::wire::{
-    self, ArchivedPeerControl, PeerControl, PeerHello, WireError, read_frame, write_frame,
-};
+use crate::peer_wire::{self, ArchivedPeerControl, PeerControl, PeerHello};
+use crate::tls;
+use crate::wire::{self, WireError, close_code, read_frame, write_frame};
 
 /// Why a link failed.
 #[derive(Debug, thiserror::Error)]
@@ -394,14 +394,16 @@ async fn send_updates(
                         .map(crate::replica::Update::payload_len)
                         .sum();
                     if bytes <= LOCKED_ENCODE_MAX {
-                        Ok(wire::encode_updates(me, updates, marker))
+                        Ok(peer_wire::encode_updates(me, updates, marker))
                     } else {
                         Err((updates.cloned().collect::<Vec<_>>(), marker))
                     }
                 })
         };
         let frame = batch.map(|b| {
-            b.unwrap_or_else(|(updates, marker)| wire::encode_updates(me, updates.iter(), marker))
+            b.unwrap_or_else(|(updates, marker)| {
+                peer_wire::encode_updates(me, updates.iter(), marker)
+            })
         });
         match frame {
             Some(frame) => {
@@ -512,7 +514,7 @@ async fn receive_updates(
             .bytes_in
             .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
         Metrics::bump(&shared.metrics.batches_in);
-        let items = wire::decode_batch(&frame, peer, n, &limits)?;
+        let items = peer_wire::decode_batch(&frame, peer, n, &limits)?;
         shared.mutate_deferred(|r| r.receive(peer, items));
         // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
         // control then slows the sender, whose backlog stays in its log.

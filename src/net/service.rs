@@ -21,13 +21,13 @@ use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tracing::{Instrument, debug, warn};
 
-use super::metrics::Op;
-use super::node::{Metrics, Shared, close_code, now_micros};
+use super::metrics::{Metrics, Op};
+use super::shared::{Shared, now_micros};
 use crate::clock::VClock;
 use crate::replica::NotReady;
 use crate::wire::{
-    self, ArchivedClientOp, ArchivedRequest, Response, ResponseBody, WireError, error_code,
-    read_frame, write_frame,
+    self, ArchivedClientOp, ArchivedRequest, Response, ResponseBody, WireError, close_code,
+    error_code, read_frame, write_frame,
 };
 
 /// Serves one client connection until it closes or the node stops.

@@ -45,73 +45,11 @@ use bytes::Bytes;
 
 use crate::clock::{Hlc, SiteId, Timestamp, VClock, Version};
 use crate::storage::{Entry, Store};
+pub use crate::update::{Item, Record, Update};
 
 /// Bytes a batch frame spends on one update besides its key, value and dependency vector (a
 /// bound on the archived item's fixed fields and padding), for [`Replica::poll_batch_refs`].
 pub const ITEM_OVERHEAD: usize = 64;
-
-/// One write as it travels between sites.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Update {
-    /// The key.
-    pub key: Bytes,
-    /// The value, or `None` for a delete.
-    pub value: Option<Bytes>,
-    /// Origin timestamp and origin site.
-    pub version: Version,
-    /// The writer's causal context: what must be applied before this update is visible.
-    pub deps: VClock,
-}
-
-impl Update {
-    /// Key and value bytes.
-    pub fn payload_len(&self) -> usize {
-        self.key.len() + self.value.as_ref().map_or(0, Bytes::len)
-    }
-}
-
-/// An item on an origin's ordered update stream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Item {
-    /// A write from the origin.
-    Update(Update),
-    /// A clock marker: the origin will send no later update with a timestamp at or below this.
-    Marker(Timestamp),
-}
-
-impl Item {
-    /// The item's timestamp in its origin's order.
-    pub fn ts(&self) -> Timestamp {
-        match self {
-            Item::Update(u) => u.version.ts,
-            Item::Marker(ts) => *ts,
-        }
-    }
-
-    fn payload_len(&self) -> usize {
-        match self {
-            Item::Update(u) => u.payload_len(),
-            Item::Marker(_) => 0,
-        }
-    }
-}
-
-/// What a replica asks the driver to make durable, in order.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Record {
-    /// An update applied here (local or remote).
-    Update(Update),
-    /// `applied[origin]` moved to `ts` through a clock marker.
-    Marker {
-        /// The origin whose entry moved.
-        origin: SiteId,
-        /// The marker's timestamp.
-        ts: Timestamp,
-    },
-    /// The local clock may issue timestamps up to here; after a restart it starts above it, so a
-    /// marker that was sent is never undercut by a new write.
-    ClockLease(Timestamp),
-}
 
 /// Side effects to persist, handed out by [`Replica::take_ready`].
 #[derive(Debug, Default)]

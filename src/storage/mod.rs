@@ -4,7 +4,7 @@
 //! merge an entry by last-writer-wins, drop a collected tombstone, and walk the contents. Today the
 //! one implementation is [`MemStore`], a `DashMap` from key bytes to the latest [`Entry`]. Durability
 //! (write-ahead log, snapshots) is layered beside it by the node driver, which persists the
-//! [`Record`](crate::replica::Record)s the replica hands out, so the protocol code does not change
+//! [`Record`](crate::update::Record)s the replica hands out, so the protocol code does not change
 //! when storage does.
 //!
 //! - [`wal`]: the segmented write-ahead log with CRCs, group commit and an fsync policy.

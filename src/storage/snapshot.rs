@@ -25,7 +25,7 @@ use super::wal::twin::UpdateRef;
 use super::wal::{StorageError, io_err, sync_dir};
 use super::{Entry, Store};
 use crate::clock::{Timestamp, VClock, Version};
-use crate::replica::{Record, Update};
+use crate::update::{Record, Update};
 
 use format::{ArchivedSnapshotRef, EntryRef, FORMAT, SnapshotRef};
 

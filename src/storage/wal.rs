@@ -49,7 +49,7 @@ use rkyv::util::AlignedVec;
 use tokio::sync::watch;
 
 use crate::clock::{VClock, Version};
-use crate::replica::{Record, Update};
+use crate::update::{Record, Update};
 
 use twin::{ArchivedUpdateRef, ArchivedWalRecord, UpdateRef, WalRecord};
 

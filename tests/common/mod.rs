@@ -20,10 +20,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use causalkv::checker::{History, Op, OpKind};
 use causalkv::config::SiteConfig;
-use causalkv::net::tls;
-use causalkv::{Client, Node, certs, dev};
+use causalkv::tls;
+use causalkv::tools::checker::{History, Op, OpKind};
+use causalkv::tools::{certs, dev};
+use causalkv::{Client, Node};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;

@@ -15,7 +15,7 @@
 /// The partition of `P = partitions` that holds `key`: `crc32(key) mod P` (0 when `P` is 0 or 1).
 ///
 /// ```
-/// use causalkv::sharding::partition_of;
+/// use causalkv_client::sharding::partition_of;
 /// assert_eq!(partition_of(b"anything", 1), 0);
 /// assert_eq!(partition_of(b"123456789", 1 << 31), 0xCBF4_3926 % (1 << 31));
 /// ```

@@ -8,10 +8,10 @@
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 
-use crate::certs;
 use crate::config::{
     FailureConfig, ReplicationConfig, SiteConfig, SiteEntry, StorageConfig, Timeouts, TlsConfig,
 };
+use crate::tools::certs;
 use crate::wire::Limits;
 
 /// The client certificate name `causalkv dev` makes for the CLI.

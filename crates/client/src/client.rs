@@ -15,8 +15,8 @@
 //! adopted by another process ([`Client::set_session_token`]) to share one session.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), causalkv::client::ClientError> {
-//! use causalkv::Client;
+//! # async fn demo() -> Result<(), causalkv_client::ClientError> {
+//! use causalkv_client::Client;
 //!
 //! let client = Client::builder()
 //!     .sites(["127.0.0.1:7100", "127.0.0.1:7101"])
@@ -42,7 +42,7 @@ use bytes::Bytes;
 use quinn::{Connection, Endpoint};
 
 use crate::clock::{VClock, Version};
-use crate::net::tls::{self, Identity, TlsFiles, TransportLimits};
+use crate::tls::{self, Identity, TlsFiles, TransportLimits};
 use crate::wire::{self, ClientOp, Request, Response, ResponseBody, StatusInfo, error_code};
 
 /// What a client call can fail with.
@@ -163,19 +163,16 @@ impl ClientBuilder {
     /// Connects to the first reachable site.
     pub async fn connect(self) -> Result<Client, ClientError> {
         tls::install_crypto_provider();
-        let sites = self
-            .sites
-            .iter()
-            .map(|s| {
-                use std::net::ToSocketAddrs;
-                s.to_socket_addrs()
-                    .ok()
-                    .and_then(|mut a| a.next())
-                    .ok_or_else(|| {
-                        ClientError::Config(format!("cannot resolve site address {s:?}"))
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        // Resolved without blocking the runtime: a slow resolver must not stall other tasks.
+        let mut sites = Vec::with_capacity(self.sites.len());
+        for s in &self.sites {
+            let addr = tokio::net::lookup_host(s.as_str())
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| ClientError::Config(format!("cannot resolve site address {s:?}")))?;
+            sites.push(addr);
+        }
         let routes: Vec<Vec<SocketAddr>> = if self.site_partitions.is_empty() {
             let parts = self.partitions.unwrap_or(1);
             if !(1..=64).contains(&parts) {

@@ -189,7 +189,7 @@ fn pace(
         .map(|_| tokio::sync::mpsc::unbounded_channel())
         .unzip();
     std::thread::spawn(move || {
-        crate::wan::precise_timers();
+        crate::tools::wan::precise_timers();
         let mut next = start;
         for w in (0..workers).cycle() {
             next += interval;
@@ -342,8 +342,8 @@ mod tests {
 async fn local_cluster(
     dir: &std::path::Path,
     sites: usize,
-) -> Result<crate::dev::LocalCluster, String> {
-    crate::dev::LocalCluster::start(&crate::dev::DevOptions::new(sites, dir, 0))
+) -> Result<crate::tools::dev::LocalCluster, String> {
+    crate::tools::dev::LocalCluster::start(&crate::tools::dev::DevOptions::new(sites, dir, 0))
         .await
         .map_err(|e| e.to_string())
 }
@@ -386,8 +386,8 @@ impl ReplicationReport {
 fn unsynced_layout(
     dir: &std::path::Path,
     sites: usize,
-) -> Result<(crate::dev::DevCluster, crate::SiteConfig), String> {
-    use crate::dev::{DevOptions, prepare};
+) -> Result<(crate::tools::dev::DevCluster, crate::SiteConfig), String> {
+    use crate::tools::dev::{DevOptions, prepare};
     let layout = prepare(&DevOptions::new(sites, dir, 0)).map_err(|e| e.to_string())?;
     let mut cfg = layout.configs[0].clone();
     cfg.storage.fsync = crate::storage::wal::FsyncPolicy::Never;
@@ -523,12 +523,12 @@ pub async fn replication_throughput_processes(
             .map_err(|e| format!("start {}: {e}", bin.display()))
     };
     let mut children = Kill(vec![serve(&a_file)?]);
-    let id = crate::certs::client_paths(&layout.certs, crate::dev::CLI_CLIENT);
+    let id = crate::tools::certs::client_paths(&layout.certs, crate::tools::dev::CLI_CLIENT);
     let connect = |addr: std::net::SocketAddr, timeout: Duration| {
         crate::Client::builder()
             .sites([addr.to_string()])
             .identity(id.cert.clone(), id.key.clone())
-            .ca(crate::certs::ca_paths(&layout.certs).cert)
+            .ca(crate::tools::certs::ca_paths(&layout.certs).cert)
             .timeout(timeout)
             .connect()
     };
@@ -700,7 +700,7 @@ pub async fn visibility_wan(
     {
         let ticking = ticking.clone();
         std::thread::spawn(move || {
-            crate::wan::precise_timers();
+            crate::tools::wan::precise_timers();
             let mut n = 0;
             while ticking.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(poll);
@@ -847,7 +847,7 @@ fn floor_runtime() -> Result<tokio::runtime::Runtime, String> {
 fn floor_endpoint(server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint, String> {
     let socket = crate::net::socket::bind_udp("127.0.0.1:0".parse().expect("loopback address"))
         .map_err(|e| e.to_string())?;
-    let config = crate::net::tls::TransportLimits::default()
+    let config = crate::tls::TransportLimits::default()
         .endpoint_config()
         .map_err(|e| e.to_string())?;
     quinn::Endpoint::new(config, server, socket, Arc::new(quinn::TokioRuntime))
@@ -864,7 +864,7 @@ pub fn floor_server(
     certs: &std::path::Path,
     on_addr: impl FnOnce(std::net::SocketAddr),
 ) -> Result<(), String> {
-    use crate::net::tls::{self, Identity, TlsFiles, TransportLimits};
+    use crate::tls::{self, Identity, TlsFiles, TransportLimits};
     use crate::wire::{read_frame, write_frame};
     tls::install_crypto_provider();
     let b = Identity::load(&TlsFiles::site(certs, "b")).map_err(|e| e.to_string())?;
@@ -920,11 +920,11 @@ pub fn transport_floor(
     pings: u64,
     server_bin: Option<&std::path::Path>,
 ) -> Result<FloorReport, String> {
-    use crate::net::tls::{self, Identity, TlsFiles, TransportLimits};
+    use crate::tls::{self, Identity, TlsFiles, TransportLimits};
     use crate::wire::{read_frame, write_frame};
     tls::install_crypto_provider();
-    let layout =
-        crate::dev::prepare(&crate::dev::DevOptions::new(2, dir, 0)).map_err(|e| e.to_string())?;
+    let layout = crate::tools::dev::prepare(&crate::tools::dev::DevOptions::new(2, dir, 0))
+        .map_err(|e| e.to_string())?;
     let a = Identity::load(&TlsFiles::site(&layout.certs, "a")).map_err(|e| e.to_string())?;
     let client = tls::client_config(&a, &TransportLimits::default(), tls::ALPN_PEER)
         .map_err(|e| e.to_string())?;

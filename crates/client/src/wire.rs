@@ -5,23 +5,20 @@
 //! allocating, reads the archive into an aligned buffer, and hands it out as [`Bytes`] so that
 //! values can later be sliced out of the frame and stored without re-encoding. Each archive is
 //! validated with bytecheck (`rkyv::access`) before any field is read, and then checked for
-//! meaning ([`decode_batch`], [`check_request`]): vector lengths equal the number of sites, ids are
+//! meaning ([`check_sizes`], [`check_vector`]): vector lengths equal the number of sites, ids are
 //! in range, keys and values respect the limits, timestamps grow along a batch.
 //!
-//! Messages:
-//! - peer control stream (bidirectional): [`PeerControl`] — hello, ack/heartbeat, reject;
-//! - peer update stream (unidirectional, one per origin and connection): [`UpdateBatch`];
-//! - client streams (one bidirectional stream per request): [`Request`] / [`Response`].
+//! Messages here: client streams (one bidirectional stream per request), [`Request`] /
+//! [`Response`]. The peer protocol's messages (hello, acks, update batches) are the server's
+//! and live in its `peer_wire` module, framed by the same [`write_frame`] / [`read_frame`].
 
 use bytes::Bytes;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
-use rkyv::with::InlineAsBox;
 use rkyv::{Archive, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::clock::{SiteId, Timestamp, VClock, Version};
-use crate::replica::{Item, Update};
+use crate::clock::{VClock, Version};
 
 /// Limits on what a peer or client may send.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -100,81 +97,6 @@ mod messages {
         fn from(v: WireVersion) -> Self {
             Version::new(v.ts, v.site)
         }
-    }
-
-    /// A peer's hello on the control stream: who it claims to be and what it has applied.
-    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
-    pub struct PeerHello {
-        /// Cluster id; both sides must agree.
-        pub cluster: String,
-        /// The site id the sender claims; its certificate must name that site.
-        pub site: u16,
-        /// Number of sites the sender is configured with.
-        pub sites: u16,
-        /// The sender's partition of its site: peers replicate partition with like partition;
-        /// the partitions of one site exchange stable-vector contributions.
-        pub partition: u16,
-        /// Number of partitions per site the sender is configured with.
-        pub partitions: u16,
-        /// The sender's durable `applied` vector.
-        pub applied: Vec<u64>,
-    }
-
-    /// Messages on a peer control stream.
-    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq)]
-    pub enum PeerControl {
-        /// The first message in each direction.
-        Hello(PeerHello),
-        /// The sender's durable `applied` vector; doubles as the heartbeat.
-        Ack {
-            /// Durable `applied` vector.
-            applied: Vec<u64>,
-            /// The sender's HLC reading.
-            hlc: u64,
-        },
-        /// The hello was refused; the connection closes after this.
-        Reject {
-            /// Why.
-            reason: String,
-        },
-    }
-
-    /// Item kinds in an [`UpdateBatch`].
-    pub mod item_kind {
-        /// A put.
-        pub const PUT: u8 = 0;
-        /// A delete (tombstone).
-        pub const DELETE: u8 = 1;
-        /// A clock marker.
-        pub const MARKER: u8 = 2;
-    }
-
-    /// One item of an origin's update stream. It borrows its key, value and dependencies from
-    /// the sender's log, so a batch is serialised without copying them first.
-    #[derive(Archive, Serialize, Clone, Copy, Debug, PartialEq)]
-    pub struct WireItem<'a> {
-        /// Origin timestamp.
-        pub ts: u64,
-        /// One of [`item_kind`].
-        pub kind: u8,
-        /// Key (empty for markers).
-        #[rkyv(with = InlineAsBox)]
-        pub key: &'a [u8],
-        /// Value (empty for deletes and markers).
-        #[rkyv(with = InlineAsBox)]
-        pub value: &'a [u8],
-        /// Dependencies, one entry per site (empty for markers).
-        #[rkyv(with = InlineAsBox)]
-        pub deps: &'a [u64],
-    }
-
-    /// Many items of one origin's stream in one frame.
-    #[derive(Archive, Serialize, Clone, Debug, PartialEq)]
-    pub struct UpdateBatch<'a> {
-        /// The origin site.
-        pub origin: u16,
-        /// Items in stream order.
-        pub items: Vec<WireItem<'a>>,
     }
 
     /// A client operation.
@@ -332,6 +254,21 @@ mod messages {
     }
 }
 
+/// QUIC application close codes (on connections and streams). Error codes inside a response
+/// are [`error_code`].
+pub mod close_code {
+    /// Graceful shutdown.
+    pub const SHUTDOWN: u32 = 0;
+    /// A malformed frame was received.
+    pub const MALFORMED: u32 = 0x10;
+    /// The peer's hello was refused (wrong cluster, wrong site, certificate mismatch).
+    pub const HELLO_REJECTED: u32 = 0x11;
+    /// The ALPN is not one this node serves.
+    pub const BAD_ALPN: u32 = 0x12;
+    /// A link dial that was given up for a newer one, closed when it completed late.
+    pub const SUPERSEDED: u32 = 0x13;
+}
+
 /// Encodes a message as an rkyv archive.
 pub fn encode<T>(msg: &T) -> AlignedVec
 where
@@ -414,132 +351,6 @@ where
     rkyv::deserialize::<T, rancor::Error>(archived).map_err(|e| WireError::Invalid(e.to_string()))
 }
 
-/// The wire form of a replica item, borrowing from it.
-pub fn wire_item(item: &Item) -> WireItem<'_> {
-    match item {
-        Item::Update(u) => wire_update(u),
-        Item::Marker(ts) => wire_marker(*ts),
-    }
-}
-
-/// The wire form of a clock marker.
-pub fn wire_marker(ts: Timestamp) -> WireItem<'static> {
-    WireItem {
-        ts,
-        kind: item_kind::MARKER,
-        key: &[],
-        value: &[],
-        deps: &[],
-    }
-}
-
-/// The wire form of an update, borrowing from it.
-pub fn wire_update(u: &Update) -> WireItem<'_> {
-    WireItem {
-        ts: u.version.ts,
-        kind: if u.value.is_some() {
-            item_kind::PUT
-        } else {
-            item_kind::DELETE
-        },
-        key: &u.key,
-        value: u.value.as_deref().unwrap_or(&[]),
-        deps: u.deps.as_slice(),
-    }
-}
-
-/// Encodes one origin's items as an [`UpdateBatch`] archive.
-pub fn encode_batch(origin: SiteId, items: &[Item]) -> AlignedVec {
-    encode_wire_batch(origin, items.iter().map(wire_item))
-}
-
-/// Encodes an origin's updates, then an optional clock marker, as one [`UpdateBatch`] archive,
-/// serialising straight from the updates.
-pub fn encode_updates<'a>(
-    origin: SiteId,
-    updates: impl Iterator<Item = &'a Update>,
-    marker: Option<Timestamp>,
-) -> AlignedVec {
-    encode_wire_batch(
-        origin,
-        updates.map(wire_update).chain(marker.map(wire_marker)),
-    )
-}
-
-/// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] archive. The
-/// sender serialises straight from its log this way: keys, values and dependency vectors are
-/// copied once, into the frame.
-pub fn encode_wire_batch<'a>(
-    origin: SiteId,
-    items: impl IntoIterator<Item = WireItem<'a>>,
-) -> AlignedVec {
-    encode(&UpdateBatch {
-        origin,
-        items: items.into_iter().collect(),
-    })
-}
-
-/// Validates an [`UpdateBatch`] frame and turns it into replica items. Keys and values are
-/// slices of `frame`: they reach the store without being copied or re-encoded.
-///
-/// Checks, beyond structure: the origin is `expected_origin`; every dependency vector has one
-/// entry per site; kinds are known; keys and values respect `limits`; timestamps are non-zero and
-/// strictly increasing along the batch.
-pub fn decode_batch(
-    frame: &Bytes,
-    expected_origin: SiteId,
-    sites: usize,
-    limits: &Limits,
-) -> Result<Vec<Item>, WireError> {
-    let batch = access::<ArchivedUpdateBatch>(frame)?;
-    let origin = batch.origin.to_native();
-    if origin != expected_origin {
-        return Err(WireError::Semantic(format!(
-            "batch claims origin {origin} on the stream of site {expected_origin}"
-        )));
-    }
-    let mut out = Vec::with_capacity(batch.items.len());
-    let mut last = 0u64;
-    for it in batch.items.iter() {
-        let ts = it.ts.to_native();
-        if ts <= last {
-            return Err(WireError::Semantic(format!(
-                "timestamps must increase along a batch ({ts} after {last})"
-            )));
-        }
-        last = ts;
-        match it.kind {
-            item_kind::MARKER => out.push(Item::Marker(ts)),
-            item_kind::PUT | item_kind::DELETE => {
-                if it.deps.len() != sites {
-                    return Err(WireError::Semantic(format!(
-                        "dependency vector has {} entries, the cluster has {sites} sites",
-                        it.deps.len()
-                    )));
-                }
-                check_sizes(it.key.len(), it.value.len(), limits)?;
-                let key = frame.slice_ref(it.key.get());
-                let value = (it.kind == item_kind::PUT).then(|| {
-                    if it.value.is_empty() {
-                        Bytes::new()
-                    } else {
-                        frame.slice_ref(it.value.get())
-                    }
-                });
-                let deps = VClock::from_vec(it.deps.iter().map(|d| d.to_native()).collect());
-                out.push(Item::Update(Update {
-                    key,
-                    value,
-                    version: Version::new(ts, origin),
-                    deps,
-                }));
-            }
-            k => return Err(WireError::Semantic(format!("unknown item kind {k}"))),
-        }
-    }
-    Ok(out)
-}
-
 /// Checks a key and value size against the limits.
 pub fn check_sizes(key: usize, value: usize, limits: &Limits) -> Result<(), WireError> {
     if key == 0 {
@@ -575,39 +386,10 @@ pub fn check_vector(v: &[u64], sites: usize, what: &str) -> Result<VClock, WireE
 mod tests {
     use super::*;
 
-    fn update(ts: u64, key: &str, value: Option<&str>) -> Item {
-        Item::Update(Update {
-            key: Bytes::copy_from_slice(key.as_bytes()),
-            value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
-            version: Version::new(ts, 1),
-            deps: VClock::from_vec(vec![3, 0, 0]),
-        })
-    }
-
     async fn roundtrip(payload: &[u8], max: usize) -> Result<Option<Bytes>, WireError> {
         let mut buf = Vec::new();
         write_frame(&mut buf, payload).await.unwrap();
         read_frame(&mut &buf[..], max).await
-    }
-
-    #[tokio::test]
-    async fn batch_roundtrips_and_values_are_slices_of_the_frame() {
-        let items = vec![
-            update(5, "a", Some("x")),
-            update(6, "b", None),
-            Item::Marker(9),
-        ];
-        let frame = roundtrip(&encode_batch(1, &items), 1 << 20)
-            .await
-            .unwrap()
-            .unwrap();
-        let got = decode_batch(&frame, 1, 3, &Limits::default()).unwrap();
-        assert_eq!(got, items);
-        if let Item::Update(u) = &got[0] {
-            let v = u.value.as_ref().unwrap();
-            let range = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
-            assert!(range.contains(&(v.as_ptr() as usize)), "value was copied");
-        }
     }
 
     #[tokio::test]
@@ -630,48 +412,8 @@ mod tests {
 
     #[test]
     fn garbage_fails_validation() {
-        let frame = Bytes::from_static(&[0xff; 64]);
-        assert!(matches!(
-            decode_batch(&frame, 1, 3, &Limits::default()),
-            Err(WireError::Invalid(_))
-        ));
         assert!(decode::<Request>(&[1, 2, 3]).is_err());
-    }
-
-    #[test]
-    fn semantic_checks_catch_wrong_lengths_ids_and_sizes() {
-        let limits = Limits {
-            max_key: 4,
-            max_value: 4,
-            max_frame: 1 << 20,
-        };
-        let items = vec![update(5, "a", Some("x"))];
-        let frame = Bytes::from(encode_batch(1, &items).to_vec());
-        let frame = aligned(&frame);
-        assert!(decode_batch(&frame, 2, 3, &limits).is_err(), "wrong origin");
-        assert!(
-            decode_batch(&frame, 1, 4, &limits).is_err(),
-            "wrong vector length"
-        );
-        let big = aligned(&encode_batch(1, &[update(5, "a", Some("toolong"))]));
-        assert!(
-            decode_batch(&big, 1, 3, &limits).is_err(),
-            "value too large"
-        );
-        let back = aligned(&encode_batch(
-            1,
-            &[update(5, "a", Some("x")), update(5, "b", Some("y"))],
-        ));
-        assert!(
-            decode_batch(&back, 1, 3, &limits).is_err(),
-            "ts not increasing"
-        );
-    }
-
-    fn aligned(b: &[u8]) -> Bytes {
-        let mut v = AlignedVec::<16>::new();
-        v.extend_from_slice(b);
-        Bytes::from_owner(v)
+        assert!(decode::<Response>(&[0xff; 64]).is_err());
     }
 
     #[test]

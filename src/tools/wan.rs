@@ -400,11 +400,16 @@ impl Scheduler {
 }
 
 /// Ask for precise timed waits on this thread: a 1 ns timer slack instead of the default 50 µs.
+/// Linux only; elsewhere the platform's default timer precision applies.
 pub(crate) fn precise_timers() {
-    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only changes this thread's slack.
-    let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
-    if rc != 0 {
-        tracing::debug!("PR_SET_TIMERSLACK failed; timed waits keep the default slack");
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: PR_SET_TIMERSLACK takes one integer argument and only changes this thread's
+        // slack.
+        let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
+        if rc != 0 {
+            tracing::debug!("PR_SET_TIMERSLACK failed; timed waits keep the default slack");
+        }
     }
 }
 
@@ -1003,7 +1008,7 @@ pub fn start(spec: &WanSpec) -> Result<Wan, String> {
         .max(spec.sites.len())
         .max(spec.tcp.iter().map(|t| t.site + 1).max().unwrap_or(0));
     let names = if spec.sites.is_empty() {
-        (0..n).map(crate::dev::site_name).collect()
+        (0..n).map(crate::tools::dev::site_name).collect()
     } else {
         spec.sites.clone()
     };

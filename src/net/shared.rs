@@ -1,0 +1,131 @@
+//! [`Shared`]: the state a node's tasks share, and [`Shared::mutate`], the one place replica
+//! state changes (apply, log, ask for the fsync, wake senders and waiting requests).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, watch};
+
+use super::durability::{WalState, append_ready};
+use super::metrics::Metrics;
+use super::peer_state::PeerState;
+use crate::clock::{SiteId, Timestamp};
+use crate::config::SiteConfig;
+use crate::replica::Replica;
+use crate::storage::MemStore;
+use crate::storage::wal::{self, StorageError};
+use crate::tls::{Identity, TransportLimits};
+
+/// State shared by a node's tasks.
+pub(crate) struct Shared {
+    pub cfg: SiteConfig,
+    /// The replica. A std mutex: it is never held across an await, and critical sections are
+    /// short (one request or one batch).
+    pub replica: Mutex<Replica<MemStore>>,
+    /// Bumped whenever `applied` or a peer's acked vector moves; requests waiting for causal
+    /// readiness or synchronous replication watch it.
+    pub changed: watch::Sender<u64>,
+    /// Per peer: wakes the outbound sender when there is something new to send.
+    pub peer_wake: Vec<Notify>,
+    /// Per peer: cuts the outbound link's reconnection backoff short. A peer that dials in has
+    /// come back, so the link to it is redialled at once rather than after up to
+    /// `max_backoff_ms`: a returning site starts catching up as soon as it is reachable.
+    pub peer_redial: Vec<Notify>,
+    pub peers: Vec<Mutex<PeerState>>,
+    pub metrics: Metrics,
+    pub shutdown: watch::Receiver<bool>,
+    pub inflight: AtomicUsize,
+    /// Set when a graceful shutdown begins: new requests are refused (clients fail over) while
+    /// in-flight ones finish and the update streams drain to peers.
+    pub draining: std::sync::atomic::AtomicBool,
+    pub drained: Notify,
+    pub identity: Identity,
+    pub transport: TransportLimits,
+    /// The write-ahead log and the commits waiting for its fsync. Locked only while the replica
+    /// lock is held (lock order: replica, then wal), so log order is apply order.
+    pub wal: Mutex<WalState>,
+    /// The log's synced LSN.
+    pub synced: watch::Receiver<u64>,
+}
+
+/// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.
+pub fn now_micros() -> Timestamp {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as Timestamp)
+}
+
+impl Shared {
+    pub fn site(&self) -> SiteId {
+        self.cfg.site_id
+    }
+
+    /// Runs `f` on the replica, then appends the records it produced to the write-ahead log and
+    /// asks for an fsync under the configured policy. The one place replica state changes.
+    ///
+    /// Returns `f`'s result and the LSN to wait for ([`Shared::wait_durable`]) before telling
+    /// anyone the effect is durable. The replica's durable state (what peers are sent and what
+    /// is acked) advances in [`durability_pump`] once the fsync is done.
+    pub fn mutate<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
+        self.mutate_with(true, f)
+    }
+
+    /// [`Shared::mutate`] without asking for an fsync now: the records are group-committed by
+    /// the next fsync anyone asks for, at the latest the ticker's (every marker interval). Used
+    /// for remote batches, so that a steady stream of replicated updates does not put an fsync
+    /// in front of every local write; the origin's ack waits for that group commit.
+    ///
+    /// On a partitioned site it asks for the fsync at once: a partition's contribution to the
+    /// stable vector counts durable state only, so updates that wait on other partitions are
+    /// released one fsync after they arrive rather than one tick.
+    pub fn mutate_deferred<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
+        self.mutate_with(self.cfg.partitions > 1, f)
+    }
+
+    fn mutate_with<T>(&self, sync: bool, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
+        let mut r = self.replica.lock().expect("replica lock poisoned");
+        let out = f(&mut r);
+        let mut w = self.wal.lock().expect("wal lock poisoned");
+        let lsn = append_ready(&mut r, &mut w, sync);
+        drop(w);
+        drop(r);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        self.wake_peers();
+        (out, lsn)
+    }
+
+    /// Waits until the write-ahead log is durable up to `lsn`.
+    pub async fn wait_durable(&self, lsn: u64) -> Result<(), StorageError> {
+        if lsn == u64::MAX {
+            return Err(StorageError::SyncStopped);
+        }
+        let mut rx = self.synced.clone();
+        wal::wait_synced(&mut rx, lsn).await
+    }
+
+    pub fn wake_peers(&self) {
+        for w in &self.peer_wake {
+            w.notify_one();
+        }
+    }
+
+    /// Reads the replica.
+    pub fn read<T>(&self, f: impl FnOnce(&Replica<MemStore>) -> T) -> T {
+        f(&self.replica.lock().expect("replica lock poisoned"))
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.draining.load(Ordering::SeqCst) || *self.shutdown.borrow()
+    }
+
+    pub fn site_name(&self, id: SiteId) -> &str {
+        &self.cfg.sites[id as usize].name
+    }
+
+    /// Write-ahead log figures: `(fsyncs, bytes on disk)`.
+    pub fn wal_stats(&self) -> (u64, u64) {
+        let w = self.wal.lock().expect("wal lock");
+        (w.wal.fsyncs(), w.wal.disk_bytes())
+    }
+}

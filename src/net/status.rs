@@ -1,0 +1,82 @@
+//! The site's status as `causalkv status`, `GET /status` and [`Node::status`](super::Node::status)
+//! show it: vectors, buffer and log figures, and each peer's state with its reason and lag.
+
+use std::time::Instant;
+
+use super::peer_state::judge;
+use super::shared::Shared;
+use crate::clock::SiteId;
+use crate::storage::Store;
+use crate::wire::{PeerStatus, StatusInfo};
+
+impl Shared {
+    /// The site's status.
+    pub fn status(&self) -> StatusInfo {
+        let me = self.site();
+        let site_stable = self.read(|r| r.site_stable().as_slice().to_vec());
+        let (applied, stable, buffered, retained, keys, peer_vecs, unacked) = self.read(|r| {
+            let peer_vecs: Vec<_> = (0..self.cfg.n() as SiteId)
+                .map(|p| r.peer_applied(p).as_slice().to_vec())
+                .collect();
+            let unacked: Vec<_> = (0..self.cfg.n() as SiteId)
+                .map(|p| r.unacked_by(p) as u64)
+                .collect();
+            (
+                r.applied().as_slice().to_vec(),
+                r.stable().as_slice().to_vec(),
+                r.buffer().len() as u64,
+                r.retained_len() as u64,
+                r.store().len() as u64,
+                peer_vecs,
+                unacked,
+            )
+        });
+        let (fsyncs, wal_bytes) = self.wal_stats();
+        let now = Instant::now();
+        let peers = self
+            .cfg
+            .peers()
+            .map(|p| {
+                let st = self.peers[p.id as usize].lock().expect("peer lock");
+                let phi = st.detector.phi(now);
+                let silence = st
+                    .detector
+                    .last_heartbeat()
+                    .map(|_| st.detector.silence(now));
+                let (state, reason) = judge(&st, phi, silence, &self.cfg.failure);
+                drop(st);
+                let theirs = peer_vecs[p.id as usize]
+                    .get(me as usize)
+                    .copied()
+                    .unwrap_or(0);
+                PeerStatus {
+                    site: p.id,
+                    name: p.name.clone(),
+                    addr: self.cfg.peer_addr(p.id).to_string(),
+                    state: state.into(),
+                    reason,
+                    phi,
+                    silence_ms: silence.map_or(0, |d| d.as_millis() as u64),
+                    applied: peer_vecs[p.id as usize].clone(),
+                    lag_updates: unacked[p.id as usize],
+                    lag_ms: applied[me as usize].saturating_sub(theirs) / 1000,
+                }
+            })
+            .collect();
+        StatusInfo {
+            site: me,
+            name: self.cfg.me().name.clone(),
+            applied,
+            stable,
+            buffered,
+            retained,
+            keys,
+            wal_bytes,
+            fsyncs,
+            peers,
+            partition: self.cfg.partition as u16,
+            partitions: self.cfg.partitions as u16,
+            site_stable,
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Tooling beside the server (feature `tools`): what the `causalkv` binary, the tests and the
+//! benchmark scripts use. None of it is needed to embed a site or to use the client.
+//!
+//! - [`dev`]: lays out a local multi-site deployment (`causalkv dev`, tests, scripts).
+//! - [`bench`]: load generation and replication measurements for the benchmark scripts.
+//! - [`wan`]: user-space WAN emulation (a delaying UDP/TCP relay mesh) for the benchmarks.
+//! - [`checker`]: a causal-consistency checker over recorded histories, used by the simulation
+//!   and by the end-to-end suites.
+//! - [`certs`]: development CA and certificate tooling (`causalkv certs init`).
+pub mod bench;
+pub mod certs;
+pub mod checker;
+pub mod dev;
+pub mod wan;
