@@ -315,11 +315,8 @@ impl Node {
         // 2. Make everything durable, then let connected peers receive and ack this site's
         //    updates, so that a planned stop leaves nothing only here.
         shared.mutate(|_| ());
-        let flushed = shared.clone();
-        let synced = tokio::task::spawn_blocking(move || {
-            flushed.wal.lock().expect("wal lock").wal.sync_now()
-        })
-        .await;
+        let handle = shared.wal.lock().expect("wal lock").wal.sync_handle();
+        let synced = tokio::task::spawn_blocking(move || handle.sync()).await;
         match synced {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(parent: &span, error = %e, "final fsync failed"),

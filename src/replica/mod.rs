@@ -189,6 +189,8 @@ pub struct Replica<S: Store> {
     /// stays true, so the claim never goes down.
     contributed: VClock,
     tombstones: BTreeSet<(Version, Bytes)>,
+    /// While above zero, tombstones are not collected (a snapshot is copying the store).
+    tombstone_holds: u32,
     pending: Vec<Record>,
     last_marker_at: Timestamp,
     stats: ReplicaStats,
@@ -217,6 +219,7 @@ impl<S: Store> Replica<S> {
             siblings: vec![VClock::zero(n); cfg.partitions.max(1) as usize],
             contributed: VClock::zero(n),
             tombstones: BTreeSet::new(),
+            tombstone_holds: 0,
             pending: Vec::new(),
             last_marker_at: 0,
             stats: ReplicaStats::default(),
@@ -616,8 +619,23 @@ impl<S: Store> Replica<S> {
         // after a crash, the old value again; collected before every site applied the delete,
         // a reader that saw "absent" here (which carries no version into its context) could
         // fail over and read the deleted value there.
-        let floor = self.stable().min_entry();
-        self.collect_tombstones(floor);
+        if self.tombstone_holds == 0 {
+            let floor = self.stable().min_entry();
+            self.collect_tombstones(floor);
+        }
+    }
+
+    /// Holds tombstone collection until the matching [`Replica::release_tombstones`]. A snapshot
+    /// copies the store while the replica keeps applying: recovery then replays the log from
+    /// where the copy began, and an older write in that stretch that lost to a tombstone must
+    /// lose again, so the tombstone has to be in the copy.
+    pub fn hold_tombstones(&mut self) {
+        self.tombstone_holds += 1;
+    }
+
+    /// Ends one [`Replica::hold_tombstones`]; collection resumes at the next tick.
+    pub fn release_tombstones(&mut self) {
+        self.tombstone_holds = self.tombstone_holds.saturating_sub(1);
     }
 
     fn collect_tombstones(&mut self, floor: Timestamp) {

@@ -1,5 +1,7 @@
 //! [`MemStore`]: the in-memory store, a `DashMap` from key bytes to the latest entry.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
@@ -10,9 +12,12 @@ use crate::clock::Version;
 /// The in-memory store. Sharded locking (`DashMap`) lets reads proceed while the replica's single
 /// writer merges updates. Keys are hashed with aHash (randomly seeded per process, so still
 /// resistant to hash flooding): SipHash showed up as the top cost of applying replicated batches.
-#[derive(Debug, Default)]
+///
+/// A clone is a handle to the same map: the snapshotter copies the entries through one while the
+/// replica keeps writing through its own, so no lock is held for the whole copy.
+#[derive(Clone, Debug, Default)]
 pub struct MemStore {
-    map: DashMap<Bytes, Entry, ahash::RandomState>,
+    map: Arc<DashMap<Bytes, Entry, ahash::RandomState>>,
 }
 
 impl MemStore {
@@ -24,7 +29,10 @@ impl MemStore {
     /// An empty store with room for `n` keys (recovery knows the count from the snapshot).
     pub fn with_capacity(n: usize) -> Self {
         Self {
-            map: DashMap::with_capacity_and_hasher(n, ahash::RandomState::new()),
+            map: Arc::new(DashMap::with_capacity_and_hasher(
+                n,
+                ahash::RandomState::new(),
+            )),
         }
     }
 }

@@ -34,7 +34,18 @@
 //! [`wait_synced`]). A dedicated thread (`wal-sync`) owns fsync: it syncs once for every request
 //! pending at that moment, so concurrent writers share one `fdatasync`. The [`FsyncPolicy`] says
 //! when it syncs.
+//!
+//! # Segment rolls
+//!
+//! A roll (the current segment is full) is handed to the same thread: it fsyncs the old segment,
+//! creates the new one and fsyncs the directory, then writes into the new segment the appends
+//! that arrived meanwhile (they queue in memory) and makes it current. The appending thread (a
+//! node's runtime thread, under the replica lock) never waits for those fsyncs. The order on
+//! disk is the same as a roll in place: nothing is written to a segment before the one before it
+//! is durable, so recovery's rule (only the last segment can have a torn tail) still holds.
+//! Under [`FsyncPolicy::Never`] a roll just creates the next file, in place.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -640,8 +651,11 @@ struct Shared {
     batch: Duration,
     state: Mutex<SyncState>,
     cv: Condvar,
-    /// The LSN everything appended so far ends at (stored after the write).
+    /// The LSN everything written to segment files so far ends at (stored after the write;
+    /// appends queued behind a roll count once the sync thread has written them).
     appended: AtomicU64,
+    /// Signalled when a roll completes (or the log fails), for [`SyncHandle::sync`].
+    rolled: Condvar,
     fsyncs: AtomicU64,
     failed: AtomicBool,
 }
@@ -651,9 +665,20 @@ struct SyncState {
     synced: u64,
     /// The current segment (earlier segments were fsynced when they were closed).
     current: Arc<File>,
+    /// Rolls handed to the sync thread, oldest first, each with the appends queued for its
+    /// segment. Empty when the appender writes in place.
+    rolls: VecDeque<Roll>,
     shutdown: bool,
     /// Publishes the synced LSN; dropped when an fsync fails, which wakes waiters with an error.
     tx: Option<watch::Sender<u64>>,
+}
+
+/// A segment roll in progress on the sync thread.
+struct Roll {
+    /// The new segment's file.
+    path: PathBuf,
+    /// Appends made since the roll began, in order, waiting to be written into the new segment.
+    queued: Vec<u8>,
 }
 
 impl Shared {
@@ -681,6 +706,7 @@ impl Shared {
         tracing::error!("{what}; the write-ahead log accepts no more writes");
         self.failed.store(true, Ordering::SeqCst);
         st.tx = None;
+        self.rolled.notify_all();
     }
 }
 
@@ -691,6 +717,22 @@ fn sync_loop(shared: Arc<Shared>) {
     loop {
         if st.tx.is_none() {
             return;
+        }
+        if let Some(roll) = st.rolls.front() {
+            // Before any fsync or shutdown: the appends queued behind the roll are not in a
+            // file yet, and everything else waits for them.
+            let path = roll.path.clone();
+            let old = st.current.clone();
+            drop(st);
+            match complete_roll(&shared, &old, &path) {
+                Ok(guard) => st = guard,
+                Err(what) => {
+                    st = shared.lock();
+                    shared.fail(&mut st, what);
+                    return;
+                }
+            }
+            continue;
         }
         // Read `appended` while holding the lock, before reading `current`: a segment roll sets
         // `current` (under the lock) before writing, so everything below `appended` is in
@@ -731,7 +773,9 @@ fn sync_loop(shared: Arc<Shared>) {
                 continue;
             }
         }
-        let target = st.requested.max(appended);
+        // Everything written is covered by this fsync; a request is never beyond it (appends
+        // are written, or written by a completed roll, before their sync is asked for).
+        let target = st.requested.max(appended).min(appended);
         let file = st.current.clone();
         drop(st);
         let res = file.sync_data();
@@ -745,6 +789,44 @@ fn sync_loop(shared: Arc<Shared>) {
                 return;
             }
         }
+    }
+}
+
+/// The sync thread's half of the oldest roll: fsyncs the old segment, creates the new one (and
+/// fsyncs the directory), writes the appends queued for it, then makes it current. Returns with
+/// the state locked and the roll done, or the reason it failed.
+fn complete_roll<'a>(
+    shared: &'a Shared,
+    old: &File,
+    path: &Path,
+) -> Result<MutexGuard<'a, SyncState>, String> {
+    let res = old.sync_data();
+    shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+    res.map_err(|e| format!("fsync of the segment before {} failed: {e}", path.display()))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file = Arc::new(open_segment(path, true).map_err(|e| e.to_string())?);
+    sync_dir(dir).map_err(|e| e.to_string())?;
+    loop {
+        let mut st = shared.lock();
+        let roll = st.rolls.front_mut().expect("a roll in progress");
+        let queued = std::mem::take(&mut roll.queued);
+        if queued.is_empty() {
+            // Later rolls (their segments filled up while this one ran) follow at the top of
+            // the sync loop; appends queue behind the last one until all are done.
+            st.current = file;
+            st.rolls.pop_front();
+            if st.rolls.is_empty() {
+                shared.rolled.notify_all();
+            }
+            return Ok(st);
+        }
+        drop(st);
+        (&*file)
+            .write_all(&queued)
+            .map_err(|e| format!("write-ahead log write to {} failed: {e}", path.display()))?;
+        shared
+            .appended
+            .fetch_add(queued.len() as u64, Ordering::Release);
     }
 }
 
@@ -766,6 +848,8 @@ pub struct Wal {
     shared: Arc<Shared>,
     synced_rx: watch::Receiver<u64>,
     thread: Option<JoinHandle<()>>,
+    /// Rolls are with the sync thread: appends queue behind them until they complete.
+    rolling: bool,
 }
 
 impl std::fmt::Debug for Wal {
@@ -779,13 +863,19 @@ impl std::fmt::Debug for Wal {
     }
 }
 
+/// Creates a new segment file for appending (it must not exist).
+fn open_segment(path: &Path, create: bool) -> Result<File, StorageError> {
+    let mut o = OpenOptions::new();
+    o.append(true);
+    if create {
+        o.create_new(true);
+    }
+    o.open(path).map_err(io_err(path))
+}
+
 fn create_segment(dir: &Path, start: u64) -> Result<(Segment, File), StorageError> {
     let path = segment_path(dir, start);
-    let file = OpenOptions::new()
-        .create_new(true)
-        .append(true)
-        .open(&path)
-        .map_err(io_err(&path))?;
+    let file = open_segment(&path, true)?;
     sync_dir(dir)?;
     Ok((
         Segment {
@@ -877,10 +967,12 @@ impl Wal {
                 requested: end_lsn,
                 synced: end_lsn,
                 current: file.clone(),
+                rolls: VecDeque::new(),
                 shutdown: false,
                 tx: Some(tx),
             }),
             cv: Condvar::new(),
+            rolled: Condvar::new(),
             appended: AtomicU64::new(end_lsn),
             fsyncs: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -903,6 +995,7 @@ impl Wal {
             shared,
             synced_rx,
             thread: Some(thread),
+            rolling: false,
         };
         Ok((
             wal,
@@ -938,9 +1031,10 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends `records` with one `write(2)` (no fsync) and returns the LSN after them. Rolls to
-    /// a new segment first when the current one would grow past `segment_bytes` (fsyncing the old
-    /// segment and the directory). After a failed write the log refuses further appends.
+    /// Appends `records` with one `write(2)` (no fsync) and returns the LSN after them. When the
+    /// current segment would grow past `segment_bytes`, a roll is handed to the sync thread and
+    /// the records queue in memory behind it until the new segment exists (see the module docs);
+    /// this call never fsyncs. After a failed write the log refuses further appends.
     pub fn append(&mut self, records: &[Record]) -> Result<u64, StorageError> {
         self.check_failed()?;
         if records.is_empty() {
@@ -971,9 +1065,19 @@ impl Wal {
             self.buf[header..header + 4].copy_from_slice(&len.to_le_bytes());
             self.buf[header + 4..start].copy_from_slice(&crc.to_le_bytes());
         }
-        let cur = self.segments.last().expect("a current segment");
-        if cur.len > 0 && cur.len + self.buf.len() as u64 > self.opts.segment_bytes {
-            self.roll()?;
+        if self.rolling && self.queue_behind_roll() {
+            return Ok(self.end_lsn);
+        }
+        if self.segment_full() {
+            if self.opts.fsync == FsyncPolicy::Never {
+                self.roll_in_place()?;
+            } else {
+                let shared = self.shared.clone();
+                let mut st = shared.lock();
+                self.start_roll(&mut st);
+                self.queue(&mut st);
+                return Ok(self.end_lsn);
+            }
         }
         let cur = self.segments.last_mut().expect("a current segment");
         if let Err(e) = (&*self.file).write_all(&self.buf) {
@@ -996,30 +1100,69 @@ impl Wal {
         Ok(self.end_lsn)
     }
 
-    /// Closes the current segment (fsynced) and starts a new one at the end of the log.
-    fn roll(&mut self) -> Result<(), StorageError> {
-        let old = self
-            .segments
-            .last()
-            .expect("a current segment")
-            .path
-            .clone();
-        let res = self.file.sync_data();
-        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = res {
-            let mut st = self.shared.lock();
-            self.shared
-                .fail(&mut st, format!("fsync of {} failed: {e}", old.display()));
-            return Err(StorageError::Io {
-                path: old,
-                source: e,
-            });
+    /// Whether the records in `buf` would take the current segment past `segment_bytes`.
+    fn segment_full(&self) -> bool {
+        let cur = self.segments.last().expect("a current segment");
+        cur.len > 0 && cur.len + self.buf.len() as u64 > self.opts.segment_bytes
+    }
+
+    /// Hands a roll to the sync thread: the next segment starts at the end of the log.
+    fn start_roll(&mut self, st: &mut SyncState) {
+        let start = self.end_lsn;
+        let path = segment_path(&self.dir, start);
+        st.rolls.push_back(Roll {
+            path: path.clone(),
+            queued: Vec::new(),
+        });
+        self.shared.cv.notify_one();
+        self.segments.push(Segment {
+            start,
+            len: 0,
+            path,
+        });
+        self.rolling = true;
+    }
+
+    /// Queues the serialised records in `buf` for the newest roll's segment.
+    fn queue(&mut self, st: &mut SyncState) {
+        let roll = st.rolls.back_mut().expect("a roll in progress");
+        roll.queued.extend_from_slice(&self.buf);
+        let len = self.buf.len() as u64;
+        self.segments.last_mut().expect("a current segment").len += len;
+        self.end_lsn += len;
+    }
+
+    /// While rolls are in progress, queues the serialised records behind them (starting one
+    /// more roll when the newest segment is full) and returns true. Once they have completed,
+    /// switches to the new segment and returns false: write in place.
+    fn queue_behind_roll(&mut self) -> bool {
+        let shared = self.shared.clone();
+        let mut st = shared.lock();
+        if st.rolls.is_empty() {
+            self.file = st.current.clone();
+            self.rolling = false;
+            return false;
         }
-        let (seg, file) = create_segment(&self.dir, self.end_lsn)?;
-        let file = Arc::new(file);
+        if self.segment_full() {
+            self.start_roll(&mut st);
+        }
+        self.queue(&mut st);
+        true
+    }
+
+    /// Under [`FsyncPolicy::Never`]: starts the next segment in place (no fsync promised, none
+    /// made).
+    fn roll_in_place(&mut self) -> Result<(), StorageError> {
+        let start = self.end_lsn;
+        let path = segment_path(&self.dir, start);
+        let file = Arc::new(open_segment(&path, true)?);
         self.shared.lock().current = file.clone();
         self.file = file;
-        self.segments.push(seg);
+        self.segments.push(Segment {
+            start,
+            len: 0,
+            path,
+        });
         Ok(())
     }
 
@@ -1049,25 +1192,19 @@ impl Wal {
         *self.synced_rx.borrow()
     }
 
-    /// Fsyncs the current segment now, from the calling thread (blocking), and publishes the
-    /// synced LSN. For shutdown, and before pruning the log after a snapshot.
+    /// Fsyncs the log now, from the calling thread (blocking), and publishes the synced LSN.
+    /// For shutdown; see [`Wal::sync_handle`] to do it without holding the log.
     pub fn sync_now(&self) -> Result<u64, StorageError> {
-        self.check_failed()?;
-        let target = self.end_lsn;
-        let res = self.file.sync_data();
-        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-        let mut st = self.shared.lock();
-        match res {
-            Ok(()) => {
-                Shared::publish(&mut st, target);
-                Ok(target)
-            }
-            Err(e) => {
-                let path = self.segments.last().expect("a segment").path.clone();
-                self.shared
-                    .fail(&mut st, format!("fsync of {} failed: {e}", path.display()));
-                Err(StorageError::Io { path, source: e })
-            }
+        self.sync_handle().sync()
+    }
+
+    /// What [`SyncHandle::sync`] needs to make everything appended so far durable, taken so
+    /// that the blocking fsync can run on another thread without the log (or the lock around it).
+    pub fn sync_handle(&self) -> SyncHandle {
+        SyncHandle {
+            shared: self.shared.clone(),
+            target: self.end_lsn,
+            dir: self.dir.clone(),
         }
     }
 
@@ -1079,15 +1216,23 @@ impl Wal {
     /// Deletes the closed segments that end at or before `lsn` (a snapshot covers them). The
     /// current segment is never deleted. Returns the number of segments deleted.
     pub fn prune_before(&mut self, lsn: u64) -> Result<usize, StorageError> {
-        let n = self.segments.len() - 1;
+        let paths = self.detach_before(lsn);
+        remove_segments(&paths)?;
+        Ok(paths.len())
+    }
+
+    /// Forgets the closed segments that end at or before `lsn` and returns their files, for
+    /// [`remove_segments`] to delete without holding the log. Left on disk, they are harmless:
+    /// recovery starts at the snapshot's LSN and skips them.
+    pub fn detach_before(&mut self, lsn: u64) -> Vec<PathBuf> {
+        // The current segment and those of rolls still in progress (not created yet) stay.
+        let pending = self.shared.lock().rolls.len();
+        let n = self.segments.len() - 1 - pending;
         let k = self.segments[..n]
             .iter()
             .take_while(|s| s.end() <= lsn)
             .count();
-        for s in self.segments.drain(..k) {
-            fs::remove_file(&s.path).map_err(io_err(&s.path))?;
-        }
-        Ok(k)
+        self.segments.drain(..k).map(|s| s.path).collect()
     }
 
     /// Bytes on disk across all segments.
@@ -1107,6 +1252,65 @@ impl Drop for Wal {
         self.shared.cv.notify_one();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Deletes log segments (oldest first) that [`Wal::detach_before`] let go. Blocking: call it
+/// from a blocking thread.
+pub fn remove_segments(paths: &[PathBuf]) -> Result<(), StorageError> {
+    for p in paths {
+        fs::remove_file(p).map_err(io_err(p))?;
+    }
+    Ok(())
+}
+
+/// Makes everything appended before it was taken durable ([`Wal::sync_handle`]).
+pub struct SyncHandle {
+    shared: Arc<Shared>,
+    target: u64,
+    dir: PathBuf,
+}
+
+impl SyncHandle {
+    /// Waits for a roll in progress to complete, fsyncs the current segment and publishes the
+    /// synced LSN. Blocking.
+    pub fn sync(self) -> Result<u64, StorageError> {
+        let failed = || StorageError::Failed("an earlier write or fsync failed".into());
+        let mut st = self.shared.lock();
+        while !st.rolls.is_empty() && !self.shared.failed.load(Ordering::SeqCst) {
+            st = self
+                .shared
+                .rolled
+                .wait(st)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if self.shared.failed.load(Ordering::SeqCst) {
+            return Err(failed());
+        }
+        let file = st.current.clone();
+        drop(st);
+        let res = file.sync_data();
+        self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let mut st = self.shared.lock();
+        match res {
+            Ok(()) => {
+                Shared::publish(&mut st, self.target);
+                Ok(self.target)
+            }
+            Err(e) => {
+                self.shared.fail(
+                    &mut st,
+                    format!(
+                        "fsync of the write-ahead log in {} failed: {e}",
+                        self.dir.display()
+                    ),
+                );
+                Err(StorageError::Io {
+                    path: self.dir,
+                    source: e,
+                })
+            }
         }
     }
 }
@@ -1243,6 +1447,8 @@ mod tests {
         for r in sample(100).chunks(2) {
             lsns.push(wal.append(r).unwrap());
         }
+        // As after a snapshot, which waits until the log is durable: every roll is done.
+        wal.sync_now().unwrap();
         let before = wal.segment_count();
         let mid = lsns[lsns.len() / 2];
         let deleted = wal.prune_before(mid).unwrap();
