@@ -13,11 +13,23 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 echo "== format"
 cargo fmt --all -- --check
 echo "== lints"
-cargo clippy --all-targets --release -- -D warnings
+cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== tests (release: the simulation and end-to-end suites run optimised)"
-SIM_SEEDS="${SIM_SEEDS:-200}" cargo test --release --all-targets
+SIM_SEEDS="${SIM_SEEDS:-200}" cargo test --release --workspace --all-targets
 echo "== doc tests"
-cargo test --release --doc
+cargo test --release --workspace --doc
+echo "== layering: the client crate alone, and the server without its tooling"
+# An application that depends on causalkv-client must not pull in the server's or the tooling's
+# dependencies; and the server must build without the tools feature.
+client_tree=$(cargo tree -p causalkv-client -e normal --prefix none --format '{p}' | awk '{print $1}' | sort -u)
+for heavy in clap rcgen hdrhistogram memmap2 mimalloc tracing-subscriber; do
+  if grep -qx "$heavy" <<<"$client_tree"; then
+    echo "causalkv-client depends on $heavy (cargo tree -p causalkv-client -i $heavy)" >&2
+    exit 1
+  fi
+done
+cargo build --release -p causalkv-client
+cargo build --release -p causalkv --no-default-features --lib
 echo "== benchmark smoke run (each criterion bench once)"
 cargo bench --bench core -- --test >/dev/null
 if [ "${WAN_SMOKE:-1}" = 1 ]; then

@@ -1056,3 +1056,610 @@ pub fn transport_floor(
     }
     Ok(report)
 }
+
+/// A storage setting of the site [`stalls`] measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StallVariant {
+    /// No segment roll and no snapshot during the run (huge segments and thresholds).
+    Quiet,
+    /// Small segments (rolls), no snapshot.
+    Rolls,
+    /// Snapshots (huge segments, so no roll and no segment deletion).
+    Snapshots,
+    /// Small segments and snapshots: rolls, snapshots and segment deletion.
+    Busy,
+}
+
+impl StallVariant {
+    /// The variant's name, as `--variants` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quiet => "quiet",
+            Self::Rolls => "rolls",
+            Self::Snapshots => "snapshots",
+            Self::Busy => "busy",
+        }
+    }
+}
+
+impl std::str::FromStr for StallVariant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Quiet, Self::Rolls, Self::Snapshots, Self::Busy]
+            .into_iter()
+            .find(|v| v.name() == s)
+            .ok_or_else(|| format!("unknown variant {s:?}: quiet, rolls, snapshots or busy"))
+    }
+}
+
+/// What [`stalls`] runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct StallOptions {
+    /// Variants, run in this order in every round; `quiet` is the baseline of the ratios.
+    pub variants: Vec<StallVariant>,
+    /// Interleaved rounds.
+    pub rounds: usize,
+    /// Seconds of load per variant and round.
+    pub seconds: f64,
+    /// Keys preloaded (`key00000000`, ...): the keys the reader gets.
+    pub preload_keys: u64,
+    /// Value size of the preloaded keys, bytes.
+    pub preload_value_size: usize,
+    /// Gets per second (open loop, uniform over the preloaded keys).
+    pub get_rate: f64,
+    /// Reader workers (each takes its share of the scheduled gets).
+    pub readers: usize,
+    /// Puts in flight (closed loop).
+    pub writers: usize,
+    /// Keys the writer overwrites (`w00000000`, ...), disjoint from the reader's keys.
+    pub write_keys: u64,
+    /// Smallest value put, bytes.
+    pub write_value_min: usize,
+    /// Largest value put, bytes (sizes uniform in between).
+    pub write_value_max: usize,
+    /// `segment_bytes` of the variants that roll.
+    pub segment_bytes: u64,
+    /// `snapshot_interval_ms` of the variants that snapshot.
+    pub snapshot_interval_ms: u64,
+    /// `snapshot_log_bytes` of the variants that snapshot.
+    pub snapshot_log_bytes: u64,
+}
+
+/// One variant in one round of [`stalls`].
+#[derive(Clone, Debug, Serialize)]
+pub struct StallRun {
+    /// Round, from 1.
+    pub round: usize,
+    /// Variant.
+    pub variant: StallVariant,
+    /// The site's `[storage] segment_bytes`.
+    pub segment_bytes: u64,
+    /// The site's `[storage] snapshot_interval_ms`.
+    pub snapshot_interval_ms: u64,
+    /// The site's `[storage] snapshot_log_bytes`.
+    pub snapshot_log_bytes: u64,
+    /// Get latency from each get's scheduled start (open loop).
+    pub get: LatencyStats,
+    /// Gets completed per second.
+    pub gets_per_s: f64,
+    /// Gets that failed.
+    pub get_errors: u64,
+    /// Put latency (closed loop; each put is acknowledged after its fsync).
+    pub put: LatencyStats,
+    /// Puts completed per second.
+    pub puts_per_s: f64,
+    /// Puts that failed.
+    pub put_errors: u64,
+    /// The first error seen, if any.
+    pub first_error: Option<String>,
+    /// Log segments created during the load (one per roll), seen in the data directory.
+    pub rolls: u64,
+    /// Snapshots written during the load, seen in the data directory.
+    pub snapshots: u64,
+    /// About how long a snapshot file was being written during the load (`snapshot.tmp`
+    /// present), ms.
+    pub snapshot_write_ms: u64,
+    /// Share of the load's wall time during which some task of the machine waited for a CPU
+    /// (Linux pressure stall information, `/proc/pressure/cpu`), percent: how much other work
+    /// competed for the cores.
+    pub cpu_pressure_pct: Option<f64>,
+    /// The same for I/O (`/proc/pressure/io`).
+    pub io_pressure_pct: Option<f64>,
+    /// Get latency distribution as `(quantile, µs)` points.
+    pub get_cdf: Vec<(f64, u64)>,
+}
+
+/// A variant's get latency against `quiet` in the same round.
+#[derive(Clone, Debug, Serialize)]
+pub struct StallRatio {
+    /// The variant.
+    pub variant: StallVariant,
+    /// Its get p99 over quiet's, per round.
+    pub p99: Vec<f64>,
+    /// Median of `p99`.
+    pub median_p99: f64,
+    /// Its get p99.9 over quiet's, per round.
+    pub p999: Vec<f64>,
+    /// Median of `p999`.
+    pub median_p999: f64,
+}
+
+/// What [`stalls`] measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct StallReport {
+    /// The settings.
+    pub options: StallOptions,
+    /// Every run, in the order run.
+    pub runs: Vec<StallRun>,
+    /// Every variant but `quiet` against `quiet`.
+    pub ratios: Vec<StallRatio>,
+}
+
+impl StallReport {
+    /// The runs and ratios as a Markdown table.
+    pub fn table(&self) -> String {
+        let mut t = String::from(
+            "| round | variant | get p50 µs | get p99 µs | get p99.9 µs | get max µs | gets/s | puts/s | put p99 µs | rolls | snapshots | get p99 / quiet |\n\
+             |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
+        for r in &self.runs {
+            let ratio = self
+                .ratios
+                .iter()
+                .find(|x| x.variant == r.variant)
+                .and_then(|x| x.p99.get(r.round - 1))
+                .map_or("".to_string(), |v| format!("{v:.2}"));
+            t.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {:.0} | {:.0} | {} | {} | {} | {} |\n",
+                r.round,
+                r.variant.name(),
+                r.get.p50_us,
+                r.get.p99_us,
+                r.get.p999_us,
+                r.get.max_us,
+                r.gets_per_s,
+                r.puts_per_s,
+                r.put.p99_us,
+                r.rolls,
+                r.snapshots,
+                ratio
+            ));
+        }
+        for x in &self.ratios {
+            t.push_str(&format!(
+                "\n{}: get p99 / quiet p99, median {:.2} (rounds: {}); p99.9, median {:.2}",
+                x.variant.name(),
+                x.median_p99,
+                x.p99
+                    .iter()
+                    .map(|v| format!("{v:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                x.median_p999
+            ));
+        }
+        t
+    }
+}
+
+/// Client GET latency at one site while its write-ahead log rolls segments and its snapshotter
+/// runs, against the same load without either.
+///
+/// Method: one site is laid out in `dir` and preloaded in this process (`preload_keys` keys,
+/// log fsync off, then a snapshot); the result is kept as a seed. For every round and variant,
+/// the seed is copied into the site's data directory (and fsynced), the site is started as a
+/// separate `bin serve` process (its own `current_thread` runtime, as deployed) with the
+/// variant's `[storage]` settings and `fsync = "always"`, and two clients load it for
+/// `seconds`: a writer thread (own runtime and connection) with `writers` puts in flight on
+/// keys disjoint from the reader's, values of `write_value_min..=write_value_max` bytes, and a
+/// reader doing gets of the preloaded keys open loop at `get_rate` per second ([`run_load`]:
+/// latency from each get's scheduled start). The reader's keys are never written during the
+/// load, so a get never waits for an fsync: its latency is the site's responsiveness. Rolls
+/// and snapshots are counted by polling the data directory every 5 ms for new segment and
+/// snapshot files.
+pub async fn stalls(
+    dir: &std::path::Path,
+    bin: &std::path::Path,
+    opts: &StallOptions,
+) -> Result<StallReport, String> {
+    use std::collections::HashSet;
+    use std::path::Path;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use crate::storage::wal::FsyncPolicy;
+
+    fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+    /// Replaces `data` with a copy of `seed`, fsynced, so every run starts from the same state
+    /// with nothing left to write back.
+    fn restore(seed: &Path, data: &Path) -> std::io::Result<()> {
+        if data.exists() {
+            std::fs::remove_dir_all(data)?;
+        }
+        std::fs::create_dir_all(data)?;
+        for ent in std::fs::read_dir(seed)? {
+            let ent = ent?;
+            if ent.file_type()?.is_file() {
+                let to = data.join(ent.file_name());
+                std::fs::copy(ent.path(), &to)?;
+                std::fs::File::open(&to)?.sync_all()?;
+            }
+        }
+        std::fs::File::open(data)?.sync_all()
+    }
+    /// A client of the site at `addr` with the `cli` identity.
+    async fn connect(
+        addr: std::net::SocketAddr,
+        certs: &Path,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        let id = crate::tools::certs::client_paths(certs, crate::tools::dev::CLI_CLIENT);
+        Client::builder()
+            .sites([addr.to_string()])
+            .identity(id.cert, id.key)
+            .ca(crate::tools::certs::ca_paths(certs).cert)
+            .timeout(timeout)
+            .connect()
+            .await
+    }
+    /// The names of the files in `dir`.
+    fn names(dir: &Path) -> HashSet<String> {
+        std::fs::read_dir(dir)
+            .map(|it| {
+                it.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+    /// The `some` stall total (µs) of a Linux pressure file, if there is one.
+    fn pressure(resource: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/pressure/{resource}")).ok()?;
+        let line = text.lines().find(|l| l.starts_with("some"))?;
+        line.split_whitespace()
+            .find_map(|f| f.strip_prefix("total="))?
+            .parse()
+            .ok()
+    }
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    /// Sets the flag that stops the writer and the directory watcher when dropped, so that
+    /// they stop on every way out of a run.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    /// What the writer thread measured.
+    struct Written {
+        hist: Histogram<u64>,
+        seconds: f64,
+        errors: u64,
+        first_error: Option<String>,
+    }
+
+    if !opts.variants.contains(&StallVariant::Quiet) {
+        return Err("the variants must include quiet, the baseline".into());
+    }
+    if opts.write_value_min == 0 || opts.write_value_min > opts.write_value_max {
+        return Err("write value sizes: 0 < min <= max".into());
+    }
+    let layout = crate::tools::dev::prepare(&crate::tools::dev::DevOptions::new(1, dir, 0))
+        .map_err(|e| e.to_string())?;
+    let base = layout.configs[0].clone();
+    let addr = base.listen_addr();
+    let data = base.data_dir.clone();
+    let seed = dir.join("seed");
+
+    // The seed: the preloaded keys in a snapshot, the log pruned to its last segment.
+    {
+        let mut cfg = base.clone();
+        cfg.storage.fsync = FsyncPolicy::Never;
+        cfg.storage.segment_bytes = opts.segment_bytes;
+        cfg.storage.snapshot_log_bytes = i64::MAX as u64;
+        let node = crate::Node::start(cfg).await.map_err(|e| e.to_string())?;
+        let value = bytes::Bytes::from(vec![b'p'; opts.preload_value_size]);
+        for k in 0..opts.preload_keys {
+            node.put_local(
+                bytes::Bytes::from(format!("key{k:08}")),
+                Some(value.clone()),
+            );
+        }
+        let snap = node.snapshot().await;
+        node.shutdown().await;
+        snap.map_err(|e| format!("preload snapshot: {e}"))?;
+        std::fs::rename(&data, &seed).map_err(io(seed.display()))?;
+    }
+
+    let mut runs = Vec::new();
+    for round in 1..=opts.rounds {
+        for &variant in &opts.variants {
+            let mut cfg = base.clone();
+            cfg.admin_addr = None;
+            cfg.storage.fsync = FsyncPolicy::Always;
+            let rolls = matches!(variant, StallVariant::Rolls | StallVariant::Busy);
+            let snaps = matches!(variant, StallVariant::Snapshots | StallVariant::Busy);
+            cfg.storage.segment_bytes = if rolls { opts.segment_bytes } else { 1 << 40 };
+            (
+                cfg.storage.snapshot_interval_ms,
+                cfg.storage.snapshot_log_bytes,
+            ) = if snaps {
+                (opts.snapshot_interval_ms, opts.snapshot_log_bytes)
+            } else {
+                (3_600_000, i64::MAX as u64)
+            };
+            let file = dir.join(format!("site-a-{}.toml", variant.name()));
+            let text = toml::to_string_pretty(&cfg).map_err(|e| e.to_string())?;
+            std::fs::write(&file, text).map_err(io(file.display()))?;
+            restore(&seed, &data).map_err(io(data.display()))?;
+            let log = dir.join(format!("site-a-{}-{round}.log", variant.name()));
+            let stderr = std::fs::File::create(&log).map_err(io(log.display()))?;
+            let mut site = Kill(
+                std::process::Command::new(bin)
+                    .arg("serve")
+                    .arg("--config")
+                    .arg(&file)
+                    .env_remove("CAUSALKV_THREADS")
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(stderr)
+                    .spawn()
+                    .map_err(io(bin.display()))?,
+            );
+            // Probe until the site serves: a short timeout per probe, as a handshake sent
+            // before the process listens is only retransmitted after QUIC's probe timeout.
+            let since = Instant::now();
+            loop {
+                if let Ok(Some(status)) = site.0.try_wait() {
+                    return Err(format!(
+                        "the site exited with {status}; see {}",
+                        log.display()
+                    ));
+                }
+                match connect(addr, &layout.certs, Duration::from_millis(100)).await {
+                    Ok(_) => break,
+                    Err(_) if since.elapsed() < Duration::from_secs(60) => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    Err(e) => return Err(format!("the site does not serve after 60 s: {e}")),
+                }
+            }
+            let timeout = Duration::from_secs(30);
+            let reader = Arc::new(
+                connect(addr, &layout.certs, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            );
+            if reader
+                .get("key00000000")
+                .await
+                .map_err(|e| e.to_string())?
+                .is_none()
+                && opts.preload_keys > 0
+            {
+                return Err("the preloaded keys are missing".into());
+            }
+
+            // The writer: its own thread, runtime and connection.
+            let stop = Arc::new(AtomicBool::new(false));
+            let _stop = StopOnDrop(stop.clone());
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<()>();
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<Result<Written, String>>();
+            let writer = {
+                let (stop, certs, opts) = (stop.clone(), layout.certs.clone(), opts.clone());
+                std::thread::spawn(move || {
+                    let written = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(|e| e.to_string())
+                        .and_then(|rt| {
+                            rt.block_on(async move {
+                                let c = Arc::new(
+                                    connect(addr, &certs, timeout)
+                                        .await
+                                        .map_err(|e| e.to_string())?,
+                                );
+                                c.put("w-ready", b"1").await.map_err(|e| e.to_string())?;
+                                let _ = ready_tx.send(());
+                                let t0 = Instant::now();
+                                let value = Arc::new(vec![b'w'; opts.write_value_max]);
+                                let mut tasks = tokio::task::JoinSet::new();
+                                for w in 0..opts.writers.max(1) {
+                                    let (c, stop, value) = (c.clone(), stop.clone(), value.clone());
+                                    let opts = opts.clone();
+                                    tasks.spawn(async move {
+                                        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                                            (round * 1000 + w) as u64,
+                                        );
+                                        let mut out = Written {
+                                            hist: histogram(),
+                                            seconds: 0.0,
+                                            errors: 0,
+                                            first_error: None,
+                                        };
+                                        while !stop.load(Ordering::Relaxed) {
+                                            let key = format!(
+                                                "w{:08}",
+                                                rng.gen_range(0..opts.write_keys.max(1))
+                                            );
+                                            let len = rng.gen_range(
+                                                opts.write_value_min..=opts.write_value_max,
+                                            );
+                                            let t = Instant::now();
+                                            match c.put(&key, &value[..len]).await {
+                                                Ok(_) => {
+                                                    let us = t.elapsed().as_micros().max(1);
+                                                    let _ = out.hist.record(us as u64);
+                                                }
+                                                Err(e) => {
+                                                    out.errors += 1;
+                                                    out.first_error.get_or_insert(e.to_string());
+                                                }
+                                            }
+                                        }
+                                        out
+                                    });
+                                }
+                                let mut all = Written {
+                                    hist: histogram(),
+                                    seconds: 0.0,
+                                    errors: 0,
+                                    first_error: None,
+                                };
+                                while let Some(w) = tasks.join_next().await {
+                                    let w = w.map_err(|e| e.to_string())?;
+                                    all.hist.add(&w.hist).expect("same bounds");
+                                    all.errors += w.errors;
+                                    all.first_error = all.first_error.or(w.first_error);
+                                }
+                                all.seconds = t0.elapsed().as_secs_f64();
+                                Ok(all)
+                            })
+                        });
+                    let _ = done_tx.send(written);
+                })
+            };
+            if ready_rx.await.is_err() {
+                let why = done_rx.await.map_err(|e| e.to_string())?.err();
+                let _ = writer.join();
+                return Err(format!("the writer did not start: {why:?}"));
+            }
+
+            // Rolls and snapshots: new files in the data directory.
+            let watcher = {
+                let (stop, data) = (stop.clone(), data.clone());
+                std::thread::spawn(move || {
+                    let before = names(&data);
+                    let mut seen = before.clone();
+                    let mut writing = 0u64;
+                    let poll = Duration::from_millis(5);
+                    while !stop.load(Ordering::Relaxed) {
+                        let now = names(&data);
+                        if now.contains("snapshot.tmp") {
+                            writing += poll.as_millis() as u64;
+                        }
+                        seen.extend(now);
+                        std::thread::sleep(poll);
+                    }
+                    let new: Vec<&String> = seen.difference(&before).collect();
+                    let count = |p: &str, s: &str| {
+                        new.iter()
+                            .filter(|n| n.starts_with(p) && n.ends_with(s))
+                            .count() as u64
+                    };
+                    (count("wal-", ".log"), count("snapshot-", ".rkyv"), writing)
+                })
+            };
+
+            let stalled = (pressure("cpu"), pressure("io"));
+            let load = run_load(
+                reader,
+                &LoadOptions {
+                    concurrency: opts.readers,
+                    duration: Duration::from_secs_f64(opts.seconds),
+                    read_ratio: 1.0,
+                    value_size: 0,
+                    keys: opts.preload_keys.max(1),
+                    dist: KeyDist::Uniform,
+                    rate: Some(opts.get_rate),
+                    sync: 0,
+                    seed: round as u64,
+                },
+            )
+            .await;
+            let share = |before: Option<u64>, resource: &str| {
+                let us = pressure(resource)?.checked_sub(before?)?;
+                Some(us as f64 / (load.seconds * 1e4))
+            };
+            let (cpu_pressure_pct, io_pressure_pct) =
+                (share(stalled.0, "cpu"), share(stalled.1, "io"));
+            stop.store(true, Ordering::Relaxed);
+            let written = done_rx.await.map_err(|e| e.to_string())??;
+            let _ = writer.join();
+            let (rolls, snapshots, snapshot_write_ms) = watcher
+                .join()
+                .map_err(|_| "the directory watcher panicked".to_string())?;
+            drop(site);
+            let get_cdf = load.get_cdf;
+            runs.push(StallRun {
+                round,
+                variant,
+                segment_bytes: cfg.storage.segment_bytes,
+                snapshot_interval_ms: cfg.storage.snapshot_interval_ms,
+                snapshot_log_bytes: cfg.storage.snapshot_log_bytes,
+                gets_per_s: load.get.count as f64 / load.seconds,
+                get: load.get,
+                get_errors: load.errors,
+                puts_per_s: written.hist.len() as f64 / written.seconds,
+                put: LatencyStats::from(&written.hist),
+                put_errors: written.errors,
+                first_error: load.first_error.or(written.first_error),
+                rolls,
+                snapshots,
+                snapshot_write_ms,
+                cpu_pressure_pct,
+                io_pressure_pct,
+                get_cdf,
+            });
+            let r = runs.last().expect("just pushed");
+            tracing::info!(
+                round,
+                variant = variant.name(),
+                get_p99_us = r.get.p99_us,
+                get_max_us = r.get.max_us,
+                puts_per_s = r.puts_per_s as u64,
+                rolls,
+                snapshots,
+                "stalls run done"
+            );
+        }
+    }
+
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        match s.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => s[n / 2],
+            n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+        }
+    };
+    let run = |round: usize, v: StallVariant| {
+        runs.iter()
+            .find(|r| r.round == round && r.variant == v)
+            .expect("every variant runs every round")
+    };
+    let ratios = opts
+        .variants
+        .iter()
+        .filter(|&&v| v != StallVariant::Quiet)
+        .map(|&v| {
+            let per = |f: fn(&LatencyStats) -> u64| -> Vec<f64> {
+                (1..=opts.rounds)
+                    .map(|n| f(&run(n, v).get) as f64 / f(&run(n, StallVariant::Quiet).get) as f64)
+                    .collect()
+            };
+            let (p99, p999) = (per(|s| s.p99_us), per(|s| s.p999_us));
+            StallRatio {
+                variant: v,
+                median_p99: median(&p99),
+                median_p999: median(&p999),
+                p99,
+                p999,
+            }
+        })
+        .collect();
+    Ok(StallReport {
+        options: opts.clone(),
+        runs,
+        ratios,
+    })
+}
