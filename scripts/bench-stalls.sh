@@ -18,7 +18,8 @@
 #
 # BEFORE_BIN=PATH compares two builds in the same run instead: in each of ROUNDS rounds, the
 # site runs from PATH (another build's `causalkv`) and then from this build, each for quiet and
-# busy, all under this build's load driver. It writes results-ab.md and results-ab.json.
+# busy, all under this build's load driver. It writes results-ab.md and results-ab.json;
+# BEFORE_LABEL names the other build there (default: its path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -44,7 +45,7 @@ if [ -n "${BEFORE_BIN:-}" ]; then
       fi
     done
   done
-  python3 - "$WORK" "$ROUNDS" "$OUT" "$BEFORE_BIN" <<'PY'
+  python3 - "$WORK" "$ROUNDS" "$OUT" "${BEFORE_LABEL:-$BEFORE_BIN}" <<'PY'
 import json, statistics, sys
 work, rounds, out, before_bin = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 rows, data = [], {}
@@ -60,7 +61,7 @@ busy_q = {b: [p99(b, r, "busy") / p99(b, r, "quiet") for r in range(1, rounds + 
 cross = [p99("after", r, "busy") / p99("before", r, "busy") for r in range(1, rounds + 1)]
 fmt = lambda v: ", ".join(f"{x:.2f}" for x in v)
 lines = [f"# GET latency during log rolls and snapshots: two builds in one run ({rounds} interleaved rounds)", "",
-         f"`BEFORE_BIN={before_bin} bash scripts/bench-stalls.sh`: the same load driver and settings as "
+         f"`BEFORE_BIN=... bash scripts/bench-stalls.sh`, the before build being {before_bin}: the same load driver and settings as "
          "results.md (quiet: no roll, no snapshot; busy: 2 MiB segments and a snapshot every second once "
          "the log holds 16 MiB); in every round the site runs from the before build, then from this one.", "",
          "| build | busy get p99 / quiet get p99, median (every round) |", "|---|---|"]

@@ -104,11 +104,10 @@ pub(crate) async fn take_snapshot(
         )
     };
     let hold = TombstoneHold(shared);
-    let data = tokio::task::spawn_blocking(move || {
+    let data = background("snapshot-copy", move || {
         SnapshotData::capture(&store, &applied, lease, lsn, retained)
     })
-    .await
-    .map_err(|e| StorageError::Failed(e.to_string()))?;
+    .await?;
     drop(hold);
     let end = {
         let mut r = shared.replica.lock().expect("replica lock");
@@ -117,15 +116,52 @@ pub(crate) async fn take_snapshot(
     };
     shared.wait_durable(end).await?;
     let dir = shared.cfg.data_dir.clone();
-    let path = tokio::task::spawn_blocking(move || snapshot::write(&dir, &data))
-        .await
-        .map_err(|e| StorageError::Failed(e.to_string()))??;
+    let path = background("snapshot-write", move || snapshot::write(&dir, &data)).await??;
     let covered = shared.wal.lock().expect("wal lock").wal.detach_before(lsn);
     tokio::task::spawn_blocking(move || remove_segments(&covered))
         .await
         .map_err(|e| StorageError::Failed(e.to_string()))??;
     info!(path = %path.display(), "snapshot written; log pruned");
     Ok(path)
+}
+
+/// Runs `f` on a thread of its own at a lower CPU priority (nice 10 on Linux) and awaits its
+/// result. Snapshot work (copying the store, serialising and writing the file) is long and
+/// CPU-bound: on a site with few cores, at normal priority it competes with the runtime thread
+/// that serves requests, and requests wait. At lower priority the scheduler gives the runtime
+/// thread the core as soon as it is runnable (as database engines do with their background
+/// compaction threads). A fresh thread, not the blocking pool: a lowered priority cannot be
+/// raised again without privileges, and pooled threads serve other work later.
+async fn background<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StorageError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            lower_priority();
+            let _ = tx.send(f());
+        })
+        .map_err(|e| StorageError::Failed(format!("cannot start the {name} thread: {e}")))?;
+    rx.await
+        .map_err(|_| StorageError::Failed(format!("the {name} thread stopped without a result")))
+}
+
+/// Lowers the calling thread's CPU priority (Linux: a thread's nice value is its own).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid takes no arguments; setpriority with PRIO_PROCESS and a thread id
+        // only changes that thread's nice value.
+        let rc = unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10)
+        };
+        if rc != 0 {
+            tracing::debug!("could not lower the snapshot thread's priority");
+        }
+    }
 }
 
 /// Holds tombstone collection while a snapshot copies the store; released when dropped, on

@@ -57,6 +57,14 @@ pub trait Store: Send + Sync {
     }
     /// Calls `f` for every key and entry, in no particular order.
     fn for_each(&self, f: &mut dyn FnMut(&[u8], &Entry));
+    /// Every key and entry, in no particular order: what a snapshot copies. The default copies
+    /// each key; a store that holds its keys as [`Bytes`] hands out references to them instead,
+    /// so a copy taken while the store is being written holds each part of it only briefly.
+    fn entries(&self) -> Vec<(Bytes, Entry)> {
+        let mut out = Vec::with_capacity(self.len());
+        self.for_each(&mut |k, e| out.push((Bytes::copy_from_slice(k), e.clone())));
+        out
+    }
 }
 
 /// The live values of a store (tombstones left out), sorted by key: what convergence compares.

@@ -56,8 +56,7 @@ impl SnapshotData {
         wal_lsn: u64,
         retained: impl IntoIterator<Item = Update>,
     ) -> Self {
-        let mut entries = Vec::with_capacity(store.len());
-        store.for_each(&mut |k, e| entries.push((Bytes::copy_from_slice(k), e.clone())));
+        let entries = store.entries();
         Self {
             applied: applied.as_slice().to_vec(),
             lease,

@@ -35,15 +35,19 @@
 //! pending at that moment, so concurrent writers share one `fdatasync`. The [`FsyncPolicy`] says
 //! when it syncs.
 //!
-//! # Segment rolls
+//! # The log thread does the I/O
 //!
-//! A roll (the current segment is full) is handed to the same thread: it fsyncs the old segment,
-//! creates the new one and fsyncs the directory, then writes into the new segment the appends
-//! that arrived meanwhile (they queue in memory) and makes it current. The appending thread (a
-//! node's runtime thread, under the replica lock) never waits for those fsyncs. The order on
-//! disk is the same as a roll in place: nothing is written to a segment before the one before it
-//! is durable, so recovery's rule (only the last segment can have a torn tail) still holds.
-//! Under [`FsyncPolicy::Never`] a roll just creates the next file, in place.
+//! Under `always` and `batch`, [`Wal::append`] does no I/O at all: it serialises the records and
+//! queues the bytes for the same thread, which writes them (`write(2)`), rolls segments and
+//! fsyncs. The appending thread (a node's runtime thread, under the replica lock) therefore
+//! never waits for the disk: neither for a roll's fsyncs nor for a `write(2)` that the file
+//! system holds up behind a journal commit (another file's large fsync, a snapshot's, is
+//! enough). Queued bytes are written whenever the thread wakes: for a sync request, a roll, the
+//! `batch` timer or shutdown. A roll fsyncs the old segment, creates the new one and fsyncs the
+//! directory before a byte reaches the new segment, so the order on disk is that of a roll in
+//! place and recovery's rule (only the last segment can have a torn tail) holds. Under `never`
+//! the appender writes in place, as before (no fsync is promised, and a written record
+//! survives the process being killed).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -652,10 +656,11 @@ struct Shared {
     state: Mutex<SyncState>,
     cv: Condvar,
     /// The LSN everything written to segment files so far ends at (stored after the write;
-    /// appends queued behind a roll count once the sync thread has written them).
+    /// queued appends count once the sync thread has written them).
     appended: AtomicU64,
-    /// Signalled when a roll completes (or the log fails), for [`SyncHandle::sync`].
-    rolled: Condvar,
+    /// Signalled when the queue has been written out (or the log fails), for
+    /// [`SyncHandle::sync`].
+    drained: Condvar,
     fsyncs: AtomicU64,
     failed: AtomicBool,
 }
@@ -665,20 +670,22 @@ struct SyncState {
     synced: u64,
     /// The current segment (earlier segments were fsynced when they were closed).
     current: Arc<File>,
-    /// Rolls handed to the sync thread, oldest first, each with the appends queued for its
-    /// segment. Empty when the appender writes in place.
-    rolls: VecDeque<Roll>,
+    /// Appends waiting for the sync thread to write them, oldest first.
+    queue: VecDeque<Chunk>,
+    /// The sync thread is writing a chunk it took from the queue (`Some(true)`: with a roll,
+    /// whose segment may not exist yet).
+    writing: Option<bool>,
     shutdown: bool,
     /// Publishes the synced LSN; dropped when an fsync fails, which wakes waiters with an error.
     tx: Option<watch::Sender<u64>>,
 }
 
-/// A segment roll in progress on the sync thread.
-struct Roll {
-    /// The new segment's file.
-    path: PathBuf,
-    /// Appends made since the roll began, in order, waiting to be written into the new segment.
-    queued: Vec<u8>,
+/// Queued appends for the sync thread: serialised records, in log order, behind a roll to a new
+/// segment when `roll_to` is set.
+struct Chunk {
+    /// Start this segment file (after fsyncing the current one) before writing `bytes`.
+    roll_to: Option<PathBuf>,
+    bytes: Vec<u8>,
 }
 
 impl Shared {
@@ -706,7 +713,7 @@ impl Shared {
         tracing::error!("{what}; the write-ahead log accepts no more writes");
         self.failed.store(true, Ordering::SeqCst);
         st.tx = None;
-        self.rolled.notify_all();
+        self.drained.notify_all();
     }
 }
 
@@ -718,13 +725,12 @@ fn sync_loop(shared: Arc<Shared>) {
         if st.tx.is_none() {
             return;
         }
-        if let Some(roll) = st.rolls.front() {
-            // Before any fsync or shutdown: the appends queued behind the roll are not in a
-            // file yet, and everything else waits for them.
-            let path = roll.path.clone();
-            let old = st.current.clone();
+        if let Some(chunk) = st.queue.pop_front() {
+            // Before any fsync or shutdown: queued appends are not in a file yet.
+            let current = st.current.clone();
+            st.writing = Some(chunk.roll_to.is_some());
             drop(st);
-            match complete_roll(&shared, &old, &path) {
+            match write_chunk(&shared, &current, chunk) {
                 Ok(guard) => st = guard,
                 Err(what) => {
                     st = shared.lock();
@@ -773,9 +779,9 @@ fn sync_loop(shared: Arc<Shared>) {
                 continue;
             }
         }
-        // Everything written is covered by this fsync; a request is never beyond it (appends
-        // are written, or written by a completed roll, before their sync is asked for).
-        let target = st.requested.max(appended).min(appended);
+        // Everything written is covered by this fsync. A request beyond it is for bytes queued
+        // since the queue was drained: the next round writes and syncs them.
+        let target = appended;
         let file = st.current.clone();
         drop(st);
         let res = file.sync_data();
@@ -792,49 +798,46 @@ fn sync_loop(shared: Arc<Shared>) {
     }
 }
 
-/// The sync thread's half of the oldest roll: fsyncs the old segment, creates the new one (and
-/// fsyncs the directory), writes the appends queued for it, then makes it current. Returns with
-/// the state locked and the roll done, or the reason it failed.
-fn complete_roll<'a>(
+/// The sync thread writes one chunk of queued appends: first, for a roll, it fsyncs the current
+/// segment, creates the new one and fsyncs the directory, and the new segment becomes current.
+/// Returns with the state locked, or the reason it failed.
+fn write_chunk<'a>(
     shared: &'a Shared,
-    old: &File,
-    path: &Path,
+    current: &Arc<File>,
+    chunk: Chunk,
 ) -> Result<MutexGuard<'a, SyncState>, String> {
-    let res = old.sync_data();
-    shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-    res.map_err(|e| format!("fsync of the segment before {} failed: {e}", path.display()))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file = Arc::new(open_segment(path, true).map_err(|e| e.to_string())?);
-    sync_dir(dir).map_err(|e| e.to_string())?;
-    loop {
-        let mut st = shared.lock();
-        let roll = st.rolls.front_mut().expect("a roll in progress");
-        let queued = std::mem::take(&mut roll.queued);
-        if queued.is_empty() {
-            // Later rolls (their segments filled up while this one ran) follow at the top of
-            // the sync loop; appends queue behind the last one until all are done.
-            st.current = file;
-            st.rolls.pop_front();
-            if st.rolls.is_empty() {
-                shared.rolled.notify_all();
-            }
-            return Ok(st);
-        }
-        drop(st);
-        (&*file)
-            .write_all(&queued)
-            .map_err(|e| format!("write-ahead log write to {} failed: {e}", path.display()))?;
-        shared
-            .appended
-            .fetch_add(queued.len() as u64, Ordering::Release);
+    let mut file = current.clone();
+    if let Some(path) = &chunk.roll_to {
+        let res = current.sync_data();
+        shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+        res.map_err(|e| format!("fsync of the segment before {} failed: {e}", path.display()))?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        file = Arc::new(open_segment(path, true).map_err(|e| e.to_string())?);
+        sync_dir(dir).map_err(|e| e.to_string())?;
     }
+    (&*file)
+        .write_all(&chunk.bytes)
+        .map_err(|e| format!("write-ahead log write failed: {e}"))?;
+    let mut st = shared.lock();
+    // `appended` and `current` change together, under the lock, so the fsync that reads both
+    // never misses a byte below `appended`.
+    st.current = file;
+    st.writing = None;
+    shared
+        .appended
+        .fetch_add(chunk.bytes.len() as u64, Ordering::Release);
+    if st.queue.is_empty() {
+        shared.drained.notify_all();
+    }
+    Ok(st)
 }
 
 /// An open write-ahead log.
 ///
-/// [`append`](Wal::append) and [`request_sync`](Wal::request_sync) are cheap (one `write(2)`, a
-/// mutex and a condvar signal) and meant to be called under the lock that orders the records;
-/// waiting for durability ([`wait_synced`]) happens outside it.
+/// [`append`](Wal::append) and [`request_sync`](Wal::request_sync) are cheap (serialising into
+/// memory, a mutex and a condvar signal; under `never`, one `write(2)`) and meant to be called
+/// under the lock that orders the records; waiting for durability ([`wait_synced`]) happens
+/// outside it.
 pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,
@@ -848,8 +851,6 @@ pub struct Wal {
     shared: Arc<Shared>,
     synced_rx: watch::Receiver<u64>,
     thread: Option<JoinHandle<()>>,
-    /// Rolls are with the sync thread: appends queue behind them until they complete.
-    rolling: bool,
 }
 
 impl std::fmt::Debug for Wal {
@@ -967,12 +968,13 @@ impl Wal {
                 requested: end_lsn,
                 synced: end_lsn,
                 current: file.clone(),
-                rolls: VecDeque::new(),
+                queue: VecDeque::new(),
+                writing: None,
                 shutdown: false,
                 tx: Some(tx),
             }),
             cv: Condvar::new(),
-            rolled: Condvar::new(),
+            drained: Condvar::new(),
             appended: AtomicU64::new(end_lsn),
             fsyncs: AtomicU64::new(0),
             failed: AtomicBool::new(false),
@@ -995,7 +997,6 @@ impl Wal {
             shared,
             synced_rx,
             thread: Some(thread),
-            rolling: false,
         };
         Ok((
             wal,
@@ -1031,10 +1032,11 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends `records` with one `write(2)` (no fsync) and returns the LSN after them. When the
-    /// current segment would grow past `segment_bytes`, a roll is handed to the sync thread and
-    /// the records queue in memory behind it until the new segment exists (see the module docs);
-    /// this call never fsyncs. After a failed write the log refuses further appends.
+    /// Appends `records` and returns the LSN after them. Under `always` and `batch` the bytes are
+    /// queued for the sync thread, which writes them (and rolls to a new segment when the
+    /// current one would grow past `segment_bytes`): this call does no I/O. Under `never` they
+    /// are written here with one `write(2)`. After a failed write the log refuses further
+    /// appends.
     pub fn append(&mut self, records: &[Record]) -> Result<u64, StorageError> {
         self.check_failed()?;
         if records.is_empty() {
@@ -1065,19 +1067,12 @@ impl Wal {
             self.buf[header..header + 4].copy_from_slice(&len.to_le_bytes());
             self.buf[header + 4..start].copy_from_slice(&crc.to_le_bytes());
         }
-        if self.rolling && self.queue_behind_roll() {
+        if self.opts.fsync != FsyncPolicy::Never {
+            self.queue();
             return Ok(self.end_lsn);
         }
         if self.segment_full() {
-            if self.opts.fsync == FsyncPolicy::Never {
-                self.roll_in_place()?;
-            } else {
-                let shared = self.shared.clone();
-                let mut st = shared.lock();
-                self.start_roll(&mut st);
-                self.queue(&mut st);
-                return Ok(self.end_lsn);
-            }
+            self.roll_in_place()?;
         }
         let cur = self.segments.last_mut().expect("a current segment");
         if let Err(e) = (&*self.file).write_all(&self.buf) {
@@ -1106,48 +1101,38 @@ impl Wal {
         cur.len > 0 && cur.len + self.buf.len() as u64 > self.opts.segment_bytes
     }
 
-    /// Hands a roll to the sync thread: the next segment starts at the end of the log.
-    fn start_roll(&mut self, st: &mut SyncState) {
-        let start = self.end_lsn;
-        let path = segment_path(&self.dir, start);
-        st.rolls.push_back(Roll {
-            path: path.clone(),
-            queued: Vec::new(),
-        });
-        self.shared.cv.notify_one();
-        self.segments.push(Segment {
-            start,
-            len: 0,
-            path,
-        });
-        self.rolling = true;
-    }
-
-    /// Queues the serialised records in `buf` for the newest roll's segment.
-    fn queue(&mut self, st: &mut SyncState) {
-        let roll = st.rolls.back_mut().expect("a roll in progress");
-        roll.queued.extend_from_slice(&self.buf);
-        let len = self.buf.len() as u64;
-        self.segments.last_mut().expect("a current segment").len += len;
-        self.end_lsn += len;
-    }
-
-    /// While rolls are in progress, queues the serialised records behind them (starting one
-    /// more roll when the newest segment is full) and returns true. Once they have completed,
-    /// switches to the new segment and returns false: write in place.
-    fn queue_behind_roll(&mut self) -> bool {
+    /// Queues the serialised records in `buf` for the sync thread, behind a roll to a new
+    /// segment when the current one is full (the sync thread is woken for a roll; plain bytes
+    /// wait for the next sync request or the `batch` timer).
+    fn queue(&mut self) {
         let shared = self.shared.clone();
         let mut st = shared.lock();
-        if st.rolls.is_empty() {
-            self.file = st.current.clone();
-            self.rolling = false;
-            return false;
-        }
+        let len = self.buf.len() as u64;
         if self.segment_full() {
-            self.start_roll(&mut st);
+            let start = self.end_lsn;
+            let path = segment_path(&self.dir, start);
+            st.queue.push_back(Chunk {
+                roll_to: Some(path.clone()),
+                bytes: self.buf.clone(),
+            });
+            self.segments.push(Segment {
+                start,
+                len: 0,
+                path,
+            });
+            drop(st);
+            self.shared.cv.notify_one();
+        } else {
+            match st.queue.back_mut() {
+                Some(back) => back.bytes.extend_from_slice(&self.buf),
+                None => st.queue.push_back(Chunk {
+                    roll_to: None,
+                    bytes: self.buf.clone(),
+                }),
+            }
         }
-        self.queue(&mut st);
-        true
+        self.segments.last_mut().expect("a current segment").len += len;
+        self.end_lsn += len;
     }
 
     /// Under [`FsyncPolicy::Never`]: starts the next segment in place (no fsync promised, none
@@ -1225,8 +1210,11 @@ impl Wal {
     /// [`remove_segments`] to delete without holding the log. Left on disk, they are harmless:
     /// recovery starts at the snapshot's LSN and skips them.
     pub fn detach_before(&mut self, lsn: u64) -> Vec<PathBuf> {
-        // The current segment and those of rolls still in progress (not created yet) stay.
-        let pending = self.shared.lock().rolls.len();
+        // The current segment and those of queued rolls (not created yet) stay.
+        let st = self.shared.lock();
+        let pending = st.queue.iter().filter(|c| c.roll_to.is_some()).count()
+            + usize::from(st.writing == Some(true));
+        drop(st);
         let n = self.segments.len() - 1 - pending;
         let k = self.segments[..n]
             .iter()
@@ -1273,15 +1261,20 @@ pub struct SyncHandle {
 }
 
 impl SyncHandle {
-    /// Waits for a roll in progress to complete, fsyncs the current segment and publishes the
-    /// synced LSN. Blocking.
+    /// Waits until the sync thread has written every queued append, fsyncs the current segment
+    /// and publishes the synced LSN. Blocking.
     pub fn sync(self) -> Result<u64, StorageError> {
         let failed = || StorageError::Failed("an earlier write or fsync failed".into());
         let mut st = self.shared.lock();
-        while !st.rolls.is_empty() && !self.shared.failed.load(Ordering::SeqCst) {
+        if !st.queue.is_empty() {
+            self.shared.cv.notify_one();
+        }
+        while (!st.queue.is_empty() || st.writing.is_some())
+            && !self.shared.failed.load(Ordering::SeqCst)
+        {
             st = self
                 .shared
-                .rolled
+                .drained
                 .wait(st)
                 .unwrap_or_else(|e| e.into_inner());
         }
@@ -1621,6 +1614,31 @@ mod tests {
         let (_, rec) = Wal::open(dir.path(), opts(400), 0).unwrap();
         assert!(!rec.records.is_empty());
         assert_eq!(rec.records, recs[..rec.records.len()].to_vec());
+    }
+
+    #[test]
+    fn appends_do_no_io_until_the_log_thread_writes_them() {
+        // Under `always` the appending thread only queues: the segment does not grow until a
+        // sync is asked for (the log thread writes, then fsyncs). Under `never` it writes in
+        // place.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut wal, _) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        let lsn = wal.append(&sample(10)).unwrap();
+        assert!(lsn > 0);
+        let on_disk = || fs::metadata(last_segment(dir.path())).unwrap().len();
+        assert_eq!(on_disk(), 0, "the appender wrote to the segment itself");
+        assert_eq!(wal.sync_now().unwrap(), lsn);
+        assert_eq!(on_disk(), lsn);
+        drop(wal);
+
+        let never = tempfile::tempdir().unwrap();
+        let o = WalOptions {
+            fsync: FsyncPolicy::Never,
+            ..opts(1 << 20)
+        };
+        let (mut wal, _) = Wal::open(never.path(), o, 0).unwrap();
+        let lsn = wal.append(&sample(10)).unwrap();
+        assert_eq!(fs::metadata(last_segment(never.path())).unwrap().len(), lsn);
     }
 
     #[test]
