@@ -1,6 +1,7 @@
 //! End-to-end tests of the client library and the CLI over real QUIC with real certificates:
 //! causal failover, the readiness timeout, session tokens shared between processes, and the
-//! `causalkv dev` deployment driven by the CLI from another process.
+//! `causalkv dev` deployment driven by the CLI from another process (binary values, logs,
+//! completions, version, client certificates).
 
 mod common;
 
@@ -233,6 +234,15 @@ type Lines = std::io::Lines<BufReader<std::process::ChildStdout>>;
 /// Starts `causalkv dev` with `extra` arguments in `dir` on a free base port; returns the
 /// child, the rest of its output, its banner and the base port.
 fn spawn_dev(dir: &std::path::Path, extra: &[&str]) -> (Child, Lines, String, u16) {
+    spawn_dev_logging(dir, extra, Stdio::null())
+}
+
+/// [`spawn_dev`] with its stderr (the logs, at `RUST_LOG=info`) going to `stderr`.
+fn spawn_dev_logging(
+    dir: &std::path::Path,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (Child, Lines, String, u16) {
     let base = loop {
         let p = dev::free_udp_port().unwrap();
         if p < 60_000 {
@@ -249,8 +259,10 @@ fn spawn_dev(dir: &std::path::Path, extra: &[&str]) -> (Child, Lines, String, u1
                 &base.to_string(),
             ])
             .args(extra)
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start causalkv dev"),
     );
@@ -406,4 +418,365 @@ fn dev_with_partitions_routes_keys_and_refuses_the_wrong_partition() {
     send_sigint(child.0.id());
     let status = child.0.wait().unwrap();
     assert!(status.success(), "dev exits cleanly on SIGINT: {status:?}");
+}
+
+/// Stops a `causalkv dev` child with SIGINT and checks it exits cleanly.
+fn stop_dev(mut child: Child) {
+    send_sigint(child.0.id());
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "dev exits cleanly on SIGINT: {status:?}");
+}
+
+#[test]
+fn dev_logs_redirected_to_a_file_have_no_escape_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dev.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let (child, _lines, banner, _) = spawn_dev_logging(&dir.path().join("dev"), &[], file.into());
+    assert!(banner.contains("3 sites up"), "{banner}");
+    stop_dev(child);
+    let bytes = std::fs::read(&log).unwrap();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(
+        text.contains("site listening"),
+        "no logs in the file: {text}"
+    );
+    assert!(text.contains("site stopped"), "{text}");
+    assert!(
+        !bytes.contains(&0x1b),
+        "escape byte in logs written to a file: {text}"
+    );
+}
+
+#[test]
+fn dev_json_logs_parse_line_by_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dev.json");
+    let file = std::fs::File::create(&log).unwrap();
+    let (child, _lines, banner, _) = spawn_dev_logging(
+        &dir.path().join("dev"),
+        &["--log-format", "json", "--sites", "2"],
+        file.into(),
+    );
+    assert!(banner.contains("2 sites up"), "{banner}");
+    stop_dev(child);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains('\u{1b}'), "{text}");
+    let mut messages = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line:?}"));
+        assert!(v["level"].is_string(), "{line}");
+        assert!(v["timestamp"].is_string(), "{line}");
+        messages.push(
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+        );
+    }
+    let listening = messages.iter().filter(|m| *m == "site listening").count();
+    assert_eq!(listening, 2, "{messages:?}");
+    assert!(messages.iter().any(|m| m == "site stopped"), "{messages:?}");
+}
+
+#[test]
+fn text_logs_are_coloured_on_a_terminal_unless_no_color_is_set() {
+    // `script` runs the command on a pseudo-terminal; the recovery benchmark logs at info and
+    // exits by itself.
+    let run = |no_color: Option<&str>| {
+        let cmd = format!("{BIN} bench recovery --keys 10 --tail 10");
+        let mut c = Command::new("script");
+        c.args(["-qec", &cmd, "/dev/null"])
+            .env("RUST_LOG", "info")
+            .env_remove("NO_COLOR");
+        if let Some(v) = no_color {
+            c.env("NO_COLOR", v);
+        }
+        let out = c.output().expect("run script");
+        assert!(out.status.success(), "{out:?}");
+        out.stdout
+    };
+    let coloured = run(None);
+    assert!(
+        coloured.contains(&0x1b),
+        "a terminal gets colour: {}",
+        String::from_utf8_lossy(&coloured)
+    );
+    let plain = run(Some("1"));
+    assert!(
+        String::from_utf8_lossy(&plain).contains("INFO"),
+        "{}",
+        String::from_utf8_lossy(&plain)
+    );
+    assert!(
+        !plain.contains(&0x1b),
+        "NO_COLOR=1 on a terminal: {}",
+        String::from_utf8_lossy(&plain)
+    );
+}
+
+/// Runs the CLI with `--certs DIR`, feeding `stdin` to it.
+fn cli_with_stdin(
+    certs_dir: &std::path::Path,
+    args: &[&str],
+    stdin: &[u8],
+) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--certs", certs_dir.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the CLI");
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn binary_values_round_trip_through_value_file_stdin_and_out() {
+    use rand::{RngCore, SeedableRng};
+    const MAX_VALUE: usize = 11 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let max = MAX_VALUE.to_string();
+    let (child, _lines, banner, base) = spawn_dev(
+        &dir.path().join("dev"),
+        &["--sites", "1", "--max-value", &max],
+    );
+    assert!(banner.contains("1 sites up"), "{banner}");
+    let certs_dir = dir.path().join("dev/certs");
+    let site = format!("127.0.0.1:{base}");
+    let cli = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--site", &site, "--timeout-ms", "30000"]);
+        cli_in(&certs_dir, &all)
+    };
+    let file = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p.to_str().unwrap().to_owned()
+    };
+    let all_bytes: Vec<u8> = (0..=255u8).collect();
+    let mut big = vec![0u8; 10_000_000];
+    rand_chacha::ChaCha8Rng::seed_from_u64(21).fill_bytes(&mut big);
+    for (key, value) in [("all-bytes", &all_bytes), ("ten-mb", &big)] {
+        let input = file(&format!("{key}.in"), value);
+        let put = cli(&["put", key, "--value-file", &input]);
+        assert_eq!(put.status.code(), Some(0), "{put:?}");
+        let out = dir.path().join(format!("{key}.out"));
+        let get = cli(&["get", key, "--out", out.to_str().unwrap()]);
+        assert_eq!(get.status.code(), Some(0), "{get:?}");
+        assert!(get.stdout.is_empty(), "--out prints no value");
+        let back = std::fs::read(&out).unwrap();
+        assert_eq!(back.len(), value.len(), "{key}");
+        assert!(back == *value, "{key}: bytes differ");
+    }
+    // Without --out, a non-UTF-8 value is printed escaped, nothing replaced.
+    let get = cli(&["get", "all-bytes"]);
+    assert_eq!(get.status.code(), Some(0), "{get:?}");
+    let printed = String::from_utf8(get.stdout).unwrap();
+    assert_eq!(
+        printed.trim_end_matches('\n'),
+        all_bytes.escape_ascii().to_string()
+    );
+    assert!(!printed.contains('\u{fffd}'));
+    let json = cli(&["get", "all-bytes", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["escaped"], true);
+    assert_eq!(v["value"], all_bytes.escape_ascii().to_string());
+    // A UTF-8 value is printed as it is.
+    assert_eq!(cli(&["put", "text", "grüße"]).status.code(), Some(0));
+    let get = cli(&["get", "text"]);
+    assert_eq!(String::from_utf8(get.stdout).unwrap(), "grüße\n");
+    // `--value-file -` reads standard input; `--out -` writes raw bytes to standard output.
+    let stdin_value = [0xff, 0x00, b'\n', 0xc3, 0x28, b'x'];
+    let site_args = ["--site", site.as_str()];
+    let mut put_args = vec!["put", "from-stdin", "--value-file", "-"];
+    put_args.extend(site_args);
+    let put = cli_with_stdin(&certs_dir, &put_args, &stdin_value);
+    assert_eq!(put.status.code(), Some(0), "{put:?}");
+    let get = cli(&["get", "from-stdin", "--out", "-"]);
+    assert_eq!(get.status.code(), Some(0), "{get:?}");
+    assert_eq!(get.stdout, stdin_value);
+    // A missing key writes no file.
+    let nowhere = dir.path().join("absent.out");
+    let get = cli(&["get", "absent", "--out", nowhere.to_str().unwrap()]);
+    assert_eq!(get.status.code(), Some(1), "{get:?}");
+    assert!(!nowhere.exists());
+    // Over the value limit, and over the frame limit: the site's error, naming the limit.
+    let over_value = file("over-value", &vec![7u8; MAX_VALUE + 1]);
+    let put = cli(&["put", "too-big", "--value-file", &over_value]);
+    assert_eq!(put.status.code(), Some(2), "{put:?}");
+    let err = String::from_utf8_lossy(&put.stderr);
+    assert!(
+        err.contains(&format!(
+            "exceeds the limit of {MAX_VALUE} bytes (limits.max_value)"
+        )),
+        "{err}"
+    );
+    let over_frame = file("over-frame", &vec![7u8; 20_000_000]);
+    let put = cli(&["put", "too-big", "--value-file", &over_frame]);
+    assert_eq!(put.status.code(), Some(2), "{put:?}");
+    let err = String::from_utf8_lossy(&put.stderr);
+    assert!(err.contains("too large"), "{err}");
+    assert!(err.contains("(limits.max_frame)"), "{err}");
+    assert_eq!(cli(&["get", "too-big"]).status.code(), Some(1));
+    // A missing value file is a clear local error.
+    let put = cli(&["put", "k", "--value-file", "/nonexistent/value"]);
+    assert_eq!(put.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&put.stderr).contains("/nonexistent/value"));
+    stop_dev(child);
+}
+
+#[test]
+fn completions_scripts_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.contains("causalkv"), "{shell}");
+        assert!(
+            script.contains("add-client"),
+            "{shell}: subcommands completed"
+        );
+        let path = dir.path().join(format!("causalkv.{shell}"));
+        std::fs::write(&path, &script).unwrap();
+        if shell == "bash" {
+            let check = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+            assert!(check.status.success(), "bash -n: {check:?}");
+        }
+    }
+    let bad = Command::new(BIN)
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+}
+
+#[test]
+fn version_names_the_crate_and_the_wire_protocol() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let want = format!(
+        "causalkv {} (wire protocol {}: causalkv-client/{2}, causalkv-peer/{2})\n",
+        env!("CARGO_PKG_VERSION"),
+        causalkv::tls::PROTOCOL_VERSION,
+        causalkv::tls::PROTOCOL_VERSION,
+    );
+    assert_eq!(text, want);
+    assert!(causalkv::tls::ALPN_CLIENT.ends_with(b"/1"));
+}
+
+#[test]
+fn certs_add_client_issues_a_client_that_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _lines, banner, base) = spawn_dev(&dir.path().join("dev"), &["--sites", "1"]);
+    assert!(banner.contains("1 sites up"), "{banner}");
+    let certs_dir = dir.path().join("dev/certs");
+    let site = format!("127.0.0.1:{base}");
+    let certs = certs_dir.to_str().unwrap();
+    // Before: the CLI has no certificate for `ops`.
+    let before = cli_in(
+        &certs_dir,
+        &["put", "k", "v", "--site", &site, "--client", "ops"],
+    );
+    assert_eq!(before.status.code(), Some(2), "{before:?}");
+    let add = Command::new(BIN)
+        .args(["certs", "add-client", "ops", "--ca-dir", certs])
+        .output()
+        .unwrap();
+    assert!(add.status.success(), "{add:?}");
+    let printed = String::from_utf8_lossy(&add.stdout);
+    assert!(printed.contains("client-ops.pem"), "{printed}");
+    assert!(certs_dir.join("client-ops.key").exists());
+    let put = cli_in(
+        &certs_dir,
+        &["put", "k", "v", "--site", &site, "--client", "ops"],
+    );
+    assert_eq!(put.status.code(), Some(0), "{put:?}");
+    let get = cli_in(
+        &certs_dir,
+        &["get", "k", "--site", &site, "--client", "ops"],
+    );
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "v\n");
+    // Not twice without --force; not without a CA.
+    let again = Command::new(BIN)
+        .args(["certs", "add-client", "ops", "--ca-dir", certs])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("refusing to overwrite"));
+    let empty = dir.path().join("empty");
+    let no_ca = Command::new(BIN)
+        .args([
+            "certs",
+            "add-client",
+            "ops",
+            "--ca-dir",
+            empty.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(no_ca.status.code(), Some(2), "{no_ca:?}");
+    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("no CA certificate"));
+    stop_dev(child);
+}
+
+/// `GET path` on a site's admin endpoint; returns the body.
+fn admin_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_owned()
+}
+
+#[test]
+fn certificate_expiry_is_in_metrics_and_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let (child, _lines, banner, base) = spawn_dev(&dir.path().join("dev"), &["--sites", "1"]);
+    assert!(banner.contains("1 sites up"), "{banner}");
+    let year = 365.0 * 24.0 * 3600.0;
+    let metrics = admin_get(dev::admin_port(base, 0).unwrap(), "/metrics");
+    assert!(
+        metrics.contains("# TYPE causalkv_certificate_expiry_seconds gauge"),
+        "{metrics}"
+    );
+    let gauge = |cert: &str| -> f64 {
+        let prefix = format!("causalkv_certificate_expiry_seconds{{cert=\"{cert}\"}} ");
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix}in {metrics}"));
+        line[prefix.len()..].parse().unwrap()
+    };
+    // `causalkv dev` issues sites five years and the CA ten years of validity.
+    let site = gauge("site");
+    assert!(site > 4.99 * year && site <= 5.0 * year, "{site}");
+    let ca = gauge("ca");
+    assert!(ca > 9.99 * year && ca <= 10.0 * year, "{ca}");
+    let certs_dir = dir.path().join("dev/certs");
+    let site_addr = format!("127.0.0.1:{base}");
+    let status = cli_in(&certs_dir, &["status", "--site", &site_addr, "--json"]);
+    assert_eq!(status.status.code(), Some(0), "{status:?}");
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let listed = v["certificates"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{v}");
+    assert_eq!(listed[0]["cert"], "certificate of site a");
+    let left = listed[0]["expires_in_seconds"].as_f64().unwrap();
+    assert!((left - site).abs() < 60.0, "{left} vs {site}");
+    assert_eq!(v["warnings"].as_array().unwrap().len(), 0, "{v}");
+    stop_dev(child);
 }

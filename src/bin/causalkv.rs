@@ -2,8 +2,10 @@
 //!
 //! Exit codes of the client commands: 0 found / ok, 1 not found, 2 error.
 
-use std::path::PathBuf;
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use causalkv::client::{Client, ClientError};
@@ -11,7 +13,7 @@ use causalkv::net::NodeError;
 use causalkv::tools::dev::{self, CLI_CLIENT, DevOptions};
 use causalkv::tools::{bench, certs};
 use causalkv::{Node, SiteConfig};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 /// mimalloc instead of the system allocator: replication moves millions of short-lived buffers
 /// a second (frames, dependency vectors, log records), and glibc's malloc/free was a fifth of the
@@ -19,15 +21,39 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What `--version` prints: the crate version and the wire protocol version with its ALPNs.
+static VERSION: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "{} (wire protocol {}: {}, {})",
+        env!("CARGO_PKG_VERSION"),
+        causalkv::tls::PROTOCOL_VERSION,
+        String::from_utf8_lossy(causalkv::tls::ALPN_CLIENT),
+        String::from_utf8_lossy(causalkv::tls::ALPN_PEER),
+    )
+});
+
 #[derive(Parser)]
 #[command(
     name = "causalkv",
-    version,
+    version = VERSION.as_str(),
     about = "Geo-replicated key-value store with causal+ consistency"
 )]
 struct Cli {
+    /// Log format on stderr: `text` (coloured only on a terminal and without `NO_COLOR`) or
+    /// `json` (one object per line, for log shippers). `RUST_LOG` sets the filter.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The log formats of `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -64,6 +90,10 @@ enum Cmd {
         /// Only write certificates and site configs (for `causalkv serve --config`), then exit.
         #[arg(long)]
         layout_only: bool,
+        /// Largest value the sites accept, in bytes (`[limits] max_value`; the frame limit
+        /// grows with it).
+        #[arg(long, default_value_t = causalkv::wire::Limits::default().max_value)]
+        max_value: usize,
     },
     /// Benchmarks (release builds): load against running sites, replication throughput,
     /// visibility latency.
@@ -80,22 +110,30 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CertsCmd,
     },
-    /// Write a value.
+    /// Write a value (given as an argument, or the bytes of a file with --value-file).
     Put {
         /// Key.
         key: String,
-        /// Value.
-        value: String,
+        /// Value (UTF-8 text; use --value-file for binary or large values).
+        #[arg(required_unless_present = "value_file", conflicts_with = "value_file")]
+        value: Option<String>,
+        /// Read the value's raw bytes from this file (`-`: standard input).
+        #[arg(long)]
+        value_file: Option<PathBuf>,
         /// Wait until this many remote sites have the write durably.
         #[arg(long, default_value_t = 0)]
         sync: u8,
         #[command(flatten)]
         conn: ConnArgs,
     },
-    /// Read a value (exit code 1 when absent).
+    /// Read a value (exit code 1 when absent). Without --out, a value that is not UTF-8 is
+    /// printed with non-printable bytes escaped (`\xNN`, `\n`, ...).
     Get {
         /// Key.
         key: String,
+        /// Write the value's raw bytes to this file (`-`: standard output) instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -110,6 +148,11 @@ enum Cmd {
     Status {
         #[command(flatten)]
         conn: ConnArgs,
+    },
+    /// Print a shell completion script (e.g. `causalkv completions bash > /etc/bash_completion.d/causalkv`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -127,6 +170,17 @@ enum CertsCmd {
         #[arg(long, value_delimiter = ',')]
         clients: Vec<String>,
         /// Replace existing keys and certificates.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue one more client certificate (`client-NAME.pem/.key`) from an existing CA.
+    AddClient {
+        /// Client name.
+        name: String,
+        /// Directory holding the CA (`ca.pem`, `ca.key`); the new files are written there.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Replace an existing certificate and key of this client.
         #[arg(long)]
         force: bool,
     },
@@ -378,15 +432,35 @@ struct ConnArgs {
     json: bool,
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+/// Whether text logs may use colour: only on a terminal, and not when `NO_COLOR` is set to a
+/// non-empty value (<https://no-color.org>).
+fn colour_wanted(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, quieter for quinn and
+/// rustls).
+fn init_logging(format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(colour_wanted(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .init(),
+        LogFormat::Json => builder.with_ansi(false).json().init(),
+    }
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let threads: usize = std::env::var("CAUSALKV_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -417,7 +491,8 @@ async fn run(cmd: Cmd) -> ExitCode {
             port,
             partitions,
             layout_only,
-        } => match run_dev(sites, dir, port, partitions, layout_only).await {
+            max_value,
+        } => match run_dev(sites, dir, port, partitions, layout_only, max_value).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e),
         },
@@ -456,34 +531,105 @@ async fn run(cmd: Cmd) -> ExitCode {
                 Err(e) => fail(&e.to_string()),
             }
         }
+        Cmd::Certs {
+            cmd:
+                CertsCmd::AddClient {
+                    name,
+                    ca_dir,
+                    force,
+                },
+        } => match certs::add_client(&ca_dir, &name, force) {
+            Ok(paths) => {
+                println!("{}\n{}", paths.cert.display(), paths.key.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Cmd::Put {
             key,
             value,
+            value_file,
             sync,
             conn,
-        } => client_cmd(&conn, |c| async move {
-            let v = c.put_sync(&key, &value, sync).await?;
-            Ok((Some(format!("ok {v}")), serde_json::json!({"ok": true, "version": v.to_string()}), true))
-        })
-        .await,
-        Cmd::Get { key, conn } => client_cmd(&conn, |c| async move {
-            let r = c.get_versioned(&key).await?;
-            let found = r.value.is_some();
-            let text = r.value.as_ref().map(|v| String::from_utf8_lossy(v).into_owned());
-            let json = serde_json::json!({
-                "found": found,
-                "value": text,
-                "version": r.version.map(|v| v.to_string()),
-            });
-            Ok((text.or(Some("(not found)".into())), json, found))
-        })
-        .await,
-        Cmd::Del { key, conn } => client_cmd(&conn, |c| async move {
-            let v = c.delete(&key).await?;
-            Ok((Some(format!("deleted {v}")), serde_json::json!({"ok": true, "version": v.to_string()}), true))
-        })
-        .await,
-        Cmd::Status { conn } => client_cmd(&conn, |c| async move {
+        } => {
+            let value = match (value, value_file) {
+                (Some(v), _) => v.into_bytes(),
+                (None, Some(path)) => match read_value_file(&path) {
+                    Ok(v) => v,
+                    Err(e) => return fail(&e),
+                },
+                (None, None) => return fail(&"give a value or --value-file"),
+            };
+            client_cmd(&conn, |c| async move {
+                let v = c.put_sync(&key, &value, sync).await?;
+                Ok((
+                    Some(format!("ok {v}")),
+                    serde_json::json!({"ok": true, "version": v.to_string()}),
+                    true,
+                ))
+            })
+            .await
+        }
+        Cmd::Get { key, out, conn } => {
+            client_cmd(&conn, |c| async move {
+                let r = c.get_versioned(&key).await?;
+                let found = r.value.is_some();
+                let mut json = serde_json::json!({
+                    "found": found,
+                    "version": r.version.map(|v| v.to_string()),
+                });
+                let text = match (&r.value, &out) {
+                    (None, _) => Some("(not found)".to_owned()),
+                    (Some(v), Some(path)) => {
+                        write_value_out(path, v).map_err(|e| ClientError::Config(e.to_string()))?;
+                        json["bytes"] = v.len().into();
+                        None
+                    }
+                    (Some(v), None) => {
+                        let (text, escaped) = printable(v);
+                        json["value"] = text.clone().into();
+                        if escaped {
+                            json["escaped"] = true.into();
+                        }
+                        Some(text)
+                    }
+                };
+                Ok((text, json, found))
+            })
+            .await
+        }
+        Cmd::Del { key, conn } => {
+            client_cmd(&conn, |c| async move {
+                let v = c.delete(&key).await?;
+                Ok((
+                    Some(format!("deleted {v}")),
+                    serde_json::json!({"ok": true, "version": v.to_string()}),
+                    true,
+                ))
+            })
+            .await
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "causalkv",
+                &mut std::io::stdout(),
+            );
+            ExitCode::SUCCESS
+        }
+        Cmd::Status { conn } => {
+            let local_certs = [
+                (
+                    "CA certificate".to_owned(),
+                    certs::ca_paths(&conn.certs).cert,
+                ),
+                (
+                    format!("client certificate {}", conn.client),
+                    certs::client_paths(&conn.certs, &conn.client).cert,
+                ),
+            ];
+            client_cmd(&conn, |c| async move {
             let s = c.status().await?;
             let mut text = format!(
                 "site {} ({})\n  applied  {:?}\n  stable   {:?}\n  buffered {}  retained {}  keys {}\n  \
@@ -504,10 +650,35 @@ async fn run(cmd: Cmd) -> ExitCode {
                     p.name, p.site, p.addr, p.state, p.lag_updates, p.lag_ms, p.reason
                 ));
             }
-            let json = serde_json::to_value(&s).expect("status serialises");
+            let mut json = serde_json::to_value(&s).expect("status serialises");
+            // Certificates: the one the site presented, and this client's own.
+            let mut seen = Vec::new();
+            if let Some(t) = c.site_certificate_not_after().await {
+                seen.push((format!("certificate of site {}", s.name), t));
+            }
+            for (what, path) in local_certs {
+                if let Ok(t) = causalkv::tls::pem_not_after(&path) {
+                    seen.push((what, t));
+                }
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let mut warnings = Vec::new();
+            let mut listed = Vec::new();
+            for (what, not_after) in &seen {
+                listed.push(serde_json::json!({"cert": what, "expires_in_seconds": not_after - now}));
+                if let Some(w) = certs::expiry_warning(what, *not_after, now) {
+                    text.push_str(&format!("\n  warning: {w}"));
+                    warnings.push(w);
+                }
+            }
+            json["certificates"] = listed.into();
+            json["warnings"] = warnings.into();
             Ok((Some(text), json, true))
         })
-        .await,
+        .await
+        }
     }
 }
 
@@ -730,6 +901,39 @@ where
     }
 }
 
+/// The bytes of a `--value-file`: the file's, or standard input's for `-`.
+fn read_value_file(path: &Path) -> Result<Vec<u8>, String> {
+    let mut buf = Vec::new();
+    let read = if path == Path::new("-") {
+        std::io::stdin().lock().read_to_end(&mut buf)
+    } else {
+        std::fs::File::open(path).and_then(|mut f| f.read_to_end(&mut buf))
+    };
+    read.map_err(|e| format!("--value-file {}: {e}", path.display()))?;
+    Ok(buf)
+}
+
+/// Writes a value's raw bytes to `--out` (standard output for `-`).
+fn write_value_out(path: &Path, value: &[u8]) -> Result<(), String> {
+    let written = if path == Path::new("-") {
+        let mut out = std::io::stdout().lock();
+        out.write_all(value).and_then(|()| out.flush())
+    } else {
+        std::fs::write(path, value)
+    };
+    written.map_err(|e| format!("--out {}: {e}", path.display()))
+}
+
+/// A value as text: UTF-8 as it is, anything else with its bytes escaped the way Rust's
+/// `escape_ascii` does (`\xNN`, `\n`, `\\`, ...), so that nothing is lost or replaced. The flag
+/// tells whether it was escaped.
+fn printable(value: &[u8]) -> (String, bool) {
+    match std::str::from_utf8(value) {
+        Ok(s) => (s.to_owned(), false),
+        Err(_) => (value.escape_ascii().to_string(), true),
+    }
+}
+
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("error: {e}");
     ExitCode::from(2)
@@ -925,12 +1129,16 @@ async fn run_dev(
     port: u16,
     partitions: u32,
     layout_only: bool,
+    max_value: usize,
 ) -> Result<(), String> {
     if !(1..=64).contains(&partitions) {
         return Err(format!("--partitions must be 1 to 64, not {partitions}"));
     }
+    // Before the banner: Ctrl-C right after it must stop the sites cleanly.
+    let stop = shutdown_signal();
     let cluster = dev::prepare(&DevOptions {
         partitions,
+        limits: dev::limits_for_max_value(max_value),
         ..DevOptions::new(sites, &dir, port)
     })
     .map_err(|e| e.to_string())?;
@@ -1005,7 +1213,7 @@ async fn run_dev(
     );
     println!("  causalkv status --site {} --certs {certs}", addrs[0]);
     println!("(with cargo: cargo run --release -- get hello ...). Ctrl-C stops all sites.");
-    shutdown_signal().await;
+    stop.await;
     let mut stopping = tokio::task::JoinSet::new();
     for n in nodes {
         stopping.spawn(n.shutdown());
@@ -1015,20 +1223,26 @@ async fn run_dev(
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Completes on SIGINT or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled: a signal that arrives in between is not lost (and does not kill
+/// the process with the default action).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

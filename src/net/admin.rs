@@ -289,6 +289,23 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
     );
 
     e.family(
+        "causalkv_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until each loaded certificate (the site's own, the CA) expires; negative once \
+         expired.",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for (cert, not_after) in &shared.cert_not_after {
+        e.sample(
+            "causalkv_certificate_expiry_seconds",
+            &[("cert", cert)],
+            not_after - now,
+        );
+    }
+
+    e.family(
         "causalkv_requests_total",
         "counter",
         "Client requests answered, by operation and result.",

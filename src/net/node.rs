@@ -93,6 +93,13 @@ impl Node {
             cert: cfg.tls.cert.clone(),
             key: cfg.tls.key.clone(),
         })?;
+        let cert_not_after = [
+            ("site", identity.not_after()),
+            ("ca", tls::pem_not_after(&cfg.tls.ca).ok()),
+        ]
+        .into_iter()
+        .filter_map(|(role, t)| Some((role, t?)))
+        .collect();
         let transport = cfg.transport_limits();
         let server = tls::server_config(&identity, &transport, cfg.tls.require_client_cert)?;
         // Before the UDP endpoint: if this fails, nothing is left bound.
@@ -151,6 +158,7 @@ impl Node {
             draining: std::sync::atomic::AtomicBool::new(false),
             drained: Notify::new(),
             identity,
+            cert_not_after,
             transport,
             wal: Mutex::new(WalState {
                 wal,

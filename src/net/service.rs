@@ -62,6 +62,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, conn: Connection) {
     }
 }
 
+/// The refusal of a key or value over a limit: the check's own message, which names the limit.
+fn too_large(e: WireError) -> ResponseBody {
+    let message = match e {
+        WireError::Semantic(m) => m,
+        other => other.to_string(),
+    };
+    error(error_code::TOO_LARGE, message)
+}
+
 fn error(code: u16, message: impl Into<String>) -> ResponseBody {
     ResponseBody::Error {
         code,
@@ -87,7 +96,12 @@ async fn handle(shared: &Shared, mut send: SendStream, mut recv: RecvStream) {
             } else {
                 error_code::BAD_REQUEST
             };
-            respond(shared, &mut send, error(code, e.to_string())).await;
+            let message = if matches!(e, WireError::FrameTooLarge { .. }) {
+                format!("{e} (limits.max_frame)")
+            } else {
+                e.to_string()
+            };
+            respond(shared, &mut send, error(code, message)).await;
             let _ = recv.stop(VarInt::from_u32(close_code::MALFORMED));
             return;
         }
@@ -158,7 +172,7 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
         ArchivedClientOp::Get { key } => {
             if let Err(e) = wire::check_sizes(key.len(), 0, limits) {
                 Metrics::bump(&shared.metrics.too_large);
-                return error(error_code::TOO_LARGE, e.to_string());
+                return too_large(e);
             }
             if let Some(refusal) = wrong_partition(shared, key) {
                 return refusal;
@@ -210,7 +224,7 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
     let vlen = value.map_or(0, |v| v.len());
     if let Err(e) = wire::check_sizes(key.len(), vlen, limits) {
         Metrics::bump(&shared.metrics.too_large);
-        return error(error_code::TOO_LARGE, e.to_string());
+        return too_large(e);
     }
     if let Some(refusal) = wrong_partition(shared, key) {
         return refusal;

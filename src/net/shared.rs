@@ -20,6 +20,8 @@ use crate::tls::{Identity, TransportLimits};
 /// State shared by a node's tasks.
 pub(crate) struct Shared {
     pub cfg: SiteConfig,
+    /// The loaded certificates' `notAfter` (Unix seconds), by role (`site`, `ca`).
+    pub cert_not_after: Vec<(&'static str, i64)>,
     /// The replica. A std mutex: it is never held across an await, and critical sections are
     /// short (one request or one batch).
     pub replica: Mutex<Replica<MemStore>>,

@@ -1,4 +1,5 @@
-//! Development CA and certificate tooling (backs `causalkv certs init`).
+//! Development CA and certificate tooling (backs `causalkv certs init` and
+//! `causalkv certs add-client`, see [`add_client`]).
 //!
 //! [`init`] makes (or extends) a directory of PEM files for a development cluster:
 //!
@@ -509,6 +510,56 @@ fn exists(path: &Path) -> Result<bool, CertsError> {
     path.try_exists().map_err(io_err(path))
 }
 
+/// How close to its expiry a certificate must be for `causalkv status` to warn about it.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The warning for certificate `what` whose validity ends at `not_after` (Unix seconds), seen at
+/// `now`: `None` while more than [`EXPIRY_WARNING`] remain.
+pub fn expiry_warning(what: &str, not_after: i64, now: i64) -> Option<String> {
+    let left = not_after - now;
+    if left > EXPIRY_WARNING.as_secs() as i64 {
+        return None;
+    }
+    const DAY: i64 = 24 * 3600;
+    Some(if left <= 0 {
+        format!("{what} expired {} days ago", -left / DAY)
+    } else {
+        format!(
+            "{what} expires in {} days {} hours; reissue it",
+            left / DAY,
+            left % DAY / 3600
+        )
+    })
+}
+
+/// Issues one more client certificate, `client-<name>.pem/.key`, from the existing CA in `dir`
+/// (backs `causalkv certs add-client`) and returns where it was written. Refuses to replace an
+/// existing certificate or key of that client unless `force`; a missing CA is an error.
+pub fn add_client(dir: &Path, name: &str, force: bool) -> Result<CertPaths, CertsError> {
+    validate_name(name)?;
+    let ca_p = ca_paths(dir);
+    if !exists(&ca_p.cert)? {
+        return Err(CertsError::BadCa {
+            path: ca_p.cert,
+            reason: "no CA certificate here (make one with `causalkv certs init`)".into(),
+        });
+    }
+    let ca = load_ca(dir)?;
+    let paths = leaf_paths(dir, Role::Client, name);
+    if !force {
+        for p in [&paths.cert, &paths.key] {
+            if exists(p)? {
+                return Err(CertsError::Exists { path: p.clone() });
+            }
+        }
+    }
+    let issued = ca.issue(Role::Client, name)?;
+    // Key before certificate, as in `init`.
+    write_file(&paths.key, issued.key_pem.as_bytes(), KEY_MODE, force)?;
+    write_file(&paths.cert, issued.cert_pem.as_bytes(), CERT_MODE, force)?;
+    Ok(paths)
+}
+
 /// Makes or extends a development certificate directory; see the module docs.
 pub fn init(opts: &InitOptions) -> Result<InitReport, CertsError> {
     let mut leaves: Vec<(Role, &str)> = Vec::new();
@@ -636,6 +687,20 @@ mod tests {
 
     fn der_of(path: &Path) -> CertificateDer<'static> {
         first_cert(&read(path)).unwrap()
+    }
+
+    #[test]
+    fn expiry_warnings_start_thirty_days_ahead() {
+        let day = 24 * 3600;
+        let now = 1_800_000_000;
+        assert_eq!(expiry_warning("ca", now + 31 * day, now), None);
+        assert_eq!(expiry_warning("ca", now + 30 * day + 1, now), None);
+        let w = expiry_warning("site a", now + 30 * day, now).unwrap();
+        assert_eq!(w, "site a expires in 30 days 0 hours; reissue it");
+        let w = expiry_warning("site a", now + 2 * day + 5 * 3600, now).unwrap();
+        assert!(w.contains("2 days 5 hours"), "{w}");
+        let w = expiry_warning("ca", now - 3 * day, now).unwrap();
+        assert_eq!(w, "ca expired 3 days ago");
     }
 
     #[test]

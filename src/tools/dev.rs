@@ -41,6 +41,19 @@ pub struct DevOptions {
     /// Partition nodes per site (1: one node per site). With `P` partitions, site `i`'s
     /// partition `p` listens on `base_port + i * P + p`.
     pub partitions: u32,
+    /// Size limits of every node (`[limits]` of the written configurations).
+    pub limits: Limits,
+}
+
+/// [`Limits`] for a largest value of `max_value` bytes: the default key limit, and a frame
+/// limit that is the default or just large enough for such a value, whichever is larger.
+pub fn limits_for_max_value(max_value: usize) -> Limits {
+    let d = Limits::default();
+    Limits {
+        max_value,
+        max_frame: d.max_frame.max(max_value + d.max_key + (64 << 10)),
+        ..d
+    }
 }
 
 impl DevOptions {
@@ -52,6 +65,7 @@ impl DevOptions {
             base_port,
             clients: Vec::new(),
             partitions: 1,
+            limits: Limits::default(),
         }
     }
 }
@@ -175,7 +189,7 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
                 key: paths.key,
                 require_client_cert: true,
             },
-            limits: Limits::default(),
+            limits: opts.limits,
             timeouts: Timeouts::default(),
             replication: ReplicationConfig::default(),
             quic: Default::default(),

@@ -326,6 +326,18 @@ impl Client {
         .await
     }
 
+    /// The end of the validity period (`notAfter`, Unix seconds) of the certificate that the
+    /// site serving partition 0 presented, if there is a connection to it.
+    pub async fn site_certificate_not_after(&self) -> Option<i64> {
+        let guard = self.conns[0].lock().await;
+        let (_, conn) = guard.as_ref()?;
+        let chain = conn
+            .peer_identity()?
+            .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+            .ok()?;
+        tls::not_after(chain.first()?)
+    }
+
     /// The current site's status.
     pub async fn status(&self) -> Result<StatusInfo, ClientError> {
         match self.call(ClientOp::Status, true, 0).await? {
@@ -602,9 +614,16 @@ async fn exchange(conn: &Connection, req: &Request) -> Result<Response, Exchange
         .open_bi()
         .await
         .map_err(|e| Exchange::BeforeSend(e.to_string()))?;
-    wire::write_frame(&mut send, &wire::encode(req))
-        .await
-        .map_err(|e| Exchange::BeforeSend(e.to_string()))?;
+    if let Err(e) = wire::write_frame(&mut send, &wire::encode(req)).await {
+        // A site that refuses a request frame (one over its frame limit) answers why and then
+        // stops the stream; that answer is the error to report. Nothing was executed.
+        if let Ok(Some(frame)) = wire::read_frame(&mut recv, 64 << 20).await
+            && let Ok(resp) = wire::decode::<Response>(&frame)
+        {
+            return Ok(resp);
+        }
+        return Err(Exchange::BeforeSend(e.to_string()));
+    }
     let _ = send.finish();
     let frame = wire::read_frame(&mut recv, 64 << 20)
         .await

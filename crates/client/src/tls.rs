@@ -49,6 +49,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::names as certs;
 
+/// The wire protocol version: the `/N` suffix of both ALPNs ([`ALPN_PEER`], [`ALPN_CLIENT`]).
+/// Sites and clients of different protocol versions do not connect.
+pub const PROTOCOL_VERSION: u32 = 1;
 /// ALPN between sites.
 pub const ALPN_PEER: &[u8] = b"causalkv-peer/1";
 /// ALPN between clients and sites.
@@ -283,7 +286,29 @@ pub fn load_roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(roots))
 }
 
+/// The end of a certificate's validity period (`notAfter`), in Unix seconds; `None` if it does
+/// not parse.
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    Some(x509.validity().not_after.timestamp())
+}
+
+/// [`not_after`] of the first certificate in a PEM file.
+pub fn pem_not_after(path: &Path) -> Result<i64, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let der = rustls_pemfile::certs(&mut pem.as_slice())
+        .next()
+        .ok_or_else(|| format!("{}: no certificate", path.display()))?
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    not_after(&der).ok_or_else(|| format!("{}: unparsable certificate", path.display()))
+}
+
 impl Identity {
+    /// [`not_after`] of this identity's own certificate (the leaf of its chain).
+    pub fn not_after(&self) -> Option<i64> {
+        self.chain.first().and_then(|c| not_after(c))
+    }
+
     /// Loads and checks an identity: the CA file must hold usable CA certificates, the
     /// certificate file a chain (leaf first), the key file a private key belonging to the leaf,
     /// and the leaf must verify against the CA (so a misconfigured node fails at startup, not
@@ -623,4 +648,18 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .downcast::<quinn::crypto::rustls::HandshakeData>()
         .ok()?;
     data.protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alpns_carry_the_protocol_version() {
+        let suffix = format!("/{PROTOCOL_VERSION}");
+        for alpn in [ALPN_PEER, ALPN_CLIENT] {
+            let alpn = std::str::from_utf8(alpn).unwrap();
+            assert!(alpn.ends_with(&suffix), "{alpn} lacks {suffix}");
+        }
+    }
 }

@@ -358,13 +358,13 @@ pub fn check_sizes(key: usize, value: usize, limits: &Limits) -> Result<(), Wire
     }
     if key > limits.max_key {
         return Err(WireError::Semantic(format!(
-            "key of {key} bytes exceeds the limit of {} bytes",
+            "key of {key} bytes exceeds the limit of {} bytes (limits.max_key)",
             limits.max_key
         )));
     }
     if value > limits.max_value {
         return Err(WireError::Semantic(format!(
-            "value of {value} bytes exceeds the limit of {} bytes",
+            "value of {value} bytes exceeds the limit of {} bytes (limits.max_value)",
             limits.max_value
         )));
     }
