@@ -6,9 +6,12 @@
 //! - [`wan`]: user-space WAN emulation (a delaying UDP/TCP relay mesh) for the benchmarks.
 //! - [`checker`]: a causal-consistency checker over recorded histories, used by the simulation
 //!   and by the end-to-end suites.
+//! - [`lincheck`]: a linearizability checker (Wing–Gong search, per key, with unknown outcomes)
+//!   over recorded histories of strong operations.
 //! - [`certs`]: development CA and certificate tooling (`causalkv certs init`).
 pub mod bench;
 pub mod certs;
 pub mod checker;
 pub mod dev;
+pub mod lincheck;
 pub mod wan;
