@@ -306,49 +306,8 @@ enum BenchCmd {
     /// round and variant, get p50/p99/p99.9/max, puts/s, rolls and snapshots seen, and each
     /// variant's get p99 over quiet's. JSON on stdout, the table on stderr.
     Stalls {
-        /// Variants, comma-separated, run in this order in every round: quiet (no roll, no
-        /// snapshot; the baseline), rolls, snapshots, busy (rolls and snapshots).
-        #[arg(long, value_delimiter = ',', default_value = "quiet,busy")]
-        variants: Vec<bench::StallVariant>,
-        /// Interleaved rounds.
-        #[arg(long, default_value_t = 3)]
-        rounds: usize,
-        /// Seconds of load per variant and round.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Keys preloaded (the keys the reader gets).
-        #[arg(long, default_value_t = 100_000)]
-        keys: u64,
-        /// Value size of the preloaded keys, bytes.
-        #[arg(long, default_value_t = 512)]
-        key_value_size: usize,
-        /// Gets per second (open loop).
-        #[arg(long, default_value_t = 2000.0)]
-        get_rate: f64,
-        /// Reader workers sharing the scheduled gets.
-        #[arg(long, default_value_t = 32)]
-        readers: usize,
-        /// Puts in flight.
-        #[arg(long, default_value_t = 16)]
-        writers: usize,
-        /// Keys the writer overwrites (disjoint from the reader's).
-        #[arg(long, default_value_t = 5_000)]
-        write_keys: u64,
-        /// Smallest value put, bytes.
-        #[arg(long, default_value_t = 1024)]
-        write_value_min: usize,
-        /// Largest value put, bytes.
-        #[arg(long, default_value_t = 4096)]
-        write_value_max: usize,
-        /// `segment_bytes` of the variants that roll (rolls, busy).
-        #[arg(long, default_value_t = 2 << 20)]
-        segment_bytes: u64,
-        /// `snapshot_interval_ms` of the variants that snapshot (snapshots, busy).
-        #[arg(long, default_value_t = 1000)]
-        snapshot_interval_ms: u64,
-        /// `snapshot_log_bytes` of the variants that snapshot (snapshots, busy).
-        #[arg(long, default_value_t = 16 << 20)]
-        snapshot_log_bytes: u64,
+        #[command(flatten)]
+        opts: bench::StallOptions,
         /// Also write the JSON report to this file (pretty-printed).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -824,39 +783,10 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             print(serde_json::to_value(r).expect("serialises"))
         }
         BenchCmd::Stalls {
-            variants,
-            rounds,
-            seconds,
-            keys,
-            key_value_size,
-            get_rate,
-            readers,
-            writers,
-            write_keys,
-            write_value_min,
-            write_value_max,
-            segment_bytes,
-            snapshot_interval_ms,
-            snapshot_log_bytes,
+            opts,
             out,
             site_bin,
         } => {
-            let opts = bench::StallOptions {
-                variants,
-                rounds,
-                seconds,
-                preload_keys: keys,
-                preload_value_size: key_value_size,
-                get_rate,
-                readers,
-                writers,
-                write_keys,
-                write_value_min,
-                write_value_max,
-                segment_bytes,
-                snapshot_interval_ms,
-                snapshot_log_bytes,
-            };
             in_temp_dir("stalls", |dir| async move {
                 let bin = match site_bin {
                     Some(b) => b,

@@ -1094,36 +1094,51 @@ impl std::str::FromStr for StallVariant {
     }
 }
 
-/// What [`stalls`] runs.
-#[derive(Clone, Debug, Serialize)]
+/// What [`stalls`] runs (also the `causalkv bench stalls` arguments).
+#[derive(Clone, Debug, Serialize, clap::Args)]
 pub struct StallOptions {
-    /// Variants, run in this order in every round; `quiet` is the baseline of the ratios.
+    /// Variants, comma-separated, run in this order in every round: quiet (no roll, no
+    /// snapshot; the baseline of the ratios), rolls, snapshots, busy (rolls and snapshots).
+    #[arg(long, value_delimiter = ',', default_value = "quiet,busy")]
     pub variants: Vec<StallVariant>,
     /// Interleaved rounds.
+    #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Seconds of load per variant and round.
+    #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
     /// Keys preloaded (`key00000000`, ...): the keys the reader gets.
+    #[arg(long = "keys", default_value_t = 100_000)]
     pub preload_keys: u64,
     /// Value size of the preloaded keys, bytes.
+    #[arg(long = "key-value-size", default_value_t = 512)]
     pub preload_value_size: usize,
     /// Gets per second (open loop, uniform over the preloaded keys).
+    #[arg(long, default_value_t = 2000.0)]
     pub get_rate: f64,
     /// Reader workers (each takes its share of the scheduled gets).
+    #[arg(long, default_value_t = 32)]
     pub readers: usize,
     /// Puts in flight (closed loop).
+    #[arg(long, default_value_t = 16)]
     pub writers: usize,
     /// Keys the writer overwrites (`w00000000`, ...), disjoint from the reader's keys.
+    #[arg(long, default_value_t = 5_000)]
     pub write_keys: u64,
     /// Smallest value put, bytes.
+    #[arg(long, default_value_t = 1024)]
     pub write_value_min: usize,
     /// Largest value put, bytes (sizes uniform in between).
+    #[arg(long, default_value_t = 4096)]
     pub write_value_max: usize,
-    /// `segment_bytes` of the variants that roll.
+    /// `segment_bytes` of the variants that roll (rolls, busy).
+    #[arg(long, default_value_t = 2 << 20)]
     pub segment_bytes: u64,
-    /// `snapshot_interval_ms` of the variants that snapshot.
+    /// `snapshot_interval_ms` of the variants that snapshot (snapshots, busy).
+    #[arg(long, default_value_t = 1000)]
     pub snapshot_interval_ms: u64,
-    /// `snapshot_log_bytes` of the variants that snapshot.
+    /// `snapshot_log_bytes` of the variants that snapshot (snapshots, busy).
+    #[arg(long, default_value_t = 16 << 20)]
     pub snapshot_log_bytes: u64,
 }
 
