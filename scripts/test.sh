@@ -28,7 +28,8 @@ for heavy in clap rcgen hdrhistogram memmap2 mimalloc tracing-subscriber; do
     exit 1
   fi
 done
-cargo check --release -p causalkv-client -p causalkv --no-default-features --lib
+cargo check --release -p causalkv-client   # alone: only its own dependencies' features
+cargo check --release -p causalkv --no-default-features --lib
 echo "== benchmark smoke run (each criterion bench once)"
 cargo bench --bench core -- --test >/dev/null
 if [ "${WAN_SMOKE:-1}" = 1 ]; then
