@@ -8,8 +8,13 @@
 //! (six processes; a kill takes down both nodes of a site, and every partition's stream between
 //! two sites goes through the same emulated link).
 //!
-//! `FAULTS_SEED` overrides the schedule's seed; `FAULTS_SECS` its length (default 35 s, 25 s
-//! with partitions).
+//! A fixed schedule (a cut, an isolation, a graceful stop and restart) against three sites of
+//! two partitions each, over links of 15 to 75 ms, checks availability and catch-up: no request
+//! of the hopping sessions may fail, and every partition's stable vector must pass the writes
+//! made before each heal within a second plus the healed links' round trip.
+//!
+//! `FAULTS_SEED` overrides the seed (schedule and sessions); `FAULTS_SECS` the random
+//! schedule's length (default 35 s, 25 s with partitions).
 
 mod common;
 
@@ -17,7 +22,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use causalkv::Client;
@@ -119,6 +124,8 @@ struct TaskLog {
     /// Acknowledged writes with the version the site gave them.
     acked: Vec<(String, String, Version)>,
     errors: BTreeMap<String, usize>,
+    /// The first few errors in full, for the failure message.
+    first_errors: Vec<String>,
     hops: usize,
 }
 
@@ -127,6 +134,9 @@ impl TaskLog {
         let kind = format!("{e:?}");
         let kind = kind.split(['(', ' ', '{']).next().unwrap_or("?").to_owned();
         *self.errors.entry(kind).or_default() += 1;
+        if self.first_errors.len() < 3 {
+            self.first_errors.push(e.to_string());
+        }
     }
 }
 
@@ -776,6 +786,354 @@ async fn planted_bug_is_caught() {
         assert!(
             report.total() >= 1,
             "the checker missed the planted bug (dependency checks off): {report}"
+        );
+        drop(procs);
+        wan.shutdown();
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Partitioned sites catch up after every heal
+
+/// What the sessions of [`partitioned_sites_catch_up_after_each_heal`] share about each site.
+struct SiteGates {
+    /// Whether sessions may use the site.
+    alive: Vec<AtomicBool>,
+    /// Held (shared) by a session for each request at the site; a stop takes it exclusively,
+    /// so it waits for the requests in flight there instead of failing them.
+    gates: Vec<tokio::sync::RwLock<()>>,
+    /// The newest write (HLC timestamp) acknowledged at the site.
+    newest: Vec<AtomicU64>,
+}
+
+impl SiteGates {
+    fn new(n: usize) -> Self {
+        Self {
+            alive: (0..n).map(|_| AtomicBool::new(true)).collect(),
+            gates: (0..n).map(|_| tokio::sync::RwLock::new(())).collect(),
+            newest: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Per site, the newest write acknowledged there so far.
+    fn newest_writes(&self) -> Vec<u64> {
+        self.newest
+            .iter()
+            .map(|t| t.load(Ordering::SeqCst))
+            .collect()
+    }
+}
+
+/// A session that hops to another site after every few requests, carrying its session token
+/// to a new client there, writing unique values to the hot keys and reading them. Every
+/// acknowledged write raises its site's `newest`.
+async fn hopping_session(
+    task: u64,
+    conn: Conn,
+    keys: Arc<Vec<String>>,
+    sites: Arc<SiteGates>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    timeout: Duration,
+) -> TaskLog {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ task.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut log = TaskLog::default();
+    let n = sites.alive.len();
+    let mut site = rng.gen_range(0..n);
+    let mut token: Option<String> = None;
+    let mut written = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        site = (site + rng.gen_range(1..n)) % n;
+        if !sites.alive[site].load(Ordering::Relaxed) {
+            continue;
+        }
+        log.hops += 1;
+        let client = match conn.builder(site, timeout).connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                log.error(&e);
+                tokio::time::sleep(ms(20)).await;
+                continue;
+            }
+        };
+        if let Some(t) = &token {
+            client.set_session_token(t).expect("own token");
+        }
+        for _ in 0..rng.gen_range(3..12) {
+            let _in_flight = sites.gates[site].read().await;
+            if stop.load(Ordering::Relaxed) || !sites.alive[site].load(Ordering::Relaxed) {
+                break;
+            }
+            let k = keys[rng.gen_range(0..keys.len())].clone();
+            if rng.gen_bool(0.5) {
+                written += 1;
+                let v = format!("{k}=t{task}.{written}");
+                match client.put(&k, &v).await {
+                    Ok(version) => {
+                        sites.newest[site].fetch_max(version.ts, Ordering::SeqCst);
+                        log.ops.push(Logged::Acked(Op::write(
+                            task,
+                            site as u16,
+                            k.clone(),
+                            v.clone(),
+                        )));
+                        log.acked.push((k, v, version));
+                    }
+                    Err(e) => {
+                        log.error(&e);
+                        log.ops
+                            .push(Logged::Unknown(Op::write(task, site as u16, k, v)));
+                        break;
+                    }
+                }
+            } else {
+                match client.get(&k).await {
+                    Ok(got) => log.ops.push(Logged::Acked(Op::read(
+                        task,
+                        site as u16,
+                        k,
+                        got.map(|b| b.to_vec()),
+                    ))),
+                    Err(e) => {
+                        log.error(&e);
+                        break;
+                    }
+                }
+            }
+            token = Some(client.session_token());
+        }
+    }
+    log
+}
+
+/// Waits, at most `limit`, until the stable vector (`site_stable` in its status) of every
+/// node passes `newest`: the newest write acknowledged at each site before a heal. A node's
+/// own site's entry is left out: its writes are applied where they are issued, and requests
+/// never wait on it. Returns how long it took.
+async fn stable_passes(
+    conn: &Conn,
+    parts: usize,
+    newest: &[u64],
+    limit: Duration,
+    what: &str,
+) -> Duration {
+    let started = Instant::now();
+    let mut clients: Vec<Option<Client>> = (0..conn.nodes.len()).map(|_| None).collect();
+    common::eventually_ok(limit, what, async || {
+        for (node, slot) in clients.iter_mut().enumerate() {
+            if slot.is_none() {
+                *slot = conn.node_builder(node, ms(500)).connect().await.ok();
+            }
+            let Some(c) = slot else {
+                return Err(format!("node {node} does not answer"));
+            };
+            let s = match c.status().await {
+                Ok(s) => s,
+                Err(e) => {
+                    *slot = None;
+                    return Err(format!("node {node}: {e}"));
+                }
+            };
+            let own = node / parts;
+            for (o, &need) in newest.iter().enumerate() {
+                let have = s.site_stable.get(o).copied().unwrap_or(0);
+                if o != own && have < need {
+                    return Err(format!(
+                        "site {} partition {}: stable entry {o} is at {have}, {} ms short of \
+                         the write at {need} (its own applied entry {} ms short)",
+                        s.name,
+                        s.partition,
+                        need.saturating_sub(have) / 1000,
+                        need.saturating_sub(s.applied[o]) / 1000
+                    ));
+                }
+            }
+        }
+        Ok(())
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Three sites of two partitions each behind WAN links (one-way 15 ms a–b, 40 ms a–c, 75 ms
+/// b–c, 3 ms jitter), with the default reconnection backoff, under hopping sessions: the link
+/// a–b is cut for 1.2 s, then c is isolated for 1.2 s, then b is stopped and restarted. With
+/// an 8 s request timeout no request may fail, and after each heal every partition's stable
+/// vector must pass the writes acknowledged before it within 1 s plus the largest round trip
+/// of the links that healed: a partition that has everything it needs must not hold its site
+/// back.
+///
+/// Open issue: this fails today (catch-up after b's restart takes 2-9 s at two partitions, and
+/// up to about 2 s at one), so it is ignored in the suite. Run it with
+/// `cargo test --release --test faults partitioned_sites_catch_up -- --ignored --nocapture`;
+/// `HEAL_PARTITIONS=1` runs the same schedule with one partition per site, for comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "reproduces the open stall of partitioned sites after heals; see the doc comment"]
+async fn partitioned_sites_catch_up_after_each_heal() {
+    let _turn = SERIAL.lock().await;
+    let seed = env_u64("FAULTS_SEED", DEFAULT_SEED);
+    let parts = env_u64("HEAL_PARTITIONS", 2) as usize;
+    const TIMEOUT: Duration = Duration::from_secs(8);
+    // How long a catch-up is waited for before the test gives up; the bound is asserted at
+    // the end, with every heal's figure.
+    const CATCH_UP_CAP: Duration = Duration::from_secs(10);
+    println!("FAULTS_SEED={seed} partitions={parts}");
+    bounded(ms(120_000), async {
+        let one_way = |i: usize, j: usize| match (i.min(j), i.max(j)) {
+            (0, 1) => 15.0,
+            (0, 2) => 40.0,
+            _ => 75.0,
+        };
+        const JITTER_MS: f64 = 3.0;
+        let wan = Wan::new(names(), |i, j| LinkParams {
+            jitter_ms: JITTER_MS,
+            ..LinkParams::default().with_delay_ms(one_way(i, j))
+        });
+        // The largest round trip over the links of `sites`.
+        let rtt = |sites: &[usize]| {
+            let worst = sites
+                .iter()
+                .flat_map(|&i| (0..3).filter(move |&j| j != i).map(move |j| one_way(i, j)))
+                .fold(0.0, f64::max);
+            Duration::from_secs_f64(2.0 * (worst + JITTER_MS) / 1000.0)
+        };
+        let mut prepared = Cluster::prepare_partitioned(3, parts);
+        for c in &mut prepared.configs {
+            // What an operator runs with (the builder shortens the backoff for quick restarts),
+            // and requests may wait as long as the clients do.
+            c.timeouts.max_backoff_ms = causalkv::config::Timeouts::default().max_backoff_ms;
+            c.timeouts.request_ms = TIMEOUT.as_millis() as u64;
+        }
+        through_wan(&mut prepared, &wan);
+        let mut procs = prepared.spawn().await;
+        procs.wait_connected().await;
+        let conn = Conn::of(&procs);
+        let keys = keys(6);
+        let sites = Arc::new(SiteGates::new(3));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = tokio::task::JoinSet::new();
+        for t in 1..=12 {
+            tasks.spawn(hopping_session(
+                t,
+                conn.clone(),
+                keys.clone(),
+                sites.clone(),
+                stop.clone(),
+                seed,
+                TIMEOUT,
+            ));
+        }
+        common::wait_until(ms(10_000), "every site acknowledged a write", || {
+            sites.newest_writes().iter().all(|&t| t > 0)
+        })
+        .await;
+        let mut caught_up = Vec::new();
+
+        // The link a–b cut for 1.2 s.
+        wan.cut(0, 1, true);
+        tokio::time::sleep(ms(1_200)).await;
+        wan.cut(0, 1, false);
+        let newest = sites.newest_writes();
+        let limit = ms(1_000) + rtt(&[0, 1]);
+        let took = stable_passes(
+            &conn,
+            parts,
+            &newest,
+            CATCH_UP_CAP,
+            "stable after the a–b cut",
+        )
+        .await;
+        caught_up.push(("cut a-b", took, limit));
+        tokio::time::sleep(ms(500)).await;
+
+        // c isolated for 1.2 s.
+        wan.isolate(2, true);
+        tokio::time::sleep(ms(1_200)).await;
+        wan.isolate(2, false);
+        let newest = sites.newest_writes();
+        let limit = ms(1_000) + rtt(&[2]);
+        let took = stable_passes(
+            &conn,
+            parts,
+            &newest,
+            CATCH_UP_CAP,
+            "stable after c's isolation",
+        )
+        .await;
+        caught_up.push(("isolate c", took, limit));
+        tokio::time::sleep(ms(500)).await;
+
+        // b stopped (after the requests in flight there) and restarted 1 s later.
+        sites.alive[1].store(false, Ordering::SeqCst);
+        {
+            let _no_requests = sites.gates[1].write().await;
+            for node in procs.nodes_of(1) {
+                procs.stop(node, ms(15_000)).await;
+            }
+        }
+        tokio::time::sleep(ms(1_000)).await;
+        for node in procs.nodes_of(1) {
+            procs.start(node);
+        }
+        for node in procs.nodes_of(1) {
+            procs.wait_listening(node, ms(10_000)).await;
+        }
+        sites.alive[1].store(true, Ordering::SeqCst);
+        let newest = sites.newest_writes();
+        let limit = ms(1_000) + rtt(&[1]);
+        let took = stable_passes(
+            &conn,
+            parts,
+            &newest,
+            CATCH_UP_CAP,
+            "stable after b's restart",
+        )
+        .await;
+        caught_up.push(("restart b", took, limit));
+        // Sessions go on through b for a while after its restart.
+        tokio::time::sleep(ms(1_500)).await;
+
+        stop.store(true, Ordering::SeqCst);
+        let mut logs = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            logs.push(r.expect("session task"));
+        }
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        for l in &logs {
+            for (k, n) in &l.errors {
+                *errors.entry(k.clone()).or_default() += n;
+            }
+        }
+        let first: Vec<&String> = logs.iter().flat_map(|l| &l.first_errors).take(5).collect();
+        let hops: usize = logs.iter().map(|l| l.hops).sum();
+        let history = history(&logs, &BTreeMap::new()).history;
+        let report = checker::check(&history);
+        println!(
+            "heals (seed {seed}): stable caught up {:?}; sessions: {hops} hops, {} ops, \
+             errors {errors:?}; {report}",
+            caught_up
+                .iter()
+                .map(|(what, took, limit)| format!("{what} {took:?} (limit {limit:?})"))
+                .collect::<Vec<_>>(),
+            history.len()
+        );
+        assert!(
+            errors.is_empty(),
+            "seed {seed}: requests failed: {errors:?}, e.g. {first:?}"
+        );
+        for (what, took, limit) in &caught_up {
+            assert!(
+                took <= limit,
+                "seed {seed}: after {what}, the stable vectors passed the earlier writes only \
+                 after {took:?} (limit {limit:?})"
+            );
+        }
+        assert!(report.is_ok(), "seed {seed}: {report}");
+        assert!(
+            history.len() >= 500,
+            "too few operations: {}",
+            history.len()
         );
         drop(procs);
         wan.shutdown();

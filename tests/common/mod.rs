@@ -3,10 +3,11 @@
 //! - [`Cluster`]: `n` sites laid out by [`dev::prepare`] (the same layout `causalkv dev` runs) in
 //!   a temporary directory, each a [`Node`] on its own loopback port; clients with the `cli`
 //!   certificate; stop and restart of one site from its configuration.
-//! - [`Processes`]: the same layout run as `causalkv serve` child processes, for `kill -9`.
+//! - [`Processes`]: the same layout run as `causalkv serve` child processes, for `kill -9` and
+//!   graceful stops by signal.
 //! - [`Relay`]: a user-space UDP relay that delays (or cuts) the datagrams of one link.
-//! - [`wait_until`] / [`eventually`]: poll a condition at a short interval with a hard deadline,
-//!   failing with a message; [`bounded`] caps a whole test.
+//! - [`wait_until`] / [`eventually`] / [`eventually_ok`]: poll a condition at a short interval
+//!   with a hard deadline, failing with a message; [`bounded`] caps a whole test.
 //! - [`init`]: the rustls provider and a tracing subscriber whose output shows on failure and is
 //!   also kept in memory, so tests can assert that a refusal was logged ([`logs_contain`]).
 #![allow(dead_code)]
@@ -138,6 +139,29 @@ pub async fn eventually(timeout: Duration, what: &str, mut cond: impl AsyncFnMut
         }
         if Instant::now() >= deadline {
             panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`eventually`] for a condition that says why it does not hold yet: polls `cond` until it
+/// returns `Ok`; after `timeout`, panics with `what` and the last reason.
+pub async fn eventually_ok(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl AsyncFnMut() -> Result<(), String>,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut why = String::from("no answer yet");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, cond()).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => why = e,
+            Err(_) => {}
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}: {why}");
         }
         tokio::time::sleep(POLL).await;
     }
@@ -501,6 +525,32 @@ impl Processes {
             .unwrap_or_else(|| panic!("site {i} is not running"));
         child.kill().expect("SIGKILL");
         child.wait().expect("reap killed site");
+    }
+
+    /// Stops site `i` gracefully, as an operator does (SIGTERM: drain, flush, close), and waits
+    /// until the process has exited, up to `timeout`. Panics if it exits with an error.
+    pub async fn stop(&mut self, i: usize, timeout: Duration) {
+        let child = self.children[i]
+            .as_mut()
+            .unwrap_or_else(|| panic!("site {i} is not running"));
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(sent.success(), "SIGTERM to site {i}: {sent}");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                panic!("site {i} still running {timeout:?} after SIGTERM");
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        assert!(status.success(), "site {i} stopped with {status}");
+        self.children[i] = None;
     }
 
     /// Whether site `i`'s process is running (started and not exited).
