@@ -1,6 +1,7 @@
 //! End-to-end tests of the transport over real QUIC on 127.0.0.1: replication between sites,
 //! causal delivery across a delayed link, refusal of foreign or lying peers and of clients
-//! without a valid certificate, malformed frames, size limits, and catch-up after a restart.
+//! without a valid certificate, malformed frames, size limits, catch-up after a restart, and
+//! certificate rotation on `causalkv serve` processes (SIGHUP, `POST /reload`).
 //!
 //! Clusters come from `common::Cluster` (the `dev::prepare` layout). Every test is bounded in
 //! time; waiting is polling a condition with a deadline, never a bare sleep.
@@ -934,6 +935,301 @@ async fn a_stopped_site_is_reported_down_and_metrics_are_served() {
         assert_eq!(m["causalkv_peer_state{peer=\"c\"}"], 2.0);
         assert!(m["causalkv_peer_phi{peer=\"c\"}"] >= 10.0);
         cluster.shutdown().await;
+    })
+    .await;
+}
+
+/// `causalkv_certificate_info{cert="site",...}` of the admin metrics at `admin`: the serial and
+/// notAfter of the site certificate in force.
+async fn site_cert_in_force(admin: std::net::SocketAddr) -> (String, i64) {
+    let (code, _, body) = http(admin, "GET /metrics HTTP/1.1").await;
+    assert_eq!(code, 200);
+    let line = body
+        .lines()
+        .find(|l| l.starts_with("causalkv_certificate_info{cert=\"site\""))
+        .unwrap_or_else(|| panic!("no site certificate_info in:\n{body}"));
+    let label = |name: &str| -> String {
+        let start = line.find(&format!("{name}=\"")).expect("label") + name.len() + 2;
+        let len = line[start..].find('"').expect("label end");
+        line[start..start + len].to_owned()
+    };
+    (
+        label("serial"),
+        label("not_after").parse().expect("not_after"),
+    )
+}
+
+/// The value of one series in the admin metrics at `admin` (0 if absent).
+async fn metric_at(admin: std::net::SocketAddr, series: &str) -> f64 {
+    let (_, _, body) = http(admin, "GET /metrics HTTP/1.1").await;
+    parse_exposition(&body).get(series).copied().unwrap_or(0.0)
+}
+
+/// `n` sites as `causalkv serve` processes, each with an admin port of its own (the layout's
+/// port 0 is only known inside the process).
+async fn processes_with_admin(n: usize) -> common::Processes {
+    let mut prepared = Cluster::prepare(n);
+    for c in &mut prepared.configs {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free TCP port");
+        c.admin_addr = Some(l.local_addr().unwrap());
+    }
+    prepared.spawn().await
+}
+
+const RELOADS_OK: &str = "causalkv_certificate_reloads_total{result=\"ok\"}";
+const RELOADS_REJECTED: &str = "causalkv_certificate_reloads_total{result=\"rejected\"}";
+const DAY: i64 = 24 * 3600;
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The `notAfter` of the certificate a new client connection to `site` is presented.
+async fn presented_not_after(p: &common::Processes, site: usize) -> i64 {
+    let c = p.client(site).await;
+    c.status().await.expect("status over a new connection");
+    c.site_certificate_not_after()
+        .await
+        .expect("the site presented a certificate")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_load_without_a_failed_request() {
+    bounded(ms(90_000), async {
+        let mut p = processes_with_admin(2).await;
+        p.wait_connected().await;
+        let admins: Vec<_> = (0..2)
+            .map(|i| {
+                p.configs[i]
+                    .admin_addr
+                    .expect("dev sites have an admin port")
+            })
+            .collect();
+        let mut before = Vec::new();
+        for &admin in &admins {
+            before.push(site_cert_in_force(admin).await);
+        }
+        // `dev` issues five years; the rotation issues 90 days, so old and new differ plainly.
+        assert!(before[0].1 - unix_now() > 4 * 365 * DAY, "{before:?}");
+
+        // Load: one client per site, puts and gets back to back, counting every failure.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut load = tokio::task::JoinSet::new();
+        for site in 0..2 {
+            let c = p.client(site).await;
+            let (stop, done) = (stop.clone(), done.clone());
+            load.spawn(async move {
+                let mut failures = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = format!("load-{site}-{}", i % 100);
+                    let value = format!("v{i}");
+                    match c.put(&key, &value).await {
+                        Ok(_) => match c.get(&key).await {
+                            Ok(Some(v)) if v == value.as_bytes() => {}
+                            other => failures.push(format!("get {key}: {other:?}")),
+                        },
+                        Err(e) => failures.push(format!("put {key}: {e}")),
+                    }
+                    i += 1;
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                failures
+            });
+        }
+        let progress = |n: u64| {
+            let done = done.clone();
+            async move {
+                let target = done.load(std::sync::atomic::Ordering::Relaxed) + n;
+                wait_until(ms(20_000), &format!("{n} more requests"), || {
+                    done.load(std::sync::atomic::Ordering::Relaxed) >= target
+                })
+                .await;
+            }
+        };
+        progress(200).await;
+
+        // New certificates from the same CA, then SIGHUP, with the load running.
+        for name in ["a", "b"] {
+            certs::reissue(
+                &p.certs,
+                certs::Role::Site,
+                name,
+                Duration::from_secs(90 * DAY as u64),
+            )
+            .expect("reissue");
+        }
+        for site in 0..2 {
+            p.signal(site, libc::SIGHUP);
+        }
+        for (site, &admin) in admins.iter().enumerate() {
+            eventually(ms(10_000), &format!("site {site} reloaded"), async || {
+                metric_at(admin, RELOADS_OK).await == 1.0
+            })
+            .await;
+            let (serial, not_after) = site_cert_in_force(admin).await;
+            assert_ne!(
+                serial, before[site].0,
+                "site {site} still has the old serial"
+            );
+            let left = not_after - unix_now();
+            assert!(left > 89 * DAY && left <= 90 * DAY, "{left}");
+            let gauge =
+                metric_at(admin, "causalkv_certificate_expiry_seconds{cert=\"site\"}").await;
+            assert!((gauge - left as f64).abs() < 60.0, "{gauge} vs {left}");
+            // A new client connection is presented the new certificate.
+            assert_eq!(presented_not_after(&p, site).await, not_after);
+            assert!(
+                p.log(site).contains("certificates reloaded"),
+                "{}",
+                p.log(site)
+            );
+        }
+        progress(200).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut failures = Vec::new();
+        while let Some(f) = load.join_next().await {
+            failures.extend(f.expect("load task"));
+        }
+        let total = done.load(std::sync::atomic::Ordering::Relaxed);
+        println!(
+            "{total} requests during the rotation, {} failed",
+            failures.len()
+        );
+        assert!(failures.is_empty(), "failed requests: {failures:?}");
+
+        // Replication over the links that carried on through the reload.
+        let a = p.client(0).await;
+        let b = p.client(1).await;
+        a.put("after-reload", "1").await.expect("put at a");
+        eventually(ms(10_000), "b has a's write", async || {
+            get(&b, "after-reload").await.is_some()
+        })
+        .await;
+        // And over new links, made with the new certificates: restart b, so that both
+        // directions are dialled again.
+        p.kill(1);
+        p.start(1);
+        p.wait_listening(1, ms(10_000)).await;
+        p.wait_connected().await;
+        a.put("after-redial", "2").await.expect("put at a");
+        let b = p.client(1).await;
+        eventually(
+            ms(10_000),
+            "b has a's write over the new link",
+            async || get(&b, "after-redial").await.is_some(),
+        )
+        .await;
+        b.put("from-b", "3").await.expect("put at b");
+        eventually(
+            ms(10_000),
+            "a has b's write over the new link",
+            async || get(&a, "from-b").await.is_some(),
+        )
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_certificate_is_rejected_and_the_old_one_keeps_serving() {
+    bounded(ms(60_000), async {
+        let p = processes_with_admin(1).await;
+        let admin = p.configs[0].admin_addr.expect("admin port");
+        let (serial, not_after) = site_cert_in_force(admin).await;
+        let site_a = certs::site_paths(&p.certs, "a");
+        let good_cert = std::fs::read(&site_a.cert).unwrap();
+        let good_key = std::fs::read(&site_a.key).unwrap();
+        let client = p.client(0).await;
+        client.put("before", "1").await.expect("put");
+
+        // The site keeps serving with the old certificate; new connections still succeed.
+        let still_serving = async |rejected: f64| {
+            assert_eq!(metric_at(admin, RELOADS_REJECTED).await, rejected);
+            assert_eq!(metric_at(admin, RELOADS_OK).await, 0.0);
+            assert_eq!(site_cert_in_force(admin).await, (serial.clone(), not_after));
+            assert_eq!(presented_not_after(&p, 0).await, not_after);
+            client
+                .put("k", "v")
+                .await
+                .expect("put after a rejected reload");
+        };
+
+        // 1. Garbage + SIGHUP.
+        std::fs::write(&site_a.cert, b"not a certificate\n").unwrap();
+        p.signal(0, libc::SIGHUP);
+        eventually(ms(10_000), "the reload is rejected", async || {
+            metric_at(admin, RELOADS_REJECTED).await == 1.0
+        })
+        .await;
+        let why = format!("{}: no CERTIFICATE block", site_a.cert.display());
+        wait_until(ms(5_000), &format!("logged: {why}"), || {
+            let log = p.log(0);
+            log.lines()
+                .any(|l| l.contains("certificate reload rejected") && l.contains(&why))
+        })
+        .await;
+        still_serving(1.0).await;
+
+        // 2. A certificate of another CA, over the admin endpoint: the reason is the answer.
+        let foreign = foreign_certs(p.dir.path());
+        let foreign_a = certs::site_paths(&foreign, "a");
+        std::fs::copy(&foreign_a.key, &site_a.key).unwrap();
+        std::fs::copy(&foreign_a.cert, &site_a.cert).unwrap();
+        let (code, _, body) = http(admin, "POST /reload HTTP/1.1").await;
+        assert_eq!(code, 500, "{body}");
+        assert!(body.contains("does not verify against the CA"), "{body}");
+        assert!(
+            body.contains("the previous certificates stay in force"),
+            "{body}"
+        );
+        still_serving(2.0).await;
+
+        // 3. Another site's certificate from the same CA.
+        let other = certs::load_ca(&p.certs)
+            .unwrap()
+            .issue(certs::Role::Site, "b")
+            .unwrap();
+        std::fs::write(&site_a.key, &other.key_pem).unwrap();
+        std::fs::write(&site_a.cert, &other.cert_pem).unwrap();
+        let (code, _, body) = http(admin, "POST /reload HTTP/1.1").await;
+        assert_eq!(code, 500, "{body}");
+        assert!(
+            body.contains("names site \"b\", but this is site \"a\""),
+            "{body}"
+        );
+        still_serving(3.0).await;
+        assert!(
+            p.log(0)
+                .contains("names site \\\"b\\\", but this is site \\\"a\\\"")
+                || p.log(0)
+                    .contains("names site \"b\", but this is site \"a\""),
+            "{}",
+            p.log(0)
+        );
+
+        // The good files again: the reload takes effect.
+        std::fs::write(&site_a.key, &good_key).unwrap();
+        std::fs::write(&site_a.cert, &good_cert).unwrap();
+        let (code, _, body) = http(admin, "POST /reload HTTP/1.1").await;
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains(&serial), "{body}");
+        assert_eq!(metric_at(admin, RELOADS_OK).await, 1.0);
+        assert_eq!(
+            client.get("before").await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+        let (code, _, body) = http(admin, "GET /status HTTP/1.1").await;
+        assert_eq!(code, 200);
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(json["certificate_reloads"], 1, "{json}");
+        assert_eq!(json["certificate_reloads_rejected"], 3, "{json}");
+        assert_eq!(json["certificates"][0]["serial"], serial.as_str(), "{json}");
+        assert_eq!(http(admin, "GET /reload HTTP/1.1").await.0, 405);
     })
     .await;
 }

@@ -58,7 +58,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run one site from its configuration file.
+    /// Run one site from its configuration file. SIGHUP reloads its certificate, key and CA
+    /// from their files (new connections use them); SIGINT/SIGTERM stop it gracefully.
     Serve {
         /// The site's TOML configuration.
         #[arg(long)]
@@ -1046,11 +1047,46 @@ async fn serve(config: PathBuf) -> Result<(), String> {
     if !opts.check_deps {
         tracing::warn!("CAUSALKV_BENCH_EVENTUAL=1: dependency checks off (benchmark only)");
     }
+    // Installed before the start, so that a SIGHUP sent while the site starts is a reload
+    // once it runs rather than the default action (terminating the process).
+    let mut hangups = hangups();
     let node = Node::start_with(cfg, opts)
         .await
         .map_err(|e| e.to_string())?;
-    node.run_until(shutdown_signal()).await;
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(()) = hangups.recv() => {
+                tracing::info!("SIGHUP: reloading the certificates");
+                // The outcome, either way, is logged by the reload itself.
+                let _ = node.reload_tls().await;
+            }
+        }
+    }
+    node.shutdown().await;
     Ok(())
+}
+
+/// A channel that receives one message per SIGHUP (never any off Unix).
+fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                // Several SIGHUPs while a reload runs make one more reload, not a queue.
+                let _ = tx.try_send(());
+            }
+        });
+    }
+    // Off Unix the sender is dropped: the channel is closed and never yields.
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }
 
 async fn run_dev(

@@ -4,12 +4,16 @@
 //!
 //! - `GET /metrics`: every metric is named `causalkv_*` with `# HELP` and `# TYPE` lines
 //!   (text exposition format 0.0.4).
-//! - `GET /status`: what `causalkv status --json` shows.
+//! - `GET /status`: what `causalkv status --json` shows, plus the certificates in force
+//!   (`certificates`: role, serial, `not_after`) and the reload counts.
+//! - `POST /reload`: reloads the site's CA, certificate and key from their files (as `SIGHUP`
+//!   does, see [`super::reload`]); `200` with the new certificate's serial, or `500` with the
+//!   reason it was rejected (the previous certificates stay in force).
 //!
 //! The responder serves exactly one request per connection and then closes it
 //! (`Connection: close`). It is strict: the request head must arrive within
 //! [`IO_TIMEOUT`] and fit in [`MAX_HEAD`] bytes, the request line must be
-//! `GET|HEAD <path> HTTP/1.x`, every header line must be `name: value`, and a request body is
+//! `GET|HEAD|POST <path> HTTP/1.x`, every header line must be `name: value`, and a request body is
 //! refused; anything else gets a 4xx answer. At most [`MAX_CONNECTIONS`] are served at once;
 //! further connections are closed at once.
 
@@ -19,6 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use quinn::Endpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -40,7 +45,8 @@ pub(crate) async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves admin requests until the node shuts down.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+/// `endpoint` is the site's, for `POST /reload` to install a new server configuration on.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, endpoint: Endpoint) {
     let mut shutdown = shared.shutdown.clone();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -60,10 +66,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             debug!(%remote, "admin connection refused: too many at once");
             continue;
         };
-        let shared = shared.clone();
+        let (shared, endpoint) = (shared.clone(), endpoint.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(IO_TIMEOUT, handle(&shared, stream)).await {
+            match tokio::time::timeout(IO_TIMEOUT, handle(&shared, &endpoint, stream)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => debug!(%remote, error = %e, "admin connection failed"),
                 Err(_) => debug!(%remote, "admin connection timed out"),
@@ -73,7 +79,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 }
 
 /// Reads one request head, answers it and closes the connection.
-async fn handle(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
+async fn handle(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    mut stream: TcpStream,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let head_len = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -96,28 +106,46 @@ async fn handle(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     };
+    let text = "text/plain";
     let (status, content_type, body, head_only) = match parse(&buf[..head_len]) {
-        Err((status, why)) => (status, "text/plain", format!("{why}\n"), false),
-        Ok((head_only, path)) => match path {
-            "/metrics" => (
+        Err((status, why)) => (status, text, format!("{why}\n"), false),
+        Ok((Method::Post, "/reload")) => match super::reload::reload(shared, endpoint).await {
+            Ok(cert) => (
                 200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                render_metrics(shared),
-                head_only,
+                text,
+                format!(
+                    "reloaded: site certificate serial {}, not after {} (Unix seconds)\n",
+                    cert.serial, cert.not_after
+                ),
+                false,
             ),
-            "/status" => (
-                200,
-                "application/json",
-                serde_json::to_string(&shared.status()).expect("status serialises") + "\n",
-                head_only,
-            ),
-            _ => (
-                404,
-                "text/plain",
-                "not found: try /metrics or /status\n".into(),
-                head_only,
+            Err(e) => (
+                500,
+                text,
+                format!("reload rejected, the previous certificates stay in force: {e}\n"),
+                false,
             ),
         },
+        Ok((Method::Post, _)) => (405, text, "only /reload takes POST\n".into(), false),
+        Ok((method, path)) => {
+            let head_only = method == Method::Head;
+            match path {
+                "/metrics" => (
+                    200,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    render_metrics(shared),
+                    head_only,
+                ),
+                "/status" => (200, "application/json", status_json(shared), head_only),
+                "/reload" => (405, text, "/reload takes POST\n".into(), head_only),
+                _ => (
+                    404,
+                    text,
+                    "not found: try /metrics, /status or POST /reload\n".into(),
+                    head_only,
+                ),
+            }
+        }
     };
     let with_body = !head_only;
     reply(
@@ -130,8 +158,31 @@ async fn handle(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
     .await
 }
 
-/// Checks a request head; returns whether it is a HEAD request and the path (query dropped).
-fn parse(head: &[u8]) -> Result<(bool, &str), (u16, &'static str)> {
+/// `GET /status`: the status, the certificates in force and the reload counts.
+fn status_json(shared: &Shared) -> String {
+    let mut json = serde_json::to_value(shared.status()).expect("status serialises");
+    let certs: Vec<_> = shared
+        .tls()
+        .certs
+        .iter()
+        .map(|c| serde_json::json!({"cert": c.role, "serial": c.serial, "not_after": c.not_after}))
+        .collect();
+    json["certificates"] = certs.into();
+    json["certificate_reloads"] = Metrics::get(&shared.metrics.tls_reloads).into();
+    json["certificate_reloads_rejected"] = Metrics::get(&shared.metrics.tls_reload_failures).into();
+    json.to_string() + "\n"
+}
+
+/// The request methods served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    Get,
+    Head,
+    Post,
+}
+
+/// Checks a request head; returns the method and the path (query dropped).
+fn parse(head: &[u8]) -> Result<(Method, &str), (u16, &'static str)> {
     let head = std::str::from_utf8(head).map_err(|_| (400, "request head is not UTF-8"))?;
     let mut lines = head.split("\r\n");
     let request_line = lines.next().unwrap_or_default();
@@ -159,16 +210,17 @@ fn parse(head: &[u8]) -> Result<(bool, &str), (u16, &'static str)> {
             return Err((400, "request bodies are not accepted"));
         }
     }
-    let head_only = match method {
-        "GET" => false,
-        "HEAD" => true,
-        _ => return Err((405, "only GET and HEAD are served")),
+    let method = match method {
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        "POST" => Method::Post,
+        _ => return Err((405, "only GET, HEAD and POST are served")),
     };
     if !target.starts_with('/') {
         return Err((400, "the request target must be a path"));
     }
     let path = target.split_once('?').map_or(target, |(p, _)| p);
-    Ok((head_only, path))
+    Ok((method, path))
 }
 
 async fn reply(
@@ -184,10 +236,11 @@ async fn reply(
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
         _ => "HTTP Version Not Supported",
     };
     let allow = if status == 405 {
-        "Allow: GET, HEAD\r\n"
+        "Allow: GET, HEAD, POST\r\n"
     } else {
         ""
     };
@@ -297,13 +350,47 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    for (cert, not_after) in &shared.cert_not_after {
+    let tls = shared.tls();
+    for c in &tls.certs {
         e.sample(
             "causalkv_certificate_expiry_seconds",
-            &[("cert", cert)],
-            not_after - now,
+            &[("cert", c.role)],
+            c.not_after - now,
         );
     }
+    e.family(
+        "causalkv_certificate_info",
+        "gauge",
+        "The certificates in force (always 1): serial number and notAfter (Unix seconds).",
+    );
+    for c in &tls.certs {
+        let not_after = c.not_after.to_string();
+        e.sample(
+            "causalkv_certificate_info",
+            &[
+                ("cert", c.role),
+                ("serial", &c.serial),
+                ("not_after", &not_after),
+            ],
+            1,
+        );
+    }
+    e.family(
+        "causalkv_certificate_reloads_total",
+        "counter",
+        "Certificate reloads (SIGHUP, POST /reload), by result: ok (in force) or rejected (the \
+         previous certificates stayed in force).",
+    );
+    e.sample(
+        "causalkv_certificate_reloads_total",
+        &[("result", "ok")],
+        get(&m.tls_reloads),
+    );
+    e.sample(
+        "causalkv_certificate_reloads_total",
+        &[("result", "rejected")],
+        get(&m.tls_reload_failures),
+    );
 
     e.family(
         "causalkv_requests_total",
@@ -484,19 +571,23 @@ mod tests {
 
     #[test]
     fn request_heads_are_parsed_strictly() {
-        fn ok(h: &str) -> Result<(bool, &str), (u16, &'static str)> {
+        fn ok(h: &str) -> Result<(Method, &str), (u16, &'static str)> {
             parse(h.as_bytes())
         }
         assert_eq!(
             ok("GET /metrics HTTP/1.1\r\nHost: x"),
-            Ok((false, "/metrics"))
+            Ok((Method::Get, "/metrics"))
         );
-        assert_eq!(ok("HEAD /status?x=1 HTTP/1.0"), Ok((true, "/status")));
+        assert_eq!(
+            ok("HEAD /status?x=1 HTTP/1.0"),
+            Ok((Method::Head, "/status"))
+        );
+        assert_eq!(ok("POST /reload HTTP/1.1"), Ok((Method::Post, "/reload")));
         assert_eq!(
             ok("GET /metrics HTTP/1.1\r\nContent-Length: 0"),
-            Ok((false, "/metrics"))
+            Ok((Method::Get, "/metrics"))
         );
-        assert_eq!(ok("POST /metrics HTTP/1.1").unwrap_err().0, 405);
+        assert_eq!(ok("PUT /metrics HTTP/1.1").unwrap_err().0, 405);
         assert_eq!(ok("GET /metrics HTTP/2").unwrap_err().0, 505);
         assert_eq!(ok("GET  /metrics HTTP/1.1").unwrap_err().0, 400);
         assert_eq!(ok("GET /metrics").unwrap_err().0, 400);

@@ -123,6 +123,10 @@ pub struct Metrics {
     pub hellos_rejected: AtomicU64,
     /// Connections whose TLS handshake failed.
     pub tls_failures: AtomicU64,
+    /// Certificate reloads that took effect.
+    pub tls_reloads: AtomicU64,
+    /// Certificate reloads rejected (the previous certificates stayed in force).
+    pub tls_reload_failures: AtomicU64,
     /// Client requests served.
     pub requests: AtomicU64,
     /// Client requests refused for size.

@@ -4,12 +4,14 @@
 //!
 //! - [`node`]: a running site: endpoint, accept loop, start and graceful shutdown.
 //! - [`admin`]: the admin HTTP endpoints (`GET /metrics` in the Prometheus text format,
-//!   `GET /status`).
+//!   `GET /status`, `POST /reload`).
 //! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
 //! - `service`: the client request service.
 //! - `tasks`: the ticker, the durability pump and the snapshotter.
 //! - `status`: the site's status view.
 //! - `recovery`: start-up recovery from snapshot and log.
+//! - [`reload`]: reloading the TLS credentials without downtime (SIGHUP, `POST /reload`).
+//! - [`credentials`]: the TLS credentials in force, as loaded from their files.
 //! - `shared`: the state a node's tasks share and `Shared::mutate`, the one place replica state
 //!   changes.
 //! - `durability`: the write-ahead log as the node drives it (append in apply order, durable
@@ -23,6 +25,7 @@
 //!
 //! The TLS setup is the client library's ([`crate::tls`]): one setup for peers and clients.
 pub mod admin;
+pub mod credentials;
 pub(crate) mod durability;
 pub mod error;
 pub mod failure;
@@ -31,12 +34,14 @@ pub mod node;
 pub mod peer;
 pub(crate) mod peer_state;
 pub(crate) mod recovery;
+pub mod reload;
 pub(crate) mod service;
 pub(crate) mod shared;
 pub(crate) mod socket;
 pub(crate) mod status;
 pub(crate) mod tasks;
 
+pub use credentials::{LoadedCert, ReloadError};
 pub use error::NodeError;
 pub use metrics::Metrics;
 pub use node::{Node, NodeOptions};

@@ -24,13 +24,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use quinn::{Endpoint, VarInt};
 use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::credentials::{LoadedCert, LoadedTls, ReloadError};
 use super::durability::WalState;
 use super::error::NodeError;
 use super::failure::PhiAccrual;
@@ -43,7 +44,7 @@ use crate::config::SiteConfig;
 use crate::replica::ReplicaConfig;
 use crate::storage::Store;
 use crate::storage::wal::StorageError;
-use crate::tls::{self, Identity, TlsFiles};
+use crate::tls;
 use crate::wire::{StatusInfo, close_code};
 
 /// Options that no configuration file can set.
@@ -88,20 +89,15 @@ impl Node {
     pub async fn start_with(cfg: SiteConfig, opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.validate()?;
         tls::install_crypto_provider();
-        let identity = Identity::load(&TlsFiles {
-            ca: cfg.tls.ca.clone(),
-            cert: cfg.tls.cert.clone(),
-            key: cfg.tls.key.clone(),
-        })?;
-        let cert_not_after = [
-            ("site", identity.not_after()),
-            ("ca", tls::pem_not_after(&cfg.tls.ca).ok()),
-        ]
-        .into_iter()
-        .filter_map(|(role, t)| Some((role, t?)))
-        .collect();
         let transport = cfg.transport_limits();
-        let server = tls::server_config(&identity, &transport, cfg.tls.require_client_cert)?;
+        // No site-name check at start: a misnamed certificate is refused by the peers' hello
+        // check instead, with the reason logged there.
+        let (loaded, server) = match LoadedTls::load(&cfg, &transport, None) {
+            Ok(l) => l,
+            Err(ReloadError::Tls(e)) => return Err(e.into()),
+            // Without a site check only TLS errors arise; anything else is still a failed start.
+            Err(e) => return Err(NodeError::Recovery(e.to_string())),
+        };
         // Before the UDP endpoint: if this fails, nothing is left bound.
         let admin_listener = match cfg.admin_addr {
             Some(addr) => Some(
@@ -157,8 +153,8 @@ impl Node {
             inflight: AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             drained: Notify::new(),
-            identity,
-            cert_not_after,
+            tls: RwLock::new(Arc::new(loaded)),
+            reloading: tokio::sync::Mutex::new(()),
             transport,
             wal: Mutex::new(WalState {
                 wal,
@@ -194,10 +190,11 @@ impl Node {
         let mut admin = None;
         if let Some(listener) = admin_listener {
             let addr = listener.local_addr().ok();
-            info!(parent: &span, admin = ?addr, "admin endpoints: GET /metrics, GET /status");
+            info!(parent: &span, admin = ?addr, "admin endpoints: GET /metrics, GET /status, POST /reload");
             admin = addr;
             tasks.push(tokio::spawn(
-                super::admin::serve(shared.clone(), listener).instrument(span.clone()),
+                super::admin::serve(shared.clone(), listener, endpoint.clone())
+                    .instrument(span.clone()),
             ));
         }
         Ok(Node {
@@ -230,6 +227,20 @@ impl Node {
     /// The metrics in the Prometheus text format, as `GET /metrics` serves them.
     pub fn metrics_text(&self) -> String {
         super::admin::render_metrics(&self.shared)
+    }
+
+    /// Reloads the site's CA, certificate and key from the configured files (what `SIGHUP` and
+    /// `POST /reload` do): new connections, inbound and outbound, use them; established ones
+    /// continue. A certificate or CA that fails to load, does not verify against the CA or
+    /// names another site is rejected (logged and returned) and the previous ones stay in
+    /// force. Returns the site certificate now in force.
+    pub async fn reload_tls(&self) -> Result<LoadedCert, ReloadError> {
+        super::reload::reload(&self.shared, &self.endpoint).await
+    }
+
+    /// The certificates in force (the site's own, the first CA certificate).
+    pub fn certificates(&self) -> Vec<LoadedCert> {
+        self.shared.tls().certs.clone()
     }
 
     /// The counters.

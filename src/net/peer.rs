@@ -257,7 +257,8 @@ async fn dial(
         Remote::Sibling(p) => (shared.site(), shared.cfg.me().partition_addr(p)),
     };
     let name = shared.site_name(site).to_owned();
-    let client = tls::client_config(&shared.identity, &shared.transport, tls::ALPN_PEER)?;
+    // The credentials in force now: a reload applies to the next dial.
+    let client = tls::client_config(&shared.tls().identity, &shared.transport, tls::ALPN_PEER)?;
     let mut connecting = endpoint.connect_with(client, addr, &tls::site_server_name(&name))?;
     connecting.handshake_data().await?;
     if let Some(a) = answered {

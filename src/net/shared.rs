@@ -1,12 +1,13 @@
 //! [`Shared`]: the state a node's tasks share, and [`Shared::mutate`], the one place replica
 //! state changes (apply, log, ask for the fsync, wake senders and waiting requests).
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, watch};
 
+use super::credentials::LoadedTls;
 use super::durability::{WalState, append_ready};
 use super::metrics::Metrics;
 use super::peer_state::PeerState;
@@ -15,13 +16,11 @@ use crate::config::SiteConfig;
 use crate::replica::Replica;
 use crate::storage::MemStore;
 use crate::storage::wal::{self, StorageError};
-use crate::tls::{Identity, TransportLimits};
+use crate::tls::TransportLimits;
 
 /// State shared by a node's tasks.
 pub(crate) struct Shared {
     pub cfg: SiteConfig,
-    /// The loaded certificates' `notAfter` (Unix seconds), by role (`site`, `ca`).
-    pub cert_not_after: Vec<(&'static str, i64)>,
     /// The replica. A std mutex: it is never held across an await, and critical sections are
     /// short (one request or one batch).
     pub replica: Mutex<Replica<MemStore>>,
@@ -42,7 +41,11 @@ pub(crate) struct Shared {
     /// in-flight ones finish and the update streams drain to peers.
     pub draining: std::sync::atomic::AtomicBool,
     pub drained: Notify,
-    pub identity: Identity,
+    /// The TLS credentials in force. Read (one `Arc` clone under a read lock) on every peer
+    /// dial and metrics render; replaced as a whole by a reload ([`super::reload`]).
+    pub tls: RwLock<Arc<LoadedTls>>,
+    /// Held for the duration of a reload, so that concurrent reloads install in load order.
+    pub reloading: tokio::sync::Mutex<()>,
     pub transport: TransportLimits,
     /// The write-ahead log and the commits waiting for its fsync. Locked only while the replica
     /// lock is held (lock order: replica, then wal), so log order is apply order.
@@ -59,6 +62,11 @@ pub fn now_micros() -> Timestamp {
 }
 
 impl Shared {
+    /// The TLS credentials in force now.
+    pub fn tls(&self) -> Arc<LoadedTls> {
+        self.tls.read().expect("tls lock poisoned").clone()
+    }
+
     pub fn site(&self) -> SiteId {
         self.cfg.site_id
     }

@@ -1,5 +1,6 @@
 //! Development CA and certificate tooling (backs `causalkv certs init` and
-//! `causalkv certs add-client`, see [`add_client`]).
+//! `causalkv certs add-client`, see [`add_client`]; [`reissue`] renews a certificate for
+//! rotation).
 //!
 //! [`init`] makes (or extends) a directory of PEM files for a development cluster:
 //!
@@ -378,6 +379,17 @@ impl Ca {
     /// Issues a certificate for a site or client `name` (see the module docs for its contents)
     /// with a fresh ECDSA P-256 key.
     pub fn issue(&self, role: Role, name: &str) -> Result<IssuedCert, CertsError> {
+        self.issue_valid_for(role, name, LEAF_VALIDITY)
+    }
+
+    /// [`Ca::issue`] with a validity of `validity` from now instead of five years. The serial
+    /// number is derived from the fresh key, so every certificate issued has a new one.
+    pub fn issue_valid_for(
+        &self,
+        role: Role,
+        name: &str,
+        validity: Duration,
+    ) -> Result<IssuedCert, CertsError> {
         validate_name(name)?;
         let what = format!("the certificate of {} {name}", role.prefix());
         let key = KeyPair::generate().map_err(gen_err(what.clone()))?;
@@ -410,7 +422,7 @@ impl Ca {
         }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, LEAF_VALIDITY);
+        set_validity(&mut params, validity);
         let cert = params
             .signed_by(&key, &self.issuer, &self.key)
             .map_err(gen_err(what))?;
@@ -557,6 +569,32 @@ pub fn add_client(dir: &Path, name: &str, force: bool) -> Result<CertPaths, Cert
     // Key before certificate, as in `init`.
     write_file(&paths.key, issued.key_pem.as_bytes(), KEY_MODE, force)?;
     write_file(&paths.cert, issued.cert_pem.as_bytes(), CERT_MODE, force)?;
+    Ok(paths)
+}
+
+/// Issues a new certificate and key for site or client `name` from the existing CA in `dir`,
+/// valid for `validity` from now, and replaces `<role>-<name>.pem/.key` with them (each
+/// atomically, the key first). For certificate rotation: a running site picks them up on
+/// `SIGHUP` or `POST /reload`. A missing CA is an error.
+pub fn reissue(
+    dir: &Path,
+    role: Role,
+    name: &str,
+    validity: Duration,
+) -> Result<CertPaths, CertsError> {
+    validate_name(name)?;
+    let ca_p = ca_paths(dir);
+    if !exists(&ca_p.cert)? {
+        return Err(CertsError::BadCa {
+            path: ca_p.cert,
+            reason: "no CA certificate here (make one with `causalkv certs init`)".into(),
+        });
+    }
+    let ca = load_ca(dir)?;
+    let paths = leaf_paths(dir, role, name);
+    let issued = ca.issue_valid_for(role, name, validity)?;
+    write_file(&paths.key, issued.key_pem.as_bytes(), KEY_MODE, true)?;
+    write_file(&paths.cert, issued.cert_pem.as_bytes(), CERT_MODE, true)?;
     Ok(paths)
 }
 

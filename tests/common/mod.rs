@@ -527,18 +527,29 @@ impl Processes {
         child.wait().expect("reap killed site");
     }
 
+    /// Sends signal `sig` (e.g. `libc::SIGHUP`) to site `i`'s process.
+    pub fn signal(&self, i: usize, sig: libc::c_int) {
+        let child = self.children[i]
+            .as_ref()
+            .unwrap_or_else(|| panic!("site {i} is not running"));
+        let pid = libc::pid_t::try_from(child.id()).expect("pid fits");
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
     /// Stops site `i` gracefully, as an operator does (SIGTERM: drain, flush, close), and waits
     /// until the process has exited, up to `timeout`. Panics if it exits with an error.
     pub async fn stop(&mut self, i: usize, timeout: Duration) {
+        self.signal(i, libc::SIGTERM);
         let child = self.children[i]
             .as_mut()
             .unwrap_or_else(|| panic!("site {i} is not running"));
-        let sent = tokio::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .await
-            .expect("run kill");
-        assert!(sent.success(), "SIGTERM to site {i}: {sent}");
         let deadline = Instant::now() + timeout;
         let status = loop {
             if let Some(status) = child.try_wait().expect("try_wait") {

@@ -293,6 +293,19 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     Some(x509.validity().not_after.timestamp())
 }
 
+/// A certificate's serial number as lowercase hex (leading zero bytes kept, no separators);
+/// `None` if it does not parse. Tells two certificates of the same holder apart, e.g. to see
+/// that a reloaded certificate is the one in use.
+pub fn serial(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, x509) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    Some(
+        x509.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
 /// [`not_after`] of the first certificate in a PEM file.
 pub fn pem_not_after(path: &Path) -> Result<i64, String> {
     let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -307,6 +320,11 @@ impl Identity {
     /// [`not_after`] of this identity's own certificate (the leaf of its chain).
     pub fn not_after(&self) -> Option<i64> {
         self.chain.first().and_then(|c| not_after(c))
+    }
+
+    /// [`serial`] of this identity's own certificate (the leaf of its chain).
+    pub fn serial(&self) -> Option<String> {
+        self.chain.first().and_then(|c| serial(c))
     }
 
     /// Loads and checks an identity: the CA file must hold usable CA certificates, the
