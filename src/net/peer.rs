@@ -22,7 +22,9 @@
 //!    ([`super::failure`]), which decides whether the peer is `up`, `suspect` or `down`.
 //!
 //! A malformed frame closes the connection with [`close_code::MALFORMED`] and bumps a counter;
-//! the dialer reconnects with exponential backoff.
+//! the dialer reconnects with exponential backoff. A dialer whose link has heard nothing from
+//! the peer for three heartbeats dials again alongside it, and carries the link on over the new
+//! connection if that gets through first (see `replace_when_silent`).
 //!
 //! With several partitions per site, a node links only with the nodes of its own partition at
 //! the other sites (one ordered stream per origin and partition), and with the other partitions
@@ -30,15 +32,15 @@
 //! TLS, each node sends its contribution to the site's stable vector every
 //! `replication.stable_exchange_ms` (see [`crate::sharding`]).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tracing::{debug, info, warn};
 
 use super::metrics::Metrics;
-use super::shared::Shared;
+use super::shared::{Shared, now_micros};
 use crate::clock::{SiteId, VClock};
 use crate::peer_wire::{self, ArchivedPeerControl, PeerControl, PeerHello};
 use crate::tls;
@@ -65,6 +67,10 @@ pub enum LinkError {
     /// TLS configuration.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The link heard nothing from the peer for several heartbeats while a new connection got
+    /// through: it was replaced by that connection.
+    #[error("replaced: the link was silent while a new connection got through")]
+    Replaced,
 }
 
 /// Who a hello says is at the other end of a link.
@@ -79,17 +85,23 @@ enum Remote {
 /// Payload bytes (keys and values) up to which a batch is serialised under the replica lock.
 const LOCKED_ENCODE_MAX: usize = 1 << 20;
 
-/// Most dials to one peer outstanding at once (see `outbound_once`).
+/// Most dials to one peer outstanding at once (see `dial_racing` and `replace_when_silent`).
 const MAX_DIALS: usize = 3;
+
+/// A dialled connection after its hellos: the connection, the remote's durable `applied`
+/// vector and the control stream.
+type Dialled = (Connection, (VClock, ControlStream));
 
 /// Keeps an outbound link to `peer` up, reconnecting with exponential backoff.
 pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: SiteId) {
     let name = shared.site_name(peer).to_owned();
+    // The connection that replaced a silent link, for the next attempt to run on.
+    let replacement = Mutex::new(None);
     keep_up(
         &shared,
         &name,
         Some(&shared.peer_redial[peer as usize]),
-        || outbound_once(&shared, &endpoint, peer),
+        || outbound_once(&shared, &endpoint, peer, &replacement),
         |result| {
             let mut st = shared.peers[peer as usize].lock().expect("peer lock");
             let was_up = std::mem::replace(&mut st.outbound_up, false);
@@ -143,6 +155,11 @@ async fn keep_up<F, Fut>(
         if shared.is_shutting_down() {
             return;
         }
+        if matches!(result, Err(LinkError::Replaced)) {
+            // The replacement is connected already: carry on over it at once.
+            info!(peer = %name, "link was silent; carrying on over a new connection");
+            continue;
+        }
         if let Err(e) = result {
             warn!(peer = %name, error = %e, "link failed; reconnecting");
         }
@@ -168,8 +185,50 @@ async fn outbound_once(
     shared: &Arc<Shared>,
     endpoint: &Endpoint,
     peer: SiteId,
+    replacement: &Mutex<Option<Dialled>>,
 ) -> Result<(), LinkError> {
     let entry = shared.cfg.sites[peer as usize].clone();
+    let carried = replacement.lock().expect("replacement lock").take();
+    let (conn, (their, (send, recv))) = match carried {
+        Some(d) => d,
+        None => dial_racing(shared, endpoint, peer).await?,
+    };
+    shared.mutate(|r| r.on_peer_connected(peer, &their));
+    {
+        let mut st = shared.peers[peer as usize].lock().expect("peer lock");
+        st.outbound_up = true;
+        st.connected(Instant::now());
+        st.reason = "connected".into();
+    }
+    info!(peer = %entry.name, "link to peer up");
+    let heard = Arc::new(AtomicU64::new(now_micros()));
+    let control = tokio::spawn(run_control(
+        shared.clone(),
+        peer,
+        conn.clone(),
+        send,
+        recv,
+        heard.clone(),
+    ));
+    let result = tokio::select! {
+        r = send_updates(shared, &conn, peer) => r,
+        next = replace_when_silent(shared, endpoint, peer, &conn, &heard) => {
+            conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"replaced: the link was silent");
+            *replacement.lock().expect("replacement lock") = Some(next);
+            Err(LinkError::Replaced)
+        }
+    };
+    control.abort();
+    result
+}
+
+/// Dials `peer`, racing a new dial against the old ones when the peer dials in meanwhile.
+async fn dial_racing(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    peer: SiteId,
+) -> Result<Dialled, LinkError> {
+    let entry = &shared.cfg.sites[peer as usize];
     // A handshake sent while the peer was down is only retransmitted on QUIC's probe timer
     // (about 1 s, then doubling). When the peer dials in while no dial of ours has heard from
     // it yet, it is back: a new dial starts at once, racing the old ones (whichever completes
@@ -189,7 +248,7 @@ async fn outbound_once(
     let mut notified = std::pin::pin!(redial.notified());
     notified.as_mut().enable();
     answered.push(spawn_dial(&mut dials));
-    let (conn, (their, (send, recv))) = loop {
+    let won = loop {
         tokio::select! {
             Some(r) = dials.join_next() => {
                 match r.map_err(|e| LinkError::Hello(format!("dial task failed: {e}"))).and_then(|r| r) {
@@ -209,36 +268,91 @@ async fn outbound_once(
             }
         }
     };
-    if !dials.is_empty() {
-        let mut shutdown = shared.shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    r = dials.join_next() => match r {
-                        Some(Ok(Ok((conn, _)))) => {
-                            conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
-                        }
-                        Some(_) => {}
-                        None => return,
-                    },
-                    // Dropping the set cancels the dials still running.
-                    _ = shutdown.changed() => return,
+    set_aside(shared, dials);
+    Ok(won)
+}
+
+/// Lets the dials still running in `dials` finish in the background and closes each that
+/// completes with SUPERSEDED, so the peer never sees a stray close; they are cancelled at
+/// shutdown.
+fn set_aside(shared: &Shared, mut dials: tokio::task::JoinSet<Result<Dialled, LinkError>>) {
+    if dials.is_empty() {
+        return;
+    }
+    let mut shutdown = shared.shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = dials.join_next() => match r {
+                    Some(Ok(Ok((conn, _)))) => {
+                        conn.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
+                    }
+                    Some(_) => {}
+                    None => return,
+                },
+                // Dropping the set cancels the dials still running.
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
+
+/// Completes with a new connection to `peer` (hellos exchanged) once the link on `conn` has
+/// heard nothing from the peer (`heard`, the time in µs of the last ack or heartbeat on it)
+/// for three heartbeats and a new dial got through while it still was silent.
+///
+/// A link that loses every packet for a while (a cut, an isolation) is not closed before the
+/// idle timeout, but QUIC doubles its retransmission timeout at every probe that goes
+/// unanswered: after a loss of a second or two, the next probe, and with it the updates and
+/// acks stuck in the connection, can come seconds after the path is back, and the peer's view
+/// of this origin stands still until then. So while the link is silent, new dials go out (one
+/// every two round trips, at most [`MAX_DIALS`] at once): the first that completes while the
+/// link is still silent carries it on, resending from the peer's durable `applied` entry. The
+/// same covers a peer that restarted without this side seeing a close. A dial is never
+/// cancelled mid-handshake (the peer would count a refused handshake); one that completes
+/// after the link was heard again is closed.
+async fn replace_when_silent(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    peer: SiteId,
+    conn: &Connection,
+    heard: &AtomicU64,
+) -> Dialled {
+    let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
+    let silence = 3 * hb;
+    let silent_for =
+        || Duration::from_micros(now_micros().saturating_sub(heard.load(Ordering::Acquire)));
+    let mut dials = tokio::task::JoinSet::new();
+    let mut last_dial: Option<Instant> = None;
+    let won = loop {
+        let quiet = silent_for();
+        let every = hb.max(2 * conn.rtt());
+        let wait = if quiet < silence {
+            silence - quiet
+        } else {
+            if dials.len() < MAX_DIALS && last_dial.is_none_or(|t| t.elapsed() >= every) {
+                debug!(peer = %shared.site_name(peer), "link silent; dialling alongside it");
+                let (shared, endpoint) = (shared.clone(), endpoint.clone());
+                dials
+                    .spawn(async move { dial(&shared, &endpoint, Remote::Peer(peer), None).await });
+                last_dial = Some(Instant::now());
+            }
+            every
+        };
+        tokio::select! {
+            Some(r) = dials.join_next(), if !dials.is_empty() => {
+                if let Ok(Ok((new, rest))) = r {
+                    if silent_for() >= silence {
+                        break (new, rest);
+                    }
+                    new.close(VarInt::from_u32(close_code::SUPERSEDED), b"superseded");
                 }
             }
-        });
-    }
-    shared.mutate(|r| r.on_peer_connected(peer, &their));
-    {
-        let mut st = shared.peers[peer as usize].lock().expect("peer lock");
-        st.outbound_up = true;
-        st.connected(Instant::now());
-        st.reason = "connected".into();
-    }
-    info!(peer = %entry.name, "link to peer up");
-    let control = tokio::spawn(run_control(shared.clone(), peer, conn.clone(), send, recv));
-    let result = send_updates(shared, &conn, peer).await;
-    control.abort();
-    result
+            _ = tokio::time::sleep(wait) => {}
+        }
+    };
+    set_aside(shared, dials);
+    won
 }
 
 type ControlStream = (SendStream, RecvStream);
@@ -251,7 +365,7 @@ async fn dial(
     endpoint: &Endpoint,
     remote: Remote,
     answered: Option<&AtomicBool>,
-) -> Result<(Connection, (VClock, ControlStream)), LinkError> {
+) -> Result<Dialled, LinkError> {
     let (site, addr) = match remote {
         Remote::Peer(peer) => (peer, shared.cfg.peer_addr(peer)),
         Remote::Sibling(p) => (shared.site(), shared.cfg.me().partition_addr(p)),
@@ -479,7 +593,15 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         .expect("peer lock")
         .connected(Instant::now());
     debug!(peer = %shared.site_name(peer), "inbound link up");
-    let control = tokio::spawn(run_control(shared.clone(), peer, conn.clone(), send, recv));
+    let heard = Arc::new(AtomicU64::new(0));
+    let control = tokio::spawn(run_control(
+        shared.clone(),
+        peer,
+        conn.clone(),
+        send,
+        recv,
+        heard,
+    ));
     let result = receive_updates(&shared, &conn, peer).await;
     control.abort();
     if let Err(e) = result {
@@ -629,13 +751,14 @@ async fn read_hello_raw(
 }
 
 /// Both directions of the control stream after the hello: acks and heartbeats out, the peer's
-/// acks in.
+/// acks in. `heard` is set to the time (µs) of each ack that arrives.
 async fn run_control(
     shared: Arc<Shared>,
     peer: SiteId,
     conn: Connection,
     mut send: SendStream,
     mut recv: RecvStream,
+    heard: Arc<AtomicU64>,
 ) {
     let reader = {
         let shared = shared.clone();
@@ -648,6 +771,7 @@ async fn run_control(
                     Ok(Some(v)) => {
                         // Every ack is a heartbeat: it feeds the peer's failure detector.
                         let now = Instant::now();
+                        heard.store(now_micros(), Ordering::Release);
                         shared.mutate(|r| r.on_peer_applied(peer, &v));
                         shared.peers[peer as usize]
                             .lock()
