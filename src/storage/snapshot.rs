@@ -45,10 +45,12 @@ pub struct SnapshotData {
 }
 
 impl SnapshotData {
-    /// Captures a store's contents (values are reference-counted, keys are copied because
-    /// [`Store::for_each`] lends them as slices).
-    /// Call it while nothing can change the state, with `wal_lsn` the log's end at that moment
-    /// and no records pending that the log does not have yet.
+    /// Captures a store's contents through [`Store::entries`] (reference-counted where the
+    /// store allows), with `applied`, `lease` and `retained` as they stood when the log ended
+    /// at `wal_lsn`. The store may keep changing during the copy: recovery replays the log
+    /// from `wal_lsn` over it, and the caller must hold tombstone collection meanwhile and make
+    /// the log durable past everything copied before writing the snapshot (see the node's
+    /// snapshotter, `net::tasks::take_snapshot`).
     pub fn capture(
         store: &dyn Store,
         applied: &VClock,
