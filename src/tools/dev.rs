@@ -108,8 +108,29 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
     }
 }
 
-/// A free UDP port on 127.0.0.1 (bound, read, released).
+/// A free UDP port on 127.0.0.1, for a site that binds it later.
+///
+/// The port is taken below the kernel's usual ephemeral range (32768 and up), from a cursor that
+/// hands each port out once per process: a port the kernel picked for `bind(0)` and released can
+/// be picked again at once by the next ephemeral bind (a client endpoint, say) before the site
+/// binds it, which made cluster starts fail now and then. A port found in use is skipped.
 pub fn free_udp_port() -> std::io::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const SPAN: u32 = 22_000; // 10000..32000
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    if CURSOR.load(Ordering::Relaxed) == u32::MAX {
+        // Processes started together (test binaries, scripts) start in different places.
+        let start = std::process::id().wrapping_mul(7_919) % SPAN;
+        let _ = CURSOR.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    for _ in 0..SPAN {
+        let port = (LOW + CURSOR.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
+        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Everything below the ephemeral range is taken: let the kernel pick.
     Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())

@@ -659,11 +659,13 @@ pub fn free_addr() -> SocketAddr {
 
 /// A user-space UDP relay. Datagrams from each client address are forwarded to the target
 /// after the relay's delay (one way: client → target), through one upstream socket per client
-/// address; replies come back undelayed. [`Relay::cut`] drops everything in both directions.
+/// address; replies come back undelayed. [`Relay::cut`] drops everything in both directions;
+/// [`Relay::hold`] keeps the client → target datagrams queued until it is lifted.
 pub struct Relay {
     addr: SocketAddr,
     delay: Arc<Mutex<Duration>>,
     cut: Arc<AtomicBool>,
+    held: tokio::sync::watch::Sender<bool>,
     tasks: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
@@ -675,11 +677,15 @@ impl Relay {
         let delay = Arc::new(Mutex::new(delay));
         let cut = Arc::new(AtomicBool::new(false));
         let tasks = Arc::new(Mutex::new(Vec::new()));
+        let (held, mut hold) = tokio::sync::watch::channel(false);
         // The delay queue: datagrams in arrival order with their due time.
         let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, Arc<UdpSocket>)>();
         let forward = tokio::spawn(async move {
             while let Some((due, data, upstream)) = rx.recv().await {
                 tokio::time::sleep_until(due).await;
+                if hold.wait_for(|h| !*h).await.is_err() {
+                    return;
+                }
                 let _ = upstream.send(&data).await;
             }
         });
@@ -733,6 +739,7 @@ impl Relay {
             addr,
             delay,
             cut,
+            held,
             tasks,
         }
     }
@@ -745,6 +752,11 @@ impl Relay {
     /// Changes the delay of datagrams received from now on.
     pub fn set_delay(&self, d: Duration) {
         *self.delay.lock().unwrap() = d;
+    }
+
+    /// Queues the client → target datagrams while `on`; lifting the hold sends them on, in order.
+    pub fn hold(&self, on: bool) {
+        self.held.send_replace(on);
     }
 
     /// Drops every datagram (both directions) while `on`.
