@@ -243,12 +243,8 @@ fn spawn_dev_logging(
     extra: &[&str],
     stderr: Stdio,
 ) -> (Child, Lines, String, u16) {
-    let base = loop {
-        let p = dev::free_udp_port().unwrap();
-        if p < 60_000 {
-            break p;
-        }
-    };
+    // Room for every node of the largest layout the tests start.
+    let base = dev::free_udp_ports(16).unwrap();
     let mut child = Child(
         Command::new(BIN)
             .args([

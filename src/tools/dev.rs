@@ -115,25 +115,37 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DevError + '_ {
 /// be picked again at once by the next ephemeral bind (a client endpoint, say) before the site
 /// binds it, which made cluster starts fail now and then. A port found in use is skipped.
 pub fn free_udp_port() -> std::io::Result<u16> {
+    free_udp_ports(1)
+}
+
+/// The first of `n` consecutive free UDP ports on 127.0.0.1 (see [`free_udp_port`]), for a
+/// layout that numbers its ports from a base (`causalkv dev --port`). They are handed out
+/// together, so no later call of this process returns one of them.
+pub fn free_udp_ports(n: u16) -> std::io::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOW: u32 = 10_000;
     const SPAN: u32 = 22_000; // 10000..32000
     static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let n32 = u32::from(n.max(1));
     if CURSOR.load(Ordering::Relaxed) == u32::MAX {
         // Processes started together (test binaries, scripts) start in different places.
         let start = std::process::id().wrapping_mul(7_919) % SPAN;
         let _ = CURSOR.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
     }
-    for _ in 0..SPAN {
-        let port = (LOW + CURSOR.fetch_add(1, Ordering::Relaxed) % SPAN) as u16;
-        if UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
-            return Ok(port);
+    for _ in 0..SPAN / n32 {
+        let at = CURSOR.fetch_add(n32, Ordering::Relaxed) % SPAN;
+        if at + n32 > SPAN {
+            continue; // would run past the range
+        }
+        let base = LOW + at;
+        if (base..base + n32).all(|p| UdpSocket::bind((Ipv4Addr::LOCALHOST, p as u16)).is_ok()) {
+            return Ok(base as u16);
         }
     }
-    // Everything below the ephemeral range is taken: let the kernel pick.
-    Ok(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?
-        .local_addr()?
-        .port())
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no {n} consecutive free UDP ports in {LOW}..{}", LOW + SPAN),
+    ))
 }
 
 /// The admin (HTTP) port of site `i` in a layout whose first UDP port is `base_port`:
