@@ -216,10 +216,7 @@ fn bench_dependency_buffer(c: &mut Criterion) {
 // store
 
 fn entry(ts: u64, val: &Bytes) -> Entry {
-    Entry {
-        version: Version::new(ts, 1),
-        value: Some(val.clone()),
-    }
+    Entry::new(Version::new(ts, 1), Some(val.clone()))
 }
 
 fn bench_store(c: &mut Criterion) {

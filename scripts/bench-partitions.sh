@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# Partitioned sites, side by side with unpartitioned ones, in one run.
+# Partitioned sites, side by side with unpartitioned ones, in interleaved rounds of one run.
 #
-#   bash scripts/bench-partitions.sh [--seconds N] [--out DIR]
+#   ROUNDS=3 bash scripts/bench-partitions.sh [--seconds N] [--out DIR]
 #
 # Every configuration runs as separate `causalkv serve` processes on loopback (laid out by
-# `causalkv dev --layout-only --partitions P`), one after the other:
-#   - throughput, 1 site, P = 1 and P = 2: `causalkv bench load --partitions P` with 64
-#     requests in flight, 50 % reads, 100 B values, fsync = "never" (this measures CPU, not the
-#     disk);
-#   - throughput, 3 sites replicating to each other, P = 1 and P = 2, the same load at site a;
-#   - remote visibility latency, 3 sites, P = 1 and P = 2, default fsync (= always):
-#     `causalkv bench visibility-wan` writes a fresh key at a every 10 ms and polls b and c
-#     (fresh sessions) every 200 µs; ack at a → visible at b / c; once on an idle cluster and
-#     once while `bench load` adds 2,000 ops/s at a (16 sessions, half writes).
+# `causalkv dev --layout-only --partitions P`). Each round runs every measurement for P = 1 and
+# P = 2 back to back (the order alternates between rounds), so both see the same machine; the
+# tables give the median over the rounds and every round's P = 2 / P = 1 ratio:
+#   - throughput, 1 site and 3 sites replicating to each other: `causalkv bench load
+#     --partitions P` at site a with 64 requests in flight, 50 % reads, 100 B values,
+#     fsync = "never" (this measures CPU, not the disk), and the servers' CPU time;
+#   - the idle cost of partitioning, 3 sites: the servers' CPU time and the bytes of sibling
+#     contributions (`causalkv_sibling_bytes_out_total`) over IDLE seconds (default 3) before
+#     the load starts;
+#   - remote visibility latency, 3 sites, default fsync (= always): `causalkv bench
+#     visibility-wan` writes a fresh key at a every 10 ms and polls b and c (fresh sessions)
+#     every 200 µs; ack at a → visible at b / c; once on an idle cluster and once while `bench
+#     load` adds 2,000 ops/s at a (16 sessions, half writes).
 # Writes results.md and results.json into the output folder and prints the table with ratios.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +24,8 @@ source scripts/lib.sh
 
 SECONDS_PER_RUN=5
 OUT=results/partitions
+ROUNDS=${ROUNDS:-3}
+IDLE=${IDLE:-3}
 parse_seconds_out "$@"
 start_work
 
@@ -35,10 +41,23 @@ cpu_ticks() {
   echo "$t"
 }
 
-# run_config NAME SITES P FSYNC: starts the nodes, runs the measurements, stops the nodes.
+# sibling_bytes BASE NODES: the sum of every node's sibling contribution bytes sent so far.
+sibling_bytes() {
+  local base=$1 nodes=$2 t=0 v
+  for n in $(seq 0 $(( nodes - 1 ))); do
+    v=$(curl -s "http://127.0.0.1:$(( base + 1000 + n ))/metrics" \
+        | awk '$1 == "causalkv_sibling_bytes_out_total" {print $2}')
+    t=$(( t + ${v:-0} ))
+  done
+  echo "$t"
+}
+
+# run_config NAME SITES P FSYNC ROUND: starts the nodes, runs the measurements (into files
+# NAME.rROUND.*), stops the nodes.
 run_config() {
-  local name=$1 sites=$2 parts=$3 fsync=$4
-  local dir="$WORK/$name" base=$(( 20000 + RANDOM % 20000 ))
+  local name=$1 sites=$2 parts=$3 fsync=$4 round=$5
+  local dir="$WORK/$name.r$round" base=$(( 20000 + RANDOM % 20000 ))
+  local out="$RESULTS/$name.r$round"
   "$BIN" dev --layout-only --dir "$dir" --port "$base" --sites "$sites" --partitions "$parts" \
     > "$dir.files"
   local pids=()
@@ -62,88 +81,121 @@ run_config() {
     [ "$ok" = 1 ] && break
     sleep 0.1
   done
+  if [ "$sites" -ge 3 ] && [ "$fsync" = never ]; then
+    echo "  $name (round $round): idle for ${IDLE} s..." >&2
+    local i0 i1 b0 b1
+    i0=$(cpu_ticks "${pids[@]}"); b0=$(sibling_bytes "$base" $(( sites * parts )))
+    sleep "$IDLE"
+    i1=$(cpu_ticks "${pids[@]}"); b1=$(sibling_bytes "$base" $(( sites * parts )))
+    echo "{\"seconds\": $IDLE, \"cpu_ticks\": $(( i1 - i0 )), \"sibling_bytes\": $(( b1 - b0 ))}" \
+      > "$out.idle.json"
+  fi
   if [ "$sites" -ge 3 ] && [ "$fsync" != never ]; then
     local vis=("$BIN" bench visibility-wan --site "$a" --site "$b" --site "$c" --partitions "$parts"
                --certs "$certs" --writes 400 --interval-ms 10 --poll-us 200)
-    echo "  $name: visibility, idle (400 writes)..." >&2
-    "${vis[@]}" 2>/dev/null > "$RESULTS/$name.vis.json"
-    echo "  $name: visibility under 2,000 ops/s of load at a (50 % writes, 16 sessions)..." >&2
+    echo "  $name (round $round): visibility, idle (400 writes)..." >&2
+    "${vis[@]}" 2>/dev/null > "$out.vis.json"
+    echo "  $name (round $round): visibility under 2,000 ops/s of load at a..." >&2
     "$BIN" bench load --site "$a" --partitions "$parts" --certs "$certs" --seconds 6 \
       --concurrency 16 --rate 2000 --read-ratio 0.5 --value-size 100 2>/dev/null \
-      > "$RESULTS/$name.bg.json" &
+      > "$out.bg.json" &
     local bg=$!
     sleep 0.5
-    "${vis[@]}" 2>/dev/null > "$RESULTS/$name.visload.json"
+    "${vis[@]}" 2>/dev/null > "$out.visload.json"
     wait "$bg"
   fi
-  echo "  $name: load (64 in flight, ${SECONDS_PER_RUN} s)..." >&2
+  echo "  $name (round $round): load (64 in flight, ${SECONDS_PER_RUN} s)..." >&2
   local cpu0 cpu1
   cpu0=$(cpu_ticks "${pids[@]}")
   "$BIN" bench load --site "$a" --partitions "$parts" --certs "$certs" --seconds "$SECONDS_PER_RUN" \
-    --concurrency 64 --read-ratio 0.5 --value-size 100 2>/dev/null > "$RESULTS/$name.load.json"
+    --concurrency 64 --read-ratio 0.5 --value-size 100 2>/dev/null > "$out.load.json"
   cpu1=$(cpu_ticks "${pids[@]}")
-  echo "$(( cpu1 - cpu0 ))" > "$RESULTS/$name.cpu"
+  echo "$(( cpu1 - cpu0 ))" > "$out.cpu"
   for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
 }
 
 echo "partitions benchmark: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
-run_config one-site-p1 1 1 never
-run_config one-site-p2 1 2 never
-run_config three-sites-p1 3 1 never
-run_config three-sites-p2 3 2 never
-run_config vis-p1 3 1 always
-run_config vis-p2 3 2 always
+for round in $(seq 1 "$ROUNDS"); do
+  echo "round $round of $ROUNDS" >&2
+  if [ $(( round % 2 )) = 1 ]; then order="1 2"; else order="2 1"; fi
+  for p in $order; do run_config "one-site-p$p" 1 "$p" never "$round"; done
+  for p in $order; do run_config "three-sites-p$p" 3 "$p" never "$round"; done
+  for p in $order; do run_config "vis-p$p" 3 "$p" always "$round"; done
+done
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
 
 mkdir -p "$OUT"
-python3 - "$OUT" "$RESULTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" "bash scripts/bench-partitions.sh $*" "$(getconf CLK_TCK)" <<'PY'
-import json, os, sys
-out, res, cpus, before, after, cmd, tck = sys.argv[1:]
-def load(name, kind):
-    return json.load(open(os.path.join(res, f"{name}.{kind}.json")))
-L = {n: load(n, "load") for n in ["one-site-p1", "one-site-p2", "three-sites-p1", "three-sites-p2",
-                                  "vis-p1", "vis-p2"]}
-V = {n: load(n, "vis") for n in ["vis-p1", "vis-p2"]}
-VL = {n: load(n, "visload") for n in ["vis-p1", "vis-p2"]}
-lines = [f"# Partitions: P = 1 against P = 2", "",
-         f"Command: `{cmd}` ({cpus} CPUs, load average before {before}, after {after}).", "",
+python3 - "$OUT" "$RESULTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" "ROUNDS=$ROUNDS bash scripts/bench-partitions.sh $*" "$(getconf CLK_TCK)" "$ROUNDS" <<'PY'
+import json, os, statistics, sys
+out, res, cpus, before, after, cmd, tck, rounds = sys.argv[1:]
+tck, R = int(tck), range(1, int(rounds) + 1)
+def load(name, r, kind):
+    return json.load(open(os.path.join(res, f"{name}.r{r}.{kind}.json")))
+def cpu(name, r):
+    return int(open(os.path.join(res, f"{name}.r{r}.cpu")).read()) / tck
+med = statistics.median
+lines = ["# Partitions: P = 1 against P = 2", "",
+         f"Command: `{cmd}` ({cpus} CPUs, load average before {before}, after {after}). "
+         f"Medians over {rounds} interleaved rounds; each round runs P = 1 and P = 2 back to back "
+         "(order alternating), and the ratio columns list every round's P = 2 / P = 1.", "",
          "## Throughput (64 requests in flight, 50 % reads, 100 B values, fsync never)", "",
-         "| sites | P | ops/s | put p50 (µs) | put p99 (µs) | get p50 (µs) | errors | P=2 / P=1 | server cores busy | ops per server CPU-second |",
-         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-def cpu(name):
-    return int(open(os.path.join(res, f"{name}.cpu")).read()) / int(tck)
+         "| sites | P | ops/s | put p50 (µs) | put p99 (µs) | server cores busy | ops per server CPU-second | ops/s P=2/P=1 per round | ops per CPU-s P=2/P=1 per round |",
+         "|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+summary = {}
 for sites, pre in [(1, "one-site"), (3, "three-sites")]:
-    base = L[f"{pre}-p1"]["throughput"]
+    per = {}
     for p in (1, 2):
-        r = L[f"{pre}-p{p}"]
-        ratio = f"{r['throughput'] / base:.2f}" if p == 2 else ""
-        c = cpu(f"{pre}-p{p}")
-        lines.append(f"| {sites} | {p} | {r['throughput']:,.0f} | {r['put']['p50_us']:,} | "
-                     f"{r['put']['p99_us']:,} | {r['get']['p50_us']:,} | {r['errors']} | {ratio} | "
-                     f"{c / r['seconds']:.2f} | {r['ops'] / c:,.0f} |")
+        rows = [load(f"{pre}-p{p}", r, "load") for r in R]
+        c = [cpu(f"{pre}-p{p}", r) for r in R]
+        per[p] = dict(tput=[x["throughput"] for x in rows],
+                      eff=[x["ops"] / ci for x, ci in zip(rows, c)],
+                      busy=[ci / x["seconds"] for x, ci in zip(rows, c)],
+                      p50=[x["put"]["p50_us"] for x in rows], p99=[x["put"]["p99_us"] for x in rows])
+    for p in (1, 2):
+        d = per[p]
+        rt = ", ".join(f"{a / b:.2f}" for a, b in zip(per[2]["tput"], per[1]["tput"])) if p == 2 else ""
+        re_ = ", ".join(f"{a / b:.2f}" for a, b in zip(per[2]["eff"], per[1]["eff"])) if p == 2 else ""
+        lines.append(f"| {sites} | {p} | {med(d['tput']):,.0f} | {med(d['p50']):,} | {med(d['p99']):,} | "
+                     f"{med(d['busy']):.2f} | {med(d['eff']):,.0f} | {rt} | {re_} |")
+    summary[pre] = {"throughput_ratio": med(per[2]["tput"]) / med(per[1]["tput"]),
+                    "cpu_efficiency_ratio": med([a / b for a, b in zip(per[2]["eff"], per[1]["eff"])])}
 lines += ["", "Server cores busy: CPU time of every `causalkv serve` process of the configuration during the "
-          "load, per second. The load generator (one more process) shares the same cores."]
+          "load, per second. The load generator (one more process) shares the same cores.", ""]
+lines += ["## Idle cost (3 sites, no load)", "",
+          "| P | server CPU (cores) | sibling contribution bytes/s (all nodes) |", "|---:|---:|---:|"]
+idle = {}
+for p in (1, 2):
+    xs = [load(f"three-sites-p{p}", r, "idle") for r in R]
+    idle[p] = dict(cpu=med([x["cpu_ticks"] / tck / x["seconds"] for x in xs]),
+                   bytes=med([x["sibling_bytes"] / x["seconds"] for x in xs]))
+    lines.append(f"| {p} | {idle[p]['cpu']:.3f} | {idle[p]['bytes']:,.0f} |")
 lines += ["", "## Remote visibility (3 sites, fsync always, a write every 10 ms at a; ack → visible)", "",
-          "| P | load at a | site | p50 (ms) | p99 (ms) | max (ms) | timeouts |",
-          "|---:|---|---|---:|---:|---:|---:|"]
-for label, src in [("idle", V), ("2,000 ops/s", VL)]:
+          "| P | load at a | worst-site p50 (ms) | worst-site p99 (ms) | max (ms) | timeouts | p99 P=2/P=1 per round |",
+          "|---:|---|---:|---:|---:|---:|---|"]
+def worst(x, q):
+    return max(s["latency"][q] for s in x["sites"]) / 1000
+vis = {}
+for label, kind in [("idle", "vis"), ("2,000 ops/s", "visload")]:
+    per = {p: [load(f"vis-p{p}", r, kind) for r in R] for p in (1, 2)}
     for p in (1, 2):
-        for s in src[f"vis-p{p}"]["sites"]:
-            lat = s["latency"]
-            lines.append(f"| {p} | {label} | {s['site']} | {lat['p50_us'] / 1000:.2f} | "
-                         f"{lat['p99_us'] / 1000:.2f} | {lat['max_us'] / 1000:.2f} | {s['timeouts']} |")
-def worst(src, p, q):
-    return max(s["latency"][q] for s in src[f"vis-p{p}"]["sites"]) / 1000
-lines.append("")
-for label, src in [("idle", V), ("under 2,000 ops/s at a", VL)]:
-    lines.append(f"- {label}: visibility p99 (worst remote site) P = 2 {worst(src, 2, 'p99_us'):.2f} ms "
-                 f"against P = 1 {worst(src, 1, 'p99_us'):.2f} ms, ratio "
-                 f"{worst(src, 2, 'p99_us') / worst(src, 1, 'p99_us'):.2f}; p50 {worst(src, 2, 'p50_us'):.2f} "
-                 f"against {worst(src, 1, 'p50_us'):.2f} ms.")
+        xs = per[p]
+        ratios = ", ".join(f"{worst(a, 'p99_us') / worst(b, 'p99_us'):.2f}" for a, b in zip(per[2], per[1])) if p == 2 else ""
+        lines.append(f"| {p} | {label} | {med([worst(x, 'p50_us') for x in xs]):.2f} | "
+                     f"{med([worst(x, 'p99_us') for x in xs]):.2f} | {max(worst(x, 'max_us') for x in xs):.2f} | "
+                     f"{sum(s['timeouts'] for x in xs for s in x['sites'])} | {ratios} |")
+    vis[label] = med([worst(a, "p99_us") / worst(b, "p99_us") for a, b in zip(per[2], per[1])])
+lines += ["",
+          f"- Visibility p99, P = 2 / P = 1 (median of the per-round ratios): idle {vis['idle']:.2f}, "
+          f"under 2,000 ops/s {vis['2,000 ops/s']:.2f}.",
+          f"- Operations per server CPU-second, P = 2 / P = 1: one site {summary['one-site']['cpu_efficiency_ratio']:.2f}, "
+          f"three sites {summary['three-sites']['cpu_efficiency_ratio']:.2f}.",
+          f"- Idle cost of P = 2 over P = 1 at three sites: {idle[2]['cpu'] - idle[1]['cpu']:+.3f} cores of server CPU, "
+          f"{idle[2]['bytes']:,.0f} bytes/s of sibling contributions."]
 md = "\n".join(lines)
 open(os.path.join(out, "results.md"), "w").write(md + "\n")
-json.dump({"load": L, "visibility": V, "visibility_under_load": VL}, open(os.path.join(out, "results.json"), "w"), indent=1)
+json.dump({"summary": summary, "idle": idle, "visibility_p99_ratio": vis},
+          open(os.path.join(out, "results.json"), "w"), indent=1)
 print(md)
 PY

@@ -210,6 +210,10 @@ pub struct QuicConfig {
     /// [`TransportLimits::max_udp_payload`](crate::tls::TransportLimits::max_udp_payload)
     /// before raising it.
     pub max_udp_payload: u16,
+    /// The congestion window a new connection starts with, bytes (at least 2400; default
+    /// 256 KiB). See
+    /// [`TransportLimits::initial_window`](crate::tls::TransportLimits::initial_window).
+    pub initial_window: u64,
 }
 
 impl Default for QuicConfig {
@@ -219,6 +223,7 @@ impl Default for QuicConfig {
             stream_window: t.stream_window,
             conn_window: t.conn_window,
             max_udp_payload: t.max_udp_payload,
+            initial_window: t.initial_window,
         }
     }
 }
@@ -376,6 +381,7 @@ impl SiteConfig {
             stream_window: self.quic.stream_window,
             conn_window: self.quic.conn_window,
             max_udp_payload: self.quic.max_udp_payload,
+            initial_window: self.quic.initial_window,
             ..Default::default()
         }
     }

@@ -54,8 +54,10 @@ struct SimConfig {
     check_deps: bool,
     /// Partitions per site.
     partitions: usize,
-    /// Partitioned sites check deps against the stable vector (off: the planted bug).
+    /// Partitioned sites check deps against the stable vector (off: a planted bug).
     check_stable: bool,
+    /// Reads hand back the context their value was written under (off: a planted bug).
+    close_contexts: bool,
     /// The pipeline workload (see [`Sim::pipeline_step`]) instead of hopping sessions.
     pipeline: bool,
     /// Simulated time with clients and faults running.
@@ -121,6 +123,8 @@ struct Site {
     greeted: Vec<bool>,
     /// Extra delay on this site's sibling exchange (a fault).
     sibling_delay: u64,
+    /// When the node last restarted after a crash (simulated µs).
+    restarted_at: Option<u64>,
 }
 
 struct Session {
@@ -174,6 +178,11 @@ struct SimStats {
     duplicated: u64,
     max_buffered: usize,
     contributions: u64,
+    /// Pipeline reads at site 2 that, right after reading an update at the same site, had to
+    /// wait for something of its causal past that had not reached the node: the stable vector
+    /// exists to make this impossible (a node that restarted in the last 2 s is left out: it
+    /// lost what it had received, and what it had told its siblings stands until it is back).
+    network_waits: u64,
 }
 
 /// What one run found.
@@ -204,6 +213,7 @@ impl Sim {
                 skew: rng.gen_range(-50_000..50_000),
                 greeted: vec![false; nodes],
                 sibling_delay: 0,
+                restarted_at: None,
             })
             .collect();
         let links = (0..nodes)
@@ -283,6 +293,7 @@ impl Sim {
             ReplicaConfig::new((x / p) as SiteId, n).with_partition((x % p) as u32, p as u32);
         rc.check_deps = cfg.check_deps;
         rc.check_stable = cfg.check_stable;
+        rc.close_contexts = cfg.close_contexts;
         rc
     }
 
@@ -651,6 +662,7 @@ impl Sim {
                     site.disk.iter().cloned(),
                 ));
                 site.greeted = vec![false; nodes];
+                site.restarted_at = Some(self.now);
                 self.schedule(MS, Event::Tick(x));
                 for y in self.peers_of(x) {
                     self.schedule(0, Event::Reconnect(x, y));
@@ -775,6 +787,9 @@ impl Sim {
                 sess.waiting_since = None;
                 if let Some(v) = res.version {
                     sess.ctx.raise(v.site, v.ts);
+                    // Closed under dependencies: what the value depends on (see
+                    // `causalkv::replica`).
+                    sess.ctx.merge(&res.deps);
                 }
                 let value = match (res.value, res.version) {
                     (Some(v), _) => Some(Some(v.to_vec())),
@@ -846,7 +861,7 @@ impl Sim {
             }
         };
         let sid = self.sessions[s].id;
-        for (key, write) in [first, second] {
+        for (i, (key, write)) in [first, second].into_iter().enumerate() {
             let node = self.node(site, partition_of(&key, 2) as usize);
             if self.sites[node].replica.is_none() {
                 break;
@@ -854,13 +869,47 @@ impl Sim {
             let done = if write {
                 self.write_op(s, sid, site, node, key, false)
             } else {
-                self.read_op(s, sid, site, node, &key)
+                let ctx = self.sessions[s].ctx.clone();
+                let done = self.read_op(s, sid, site, node, &key);
+                if !done && i == 1 && site == 2 {
+                    self.count_network_wait(node, &ctx);
+                }
+                done
             };
             if !done {
                 break;
             }
         }
         self.schedule(next, Event::Client(s));
+    }
+
+    /// A fresh session at site 2 read an update and then could not read at `node` under `ctx`:
+    /// counts it in `network_waits` when part of `ctx` had not even reached the node.
+    fn count_network_wait(&mut self, node: NodeId, ctx: &VClock) {
+        let recent = self.sites[node]
+            .restarted_at
+            .is_some_and(|t| self.now < t + 2 * SEC);
+        let r = self.sites[node].replica.as_ref().expect("up");
+        let me = r.site();
+        let missing = ctx
+            .as_slice()
+            .iter()
+            .enumerate()
+            .any(|(k, &need)| k != me as usize && r.received().get(k as SiteId) < need);
+        if missing && !recent {
+            if std::env::var_os("SIM_DEBUG").is_some() && self.stats.network_waits < 5 {
+                eprintln!(
+                    "network wait t={} node {node} ctx {:?} received {:?} applied {:?} stable {:?} restarted {:?}",
+                    self.now,
+                    ctx,
+                    r.received(),
+                    r.applied(),
+                    r.site_stable(),
+                    self.sites[node].restarted_at
+                );
+            }
+            self.stats.network_waits += 1;
+        }
     }
 
     /// Session `s` writes (or deletes) `key` at `node` of `site`; false when the node is not
@@ -970,6 +1019,7 @@ struct Variant {
     pipeline: bool,
     check_deps: bool,
     check_stable: bool,
+    close_contexts: bool,
 }
 
 const CORRECT: Variant = Variant {
@@ -977,6 +1027,7 @@ const CORRECT: Variant = Variant {
     pipeline: false,
     check_deps: true,
     check_stable: true,
+    close_contexts: true,
 };
 
 fn run_seed(seed: u64, v: Variant) -> Outcome {
@@ -985,6 +1036,7 @@ fn run_seed(seed: u64, v: Variant) -> Outcome {
         check_deps: v.check_deps,
         partitions: v.partitions,
         check_stable: v.check_stable,
+        close_contexts: v.close_contexts,
         pipeline: v.pipeline,
         active: 8 * SEC,
         faults: true,
@@ -1101,31 +1153,64 @@ fn checker_catches_missing_dependency_checks() {
     assert_caught(v, "without dependency checks");
 }
 
+/// The pipeline workload at two partitions per site, on 64 seeds, with every fault kind.
+fn pipeline(v: Variant) -> Vec<(u64, Outcome)> {
+    run_many(&(0..64).collect::<Vec<_>>(), v)
+}
+
+const PIPELINE: Variant = Variant {
+    partitions: 2,
+    pipeline: true,
+    ..CORRECT
+};
+
 #[test]
-fn checker_catches_skipped_stable_vector_check() {
+fn skipped_stable_vector_check_makes_sessions_wait_on_the_network() {
     // The planted bug: a partition checks deps against its own `applied` only, not against the
-    // site's stable vector. The pipeline workload makes cross-partition chains through a third
-    // site, with every fault kind.
-    let correct = Variant {
-        partitions: 2,
-        pipeline: true,
-        ..CORRECT
-    };
-    // The same workload and seeds with the stable-vector check: clean, so what the bug run
-    // reports is the bug.
-    for (seed, out) in run_many(&(0..64).collect::<Vec<_>>(), correct) {
+    // site's stable vector, so it exposes updates whose dependencies have not reached the other
+    // partitions. Sessions stay safe (their contexts are closed, and the next partition waits
+    // for what it lacks), but a session that follows what it read must wait on the network,
+    // which the stable vector exists to prevent. The pipeline workload makes cross-partition
+    // chains through a third site.
+    let mut waits = 0;
+    for (seed, out) in pipeline(PIPELINE) {
         assert!(
-            out.report.is_ok() && out.converged.is_ok(),
-            "seed {seed}, pipeline workload, stable-vector check on: {}\n{:?}",
+            out.report.is_ok() && out.converged.is_ok() && out.stats.network_waits == 0,
+            "seed {seed}, pipeline workload, stable-vector check on: {} network waits\n{}\n{:?}",
+            out.stats.network_waits,
             out.report,
             out.converged
         );
     }
     let buggy = Variant {
         check_stable: false,
-        ..correct
+        ..PIPELINE
     };
-    assert_caught(buggy, "without the stable-vector check");
+    for (seed, out) in pipeline(buggy) {
+        assert!(
+            out.report.is_ok(),
+            "seed {seed}: without the stable-vector check sessions must still be safe: {}",
+            out.report
+        );
+        waits += out.stats.network_waits;
+    }
+    println!("without the stable-vector check: {waits} reads waited on the network");
+    assert!(
+        waits > 0,
+        "the skipped stable-vector check must show as reads waiting on the network"
+    );
+}
+
+#[test]
+fn checker_catches_open_session_contexts() {
+    // The planted bug: reads do not hand back the context their value was written under, so a
+    // session's context names what it read but not what that depends on, and a partition
+    // whose copy of a dependency is still waiting in its buffer answers without it.
+    let buggy = Variant {
+        close_contexts: false,
+        ..PIPELINE
+    };
+    assert_caught(buggy, "without closed session contexts");
 }
 
 #[test]

@@ -120,7 +120,10 @@ fn keys_on_two_partitions() -> (String, String) {
 struct Probed {
     probes: usize,
     y_seen: usize,
+    /// Probes that saw y and then read x without it.
     violations: usize,
+    /// Probes that saw y and then could not read x in time: x had not reached c.
+    waited: usize,
     saw_buffered: bool,
 }
 
@@ -131,22 +134,19 @@ const HELD_PROBES: usize = 5;
 /// C's only through a relay (every other link is direct). The relay holds that link while x is
 /// written at A, read at B, and y is written at B: y depends on x through b's session and reaches
 /// C directly. Once y has arrived at C (held in its dependency buffer, or visible), fresh sessions
-/// at C read y and then x; then the hold is lifted and C must come to show both.
-async fn probe_across_partitions(check_stable: bool) -> Probed {
+/// at C read y and then x (with a short timeout); then the hold is lifted and C must come to show
+/// both.
+async fn probe_across_partitions(opts: causalkv::net::NodeOptions) -> Probed {
     let (x, y) = keys_on_two_partitions();
     let px = causalkv::sharding::partition_of(x.as_bytes(), 2) as usize;
     let mut prep = Cluster::prepare_partitioned(3, 2);
-    let (a_x, c_x, c_y) = (px, 2 * 2 + px, 2 * 2 + 1 - px); // node = site * 2 + partition
-    let relay = Relay::start(prep.configs[c_x].listen_addr(), Duration::ZERO).await;
+    let (a_x, c_y) = (px, 2 * 2 + 1 - px); // node = site * 2 + partition
+    let relay = Relay::start(prep.configs[2 * 2 + px].listen_addr(), Duration::ZERO).await;
     let entry = &mut prep.configs[a_x].sites[2];
     entry.partition_addrs[px] = relay.addr();
     if px == 0 {
         entry.addr = relay.addr();
     }
-    let opts = causalkv::net::NodeOptions {
-        check_stable,
-        ..Default::default()
-    };
     let cluster = prep.start_with(opts).await;
     cluster.wait_connected().await;
 
@@ -169,17 +169,27 @@ async fn probe_across_partitions(check_stable: bool) -> Probed {
         probes: 0,
         y_seen: 0,
         violations: 0,
+        waited: 0,
         saw_buffered: cluster.node(c_y).status().buffered > 0,
     };
     for _ in 0..HELD_PROBES {
-        let c = cluster.site_client(2).await;
-        let got_y = get(&c, &y).await;
-        let got_x = get(&c, &x).await;
+        let c = common::cli_client_builder(&cluster.certs, [])
+            .site_partitions([cluster.site_addrs(2)])
+            .timeout(ms(300))
+            .connect()
+            .await
+            .expect("client of c");
         p.probes += 1;
-        if got_y.is_some() {
-            p.y_seen += 1;
-            if got_x.is_none() {
-                p.violations += 1;
+        if get(&c, &y).await.is_none() {
+            continue;
+        }
+        p.y_seen += 1;
+        match c.get(&x).await {
+            Ok(Some(_)) => {}
+            Ok(None) => p.violations += 1,
+            Err(e) => {
+                println!("x after y at c: {e}");
+                p.waited += 1;
             }
         }
     }
@@ -200,30 +210,55 @@ async fn probe_across_partitions(check_stable: bool) -> Probed {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn causal_order_holds_across_partitions_with_a_delayed_link() {
-    bounded(LIMIT, async {
-        let p = probe_across_partitions(true).await;
+    use causalkv::net::NodeOptions;
+    // Three clusters, one after another.
+    bounded(3 * LIMIT, async {
+        let p = probe_across_partitions(NodeOptions::default()).await;
         assert_eq!(
-            p.violations, 0,
-            "c exposed y without its cause x in {} of {} probes",
-            p.violations, p.probes
+            (p.violations, p.waited),
+            (0, 0),
+            "c exposed y without its cause x (violations, waits) in {} probes",
+            p.probes
         );
         assert!(
             p.saw_buffered,
             "y was never held in its partition's dependency buffer at c: the stable vector did \
              not hold it back"
         );
-        // The same probe catches the bug the stable vector guards against: a partition that
-        // checks deps against its own `applied` only shows y without x.
-        let bug = probe_across_partitions(false).await;
+        // Planted bug 1: a partition checks deps against its own `applied` only. It shows y
+        // before x has reached c; sessions stay safe (their contexts name x, so c's partition
+        // of x waits for it), but a session that saw y waits on the network for x.
+        let skipped = probe_across_partitions(NodeOptions {
+            check_stable: false,
+            ..Default::default()
+        })
+        .await;
+        // Planted bug 2: on top of that, reads do not hand back what their value depends on:
+        // the session's context no longer names x, and c answers without it.
+        let open = probe_across_partitions(NodeOptions {
+            check_stable: false,
+            close_contexts: false,
+            ..Default::default()
+        })
+        .await;
         println!(
-            "probes across partitions: {} with the stable-vector check (0 violations); {} of {} \
-             without it saw y without x",
-            p.probes, bug.violations, bug.probes
+            "probes across partitions: {} with the stable-vector check (0 saw y); without it \
+             {} of {} saw y and then waited for x; without closed contexts as well {} of {} \
+             saw y without x",
+            p.probes, skipped.waited, skipped.probes, open.violations, open.probes
         );
         assert!(
-            bug.violations > 0,
-            "the probe did not catch a skipped stable-vector check ({} probes)",
-            bug.probes
+            skipped.waited > 0 && skipped.violations == 0,
+            "without the stable-vector check, sessions that saw y must wait for x (and never \
+             miss it): {} waited, {} violations in {} probes",
+            skipped.waited,
+            skipped.violations,
+            skipped.probes
+        );
+        assert!(
+            open.violations > 0,
+            "the probe did not catch open session contexts ({} probes)",
+            open.probes
         );
     })
     .await;

@@ -474,6 +474,18 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         get(&m.bytes_out),
     );
     e.single(
+        "causalkv_sibling_contributions_out_total",
+        "counter",
+        "Stable-vector contributions sent to the site's other partitions.",
+        get(&m.contributions_out),
+    );
+    e.single(
+        "causalkv_sibling_bytes_out_total",
+        "counter",
+        "Bytes of stable-vector contribution frames sent to the site's other partitions.",
+        get(&m.contribution_bytes_out),
+    );
+    e.single(
         "causalkv_wal_fsyncs_total",
         "counter",
         "Write-ahead log fsyncs.",

@@ -139,6 +139,10 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     /// Bytes of update frames sent.
     pub bytes_out: AtomicU64,
+    /// Stable-vector contributions sent to sibling partitions.
+    pub contributions_out: AtomicU64,
+    /// Bytes of those contribution frames (the cost of partitioning a site).
+    pub contribution_bytes_out: AtomicU64,
     /// Per client operation: counts and latency histograms.
     pub ops: OpMetrics,
 }

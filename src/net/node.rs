@@ -57,6 +57,9 @@ pub struct NodeOptions {
     /// Whether a partitioned node checks deps against the site's stable vector (see
     /// [`ReplicaConfig::check_stable`]). Only tests switch it off, to show the bug it guards.
     pub check_stable: bool,
+    /// Whether reads hand back the context their value was written under (see
+    /// [`ReplicaConfig::close_contexts`]). Only tests switch it off, to show the bug it guards.
+    pub close_contexts: bool,
 }
 
 impl Default for NodeOptions {
@@ -64,6 +67,7 @@ impl Default for NodeOptions {
         Self {
             check_deps: true,
             check_stable: true,
+            close_contexts: true,
         }
     }
 }
@@ -118,6 +122,7 @@ impl Node {
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
         rc.check_deps = opts.check_deps;
         rc.check_stable = opts.check_stable;
+        rc.close_contexts = opts.close_contexts;
         // Recovery reads the snapshot and scans the whole log: blocking work, kept off the
         // runtime's threads (on a `current_thread` runtime it would stall every other task).
         let (cfg, (replica, wal)) = tokio::task::spawn_blocking(move || {
@@ -134,6 +139,7 @@ impl Node {
             changed: watch::channel(0).0,
             peer_wake: (0..n).map(|_| Notify::new()).collect(),
             peer_redial: (0..n).map(|_| Notify::new()).collect(),
+            sibling_redial: (0..cfg.partitions).map(|_| Notify::new()).collect(),
             peers: (0..n)
                 .map(|_| {
                     let f = &cfg.failure;

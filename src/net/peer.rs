@@ -122,7 +122,7 @@ pub(crate) async fn run_sibling(shared: Arc<Shared>, endpoint: Endpoint, partiti
     keep_up(
         &shared,
         &name,
-        None,
+        Some(&shared.sibling_redial[partition as usize]),
         || sibling_once(&shared, &endpoint, partition),
         |_| false,
     )
@@ -191,7 +191,7 @@ async fn outbound_once(
     let carried = replacement.lock().expect("replacement lock").take();
     let (conn, (their, (send, recv))) = match carried {
         Some(d) => d,
-        None => dial_racing(shared, endpoint, peer).await?,
+        None => dial_racing(shared, endpoint, Remote::Peer(peer)).await?,
     };
     shared.mutate(|r| r.on_peer_connected(peer, &their));
     {
@@ -222,27 +222,29 @@ async fn outbound_once(
     result
 }
 
-/// Dials `peer`, racing a new dial against the old ones when the peer dials in meanwhile.
+/// Dials `remote`, racing a new dial against the old ones when it dials in meanwhile.
 async fn dial_racing(
     shared: &Arc<Shared>,
     endpoint: &Endpoint,
-    peer: SiteId,
+    remote: Remote,
 ) -> Result<Dialled, LinkError> {
-    let entry = &shared.cfg.sites[peer as usize];
     // A handshake sent while the peer was down is only retransmitted on QUIC's probe timer
     // (about 1 s, then doubling). When the peer dials in while no dial of ours has heard from
     // it yet, it is back: a new dial starts at once, racing the old ones (whichever completes
     // first is the link; the others are closed with SUPERSEDED when they complete, so the peer
     // never sees a stray close, and cancelled at shutdown). Only dial-ins that arrive while we
     // wait count (notify_waiters), so a stale one can never cancel a fresh dial.
-    let redial = &shared.peer_redial[peer as usize];
+    let (redial, name) = match remote {
+        Remote::Peer(peer) => (&shared.peer_redial[peer as usize], shared.site_name(peer)),
+        Remote::Sibling(p) => (&shared.sibling_redial[p as usize], "sibling"),
+    };
     let mut dials = tokio::task::JoinSet::new();
     let mut answered: Vec<Arc<AtomicBool>> = Vec::new();
     let spawn_dial = |dials: &mut tokio::task::JoinSet<_>| {
         let (shared, endpoint) = (shared.clone(), endpoint.clone());
         let flag = Arc::new(AtomicBool::new(false));
         let answered = flag.clone();
-        dials.spawn(async move { dial(&shared, &endpoint, Remote::Peer(peer), Some(&flag)).await });
+        dials.spawn(async move { dial(&shared, &endpoint, remote, Some(&flag)).await });
         answered
     };
     let mut notified = std::pin::pin!(redial.notified());
@@ -262,7 +264,7 @@ async fn dial_racing(
                 notified.as_mut().enable();
                 let heard = answered.iter().any(|a| a.load(Ordering::Acquire));
                 if !heard && dials.len() < MAX_DIALS {
-                    debug!(peer = %entry.name, "peer dialled in before our dial heard from it; redialling");
+                    debug!(peer = %name, ?remote, "it dialled in before our dial heard from it; redialling");
                     answered.push(spawn_dial(&mut dials));
                 }
             }
@@ -397,7 +399,7 @@ async fn sibling_once(
     partition: u32,
 ) -> Result<(), LinkError> {
     let (conn, (_, (mut send, _recv))) =
-        dial(shared, endpoint, Remote::Sibling(partition), None).await?;
+        dial_racing(shared, endpoint, Remote::Sibling(partition)).await?;
     debug!(partition, "sibling link up");
     // Sent when it changes, at most once per `stable_exchange_ms`, and at every heartbeat.
     let every = Duration::from_millis(shared.cfg.replication.stable_exchange_ms);
@@ -413,9 +415,14 @@ async fn sibling_once(
                 hlc: contribution.get(shared.site()),
                 applied: contribution.as_slice().to_vec(),
             };
-            write_frame(&mut send, &wire::encode(&msg))
+            let frame = wire::encode(&msg);
+            write_frame(&mut send, &frame)
                 .await
                 .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
+            let m = &shared.metrics;
+            Metrics::bump(&m.contributions_out);
+            m.contribution_bytes_out
+                .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
             last = Some(contribution);
             last_at = Instant::now();
             tokio::select! {
@@ -580,6 +587,8 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         Remote::Peer(peer) => peer,
         Remote::Sibling(partition) => {
             debug!(partition, "inbound sibling link up");
+            // It is up: if our link to it hangs in a dial sent before it listened, dial now.
+            shared.sibling_redial[partition as usize].notify_waiters();
             receive_contributions(&shared, &conn, partition, recv).await;
             return;
         }

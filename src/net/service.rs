@@ -213,6 +213,7 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
                     ResponseBody::Value {
                         value: res.value.map(|v| v.to_vec()),
                         version: res.version.map(Into::into),
+                        deps: res.deps.into_vec(),
                     }
                 }
                 Err(nr) => not_ready(nr, timeout),

@@ -33,6 +33,11 @@ pub(crate) struct Shared {
     /// come back, so the link to it is redialled at once rather than after up to
     /// `max_backoff_ms`: a returning site starts catching up as soon as it is reachable.
     pub peer_redial: Vec<Notify>,
+    /// Per partition of this site: the same for the link to that sibling. Partitions of a
+    /// restarting site start one after another, so the first dials a sibling that is not
+    /// listening yet; without this its handshake waits for QUIC's first probe (about 1 s),
+    /// and the site's stable vector with it.
+    pub sibling_redial: Vec<Notify>,
     pub peers: Vec<Mutex<PeerState>>,
     pub metrics: Metrics,
     pub shutdown: watch::Receiver<bool>,
@@ -84,13 +89,11 @@ impl Shared {
     /// [`Shared::mutate`] without asking for an fsync now: the records are group-committed by
     /// the next fsync anyone asks for, at the latest the ticker's (every marker interval). Used
     /// for remote batches, so that a steady stream of replicated updates does not put an fsync
-    /// in front of every local write; the origin's ack waits for that group commit.
-    ///
-    /// On a partitioned site it asks for the fsync at once: a partition's contribution to the
-    /// stable vector counts durable state only, so updates that wait on other partitions are
-    /// released one fsync after they arrive rather than one tick.
+    /// in front of every local write; the origin's ack waits for that group commit. (A
+    /// partition's contribution to the stable vector counts received updates, so visibility
+    /// across partitions does not wait for it either.)
     pub fn mutate_deferred<T>(&self, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {
-        self.mutate_with(self.cfg.partitions > 1, f)
+        self.mutate_with(false, f)
     }
 
     fn mutate_with<T>(&self, sync: bool, f: impl FnOnce(&mut Replica<MemStore>) -> T) -> (T, u64) {

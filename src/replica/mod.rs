@@ -27,13 +27,30 @@
 //! write to the key can still arrive, and every site has applied the delete.
 //!
 //! A site split into partitions ([`ReplicaConfig::partitions`] > 1) runs one replica per
-//! partition, each with its own per-origin streams. Then `applied` only speaks for this
-//! partition's keys, so the dependency check and [`Replica::ready_for`] use the site's stable
-//! vector instead ([`Replica::site_stable`]): the entry-wise minimum of every partition's
-//! [`Replica::contribution`], which the driver exchanges between partitions
-//! ([`Replica::on_sibling`]). A contribution counts durable state only, so what a partition
-//! claimed is still true after it crashes; DESIGN.md's "exchange `applied` vectors" would let a
-//! sibling expose an update whose dependency a crash then takes back.
+//! partition, each with its own per-origin streams, and `applied` only speaks for this
+//! partition's keys. Visibility across partitions follows Cure (Akkoorath et al., ICDCS 2016):
+//!
+//! - A partition's [`Replica::contribution`] is, per origin, how far it has *received* that
+//!   origin's stream; the site's stable vector ([`Replica::site_stable`]) is the entry-wise
+//!   minimum of every partition's contribution, which the driver exchanges between partitions
+//!   as it changes ([`Replica::on_sibling`]).
+//! - A remote update becomes visible only once the stable vector covers its deps: everything it
+//!   depends on has reached every partition of the site.
+//! - Session contexts are closed under dependencies: each stored entry keeps the context it was
+//!   written under ([`Entry::deps`](crate::storage::Entry)), a read returns it
+//!   ([`ReadResult::deps`]), and the session merges it. [`Replica::ready_for`] then waits until
+//!   both this partition's `applied` and the stable vector cover the context.
+//!
+//! Safety: whatever a session depends on is named in its context (closure), and a partition
+//! answers only once its own `applied` covers that context, so it never returns a state older
+//! than something the session depends on. The stable vector adds availability: a visible
+//! update's dependencies are already at every partition, so following them never waits on the
+//! network. Earlier versions counted *applied and durable* state in the contribution instead;
+//! that needs no closure, but an update whose dependency sat in a sibling held the stable
+//! vector until the sibling applied it, so a chain of cross-partition dependencies moved one
+//! fsync and one exchange per hop, and a site replaying a backlog after a heal stalled for
+//! seconds. A received claim need not be durable: after a crash the partition's `applied`
+//! (what recovery rebuilt) is lower, and the reads that need what was lost wait for it.
 
 mod buffer;
 
@@ -83,6 +100,9 @@ pub struct ReadResult {
     pub value: Option<Bytes>,
     /// The version read (`None` when the key was never written, or its tombstone was collected).
     pub version: Option<Version>,
+    /// The causal context the read value was written under (partitioned sites; empty
+    /// otherwise). The session merges it, with `version`, into its context.
+    pub deps: VClock,
 }
 
 /// Static settings of a replica.
@@ -107,9 +127,16 @@ pub struct ReplicaConfig {
     /// [`Replica::on_sibling`]) covers its deps, not just this partition's `applied`.
     pub partitions: u32,
     /// Whether a partitioned replica checks deps against the site's stable vector. Always true
-    /// in production; tests switch it off to show the checker catching the resulting bug (a
-    /// partition then checks only its own `applied`). No configuration file can set it.
+    /// in production; tests switch it off to show the bug it guards (a partition then checks
+    /// only its own `applied`, and exposes updates whose dependencies have not reached the
+    /// site, so a session that follows them waits on the network). No configuration file can
+    /// set it.
     pub check_stable: bool,
+    /// Whether a read hands back the context its value was written under
+    /// ([`ReadResult::deps`]). Always true in production; tests switch it off to show the
+    /// checker catching the resulting bug on partitioned sites. No configuration file can set
+    /// it.
+    pub close_contexts: bool,
 }
 
 impl ReplicaConfig {
@@ -124,6 +151,7 @@ impl ReplicaConfig {
             partition: 0,
             partitions: 1,
             check_stable: true,
+            close_contexts: true,
         }
     }
 
@@ -184,10 +212,6 @@ pub struct Replica<S: Store> {
     /// Per partition of this site: its latest reported contribution to the stable vector
     /// ([`Replica::contribution`]); this partition's own slot is unused.
     siblings: Vec<VClock>,
-    /// The greatest contribution this partition has computed: applying a waiting head lowers
-    /// the computed value (the head is applied but not yet durable) although what it claimed
-    /// stays true, so the claim never goes down.
-    contributed: VClock,
     tombstones: BTreeSet<(Version, Bytes)>,
     /// While above zero, tombstones are not collected (a snapshot is copying the store).
     tombstone_holds: u32,
@@ -217,7 +241,6 @@ impl<S: Store> Replica<S> {
             sent: vec![0; n],
             peer_applied: vec![VClock::zero(n); n],
             siblings: vec![VClock::zero(n); cfg.partitions.max(1) as usize],
-            contributed: VClock::zero(n),
             tombstones: BTreeSet::new(),
             tombstone_holds: 0,
             pending: Vec::new(),
@@ -292,6 +315,12 @@ impl<S: Store> Replica<S> {
         &self.applied
     }
 
+    /// Per origin, the highest timestamp received (applied or waiting in the dependency
+    /// buffer).
+    pub fn received(&self) -> &VClock {
+        &self.received
+    }
+
     /// The durable `applied` vector: what this site acks to its peers.
     pub fn durable(&self) -> &VClock {
         &self.durable
@@ -362,15 +391,17 @@ impl<S: Store> Replica<S> {
             }
         }
         if self.cfg.partitioned() {
-            // Every remote entry against the site's stable vector, not just this partition's
-            // `applied`: a context entry `o: t` stands for every update from `o` up to `t`, in
-            // whichever partition, together with their dependencies, and only the stable
-            // vector says those are visible here. The site's own entry is always covered,
-            // because every local write is applied in its partition when it is issued.
+            // Every remote entry against this partition's `applied` (everything from that origin
+            // up to there that belongs here is visible here) and against the site's stable
+            // vector (every partition has received that much, so what the session reads next
+            // anywhere at this site never waits on the network). Contexts are closed under
+            // dependencies (a read hands the session the context its value was written under),
+            // so together they cover what the context's updates depend on. The site's own entry
+            // is always covered: a local write is applied in its partition when it is issued.
             let stable = self.site_stable();
             let me = self.cfg.site as usize;
             let gap = ctx.as_slice().iter().enumerate().find_map(|(k, &need)| {
-                let have = stable.get(k as SiteId);
+                let have = stable.get(k as SiteId).min(self.applied.get(k as SiteId));
                 (k != me && have < need).then_some(NotReady {
                     site: k as SiteId,
                     have,
@@ -386,22 +417,23 @@ impl<S: Store> Replica<S> {
     }
 
     /// This partition's contribution to its site's stable vector: per origin, the timestamp up
-    /// to which every update from it that belongs to this partition is applied *and durable*
-    /// here (so a crash cannot take back what siblings were told): the durable `applied`,
-    /// raised to just below a waiting head when everything applied is durable (the stream is
-    /// ordered, so nothing from that origin lies between the two). The own site's entry is the
-    /// durable own entry. Partitions exchange it every few milliseconds
-    /// ([`Replica::on_sibling`]).
+    /// to which every update from it that belongs to this partition has been *received* here
+    /// (applied, or waiting in the dependency buffer: the stream is ordered, so nothing from
+    /// that origin up to there can still arrive). The own site's entry is the durable own
+    /// entry. Partitions exchange it as it changes ([`Replica::on_sibling`]).
+    ///
+    /// It counts received updates, not applied ones, so that no partition's claim waits on
+    /// the dependencies of what it holds: with applied state, an update whose dependency sits in
+    /// another partition held the stable vector until that partition applied it, and a chain of
+    /// such dependencies moved one sibling exchange (and one fsync) per hop. A receiver after a
+    /// heal took seconds to replay a backlog hop by hop. A claim need not be durable either: a
+    /// read checks this partition's own `applied` as well as the stable vector
+    /// ([`Replica::ready_for`]), so what a crash takes back is waited for, never skipped.
     pub fn contribution(&self) -> VClock {
-        let mut v = self.contributed.merged(&self.durable);
-        for o in self.peers() {
-            if self.durable.get(o) >= self.applied.get(o)
-                && let Some(h) = self.buffer.head_ts(o)
-            {
-                v.raise(o, h - 1);
-            }
-        }
-        v
+        let me = self.cfg.site as usize;
+        let mut v = self.received.resized(self.cfg.sites).into_vec();
+        v[me] = self.durable.get(self.cfg.site);
+        VClock::from_vec(v)
     }
 
     /// The site's stable vector as this partition knows it: the entry-wise minimum of every
@@ -423,12 +455,16 @@ impl<S: Store> Replica<S> {
 
     /// Another partition of this site reported its contribution ([`Replica::contribution`]).
     /// Applies what the raised stable vector makes visible.
+    ///
+    /// The report replaces the previous one rather than being merged with it: a sibling that
+    /// crashed lost what it had received, and its first report after the restart says so, so
+    /// this partition stops exposing updates on the strength of what the sibling no longer has.
+    /// (A report that arrives late only lowers the stable vector for a moment, which is safe.)
     pub fn on_sibling(&mut self, partition: u32, contribution: &VClock) {
         if partition == self.cfg.partition || partition >= self.cfg.partitions {
             return;
         }
-        let v = contribution.resized(self.cfg.sites);
-        self.siblings[partition as usize].merge(&v);
+        self.siblings[partition as usize] = contribution.resized(self.cfg.sites);
         self.wake_stable();
     }
 
@@ -447,23 +483,31 @@ impl<S: Store> Replica<S> {
         }
     }
 
-    /// The first entry of `deps` the dependency check finds missing for an update from
-    /// `origin`, as `(entry, need)`.
+    /// The first entry the dependency check finds missing for update `u` from `origin`, as
+    /// `(entry, need)`.
     fn missing(
         &self,
         stable: Option<&VClock>,
-        deps: &VClock,
+        u: &Update,
         origin: SiteId,
     ) -> Option<(SiteId, Timestamp)> {
         match stable {
-            // Partitioned: every entry but the site's own (its writes are applied when issued)
-            // against the site's stable vector. The origin's entry counts too: it may name the
-            // origin's writes in other partitions.
-            Some(s) => deps.as_slice().iter().enumerate().find_map(|(k, &need)| {
-                let k = k as SiteId;
-                (k != self.cfg.site && s.get(k) < need).then_some((k, need))
-            }),
-            None => DependencyBuffer::first_missing(&self.applied, deps, origin),
+            // Partitioned: every entry of its deps but the site's own (its writes are applied
+            // when issued) against the site's stable vector, and the update's own timestamp
+            // too (its commit vector, in Cure's terms): a session that reads it carries
+            // `origin: ts` in its context, which every partition of the site must then have
+            // received for the session's next read there not to wait on the network.
+            Some(s) => u
+                .deps
+                .as_slice()
+                .iter()
+                .enumerate()
+                .find_map(|(k, &need)| {
+                    let k = k as SiteId;
+                    (k != self.cfg.site && s.get(k) < need).then_some((k, need))
+                })
+                .or_else(|| (s.get(origin) < u.version.ts).then_some((origin, u.version.ts))),
+            None => DependencyBuffer::first_missing(&self.applied, &u.deps, origin),
         }
     }
 
@@ -474,10 +518,16 @@ impl<S: Store> Replica<S> {
             Some(e) => ReadResult {
                 value: e.value,
                 version: Some(e.version),
+                deps: if self.cfg.close_contexts {
+                    e.deps
+                } else {
+                    VClock::default()
+                },
             },
             None => ReadResult {
                 value: None,
                 version: None,
+                deps: VClock::default(),
             },
         })
     }
@@ -537,18 +587,14 @@ impl<S: Store> Replica<S> {
 
     /// Applies every applicable head, starting from the origins in `work`, following wake-ups.
     fn drain(&mut self, mut work: Vec<SiteId>) {
-        // Applying here never raises the stable vector (the contribution counts durable state
-        // only), so it is computed once per drain; the contribution is remembered first, since
-        // applying a waiting head lowers what it computes to.
-        if self.cfg.partitioned() {
-            self.contributed = self.contribution();
-        }
+        // Applying here never raises the stable vector (the contribution counts what was
+        // received), so it is computed once per drain.
         let stable = (self.cfg.partitioned() && self.cfg.check_stable).then(|| self.site_stable());
         while let Some(origin) = work.pop() {
             while let Some(head) = self.buffer.ready_head(origin) {
                 if let Item::Update(u) = head
                     && self.cfg.check_deps
-                    && let Some((entry, need)) = self.missing(stable.as_ref(), &u.deps, origin)
+                    && let Some((entry, need)) = self.missing(stable.as_ref(), u, origin)
                 {
                     self.stats.buffered_total += 1;
                     self.buffer.block(origin, entry, need);
@@ -589,11 +635,17 @@ impl<S: Store> Replica<S> {
     /// LWW merge into the store; tracks winning tombstones for collection. Returns true when the
     /// update won.
     fn merge_into_store(&mut self, u: &Update) -> bool {
+        let deps = if self.cfg.partitioned() {
+            u.deps.clone()
+        } else {
+            VClock::default()
+        };
         let won = self.store.merge(
             u.key.clone(),
             Entry {
                 version: u.version,
                 value: u.value.clone(),
+                deps,
             },
         );
         if won && u.value.is_none() {

@@ -262,6 +262,7 @@ fn keys_in_two_partitions() -> (&'static str, &'static str) {
 /// partition replicas (w's, y's), w and y.
 fn partitioned_scenario(
     check_stable: bool,
+    close_contexts: bool,
 ) -> (Replica<MemStore>, Replica<MemStore>, Update, Update) {
     let (kw, ky) = keys_in_two_partitions();
     let (pw, py) = (
@@ -281,6 +282,7 @@ fn partitioned_scenario(
     let part = |p: u32| {
         let mut rc = ReplicaConfig::new(2, 3).with_partition(p, 2);
         rc.check_stable = check_stable;
+        rc.close_contexts = close_contexts;
         Replica::new(rc, MemStore::new())
     };
     let (mut cw, mut cy) = (part(pw), part(py));
@@ -296,9 +298,19 @@ fn partitioned_scenario(
     (cw, cy, w, y)
 }
 
+/// The context of a fresh session that read `key` at `r`.
+fn after_reading(r: &Replica<MemStore>, key: &[u8]) -> VClock {
+    let got = r.get(key, &VClock::zero(3)).unwrap();
+    let v = got.version.expect("a version");
+    let mut ctx = VClock::zero(3);
+    ctx.raise(v.site, v.ts);
+    ctx.merge(&got.deps);
+    ctx
+}
+
 #[test]
 fn partitioned_update_waits_for_the_site_stable_vector() {
-    let (mut cw, mut cy, w, y) = partitioned_scenario(true);
+    let (mut cw, mut cy, w, y) = partitioned_scenario(true, true);
     let zero = VClock::zero(3);
     assert_eq!(
         cy.get(&y.key, &zero).unwrap().value,
@@ -306,37 +318,71 @@ fn partitioned_update_waits_for_the_site_stable_vector() {
         "y before w is visible at c"
     );
     assert_eq!(cy.buffer().len(), 1);
-    // w arrives in its partition; once that partition's contribution covers it, y is visible.
+    // w arrives in its partition: received is enough for its contribution.
     cw.receive(1, [Item::Update(w.clone())]);
     flush(&mut cw);
     assert_eq!(cw.get(&w.key, &zero).unwrap().value, Some(b("w")));
     cy.on_sibling(cw.config().partition, &cw.contribution());
     flush(&mut cy);
-    assert_eq!(cy.get(&y.key, &zero).unwrap().value, Some(b("y")));
-    // A session that read y may read w's key at the other partition only once the stable
-    // vector there covers y's entry.
-    let mut ctx = zero.clone();
-    ctx.raise(y.version.site, y.version.ts);
-    assert!(
-        cw.get(&w.key, &ctx).is_err(),
-        "not ready before the exchange"
-    );
+    // y also waits until every partition has received a's stream up to y itself, so that a
+    // session that reads it never waits at c for a's entry.
+    assert_eq!(cy.get(&y.key, &zero).unwrap().value, None);
     cw.receive(0, [Item::Marker(y.version.ts)]);
-    flush(&mut cw);
-    cw.on_sibling(cy.config().partition, &cy.contribution());
+    cy.on_sibling(cw.config().partition, &cw.contribution());
+    flush(&mut cy);
+    assert_eq!(cy.get(&y.key, &zero).unwrap().value, Some(b("y")));
+    // A session that read y carries what y depends on, and w's partition serves it at once.
+    let ctx = after_reading(&cy, &y.key);
+    assert!(ctx.get(w.version.site) >= w.version.ts, "y's deps name w");
     assert_eq!(cw.get(&w.key, &ctx).unwrap().value, Some(b("w")));
 }
 
 #[test]
-fn skipping_the_stable_vector_check_shows_effect_before_cause() {
-    // The planted bug: y's partition checks y's deps against its own `applied` only.
-    let (mut cw, cy, w, y) = partitioned_scenario(false);
+fn a_partition_answers_only_once_its_own_applied_covers_the_context() {
+    // w has reached its partition (so the stable vector covers it) but waits there behind an
+    // earlier update from k whose own dependency has not arrived: a session that depends on w
+    // waits, even though the stable vector says w is at the site.
+    let (mut cw, _, w, _) = partitioned_scenario(true, true);
+    let mut dep = VClock::zero(3);
+    dep.raise(0, 5); // something from a that c has not received
+    let earlier = Update {
+        key: w.key.clone(),
+        value: Some(b("earlier")),
+        version: crate::clock::Version::new(w.version.ts - 1, 1),
+        deps: dep,
+    };
+    cw.receive(1, [Item::Update(earlier), Item::Update(w.clone())]);
+    flush(&mut cw);
+    let mut ctx = VClock::zero(3);
+    ctx.raise(w.version.site, w.version.ts);
+    assert!(cw.contribution().get(1) >= w.version.ts, "w is received");
+    assert!(cw.get(&w.key, &ctx).is_err(), "w is not applied yet");
+}
+
+#[test]
+fn skipping_the_stable_vector_check_makes_sessions_wait_but_not_miss() {
+    // The planted bug: y's partition checks y's deps against its own `applied` only, and shows
+    // y while w is still on its way.
+    let (mut cw, cy, w, y) = partitioned_scenario(false, true);
     let zero = VClock::zero(3);
     assert_eq!(cy.get(&y.key, &zero).unwrap().value, Some(b("y")));
-    // A session read y; w's partition becomes ready for it (a's marker, an exchange) while w
-    // itself is still on its way, and the session reads w's key without w.
-    let mut ctx = zero.clone();
-    ctx.raise(y.version.site, y.version.ts);
+    // A session read y: its context names w, so w's partition waits for w, even once a's
+    // marker and an exchange have made it ready for y's own entry.
+    let ctx = after_reading(&cy, &y.key);
+    cw.receive(0, [Item::Marker(y.version.ts)]);
+    flush(&mut cw);
+    cw.on_sibling(cy.config().partition, &cy.contribution());
+    assert!(cw.get(&w.key, &ctx).is_err(), "waits for w");
+}
+
+#[test]
+fn open_session_contexts_show_effect_before_cause() {
+    // Planted bugs: the stable-vector check skipped, and reads that do not hand back what
+    // their value depends on.
+    let (mut cw, cy, w, y) = partitioned_scenario(false, false);
+    let zero = VClock::zero(3);
+    assert_eq!(cy.get(&y.key, &zero).unwrap().value, Some(b("y")));
+    let ctx = after_reading(&cy, &y.key);
     cw.receive(0, [Item::Marker(y.version.ts)]);
     flush(&mut cw);
     cw.on_sibling(cy.config().partition, &cy.contribution());

@@ -91,10 +91,10 @@ mod tests {
     use super::*;
 
     fn e(ts: u64, site: u16, v: Option<&'static str>) -> Entry {
-        Entry {
-            version: Version::new(ts, site),
-            value: v.map(|s| Bytes::from_static(s.as_bytes())),
-        }
+        Entry::new(
+            Version::new(ts, site),
+            v.map(|s| Bytes::from_static(s.as_bytes())),
+        )
     }
 
     #[test]

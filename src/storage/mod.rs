@@ -18,7 +18,7 @@ pub use mem::MemStore;
 
 use bytes::Bytes;
 
-use crate::clock::Version;
+use crate::clock::{VClock, Version};
 
 /// The latest version of one key: a value, or a tombstone for a delete.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,9 +27,22 @@ pub struct Entry {
     pub version: Version,
     /// The value; `None` is a tombstone.
     pub value: Option<Bytes>,
+    /// The causal context the write was issued under, which a read hands to its session so
+    /// that session contexts stay closed under dependencies. Kept by partitioned sites only
+    /// (see [`crate::replica`]); empty otherwise.
+    pub deps: VClock,
 }
 
 impl Entry {
+    /// An entry without dependencies (an unpartitioned site's, or one built by hand).
+    pub fn new(version: Version, value: Option<Bytes>) -> Self {
+        Self {
+            version,
+            value,
+            deps: VClock::default(),
+        }
+    }
+
     /// True for a delete's tombstone.
     pub fn is_tombstone(&self) -> bool {
         self.value.is_none()

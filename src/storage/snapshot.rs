@@ -77,8 +77,8 @@ mod format {
 
     use super::UpdateRef;
 
-    /// Layout version, checked on load.
-    pub const FORMAT: u32 = 1;
+    /// Layout version, checked on load. 2: entries carry their dependency vector.
+    pub const FORMAT: u32 = 2;
 
     #[derive(Archive, Serialize)]
     pub struct EntryRef<'a> {
@@ -88,6 +88,8 @@ mod format {
         pub site: u16,
         #[rkyv(with = Map<InlineAsBox>)]
         pub value: Option<&'a [u8]>,
+        #[rkyv(with = InlineAsBox)]
+        pub deps: &'a [u64],
     }
 
     #[derive(Archive, Serialize)]
@@ -151,6 +153,7 @@ pub fn write(dir: &Path, data: &SnapshotData) -> Result<PathBuf, StorageError> {
                 ts: e.version.ts,
                 site: e.version.site,
                 value: e.value.as_deref(),
+                deps: e.deps.as_slice(),
             })
             .collect(),
         retained: data.retained.iter().map(UpdateRef::new).collect(),
@@ -296,6 +299,7 @@ impl LoadedSnapshot {
                 Entry {
                     version: Version::new(e.ts.to_native(), e.site.to_native()),
                     value,
+                    deps: VClock::from_vec(e.deps.iter().map(|d| d.to_native()).collect()),
                 },
             );
         }
@@ -344,6 +348,7 @@ mod tests {
         Entry {
             version: Version::new(ts, site),
             value: value.map(|v| Bytes::copy_from_slice(v.as_bytes())),
+            deps: VClock::from_vec(vec![ts - 1, 0, u64::from(site)]),
         }
     }
 
@@ -468,10 +473,7 @@ mod tests {
                 .map(|i| {
                     (
                         key(i),
-                        Entry {
-                            version: Version::new(i + 1, 0),
-                            value: (i % 50 != 0).then(|| value(i)),
-                        },
+                        Entry::new(Version::new(i + 1, 0), (i % 50 != 0).then(|| value(i))),
                     )
                 })
                 .collect(),
@@ -514,6 +516,7 @@ mod tests {
                     Entry {
                         version: u.version,
                         value: u.value,
+                        deps: u.deps,
                     },
                 );
                 replayed += 1;

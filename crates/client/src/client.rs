@@ -279,10 +279,20 @@ impl Client {
             key: key.as_ref().to_vec(),
         };
         match self.call(op, true, self.partition(key.as_ref())).await? {
-            ResponseBody::Value { value, version } => {
+            ResponseBody::Value {
+                value,
+                version,
+                deps,
+            } => {
                 let version = version.map(Version::from);
                 if let Some(v) = version {
-                    self.ctx.lock().expect("ctx lock").raise(v.site, v.ts);
+                    let mut ctx = self.ctx.lock().expect("ctx lock");
+                    ctx.raise(v.site, v.ts);
+                    // What the value depends on: a site split into partitions needs the
+                    // session's context closed under dependencies.
+                    if !deps.is_empty() {
+                        ctx.merge(&VClock::from_vec(deps));
+                    }
                 }
                 Ok(ReadValue {
                     value: value.map(Bytes::from),

@@ -210,8 +210,8 @@ mod messages {
         pub partition: u16,
         /// Number of partitions per site (1: one node per site).
         pub partitions: u16,
-        /// With several partitions: the site's stable vector as this partition knows it (what
-        /// every partition of the site has applied and made durable); else the `applied`
+        /// With several partitions: the site's stable vector as this partition knows it (how far
+        /// every partition of the site has received each origin's stream); else the `applied`
         /// vector.
         pub site_stable: Vec<u64>,
     }
@@ -225,6 +225,10 @@ mod messages {
             value: Option<Vec<u8>>,
             /// The version read, if any (tombstones have one too).
             version: Option<WireVersion>,
+            /// The causal context the value was written under (partitioned sites; empty
+            /// otherwise): the session merges it into its own, so that its context names
+            /// everything the value depends on.
+            deps: Vec<u64>,
         },
         /// The answer to a put or delete.
         Written {
@@ -432,6 +436,7 @@ mod tests {
             body: ResponseBody::Value {
                 value: Some(b"v".to_vec()),
                 version: Some(WireVersion { ts: 3, site: 1 }),
+                deps: vec![2, 0],
             },
             applied: vec![1, 2],
         };
