@@ -235,7 +235,7 @@ pub fn parse(args: &[Bytes]) -> Result<Command, Refusal> {
         "exists" => Command::Exists(keys()),
         "mget" => Command::MGet(keys()),
         "mset" => {
-            if rest.len() % 2 != 0 {
+            if !rest.len().is_multiple_of(2) {
                 return Err(arity(&name));
             }
             Command::MSet(
