@@ -328,6 +328,24 @@ fn dev_deployment_and_cli_from_another_process() {
     assert_eq!(status.status.code(), Some(0));
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(s["peers"].as_array().unwrap().len(), 2);
+    // The banner's redis-cli line, run as printed, reads the CLI's write over RESP.
+    let redis_line = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("redis-cli --tls"))
+        .unwrap_or_else(|| panic!("no redis-cli line in the banner: {banner}"));
+    if common::have_tool("redis-cli", &["--version"], "redis-tools (apt)") {
+        let words: Vec<&str> = redis_line.split_whitespace().collect();
+        let out = Command::new(words[0])
+            .args(&words[1..])
+            .args(["GET", "greeting"])
+            .output()
+            .expect("run redis-cli");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "hello",
+            "{out:?}"
+        );
+    }
     let unreachable = cli(&["get", "x", "--site", "127.0.0.1:9", "--timeout-ms", "500"]);
     assert_eq!(unreachable.status.code(), Some(2));
     // Ctrl-C stops it cleanly.
