@@ -8,12 +8,16 @@ last; any failure exits non-zero with the assertion's message.
 Scenarios:
   wait       SET, then WAIT --replicas N --timeout-ms T must return --expect.
   wait-cut   SET, WAIT 1 (the reachable peer acks), then WAIT 2 --timeout-ms T must return 1.
+  chain      a causal chain across three sites (--ports A,B,C): a writes x_i; a session at b
+             reads x_i, then writes y_i; fresh sessions at c read y_i, then x_i. Prints every
+             operation as a JSON line for the causal checker (tests/client.rs).
   misc       pipelining, refused options, oversized arguments, garbage bytes and the connection
              limit; the site keeps serving after each (--max-pipeline, --max-value,
              --max-arg-bytes, --max-connections: the site's limits).
 """
 
 import argparse
+import json
 import socket
 import ssl
 import sys
@@ -200,11 +204,57 @@ def still_serving_eventually(args):
     raise AssertionError(f"the site does not serve new connections after others closed: {last!r}")
 
 
+def chain(args):
+    ports = [int(p) for p in args.ports.split(",")]
+    sessions = [0]
+
+    def session(site):
+        args.port = ports[site]
+        sessions[0] += 1
+        return sessions[0], site, client(args, single_connection_client=True)
+
+    def log(sid, site, op, key, value):
+        print(json.dumps({"s": sid, "site": site, "op": op, "k": key, "v": value}), flush=True)
+
+    def get(sess, key):
+        sid, site, r = sess
+        v = r.get(key)
+        v = None if v is None else v.decode()
+        log(sid, site, "r", key, v)
+        return v
+
+    def put(sess, key, value):
+        sid, site, r = sess
+        assert r.set(key, value) is True
+        log(sid, site, "w", key, value)
+
+    writer, relayer = session(0), session(1)
+    for i in range(args.rounds):
+        put(writer, f"x{i}", f"a{i}")
+        for _ in range(2000):
+            if get(relayer, f"x{i}") is not None:
+                break
+            time.sleep(0.005)
+        else:
+            raise AssertionError(f"b never saw x{i}")
+        put(relayer, f"y{i}", f"b{i}")
+        # Fresh sessions at c: whenever one sees y_i, it must see x_i (its cause).
+        for _ in range(2000):
+            probe = session(2)
+            y = get(probe, f"y{i}")
+            x = get(probe, f"x{i}")
+            probe[2].close()
+            if x is not None and y is not None:
+                break
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["wait", "wait-cut", "misc"])
+    ap.add_argument("scenario", choices=["wait", "wait-cut", "misc", "chain"])
+    ap.add_argument("--ports", default="")
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--certs", required=True)
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--protocol", type=int, default=2)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--timeout-ms", type=int, default=5000)
@@ -214,7 +264,7 @@ def main():
     ap.add_argument("--max-arg-bytes", type=int, default=2 << 20)
     ap.add_argument("--max-connections", type=int, default=1024)
     args = ap.parse_args()
-    {"wait": wait, "wait-cut": wait_cut, "misc": misc}[args.scenario](args)
+    {"wait": wait, "wait-cut": wait_cut, "misc": misc, "chain": chain}[args.scenario](args)
     print(f"ok {args.scenario}")
 
 
