@@ -1073,3 +1073,59 @@ async fn resp_sessions_keep_a_causal_chain_across_three_sites() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_client_certificates_are_required_unless_opted_out_and_the_opt_out_is_logged() {
+    if !common::have_tool("redis-cli", &["--version"], "redis-tools (apt)") {
+        return;
+    }
+    common::bounded(ms(60_000), async {
+        let mut prep = Cluster::prepare(2);
+        prep.configs[1].resp.as_mut().unwrap().require_client_cert = false;
+        let cluster = prep.start().await;
+        let ca = cluster.ca();
+        let no_cert_ping = |i: usize| {
+            let addr = cluster.resp_addr(i);
+            let mut cmd = Command::new("redis-cli");
+            cmd.args(["--tls", "--cacert", ca.to_str().unwrap()]).args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &addr.port().to_string(),
+                "PING",
+            ]);
+            let out = tokio::task::block_in_place(|| cmd.output()).expect("run redis-cli");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        };
+        // Site a requires a client certificate (the default): no certificate, no service.
+        let out = no_cert_ping(0);
+        assert!(!out.contains("PONG"), "{out}");
+        assert!(
+            cluster
+                .node(0)
+                .metrics()
+                .tls_failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        // Site b opted out, and said so when it started.
+        assert_eq!(no_cert_ping(1).trim(), "PONG");
+        assert!(common::log_line_contains_all(&[
+            "site{name=b}",
+            "WITHOUT a certificate",
+            "require_client_cert = false"
+        ]));
+        assert!(!common::log_line_contains_all(&[
+            "site{name=a}",
+            "WITHOUT a certificate"
+        ]));
+        // With the certificate, site a serves.
+        assert_eq!(
+            redis_cli(&cluster.certs, cluster.resp_addr(0), "PING\n").trim(),
+            "PONG"
+        );
+        cluster.shutdown().await;
+    })
+    .await;
+}
