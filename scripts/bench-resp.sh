@@ -12,7 +12,7 @@
 #
 #   bash scripts/bench-resp.sh [--rounds N] [--requests N] [--out DIR]
 #
-# --requests scales every run (default 20000: -c 1 runs a tenth of it, -P 16 runs 4x). The
+# --requests scales every run (default 20000: -c 1 runs a quarter of it, -P 16 runs 4x). The
 # machine may be shared: figures are noisy, compare ratios within a round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +35,7 @@ mkdir -p "$OUT"
 CSV="$OUT/results.csv"
 echo "mode,round,system,setting,test,rps,p50_ms,p99_ms" > "$CSV"
 
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 BASE=$(( 20000 + RANDOM % 20000 ))
 D="$WORK/dev"
 "$BIN" dev --sites 3 --layout-only --dir "$D" --port "$BASE" >/dev/null
@@ -122,7 +123,7 @@ for mode in nondurable durable; do
   for round in $(seq 1 "$ROUNDS"); do
     for setting in c1 c50 c50P16; do
       case $setting in
-        c1) args=(-c 1 -n $(( REQUESTS / 10 ))) ;;
+        c1) args=(-c 1 -n $(( REQUESTS / 4 ))) ;;
         c50) args=(-c 50 -n "$REQUESTS") ;;
         c50P16) args=(-c 50 -P 16 -n $(( REQUESTS * 4 ))) ;;
       esac
@@ -133,7 +134,8 @@ for mode in nondurable durable; do
   stop_all
 done
 
-python3 - "$CSV" > "$OUT/summary.md" <<'EOF'
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$CSV" "$ROUNDS" "$REQUESTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" > "$OUT/summary.md" <<'EOF'
 import csv, statistics, sys
 from collections import defaultdict
 rows = list(csv.DictReader(open(sys.argv[1])))
@@ -143,6 +145,8 @@ for r in rows:
 print("# causalkv RESP vs Redis (3 copies each, TLS, redis-benchmark -d 100)\n")
 print("Ratios are causalkv / Redis within a round; for latency lower is better for causalkv,")
 print("for throughput higher is. Noisy shared machine: read the per-round ratios.\n")
+print(f"{sys.argv[2]} rounds, --requests {sys.argv[3]}; {sys.argv[4]} cores; load average "
+      f"{sys.argv[5]} before, {sys.argv[6]} after (other work shares the machine).\n")
 print("| mode | setting | test | metric | per-round ratios | median ratio | causalkv median | redis median |")
 print("|---|---|---|---|---|---|---|---|")
 keys = sorted({k[:3] for k in by}, key=lambda k: (k[0] != "nondurable", ["c1", "c50", "c50P16"].index(k[1]), k[2]))
