@@ -894,8 +894,14 @@ async fn redis_cli_writes_at_one_site_and_hands_its_session_to_another() {
         assert!(out.contains("waited 1000 ms"), "{out}");
         // Once the link flows again, the adopting session reads the session's write at b.
         relay.hold(false);
-        let out = redis_cli(&certs, b, &format!("CAUSAL.TOKEN {token}\nGET handed\n"));
-        assert_eq!(out, "OK\nover\n");
+        common::eventually(
+            ms(20_000),
+            "the adopting session reads the write at b",
+            async || {
+                redis_cli(&certs, b, &format!("CAUSAL.TOKEN {token}\nGET handed\n")) == "OK\nover\n"
+            },
+        )
+        .await;
         // An adopted token is the session's context: CAUSAL.TOKEN hands it back unchanged.
         let out = redis_cli(&certs, b, &format!("CAUSAL.TOKEN {token}\nCAUSAL.TOKEN\n"));
         assert!(out.lines().nth(1).is_some_and(|t| t == token), "{out}");
@@ -990,7 +996,7 @@ async fn redis_py_wait_pipelining_and_bad_input() {
     .await;
 }
 
-/// Runs the redis-py causal chain across three sites (a's updates reach c 300 ms late) and
+/// Runs the redis-py causal chain across three sites (a's updates reach c 500 ms late) and
 /// returns the checker's report on the history it recorded, and how many probe sessions at c
 /// read y_i and then found x_i absent.
 async fn resp_causal_chain(
@@ -998,7 +1004,7 @@ async fn resp_causal_chain(
 ) -> (causalkv::tools::checker::Report, usize) {
     use causalkv::tools::checker::{self, History, Op};
     let mut prep = Cluster::prepare(3);
-    let relay = Relay::start(prep.configs[2].me().addr, ms(300)).await;
+    let relay = Relay::start(prep.configs[2].me().addr, ms(500)).await;
     prep.configs[0].sites[2].addr = relay.addr();
     let cluster = prep.start_with(opts).await;
     cluster.wait_connected().await;

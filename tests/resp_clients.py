@@ -9,7 +9,7 @@ Scenarios:
   wait       SET, then WAIT --replicas N --timeout-ms T must return --expect.
   wait-cut   SET, WAIT 1 (the reachable peer acks), then WAIT 2 --timeout-ms T must return 1.
   chain      a causal chain across three sites (--ports A,B,C): a writes x_i; a session at b
-             reads x_i, then writes y_i; fresh sessions at c read y_i, then x_i. Prints every
+             reads x_i, then writes y_i; fresh sessions at c read y_i, then x_i, until both are there. Prints every
              operation as a JSON line for the causal checker (tests/client.rs).
   misc       pipelining, refused options, oversized arguments, garbage bytes and the connection
              limit; the site keeps serving after each (--max-pipeline, --max-value,
