@@ -9,6 +9,16 @@ if ! command -v cargo >/dev/null; then
   exit 2
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+# Clients we did not write, for the RESP tests in tests/client.rs: redis-cli (and
+# redis-benchmark, for scripts/bench-resp.sh) from redis-tools, and redis-py.
+source scripts/lib.sh
+ensure_pkg redis-cli redis-benchmark -- redis-tools
+ensure_pkg python3 -- python3 python3-pip
+if ! python3 -c "import redis" 2>/dev/null; then
+  echo "installing redis-py..." >&2
+  python3 -m pip install --quiet redis 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages redis
+fi
 
 echo "== format"
 cargo fmt --all -- --check

@@ -270,6 +270,62 @@ impl StorageConfig {
     }
 }
 
+/// The RESP listener (`[resp]`): Redis clients over TCP and TLS, each connection a causal
+/// session at this site (see [`crate::net::resp`]). Absent: no RESP listener.
+///
+/// ```toml
+/// [resp]
+/// addr = "127.0.0.1:6380"
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespConfig {
+    /// Where to listen (TCP). Port 0 picks a free port ([`crate::Node::resp_addr`]).
+    pub addr: SocketAddr,
+    /// Whether Redis clients must present a certificate signed by the cluster CA, as QUIC
+    /// clients must. Default: true; `false` is an explicit opt-out, logged at start-up.
+    #[serde(default = "yes")]
+    pub require_client_cert: bool,
+    /// Most connections served at once; one more is told `ERR max number of clients reached`
+    /// and closed. Default 1024.
+    #[serde(default = "RespConfig::default_max_connections")]
+    pub max_connections: usize,
+    /// Largest argument (key or value) a request may carry, in bytes; a larger one is refused
+    /// from its length header, before it is read, and the connection closed (as Redis does on
+    /// a protocol error). Default 2 MiB. Values are further bounded by `limits.max_value`.
+    #[serde(default = "RespConfig::default_max_arg_bytes")]
+    pub max_arg_bytes: usize,
+    /// Most pipelined requests run from one read; the rest of that read are answered
+    /// `ERR pipeline deeper than ...` and not run. Default 1024.
+    #[serde(default = "RespConfig::default_max_pipeline")]
+    pub max_pipeline: usize,
+}
+
+impl RespConfig {
+    /// A listener on `addr` with the default limits.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            require_client_cert: true,
+            max_connections: Self::default_max_connections(),
+            max_arg_bytes: Self::default_max_arg_bytes(),
+            max_pipeline: Self::default_max_pipeline(),
+        }
+    }
+
+    fn default_max_connections() -> usize {
+        1024
+    }
+
+    fn default_max_arg_bytes() -> usize {
+        2 << 20
+    }
+
+    fn default_max_pipeline() -> usize {
+        1024
+    }
+}
+
 /// Failure detection of peers (`[failure]`): a phi-accrual detector per peer, fed by the
 /// heartbeats and acks on its control streams (see [`crate::net::failure`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -344,6 +400,9 @@ pub struct SiteConfig {
     /// Failure detection.
     #[serde(default)]
     pub failure: FailureConfig,
+    /// The RESP listener, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp: Option<RespConfig>,
 }
 
 impl SiteConfig {
@@ -463,6 +522,14 @@ impl SiteConfig {
         }
         if self.cluster_id.is_empty() {
             return bad("cluster_id must not be empty".into());
+        }
+        if let Some(r) = &self.resp
+            && (r.max_connections == 0 || r.max_pipeline == 0 || r.max_arg_bytes == 0)
+        {
+            return bad(
+                "resp.max_connections, resp.max_pipeline and resp.max_arg_bytes must be at least 1"
+                    .into(),
+            );
         }
         let t = &self.timeouts;
         if t.keep_alive_ms == 0 || t.keep_alive_ms >= t.idle_ms {
@@ -624,5 +691,34 @@ key = "b.key"
         assert_eq!(ok.transport_limits().max_udp_payload, 1452);
         let e = load(&GOOD.replace("name = \"b\"", "name = \"a\"")).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn resp_table_loads_with_defaults_and_is_checked() {
+        assert_eq!(load(GOOD).unwrap().resp, None);
+        let c = load(&format!("{GOOD}\n[resp]\naddr = \"127.0.0.1:6380\"\n")).unwrap();
+        assert_eq!(
+            c.resp,
+            Some(RespConfig::new("127.0.0.1:6380".parse().unwrap()))
+        );
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(toml::from_str::<SiteConfig>(&text).unwrap(), c);
+        let c = load(&format!(
+            "{GOOD}\n[resp]\naddr = \"127.0.0.1:0\"\nrequire_client_cert = false\nmax_pipeline = 8\n"
+        ))
+        .unwrap();
+        let r = c.resp.unwrap();
+        assert!(!r.require_client_cert);
+        assert_eq!((r.max_pipeline, r.max_connections), (8, 1024));
+        let e = load(&format!(
+            "{GOOD}\n[resp]\naddr = \"127.0.0.1:0\"\nmax_connections = 0\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("resp.max_connections"), "{e}");
+        let e = load(&format!(
+            "{GOOD}\n[resp]\naddr = \"127.0.0.1:0\"\nmax_args = 3\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("max_args"), "{e}");
     }
 }

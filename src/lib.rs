@@ -19,6 +19,8 @@
 //! - [`net`]: the tokio + quinn driver: a running [`Node`], peer links, the client service,
 //!   admin endpoints, the durability and snapshot tasks.
 //! - [`config`]: the site configuration file (TOML).
+//! - [`resp`]: the Redis protocol (RESP2 and RESP3), sans-IO: request parsing with limits,
+//!   reply encoding, commands. The RESP listener in [`net`] drives it.
 //! - [`peer_wire`]: the peer protocol's messages (hello, acks, update batches).
 //! - [`replica`]: the sans-IO replication core (no tokio, no sockets, no wall clock): local
 //!   reads and writes under a causal context, the dependency buffer, LWW apply, markers, acks,
@@ -34,6 +36,7 @@ pub mod config;
 pub mod net;
 pub mod peer_wire;
 pub mod replica;
+pub mod resp;
 pub mod storage;
 #[cfg(feature = "tools")]
 pub mod tools;

@@ -324,6 +324,24 @@ fn dev_deployment_and_cli_from_another_process() {
     assert_eq!(status.status.code(), Some(0));
     let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(s["peers"].as_array().unwrap().len(), 2);
+    // The banner's redis-cli line, run as printed, reads the CLI's write over RESP.
+    let redis_line = banner
+        .lines()
+        .find(|l| l.trim_start().starts_with("redis-cli --tls"))
+        .unwrap_or_else(|| panic!("no redis-cli line in the banner: {banner}"));
+    if common::have_tool("redis-cli", &["--version"], "redis-tools (apt)") {
+        let words: Vec<&str> = redis_line.split_whitespace().collect();
+        let out = Command::new(words[0])
+            .args(&words[1..])
+            .args(["GET", "greeting"])
+            .output()
+            .expect("run redis-cli");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "hello",
+            "{out:?}"
+        );
+    }
     let unreachable = cli(&["get", "x", "--site", "127.0.0.1:9", "--timeout-ms", "500"]);
     assert_eq!(unreachable.status.code(), Some(2));
     // Ctrl-C stops it cleanly.
@@ -775,4 +793,341 @@ fn certificate_expiry_is_in_metrics_and_status() {
     assert!((left - site).abs() < 60.0, "{left} vs {site}");
     assert_eq!(v["warnings"].as_array().unwrap().len(), 0, "{v}");
     stop_dev(child);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis clients (RESP over TLS), with clients we did not write: redis-cli and redis-py.
+
+/// `redis-cli --tls` against RESP listener `addr`, with the `cli` certificate, `commands` one
+/// per line on stdin (one connection). Returns stdout.
+fn redis_cli(certs: &std::path::Path, addr: std::net::SocketAddr, commands: &str) -> String {
+    use std::io::Write;
+    let c = certs.display();
+    let mut child = Command::new("redis-cli")
+        .args(["--tls", "--cacert", &format!("{c}/ca.pem")])
+        .args(["--cert", &format!("{c}/client-cli.pem")])
+        .args(["--key", &format!("{c}/client-cli.key")])
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run redis-cli");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(commands.as_bytes())
+        .unwrap();
+    // Off the runtime's worker (the sites run on the same runtime).
+    let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("redis-cli output");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    tracing::info!(%addr, commands, stdout, stderr = %String::from_utf8_lossy(&out.stderr), "redis-cli");
+    stdout
+}
+
+/// Runs a scenario of `tests/resp_clients.py` (redis-py) against RESP listener `port`.
+fn redis_py(certs: &std::path::Path, port: u16, scenario: &str, extra: &[String]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/resp_clients.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
+        .arg(scenario)
+        .args([
+            "--certs",
+            certs.to_str().unwrap(),
+            "--port",
+            &port.to_string(),
+        ])
+        .args(extra);
+    // Off the runtime's worker (the sites run on the same runtime).
+    let out = tokio::task::block_in_place(|| cmd.output()).expect("run python3");
+    let stdout = common::assert_success(&out);
+    assert!(stdout.contains(&format!("ok {scenario}")), "{stdout}");
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_writes_at_one_site_and_hands_its_session_to_another() {
+    if !common::have_tool("redis-cli", &["--version"], "redis-tools (apt)") {
+        return;
+    }
+    common::bounded(ms(60_000), async {
+        // a's updates reach b through a relay that can hold them.
+        let mut prep = Cluster::prepare(2);
+        let relay = Relay::start(prep.configs[1].me().addr, Duration::ZERO).await;
+        prep.configs[0].sites[1].addr = relay.addr();
+        for c in &mut prep.configs {
+            c.timeouts.request_ms = 1_000;
+        }
+        let cluster = prep.start().await;
+        cluster.wait_connected().await;
+        let (a, b) = (cluster.resp_addr(0), cluster.resp_addr(1));
+        let certs = cluster.certs.clone();
+
+        // A write at a is read at b.
+        assert_eq!(redis_cli(&certs, a, "SET greeting hello\n").trim(), "OK");
+        common::eventually(ms(10_000), "b reads what a wrote", async || {
+            redis_cli(&certs, b, "GET greeting\n").trim() == "hello"
+        })
+        .await;
+
+        // Hand-over: with a's updates held, a session writes at a and takes its token to b.
+        relay.hold(true);
+        let out = redis_cli(&certs, a, "SET handed over\nGET handed\nCAUSAL.TOKEN\n");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[..2], ["OK", "over"], "{out}");
+        let token = lines[2];
+        assert!(token.starts_with("ckv1."), "{out}");
+        // A fresh session at b does not see the write (b has not received it)...
+        assert_eq!(
+            redis_cli(&certs, b, "GET handed\n").trim(),
+            "",
+            "b has the write already"
+        );
+        // ...a session that adopted the token waits for it and says why when it cannot have it.
+        let out = redis_cli(&certs, b, &format!("CAUSAL.TOKEN {token}\nGET handed\n"));
+        assert!(out.starts_with("OK\n"), "{out}");
+        assert!(out.contains("waited 1000 ms"), "{out}");
+        // Once the link flows again, the adopting session reads the session's write at b.
+        relay.hold(false);
+        common::eventually(
+            ms(20_000),
+            "the adopting session reads the write at b",
+            async || {
+                redis_cli(&certs, b, &format!("CAUSAL.TOKEN {token}\nGET handed\n")) == "OK\nover\n"
+            },
+        )
+        .await;
+        // An adopted token is the session's context: CAUSAL.TOKEN hands it back unchanged.
+        let out = redis_cli(&certs, b, &format!("CAUSAL.TOKEN {token}\nCAUSAL.TOKEN\n"));
+        assert!(out.lines().nth(1).is_some_and(|t| t == token), "{out}");
+        cluster.shutdown().await;
+        drop(relay);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_py_wait_pipelining_and_bad_input() {
+    let have = common::have_tool(
+        "python3",
+        &["-c", "import redis"],
+        "redis-py (pip install redis)",
+    );
+    if !have {
+        return;
+    }
+    common::bounded(ms(120_000), async {
+        // a reaches c through a relay that can cut the link.
+        let mut prep = Cluster::prepare(3);
+        let relay = Relay::start(prep.configs[2].me().addr, Duration::ZERO).await;
+        prep.configs[0].sites[2].addr = relay.addr();
+        let (max_value, max_arg_bytes, max_pipeline, max_connections) = (16 << 10, 64 << 10, 32, 8);
+        for c in &mut prep.configs {
+            c.limits = dev::limits_for_max_value(max_value);
+            let r = c.resp.as_mut().expect("test sites have a RESP listener");
+            r.max_arg_bytes = max_arg_bytes;
+            r.max_pipeline = max_pipeline;
+            r.max_connections = max_connections;
+        }
+        let cluster = prep.start().await;
+        cluster.wait_connected().await;
+        let certs = cluster.certs.clone();
+        let a = cluster.resp_addr(0).port();
+
+        // WAIT returns 2 with both remote sites up, over RESP2 and RESP3.
+        for proto in ["2", "3"] {
+            let args = [
+                "--replicas",
+                "2",
+                "--timeout-ms",
+                "10000",
+                "--expect",
+                "2",
+                "--protocol",
+                proto,
+            ];
+            redis_py(&certs, a, "wait", &args.map(String::from));
+        }
+        // With c cut off, WAIT 2 returns 1 within its timeout.
+        relay.cut(true);
+        redis_py(
+            &certs,
+            a,
+            "wait-cut",
+            &["--timeout-ms", "300"].map(String::from),
+        );
+        relay.cut(false);
+        // Pipelining, refused options, oversized arguments, garbage, the connection limit.
+        let limits = [
+            format!("--max-value={max_value}"),
+            format!("--max-arg-bytes={max_arg_bytes}"),
+            format!("--max-pipeline={max_pipeline}"),
+            format!("--max-connections={max_connections}"),
+        ];
+        redis_py(&certs, a, "misc", &limits);
+        assert!(
+            cluster
+                .node(0)
+                .metrics()
+                .malformed_frames
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 2
+        );
+        // The site still serves QUIC clients and replicates.
+        let quic = cluster.client(0).await;
+        quic.put("after", "bad input").await.unwrap();
+        let at_c = cluster.client(2).await;
+        common::eventually(
+            ms(10_000),
+            "c has a's write after the cut healed",
+            async || at_c.get("after").await.ok().flatten().is_some(),
+        )
+        .await;
+        // The RESP pipeline's writes are there for QUIC clients.
+        assert_eq!(quic.get("pk3").await.unwrap().as_deref(), Some(&b"pv3"[..]));
+        cluster.shutdown().await;
+        drop(relay);
+    })
+    .await;
+}
+
+/// Runs the redis-py causal chain across three sites (a's updates reach c 500 ms late) and
+/// returns the checker's report on the history it recorded, and how many probe sessions at c
+/// read y_i and then found x_i absent.
+async fn resp_causal_chain(
+    opts: causalkv::net::NodeOptions,
+) -> (causalkv::tools::checker::Report, usize) {
+    use causalkv::tools::checker::{self, History, Op};
+    let mut prep = Cluster::prepare(3);
+    let relay = Relay::start(prep.configs[2].me().addr, ms(500)).await;
+    prep.configs[0].sites[2].addr = relay.addr();
+    let cluster = prep.start_with(opts).await;
+    cluster.wait_connected().await;
+    let ports: Vec<String> = (0..3)
+        .map(|i| cluster.resp_addr(i).port().to_string())
+        .collect();
+    let out = redis_py(
+        &cluster.certs,
+        0,
+        "chain",
+        &[format!("--ports={}", ports.join(",")), "--rounds=8".into()],
+    );
+    let mut history = History::new();
+    let mut last_y: std::collections::HashMap<u64, bool> = Default::default();
+    let mut y_without_x = 0;
+    for line in out.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (s, site) = (v["s"].as_u64().unwrap(), v["site"].as_u64().unwrap() as u16);
+        let key = v["k"].as_str().unwrap().to_owned();
+        let value = v["v"].as_str().map(|x| x.as_bytes().to_vec());
+        if v["op"] == "w" {
+            history.record(Op::write(s as _, site, key, value.unwrap()));
+        } else {
+            if site == 2 {
+                if key.starts_with('y') {
+                    last_y.insert(s, value.is_some());
+                } else if value.is_none() && last_y.get(&s) == Some(&true) {
+                    y_without_x += 1;
+                }
+            }
+            history.record(Op::read(s as _, site, key, value));
+        }
+    }
+    assert!(
+        history.len() > 8 * 4,
+        "the chain recorded {} operations",
+        history.len()
+    );
+    cluster.shutdown().await;
+    drop(relay);
+    (checker::check(&history), y_without_x)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_sessions_keep_a_causal_chain_across_three_sites() {
+    if !common::have_tool(
+        "python3",
+        &["-c", "import redis"],
+        "redis-py (pip install redis)",
+    ) {
+        return;
+    }
+    common::bounded(ms(180_000), async {
+        let (report, y_without_x) = resp_causal_chain(Default::default()).await;
+        assert!(report.is_ok(), "causal violations through RESP: {report:?}");
+        assert_eq!(y_without_x, 0);
+        // The same chain with c applying updates without waiting for their dependencies (a
+        // planted bug): the checker must catch what the probes saw.
+        let planted = causalkv::net::NodeOptions {
+            check_deps: false,
+            ..Default::default()
+        };
+        let (report, y_without_x) = resp_causal_chain(planted).await;
+        assert!(
+            y_without_x > 0,
+            "the delayed link never showed y before x at c"
+        );
+        assert!(
+            !report.is_ok(),
+            "the checker missed {y_without_x} reads of y without x"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resp_client_certificates_are_required_unless_opted_out_and_the_opt_out_is_logged() {
+    if !common::have_tool("redis-cli", &["--version"], "redis-tools (apt)") {
+        return;
+    }
+    common::bounded(ms(60_000), async {
+        let mut prep = Cluster::prepare(2);
+        prep.configs[1].resp.as_mut().unwrap().require_client_cert = false;
+        let cluster = prep.start().await;
+        let ca = cluster.ca();
+        let no_cert_ping = |i: usize| {
+            let addr = cluster.resp_addr(i);
+            let mut cmd = Command::new("redis-cli");
+            cmd.args(["--tls", "--cacert", ca.to_str().unwrap()]).args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &addr.port().to_string(),
+                "PING",
+            ]);
+            let out = tokio::task::block_in_place(|| cmd.output()).expect("run redis-cli");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr)
+        };
+        // Site a requires a client certificate (the default): no certificate, no service.
+        let out = no_cert_ping(0);
+        assert!(!out.contains("PONG"), "{out}");
+        assert!(
+            cluster
+                .node(0)
+                .metrics()
+                .tls_failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        // Site b opted out, and said so when it started.
+        assert_eq!(no_cert_ping(1).trim(), "PONG");
+        assert!(common::log_line_contains_all(&[
+            "site{name=b}",
+            "WITHOUT a certificate",
+            "require_client_cert = false"
+        ]));
+        assert!(!common::log_line_contains_all(&[
+            "site{name=a}",
+            "WITHOUT a certificate"
+        ]));
+        // With the certificate, site a serves.
+        assert_eq!(
+            redis_cli(&cluster.certs, cluster.resp_addr(0), "PING\n").trim(),
+            "PONG"
+        );
+        cluster.shutdown().await;
+    })
+    .await;
 }

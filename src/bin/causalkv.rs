@@ -81,8 +81,9 @@ enum Cmd {
         /// Directory for certificates, configs and data.
         #[arg(long, default_value = "causalkv-dev")]
         dir: PathBuf,
-        /// First UDP port; site i listens on port + i, and serves its admin HTTP endpoints
-        /// (`/metrics`, `/status`) on TCP port + 1000 + i.
+        /// First UDP port; site i listens on port + i, serves its admin HTTP endpoints
+        /// (`/metrics`, `/status`) on TCP port + 1000 + i, and Redis clients (RESP over TLS)
+        /// on TCP port + 2000 + i.
         #[arg(long, default_value_t = 7100)]
         port: u16,
         /// Partition nodes per site: site i's partition p listens on port + i * P + p.
@@ -1127,6 +1128,17 @@ async fn run_dev(
                 cfg.admin_addr = None;
                 Node::start(cfg).await
             }
+            Err(NodeError::Bind { addr, source })
+                if cfg.resp.as_ref().is_some_and(|r| r.addr == addr) =>
+            {
+                eprintln!(
+                    "warning: site {}: RESP port {addr} unavailable ({source}); no Redis clients",
+                    cfg.me().name
+                );
+                let mut cfg = cfg.clone();
+                cfg.resp = None;
+                Node::start(cfg).await
+            }
             other => other,
         };
         nodes.push(node.map_err(|e| e.to_string())?);
@@ -1178,6 +1190,19 @@ async fn run_dev(
         addrs.get(1).unwrap_or(&addrs[0])
     );
     println!("  causalkv status --site {} --certs {certs}", addrs[0]);
+    let resp: Vec<std::net::SocketAddr> = nodes.iter().filter_map(|n| n.resp_addr()).collect();
+    if let Some(first) = resp.first() {
+        let list: Vec<String> = resp.iter().map(|a| a.to_string()).collect();
+        println!(
+            "Redis clients (RESP over TLS), one port per site: {}",
+            list.join(", ")
+        );
+        println!(
+            "  redis-cli --tls --cacert {certs}/ca.pem --cert {certs}/client-{CLI_CLIENT}.pem --key {certs}/client-{CLI_CLIENT}.key -h {} -p {}",
+            first.ip(),
+            first.port()
+        );
+    }
     println!("(with cargo: cargo run --release -- get hello ...). Ctrl-C stops all sites.");
     stop.await;
     let mut stopping = tokio::task::JoinSet::new();

@@ -1,6 +1,8 @@
 //! The site's TLS credentials as loaded from its files ([`LoadedTls`]): the identity new peer
-//! dials present, and what metrics and status show of each certificate. Loaded at start and by
+//! dials present, the RESP listener's TLS configuration, and what metrics and status show of each certificate. Loaded at start and by
 //! a reload ([`super::reload`]); below the shared state, which holds the credentials in force.
+
+use std::sync::Arc;
 
 use crate::config::SiteConfig;
 use crate::tls::{self, Identity, TlsError, TlsFiles, TransportLimits};
@@ -21,6 +23,9 @@ pub(crate) struct LoadedTls {
     /// Checked credentials; peer dials build their client configuration from them.
     pub identity: Identity,
     pub certs: Vec<LoadedCert>,
+    /// The RESP listener's TLS configuration (when `[resp]` is configured): built from the
+    /// same identity, so a reload renews it too.
+    pub resp: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Why a reload was rejected. The previous credentials stay in force.
@@ -84,7 +89,22 @@ impl LoadedTls {
         // Checked here rather than at the first dial, so that a reload that could not dial
         // is rejected.
         tls::client_config(&identity, transport, tls::ALPN_PEER)?;
-        Ok((LoadedTls { identity, certs }, server))
+        let resp = match &cfg.resp {
+            Some(r) => Some(Arc::new(tls::rustls_server_config(
+                &identity,
+                r.require_client_cert,
+                &[],
+            )?)),
+            None => None,
+        };
+        Ok((
+            LoadedTls {
+                identity,
+                certs,
+                resp,
+            },
+            server,
+        ))
     }
 
     /// The site's own certificate.

@@ -5,6 +5,7 @@
 //! - [`node`]: a running site: endpoint, accept loop, start and graceful shutdown.
 //! - [`admin`]: the admin HTTP endpoints (`GET /metrics` in the Prometheus text format,
 //!   `GET /status`, `POST /reload`).
+//! - [`resp`]: the RESP listener: Redis clients over TLS, each connection a causal session.
 //! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
 //! - `service`: the client request service.
 //! - `tasks`: the ticker, the durability pump and the snapshotter.
@@ -35,6 +36,7 @@ pub mod peer;
 pub(crate) mod peer_state;
 pub(crate) mod recovery;
 pub mod reload;
+pub mod resp;
 pub(crate) mod service;
 pub(crate) mod shared;
 pub(crate) mod socket;

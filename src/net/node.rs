@@ -7,7 +7,8 @@
 //! - one outbound link per peer ([`super::peer::run_outbound`]), which sends this site's update
 //!   stream, pulled from the replica's retained log;
 //! - the ticker, the durability pump and the snapshotter ([`super::tasks`]);
-//! - the admin HTTP server ([`super::admin`]), when `admin_addr` is configured.
+//! - the admin HTTP server ([`super::admin`]), when `admin_addr` is configured;
+//! - the RESP listener ([`super::resp`]), when `[resp]` is configured.
 //!
 //! Peer state (`up`, `suspect`, `down`, each with a reason) comes from a phi-accrual detector
 //! per peer ([`super::failure`]) fed by the heartbeats and acks of the peer's control streams,
@@ -77,6 +78,7 @@ pub struct Node {
     shared: Arc<Shared>,
     endpoint: Endpoint,
     admin: Option<SocketAddr>,
+    resp: Option<SocketAddr>,
     shutdown_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Completes once the endpoint's UDP socket is closed.
@@ -108,6 +110,17 @@ impl Node {
                 super::admin::bind(addr)
                     .await
                     .map_err(|source| NodeError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
+        let resp_listener = match &cfg.resp {
+            Some(r) => Some(
+                super::resp::bind(r.addr)
+                    .await
+                    .map_err(|source| NodeError::Bind {
+                        addr: r.addr,
+                        source,
+                    })?,
             ),
             None => None,
         };
@@ -203,10 +216,28 @@ impl Node {
                     .instrument(span.clone()),
             ));
         }
+        let mut resp = None;
+        if let Some(listener) = resp_listener {
+            resp = listener.local_addr().ok();
+            let require = shared
+                .cfg
+                .resp
+                .as_ref()
+                .is_some_and(|r| r.require_client_cert);
+            if require {
+                info!(parent: &span, resp = ?resp, "RESP listener (TLS, client certificates required)");
+            } else {
+                warn!(parent: &span, resp = ?resp, "RESP listener (TLS) accepts clients WITHOUT a certificate (resp.require_client_cert = false)");
+            }
+            tasks.push(tokio::spawn(
+                super::resp::serve(shared.clone(), listener).instrument(span.clone()),
+            ));
+        }
         Ok(Node {
             shared,
             endpoint,
             admin,
+            resp,
             shutdown_tx,
             tasks,
             released,
@@ -228,6 +259,11 @@ impl Node {
     /// is configured (`admin_addr`).
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin
+    }
+
+    /// The address the RESP listener is bound to, if one is configured (`[resp]`).
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp
     }
 
     /// The metrics in the Prometheus text format, as `GET /metrics` serves them.

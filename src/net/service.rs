@@ -23,8 +23,8 @@ use tracing::{Instrument, debug, warn};
 
 use super::metrics::{Metrics, Op};
 use super::shared::{Shared, now_micros};
-use crate::clock::VClock;
-use crate::replica::NotReady;
+use crate::clock::{VClock, Version};
+use crate::replica::{NotReady, ReadResult};
 use crate::wire::{
     self, ArchivedClientOp, ArchivedRequest, Response, ResponseBody, WireError, close_code,
     error_code, read_frame, write_frame,
@@ -71,7 +71,7 @@ fn too_large(e: WireError) -> ResponseBody {
     error(error_code::TOO_LARGE, message)
 }
 
-fn error(code: u16, message: impl Into<String>) -> ResponseBody {
+pub(crate) fn error(code: u16, message: impl Into<String>) -> ResponseBody {
     ResponseBody::Error {
         code,
         message: message.into(),
@@ -166,45 +166,11 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
         (req.timeout_ms.to_native() as u64).min(shared.cfg.timeouts.request_ms),
     );
     let deadline = Instant::now() + timeout;
-    let limits = &shared.cfg.limits;
     let (key, value, sync) = match &req.op {
         ArchivedClientOp::Status => return ResponseBody::Status(shared.status()),
         ArchivedClientOp::Get { key } => {
-            if let Err(e) = wire::check_sizes(key.len(), 0, limits) {
-                Metrics::bump(&shared.metrics.too_large);
-                return too_large(e);
-            }
-            if let Some(refusal) = wrong_partition(shared, key) {
-                return refusal;
-            }
-            let got = wait_for(shared, deadline, || {
-                shared.read(|r| {
-                    r.get(key.as_slice(), &ctx).map(|res| {
-                        let lsn = res
-                            .version
-                            .filter(|v| v.site == r.site() && r.durable().get(v.site) < v.ts)
-                            .map(|_| {
-                                let w = shared.wal.lock().expect("wal lock");
-                                let lsn = w.wal.end_lsn();
-                                w.wal.request_sync(lsn);
-                                lsn
-                            });
-                        (res, lsn)
-                    })
-                })
-            })
-            .await;
-            return match got {
+            return match read(shared, key.as_slice(), &ctx, deadline, timeout).await {
                 Ok((res, lsn)) => {
-                    // Never show a value that a crash could still take back. A remote update
-                    // is durable at its origin before it is sent, and the origin resends it
-                    // until this site acks it durably; a session that saw it carries its
-                    // version in its context, so after a crash here its reads wait until it
-                    // is back. A local write is only on this site's disk: if the durable
-                    // `applied` vector does not cover the version read yet, fsync now and wait
-                    // until the log is durable as far as it was when the value was read.
-                    // Waiting only for the version read, not for the log's tail, keeps reads
-                    // off the path of unrelated writes.
                     if let Some(lsn) = lsn
                         && let Err(e) = shared.wait_durable(lsn).await
                     {
@@ -216,20 +182,12 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
                         deps: res.deps.into_vec(),
                     }
                 }
-                Err(nr) => not_ready(nr, timeout),
+                Err(refusal) => refusal,
             };
         }
         ArchivedClientOp::Put { key, value, sync } => (key, Some(value), *sync),
         ArchivedClientOp::Delete { key, sync } => (key, None, *sync),
     };
-    let vlen = value.map_or(0, |v| v.len());
-    if let Err(e) = wire::check_sizes(key.len(), vlen, limits) {
-        Metrics::bump(&shared.metrics.too_large);
-        return too_large(e);
-    }
-    if let Some(refusal) = wrong_partition(shared, key) {
-        return refusal;
-    }
     if sync as usize >= n {
         return error(
             error_code::BAD_REQUEST,
@@ -248,15 +206,9 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
             frame.slice_ref(v.as_slice())
         }
     });
-    let written = wait_for(shared, deadline, || {
-        let (res, lsn) =
-            shared.mutate(|r| r.put(now_micros(), key_b.clone(), value_b.clone(), &ctx));
-        res.map(|v| (v, lsn))
-    })
-    .await;
-    let (version, lsn) = match written {
-        Ok(v) => v,
-        Err(nr) => return not_ready(nr, timeout),
+    let (version, lsn) = match write(shared, key_b, value_b, &ctx, deadline, timeout).await {
+        Ok(w) => w,
+        Err(refusal) => return refusal,
     };
     // Acknowledge only once the write is durable under the fsync policy in force.
     if let Err(e) = shared.wait_durable(lsn).await {
@@ -287,6 +239,85 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
     }
 }
 
+/// A read of `key` at this site under the causal context `ctx`: what the QUIC service and the
+/// RESP listener both serve a read with. Waits (until `deadline`) for `ctx` to be applied here.
+///
+/// Returns the value read and, when it is a local write not yet durable, the LSN to wait for
+/// ([`Shared::wait_durable`]) before showing it; the caller waits, so that a pipeline of reads
+/// and writes shares one fsync.
+pub(crate) async fn read(
+    shared: &Shared,
+    key: &[u8],
+    ctx: &VClock,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(ReadResult, Option<u64>), ResponseBody> {
+    if let Err(e) = wire::check_sizes(key.len(), 0, &shared.cfg.limits) {
+        Metrics::bump(&shared.metrics.too_large);
+        return Err(too_large(e));
+    }
+    if let Some(refusal) = wrong_partition(shared, key) {
+        return Err(refusal);
+    }
+    wait_for(shared, deadline, || {
+        shared.read(|r| {
+            r.get(key, ctx).map(|res| {
+                // Never show a value that a crash could still take back. A remote update
+                // is durable at its origin before it is sent, and the origin resends it
+                // until this site acks it durably; a session that saw it carries its
+                // version in its context, so after a crash here its reads wait until it
+                // is back. A local write is only on this site's disk: if the durable
+                // `applied` vector does not cover the version read yet, fsync now and wait
+                // until the log is durable as far as it was when the value was read.
+                // Waiting only for the version read, not for the log's tail, keeps reads
+                // off the path of unrelated writes.
+                let lsn = res
+                    .version
+                    .filter(|v| v.site == r.site() && r.durable().get(v.site) < v.ts)
+                    .map(|_| {
+                        let w = shared.wal.lock().expect("wal lock");
+                        let lsn = w.wal.end_lsn();
+                        w.wal.request_sync(lsn);
+                        lsn
+                    });
+                (res, lsn)
+            })
+        })
+    })
+    .await
+    .map_err(|nr| not_ready(nr, timeout))
+}
+
+/// A write (`None` deletes) at this site under the causal context `ctx`: what the QUIC service
+/// and the RESP listener both serve a write with. Waits (until `deadline`) for `ctx` to be
+/// applied here, then applies the write.
+///
+/// Returns its version and the LSN to wait for ([`Shared::wait_durable`]) before
+/// acknowledging it.
+pub(crate) async fn write(
+    shared: &Shared,
+    key: Bytes,
+    value: Option<Bytes>,
+    ctx: &VClock,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(Version, u64), ResponseBody> {
+    let vlen = value.as_ref().map_or(0, |v| v.len());
+    if let Err(e) = wire::check_sizes(key.len(), vlen, &shared.cfg.limits) {
+        Metrics::bump(&shared.metrics.too_large);
+        return Err(too_large(e));
+    }
+    if let Some(refusal) = wrong_partition(shared, &key) {
+        return Err(refusal);
+    }
+    wait_for(shared, deadline, || {
+        let (res, lsn) = shared.mutate(|r| r.put(now_micros(), key.clone(), value.clone(), ctx));
+        res.map(|v| (v, lsn))
+    })
+    .await
+    .map_err(|nr| not_ready(nr, timeout))
+}
+
 fn not_ready(nr: NotReady, timeout: Duration) -> ResponseBody {
     error(
         error_code::NOT_READY,
@@ -311,7 +342,7 @@ fn wrong_partition(shared: &Shared, key: &[u8]) -> Option<ResponseBody> {
 
 /// Retries `f` each time replica state changes, until it succeeds or `deadline` passes; then
 /// returns its last error.
-async fn wait_for<T, E>(
+pub(crate) async fn wait_for<T, E>(
     shared: &Shared,
     deadline: Instant,
     mut f: impl FnMut() -> Result<T, E>,

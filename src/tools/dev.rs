@@ -9,7 +9,8 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use crate::config::{
-    FailureConfig, ReplicationConfig, SiteConfig, SiteEntry, StorageConfig, Timeouts, TlsConfig,
+    FailureConfig, ReplicationConfig, RespConfig, SiteConfig, SiteEntry, StorageConfig, Timeouts,
+    TlsConfig,
 };
 use crate::tools::certs;
 use crate::wire::Limits;
@@ -33,8 +34,9 @@ pub struct DevOptions {
     pub sites: usize,
     /// Directory for certificates (`DIR/certs`), configs and data (`DIR/site-<name>`).
     pub dir: PathBuf,
-    /// First UDP port; site `i` listens on `base_port + i` and serves its admin HTTP endpoints
-    /// on TCP port `base_port + 1000 + i` ([`admin_port`]). `0` picks free ports.
+    /// First UDP port; site `i` listens on `base_port + i`, serves its admin HTTP endpoints
+    /// on TCP port `base_port + 1000 + i` ([`admin_port`]) and Redis clients (RESP over TLS) on
+    /// TCP port `base_port + 2000 + i` ([`resp_port`]). `0` picks free ports.
     pub base_port: u16,
     /// Extra client certificates to make.
     pub clients: Vec<String>,
@@ -158,6 +160,17 @@ pub fn admin_port(base_port: u16, i: usize) -> Option<u16> {
     u16::try_from(base_port as usize + 1000 + i).ok()
 }
 
+/// The RESP (TCP) port of site `i` in a layout whose first UDP port is `base_port`:
+/// `base_port + 2000 + i`, or `None` when that overflows. A `base_port` of 0 gives 0 (the port
+/// is picked when the site binds it; see [`crate::Node::resp_addr`]). Only layouts with one
+/// node per site get a RESP listener: a RESP connection talks to one node.
+pub fn resp_port(base_port: u16, i: usize) -> Option<u16> {
+    if base_port == 0 {
+        return Some(0);
+    }
+    u16::try_from(base_port as usize + 2000 + i).ok()
+}
+
 /// Makes certificates (keeping existing ones), site configurations and data directories.
 pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
     std::fs::create_dir_all(&opts.dir).map_err(io(&opts.dir))?;
@@ -228,6 +241,10 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             quic: Default::default(),
             storage: StorageConfig::default(),
             failure: FailureConfig::default(),
+            resp: (parts == 1)
+                .then(|| resp_port(opts.base_port, i))
+                .flatten()
+                .map(|p| RespConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, p)))),
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
         let file = opts.dir.join(format!("site-{suffix}.toml"));

@@ -303,6 +303,13 @@ impl Cluster {
         certs::ca_paths(&self.certs).cert
     }
 
+    /// Where node `i`'s RESP listener is bound (every test site has one, on a free port).
+    pub fn resp_addr(&self, i: usize) -> SocketAddr {
+        self.node(i)
+            .resp_addr()
+            .unwrap_or_else(|| panic!("site {i} has no RESP listener"))
+    }
+
     /// A client of site `site` only, routing to its partition nodes, with a fresh session.
     pub async fn site_client(&self, site: usize) -> Client {
         cli_client_builder(&self.certs, [])
@@ -652,6 +659,23 @@ pub fn cli_client_builder(
 /// A free UDP port on 127.0.0.1 as an address.
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], dev::free_udp_port().expect("free port")))
+}
+
+/// Whether `program --version` runs. A test that needs a tool we did not write calls it, and
+/// skips loudly when the tool is missing (`scripts/test.sh` installs them, so CI runs them).
+pub fn have_tool(program: &str, args: &[&str], install: &str) -> bool {
+    let ok = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!(
+            "\n!!!!!!!! SKIPPED: `{program} {}` does not run here; install {install} \
+             (scripts/test.sh does) to run this test !!!!!!!!\n",
+            args.join(" ")
+        );
+    }
+    ok
 }
 
 // ---------------------------------------------------------------------------------------------

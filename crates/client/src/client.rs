@@ -262,6 +262,47 @@ pub struct Client {
 
 const TOKEN_PREFIX: &str = "ckv1.";
 
+/// A causal context as a session token (`ckv1.` and the entries, base64): what
+/// [`Client::session_token`] returns, and what the RESP command `CAUSAL.TOKEN` returns.
+///
+/// ```
+/// use causalkv_client::client::{decode_session_token, encode_session_token};
+/// use causalkv_client::clock::VClock;
+///
+/// let ctx = VClock::from_vec(vec![3, 0, 7]);
+/// let token = encode_session_token(&ctx);
+/// assert!(token.starts_with("ckv1."));
+/// assert_eq!(decode_session_token(&token), Some(ctx));
+/// assert_eq!(decode_session_token("ckv1.!"), None);
+/// ```
+pub fn encode_session_token(ctx: &VClock) -> String {
+    let mut raw = Vec::with_capacity(ctx.len() * 8);
+    for e in ctx.as_slice() {
+        raw.extend_from_slice(&e.to_le_bytes());
+    }
+    format!(
+        "{TOKEN_PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    )
+}
+
+/// The causal context in a session token ([`encode_session_token`]), or `None` if `token` is
+/// not one (at most 64 entries).
+pub fn decode_session_token(token: &str) -> Option<VClock> {
+    let b64 = token.strip_prefix(TOKEN_PREFIX)?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(b64)
+        .ok()?;
+    if raw.len() % 8 != 0 || raw.len() > 64 * 8 {
+        return None;
+    }
+    Some(VClock::from_vec(
+        raw.chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect(),
+    ))
+}
+
 impl Client {
     /// A builder.
     pub fn builder() -> ClientBuilder {
@@ -363,15 +404,7 @@ impl Client {
 
     /// The session's causal context as a compact token string.
     pub fn session_token(&self) -> String {
-        let ctx = self.context();
-        let mut raw = Vec::with_capacity(ctx.len() * 8);
-        for e in ctx.as_slice() {
-            raw.extend_from_slice(&e.to_le_bytes());
-        }
-        format!(
-            "{TOKEN_PREFIX}{}",
-            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
-        )
+        encode_session_token(&self.context())
     }
 
     /// Starts a new session on the same connections: the causal context is emptied, so later
@@ -383,22 +416,9 @@ impl Client {
     /// Adopts a session token (merged into the current context, so nothing already seen is
     /// forgotten).
     pub fn set_session_token(&self, token: &str) -> Result<(), ClientError> {
-        let bad = || ClientError::Config(format!("not a session token: {token:?}"));
-        let b64 = token.strip_prefix(TOKEN_PREFIX).ok_or_else(bad)?;
-        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(b64)
-            .map_err(|_| bad())?;
-        if raw.len() % 8 != 0 || raw.len() > 64 * 8 {
-            return Err(bad());
-        }
-        let v = raw
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect();
-        self.ctx
-            .lock()
-            .expect("ctx lock")
-            .merge(&VClock::from_vec(v));
+        let ctx = decode_session_token(token)
+            .ok_or_else(|| ClientError::Config(format!("not a session token: {token:?}")))?;
+        self.ctx.lock().expect("ctx lock").merge(&ctx);
         Ok(())
     }
 

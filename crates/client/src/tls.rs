@@ -3,7 +3,7 @@
 //!
 //! - TLS 1.3 only (QUIC requires it), rustls with the *ring* provider, no 0-RTT (early data is
 //!   replayable).
-//! - Servers ([`server_config`]) offer both ALPNs, [`ALPN_PEER`] and [`ALPN_CLIENT`], present
+//! - Servers ([`server_config`]; [`rustls_server_config`] for TCP) offer both ALPNs, [`ALPN_PEER`] and [`ALPN_CLIENT`], present
 //!   their site certificate and verify client certificates against the cluster CA with
 //!   rustls' `WebPkiClientVerifier` (chain, validity, clientAuth EKU). With
 //!   `require_client_cert == false` a client may present no certificate at all, but a
@@ -521,6 +521,21 @@ pub fn server_config(
     limits: &TransportLimits,
     require_client_cert: bool,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    let tls = rustls_server_config(id, require_client_cert, &[ALPN_PEER, ALPN_CLIENT])?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
+    config.transport_config(Arc::new(limits.transport_config()?));
+    Ok(config)
+}
+
+/// The rustls server configuration inside [`server_config`], for servers over TCP too (the RESP
+/// listener): TLS 1.3, our site certificate, client certificates verified against the cluster
+/// CA (required, or optional if `require_client_cert` is false; a presented certificate must
+/// verify either way), no early data, and `alpn` offered (none: any client).
+pub fn rustls_server_config(
+    id: &Identity,
+    require_client_cert: bool,
+    alpn: &[&[u8]],
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let builder = WebPkiClientVerifier::builder_with_provider(id.roots(), provider.clone());
     let verifier = if require_client_cert {
@@ -532,11 +547,9 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_single_cert(id.chain.clone(), id.key.clone_key())?;
-    tls.alpn_protocols = vec![ALPN_PEER.to_vec(), ALPN_CLIENT.to_vec()];
+    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
     tls.max_early_data_size = 0;
-    let mut config = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    config.transport_config(Arc::new(limits.transport_config()?));
-    Ok(config)
+    Ok(tls)
 }
 
 /// A client configuration presenting our certificate (mutual TLS) and verifying the server

@@ -1,0 +1,486 @@
+//! Requests as commands: a parsed request's arguments turned into a [`Command`], with Redis's
+//! own error messages for wrong arity, and clear ones for what causalkv does not do (key
+//! expiry, `SET NX`, databases other than 0).
+//!
+//! [`TABLE`] lists every command served, with the arity and key positions that `COMMAND`
+//! reports (what `redis-cli` and cluster-aware clients read).
+
+use bytes::Bytes;
+
+use super::reply::Frame;
+
+/// A request, checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `GET key`.
+    Get(Bytes),
+    /// `SET key value`.
+    Set {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+    },
+    /// `DEL key [key ...]`.
+    Del(Vec<Bytes>),
+    /// `EXISTS key [key ...]`.
+    Exists(Vec<Bytes>),
+    /// `MGET key [key ...]`.
+    MGet(Vec<Bytes>),
+    /// `MSET key value [key value ...]`.
+    MSet(Vec<(Bytes, Bytes)>),
+    /// `PING [message]`.
+    Ping(Option<Bytes>),
+    /// `ECHO message`.
+    Echo(Bytes),
+    /// `HELLO [protover [SETNAME name]]`.
+    Hello {
+        /// The protocol version asked for (2 or 3), if any.
+        version: Option<i64>,
+        /// A connection name to set.
+        setname: Option<Bytes>,
+    },
+    /// `SELECT 0`.
+    Select,
+    /// `CLIENT SETNAME name`.
+    ClientSetName(Bytes),
+    /// `CLIENT GETNAME`.
+    ClientGetName,
+    /// `CLIENT ID`.
+    ClientId,
+    /// `CLIENT INFO`.
+    ClientInfo,
+    /// `CLIENT SETINFO ...` (client libraries announce themselves; acknowledged, not kept).
+    ClientSetInfo,
+    /// `COMMAND [COUNT | INFO name... | LIST | DOCS ...]`.
+    Command(CommandQuery),
+    /// `INFO [section ...]`, sections lowercased.
+    Info(Vec<String>),
+    /// `DBSIZE`.
+    DbSize,
+    /// `QUIT`.
+    Quit,
+    /// `RESET`.
+    Reset,
+    /// `WAIT numreplicas timeout`.
+    Wait {
+        /// Remote sites to wait for.
+        replicas: i64,
+        /// Milliseconds; 0 waits for ever.
+        timeout_ms: i64,
+    },
+    /// `CAUSAL.TOKEN [token]`.
+    CausalToken(Option<Bytes>),
+}
+
+/// What `COMMAND` was asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommandQuery {
+    /// `COMMAND`: every command's entry.
+    All,
+    /// `COMMAND COUNT`.
+    Count,
+    /// `COMMAND LIST`.
+    List,
+    /// `COMMAND INFO name ...` (lowercased).
+    Info(Vec<String>),
+    /// `COMMAND DOCS ...`: no documentation is served (an empty reply).
+    Docs,
+}
+
+/// One row of [`TABLE`]: what `COMMAND` reports of a command.
+#[derive(Clone, Copy, Debug)]
+pub struct Spec {
+    /// Lowercase name.
+    pub name: &'static str,
+    /// Redis arity: `n` exactly `n` arguments (the name included), `-n` at least `n`.
+    pub arity: i64,
+    /// Flags (`write`, `readonly`, `fast`, ...).
+    pub flags: &'static [&'static str],
+    /// First key argument (0: none), last key (-1: the last argument), step.
+    pub keys: (i64, i64, i64),
+}
+
+/// The commands served.
+pub const TABLE: &[Spec] = &[
+    spec("get", 2, &["readonly", "fast"], (1, 1, 1)),
+    spec("set", -3, &["write", "denyoom"], (1, 1, 1)),
+    spec("del", -2, &["write"], (1, -1, 1)),
+    spec("exists", -2, &["readonly", "fast"], (1, -1, 1)),
+    spec("mget", -2, &["readonly", "fast"], (1, -1, 1)),
+    spec("mset", -3, &["write", "denyoom"], (1, -1, 2)),
+    spec("ping", -1, &["fast"], (0, 0, 0)),
+    spec("echo", 2, &["fast"], (0, 0, 0)),
+    spec(
+        "hello",
+        -1,
+        &["noscript", "loading", "stale", "fast"],
+        (0, 0, 0),
+    ),
+    spec("select", 2, &["loading", "stale", "fast"], (0, 0, 0)),
+    spec("client", -2, &["noscript", "loading", "stale"], (0, 0, 0)),
+    spec("command", -1, &["loading", "stale"], (0, 0, 0)),
+    spec("info", -1, &["loading", "stale"], (0, 0, 0)),
+    spec("dbsize", 1, &["readonly", "fast"], (0, 0, 0)),
+    spec("quit", -1, &["loading", "stale", "fast"], (0, 0, 0)),
+    spec(
+        "reset",
+        1,
+        &["noscript", "loading", "stale", "fast"],
+        (0, 0, 0),
+    ),
+    spec("wait", 3, &["noscript"], (0, 0, 0)),
+    spec("causal.token", -1, &["fast"], (0, 0, 0)),
+];
+
+const fn spec(
+    name: &'static str,
+    arity: i64,
+    flags: &'static [&'static str],
+    keys: (i64, i64, i64),
+) -> Spec {
+    Spec {
+        name,
+        arity,
+        flags,
+        keys,
+    }
+}
+
+impl Spec {
+    /// The entry `COMMAND` and `COMMAND INFO` reply with.
+    pub fn frame(&self) -> Frame {
+        Frame::Array(vec![
+            Frame::bulk(self.name),
+            Frame::Integer(self.arity),
+            Frame::Set(
+                self.flags
+                    .iter()
+                    .map(|f| Frame::Simple((*f).into()))
+                    .collect(),
+            ),
+            Frame::Integer(self.keys.0),
+            Frame::Integer(self.keys.1),
+            Frame::Integer(self.keys.2),
+            Frame::Set(Vec::new()),   // ACL categories
+            Frame::Set(Vec::new()),   // tips
+            Frame::Array(Vec::new()), // key specifications
+            Frame::Array(Vec::new()), // subcommands
+        ])
+    }
+}
+
+/// The spec of a command by lowercase name.
+pub fn lookup(name: &str) -> Option<&'static Spec> {
+    TABLE.iter().find(|s| s.name == name)
+}
+
+/// Why a request is refused before it runs: the error line to reply with.
+pub type Refusal = String;
+
+fn lower(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_ascii_lowercase()
+}
+
+fn arity(name: &str) -> Refusal {
+    format!("ERR wrong number of arguments for '{name}' command")
+}
+
+fn integer(b: &[u8]) -> Result<i64, Refusal> {
+    std::str::from_utf8(b)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| "ERR value is not an integer or out of range".to_owned())
+}
+
+/// Turns a request's arguments (the command name first; never empty) into a command.
+///
+/// ```
+/// use bytes::Bytes;
+/// use causalkv::resp::Command;
+/// use causalkv::resp::command::parse;
+///
+/// let args: Vec<Bytes> = ["set", "k", "v"].map(Bytes::from).into();
+/// assert_eq!(parse(&args), Ok(Command::Set { key: "k".into(), value: "v".into() }));
+/// let ttl: Vec<Bytes> = ["SET", "k", "v", "EX", "10"].map(Bytes::from).into();
+/// assert!(parse(&ttl).unwrap_err().contains("expire"));
+/// ```
+pub fn parse(args: &[Bytes]) -> Result<Command, Refusal> {
+    let name = lower(&args[0]);
+    let rest = &args[1..];
+    if let Some(spec) = lookup(&name) {
+        let n = args.len() as i64;
+        let ok = if spec.arity >= 0 {
+            n == spec.arity
+        } else {
+            n >= -spec.arity
+        };
+        if !ok {
+            return Err(arity(&name));
+        }
+    }
+    let keys = || rest.to_vec();
+    Ok(match name.as_str() {
+        "get" => Command::Get(rest[0].clone()),
+        "set" => {
+            if let Some(opt) = rest.get(2) {
+                return Err(set_option(&lower(opt)));
+            }
+            Command::Set {
+                key: rest[0].clone(),
+                value: rest[1].clone(),
+            }
+        }
+        "del" => Command::Del(keys()),
+        "exists" => Command::Exists(keys()),
+        "mget" => Command::MGet(keys()),
+        "mset" => {
+            if !rest.len().is_multiple_of(2) {
+                return Err(arity(&name));
+            }
+            Command::MSet(
+                rest.chunks_exact(2)
+                    .map(|p| (p[0].clone(), p[1].clone()))
+                    .collect(),
+            )
+        }
+        "ping" => match rest {
+            [] => Command::Ping(None),
+            [m] => Command::Ping(Some(m.clone())),
+            _ => return Err(arity(&name)),
+        },
+        "echo" => Command::Echo(rest[0].clone()),
+        "hello" => hello(rest)?,
+        "select" => {
+            if integer(&rest[0])? != 0 {
+                return Err(
+                    "ERR DB index is out of range: causalkv has one keyspace, database 0".into(),
+                );
+            }
+            Command::Select
+        }
+        "client" => client(rest)?,
+        "command" => Command::Command(command(rest)?),
+        "info" => Command::Info(rest.iter().map(|s| lower(s)).collect()),
+        "dbsize" => Command::DbSize,
+        "quit" => Command::Quit,
+        "reset" => Command::Reset,
+        "wait" => {
+            let replicas = integer(&rest[0])?;
+            let timeout_ms = integer(&rest[1])?;
+            if timeout_ms < 0 {
+                return Err("ERR timeout is negative".into());
+            }
+            Command::Wait {
+                replicas,
+                timeout_ms,
+            }
+        }
+        "causal.token" => match rest {
+            [] => Command::CausalToken(None),
+            [t] => Command::CausalToken(Some(t.clone())),
+            _ => return Err(arity(&name)),
+        },
+        _ => return Err(unknown(&args[0], rest)),
+    })
+}
+
+/// Redis's message for an unknown command, naming it and its first arguments.
+fn unknown(name: &[u8], rest: &[Bytes]) -> Refusal {
+    let shown: Vec<String> = rest
+        .iter()
+        .take(3)
+        .map(|a| format!("'{}'", String::from_utf8_lossy(&a[..a.len().min(64)])))
+        .collect();
+    format!(
+        "ERR unknown command '{}', with args beginning with: {}",
+        String::from_utf8_lossy(&name[..name.len().min(64)]),
+        shown.join(" ")
+    )
+}
+
+fn set_option(opt: &str) -> Refusal {
+    match opt {
+        "ex" | "px" | "exat" | "pxat" | "keepttl" => format!(
+            "ERR SET {}: causalkv keys do not expire (no TTLs); use plain SET key value",
+            opt.to_ascii_uppercase()
+        ),
+        "nx" | "xx" => format!(
+            "ERR SET {}: conditional writes need a linearizable keyspace, and causalkv's is causal \
+             (concurrent writes at two sites would both succeed); use plain SET key value",
+            opt.to_ascii_uppercase()
+        ),
+        "get" => "ERR SET GET is not supported; use GET, then SET".into(),
+        _ => "ERR syntax error".into(),
+    }
+}
+
+fn hello(rest: &[Bytes]) -> Result<Command, Refusal> {
+    let Some(v) = rest.first() else {
+        return Ok(Command::Hello {
+            version: None,
+            setname: None,
+        });
+    };
+    let version = match std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()) {
+        Some(n @ (2 | 3)) => n,
+        Some(_) => return Err("NOPROTO unsupported protocol version".into()),
+        None => return Err("ERR Protocol version is not an integer or out of range".into()),
+    };
+    let mut setname = None;
+    let mut i = 1;
+    while i < rest.len() {
+        match lower(&rest[i]).as_str() {
+            "setname" if i + 1 < rest.len() => {
+                setname = Some(rest[i + 1].clone());
+                i += 2;
+            }
+            "auth" => {
+                return Err(
+                    "ERR HELLO AUTH is not supported: causalkv clients authenticate with TLS client certificates".into(),
+                );
+            }
+            _ => {
+                return Err(format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    lower(&rest[i])
+                ));
+            }
+        }
+    }
+    Ok(Command::Hello {
+        version: Some(version),
+        setname,
+    })
+}
+
+fn client(rest: &[Bytes]) -> Result<Command, Refusal> {
+    let sub = lower(&rest[0]);
+    Ok(match (sub.as_str(), rest.len()) {
+        ("setname", 2) => {
+            if rest[1].iter().any(|&b| b <= b' ' || b > b'~') {
+                return Err(
+                    "ERR Client names cannot contain spaces, newlines or special characters."
+                        .into(),
+                );
+            }
+            Command::ClientSetName(rest[1].clone())
+        }
+        ("getname", 1) => Command::ClientGetName,
+        ("id", 1) => Command::ClientId,
+        ("info", 1) => Command::ClientInfo,
+        ("setinfo", 3) => Command::ClientSetInfo,
+        ("setname" | "getname" | "id" | "info" | "setinfo", _) => {
+            return Err(format!(
+                "ERR wrong number of arguments for 'client|{sub}' command"
+            ));
+        }
+        _ => {
+            return Err(format!(
+                "ERR unknown subcommand '{sub}'. causalkv serves CLIENT SETNAME, GETNAME, ID, INFO and SETINFO"
+            ));
+        }
+    })
+}
+
+fn command(rest: &[Bytes]) -> Result<CommandQuery, Refusal> {
+    let Some(sub) = rest.first() else {
+        return Ok(CommandQuery::All);
+    };
+    Ok(match lower(sub).as_str() {
+        "count" => CommandQuery::Count,
+        "list" => CommandQuery::List,
+        "info" => CommandQuery::Info(rest[1..].iter().map(|s| lower(s)).collect()),
+        "docs" => CommandQuery::Docs,
+        other => {
+            return Err(format!(
+                "ERR unknown subcommand '{other}'. causalkv serves COMMAND, COMMAND COUNT, LIST, INFO and DOCS"
+            ));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(words: &[&str]) -> Result<Command, Refusal> {
+        let args: Vec<Bytes> = words.iter().map(|w| Bytes::from(w.to_string())).collect();
+        parse(&args)
+    }
+
+    #[test]
+    fn commands_parse_case_insensitively() {
+        assert_eq!(p(&["GeT", "k"]), Ok(Command::Get("k".into())));
+        assert_eq!(
+            p(&["mset", "a", "1", "b", "2"]),
+            Ok(Command::MSet(vec![
+                ("a".into(), "1".into()),
+                ("b".into(), "2".into())
+            ]))
+        );
+        assert_eq!(
+            p(&["hello", "3", "setname", "x"]),
+            Ok(Command::Hello {
+                version: Some(3),
+                setname: Some("x".into())
+            })
+        );
+        assert_eq!(
+            p(&["WAIT", "2", "100"]),
+            Ok(Command::Wait {
+                replicas: 2,
+                timeout_ms: 100
+            })
+        );
+        assert_eq!(p(&["select", "0"]), Ok(Command::Select));
+    }
+
+    #[test]
+    fn refusals_say_why() {
+        assert_eq!(
+            p(&["get"]).unwrap_err(),
+            "ERR wrong number of arguments for 'get' command"
+        );
+        assert!(p(&["mset", "a"]).unwrap_err().contains("wrong number"));
+        assert!(
+            p(&["mset", "a", "1", "b"])
+                .unwrap_err()
+                .contains("wrong number")
+        );
+        assert!(
+            p(&["set", "k", "v", "px", "5"])
+                .unwrap_err()
+                .contains("do not expire")
+        );
+        assert!(
+            p(&["set", "k", "v", "nx"])
+                .unwrap_err()
+                .contains("linearizable")
+        );
+        assert_eq!(
+            p(&["set", "k", "v", "bogus"]).unwrap_err(),
+            "ERR syntax error"
+        );
+        assert!(p(&["select", "1"]).unwrap_err().contains("out of range"));
+        assert!(p(&["hello", "4"]).unwrap_err().starts_with("NOPROTO"));
+        assert!(p(&["wait", "1", "-1"]).unwrap_err().contains("negative"));
+        assert_eq!(
+            p(&["flushall", "async"]).unwrap_err(),
+            "ERR unknown command 'flushall', with args beginning with: 'async'"
+        );
+        assert!(
+            p(&["client", "kill", "x"])
+                .unwrap_err()
+                .contains("unknown subcommand")
+        );
+    }
+
+    #[test]
+    fn every_table_entry_parses() {
+        for s in TABLE {
+            assert!(lookup(s.name).is_some());
+            assert!(matches!(s.frame(), Frame::Array(a) if a.len() == 10));
+        }
+    }
+}

@@ -1,0 +1,594 @@
+//! Parsing RESP: requests ([`parse_command`]) and any RESP3 value ([`parse_frame`]).
+//!
+//! Following mini-redis, a request is first *checked* (every header read, every length
+//! compared with the [`Limits`], bulk payloads skipped over) without allocating; only a request
+//! that is complete in the buffer is then split off and sliced into arguments, which share the
+//! received buffer (no copy). A partial request therefore costs one scan of its headers per
+//! read, and a garbage length is refused when its header is read, before any byte of the
+//! payload it announces arrives.
+//!
+//! Requests come in the two forms Redis accepts: an array of bulk strings (what every client
+//! library and `redis-cli` send) and an inline command (`PING\r\n`, what a person types into
+//! `nc`), split on spaces.
+
+use bytes::{Bytes, BytesMut};
+
+use super::reply::Frame;
+
+/// Size limits checked while parsing, before anything is allocated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest argument (bulk string), in bytes.
+    pub max_arg_bytes: usize,
+    /// Most arguments in one request.
+    pub max_args: usize,
+    /// Longest inline request line, in bytes.
+    pub max_inline: usize,
+    /// Largest request (all its arguments and headers), in bytes: what one request may make
+    /// the server buffer.
+    pub max_request_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_arg_bytes: 2 << 20,
+            max_args: 1 << 20,
+            max_inline: 64 << 10,
+            max_request_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Why the bytes received are not RESP. The connection cannot be resynchronised after one:
+/// the server replies with the error and closes it, as Redis does.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// An array header whose count is not a number.
+    #[error("Protocol error: invalid multibulk length")]
+    BadCount,
+    /// An array header with more elements than [`Limits::max_args`].
+    #[error("Protocol error: {count} arguments exceed the limit of {max}")]
+    TooManyArgs {
+        /// Announced count.
+        count: i64,
+        /// The limit.
+        max: usize,
+    },
+    /// An array element that is not a bulk string.
+    #[error("Protocol error: expected '$', got '{}'", *.0 as char)]
+    ExpectedBulk(u8),
+    /// A bulk header whose length is not a number, or is negative.
+    #[error("Protocol error: invalid bulk length")]
+    BadBulkLength,
+    /// A bulk string longer than [`Limits::max_arg_bytes`].
+    #[error(
+        "Protocol error: argument of {len} bytes exceeds the limit of {max} bytes (resp.max_arg_bytes)"
+    )]
+    ArgTooLarge {
+        /// Announced length.
+        len: i64,
+        /// The limit.
+        max: usize,
+    },
+    /// A request larger than [`Limits::max_request_bytes`].
+    #[error("Protocol error: request of more than {max} bytes (limits.max_frame)")]
+    RequestTooLarge {
+        /// The limit.
+        max: usize,
+    },
+    /// A bulk string not followed by CRLF.
+    #[error("Protocol error: bulk string not followed by CRLF")]
+    MissingCrlf,
+    /// An inline request line longer than [`Limits::max_inline`].
+    #[error("Protocol error: too big inline request")]
+    InlineTooLong,
+    /// A value of a type byte RESP3 does not define (frames only).
+    #[error("Protocol error: unknown type byte {0:#04x}")]
+    UnknownType(u8),
+    /// A value that is not what its type says (a bad integer, boolean or UTF-8 string).
+    #[error("Protocol error: malformed {0}")]
+    Malformed(&'static str),
+    /// Aggregates nested deeper than [`MAX_DEPTH`] (frames only).
+    #[error("Protocol error: aggregates nested deeper than {MAX_DEPTH}")]
+    TooDeep,
+}
+
+/// The longest header line (type byte, a 20-digit length and CRLF, with room to spare): a
+/// header still without its CRLF past this is garbage, not a slow client.
+const MAX_HEADER: usize = 32;
+
+/// How deep [`parse_frame`] follows nested aggregates.
+pub const MAX_DEPTH: usize = 16;
+
+/// Takes the next request off the front of `buf`: `Ok(None)` if no complete request is there
+/// yet (nothing is consumed; read more and call again), else its arguments, which share `buf`'s
+/// memory. Empty requests (a blank inline line, an empty array) are consumed and skipped.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use causalkv::resp::{Limits, parse_command};
+///
+/// let mut buf = BytesMut::from(&b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPI"[..]);
+/// let args = parse_command(&mut buf, &Limits::default()).unwrap().unwrap();
+/// assert_eq!(args, [&b"GET"[..], &b"k"[..]]);
+/// assert_eq!(parse_command(&mut buf, &Limits::default()).unwrap(), None); // partial PING
+/// ```
+pub fn parse_command(
+    buf: &mut BytesMut,
+    limits: &Limits,
+) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    loop {
+        let Some(first) = buf.first() else {
+            return Ok(None);
+        };
+        let parsed = if *first == b'*' {
+            check_multibulk(buf, limits)?
+        } else {
+            check_inline(buf, limits)?
+        };
+        let Some((len, count)) = parsed else {
+            return Ok(None);
+        };
+        let frame = buf.split_to(len).freeze();
+        if count == 0 {
+            continue;
+        }
+        let args = if frame[0] == b'*' {
+            multibulk_args(&frame, count)
+        } else {
+            inline_args(&frame)
+        };
+        if args.is_empty() {
+            continue;
+        }
+        return Ok(Some(args));
+    }
+}
+
+/// Checks an array of bulk strings: `Some((bytes, count))` once it is complete.
+fn check_multibulk(buf: &[u8], limits: &Limits) -> Result<Option<(usize, usize)>, ProtocolError> {
+    let Some((count, mut pos)) = header(buf, 0, ProtocolError::BadCount)? else {
+        return Ok(None);
+    };
+    if count <= 0 {
+        return Ok(Some((pos, 0))); // `*0` and `*-1`: nothing to do, as in Redis
+    }
+    if count as u64 > limits.max_args as u64 {
+        return Err(ProtocolError::TooManyArgs {
+            count,
+            max: limits.max_args,
+        });
+    }
+    for _ in 0..count {
+        let Some(&t) = buf.get(pos) else {
+            return Ok(None);
+        };
+        if t != b'$' {
+            return Err(ProtocolError::ExpectedBulk(t));
+        }
+        let Some((len, after)) = header(buf, pos, ProtocolError::BadBulkLength)? else {
+            return Ok(None);
+        };
+        if len < 0 {
+            return Err(ProtocolError::BadBulkLength);
+        }
+        if len as u64 > limits.max_arg_bytes as u64 {
+            return Err(ProtocolError::ArgTooLarge {
+                len,
+                max: limits.max_arg_bytes,
+            });
+        }
+        let end = after + len as usize;
+        if end + 2 > limits.max_request_bytes {
+            return Err(ProtocolError::RequestTooLarge {
+                max: limits.max_request_bytes,
+            });
+        }
+        if buf.len() < end + 2 {
+            return Ok(None);
+        }
+        if &buf[end..end + 2] != b"\r\n" {
+            return Err(ProtocolError::MissingCrlf);
+        }
+        pos = end + 2;
+    }
+    Ok(Some((pos, count as usize)))
+}
+
+/// The arguments of a checked array of `count` bulk strings.
+fn multibulk_args(frame: &Bytes, count: usize) -> Vec<Bytes> {
+    let mut args = Vec::with_capacity(count);
+    let mut pos = line_end(frame, 0).expect("checked") + 2;
+    for _ in 0..count {
+        let eol = line_end(frame, pos).expect("checked");
+        let len: usize = parse_int(&frame[pos + 1..eol]).expect("checked") as usize;
+        let start = eol + 2;
+        args.push(frame.slice(start..start + len));
+        pos = start + len + 2;
+    }
+    args
+}
+
+/// Checks an inline request: `Some((bytes, 1))` once its line is complete.
+fn check_inline(buf: &[u8], limits: &Limits) -> Result<Option<(usize, usize)>, ProtocolError> {
+    let window = &buf[..buf.len().min(limits.max_inline + 1)];
+    match window.iter().position(|&b| b == b'\n') {
+        Some(i) => Ok(Some((i + 1, 1))),
+        None if buf.len() > limits.max_inline => Err(ProtocolError::InlineTooLong),
+        None => Ok(None),
+    }
+}
+
+/// The words of a checked inline request line.
+fn inline_args(frame: &Bytes) -> Vec<Bytes> {
+    let mut args = Vec::new();
+    let mut start = None;
+    for (i, &b) in frame.iter().enumerate() {
+        let space = matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+        match (space, start) {
+            (false, None) => start = Some(i),
+            (true, Some(s)) => {
+                args.push(frame.slice(s..i));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = start {
+        args.push(frame.slice(s..));
+    }
+    args
+}
+
+/// Reads the header line at `pos` (a type byte, a decimal number, CRLF): the number and the
+/// position after the CRLF, `None` if the line is not complete, `bad` if it is not a number.
+fn header(
+    buf: &[u8],
+    pos: usize,
+    bad: ProtocolError,
+) -> Result<Option<(i64, usize)>, ProtocolError> {
+    match line_end(buf, pos) {
+        Some(eol) => match parse_int(&buf[pos + 1..eol]) {
+            Some(n) => Ok(Some((n, eol + 2))),
+            None => Err(bad),
+        },
+        None if buf.len() - pos > MAX_HEADER => Err(bad),
+        None => Ok(None),
+    }
+}
+
+/// The position of the CRLF ending the line that starts at `pos`, searched within
+/// [`MAX_HEADER`] bytes.
+fn line_end(buf: &[u8], pos: usize) -> Option<usize> {
+    line_end_within(buf, pos, MAX_HEADER)
+}
+
+/// The position of the CRLF ending the line that starts at `pos`, searched within `max` bytes.
+fn line_end_within(buf: &[u8], pos: usize, max: usize) -> Option<usize> {
+    let window = &buf[pos..buf.len().min(pos.saturating_add(max))];
+    window
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .map(|i| pos + i)
+}
+
+/// A strict decimal `i64`: an optional `-` and 1 to 19 digits.
+fn parse_int(s: &[u8]) -> Option<i64> {
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: i64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(if neg { -n } else { n })
+}
+
+/// Reads one RESP3 value (what a server sends) from the front of `buf`: `Ok(None)` if it is
+/// not complete yet, else the value and the bytes it took. Bulk lengths and aggregate counts
+/// are checked against `limits` (`max_arg_bytes`, `max_args`) before they are trusted.
+pub fn parse_frame(buf: &[u8], limits: &Limits) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    frame_at(buf, 0, limits, 0)
+}
+
+fn frame_at(
+    buf: &[u8],
+    pos: usize,
+    limits: &Limits,
+    depth: usize,
+) -> Result<Option<(Frame, usize)>, ProtocolError> {
+    let Some(&t) = buf.get(pos) else {
+        return Ok(None);
+    };
+    // Simple strings and errors may be long lines; everything else has a short header.
+    let max_line = if matches!(t, b'+' | b'-') {
+        limits.max_arg_bytes.saturating_add(2)
+    } else {
+        MAX_HEADER
+    };
+    let Some(eol) = line_end_within(buf, pos, max_line) else {
+        if buf.len() - pos <= max_line {
+            return Ok(None);
+        }
+        return Err(ProtocolError::Malformed("header"));
+    };
+    let line = &buf[pos + 1..eol];
+    let next = eol + 2;
+    let text = |what| {
+        std::str::from_utf8(line)
+            .map(str::to_owned)
+            .map_err(|_| ProtocolError::Malformed(what))
+    };
+    let int = |what| parse_int(line).ok_or(ProtocolError::Malformed(what));
+    let frame = match t {
+        b'+' => Frame::Simple(text("simple string")?),
+        b'-' => Frame::Error(text("error")?),
+        b':' => Frame::Integer(int("integer")?),
+        b'_' if line.is_empty() => Frame::Null,
+        b'#' => match line {
+            b"t" => Frame::Boolean(true),
+            b"f" => Frame::Boolean(false),
+            _ => return Err(ProtocolError::Malformed("boolean")),
+        },
+        b'$' => {
+            let len = int("bulk length")?;
+            if len == -1 {
+                return Ok(Some((Frame::Null, next)));
+            }
+            if len < 0 {
+                return Err(ProtocolError::BadBulkLength);
+            }
+            if len as u64 > limits.max_arg_bytes as u64 {
+                return Err(ProtocolError::ArgTooLarge {
+                    len,
+                    max: limits.max_arg_bytes,
+                });
+            }
+            let end = next + len as usize;
+            if buf.len() < end + 2 {
+                return Ok(None);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(ProtocolError::MissingCrlf);
+            }
+            return Ok(Some((
+                Frame::Bulk(Bytes::copy_from_slice(&buf[next..end])),
+                end + 2,
+            )));
+        }
+        b'*' | b'~' | b'%' => {
+            let count = int("aggregate length")?;
+            if count == -1 && t == b'*' {
+                return Ok(Some((Frame::Null, next)));
+            }
+            if count < 0 {
+                return Err(ProtocolError::BadCount);
+            }
+            let elems = if t == b'%' { count * 2 } else { count };
+            if elems as u64 > limits.max_args as u64 {
+                return Err(ProtocolError::TooManyArgs {
+                    count,
+                    max: limits.max_args,
+                });
+            }
+            if depth >= MAX_DEPTH {
+                return Err(ProtocolError::TooDeep);
+            }
+            // Checked before allocating: every element is at least 3 bytes.
+            if (buf.len() - next) < elems as usize * 3 {
+                return Ok(None);
+            }
+            let mut items = Vec::with_capacity(elems as usize);
+            let mut at = next;
+            for _ in 0..elems {
+                let Some((f, after)) = frame_at(buf, at, limits, depth + 1)? else {
+                    return Ok(None);
+                };
+                items.push(f);
+                at = after;
+            }
+            let frame = match t {
+                b'*' => Frame::Array(items),
+                b'~' => Frame::Set(items),
+                _ => {
+                    let mut pairs = Vec::with_capacity(items.len() / 2);
+                    let mut it = items.into_iter();
+                    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                        pairs.push((k, v));
+                    }
+                    Frame::Map(pairs)
+                }
+            };
+            return Ok(Some((frame, at)));
+        }
+        other => return Err(ProtocolError::UnknownType(other)),
+    };
+    Ok(Some((frame, next)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resp::reply::{Protocol, encode_command};
+    use proptest::prelude::*;
+
+    fn parse(bytes: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+        parse_command(&mut BytesMut::from(bytes), &Limits::default())
+    }
+
+    fn limits(max_arg_bytes: usize, max_args: usize) -> Limits {
+        Limits {
+            max_arg_bytes,
+            max_args,
+            max_inline: 64,
+            max_request_bytes: 4096,
+        }
+    }
+
+    #[test]
+    fn multibulk_and_inline() {
+        assert_eq!(
+            parse(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$0\r\n\r\n").unwrap(),
+            Some(vec![
+                Bytes::from_static(b"SET"),
+                Bytes::from_static(b"k"),
+                Bytes::new()
+            ])
+        );
+        assert_eq!(
+            parse(b"  ping  hello\r\n").unwrap(),
+            Some(vec![
+                Bytes::from_static(b"ping"),
+                Bytes::from_static(b"hello")
+            ])
+        );
+        // Blank lines and empty arrays are skipped, as Redis does.
+        assert_eq!(
+            parse(b"\r\n*0\r\nPING\n").unwrap(),
+            Some(vec![Bytes::from_static(b"PING")])
+        );
+    }
+
+    #[test]
+    fn incomplete_consumes_nothing() {
+        let whole = b"*2\r\n$4\r\nECHO\r\n$5\r\nhello\r\n";
+        for cut in 0..whole.len() {
+            let mut buf = BytesMut::from(&whole[..cut]);
+            assert_eq!(parse_command(&mut buf, &Limits::default()), Ok(None));
+            assert_eq!(buf.len(), cut, "nothing consumed at {cut}");
+        }
+    }
+
+    #[test]
+    fn limits_refuse_before_the_payload_arrives() {
+        // A 1 TB bulk is refused from its header alone.
+        let mut buf = BytesMut::from(&b"*1\r\n$1000000000000\r\n"[..]);
+        assert_eq!(
+            parse_command(&mut buf, &limits(1024, 8)),
+            Err(ProtocolError::ArgTooLarge {
+                len: 1_000_000_000_000,
+                max: 1024
+            })
+        );
+        let mut buf = BytesMut::from(&b"*9\r\n"[..]);
+        assert!(matches!(
+            parse_command(&mut buf, &limits(1024, 8)),
+            Err(ProtocolError::TooManyArgs { count: 9, max: 8 })
+        ));
+        let mut buf = BytesMut::from(&[b'x'; 65][..]);
+        assert_eq!(
+            parse_command(&mut buf, &limits(1024, 8)),
+            Err(ProtocolError::InlineTooLong)
+        );
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        assert_eq!(parse(b"*x\r\n"), Err(ProtocolError::BadCount));
+        assert_eq!(
+            parse(b"*1\r\n:3\r\n"),
+            Err(ProtocolError::ExpectedBulk(b':'))
+        );
+        assert_eq!(parse(b"*1\r\n$-3\r\n"), Err(ProtocolError::BadBulkLength));
+        assert_eq!(parse(b"*1\r\n$1\r\nabc"), Err(ProtocolError::MissingCrlf));
+        assert_eq!(parse(&[b'*'; 40]), Err(ProtocolError::BadCount));
+        assert_eq!(
+            parse(b"*1\r\n$99999999999999999999999\r\n"),
+            Err(ProtocolError::BadBulkLength)
+        );
+        assert!(
+            ProtocolError::ArgTooLarge { len: 9, max: 1 }
+                .to_string()
+                .contains("resp.max_arg_bytes")
+        );
+    }
+
+    #[test]
+    fn frames_are_bounded() {
+        let deep = "*1\r\n".repeat(MAX_DEPTH + 1) + ":1\r\n";
+        assert_eq!(
+            parse_frame(deep.as_bytes(), &Limits::default()),
+            Err(ProtocolError::TooDeep)
+        );
+        // A huge count with few bytes behind it waits without allocating for the count.
+        assert_eq!(
+            parse_frame(b"*1000000\r\n:1\r\n", &Limits::default()),
+            Ok(None)
+        );
+        assert_eq!(
+            parse_frame(b"!3\r\n", &Limits::default()),
+            Err(ProtocolError::UnknownType(b'!'))
+        );
+    }
+
+    fn arg() -> impl Strategy<Value = Vec<u8>> {
+        prop::collection::vec(any::<u8>(), 0..40)
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        let text = "[ -~]{0,60}".prop_map(|s| s.replace(['\r', '\n'], ""));
+        let leaf = prop_oneof![
+            text.clone().prop_map(Frame::Simple),
+            text.prop_map(Frame::Error),
+            any::<i64>().prop_map(Frame::Integer),
+            arg().prop_map(|b| Frame::Bulk(b.into())),
+            Just(Frame::Null),
+            any::<bool>().prop_map(Frame::Boolean),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Frame::Array),
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Frame::Set),
+                prop::collection::vec((inner.clone(), inner), 0..3).prop_map(Frame::Map),
+            ]
+        })
+    }
+
+    proptest! {
+        /// A command encoded as clients send it parses back to its arguments, whatever the
+        /// bytes, and at every split point before its end it is incomplete.
+        #[test]
+        fn command_roundtrip(args in prop::collection::vec(arg(), 1..6), cut in any::<prop::sample::Index>()) {
+            let wire = encode_command(&args);
+            let mut buf = BytesMut::from(&wire[..]);
+            let got = parse_command(&mut buf, &Limits::default()).unwrap().unwrap();
+            prop_assert_eq!(got, args.iter().map(|a| Bytes::from(a.clone())).collect::<Vec<_>>());
+            prop_assert!(buf.is_empty());
+            let cut = cut.index(wire.len());
+            let mut part = BytesMut::from(&wire[..cut]);
+            prop_assert_eq!(parse_command(&mut part, &Limits::default()), Ok(None));
+        }
+
+        /// Every reply the encoder writes in RESP3 parses back to itself.
+        #[test]
+        fn reply_roundtrip(f in frame()) {
+            let mut out = BytesMut::new();
+            f.encode(Protocol::Resp3, &mut out);
+            let (back, used) = parse_frame(&out, &Limits::default()).unwrap().unwrap();
+            prop_assert_eq!(back, f);
+            prop_assert_eq!(used, out.len());
+        }
+
+        /// RESP2 encodings parse too (maps and sets flattened to arrays, nulls as null bulks).
+        #[test]
+        fn resp2_replies_parse(f in frame()) {
+            let mut out = BytesMut::new();
+            f.encode(Protocol::Resp2, &mut out);
+            let (_, used) = parse_frame(&out, &Limits::default()).unwrap().unwrap();
+            prop_assert_eq!(used, out.len());
+        }
+
+        /// Arbitrary bytes never panic and never consume a request that is not there.
+        #[test]
+        fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            let small = limits(64, 8);
+            while let Ok(Some(args)) = parse_command(&mut buf, &small) {
+                prop_assert!(args.len() <= 8 && args.iter().all(|a| a.len() <= 64));
+            }
+            let _ = parse_frame(&bytes, &small);
+        }
+    }
+}
