@@ -56,7 +56,8 @@ sibling_bytes() {
 # NAME.rROUND.*), stops the nodes.
 run_config() {
   local name=$1 sites=$2 parts=$3 fsync=$4 round=$5
-  local dir="$WORK/$name.r$round" base=$(( 20000 + RANDOM % 20000 ))
+  # UDP ports from base, admin (TCP) from base + 1000: both below the ephemeral range (32768).
+  local dir="$WORK/$name.r$round" base=$(( 20000 + RANDOM % 10000 ))
   local out="$RESULTS/$name.r$round"
   "$BIN" dev --layout-only --dir "$dir" --port "$base" --sites "$sites" --partitions "$parts" \
     > "$dir.files"
@@ -72,6 +73,13 @@ run_config() {
   # Every node up and, with several sites, linked to its peers.
   local want=$(( sites - 1 ))
   for _ in $(seq 1 200); do
+    for p in "${pids[@]}"; do
+      if ! kill -0 "$p" 2>/dev/null; then
+        echo "a node of $name exited at start:" >&2
+        tail -n 3 "$dir"/*.log >&2
+        exit 1
+      fi
+    done
     local ok=1
     for p in $(seq 0 $(( sites * parts - 1 ))); do
       local st

@@ -35,7 +35,10 @@
 //!   minimum of every partition's contribution, which the driver exchanges between partitions
 //!   as it changes ([`Replica::on_sibling`]).
 //! - A remote update becomes visible only once the stable vector covers its deps: everything it
-//!   depends on has reached every partition of the site.
+//!   depends on has reached every partition of the site, and so has the origin's stream up to
+//!   the update itself (its commit vector, in Cure's terms). The origin's partitions issue a
+//!   clock marker as soon as a sibling reports a newer local write, so an idle partition's
+//!   stream passes it at once rather than after the marker interval.
 //! - Session contexts are closed under dependencies: each stored entry keeps the context it was
 //!   written under ([`Entry::deps`](crate::storage::Entry)), a read returns it
 //!   ([`ReadResult::deps`]), and the session merges it. [`Replica::ready_for`] then waits until
@@ -465,7 +468,26 @@ impl<S: Store> Replica<S> {
             return;
         }
         self.siblings[partition as usize] = contribution.resized(self.cfg.sites);
+        // A sibling's newer local write: pass it on this partition's streams now, so receivers
+        // (which wait until every partition's stream from here passed an update) need not wait
+        // for this partition's next idle marker.
+        let theirs = contribution.get(self.cfg.site);
+        if theirs > self.applied.get(self.cfg.site) {
+            self.issue_marker(0, theirs);
+        }
         self.wake_stable();
+    }
+
+    /// Advances this site's own entry with a clock marker at or above `floor` (and at physical
+    /// time `now` or later); its receivers learn that nothing from this partition up to there
+    /// is still to come.
+    fn issue_marker(&mut self, now: Timestamp, floor: Timestamp) {
+        let ts = self.hlc.tick(now, floor);
+        if ts > self.lease {
+            self.lease = ts + self.cfg.clock_lease;
+            self.pending.push(Record::ClockLease(self.lease));
+        }
+        self.advance_entry(self.cfg.site, ts);
     }
 
     /// Partitioned: wakes every buffered head the current stable vector may have unblocked.
@@ -496,7 +518,9 @@ impl<S: Store> Replica<S> {
             // when issued) against the site's stable vector, and the update's own timestamp
             // too (its commit vector, in Cure's terms): a session that reads it carries
             // `origin: ts` in its context, which every partition of the site must then have
-            // received for the session's next read there not to wait on the network.
+            // received for the session's next read there not to wait on the network. The
+            // origin's other partitions pass that timestamp at once: a partition that learns of
+            // a sibling's write issues a marker past it (see `on_sibling`).
             Some(s) => u
                 .deps
                 .as_slice()
@@ -659,12 +683,7 @@ impl<S: Store> Replica<S> {
     pub fn tick(&mut self, now: Timestamp) {
         if now >= self.last_marker_at + self.cfg.marker_interval {
             self.last_marker_at = now;
-            let ts = self.hlc.tick(now, 0);
-            if ts > self.lease {
-                self.lease = ts + self.cfg.clock_lease;
-                self.pending.push(Record::ClockLease(self.lease));
-            }
-            self.advance_entry(self.cfg.site, ts);
+            self.issue_marker(now, 0);
         }
         // Against the stable vector (durable here and acked by every peer): collected on the
         // strength of non-durable state, a tombstone could leave a reader seeing "absent" and,
