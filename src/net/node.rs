@@ -127,6 +127,7 @@ impl Node {
         .await
         .map_err(|e| NodeError::Recovery(e.to_string()))??;
         let synced = wal.synced();
+        let wal_stats = wal.stats();
         let (shutdown_tx, shutdown) = watch::channel(false);
         let n = cfg.n();
         let shared = Arc::new(Shared {
@@ -161,6 +162,7 @@ impl Node {
                 pending: Default::default(),
             }),
             synced,
+            wal_stats,
             cfg,
         });
         let span = if shared.cfg.partitions > 1 {

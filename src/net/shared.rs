@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub wal: Mutex<WalState>,
     /// The log's synced LSN.
     pub synced: watch::Receiver<u64>,
+    /// The log's group-commit figures (readable without the wal lock).
+    pub wal_stats: Arc<wal::WalStats>,
 }
 
 /// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.
