@@ -681,6 +681,9 @@ struct Shared {
     drained: Condvar,
     stats: Arc<WalStats>,
     failed: AtomicBool,
+    /// Publishes the synced LSN; dropped when an fsync fails, which wakes waiters with an error.
+    /// Apart from the state, so that waking waiters never holds up an appender.
+    tx: Mutex<Option<watch::Sender<u64>>>,
 }
 
 struct SyncState {
@@ -697,8 +700,6 @@ struct SyncState {
     /// whose segment may not exist yet).
     writing: Option<bool>,
     shutdown: bool,
-    /// Publishes the synced LSN; dropped when an fsync fails, which wakes waiters with an error.
-    tx: Option<watch::Sender<u64>>,
 }
 
 /// Queued appends for the sync thread: serialised records, in log order, behind a roll to a new
@@ -785,11 +786,15 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn publish(&self, st: &mut SyncState, lsn: u64) {
+    /// Raises the synced LSN to `lsn` and tells waiters, after releasing the state: a wake-up
+    /// can cost a system call per waiter, and the appenders must not wait for those.
+    fn publish(&self, mut st: MutexGuard<'_, SyncState>, lsn: u64) {
         if lsn > st.synced {
             st.synced = lsn;
         }
-        if let Some(tx) = &st.tx {
+        drop(st);
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = &*tx {
             // Stamped before waiters are woken, so that a waiter reading it sees this publish.
             self.stats.mark_published();
             tx.send_if_modified(|v| {
@@ -803,10 +808,12 @@ impl Shared {
         }
     }
 
-    fn fail(&self, st: &mut SyncState, what: String) {
+    /// Marks the log failed; called with the state locked, so that threads waiting on
+    /// `drained` see it when they re-check.
+    fn fail(&self, _st: &mut SyncState, what: String) {
         tracing::error!("{what}; the write-ahead log accepts no more writes");
         self.failed.store(true, Ordering::SeqCst);
-        st.tx = None;
+        *self.tx.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.drained.notify_all();
     }
 }
@@ -828,7 +835,7 @@ fn sync_loop(shared: Arc<Shared>) {
     let mut unsynced = Unsynced::default();
     let mut st = shared.lock();
     loop {
-        if st.tx.is_none() {
+        if shared.failed.load(Ordering::SeqCst) {
             return;
         }
         if let Some(chunk) = st.queue.pop_front() {
@@ -846,7 +853,8 @@ fn sync_loop(shared: Arc<Shared>) {
             }
             if shared.policy == FsyncPolicy::Batch && st.queue.is_empty() {
                 let appended = shared.appended.load(Ordering::Acquire);
-                shared.publish(&mut st, appended);
+                shared.publish(st, appended);
+                st = shared.lock();
             }
             continue;
         }
@@ -892,7 +900,8 @@ fn sync_loop(shared: Arc<Shared>) {
                     .committed_records
                     .fetch_add(records, Ordering::Relaxed);
                 st.fsynced = st.fsynced.max(target);
-                shared.publish(&mut st, target);
+                shared.publish(st, target);
+                st = shared.lock();
             }
             Err(e) => {
                 shared.fail(&mut st, format!("write-ahead log fsync failed: {e}"));
@@ -908,7 +917,7 @@ fn sync_loop(shared: Arc<Shared>) {
 fn flush_loop(shared: Arc<Shared>) {
     let mut st = shared.lock();
     loop {
-        if st.tx.is_none() || st.shutdown {
+        if shared.failed.load(Ordering::SeqCst) || st.shutdown {
             return;
         }
         st = shared
@@ -916,7 +925,7 @@ fn flush_loop(shared: Arc<Shared>) {
             .wait_timeout(st, shared.batch)
             .unwrap_or_else(|e| e.into_inner())
             .0;
-        if st.tx.is_none() || st.shutdown {
+        if shared.failed.load(Ordering::SeqCst) || st.shutdown {
             return;
         }
         let appended = shared.appended.load(Ordering::Acquire);
@@ -1124,7 +1133,6 @@ impl Wal {
                 queue: VecDeque::new(),
                 writing: None,
                 shutdown: false,
-                tx: Some(tx),
             }),
             cv: Condvar::new(),
             flush_cv: Condvar::new(),
@@ -1132,6 +1140,7 @@ impl Wal {
             appended: AtomicU64::new(end_lsn),
             stats: Arc::new(WalStats::default()),
             failed: AtomicBool::new(false),
+            tx: Mutex::new(Some(tx)),
         });
         let thread = {
             let shared = shared.clone();
@@ -1336,7 +1345,7 @@ impl Wal {
             || (self.opts.fsync == FsyncPolicy::Batch
                 && self.shared.appended.load(Ordering::Acquire) >= lsn);
         if written {
-            self.shared.publish(&mut st, lsn);
+            self.shared.publish(st, lsn);
             return;
         }
         if lsn > st.requested {
@@ -1476,7 +1485,7 @@ impl SyncHandle {
         match res {
             Ok(()) => {
                 st.fsynced = st.fsynced.max(self.target);
-                self.shared.publish(&mut st, self.target);
+                self.shared.publish(st, self.target);
                 Ok(self.target)
             }
             Err(e) => {
