@@ -60,20 +60,22 @@ impl DurableWaiters {
         rx.await.map_err(|_| StorageError::SyncStopped)
     }
 
-    /// The log is synced up to `synced`: wakes every waiter at or below it.
-    pub fn complete(&self, synced: u64) {
+    /// The log is synced up to `synced`: wakes every waiter at or below it. Returns how many.
+    pub fn complete(&self, synced: u64) -> usize {
         let done = {
             let mut w = self.0.lock().expect("waiters lock");
             if synced <= w.durable {
-                return;
+                return 0;
             }
             w.durable = synced;
             let later = w.by_lsn.split_off(&(synced.saturating_add(1), 0));
             std::mem::replace(&mut w.by_lsn, later)
         };
+        let n = done.len();
         for tx in done.into_values() {
             let _ = tx.send(());
         }
+        n
     }
 
     /// The log stopped: every waiter, present and future, fails.

@@ -34,8 +34,11 @@ pub(crate) async fn durability_pump(shared: Arc<Shared>) {
     let mut rx = shared.synced.clone();
     loop {
         let synced = *rx.borrow_and_update();
-        // Acknowledgements first: the woken requests run as soon as this task yields.
-        shared.durable_waiters.complete(synced);
+        // Acknowledgements first: the requests this commit covers run before the rest of this
+        // iteration (the replica lock, waking peer senders).
+        if shared.durable_waiters.complete(synced) > 0 {
+            tokio::task::yield_now().await;
+        }
         let moved = {
             let mut r = shared.replica.lock().expect("replica lock");
             let mut w = shared.wal.lock().expect("wal lock");
