@@ -233,6 +233,8 @@ if rec:
           f"- log on disk before the snapshot: {rec['log_bytes_before_snapshot']/1e6:.0f} MB; after pruning (tail included): {rec['log_bytes_after_pruning']/1e6:.0f} MB; snapshot file {rec['snapshot_bytes']/1e6:.0f} MB"]
 md = "\n".join(L)
 open(f"{out}/results.md", "w").write(md + "\n")
-json.dump({"rounds": rows, "recovery": rec}, open(f"{out}/results.json", "w"), indent=1)
+with open(f"{out}/results.json", "w") as f:  # one measurement per line
+    f.write('{"recovery": ' + json.dumps(rec) + ',\n "rounds": [\n  ')
+    f.write(",\n  ".join(json.dumps(r) for r in rows) + "\n]}\n")
 print(md)
 PY
