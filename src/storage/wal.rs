@@ -692,6 +692,8 @@ struct SyncState {
     synced: u64,
     /// The LSN the last fsync covered (under `always`, the same as `synced`).
     fsynced: u64,
+    /// Sync requests since the last commit's fsync started (see [`Gather`]).
+    asked: u64,
     /// The current segment (earlier segments were fsynced when they were closed).
     current: Arc<File>,
     /// Appends waiting for the sync thread to write them, oldest first.
@@ -778,14 +780,15 @@ impl WalStats {
 const MAX_GATHER: Duration = Duration::from_micros(500);
 
 /// After a commit under `always`: the next group is held back (until `until` at the latest)
-/// while it has fewer than `expect` records, the records of the commit just acknowledged plus
-/// those already queued. Started the moment the previous fsync ends, the next fsync would carry
-/// only the records that arrived during it, and the writers just acknowledged, whose next
-/// records arrive a round trip later, would wait for all of it and then their own: in a steady
-/// closed loop every writer waits about two fsyncs and groups hold half the writers. Held back
-/// for at most half an fsync (and [`MAX_GATHER`]), a group takes them along: one fsync for
-/// nearly every writer. A lone writer is never held back: its next record meets `expect` at
-/// once.
+/// while it has fewer than `expect` sync requests, those the commit just acknowledged plus those
+/// already waiting. Started the moment the previous fsync ends, the next fsync would carry only
+/// what arrived during it, and the writers just acknowledged, whose next requests arrive a round
+/// trip later, would wait for all of it and then their own: in a steady closed loop every writer
+/// waits about two fsyncs and groups hold half the writers. Held back for at most half an fsync
+/// (and [`MAX_GATHER`]), a group takes them along: one fsync for nearly every writer. Requests
+/// are counted, not records, so that records nobody waits for (replicated batches, which join
+/// whatever group is next) do not hold a group back; a lone writer is never held back, its next
+/// request meets `expect` at once.
 struct Gather {
     expect: u64,
     until: Instant,
@@ -857,7 +860,7 @@ fn sync_loop(shared: Arc<Shared>) {
             return;
         }
         if let Some(g) = &gather {
-            let have = unsynced.records + st.queue.iter().map(|c| c.records).sum::<u64>();
+            let have = st.asked;
             let now = Instant::now();
             let roll = st.queue.iter().any(|c| c.roll_to.is_some());
             if have > 0 && have < g.expect && now < g.until && !st.shutdown && !roll {
@@ -920,6 +923,7 @@ fn sync_loop(shared: Arc<Shared>) {
         let target = appended;
         let file = st.current.clone();
         let records = std::mem::take(&mut unsynced.records);
+        let asks = std::mem::take(&mut st.asked);
         if let Some(oldest) = unsynced.oldest.take() {
             shared.stats.commit_wait.record(oldest.elapsed());
         }
@@ -936,10 +940,10 @@ fn sync_loop(shared: Arc<Shared>) {
                     .committed_records
                     .fetch_add(records, Ordering::Relaxed);
                 st.fsynced = st.fsynced.max(target);
-                let waiting = st.queue.iter().map(|c| c.records).sum::<u64>();
+                let waiting = st.asked;
                 shared.publish(st, target);
                 gather = Some(Gather {
-                    expect: records + waiting,
+                    expect: asks + waiting,
                     until: Instant::now() + (took / 2).min(MAX_GATHER),
                 });
                 st = shared.lock();
@@ -1170,6 +1174,7 @@ impl Wal {
                 requested: end_lsn,
                 synced: end_lsn,
                 fsynced: end_lsn,
+                asked: 0,
                 current: file.clone(),
                 queue: VecDeque::new(),
                 writing: None,
@@ -1391,6 +1396,7 @@ impl Wal {
         }
         if lsn > st.requested {
             st.requested = lsn;
+            st.asked += 1;
             drop(st);
             self.shared.cv.notify_one();
         }
