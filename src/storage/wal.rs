@@ -33,9 +33,9 @@
 //! [`Wal::request_sync`] and observed on a `tokio::sync::watch` channel ([`Wal::synced`],
 //! [`wait_synced`]). A dedicated thread (`wal-sync`) owns the commit: under `always` it syncs
 //! once for every request pending at that moment, so concurrent writers share one `fdatasync`,
-//! and the records queued while that fsync runs are the next group, written and fsynced the
-//! moment it returns (the disk is kept busy; nobody waits for more than the fsync in progress and
-//! its own). The synced LSN is published from that thread, which wakes the waiting requests.
+//! and the records queued while that fsync runs are the next group, written and fsynced when it
+//! returns; the group is held back (at most half an fsync) only while the writers that fsync
+//! acknowledged can still join it (see `Gather`). The synced LSN is published from that thread, which wakes the waiting requests.
 //! Under `batch` the LSN published is the one written, and a second thread (`wal-flush`)
 //! fsyncs every `batch_ms`. [`FsyncPolicy`] states what each policy promises after a crash, and
 //! [`WalStats`] counts and times the commits (fsyncs, records per fsync, fsync latency, the
@@ -842,10 +842,10 @@ impl Shared {
 ///
 /// Under `always` it fsyncs as soon as a sync is requested and the previous fsync is over.
 /// Appends queued while an fsync runs form the next group: the appender only queues them in
-/// memory (it never waits for the disk), and the moment that fsync returns this thread writes
-/// the whole group with one `write(2)` and fsyncs it. So the disk is never idle while a request
-/// waits, and a request waits for at most the fsync in progress plus its own. The synced LSN is
-/// published from this thread, which wakes the waiting requests directly.
+/// memory (it never waits for the disk), and when that fsync returns this thread writes the
+/// whole group with one `write(2)` and fsyncs it, after holding it back briefly for the
+/// writers just acknowledged ([`Gather`]). The synced LSN is published from this thread, after
+/// it releases its state; the node's durability pump wakes the waiting requests.
 ///
 /// Under `batch` it publishes each write as it completes (an acknowledgement follows the
 /// `write(2)`, as with Redis's `appendfsync everysec`), and the `wal-flush` thread
