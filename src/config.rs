@@ -233,10 +233,14 @@ impl Default for QuicConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
     /// When the write-ahead log is fsynced: `always` (default; a write is acknowledged after
-    /// its fsync, shared by concurrent writers), `batch` (one fsync every `batch_ms`; writes are
-    /// acknowledged after it) or `never` (acknowledged at once; a machine crash may lose them).
+    /// its fsync, shared by concurrent writers: nothing acknowledged is ever lost), `batch`
+    /// (acknowledged once written, fsynced every `batch_ms`, like Redis's `everysec`: a machine
+    /// crash can lose the last `batch_ms` of acknowledged writes) or `never` (acknowledged once
+    /// written; a machine crash may lose whatever the OS had not written back). A killed
+    /// process loses no acknowledged write under any of them.
     pub fsync: crate::storage::wal::FsyncPolicy,
-    /// Group-commit interval under `batch`, in milliseconds.
+    /// Under `batch`, the interval between fsyncs in milliseconds: the window of acknowledged
+    /// writes a machine crash can lose (plus one fsync's duration).
     pub batch_ms: u64,
     /// Log segment size in bytes.
     pub segment_bytes: u64,

@@ -27,12 +27,15 @@
 //!   retention and tombstone collection. Side effects come back as values.
 //! - [`storage`]: the live key/value state behind a small [`Store`](storage::Store) trait
 //!   (a `DashMap`), the write-ahead log and snapshots.
+//! - [`histogram`]: a lock-free latency histogram (Prometheus buckets), recorded by the
+//!   request path and the write-ahead log.
 //! - [`update`]: the values replicated and logged ([`Update`](update::Update),
 //!   [`Item`](update::Item), [`Record`](update::Record)).
 //! - From `causalkv-client`: [`client`], [`tls`], [`names`], [`wire`], [`sharding`], [`clock`].
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod histogram;
 pub mod net;
 pub mod peer_wire;
 pub mod replica;

@@ -929,6 +929,19 @@ async fn a_stopped_site_is_reported_down_and_metrics_are_served() {
             1.0
         );
         assert!(m["causalkv_request_duration_seconds_count{op=\"get\"}"] >= 1.0);
+        // The durable put's timeline: one write, timed in each stage, behind at least one
+        // group commit whose fsync was timed.
+        for stage in ["apply", "log", "wake", "reply"] {
+            let series = format!("causalkv_put_stage_seconds_count{{stage=\"{stage}\"}}");
+            assert_eq!(m.get(&series), Some(&1.0), "{series} in:\n{body}");
+        }
+        assert!(m["causalkv_wal_commits_total"] >= 1.0);
+        assert!(m["causalkv_wal_committed_records_total"] >= 1.0);
+        assert!(
+            m["causalkv_wal_fsync_duration_seconds_count"] >= m["causalkv_wal_commits_total"],
+            "{body}"
+        );
+        assert!(m.contains_key("causalkv_wal_commit_wait_seconds_bucket{le=\"+Inf\"}"));
         // The status as JSON, and strictness.
         let (code, _, body) = http(admin, "GET /status HTTP/1.1").await;
         assert_eq!(code, 200);

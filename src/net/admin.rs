@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::metrics::{BUCKETS_MICROS, Histogram, Metrics, Op};
+use super::metrics::{BUCKETS_MICROS, Histogram, Metrics, Op, PutStage};
 use super::shared::Shared;
 
 /// Longest a connection may take to send its request and receive the answer.
@@ -491,6 +491,60 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         "Write-ahead log fsyncs.",
         status.fsyncs,
     );
+    let w = &shared.wal_stats;
+    e.single(
+        "causalkv_wal_commits_total",
+        "counter",
+        "Group commits: fsyncs of the log thread that made newly written records durable.",
+        get(&w.commits),
+    );
+    e.single(
+        "causalkv_wal_committed_records_total",
+        "counter",
+        "Records made durable by group commits (records per fsync = this / \
+         causalkv_wal_commits_total).",
+        get(&w.committed_records),
+    );
+    e.family(
+        "causalkv_wal_fsync_duration_seconds",
+        "histogram",
+        "Time each write-ahead log fsync took.",
+    );
+    e.histogram(
+        "causalkv_wal_fsync_duration_seconds",
+        &[],
+        &w.fsync_duration,
+    );
+    e.family(
+        "causalkv_wal_commit_wait_seconds",
+        "histogram",
+        "Per group commit: from its oldest record queued to its fsync started.",
+    );
+    e.histogram("causalkv_wal_commit_wait_seconds", &[], &w.commit_wait);
+    e.family(
+        "causalkv_wal_write_duration_seconds",
+        "histogram",
+        "Time each write(2) of queued log records took.",
+    );
+    e.histogram(
+        "causalkv_wal_write_duration_seconds",
+        &[],
+        &w.write_duration,
+    );
+    e.family(
+        "causalkv_put_stage_seconds",
+        "histogram",
+        "Client writes, stage by stage: apply (request to log record queued), log (queued to \
+         durable under the fsync policy), wake (durable to the request running again), reply \
+         (to the response written).",
+    );
+    for stage in PutStage::ALL {
+        e.histogram(
+            "causalkv_put_stage_seconds",
+            &[("stage", stage.name())],
+            m.put_stages.get(stage),
+        );
+    }
     e.single(
         "causalkv_wal_bytes",
         "gauge",

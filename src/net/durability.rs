@@ -1,13 +1,90 @@
 //! The write-ahead log as a node drives it: records a mutation produced are appended in apply
 //! order, their fsync is requested, and the replica's durable state advances once the log is
 //! synced past them ([`advance_synced`]). Only durable state is sent to peers or acked.
+//!
+//! Requests waiting for their write to be durable wait in [`DurableWaiters`], which the
+//! durability pump completes: the log thread wakes that one task per commit (a wake-up from
+//! another thread costs the runtime a system call), and the pump wakes, on the runtime thread,
+//! exactly the requests the commit covers.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use tokio::sync::oneshot;
 
 use crate::clock::{Timestamp, VClock};
 use crate::replica::Replica;
 use crate::storage::MemStore;
-use crate::storage::wal::Wal;
+use crate::storage::wal::{StorageError, Wal};
+
+/// Requests waiting for the log to be durable up to their LSN, in LSN order.
+pub(crate) struct DurableWaiters(Mutex<Waiting>);
+
+struct Waiting {
+    /// The synced LSN as last completed.
+    durable: u64,
+    /// The log stopped: waiting fails.
+    stopped: bool,
+    /// Tells apart waiters for the same LSN.
+    seq: u64,
+    by_lsn: BTreeMap<(u64, u64), oneshot::Sender<()>>,
+}
+
+impl DurableWaiters {
+    /// No waiters; the log is synced up to `durable`.
+    pub fn new(durable: u64) -> Self {
+        Self(Mutex::new(Waiting {
+            durable,
+            stopped: false,
+            seq: 0,
+            by_lsn: BTreeMap::new(),
+        }))
+    }
+
+    /// Waits until [`complete`](Self::complete) has been called with `lsn` or more.
+    pub async fn wait(&self, lsn: u64) -> Result<(), StorageError> {
+        let rx = {
+            let mut w = self.0.lock().expect("waiters lock");
+            if w.durable >= lsn {
+                return Ok(());
+            }
+            if w.stopped {
+                return Err(StorageError::SyncStopped);
+            }
+            let (tx, rx) = oneshot::channel();
+            w.seq += 1;
+            let seq = w.seq;
+            w.by_lsn.insert((lsn, seq), tx);
+            rx
+        };
+        rx.await.map_err(|_| StorageError::SyncStopped)
+    }
+
+    /// The log is synced up to `synced`: wakes every waiter at or below it. Returns how many.
+    pub fn complete(&self, synced: u64) -> usize {
+        let done = {
+            let mut w = self.0.lock().expect("waiters lock");
+            if synced <= w.durable {
+                return 0;
+            }
+            w.durable = synced;
+            let later = w.by_lsn.split_off(&(synced.saturating_add(1), 0));
+            std::mem::replace(&mut w.by_lsn, later)
+        };
+        let n = done.len();
+        for tx in done.into_values() {
+            let _ = tx.send(());
+        }
+        n
+    }
+
+    /// The log stopped: every waiter, present and future, fails.
+    pub fn stop(&self) {
+        let mut w = self.0.lock().expect("waiters lock");
+        w.stopped = true;
+        w.by_lsn.clear();
+    }
+}
 
 /// The write-ahead log plus the durable points waiting for its fsync.
 pub(crate) struct WalState {

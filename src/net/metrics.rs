@@ -1,12 +1,13 @@
 //! Request metrics: counts and latency histograms per client operation, lock-free.
 //!
-//! Histograms use fixed Prometheus-style buckets (upper bounds in seconds, [`BUCKETS_MICROS`])
-//! with one atomic counter each, so recording is a handful of relaxed atomic adds on the request
-//! path. [`super::admin`] renders them, with the node's other counters and gauges, in the
+//! Histograms ([`Histogram`], from [`crate::histogram`]) use fixed Prometheus-style buckets with
+//! one atomic counter each, so recording is a handful of relaxed atomic adds on the request path. [`super::admin`] renders them, with the node's other counters and gauges, in the
 //! Prometheus text format.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+pub use crate::histogram::{BUCKETS_MICROS, Histogram};
 
 /// A client operation, as metrics label it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,49 +37,54 @@ impl Op {
     }
 }
 
-/// Upper bounds of the latency buckets, in microseconds (100 µs to 10 s); `+Inf` is implied.
-pub const BUCKETS_MICROS: [u64; 16] = [
-    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
-    1_000_000, 2_500_000, 5_000_000, 10_000_000,
-];
-
-/// A latency histogram with fixed buckets ([`BUCKETS_MICROS`]).
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations per bucket (not cumulative); the last entry counts those above every bound.
-    buckets: [AtomicU64; BUCKETS_MICROS.len() + 1],
-    /// Sum of observations, in microseconds.
-    sum_micros: AtomicU64,
+/// A stage of a put's (or delete's) path to its acknowledgement, as `/metrics` labels it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutStage {
+    /// From the valid request frame to the write applied and its log record queued (the
+    /// replica lock, a causal wait if any, serialising the record).
+    Apply,
+    /// From the record queued to the log telling waiters it is durable under the policy in
+    /// force (written and fsynced under `always`, written under `batch` and `never`).
+    Log,
+    /// From that moment to the request's task running again on the runtime.
+    Wake,
+    /// From then to the response written to the client's stream.
+    Reply,
 }
 
-impl Histogram {
-    /// Records one observation.
-    pub fn record(&self, d: Duration) {
-        let us = d.as_micros().min(u64::MAX as u128) as u64;
-        let i = BUCKETS_MICROS.partition_point(|&b| b < us);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(us, Ordering::Relaxed);
+impl PutStage {
+    /// Every stage, in order.
+    pub const ALL: [PutStage; 4] = [
+        PutStage::Apply,
+        PutStage::Log,
+        PutStage::Wake,
+        PutStage::Reply,
+    ];
+
+    /// The `stage` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            PutStage::Apply => "apply",
+            PutStage::Log => "log",
+            PutStage::Wake => "wake",
+            PutStage::Reply => "reply",
+        }
+    }
+}
+
+/// How long writes spend in each [`PutStage`].
+#[derive(Debug, Default)]
+pub struct PutStages([Histogram; 4]);
+
+impl PutStages {
+    /// The histogram of `stage`.
+    pub fn get(&self, stage: PutStage) -> &Histogram {
+        &self.0[stage as usize]
     }
 
-    /// Cumulative counts per bucket bound (the last is `+Inf`, the total count), and the sum in
-    /// microseconds. Read without a lock: under concurrent recording the figures may be off by
-    /// the observations in flight, as with any Prometheus client.
-    pub fn snapshot(&self) -> (Vec<u64>, u64) {
-        let mut acc = 0;
-        let cumulative = self
-            .buckets
-            .iter()
-            .map(|b| {
-                acc += b.load(Ordering::Relaxed);
-                acc
-            })
-            .collect();
-        (cumulative, self.sum_micros.load(Ordering::Relaxed))
-    }
-
-    /// Observations recorded.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    /// Records one write's time in `stage`.
+    pub fn record(&self, stage: PutStage, d: Duration) {
+        self.get(stage).record(d);
     }
 }
 
@@ -145,6 +151,8 @@ pub struct Metrics {
     pub contribution_bytes_out: AtomicU64,
     /// Per client operation: counts and latency histograms.
     pub ops: OpMetrics,
+    /// Client writes, stage by stage: where a durable write spends its time.
+    pub put_stages: PutStages,
 }
 
 impl Metrics {
@@ -161,23 +169,6 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn observations_land_in_the_right_buckets() {
-        let h = Histogram::default();
-        h.record(Duration::from_micros(50)); // <= 100 µs
-        h.record(Duration::from_micros(100)); // <= 100 µs (bounds are inclusive)
-        h.record(Duration::from_micros(101)); // <= 250 µs
-        h.record(Duration::from_millis(3)); // <= 5 ms
-        h.record(Duration::from_secs(60)); // +Inf
-        let (cum, sum) = h.snapshot();
-        assert_eq!(cum.len(), BUCKETS_MICROS.len() + 1);
-        assert_eq!(&cum[..6], &[2, 3, 3, 3, 3, 4]);
-        assert_eq!(cum[BUCKETS_MICROS.len() - 1], 4);
-        assert_eq!(*cum.last().unwrap(), 5);
-        assert_eq!(h.count(), 5);
-        assert_eq!(sum, 50 + 100 + 101 + 3_000 + 60_000_000);
-    }
 
     #[test]
     fn ops_are_counted_apart() {

@@ -33,7 +33,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::credentials::{LoadedCert, LoadedTls, ReloadError};
-use super::durability::WalState;
+use super::durability::{DurableWaiters, WalState};
 use super::error::NodeError;
 use super::failure::PhiAccrual;
 use super::metrics::Metrics;
@@ -145,6 +145,8 @@ impl Node {
         .await
         .map_err(|e| NodeError::Recovery(e.to_string()))??;
         let synced = wal.synced();
+        let wal_stats = wal.stats();
+        let durable_waiters = DurableWaiters::new(wal.synced_lsn());
         let (shutdown_tx, shutdown) = watch::channel(false);
         let n = cfg.n();
         let shared = Arc::new(Shared {
@@ -180,6 +182,8 @@ impl Node {
                 pending: Default::default(),
             }),
             synced,
+            wal_stats,
+            durable_waiters,
             cfg,
         });
         let span = if shared.cfg.partitions > 1 {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tracing::{Instrument, debug, warn};
 
-use super::metrics::{Metrics, Op};
+use super::metrics::{Metrics, Op, PutStage};
 use super::shared::{Shared, now_micros};
 use crate::clock::{VClock, Version};
 use crate::replica::{NotReady, ReadResult};
@@ -107,8 +107,13 @@ async fn handle(shared: &Shared, mut send: SendStream, mut recv: RecvStream) {
         }
     };
     let started = Instant::now();
+    // When a write became durable and its task resumed, for the reply stage of its timeline.
+    let mut durable_at = None;
     let (op, body) = match wire::access::<ArchivedRequest>(&frame) {
-        Ok(req) => (op_of(req), execute(shared, &frame, req).await),
+        Ok(req) => (
+            op_of(req),
+            execute(shared, &frame, req, started, &mut durable_at).await,
+        ),
         Err(e) => {
             Metrics::bump(&shared.metrics.malformed_frames);
             warn!(error = %e, "malformed client request; closing the stream");
@@ -126,6 +131,12 @@ async fn handle(shared: &Shared, mut send: SendStream, mut recv: RecvStream) {
     let ok = !matches!(body, ResponseBody::Error { .. });
     respond(shared, &mut send, body).await;
     shared.metrics.ops.record(op, ok, started.elapsed());
+    if let Some(t) = durable_at {
+        shared
+            .metrics
+            .put_stages
+            .record(PutStage::Reply, t.elapsed());
+    }
 }
 
 fn op_of(req: &ArchivedRequest) -> Op {
@@ -145,7 +156,15 @@ async fn respond(shared: &Shared, send: &mut SendStream, body: ResponseBody) {
     }
 }
 
-async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> ResponseBody {
+/// Runs one request. For a write, records the stages of its timeline up to the moment it is
+/// durable (`durable_at`, from which [`handle`] times the reply).
+async fn execute(
+    shared: &Shared,
+    frame: &Bytes,
+    req: &ArchivedRequest,
+    started: Instant,
+    durable_at: &mut Option<Instant>,
+) -> ResponseBody {
     if shared.is_shutting_down() {
         return error(error_code::SHUTTING_DOWN, "site is shutting down");
     }
@@ -210,6 +229,7 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
         Ok(w) => w,
         Err(refusal) => return refusal,
     };
+    let queued = Instant::now();
     // Acknowledge only once the write is durable under the fsync policy in force.
     if let Err(e) = shared.wait_durable(lsn).await {
         return error(
@@ -217,6 +237,13 @@ async fn execute(shared: &Shared, frame: &Bytes, req: &ArchivedRequest) -> Respo
             format!("write {version} is applied but could not be made durable: {e}"),
         );
     }
+    let resumed = Instant::now();
+    let published = shared.wal_stats.last_published().clamp(queued, resumed);
+    let stages = &shared.metrics.put_stages;
+    stages.record(PutStage::Apply, queued - started);
+    stages.record(PutStage::Log, published - queued);
+    stages.record(PutStage::Wake, resumed - published);
+    *durable_at = Some(resumed);
     if sync > 0 {
         let acked = wait_for(shared, deadline, || {
             let k = shared.read(|r| r.acked_by(version.ts));

@@ -27,12 +27,18 @@ pub(crate) async fn ticker(shared: Arc<Shared>) {
     }
 }
 
-/// Advances the replica's durable state as the write-ahead log's fsyncs complete; only then are
-/// updates sent to peers and acked.
+/// Completes the requests waiting for durability and advances the replica's durable state as
+/// the write-ahead log's commits complete; only then are updates sent to peers and acked. The
+/// one task the log thread wakes per commit.
 pub(crate) async fn durability_pump(shared: Arc<Shared>) {
     let mut rx = shared.synced.clone();
     loop {
         let synced = *rx.borrow_and_update();
+        // Acknowledgements first: the requests this commit covers run before the rest of this
+        // iteration (the replica lock, waking peer senders).
+        if shared.durable_waiters.complete(synced) > 0 {
+            tokio::task::yield_now().await;
+        }
         let moved = {
             let mut r = shared.replica.lock().expect("replica lock");
             let mut w = shared.wal.lock().expect("wal lock");
@@ -43,6 +49,7 @@ pub(crate) async fn durability_pump(shared: Arc<Shared>) {
             shared.wake_peers();
         }
         if rx.changed().await.is_err() {
+            shared.durable_waiters.stop();
             tracing::error!(
                 "write-ahead log sync stopped: this site can no longer make writes durable"
             );
