@@ -18,6 +18,8 @@
 //!   the WAN emulator, the causal-consistency checker and the certificate tooling.
 //! - [`net`]: the tokio + quinn driver: a running [`Node`], peer links, the client service,
 //!   admin endpoints, the durability and snapshot tasks.
+//! - [`consensus`]: the Raft groups of the strong operations (openraft): types, the durable
+//!   Raft log, the state machine holding the strong keyspace, the RPC messages.
 //! - [`config`]: the site configuration file (TOML).
 //! - [`peer_wire`]: the peer protocol's messages (hello, acks, update batches).
 //! - [`replica`]: the sans-IO replication core (no tokio, no sockets, no wall clock): local
@@ -31,6 +33,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod consensus;
 pub mod net;
 pub mod peer_wire;
 pub mod replica;

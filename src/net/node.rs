@@ -57,6 +57,9 @@ pub struct NodeOptions {
     /// Whether a partitioned node checks deps against the site's stable vector (see
     /// [`ReplicaConfig::check_stable`]). Only tests switch it off, to show the bug it guards.
     pub check_stable: bool,
+    /// Test-only switches of the strong operations, to plant the bugs their tests catch
+    /// (reads from a follower's local state, strong reads without their causal context).
+    pub strong: super::strong::StrongOptions,
 }
 
 impl Default for NodeOptions {
@@ -64,6 +67,7 @@ impl Default for NodeOptions {
         Self {
             check_deps: true,
             check_stable: true,
+            strong: Default::default(),
         }
     }
 }
@@ -127,6 +131,9 @@ impl Node {
         .await
         .map_err(|e| NodeError::Recovery(e.to_string()))??;
         let synced = wal.synced();
+        let strong = super::strong::Strong::start(&cfg, opts.strong)
+            .await
+            .map_err(|e| NodeError::Recovery(format!("consensus: {e}")))?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let n = cfg.n();
         let shared = Arc::new(Shared {
@@ -161,6 +168,7 @@ impl Node {
                 pending: Default::default(),
             }),
             synced,
+            strong,
             cfg,
         });
         let span = if shared.cfg.partitions > 1 {
@@ -174,6 +182,13 @@ impl Node {
             tokio::spawn(ticker(shared.clone()).instrument(span.clone())),
             tokio::spawn(durability_pump(shared.clone()).instrument(span.clone())),
             tokio::spawn(snapshotter(shared.clone()).instrument(span.clone())),
+            tokio::spawn(
+                shared
+                    .strong
+                    .clone()
+                    .watch(shared.shutdown.clone())
+                    .instrument(span.clone()),
+            ),
         ];
         for p in shared.cfg.peers() {
             tasks.push(tokio::spawn(
@@ -362,7 +377,8 @@ impl Node {
             }
         })
         .await;
-        // 3. Stop every task and close the connections.
+        // 3. Stop the Raft voter, every task, and close the connections.
+        shared.strong.shutdown().await;
         let _ = self.shutdown_tx.send(true);
         self.endpoint.close(
             VarInt::from_u32(close_code::SHUTDOWN),

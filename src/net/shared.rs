@@ -52,6 +52,8 @@ pub(crate) struct Shared {
     pub wal: Mutex<WalState>,
     /// The log's synced LSN.
     pub synced: watch::Receiver<u64>,
+    /// This node's voter in its partition's Raft group (strong operations).
+    pub strong: Arc<super::strong::Strong>,
 }
 
 /// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.

@@ -216,6 +216,7 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
             quic: Default::default(),
             storage: StorageConfig::default(),
             failure: FailureConfig::default(),
+            consensus: Default::default(),
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
         let file = opts.dir.join(format!("site-{suffix}.toml"));
