@@ -1,0 +1,341 @@
+//! Strong operations end to end, over real QUIC and mutual TLS: three sites, one Raft group,
+//! every inter-site link through a [`Relay`] (one-way delay, cuts).
+//!
+//! - Concurrent clients at every site run put, get, cas and delete on a few hot keys; the
+//!   recorded history must be linearizable ([`lincheck`]).
+//! - The planted bug: with the test-only switch that serves strong reads from a follower's
+//!   local state, the same checker must report violations.
+//! - Split brain: the leader's site is cut off; there strong operations fail with
+//!   `Unavailable` while causal ones succeed; the majority elects a new leader and serves both.
+//! - Failover: the leader's node stops; the others elect a new one and strong writes resume;
+//!   the old leader comes back as a follower with every acknowledged write.
+//!
+//! `STRONG_SEED` replays the random operation mix; `STRONG_OPS` sets the operations per client.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use causalkv::client::CasOutcome;
+use causalkv::config::ConsensusConfig;
+use causalkv::net::{NodeOptions, StrongOptions};
+use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
+use causalkv::{Client, ClientError};
+use common::{Cluster, Relay, bounded, env_u64, eventually, ms};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// Three sites whose links `i → j` each go through a relay delaying them by `delay` (one way),
+/// with consensus timeouts for loopback plus that delay.
+async fn cluster(delay: Duration, opts: NodeOptions) -> (Cluster, HashMap<(usize, usize), Relay>) {
+    let mut prep = Cluster::prepare(3);
+    let real: Vec<_> = prep.configs.iter().map(|c| c.listen_addr()).collect();
+    let mut relays = HashMap::new();
+    for i in 0..3 {
+        prep.configs[i].consensus = ConsensusConfig {
+            heartbeat_ms: 300,
+            election_min_ms: 1_200,
+            election_max_ms: 2_400,
+            ..Default::default()
+        };
+        for j in (0..3).filter(|&j| j != i) {
+            let relay = Relay::start(real[j], delay).await;
+            prep.configs[i].sites[j].addr = relay.addr();
+            relays.insert((i, j), relay);
+        }
+    }
+    let c = prep.start_with(opts).await;
+    c.wait_connected().await;
+    (c, relays)
+}
+
+/// The leader, one of `sites`, that every site in `sites` agrees on.
+async fn leader(c: &Cluster, sites: &[usize]) -> usize {
+    let mut found = None;
+    eventually(ms(20_000), "the sites agree on a leader", async || {
+        let leaders: Vec<Option<u16>> = sites
+            .iter()
+            .map(|&i| c.node(i).status().consensus.and_then(|s| s.leader))
+            .collect();
+        found = leaders[0]
+            .filter(|l| sites.contains(&(*l as usize)) && leaders.iter().all(|m| *m == leaders[0]));
+        found.is_some()
+    })
+    .await;
+    found.expect("leader") as usize
+}
+
+/// Runs one recorded strong operation.
+async fn run(client: &Client, rec: &Recorder, id: u64, cmd: Command) -> Result<(), ClientError> {
+    let pending = rec.invoke(id, cmd.clone());
+    let result = match cmd {
+        Command::Put { key, value } => client
+            .put_strong(&key, &value)
+            .await
+            .map(|()| Response::Ack),
+        Command::Delete { key } => client.delete_strong(&key).await.map(|()| Response::Ack),
+        Command::Get { key } => client
+            .get_strong(&key)
+            .await
+            .map(|v| Response::Value(v.map(|b| b.to_vec()))),
+        Command::Cas { key, expected, new } => client
+            .cas(&key, expected.as_deref(), new.as_deref())
+            .await
+            .map(|o| match o {
+                CasOutcome::Swapped => Response::CasOk,
+                CasOutcome::Failed { current } => Response::CasFailed {
+                    current: current.map(|b| b.to_vec()),
+                },
+            }),
+    };
+    match result {
+        Ok(r) => {
+            pending.complete(r);
+            Ok(())
+        }
+        Err(e) => {
+            match e {
+                // Certainly not applied.
+                ClientError::Unavailable(_) => pending.fail(),
+                _ => pending.unknown(),
+            }
+            Err(e)
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_strong_operations_are_linearizable() {
+    bounded(ms(240_000), async {
+        let seed = env_u64("STRONG_SEED", 0x5742_0001);
+        let per_client = env_u64("STRONG_OPS", 120);
+        println!("seed {seed:#x} (STRONG_SEED), {per_client} ops per client (STRONG_OPS)");
+        let (c, _relays) = cluster(ms(5), NodeOptions::default()).await;
+        leader(&c, &[0, 1, 2]).await;
+        let rec = Recorder::new();
+        let keys: Vec<Vec<u8>> = (0..3).map(|k| format!("hot{k}").into_bytes()).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for site in 0..3 {
+            for k in 0..2u64 {
+                let id = site as u64 * 10 + k;
+                let client = c.client(site).await;
+                let (rec, keys) = (rec.clone(), keys.clone());
+                tasks.spawn(async move {
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ id);
+                    let mut seen: Option<Vec<u8>> = None;
+                    let mut errors = 0;
+                    for n in 0..per_client {
+                        let key = keys[rng.gen_range(0..keys.len())].clone();
+                        let value = format!("{id}-{n}").into_bytes();
+                        let cmd = match rng.gen_range(0..100) {
+                            0..35 => Command::get(key),
+                            35..65 => Command::put(key, value),
+                            65..95 => Command::cas(key, seen.clone(), Some(value)),
+                            _ => Command::delete(key),
+                        };
+                        match run(&client, &rec, id, cmd.clone()).await {
+                            Ok(()) => {}
+                            Err(e) => {
+                                errors += 1;
+                                println!("client {id}: {cmd}: {e}");
+                            }
+                        }
+                        if let Command::Put { value, .. } = cmd {
+                            seen = Some(value);
+                        }
+                    }
+                    errors
+                });
+            }
+        }
+        let mut errors = 0;
+        while let Some(r) = tasks.join_next().await {
+            errors += r.expect("client task");
+        }
+        let history = rec.snapshot();
+        let report = lincheck::check(&history);
+        println!("{report}");
+        assert_eq!(report.verdict(), Verdict::Ok, "{report}");
+        assert!(
+            errors * 10 <= history.len(),
+            "{errors} of {} operations failed without faults",
+            history.len()
+        );
+        c.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_local_reads_are_caught_by_the_checker() {
+    bounded(ms(120_000), async {
+        // Followers learn of a commit one append after the leader: with 100 ms links, a
+        // follower's local state lags every acknowledged write by about that much.
+        let opts = NodeOptions {
+            strong: StrongOptions {
+                local_reads: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (c, _relays) = cluster(ms(100), opts).await;
+        let l = leader(&c, &[0, 1, 2]).await;
+        let f = (l + 1) % 3;
+        let (writer, reader) = (c.client(l).await, c.client(f).await);
+        let rec = Recorder::new();
+        for n in 0..10 {
+            let v = format!("v{n}").into_bytes();
+            run(&writer, &rec, 1, Command::put("k", v))
+                .await
+                .expect("put at the leader");
+            run(&reader, &rec, 2, Command::get("k"))
+                .await
+                .expect("local read");
+        }
+        let report = lincheck::check(&rec.snapshot());
+        println!("{report}");
+        assert_eq!(
+            report.verdict(),
+            Verdict::Violation,
+            "reads from a follower's local state must be caught: {report}"
+        );
+        c.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_leader_is_unavailable_for_strong_operations_but_serves_causal_ones() {
+    bounded(ms(180_000), async {
+        let (c, relays) = cluster(ms(2), NodeOptions::default()).await;
+        let old = leader(&c, &[0, 1, 2]).await;
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let minority = c
+            .client_builder(old)
+            .timeout(ms(3_000))
+            .connect()
+            .await
+            .expect("client of the old leader");
+        let majority = c.client(others[0]).await;
+        majority
+            .put_strong("s", "before")
+            .await
+            .expect("strong put before the cut");
+        for ((i, j), r) in &relays {
+            if *i == old || *j == old {
+                r.cut(true);
+            }
+        }
+        // The majority elects a new leader and serves strong and causal operations.
+        let new = leader(&c, &others).await;
+        assert_ne!(
+            new, old,
+            "the cut-off leader cannot stay the majority's leader"
+        );
+        majority
+            .put_strong("s", "during")
+            .await
+            .expect("strong put on the majority side");
+        assert_eq!(
+            majority
+                .get_strong("s")
+                .await
+                .expect("strong get")
+                .as_deref(),
+            Some(&b"during"[..])
+        );
+        majority
+            .put("x", "1")
+            .await
+            .expect("causal put on the majority side");
+        // The minority side: strong operations are refused with Unavailable, causal ones work.
+        for attempt in ["get", "put", "cas"] {
+            let r = match attempt {
+                "get" => minority.get_strong("s").await.map(|_| ()),
+                "put" => minority.put_strong("s", "minority").await,
+                _ => minority
+                    .cas(
+                        "s",
+                        Some(b"before".as_slice()),
+                        Some(b"minority".as_slice()),
+                    )
+                    .await
+                    .map(|_| ()),
+            };
+            match r {
+                Err(ClientError::Unavailable(m)) => {
+                    println!("minority {attempt}: {m}");
+                    assert!(m.contains("majority") || m.contains("leader"), "{m}");
+                }
+                other => panic!("strong {attempt} on the minority side: {other:?}"),
+            }
+        }
+        minority
+            .put("y", "2")
+            .await
+            .expect("causal put on the minority side");
+        assert_eq!(
+            minority.get("y").await.expect("causal get").as_deref(),
+            Some(&b"2"[..])
+        );
+        // Heal: the old leader follows the new one and sees the majority's write.
+        for r in relays.values() {
+            r.cut(false);
+        }
+        let healed = c.client(old).await;
+        eventually(
+            ms(30_000),
+            "the old leader's site serves strong reads again",
+            async || healed.get_strong("s").await.ok().flatten().as_deref() == Some(&b"during"[..]),
+        )
+        .await;
+        c.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_leader_is_replaced_and_keeps_every_acknowledged_write() {
+    bounded(ms(180_000), async {
+        let (mut c, _relays) = cluster(ms(2), NodeOptions::default()).await;
+        let old = leader(&c, &[0, 1, 2]).await;
+        let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
+        let client = c.client(others[0]).await;
+        for n in 0..20 {
+            client
+                .put_strong(format!("k{n}"), format!("v{n}"))
+                .await
+                .expect("put");
+        }
+        c.stop(old).await;
+        let new = leader(&c, &others).await;
+        assert_ne!(new, old);
+        eventually(ms(20_000), "strong writes resume", async || {
+            client.put_strong("after", "1").await.is_ok()
+        })
+        .await;
+        assert_eq!(
+            client
+                .cas("after", Some(b"1".as_slice()), Some(b"2".as_slice()))
+                .await
+                .expect("cas"),
+            CasOutcome::Swapped
+        );
+        c.restart(old).await;
+        let back = c.client(old).await;
+        for n in 0..20 {
+            let got = back.get_strong(format!("k{n}")).await.expect("strong get");
+            assert_eq!(got.as_deref(), Some(format!("v{n}").as_bytes()));
+        }
+        assert_eq!(
+            back.get_strong("after")
+                .await
+                .expect("strong get")
+                .as_deref(),
+            Some(&b"2"[..])
+        );
+        c.shutdown().await;
+    })
+    .await;
+}
