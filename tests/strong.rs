@@ -339,3 +339,108 @@ async fn a_stopped_leader_is_replaced_and_keeps_every_acknowledged_write() {
     })
     .await;
 }
+
+/// The mixed-levels scenario: `x` written causally at site A, then `s` strongly at A, with the
+/// link A → C delayed by 300 ms; a session at C reads `s` strongly, then `x` causally. Returns
+/// whether that session saw `x`. A and C are the two followers, so that the strong operations
+/// themselves never cross the delayed link.
+async fn mixed_levels(opts: NodeOptions) -> bool {
+    let (c, relays) = cluster(ms(2), opts).await;
+    let l = leader(&c, &[0, 1, 2]).await;
+    let (a, cc) = ((l + 1) % 3, (l + 2) % 3);
+    relays[&(a, cc)].set_delay(ms(300));
+    let writer = c.client(a).await;
+    writer.put("x", "1").await.expect("causal put of x at A");
+    writer
+        .put_strong("s", "1")
+        .await
+        .expect("strong put of s at A");
+    let reader = c.client(cc).await;
+    assert_eq!(
+        reader
+            .get_strong("s")
+            .await
+            .expect("strong get of s at C")
+            .as_deref(),
+        Some(&b"1"[..])
+    );
+    let x = reader.get("x").await.expect("causal get of x at C");
+    c.shutdown().await;
+    x.as_deref() == Some(&b"1"[..])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_strong_read_carries_the_writers_causal_context() {
+    bounded(ms(120_000), async {
+        assert!(
+            mixed_levels(NodeOptions::default()).await,
+            "a causal read after a strong read must see what the strong writer had seen"
+        );
+        // The planted bug: strong results without their context. The causal read at C then
+        // does not wait for x, which is still on the delayed link.
+        let dropped = NodeOptions {
+            strong: StrongOptions {
+                drop_context: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(
+            !mixed_levels(dropped).await,
+            "without the context the causal read must miss x (the test must catch the bug)"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_runs_strong_operations_and_a_failed_cas_exits_1() {
+    bounded(ms(120_000), async {
+        let (c, _relays) = cluster(ms(2), NodeOptions::default()).await;
+        leader(&c, &[0, 1, 2]).await;
+        let certs = c.certs.to_str().expect("utf-8 path").to_owned();
+        let cli = async |args: &[&str], site: usize| {
+            let out = tokio::process::Command::new(common::BIN)
+                .args(args)
+                .args(["--site", &c.addr(site).to_string(), "--certs", &certs])
+                .output()
+                .await
+                .expect("run the CLI");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (out.status.code(), text)
+        };
+        assert_eq!(
+            cli(&["put", "--strong", "lock", "alice"], 0).await.0,
+            Some(0)
+        );
+        let (code, text) = cli(&["get", "--strong", "lock"], 1).await;
+        assert_eq!((code, text.trim()), (Some(0), "alice"));
+        // A compare-and-set that does not match: exit 1 and the current value.
+        let (code, text) = cli(&["cas", "lock", "bob", "--expect", "carol"], 2).await;
+        assert_eq!(code, Some(1), "{text}");
+        assert!(text.contains("alice"), "{text}");
+        let (code, _) = cli(&["cas", "lock", "bob", "--expect", "alice"], 2).await;
+        assert_eq!(code, Some(0));
+        let (code, text) = cli(&["cas", "free", "me", "--expect-absent"], 0).await;
+        assert_eq!(code, Some(0), "{text}");
+        let (code, _) = cli(&["cas", "free", "--expect", "me", "--delete"], 1).await;
+        assert_eq!(code, Some(0));
+        assert_eq!(cli(&["get", "--strong", "free"], 0).await.0, Some(1));
+        assert_eq!(cli(&["del", "--strong", "lock"], 1).await.0, Some(0));
+        assert_eq!(cli(&["get", "--strong", "lock"], 2).await.0, Some(1));
+        // The strong keyspace is separate: a causal get does not see strong keys.
+        assert_eq!(
+            cli(&["put", "--strong", "only-strong", "1"], 0).await.0,
+            Some(0)
+        );
+        assert_eq!(cli(&["get", "only-strong"], 0).await.0, Some(1));
+        let (code, text) = cli(&["status"], 1).await;
+        assert_eq!(code, Some(0));
+        assert!(
+            text.contains("consensus:") && text.contains("match index"),
+            "{text}"
+        );
+        c.shutdown().await;
+    })
+    .await;
+}

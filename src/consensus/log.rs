@@ -267,7 +267,9 @@ impl LogStore {
         self.index.lock().expect("raft log lock").committed
     }
 
-    /// Applies `r` to the index and queues it for the file, under the index lock.
+    /// Applies `r` to the index and queues it for the file, under the index lock. (The error
+    /// type is openraft's, whatever its size.)
+    #[allow(clippy::result_large_err)]
     fn submit(&self, r: Record, done: Done) -> Result<(), StorageError<NodeId>> {
         let bytes = frame(&r);
         let mut ix = self.index.lock().expect("raft log lock");

@@ -136,13 +136,16 @@ fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
     StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
 }
 
+/// The current snapshot: its metadata and bytes.
+type Current = (SnapshotMeta<NodeId, openraft::EmptyNode>, Vec<u8>);
+
 /// The state machine of a group. Clones share one state.
 #[derive(Clone)]
 pub struct StateMachine {
     /// The strong keyspace; the node reads it for linearizable reads.
     pub state: Arc<RwLock<StrongState>>,
     dir: PathBuf,
-    current: Arc<Mutex<Option<(SnapshotMeta<NodeId, openraft::EmptyNode>, Vec<u8>)>>>,
+    current: Arc<Mutex<Option<Current>>>,
 }
 
 impl StateMachine {

@@ -77,7 +77,7 @@ impl Shared {
             partition: self.cfg.partition as u16,
             partitions: self.cfg.partitions as u16,
             site_stable,
-            consensus: Some(self.strong.status()),
+            consensus: Some(Box::new(self.strong.status())),
         }
     }
 }

@@ -284,7 +284,7 @@ mod messages {
         /// vector.
         pub site_stable: Vec<u64>,
         /// The partition's Raft group (strong operations).
-        pub consensus: Option<ConsensusStatus>,
+        pub consensus: Option<Box<ConsensusStatus>>,
     }
 
     /// The body of a response.
