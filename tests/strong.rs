@@ -444,3 +444,226 @@ async fn the_cli_runs_strong_operations_and_a_failed_cas_exits_1() {
     })
     .await;
 }
+
+/// Runs random strong operations on `keys` until `stop`, recording them; returns how many were
+/// acknowledged.
+async fn load(
+    client: Client,
+    rec: Recorder,
+    id: u64,
+    seed: u64,
+    keys: Vec<Vec<u8>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> usize {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ id);
+    let mut acked = 0;
+    let mut seen: Option<Vec<u8>> = None;
+    let mut n = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        n += 1;
+        let key = keys[rng.gen_range(0..keys.len())].clone();
+        let value = format!("{id}-{n}").into_bytes();
+        let cmd = match rng.gen_range(0..100) {
+            0..40 => Command::get(key),
+            40..70 => Command::put(key, value),
+            _ => Command::cas(key, seen.clone(), Some(value)),
+        };
+        match run(&client, &rec, id, cmd.clone()).await {
+            Ok(()) => acked += 1,
+            Err(_) => tokio::time::sleep(ms(20)).await,
+        }
+        if let Command::Put { value, .. } = cmd {
+            seen = Some(value);
+        }
+    }
+    acked
+}
+
+/// The leader that the running sites' status answers agree on, one of `sites`.
+async fn process_leader(clients: &[Client], sites: &[usize]) -> usize {
+    let mut found = None;
+    eventually(
+        ms(30_000),
+        "the running sites agree on a leader",
+        async || {
+            let mut leaders = Vec::new();
+            for &i in sites {
+                match clients[i].status().await {
+                    Ok(s) => leaders.push(s.consensus.and_then(|c| c.leader)),
+                    Err(_) => return false,
+                }
+            }
+            found = leaders[0].filter(|l| {
+                sites.contains(&(*l as usize)) && leaders.iter().all(|m| *m == leaders[0])
+            });
+            found.is_some()
+        },
+    )
+    .await;
+    found.expect("leader") as usize
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_under_leader_kills_cuts_and_isolation_stay_linearizable() {
+    bounded(ms(600_000), async {
+        let seed = env_u64("STRONG_SEED", 0x5742_0002);
+        let kills = env_u64("STRONG_KILLS", 3) as usize;
+        println!("seed {seed:#x} (STRONG_SEED), {kills} leader kills (STRONG_KILLS)");
+        let mut prep = Cluster::prepare(3);
+        let real: Vec<_> = prep.configs.iter().map(|c| c.listen_addr()).collect();
+        let mut relays = HashMap::new();
+        for i in 0..3 {
+            prep.configs[i].consensus = ConsensusConfig {
+                heartbeat_ms: 300,
+                election_min_ms: 1_200,
+                election_max_ms: 2_400,
+                ..Default::default()
+            };
+            for j in (0..3).filter(|&j| j != i) {
+                let relay = Relay::start(real[j], ms(10)).await;
+                prep.configs[i].sites[j].addr = relay.addr();
+                relays.insert((i, j), relay);
+            }
+        }
+        let mut p = prep.spawn().await;
+        p.wait_connected().await;
+        let status: Vec<Client> = {
+            let mut v = Vec::new();
+            for i in 0..3 {
+                v.push(
+                    p.client_builder(i)
+                        .timeout(ms(1_000))
+                        .connect()
+                        .await
+                        .expect("client"),
+                );
+            }
+            v
+        };
+        process_leader(&status, &[0, 1, 2]).await;
+        let rec = Recorder::new();
+        let keys: Vec<Vec<u8>> = (0..3).map(|k| format!("hot{k}").into_bytes()).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut workers = tokio::task::JoinSet::new();
+        for site in 0..3 {
+            for k in 0..3u64 {
+                let id = site as u64 * 10 + k;
+                let client = p
+                    .client_builder(site)
+                    .timeout(ms(3_000))
+                    .connect()
+                    .await
+                    .expect("client");
+                workers.spawn(load(
+                    client,
+                    rec.clone(),
+                    id,
+                    seed,
+                    keys.clone(),
+                    stop.clone(),
+                ));
+            }
+        }
+        let acked_since = |n: usize| {
+            let rec = rec.clone();
+            async move {
+                let start = rec.snapshot().len();
+                eventually(ms(60_000), "the load makes progress", async || {
+                    rec.snapshot().len() >= start + n
+                })
+                .await;
+            }
+        };
+        acked_since(100).await;
+        // kill -9 of the leader's process, then its restart.
+        let mut failovers = Vec::new();
+        for k in 0..kills {
+            let l = process_leader(&status, &[0, 1, 2]).await;
+            let other = (l + 1) % 3;
+            let probe = p
+                .client_builder(other)
+                .timeout(ms(1_000))
+                .connect()
+                .await
+                .expect("probe");
+            let t0 = std::time::Instant::now();
+            p.kill(l);
+            eventually(
+                ms(60_000),
+                "a strong write succeeds after the leader's kill",
+                async || probe.put_strong("probe", format!("{k}")).await.is_ok(),
+            )
+            .await;
+            failovers.push(t0.elapsed());
+            println!(
+                "kill {k}: leader {l} killed; strong writes resumed after {:?}",
+                t0.elapsed()
+            );
+            p.start(l);
+            p.wait_listening(l, ms(10_000)).await;
+            process_leader(&status, &[0, 1, 2]).await;
+            acked_since(50).await;
+        }
+        // The leader cut off from the majority, then healed.
+        let l = process_leader(&status, &[0, 1, 2]).await;
+        let cut_off = |site: usize, on: bool| {
+            for ((i, j), r) in &relays {
+                if *i == site || *j == site {
+                    r.cut(on);
+                }
+            }
+        };
+        cut_off(l, true);
+        let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+        process_leader(&status, &others).await;
+        acked_since(50).await;
+        cut_off(l, false);
+        // An isolated follower, then healed.
+        let l = process_leader(&status, &[0, 1, 2]).await;
+        let f = (l + 1) % 3;
+        cut_off(f, true);
+        acked_since(50).await;
+        cut_off(f, false);
+        process_leader(&status, &[0, 1, 2]).await;
+        acked_since(50).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = 0;
+        while let Some(r) = workers.join_next().await {
+            acked += r.expect("worker");
+        }
+        // Final reads at every site: an acknowledged write that was lost shows up as a
+        // violation here.
+        for site in 0..3 {
+            let c = p.client(site).await;
+            for key in &keys {
+                eventually(ms(30_000), "a final strong read succeeds", async || {
+                    run(&c, &rec, 100 + site as u64, Command::get(key.clone()))
+                        .await
+                        .is_ok()
+                })
+                .await;
+            }
+        }
+        let history = rec.snapshot();
+        let report = lincheck::check(&history);
+        println!("{report}");
+        println!(
+            "{acked} acknowledged of {} strong operations",
+            history.len()
+        );
+        let mut sorted = failovers.clone();
+        sorted.sort();
+        if let (Some(p50), Some(max)) = (sorted.get(sorted.len() / 2), sorted.last()) {
+            println!(
+                "failover after kill -9 of the leader: p50 {p50:?}, max {max:?} over {} kills",
+                sorted.len()
+            );
+        }
+        assert_eq!(report.verdict(), Verdict::Ok, "{report}");
+        assert!(
+            acked >= 300,
+            "only {acked} strong operations were acknowledged"
+        );
+    })
+    .await;
+}

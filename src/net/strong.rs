@@ -522,7 +522,7 @@ impl Strong {
                                 why = "leadership moved during the write".into();
                                 self.settle(left).await;
                             }
-                            Ok(Err(e)) => return Outcome::Unavailable(e.to_string()),
+                            Ok(Err(e)) => return Outcome::Unknown(e.to_string()),
                             Err(_) => continue,
                         }
                     }
@@ -555,6 +555,14 @@ impl Strong {
                         Ok(RpcReply::Forward(Outcome::NotLeader { .. })) => {
                             why = format!("site {} no longer leads", self.name(l));
                             self.settle(left).await;
+                        }
+                        // An earlier attempt may have reached a leader: then a refusal now
+                        // does not mean the write was not applied.
+                        Ok(RpcReply::Forward(Outcome::Unavailable(m))) if is_write && proposed => {
+                            Metrics::bump(&self.metrics.unknown);
+                            return Outcome::Unknown(format!(
+                                "{m} (an earlier attempt may have been applied)"
+                            ));
                         }
                         Ok(RpcReply::Forward(o)) => return o,
                         Ok(other) => why = format!("unexpected reply {other:?}"),

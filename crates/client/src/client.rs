@@ -657,6 +657,9 @@ impl Client {
         p: usize,
     ) -> Result<ResponseBody, ClientError> {
         let mut attempts = 0;
+        // Whether an earlier attempt may have reached a site (then a strong write refused as
+        // unavailable now may still have been applied by that attempt).
+        let mut delivered_before = false;
         loop {
             attempts += 1;
             let (i, conn) = self.connection(p).await?;
@@ -687,12 +690,15 @@ impl Client {
                     }
                     continue;
                 }
-                Ok(Ok(resp)) => return self.interpret(self.routes[i][p], resp),
+                Ok(Ok(resp)) => {
+                    return self.interpret(self.routes[i][p], resp, delivered_before);
+                }
                 Ok(Err(e)) => e,
             };
             // The site failed: forget its connection so the next attempt fails over.
             conn.close(0u32.into(), b"failing over");
             let delivered = matches!(err, Exchange::AfterSend(_));
+            delivered_before |= delivered;
             let msg = err.message();
             if is_tls(&msg) {
                 return Err(ClientError::Tls(msg));
@@ -711,7 +717,12 @@ impl Client {
         }
     }
 
-    fn interpret(&self, site: SocketAddr, resp: Response) -> Result<ResponseBody, ClientError> {
+    fn interpret(
+        &self,
+        site: SocketAddr,
+        resp: Response,
+        delivered_before: bool,
+    ) -> Result<ResponseBody, ClientError> {
         match resp.body {
             ResponseBody::Error {
                 code,
@@ -720,6 +731,9 @@ impl Client {
             } => Err(match code {
                 error_code::NOT_READY => ClientError::NotReady { site, message },
                 error_code::TOO_LARGE => ClientError::TooLarge(message),
+                error_code::UNAVAILABLE if delivered_before => ClientError::OutcomeUnknown(
+                    format!("{message} (an earlier attempt may have been applied)"),
+                ),
                 error_code::UNAVAILABLE => ClientError::Unavailable(message),
                 error_code::OUTCOME_UNKNOWN => ClientError::OutcomeUnknown(message),
                 error_code::SYNC_TIMEOUT => {
