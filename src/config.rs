@@ -303,6 +303,11 @@ impl Eq for FailureConfig {}
 /// elect continually. In openraft 0.9 an append-entries RPC, heartbeats included, times out
 /// after one heartbeat interval, so `heartbeat_ms` must exceed the longest round trip plus a
 /// log fsync; the election timeout should be 10-20 round trips.
+///
+/// Failover: after its leader fails, a follower of openraft 0.9 waits out the leader's lease
+/// (`election_max_ms`) plus a random election timeout before standing for election, so a
+/// crashed leader is replaced after about `election_max_ms` + `election_min_ms` to
+/// 2 x `election_max_ms`, plus one vote round trip.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsensusConfig {
@@ -329,8 +334,8 @@ impl Default for ConsensusConfig {
     fn default() -> Self {
         Self {
             heartbeat_ms: 500,
-            election_min_ms: 2_000,
-            election_max_ms: 4_000,
+            election_min_ms: 1_500,
+            election_max_ms: 3_000,
             install_snapshot_timeout_ms: 60_000,
             max_payload_entries: 512,
             snapshot_every: 20_000,

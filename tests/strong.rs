@@ -667,3 +667,43 @@ async fn processes_under_leader_kills_cuts_and_isolation_stay_linearizable() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leadership_moves_back_to_the_preferred_site_when_it_is_healthy() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare(3);
+        for cfg in &mut prep.configs {
+            cfg.consensus = ConsensusConfig {
+                heartbeat_ms: 200,
+                election_min_ms: 800,
+                election_max_ms: 1_600,
+                preferred_leader: Some("c".into()),
+                ..Default::default()
+            };
+        }
+        let mut c = prep.start().await;
+        c.wait_connected().await;
+        leader(&c, &[0, 1, 2]).await;
+        // Take the preferred site away: another site leads meanwhile.
+        c.stop(2).await;
+        let interim = leader(&c, &[0, 1]).await;
+        let client = c.client(interim).await;
+        client
+            .put_strong("k", "1")
+            .await
+            .expect("strong put without c");
+        c.restart(2).await;
+        eventually(
+            ms(60_000),
+            "leadership is back at the preferred site",
+            async || (0..3).all(|i| c.node(i).status().consensus.and_then(|s| s.leader) == Some(2)),
+        )
+        .await;
+        assert_eq!(
+            client.get_strong("k").await.expect("get").as_deref(),
+            Some(&b"1"[..])
+        );
+        c.shutdown().await;
+    })
+    .await;
+}
