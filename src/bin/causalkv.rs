@@ -432,13 +432,14 @@ fn colour_wanted(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
     terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-/// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, quieter for quinn and
-/// rustls).
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, quieter for quinn,
+/// rustls and openraft, whose info lines narrate every election; the node logs leader changes
+/// itself).
 fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()),
+                .unwrap_or_else(|_| "info,quinn=warn,rustls=warn,openraft=warn".into()),
         )
         .with_writer(std::io::stderr);
     match format {
