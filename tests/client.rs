@@ -249,6 +249,12 @@ fn spawn_dev_logging(
             break p;
         }
     };
+    // The sites of one `dev` run listen on consecutive ports from `base`: move this process's
+    // free-port cursor past them, so that a concurrent test is not handed one of them while
+    // these sites are still starting.
+    for _ in 0..16 {
+        let _ = dev::free_udp_port();
+    }
     let mut child = Child(
         Command::new(BIN)
             .args([
