@@ -360,6 +360,55 @@ impl Default for FailureConfig {
 // Validation refuses NaN, so equality is an equivalence on every accepted configuration.
 impl Eq for FailureConfig {}
 
+/// Consensus for the strong operations (`[consensus]`): one Raft group per partition index,
+/// whose voters are that partition's node at every site (see [`crate::consensus`]).
+///
+/// The defaults suit WAN round trips of up to about 300 ms, not a LAN: openraft's own defaults
+/// (50 ms heartbeats, 150-300 ms elections) would time out every append over such links and
+/// elect continually. In openraft 0.9 an append-entries RPC, heartbeats included, times out
+/// after one heartbeat interval, so `heartbeat_ms` must exceed the longest round trip plus a
+/// log fsync; the election timeout should be 10-20 round trips.
+///
+/// Failover: after its leader fails, a follower of openraft 0.9 waits out the leader's lease
+/// (`election_max_ms`) plus a random election timeout before standing for election, so a
+/// crashed leader is replaced after about `election_max_ms` + `election_min_ms` to
+/// 2 x `election_max_ms`, plus one vote round trip.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsensusConfig {
+    /// Leader heartbeat interval, and the timeout of one append-entries RPC (ms).
+    pub heartbeat_ms: u64,
+    /// Shortest election timeout (ms): a follower that hears no leader for a random time
+    /// between this and `election_max_ms` stands for election.
+    pub election_min_ms: u64,
+    /// Longest election timeout (ms).
+    pub election_max_ms: u64,
+    /// Longest a whole snapshot transfer to a lagging site may take (ms).
+    pub install_snapshot_timeout_ms: u64,
+    /// Most log entries in one append-entries RPC.
+    pub max_payload_entries: u64,
+    /// Take a snapshot of the strong keyspace every this many applied log entries.
+    pub snapshot_every: u64,
+    /// The site (by name) that should lead while it is healthy: when it is up to date and not
+    /// the leader, it stands for election. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preferred_leader: Option<String>,
+}
+
+impl Default for ConsensusConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 500,
+            election_min_ms: 1_500,
+            election_max_ms: 3_000,
+            install_snapshot_timeout_ms: 60_000,
+            max_payload_entries: 512,
+            snapshot_every: 20_000,
+            preferred_leader: None,
+        }
+    }
+}
+
 /// A site's whole configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -407,6 +456,9 @@ pub struct SiteConfig {
     /// The RESP listener, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resp: Option<RespConfig>,
+    /// Consensus for the strong operations.
+    #[serde(default)]
+    pub consensus: ConsensusConfig,
 }
 
 impl SiteConfig {
@@ -578,6 +630,30 @@ impl SiteConfig {
                     .into(),
             );
         }
+        let c = &self.consensus;
+        if c.heartbeat_ms == 0
+            || c.election_min_ms <= c.heartbeat_ms
+            || c.election_max_ms <= c.election_min_ms
+        {
+            return bad(format!(
+                "consensus: need 0 < heartbeat_ms ({}) < election_min_ms ({}) < election_max_ms ({})",
+                c.heartbeat_ms, c.election_min_ms, c.election_max_ms
+            ));
+        }
+        if c.install_snapshot_timeout_ms == 0 || c.max_payload_entries == 0 || c.snapshot_every == 0
+        {
+            return bad(
+                "consensus: install_snapshot_timeout_ms, max_payload_entries and snapshot_every must be above 0"
+                    .into(),
+            );
+        }
+        if let Some(p) = &c.preferred_leader
+            && !self.sites.iter().any(|s| &s.name == p)
+        {
+            return bad(format!(
+                "consensus.preferred_leader {p:?} is not a listed site"
+            ));
+        }
         let r = &self.replication;
         if r.batch_max_items == 0 || r.marker_interval_ms == 0 || r.stable_exchange_ms == 0 {
             return bad(
@@ -674,6 +750,25 @@ key = "b.key"
         assert!(e.to_string().contains("window"), "{e}");
         let e = load(&format!("{GOOD}\n[failure]\nphi_threshold = 8\n")).unwrap_err();
         assert!(e.to_string().contains("phi_threshold"), "{e}");
+    }
+
+    #[test]
+    fn consensus_settings_default_to_wan_values_and_are_checked() {
+        let c = load(GOOD).unwrap();
+        assert_eq!(c.consensus, ConsensusConfig::default());
+        assert!(c.consensus.heartbeat_ms >= 300, "a WAN-safe heartbeat");
+        let c = load(&format!(
+            "{GOOD}\n[consensus]\nheartbeat_ms = 200\nelection_min_ms = 1000\nelection_max_ms = 2000\npreferred_leader = \"a\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.consensus.preferred_leader.as_deref(), Some("a"));
+        assert_eq!(c.consensus.heartbeat_ms, 200);
+        let text = toml::to_string_pretty(&c).unwrap();
+        assert_eq!(toml::from_str::<SiteConfig>(&text).unwrap(), c);
+        let e = load(&format!("{GOOD}\n[consensus]\nelection_min_ms = 100\n")).unwrap_err();
+        assert!(e.to_string().contains("election_min_ms"), "{e}");
+        let e = load(&format!("{GOOD}\n[consensus]\npreferred_leader = \"zz\"\n")).unwrap_err();
+        assert!(e.to_string().contains("preferred_leader"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //!   the WAN emulator, the causal-consistency checker and the certificate tooling.
 //! - [`net`]: the tokio + quinn driver: a running [`Node`], peer links, the client service,
 //!   admin endpoints, the durability and snapshot tasks.
+//! - [`consensus`]: the Raft groups of the strong operations (openraft): types, the durable
+//!   Raft log, the state machine holding the strong keyspace, the RPC messages.
 //! - [`config`]: the site configuration file (TOML).
 //! - [`resp`]: the Redis protocol (RESP2 and RESP3), sans-IO: request parsing with limits,
 //!   reply encoding, commands. The RESP listener in [`net`] drives it.
@@ -35,6 +37,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod consensus;
 pub mod histogram;
 pub mod net;
 pub mod peer_wire;

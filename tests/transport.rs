@@ -564,6 +564,71 @@ async fn malformed_client_frames_are_refused_and_the_site_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_consensus_stream_is_refused_and_strong_operations_continue() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(2).await;
+        // A real site certificate (b's), a valid hello, then garbage on a consensus stream.
+        let (_ep, conn) = raw_connect(
+            &TlsFiles::site(&cluster.certs, "b"),
+            tls::ALPN_PEER,
+            cluster.addr(0),
+            &tls::site_server_name("a"),
+        )
+        .await;
+        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+        let hello = PeerControl::Hello(PeerHello {
+            cluster: cluster.configs[0].cluster_id.clone(),
+            site: 1,
+            sites: 2,
+            partition: 0,
+            partitions: 1,
+            applied: vec![0, 0],
+        });
+        wire::write_frame(&mut send, &wire::encode(&hello))
+            .await
+            .expect("send hello");
+        wire::read_frame(&mut recv, 1 << 16)
+            .await
+            .expect("read hello")
+            .expect("a hello");
+        let (mut rpc_send, mut rpc_recv) = conn.open_bi().await.expect("consensus stream");
+        wire::write_frame(&mut rpc_send, &[0xff; 40])
+            .await
+            .expect("send garbage");
+        let _ = rpc_send.finish();
+        let reply = wire::read_frame(&mut rpc_recv, 1 << 16)
+            .await
+            .expect("a reply")
+            .expect("a reply frame");
+        match causalkv::consensus::decode::<causalkv::consensus::RpcReply>(&reply) {
+            Ok(causalkv::consensus::RpcReply::Malformed(m)) => {
+                assert!(m.contains("malformed consensus message"), "{m}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        let text = cluster.node(0).metrics_text();
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("causalkv_consensus_malformed_total ") && !l.ends_with(" 0")),
+            "not counted"
+        );
+        assert!(logs_contain("malformed consensus request"), "not logged");
+        // The group keeps serving strong operations.
+        let c = cluster.client(1).await;
+        eventually(ms(20_000), "a strong put succeeds", async || {
+            c.put_strong("k", "v").await.is_ok()
+        })
+        .await;
+        assert_eq!(
+            cluster.client(0).await.get_strong("k").await.expect("strong get").as_deref(),
+            Some(&b"v"[..])
+        );
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_update_stream_closes_the_peer_connection() {
     bounded(LIMIT, async {
         let cluster = Cluster::start(2).await;

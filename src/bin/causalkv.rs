@@ -123,8 +123,11 @@ enum Cmd {
         #[arg(long)]
         value_file: Option<PathBuf>,
         /// Wait until this many remote sites have the write durably.
-        #[arg(long, default_value_t = 0)]
+        #[arg(long, default_value_t = 0, conflicts_with = "strong")]
         sync: u8,
+        /// Write to the strong keyspace, linearizably, through the partition's Raft group.
+        #[arg(long)]
+        strong: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -136,6 +139,9 @@ enum Cmd {
         /// Write the value's raw bytes to this file (`-`: standard output) instead of printing it.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Read the strong keyspace, linearizably (read-index at the partition's leader).
+        #[arg(long)]
+        strong: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -143,6 +149,34 @@ enum Cmd {
     Del {
         /// Key.
         key: String,
+        /// Delete from the strong keyspace, linearizably.
+        #[arg(long)]
+        strong: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Compare-and-set in the strong keyspace: set KEY to NEW iff it holds --expect OLD (or is
+    /// absent, with --expect-absent). Exit code 1 when it does not match; the current value is
+    /// printed.
+    Cas {
+        /// Key.
+        key: String,
+        /// The new value (omit with --delete).
+        #[arg(required_unless_present = "delete", conflicts_with = "delete")]
+        new: Option<String>,
+        /// The value KEY must hold.
+        #[arg(
+            long,
+            required_unless_present = "expect_absent",
+            conflicts_with = "expect_absent"
+        )]
+        expect: Option<String>,
+        /// KEY must be absent.
+        #[arg(long)]
+        expect_absent: bool,
+        /// Delete KEY instead of setting a new value.
+        #[arg(long)]
+        delete: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -399,13 +433,14 @@ fn colour_wanted(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
     terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
-/// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, quieter for quinn and
-/// rustls).
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default: info, quieter for quinn,
+/// rustls and openraft, whose info lines narrate every election; the node logs leader changes
+/// itself).
 fn init_logging(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,quinn=warn,rustls=warn".into()),
+                .unwrap_or_else(|_| "info,quinn=warn,rustls=warn,openraft=warn".into()),
         )
         .with_writer(std::io::stderr);
     match format {
@@ -511,6 +546,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             value,
             value_file,
             sync,
+            strong,
             conn,
         } => {
             let value = match (value, value_file) {
@@ -522,6 +558,14 @@ async fn run(cmd: Cmd) -> ExitCode {
                 (None, None) => return fail(&"give a value or --value-file"),
             };
             client_cmd(&conn, |c| async move {
+                if strong {
+                    c.put_strong(&key, &value).await?;
+                    return Ok((
+                        Some("ok (strong)".to_owned()),
+                        serde_json::json!({"ok": true, "strong": true}),
+                        true,
+                    ));
+                }
                 let v = c.put_sync(&key, &value, sync).await?;
                 Ok((
                     Some(format!("ok {v}")),
@@ -531,9 +575,21 @@ async fn run(cmd: Cmd) -> ExitCode {
             })
             .await
         }
-        Cmd::Get { key, out, conn } => {
+        Cmd::Get {
+            key,
+            out,
+            strong,
+            conn,
+        } => {
             client_cmd(&conn, |c| async move {
-                let r = c.get_versioned(&key).await?;
+                let r = if strong {
+                    causalkv::client::ReadValue {
+                        value: c.get_strong(&key).await?,
+                        version: None,
+                    }
+                } else {
+                    c.get_versioned(&key).await?
+                };
                 let found = r.value.is_some();
                 let mut json = serde_json::json!({
                     "found": found,
@@ -559,8 +615,46 @@ async fn run(cmd: Cmd) -> ExitCode {
             })
             .await
         }
-        Cmd::Del { key, conn } => {
+        Cmd::Cas {
+            key,
+            new,
+            expect,
+            expect_absent: _,
+            delete: _,
+            conn,
+        } => {
             client_cmd(&conn, |c| async move {
+                let new = new.map(String::into_bytes);
+                let expect = expect.map(String::into_bytes);
+                match c.cas(&key, expect.as_deref(), new.as_deref()).await? {
+                    causalkv::client::CasOutcome::Swapped => {
+                        Ok((Some("ok".to_owned()), serde_json::json!({"ok": true}), true))
+                    }
+                    causalkv::client::CasOutcome::Failed { current } => {
+                        let shown = current.as_ref().map(|v| printable(v).0);
+                        Ok((
+                            Some(format!(
+                                "failed: current value {}",
+                                shown.as_deref().unwrap_or("(not found)")
+                            )),
+                            serde_json::json!({"ok": false, "current": shown}),
+                            false,
+                        ))
+                    }
+                }
+            })
+            .await
+        }
+        Cmd::Del { key, strong, conn } => {
+            client_cmd(&conn, |c| async move {
+                if strong {
+                    c.delete_strong(&key).await?;
+                    return Ok((
+                        Some("deleted (strong)".to_owned()),
+                        serde_json::json!({"ok": true, "strong": true}),
+                        true,
+                    ));
+                }
                 let v = c.delete(&key).await?;
                 Ok((
                     Some(format!("deleted {v}")),
@@ -603,6 +697,25 @@ async fn run(cmd: Cmd) -> ExitCode {
                     "\n  partition {} of {}  site stable {:?}",
                     s.partition, s.partitions, s.site_stable
                 ));
+            }
+            if let Some(cs) = &s.consensus {
+                let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+                text.push_str(&format!(
+                    "\n  consensus: {} term {}  leader {}  commit {}  applied {}",
+                    cs.state,
+                    cs.term,
+                    cs.leader_name.as_deref().unwrap_or("(none)"),
+                    show(cs.commit_index),
+                    show(cs.applied_index)
+                ));
+                for v in &cs.voters {
+                    text.push_str(&format!(
+                        "\n    voter {} ({}) match index {}",
+                        v.name,
+                        v.site,
+                        show(v.match_index)
+                    ));
+                }
             }
             text.push_str("\n  peers:");
             for p in &s.peers {

@@ -437,6 +437,72 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         "Frames (client or peer) that failed validation.",
         get(&m.malformed_frames),
     );
+    let sm = &shared.strong.metrics;
+    e.single(
+        "causalkv_consensus_elections_total",
+        "counter",
+        "Elections seen by this node's Raft voter (term changes).",
+        get(&sm.elections),
+    );
+    e.single(
+        "causalkv_consensus_leader_changes_total",
+        "counter",
+        "Changes of the strong-operation leader this node knows of.",
+        get(&sm.leader_changes),
+    );
+    e.family(
+        "causalkv_consensus_commit_duration_seconds",
+        "histogram",
+        "Time from a strong write's proposal at the leader to its commit and apply.",
+    );
+    e.histogram(
+        "causalkv_consensus_commit_duration_seconds",
+        &[],
+        &sm.commit,
+    );
+    e.single(
+        "causalkv_consensus_unavailable_total",
+        "counter",
+        "Strong requests that failed with Unavailable (no leader or no majority in time).",
+        get(&sm.unavailable),
+    );
+    e.single(
+        "causalkv_consensus_outcome_unknown_total",
+        "counter",
+        "Strong writes whose outcome was unknown at their deadline.",
+        get(&sm.unknown),
+    );
+    e.single(
+        "causalkv_consensus_forwarded_total",
+        "counter",
+        "Strong requests forwarded to the leader's site.",
+        get(&sm.forwarded),
+    );
+    e.single(
+        "causalkv_consensus_malformed_total",
+        "counter",
+        "Malformed consensus frames received from peers.",
+        get(&sm.malformed),
+    );
+    let cs = shared.strong.status();
+    e.single(
+        "causalkv_consensus_term",
+        "gauge",
+        "The current Raft term of this node's partition group.",
+        cs.term,
+    );
+    e.single(
+        "causalkv_consensus_is_leader",
+        "gauge",
+        "1 if this node leads its partition's Raft group.",
+        u8::from(cs.state == "Leader"),
+    );
+    e.single(
+        "causalkv_consensus_commit_index",
+        "gauge",
+        "The Raft commit index.",
+        cs.commit_index.unwrap_or(0),
+    );
     e.single(
         "causalkv_hellos_rejected_total",
         "counter",

@@ -20,11 +20,28 @@ pub enum Op {
     Delete,
     /// A status request.
     Status,
+    /// A strong (linearizable) put.
+    StrongPut,
+    /// A strong (linearizable) get.
+    StrongGet,
+    /// A strong delete.
+    StrongDelete,
+    /// A compare-and-set.
+    Cas,
 }
 
 impl Op {
     /// Every operation, in label order.
-    pub const ALL: [Op; 4] = [Op::Get, Op::Put, Op::Delete, Op::Status];
+    pub const ALL: [Op; 8] = [
+        Op::Get,
+        Op::Put,
+        Op::Delete,
+        Op::Status,
+        Op::StrongPut,
+        Op::StrongGet,
+        Op::StrongDelete,
+        Op::Cas,
+    ];
 
     /// The `op` label value.
     pub fn name(self) -> &'static str {
@@ -33,6 +50,10 @@ impl Op {
             Op::Put => "put",
             Op::Delete => "delete",
             Op::Status => "status",
+            Op::StrongPut => "strong_put",
+            Op::StrongGet => "strong_get",
+            Op::StrongDelete => "strong_delete",
+            Op::Cas => "cas",
         }
     }
 }
@@ -102,7 +123,7 @@ pub struct OpStats {
 /// Per-operation statistics of the client service.
 #[derive(Debug, Default)]
 pub struct OpMetrics {
-    ops: [OpStats; 4],
+    ops: [OpStats; Op::ALL.len()],
 }
 
 impl OpMetrics {

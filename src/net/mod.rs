@@ -8,6 +8,8 @@
 //! - [`resp`]: the RESP listener: Redis clients over TLS, each connection a causal session.
 //! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
 //! - `service`: the client request service.
+//! - `strong`: the strong operations: this node's Raft voter, its RPCs over the peer links,
+//!   forwarding to the leader.
 //! - `tasks`: the ticker, the durability pump and the snapshotter.
 //! - `status`: the site's status view.
 //! - `recovery`: start-up recovery from snapshot and log.
@@ -41,9 +43,11 @@ pub(crate) mod service;
 pub(crate) mod shared;
 pub(crate) mod socket;
 pub(crate) mod status;
+pub mod strong;
 pub(crate) mod tasks;
 
 pub use credentials::{LoadedCert, ReloadError};
 pub use error::NodeError;
 pub use metrics::Metrics;
 pub use node::{Node, NodeOptions};
+pub use strong::{StrongMetrics, StrongOptions};

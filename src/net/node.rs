@@ -61,6 +61,9 @@ pub struct NodeOptions {
     /// Whether reads hand back the context their value was written under (see
     /// [`ReplicaConfig::close_contexts`]). Only tests switch it off, to show the bug it guards.
     pub close_contexts: bool,
+    /// Test-only switches of the strong operations, to plant the bugs their tests catch
+    /// (reads from a follower's local state, strong reads without their causal context).
+    pub strong: super::strong::StrongOptions,
 }
 
 impl Default for NodeOptions {
@@ -69,6 +72,7 @@ impl Default for NodeOptions {
             check_deps: true,
             check_stable: true,
             close_contexts: true,
+            strong: Default::default(),
         }
     }
 }
@@ -147,6 +151,9 @@ impl Node {
         let synced = wal.synced();
         let wal_stats = wal.stats();
         let durable_waiters = DurableWaiters::new(wal.synced_lsn());
+        let strong = super::strong::Strong::start(&cfg, opts.strong)
+            .await
+            .map_err(|e| NodeError::Recovery(format!("consensus: {e}")))?;
         let (shutdown_tx, shutdown) = watch::channel(false);
         let n = cfg.n();
         let shared = Arc::new(Shared {
@@ -184,6 +191,7 @@ impl Node {
             synced,
             wal_stats,
             durable_waiters,
+            strong,
             cfg,
         });
         let span = if shared.cfg.partitions > 1 {
@@ -197,6 +205,13 @@ impl Node {
             tokio::spawn(ticker(shared.clone()).instrument(span.clone())),
             tokio::spawn(durability_pump(shared.clone()).instrument(span.clone())),
             tokio::spawn(snapshotter(shared.clone()).instrument(span.clone())),
+            tokio::spawn(
+                shared
+                    .strong
+                    .clone()
+                    .watch(shared.shutdown.clone())
+                    .instrument(span.clone()),
+            ),
         ];
         for p in shared.cfg.peers() {
             tasks.push(tokio::spawn(
@@ -408,7 +423,8 @@ impl Node {
             }
         })
         .await;
-        // 3. Stop every task and close the connections.
+        // 3. Stop the Raft voter, every task, and close the connections.
+        shared.strong.shutdown().await;
         let _ = self.shutdown_tx.send(true);
         self.endpoint.close(
             VarInt::from_u32(close_code::SHUTDOWN),

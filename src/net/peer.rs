@@ -201,6 +201,8 @@ async fn outbound_once(
         st.reason = "connected".into();
     }
     info!(peer = %entry.name, "link to peer up");
+    // Raft RPCs to the peer ride this connection, each on a stream of its own.
+    shared.strong.set_link(peer as u64, Some(&conn));
     let heard = Arc::new(AtomicU64::new(now_micros()));
     let control = tokio::spawn(run_control(
         shared.clone(),
@@ -219,6 +221,7 @@ async fn outbound_once(
         }
     };
     control.abort();
+    shared.strong.set_link(peer as u64, None);
     result
 }
 
@@ -602,6 +605,9 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         .expect("peer lock")
         .connected(Instant::now());
     debug!(peer = %shared.site_name(peer), "inbound link up");
+    // The peer's Raft RPCs and forwarded strong requests: each a bidirectional stream of its
+    // own on this connection, after the control stream.
+    let rpcs = tokio::spawn(shared.strong.clone().serve_connection(conn.clone()));
     let heard = Arc::new(AtomicU64::new(0));
     let control = tokio::spawn(run_control(
         shared.clone(),
@@ -613,6 +619,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
     ));
     let result = receive_updates(&shared, &conn, peer).await;
     control.abort();
+    rpcs.abort();
     if let Err(e) = result {
         if matches!(
             e,

@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, warn};
 use super::metrics::{Metrics, Op, PutStage};
 use super::shared::{Shared, now_micros};
 use crate::clock::{VClock, Version};
+use crate::consensus::{Command, Forwarded, Outcome, Reply, WriteOp};
 use crate::replica::{NotReady, ReadResult};
 use crate::wire::{
     self, ArchivedClientOp, ArchivedRequest, Response, ResponseBody, WireError, close_code,
@@ -145,6 +146,10 @@ fn op_of(req: &ArchivedRequest) -> Op {
         ArchivedClientOp::Put { .. } => Op::Put,
         ArchivedClientOp::Delete { .. } => Op::Delete,
         ArchivedClientOp::Status => Op::Status,
+        ArchivedClientOp::StrongWrite { ref value, .. } if value.is_some() => Op::StrongPut,
+        ArchivedClientOp::StrongWrite { .. } => Op::StrongDelete,
+        ArchivedClientOp::StrongGet { .. } => Op::StrongGet,
+        ArchivedClientOp::Cas { .. } => Op::Cas,
     }
 }
 
@@ -206,6 +211,9 @@ async fn execute(
         }
         ArchivedClientOp::Put { key, value, sync } => (key, Some(value), *sync),
         ArchivedClientOp::Delete { key, sync } => (key, None, *sync),
+        op @ (ArchivedClientOp::StrongWrite { .. }
+        | ArchivedClientOp::Cas { .. }
+        | ArchivedClientOp::StrongGet { .. }) => return strong(shared, op, ctx, timeout).await,
     };
     if sync as usize >= n {
         return error(
@@ -343,6 +351,116 @@ pub(crate) async fn write(
     })
     .await
     .map_err(|nr| not_ready(nr, timeout))
+}
+
+/// Executes a strong operation through the partition's Raft group ([`super::strong`]).
+async fn strong(
+    shared: &Shared,
+    op: &ArchivedClientOp,
+    ctx: VClock,
+    timeout: Duration,
+) -> ResponseBody {
+    let limits = &shared.cfg.limits;
+    let opt = |v: &rkyv::option::ArchivedOption<rkyv::vec::ArchivedVec<u8>>| {
+        v.as_ref().map(|v| v.as_slice().to_vec())
+    };
+    let (key, vlen) = match op {
+        ArchivedClientOp::StrongWrite { key, value, .. } => {
+            (key, value.as_ref().map_or(0, |v| v.len()))
+        }
+        ArchivedClientOp::Cas {
+            key, expected, new, ..
+        } => (
+            key,
+            expected
+                .as_ref()
+                .map_or(0, |v| v.len())
+                .max(new.as_ref().map_or(0, |v| v.len())),
+        ),
+        ArchivedClientOp::StrongGet { key } => (key, 0),
+        _ => return error(error_code::BAD_REQUEST, "not a strong operation"),
+    };
+    if let Err(e) = wire::check_sizes(key.len(), vlen, limits) {
+        Metrics::bump(&shared.metrics.too_large);
+        return too_large(e);
+    }
+    if let Some(refusal) = wrong_partition(shared, key) {
+        return refusal;
+    }
+    let key = key.as_slice().to_vec();
+    let command = |client: u64, serial: u64, op: WriteOp| Command {
+        client,
+        serial,
+        ctx: ctx.as_slice().to_vec(),
+        op,
+    };
+    let fwd = match op {
+        ArchivedClientOp::StrongWrite {
+            value,
+            client,
+            serial,
+            ..
+        } => Forwarded::Write(command(
+            client.to_native(),
+            serial.to_native(),
+            match opt(value) {
+                Some(value) => WriteOp::Put { key, value },
+                None => WriteOp::Delete { key },
+            },
+        )),
+        ArchivedClientOp::Cas {
+            expected,
+            new,
+            client,
+            serial,
+            ..
+        } => Forwarded::Write(command(
+            client.to_native(),
+            serial.to_native(),
+            WriteOp::Cas {
+                key,
+                expected: opt(expected),
+                new: opt(new),
+            },
+        )),
+        _ => Forwarded::Read { key },
+    };
+    let strong = &shared.strong;
+    let drop_ctx = |ctx: Vec<u64>| {
+        if strong.opts.drop_context {
+            Vec::new()
+        } else {
+            ctx
+        }
+    };
+    match strong.execute(fwd, timeout, true).await {
+        Outcome::Applied(Reply::Written) => ResponseBody::StrongWritten,
+        Outcome::Applied(Reply::CasOk) => ResponseBody::CasResult {
+            ok: true,
+            current: None,
+            ctx: Vec::new(),
+        },
+        Outcome::Applied(Reply::CasFailed { current, ctx }) => ResponseBody::CasResult {
+            ok: false,
+            current,
+            ctx: drop_ctx(ctx),
+        },
+        Outcome::Applied(Reply::Forgotten) => error(
+            error_code::OUTCOME_UNKNOWN,
+            "a retry of a strong write whose reply is no longer remembered: it may or may not \
+             have been applied",
+        ),
+        Outcome::Value { value, ctx } => ResponseBody::StrongValue {
+            value,
+            ctx: drop_ctx(ctx),
+        },
+        Outcome::Unavailable(m) => error(error_code::UNAVAILABLE, m),
+        Outcome::Unknown(m) => error(error_code::OUTCOME_UNKNOWN, m),
+        Outcome::NotLeader { leader } => error(
+            error_code::UNAVAILABLE,
+            format!("no leader reachable (last known: {leader:?})"),
+        ),
+    }
 }
 
 fn not_ready(nr: NotReady, timeout: Duration) -> ResponseBody {

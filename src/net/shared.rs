@@ -61,6 +61,8 @@ pub(crate) struct Shared {
     pub wal_stats: Arc<wal::WalStats>,
     /// Requests waiting for durability, completed by the durability pump.
     pub durable_waiters: DurableWaiters,
+    /// This node's voter in its partition's Raft group (strong operations).
+    pub strong: Arc<super::strong::Strong>,
 }
 
 /// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.

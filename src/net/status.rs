@@ -77,6 +77,7 @@ impl Shared {
             partition: self.cfg.partition as u16,
             partitions: self.cfg.partitions as u16,
             site_stable,
+            consensus: Some(Box::new(self.strong.status())),
         }
     }
 }

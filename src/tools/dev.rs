@@ -245,6 +245,7 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
                 .then(|| resp_port(opts.base_port, i))
                 .flatten()
                 .map(|p| RespConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, p)))),
+            consensus: Default::default(),
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
         let file = opts.dir.join(format!("site-{suffix}.toml"));

@@ -34,7 +34,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
@@ -87,6 +87,26 @@ pub enum ClientError {
     /// Local configuration (certificates, addresses, token).
     #[error("configuration: {0}")]
     Config(String),
+    /// A strong operation found no leader or no majority within the timeout. It was not
+    /// applied; the message names what is missing.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// A strong write timed out after it was proposed: it may or may not be applied. Retrying
+    /// it is not the same request (a new serial); read the key to find out.
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
+}
+
+/// The result of a compare-and-set ([`Client::cas`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The key held the expected value (or was absent, as expected) and now holds the new one.
+    Swapped,
+    /// The key did not hold the expected value; nothing changed.
+    Failed {
+        /// The value found (`None`: absent).
+        current: Option<Bytes>,
+    },
 }
 
 /// A value read, with its version.
@@ -238,6 +258,8 @@ impl ClientBuilder {
             known_down: Mutex::new(Vec::new()),
             ctx: Mutex::new(VClock::default()),
             timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
+            client_id: random_id(),
+            serial: AtomicU64::new(0),
         };
         client.connection(0).await?;
         Ok(client)
@@ -258,6 +280,24 @@ pub struct Client {
     /// Sites the last connected site's failure detector reported `down`: failover tries them
     /// last instead of waiting on their connect timeouts first.
     known_down: Mutex<Vec<SocketAddr>>,
+    /// This client's id for strong writes (random): with `serial`, what makes a retried
+    /// strong write apply once.
+    client_id: u64,
+    /// The serial number of the last strong write.
+    serial: AtomicU64,
+}
+
+/// A random client id (std's per-process random hash keys, the time and the process id).
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
 }
 
 const TOKEN_PREFIX: &str = "ckv1.";
@@ -375,6 +415,110 @@ impl Client {
             sync: 0,
         })
         .await
+    }
+
+    /// Writes `value` under `key` in the strong keyspace, linearizably: once this returns,
+    /// every strong read at any site sees it (or a later write). The write goes through the
+    /// partition's Raft group (forwarded to the leader's site if need be) and carries the
+    /// session's causal context, which strong readers merge into theirs.
+    ///
+    /// Fails with [`ClientError::Unavailable`] when no leader or majority answers within the
+    /// timeout (not applied), or [`ClientError::OutcomeUnknown`] when it timed out after being
+    /// proposed. The strong keyspace is separate from the causal one: [`Client::get`] does not
+    /// see strong keys.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: causalkv_client::Client) -> Result<(), causalkv_client::ClientError> {
+    /// use causalkv_client::client::CasOutcome;
+    /// client.put_strong("owner", "alice").await?;
+    /// assert_eq!(client.get_strong("owner").await?.as_deref(), Some(&b"alice"[..]));
+    /// match client.cas("owner", Some(b"alice".as_slice()), Some(b"bob".as_slice())).await? {
+    ///     CasOutcome::Swapped => println!("bob owns it now"),
+    ///     CasOutcome::Failed { current } => println!("someone else: {current:?}"),
+    /// }
+    /// client.delete_strong("owner").await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_strong(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+    ) -> Result<(), ClientError> {
+        self.strong_write(key.as_ref(), Some(value.as_ref().to_vec()))
+            .await
+    }
+
+    /// Deletes `key` from the strong keyspace, linearizably (see [`Client::put_strong`]).
+    pub async fn delete_strong(&self, key: impl AsRef<[u8]>) -> Result<(), ClientError> {
+        self.strong_write(key.as_ref(), None).await
+    }
+
+    async fn strong_write(&self, key: &[u8], value: Option<Vec<u8>>) -> Result<(), ClientError> {
+        let op = ClientOp::StrongWrite {
+            key: key.to_vec(),
+            value,
+            client: self.client_id,
+            serial: self.serial.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        // A retry at another site is safe: the serial makes the write apply once.
+        match self.call(op, true, self.partition(key)).await? {
+            ResponseBody::StrongWritten => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Reads `key` from the strong keyspace, linearizably: the leader confirms its leadership
+    /// with a majority (read-index) before answering, so the read sees every strong write
+    /// acknowledged before it started. The causal context stored with the value is merged into
+    /// the session, so causal reads after it see what the value's writer had seen.
+    pub async fn get_strong(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, ClientError> {
+        let op = ClientOp::StrongGet {
+            key: key.as_ref().to_vec(),
+        };
+        match self.call(op, true, self.partition(key.as_ref())).await? {
+            ResponseBody::StrongValue { value, ctx } => {
+                self.merge_context(ctx);
+                Ok(value.map(Bytes::from))
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Compare-and-set in the strong keyspace: sets `key` to `new` (`None` deletes it) iff it
+    /// holds `expected` (`None`: iff it is absent), atomically and linearizably. Reports
+    /// success, or the value found.
+    pub async fn cas(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<CasOutcome, ClientError> {
+        let op = ClientOp::Cas {
+            key: key.as_ref().to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+            new: new.map(<[u8]>::to_vec),
+            client: self.client_id,
+            serial: self.serial.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        match self.call(op, true, self.partition(key.as_ref())).await? {
+            ResponseBody::CasResult { ok: true, .. } => Ok(CasOutcome::Swapped),
+            ResponseBody::CasResult { current, ctx, .. } => {
+                self.merge_context(ctx);
+                Ok(CasOutcome::Failed {
+                    current: current.map(Bytes::from),
+                })
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn merge_context(&self, ctx: Vec<u64>) {
+        if !ctx.is_empty() {
+            self.ctx
+                .lock()
+                .expect("ctx lock")
+                .merge(&VClock::from_vec(ctx));
+        }
     }
 
     /// The end of the validity period (`notAfter`, Unix seconds) of the certificate that the
@@ -543,6 +687,9 @@ impl Client {
         p: usize,
     ) -> Result<ResponseBody, ClientError> {
         let mut attempts = 0;
+        // Whether an earlier attempt may have reached a site (then a strong write refused as
+        // unavailable now may still have been applied by that attempt).
+        let mut delivered_before = false;
         loop {
             attempts += 1;
             let (i, conn) = self.connection(p).await?;
@@ -573,12 +720,15 @@ impl Client {
                     }
                     continue;
                 }
-                Ok(Ok(resp)) => return self.interpret(self.routes[i][p], resp),
+                Ok(Ok(resp)) => {
+                    return self.interpret(self.routes[i][p], resp, delivered_before);
+                }
                 Ok(Err(e)) => e,
             };
             // The site failed: forget its connection so the next attempt fails over.
             conn.close(0u32.into(), b"failing over");
             let delivered = matches!(err, Exchange::AfterSend(_));
+            delivered_before |= delivered;
             let msg = err.message();
             if is_tls(&msg) {
                 return Err(ClientError::Tls(msg));
@@ -597,7 +747,12 @@ impl Client {
         }
     }
 
-    fn interpret(&self, site: SocketAddr, resp: Response) -> Result<ResponseBody, ClientError> {
+    fn interpret(
+        &self,
+        site: SocketAddr,
+        resp: Response,
+        delivered_before: bool,
+    ) -> Result<ResponseBody, ClientError> {
         match resp.body {
             ResponseBody::Error {
                 code,
@@ -606,6 +761,11 @@ impl Client {
             } => Err(match code {
                 error_code::NOT_READY => ClientError::NotReady { site, message },
                 error_code::TOO_LARGE => ClientError::TooLarge(message),
+                error_code::UNAVAILABLE if delivered_before => ClientError::OutcomeUnknown(
+                    format!("{message} (an earlier attempt may have been applied)"),
+                ),
+                error_code::UNAVAILABLE => ClientError::Unavailable(message),
+                error_code::OUTCOME_UNKNOWN => ClientError::OutcomeUnknown(message),
                 error_code::SYNC_TIMEOUT => {
                     let version = version.map(Version::from).unwrap_or_default();
                     self.ctx

@@ -125,6 +125,37 @@ mod messages {
         },
         /// The site's replication status.
         Status,
+        /// A strong (linearizable) write through the partition's Raft group: put (`value`
+        /// `Some`) or delete (`None`).
+        StrongWrite {
+            /// Key.
+            key: Vec<u8>,
+            /// Value; `None` deletes.
+            value: Option<Vec<u8>>,
+            /// The client's id; with `serial`, a retry is applied once.
+            client: u64,
+            /// The client's serial number for this write.
+            serial: u64,
+        },
+        /// A strong compare-and-set: set `key` to `new` (`None` deletes) iff it holds
+        /// `expected` (`None`: absent).
+        Cas {
+            /// Key.
+            key: Vec<u8>,
+            /// Expected value; `None` expects the key absent.
+            expected: Option<Vec<u8>>,
+            /// New value; `None` deletes.
+            new: Option<Vec<u8>>,
+            /// As for `StrongWrite`.
+            client: u64,
+            /// As for `StrongWrite`.
+            serial: u64,
+        },
+        /// A linearizable read of the strong keyspace.
+        StrongGet {
+            /// Key.
+            key: Vec<u8>,
+        },
     }
 
     /// A client request: one per bidirectional stream.
@@ -156,6 +187,44 @@ mod messages {
         /// The key belongs to another partition node of the site (see
         /// [`crate::sharding::partition_of`]).
         pub const WRONG_PARTITION: u16 = 7;
+        /// A strong operation found no leader or no majority within the timeout; it was not
+        /// applied. The message names what is missing.
+        pub const UNAVAILABLE: u16 = 8;
+        /// A strong write timed out after it was proposed: it may or may not be applied.
+        pub const OUTCOME_UNKNOWN: u16 = 9;
+    }
+
+    /// One voter of a partition's Raft group, in a status answer.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct VoterStatus {
+        /// Site id (the voter's Raft node id).
+        pub site: u16,
+        /// Site name.
+        pub name: String,
+        /// The highest log index known to match the leader's (as the leader reports it; this
+        /// node's own last log index for itself).
+        pub match_index: Option<u64>,
+    }
+
+    /// The strong-operation Raft group of a node's partition, in a status answer.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct ConsensusStatus {
+        /// Current term.
+        pub term: u64,
+        /// This node's role: `Leader`, `Follower`, `Candidate` or `Learner`.
+        pub state: String,
+        /// The leader's site id, if known.
+        pub leader: Option<u16>,
+        /// The leader's site name, if known.
+        pub leader_name: Option<String>,
+        /// The commit index.
+        pub commit_index: Option<u64>,
+        /// The last log index applied to the strong keyspace.
+        pub applied_index: Option<u64>,
+        /// The last log index.
+        pub last_log_index: Option<u64>,
+        /// Each voter's match index (known at the leader only).
+        pub voters: Vec<VoterStatus>,
     }
 
     /// One peer's line in a status answer.
@@ -214,6 +283,8 @@ mod messages {
         /// every partition of the site has received each origin's stream); else the `applied`
         /// vector.
         pub site_stable: Vec<u64>,
+        /// The partition's Raft group (strong operations).
+        pub consensus: Option<Box<ConsensusStatus>>,
     }
 
     /// The body of a response.
@@ -237,6 +308,24 @@ mod messages {
         },
         /// The answer to a status request.
         Status(StatusInfo),
+        /// The answer to a strong write: applied.
+        StrongWritten,
+        /// The answer to a strong read: the value and the causal context of its write.
+        StrongValue {
+            /// The value, if present.
+            value: Option<Vec<u8>>,
+            /// The causal context the value's writer was issued under; the client merges it.
+            ctx: Vec<u64>,
+        },
+        /// The answer to a compare-and-set.
+        CasResult {
+            /// Whether it matched and was applied.
+            ok: bool,
+            /// When it did not match: the value found.
+            current: Option<Vec<u8>>,
+            /// When it did not match: the causal context of the value found.
+            ctx: Vec<u64>,
+        },
         /// The request failed.
         Error {
             /// One of [`error_code`].

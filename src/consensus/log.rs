@@ -1,0 +1,425 @@
+//! The durable Raft log and vote of one group: an append-only record file, fsynced on a thread
+//! of its own, and an in-memory index of the entries the log still holds.
+//!
+//! Each record is `u32` length (little-endian), `u32` CRC-32 of the payload, payload (a
+//! postcard [`Record`]); on open, a torn or corrupt tail is cut at the last good record, as the
+//! write-ahead log does. Records: appended entries, the vote, the commit point, a truncation
+//! (conflicting entries removed) and a purge (entries covered by a snapshot removed). When the
+//! file has grown to several times what it still describes, the writer thread rewrites it
+//! whole (temporary file, fsync, rename).
+//!
+//! The writer thread takes jobs in submission order (they are submitted under the index lock,
+//! so file order is index order), writes a batch of them, fsyncs once, and then completes
+//! them: an append's flush callback runs only after its fsync (group commit), and
+//! [`LogStore::save_vote`] returns only once the vote is durable. No file I/O happens on the
+//! async runtime.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::ops::RangeBounds;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{NodeId, TypeConfig};
+
+/// One record of the log file.
+#[derive(Serialize, Deserialize)]
+enum Record {
+    Entries(Vec<Entry<TypeConfig>>),
+    Vote(Vote<NodeId>),
+    Committed(Option<LogId<NodeId>>),
+    /// Entries from this index on were removed.
+    Truncate(u64),
+    /// Entries up to this log id were removed.
+    Purge(LogId<NodeId>),
+}
+
+/// What the log holds, in memory.
+#[derive(Default)]
+struct Index {
+    entries: BTreeMap<u64, Entry<TypeConfig>>,
+    vote: Option<Vote<NodeId>>,
+    committed: Option<LogId<NodeId>>,
+    purged: Option<LogId<NodeId>>,
+    /// Bytes in the file, and what they were at the last rewrite.
+    file_bytes: u64,
+    rewritten_bytes: u64,
+}
+
+impl Index {
+    fn apply(&mut self, r: Record) {
+        match r {
+            Record::Entries(es) => {
+                for e in es {
+                    self.entries.insert(e.log_id.index, e);
+                }
+            }
+            Record::Vote(v) => self.vote = Some(v),
+            Record::Committed(c) => self.committed = c,
+            Record::Truncate(i) => {
+                self.entries.split_off(&i);
+            }
+            Record::Purge(id) => {
+                self.entries = self.entries.split_off(&(id.index + 1));
+                self.purged = Some(id);
+            }
+        }
+    }
+
+    /// Records that describe the whole state (for a rewrite).
+    fn records(&self) -> Vec<Record> {
+        let mut out = Vec::new();
+        if let Some(v) = self.vote {
+            out.push(Record::Vote(v));
+        }
+        if let Some(p) = self.purged {
+            out.push(Record::Purge(p));
+        }
+        out.push(Record::Committed(self.committed));
+        let all: Vec<_> = self.entries.values().cloned().collect();
+        for chunk in all.chunks(1024) {
+            out.push(Record::Entries(chunk.to_vec()));
+        }
+        out
+    }
+}
+
+fn frame(r: &Record) -> Vec<u8> {
+    let payload = super::encode(r);
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads every good record of `file`; returns them and the length of the good prefix.
+fn read_records(file: &mut File) -> io::Result<(Vec<Record>, u64)> {
+    let mut buf = Vec::new();
+    file.seek(SeekFrom::Start(0))?;
+    file.read_to_end(&mut buf)?;
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while buf.len() - at >= 8 {
+        let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4 bytes"));
+        let Some(payload) = buf.get(at + 8..at + 8 + len) else {
+            break;
+        };
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        match super::decode::<Record>(payload) {
+            Ok(r) => out.push(r),
+            Err(_) => break,
+        }
+        at += 8 + len;
+    }
+    Ok((out, at as u64))
+}
+
+/// A job for the writer thread.
+enum Job {
+    Write {
+        bytes: Vec<u8>,
+        done: Done,
+    },
+    /// Replace the file with these bytes.
+    Rewrite {
+        bytes: Vec<u8>,
+    },
+}
+
+enum Done {
+    None,
+    Flushed(LogFlushed<TypeConfig>),
+    Reply(tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+impl Done {
+    fn complete(self, r: &io::Result<()>) {
+        let again = || match r {
+            Ok(()) => Ok(()),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        };
+        match self {
+            Done::None => {}
+            Done::Flushed(cb) => cb.log_io_completed(again()),
+            Done::Reply(tx) => {
+                let _ = tx.send(again());
+            }
+        }
+    }
+}
+
+/// The writer thread: writes jobs in order, one fsync per batch.
+fn writer(path: PathBuf, mut file: File, rx: mpsc::Receiver<Job>) {
+    let mut failed: Option<String> = None;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(j) = rx.try_recv() {
+            batch.push(j);
+        }
+        let mut dones = Vec::new();
+        let mut result: io::Result<()> = Ok(());
+        for job in batch {
+            if failed.is_none() && result.is_ok() {
+                result = match &job {
+                    Job::Write { bytes, .. } => file.write_all(bytes),
+                    Job::Rewrite { bytes } => rewrite(&path, bytes).map(|f| file = f),
+                };
+            }
+            if let Job::Write { done, .. } = job {
+                dones.push(done);
+            }
+        }
+        if failed.is_none() && result.is_ok() {
+            result = file.sync_data();
+        }
+        if let Err(e) = &result {
+            failed.get_or_insert_with(|| e.to_string());
+        }
+        let result = match &failed {
+            Some(e) => Err(io::Error::other(format!(
+                "raft log {} failed: {e}",
+                path.display()
+            ))),
+            None => Ok(()),
+        };
+        for d in dones {
+            d.complete(&result);
+        }
+    }
+}
+
+fn rewrite(path: &Path, bytes: &[u8]) -> io::Result<File> {
+    let tmp = path.with_extension("rewrite");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    let mut f = OpenOptions::new().read(true).append(true).open(path)?;
+    f.seek(SeekFrom::End(0))?;
+    Ok(f)
+}
+
+fn io_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::write_logs(openraft::AnyError::error(e.to_string())).into()
+}
+
+/// The durable log and vote of one group. Clones share the same log.
+#[derive(Clone)]
+pub struct LogStore {
+    index: Arc<Mutex<Index>>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl LogStore {
+    /// Opens (or creates) the log file at `path` and starts its writer thread. Blocking: call
+    /// it off the async runtime.
+    pub fn open(path: &Path) -> io::Result<LogStore> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        let (records, good) = read_records(&mut file)?;
+        if file.metadata()?.len() > good {
+            tracing::warn!(path = %path.display(), at = good, "raft log has a torn tail; cutting it");
+            file.set_len(good)?;
+            file.sync_all()?;
+        }
+        file.seek(SeekFrom::End(0))?;
+        let mut index = Index::default();
+        for r in records {
+            index.apply(r);
+        }
+        index.file_bytes = good;
+        index.rewritten_bytes = good;
+        let (jobs, rx) = mpsc::channel();
+        let p = path.to_owned();
+        std::thread::Builder::new()
+            .name("raft-log".into())
+            .spawn(move || writer(p, file, rx))?;
+        Ok(LogStore {
+            index: Arc::new(Mutex::new(index)),
+            jobs,
+        })
+    }
+
+    /// The commit point last saved.
+    pub fn committed(&self) -> Option<LogId<NodeId>> {
+        self.index.lock().expect("raft log lock").committed
+    }
+
+    /// Applies `r` to the index and queues it for the file, under the index lock. (The error
+    /// type is openraft's, whatever its size.)
+    #[allow(clippy::result_large_err)]
+    fn submit(&self, r: Record, done: Done) -> Result<(), StorageError<NodeId>> {
+        let bytes = frame(&r);
+        let mut ix = self.index.lock().expect("raft log lock");
+        ix.apply(r);
+        ix.file_bytes += bytes.len() as u64;
+        self.jobs
+            .send(Job::Write { bytes, done })
+            .map_err(|_| io_err("raft log writer stopped"))?;
+        // Rewrite once the file is four times what it was at the last rewrite (and 64 MiB).
+        if ix.file_bytes > (64 << 20).max(4 * ix.rewritten_bytes) {
+            let bytes: Vec<u8> = ix.records().iter().flat_map(frame).collect();
+            ix.file_bytes = bytes.len() as u64;
+            ix.rewritten_bytes = bytes.len() as u64;
+            self.jobs
+                .send(Job::Rewrite { bytes })
+                .map_err(|_| io_err("raft log writer stopped"))?;
+        }
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + std::fmt::Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<NodeId>> {
+        let ix = self.index.lock().expect("raft log lock");
+        Ok(ix.entries.range(range).map(|(_, e)| e.clone()).collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<NodeId>> {
+        let ix = self.index.lock().expect("raft log lock");
+        let last = ix
+            .entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(ix.purged);
+        Ok(LogState {
+            last_purged_log_id: ix.purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(Record::Vote(*vote), Done::Reply(tx))?;
+        rx.await
+            .map_err(|_| io_err("raft log writer stopped"))?
+            .map_err(io_err)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError<NodeId>> {
+        Ok(self.index.lock().expect("raft log lock").vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        // Not waited for: a commit point that is lost in a crash only means more entries are
+        // applied again from the snapshot after the restart.
+        self.submit(Record::Committed(committed), Done::None)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
+        Ok(self.committed())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<_> = entries.into_iter().collect();
+        self.submit(Record::Entries(entries), Done::Flushed(callback))
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.submit(Record::Truncate(log_id.index), Done::None)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        self.submit(Record::Purge(log_id), Done::None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(term: u64, index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 0), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_log_survives_a_reopen_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.log");
+        {
+            let mut s = LogStore::open(&path).unwrap();
+            s.save_vote(&Vote::new(2, 1)).await.unwrap();
+            // Appends are completed through openraft's callback; go through submit directly.
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.submit(
+                Record::Entries((1..=5).map(|i| entry(2, i)).collect()),
+                Done::Reply(tx),
+            )
+            .unwrap();
+            rx.await.unwrap().unwrap();
+            s.truncate(LogId::new(CommittedLeaderId::new(2, 0), 4))
+                .await
+                .unwrap();
+            s.purge(LogId::new(CommittedLeaderId::new(2, 0), 1))
+                .await
+                .unwrap();
+            s.save_vote(&Vote::new(3, 2)).await.unwrap();
+        }
+        // A torn record at the end.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&[40, 0, 0, 0, 1, 2, 3]).unwrap();
+        drop(f);
+        let mut s = LogStore::open(&path).unwrap();
+        assert_eq!(s.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
+        let got: Vec<u64> = s
+            .try_get_log_entries(0..100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect();
+        assert_eq!(got, vec![2, 3]);
+        let st = s.get_log_state().await.unwrap();
+        assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(1));
+        assert_eq!(st.last_log_id.map(|l| l.index), Some(3));
+    }
+}

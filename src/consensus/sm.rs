@@ -1,0 +1,364 @@
+//! The state machine of a group: the strong keyspace, separate from the causal store (a causal
+//! last-writer-wins write can never touch it, so it can never undo a compare-and-set), with the
+//! replies remembered per client for deduplication, and its snapshots.
+//!
+//! Each key holds a value or a tombstone, with the causal context its writer was issued under
+//! (a strong read returns that context, and the client merges it into its session).
+//!
+//! Deduplication: a write carries `(client, serial)`. The state machine remembers the reply of
+//! each client's last [`REMEMBERED`] serials; a retry of one of those gets the first reply and
+//! changes nothing, a retry of an older one gets [`Reply::Forgotten`] (its outcome is unknown).
+//!
+//! A snapshot is the whole state (postcard), written to `snapshot.bin` in the group's
+//! directory (temporary file, fsync, rename) on a blocking thread; the node loads it at start
+//! and openraft applies the log entries after it.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use super::{Command, NodeId, Reply, TypeConfig, WriteOp};
+
+/// Replies remembered per client.
+pub const REMEMBERED: usize = 1024;
+
+/// A key's content.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    /// The value; `None`: deleted.
+    pub value: Option<Vec<u8>>,
+    /// The causal context of the write.
+    pub ctx: Vec<u64>,
+}
+
+/// What one client's recent writes answered.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Session {
+    /// Serials below this are forgotten.
+    floor: u64,
+    replies: BTreeMap<u64, Reply>,
+}
+
+/// The whole state of the strong keyspace of a group.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StrongState {
+    /// The last log entry applied.
+    pub last_applied: Option<LogId<NodeId>>,
+    /// The membership last applied.
+    pub membership: StoredMembership<NodeId, openraft::EmptyNode>,
+    /// Keys.
+    pub data: BTreeMap<Vec<u8>, Stored>,
+    sessions: BTreeMap<u64, Session>,
+}
+
+impl StrongState {
+    /// A key's value and context (`None` value, empty context: never written).
+    pub fn read(&self, key: &[u8]) -> (Option<Vec<u8>>, Vec<u64>) {
+        match self.data.get(key) {
+            Some(s) => (s.value.clone(), s.ctx.clone()),
+            None => (None, Vec::new()),
+        }
+    }
+
+    /// Applies one command (deduplicated).
+    pub fn apply(&mut self, cmd: &Command) -> Reply {
+        let session = self.sessions.entry(cmd.client).or_default();
+        if let Some(r) = session.replies.get(&cmd.serial) {
+            return r.clone();
+        }
+        if cmd.serial < session.floor {
+            return Reply::Forgotten;
+        }
+        let key = cmd.op.key().to_vec();
+        let reply = match &cmd.op {
+            WriteOp::Put { value, .. } => {
+                self.data.insert(
+                    key,
+                    Stored {
+                        value: Some(value.clone()),
+                        ctx: cmd.ctx.clone(),
+                    },
+                );
+                Reply::Written
+            }
+            WriteOp::Delete { .. } => {
+                self.data.insert(
+                    key,
+                    Stored {
+                        value: None,
+                        ctx: cmd.ctx.clone(),
+                    },
+                );
+                Reply::Written
+            }
+            WriteOp::Cas { expected, new, .. } => {
+                let (current, ctx) = self.read(&key);
+                if &current == expected {
+                    self.data.insert(
+                        key,
+                        Stored {
+                            value: new.clone(),
+                            ctx: cmd.ctx.clone(),
+                        },
+                    );
+                    Reply::CasOk
+                } else {
+                    Reply::CasFailed { current, ctx }
+                }
+            }
+        };
+        let session = self.sessions.entry(cmd.client).or_default();
+        session.replies.insert(cmd.serial, reply.clone());
+        while session.replies.len() > REMEMBERED {
+            let (oldest, _) = session.replies.pop_first().expect("non-empty");
+            session.floor = session.floor.max(oldest + 1);
+        }
+        reply
+    }
+}
+
+/// A snapshot as stored on disk.
+#[derive(Serialize, Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, openraft::EmptyNode>,
+    data: Vec<u8>,
+}
+
+fn sm_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::write_state_machine(openraft::AnyError::error(e.to_string())).into()
+}
+
+/// The current snapshot: its metadata and bytes.
+type Current = (SnapshotMeta<NodeId, openraft::EmptyNode>, Vec<u8>);
+
+/// The state machine of a group. Clones share one state.
+#[derive(Clone)]
+pub struct StateMachine {
+    /// The strong keyspace; the node reads it for linearizable reads.
+    pub state: Arc<RwLock<StrongState>>,
+    dir: PathBuf,
+    current: Arc<Mutex<Option<Current>>>,
+}
+
+impl StateMachine {
+    /// Opens the state machine in `dir`, loading its snapshot if there is one. Blocking.
+    pub fn open(dir: &Path) -> io::Result<StateMachine> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("snapshot.bin");
+        let (state, current) = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let bad = |m: String| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: {m}", path.display()),
+                    )
+                };
+                if bytes.len() < 4 {
+                    return Err(bad("too short".into()));
+                }
+                let (crc, body) = bytes.split_at(4);
+                if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+                    return Err(bad("checksum mismatch".into()));
+                }
+                let f: SnapshotFile = super::decode(body).map_err(bad)?;
+                let state: StrongState = super::decode(&f.data).map_err(bad)?;
+                (state, Some((f.meta, f.data)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (StrongState::default(), None),
+            Err(e) => return Err(e),
+        };
+        Ok(StateMachine {
+            state: Arc::new(RwLock::new(state)),
+            dir: dir.to_owned(),
+            current: Arc::new(Mutex::new(current)),
+        })
+    }
+
+    /// Stores a snapshot durably (on a blocking thread) and makes it the current one.
+    async fn store(
+        &self,
+        meta: SnapshotMeta<NodeId, openraft::EmptyNode>,
+        data: Vec<u8>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let file = SnapshotFile {
+            meta: meta.clone(),
+            data,
+        };
+        let body = super::encode(&file);
+        let path = self.dir.join("snapshot.bin");
+        tokio::task::spawn_blocking(move || -> io::Result<()> {
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&crc32fast::hash(&body).to_le_bytes())?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            if let Some(d) = path.parent() {
+                std::fs::File::open(d)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(sm_err)?
+        .map_err(sm_err)?;
+        *self.current.lock().expect("snapshot lock") = Some((meta, file.data));
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (data, last, membership) = {
+            let st = self.state.read().expect("state lock");
+            (super::encode(&*st), st.last_applied, st.membership.clone())
+        };
+        let id = match last {
+            Some(l) => format!("{}-{}", l.leader_id, l.index),
+            None => "empty".into(),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last,
+            last_membership: membership,
+            snapshot_id: id,
+        };
+        self.store(meta.clone(), data.clone()).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(data),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<LogId<NodeId>>,
+            StoredMembership<NodeId, openraft::EmptyNode>,
+        ),
+        StorageError<NodeId>,
+    > {
+        let st = self.state.read().expect("state lock");
+        Ok((st.last_applied, st.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut st = self.state.write().expect("state lock");
+        let mut out = Vec::new();
+        for e in entries {
+            st.last_applied = Some(e.log_id);
+            out.push(match e.payload {
+                EntryPayload::Blank => Reply::Written,
+                EntryPayload::Normal(cmd) => st.apply(&cmd),
+                EntryPayload::Membership(m) => {
+                    st.membership = StoredMembership::new(Some(e.log_id), m);
+                    Reply::Written
+                }
+            });
+        }
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Vec<u8>>, StorageError<NodeId>> {
+        Ok(Box::default())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::EmptyNode>,
+        snapshot: Box<Vec<u8>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let state: StrongState = super::decode(&snapshot).map_err(sm_err)?;
+        self.store(meta.clone(), *snapshot).await?;
+        *self.state.write().expect("state lock") = state;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        Ok(self
+            .current
+            .lock()
+            .expect("snapshot lock")
+            .clone()
+            .map(|(meta, data)| Snapshot {
+                meta,
+                snapshot: Box::new(data),
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(client: u64, serial: u64, op: WriteOp) -> Command {
+        Command {
+            client,
+            serial,
+            ctx: vec![serial],
+            op,
+        }
+    }
+
+    #[test]
+    fn cas_and_retries_apply_once() {
+        let mut st = StrongState::default();
+        let k = b"k".to_vec();
+        let cas = |expected: Option<&str>, new: Option<&str>| WriteOp::Cas {
+            key: k.clone(),
+            expected: expected.map(|v| v.as_bytes().to_vec()),
+            new: new.map(|v| v.as_bytes().to_vec()),
+        };
+        assert_eq!(st.apply(&cmd(1, 1, cas(None, Some("a")))), Reply::CasOk);
+        // A retry of the same serial gets the same reply, even though the state moved on.
+        assert_eq!(st.apply(&cmd(1, 1, cas(None, Some("a")))), Reply::CasOk);
+        assert_eq!(
+            st.apply(&cmd(2, 1, cas(None, Some("b")))),
+            Reply::CasFailed {
+                current: Some(b"a".to_vec()),
+                ctx: vec![1]
+            }
+        );
+        assert_eq!(
+            st.apply(&cmd(2, 2, WriteOp::Delete { key: k.clone() })),
+            Reply::Written
+        );
+        assert_eq!(st.read(&k), (None, vec![2]));
+        for s in 3..(3 + REMEMBERED as u64 + 1) {
+            st.apply(&cmd(
+                2,
+                s,
+                WriteOp::Put {
+                    key: k.clone(),
+                    value: b"x".to_vec(),
+                },
+            ));
+        }
+        assert_eq!(
+            st.apply(&cmd(2, 2, WriteOp::Delete { key: k.clone() })),
+            Reply::Forgotten
+        );
+        assert_eq!(st.read(&k).0, Some(b"x".to_vec()));
+    }
+}

@@ -1,0 +1,721 @@
+//! The strong operations as the node runs them: this node's voter in its partition's Raft group
+//! ([`crate::consensus`]), the group's RPCs over the peer links, and the execution of client
+//! requests (forwarded to the leader's site when this site does not lead).
+//!
+//! Transport: every Raft RPC (append entries and heartbeats, votes, whole snapshots) and every
+//! forwarded strong request is a bidirectional QUIC stream of its own, opened on the mutually
+//! authenticated connection this node dialled to the peer (the one that carries this site's
+//! update stream, [`super::peer`]). The peer serves such streams after the connection's hello.
+//! So a heartbeat or a vote never waits behind replication traffic or another RPC: QUIC
+//! streams are independent. A peer with no connection is reported
+//! [`Unreachable`](openraft::error::Unreachable), which makes openraft back off rather than
+//! retry at once.
+//!
+//! Requests: a write is proposed at the leader (`client_write`), a read is linearizable by
+//! read-index (`ensure_linearizable`: the leader confirms its leadership with a majority, then
+//! waits until its state machine has applied the read index) and is then served from the
+//! state machine. At a follower, the request is forwarded to the leader's site over the peer
+//! link; a retry after a failed forward reuses the write's `(client, serial)`, so the write
+//! is applied at most once. With no leader or no majority before the deadline, a request fails
+//! with `Unavailable` naming what is missing; a write that was proposed but not committed by
+//! the deadline reports an unknown outcome.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use openraft::error::{
+    CheckIsLeaderError, ClientWriteError, Fatal, NetworkError, RPCError, RaftError, RemoteError,
+    ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::RPCOption;
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{RaftNetwork, RaftNetworkFactory, ServerState};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tracing::{debug, info, warn};
+
+use super::metrics::{Histogram, Metrics};
+use crate::config::SiteConfig;
+use crate::consensus::log::LogStore;
+use crate::consensus::sm::{StateMachine, StrongState};
+use crate::consensus::{self, Forwarded, NodeId, Outcome, Raft, Rpc, RpcReply, TypeConfig};
+use crate::wire::{ConsensusStatus, VoterStatus, close_code, read_frame, write_frame};
+
+/// Largest Raft RPC frame accepted (a whole snapshot travels in one).
+const MAX_RPC_FRAME: usize = 1 << 30;
+
+/// Options that only tests set, to plant bugs the strong tests must catch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StrongOptions {
+    /// Serve strong reads from this node's local state machine, without read-index or
+    /// forwarding (not linearizable).
+    pub local_reads: bool,
+    /// Answer strong reads without the causal context stored with the value.
+    pub drop_context: bool,
+}
+
+/// Counters and histograms of the consensus layer.
+#[derive(Debug, Default)]
+pub struct StrongMetrics {
+    /// Elections this node has seen start (term changes).
+    pub elections: AtomicU64,
+    /// Changes of the known leader.
+    pub leader_changes: AtomicU64,
+    /// Latency of a proposal to its commit and apply at the leader.
+    pub commit: Histogram,
+    /// Strong requests that failed with `Unavailable`.
+    pub unavailable: AtomicU64,
+    /// Strong writes whose outcome was unknown at their deadline.
+    pub unknown: AtomicU64,
+    /// Requests forwarded to the leader's site.
+    pub forwarded: AtomicU64,
+    /// Malformed consensus frames received (the stream is closed; the node keeps serving).
+    pub malformed: AtomicU64,
+}
+
+/// The peer connections Raft RPCs ride: per site, the connection this node dialled to it.
+#[derive(Default)]
+pub(crate) struct Links {
+    conns: Vec<Mutex<Option<Connection>>>,
+    /// Per site: when (ms since `epoch`) an RPC to it last got a reply.
+    answered: Vec<AtomicU64>,
+    epoch: Option<Instant>,
+}
+
+impl Links {
+    fn new(n: usize) -> Links {
+        Links {
+            conns: (0..n).map(|_| Mutex::new(None)).collect(),
+            answered: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            epoch: Some(Instant::now()),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.map_or(0, |e| e.elapsed().as_millis() as u64 + 1)
+    }
+
+    fn answered_by(&self, site: NodeId) {
+        if let Some(a) = self.answered.get(site as usize) {
+            a.store(self.now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether a majority of the sites (counting `me`) answered an RPC within `window`.
+    fn majority_heard_within(&self, me: NodeId, window: Duration) -> bool {
+        let now = self.now_ms();
+        let n = self.answered.len();
+        let heard = self
+            .answered
+            .iter()
+            .enumerate()
+            .filter(|&(s, a)| {
+                s as NodeId == me || {
+                    let t = a.load(Ordering::Relaxed);
+                    t > 0 && now.saturating_sub(t) <= window.as_millis() as u64
+                }
+            })
+            .count();
+        heard > n / 2
+    }
+
+    fn get(&self, site: NodeId) -> Option<Connection> {
+        let c = self.conns.get(site as usize)?.lock().expect("links lock");
+        c.as_ref().filter(|c| c.close_reason().is_none()).cloned()
+    }
+}
+
+/// Why an RPC failed.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    /// Nothing reached the peer.
+    #[error("site {0} unreachable: {1}")]
+    NotSent(NodeId, String),
+    /// The request may have reached the peer; no answer came.
+    #[error("site {0}: {1}")]
+    AfterSend(NodeId, String),
+    /// No answer within the time allowed.
+    #[error("site {0}: no answer within {1:?}")]
+    Timeout(NodeId, Duration),
+}
+
+/// Sends `rpc` to `target` on a stream of its own and reads the reply, within `ttl`.
+async fn call(
+    links: &Links,
+    target: NodeId,
+    rpc: &Rpc,
+    ttl: Duration,
+) -> Result<RpcReply, CallError> {
+    let conn = links
+        .get(target)
+        .ok_or_else(|| CallError::NotSent(target, "no connection".into()))?;
+    let bytes = consensus::encode(rpc);
+    let sent = std::sync::atomic::AtomicBool::new(false);
+    let exchange = async {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| CallError::NotSent(target, e.to_string()))?;
+        sent.store(true, Ordering::Relaxed);
+        write_frame(&mut send, &bytes)
+            .await
+            .map_err(|e| CallError::AfterSend(target, e.to_string()))?;
+        let _ = send.finish();
+        let frame = read_frame(&mut recv, MAX_RPC_FRAME)
+            .await
+            .map_err(|e| CallError::AfterSend(target, e.to_string()))?
+            .ok_or_else(|| CallError::AfterSend(target, "stream closed without a reply".into()))?;
+        let reply =
+            consensus::decode::<RpcReply>(&frame).map_err(|e| CallError::AfterSend(target, e))?;
+        links.answered_by(target);
+        Ok(reply)
+    };
+    match tokio::time::timeout(ttl, exchange).await {
+        Ok(r) => r,
+        Err(_) if !sent.load(Ordering::Relaxed) => Err(CallError::NotSent(
+            target,
+            format!("no stream within {ttl:?}"),
+        )),
+        Err(_) => Err(CallError::Timeout(target, ttl)),
+    }
+}
+
+/// The network factory openraft uses: RPC clients over [`Links`].
+#[derive(Clone)]
+pub(crate) struct Network {
+    links: Arc<Links>,
+}
+
+/// An RPC client to one peer.
+pub(crate) struct PeerClient {
+    links: Arc<Links>,
+    target: NodeId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, _node: &openraft::EmptyNode) -> PeerClient {
+        PeerClient {
+            links: self.links.clone(),
+            target,
+        }
+    }
+}
+
+fn rpc_error<E: std::error::Error>(
+    target: NodeId,
+    e: CallError,
+    action: openraft::RPCTypes,
+    me: NodeId,
+) -> RPCError<NodeId, openraft::EmptyNode, E> {
+    match e {
+        CallError::NotSent(..) => RPCError::Unreachable(Unreachable::new(&e)),
+        CallError::AfterSend(..) => RPCError::Network(NetworkError::new(&e)),
+        CallError::Timeout(_, timeout) => RPCError::Timeout(openraft::error::Timeout {
+            action,
+            id: me,
+            target,
+            timeout,
+        }),
+    }
+}
+
+fn unexpected(target: NodeId, what: &str, got: &RpcReply) -> NetworkError {
+    let e = std::io::Error::other(format!("site {target} answered {what} with {got:?}"));
+    NetworkError::new(&e)
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        AppendEntriesResponse<NodeId>,
+        RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId>>,
+    > {
+        let me = rpc.vote.leader_id().voted_for().unwrap_or_default();
+        match call(
+            &self.links,
+            self.target,
+            &Rpc::Append(rpc),
+            option.hard_ttl(),
+        )
+        .await
+        {
+            Ok(RpcReply::Append(r)) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(other) => Err(RPCError::Network(unexpected(self.target, "append", &other))),
+            Err(e) => Err(rpc_error(
+                self.target,
+                e,
+                openraft::RPCTypes::AppendEntries,
+                me,
+            )),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId>>>
+    {
+        let me = rpc.vote.leader_id().voted_for().unwrap_or_default();
+        match call(&self.links, self.target, &Rpc::Vote(rpc), option.hard_ttl()).await {
+            Ok(RpcReply::Vote(r)) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            Ok(other) => Err(RPCError::Network(unexpected(self.target, "vote", &other))),
+            Err(e) => Err(rpc_error(self.target, e, openraft::RPCTypes::Vote, me)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: openraft::Vote<NodeId>,
+        snapshot: openraft::Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let rpc = Rpc::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: *snapshot.snapshot,
+        };
+        let me = vote.leader_id().voted_for().unwrap_or_default();
+        let sending = call(&self.links, self.target, &rpc, option.hard_ttl());
+        let result = tokio::select! {
+            r = sending => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        match result {
+            Ok(RpcReply::Snapshot(Ok(r))) => Ok(r),
+            Ok(RpcReply::Snapshot(Err(e))) => {
+                let e = std::io::Error::other(e);
+                Err(StreamingError::Network(NetworkError::new(&e)))
+            }
+            Ok(other) => Err(StreamingError::Network(unexpected(
+                self.target,
+                "snapshot",
+                &other,
+            ))),
+            Err(e) => Err(
+                match rpc_error::<Fatal<NodeId>>(
+                    self.target,
+                    e,
+                    openraft::RPCTypes::InstallSnapshot,
+                    me,
+                ) {
+                    RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                    RPCError::Timeout(t) => StreamingError::Timeout(t),
+                    RPCError::Network(n) => StreamingError::Network(n),
+                    other => {
+                        let e = std::io::Error::other(other.to_string());
+                        StreamingError::Network(NetworkError::new(&e))
+                    }
+                },
+            ),
+        }
+    }
+}
+
+/// This node's voter in its partition's Raft group.
+pub(crate) struct Strong {
+    pub raft: Raft,
+    pub state: Arc<RwLock<StrongState>>,
+    log: LogStore,
+    links: Arc<Links>,
+    me: NodeId,
+    names: Vec<String>,
+    pub opts: StrongOptions,
+    pub metrics: StrongMetrics,
+    election_max: Duration,
+    /// A leader whose last majority ack is older than this refuses new writes.
+    quorum_stale_ms: u64,
+    preferred: Option<NodeId>,
+}
+
+impl Strong {
+    /// Opens the group's log and state machine under `<data_dir>/raft` and starts the voter.
+    /// Every voter of a pristine group initialises it with the same membership (all sites),
+    /// which openraft allows.
+    pub async fn start(cfg: &SiteConfig, opts: StrongOptions) -> std::io::Result<Arc<Strong>> {
+        let dir = cfg.data_dir.join("raft");
+        let (log, sm) = tokio::task::spawn_blocking(move || {
+            let log = LogStore::open(&dir.join("raft.log"))?;
+            let sm = StateMachine::open(&dir)?;
+            Ok::<_, std::io::Error>((log, sm))
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        let rc = consensus::raft_config(&cfg.consensus, &cfg.cluster_id, cfg.partition)
+            .validate()
+            .map_err(std::io::Error::other)?;
+        let links = Arc::new(Links::new(cfg.n()));
+        let network = Network {
+            links: links.clone(),
+        };
+        let me = cfg.site_id as NodeId;
+        let state = sm.state.clone();
+        let raft = Raft::new(me, Arc::new(rc), network, log.clone(), sm)
+            .await
+            .map_err(std::io::Error::other)?;
+        if !raft.is_initialized().await.map_err(std::io::Error::other)? {
+            let members: BTreeSet<NodeId> = (0..cfg.n() as NodeId).collect();
+            if let Err(e) = raft.initialize(members).await {
+                debug!(error = %e, "raft group already initialised");
+            }
+        }
+        let preferred = cfg
+            .consensus
+            .preferred_leader
+            .as_ref()
+            .and_then(|p| cfg.sites.iter().find(|s| &s.name == p))
+            .map(|s| s.id as NodeId);
+        Ok(Arc::new(Strong {
+            raft,
+            state,
+            log,
+            links,
+            me,
+            names: cfg.sites.iter().map(|s| s.name.clone()).collect(),
+            opts,
+            metrics: StrongMetrics::default(),
+            election_max: Duration::from_millis(cfg.consensus.election_max_ms),
+            quorum_stale_ms: cfg.consensus.election_min_ms,
+            preferred,
+        }))
+    }
+
+    /// The connection this node dialled to `site` is up (`Some`) or gone (`None`, only if it
+    /// is still the one registered).
+    pub fn set_link(&self, site: NodeId, conn: Option<&Connection>) {
+        let Some(slot) = self.links.conns.get(site as usize) else {
+            return;
+        };
+        let mut slot = slot.lock().expect("links lock");
+        match conn {
+            Some(c) => *slot = Some(c.clone()),
+            None => *slot = None,
+        }
+    }
+
+    fn name(&self, site: NodeId) -> &str {
+        self.names.get(site as usize).map_or("?", String::as_str)
+    }
+
+    /// What is missing for the group to serve: no leader, or which voters cannot be reached.
+    fn missing(&self) -> String {
+        let m = self.raft.metrics().borrow().clone();
+        let n = self.names.len();
+        let majority = n / 2 + 1;
+        let reachable: Vec<&str> = (0..n as NodeId)
+            .filter(|&s| s == self.me || self.links.get(s).is_some())
+            .map(|s| self.name(s))
+            .collect();
+        match m.current_leader {
+            None => format!(
+                "no leader elected (term {}); this site ({}) is connected to {:?}; a leader needs \
+                 a majority of {majority} of the {n} sites",
+                m.current_term,
+                self.name(self.me),
+                reachable
+            ),
+            Some(l) if l == self.me => format!(
+                "this site ({}) leads term {} but cannot reach a majority: connected to {:?}, \
+                 needs {majority} of {n} sites",
+                self.name(self.me),
+                m.current_term,
+                reachable
+            ),
+            Some(l) => format!(
+                "leader is site {} (term {}); this site ({}) is connected to {:?}",
+                self.name(l),
+                m.current_term,
+                self.name(self.me),
+                reachable
+            ),
+        }
+    }
+
+    fn read_local(&self, key: &[u8]) -> Outcome {
+        let (value, ctx) = self.state.read().expect("state lock").read(key);
+        Outcome::Value { value, ctx }
+    }
+
+    /// Waits (up to `max`) for the group's metrics to change: a new term or leader.
+    async fn settle(&self, max: Duration) {
+        let mut rx = self.raft.metrics();
+        rx.borrow_and_update();
+        let _ = tokio::time::timeout(max.min(Duration::from_millis(100)), rx.changed()).await;
+    }
+
+    /// Executes a strong operation within `timeout`. `may_forward`: whether a follower may
+    /// forward it to the leader (false for requests that were forwarded already).
+    pub async fn execute(&self, op: Forwarded, timeout: Duration, may_forward: bool) -> Outcome {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let is_write = matches!(op, Forwarded::Write(_));
+        // Whether a write may have been proposed (then its outcome is unknown on timeout).
+        let mut proposed = false;
+        let mut why = String::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let missing = self.missing();
+                let detail = if why.is_empty() {
+                    missing
+                } else {
+                    format!("{why}; {missing}")
+                };
+                return if is_write && proposed {
+                    Metrics::bump(&self.metrics.unknown);
+                    Outcome::Unknown(format!(
+                        "not committed within {} ms, it may or may not be applied: {detail}",
+                        timeout.as_millis()
+                    ))
+                } else {
+                    Metrics::bump(&self.metrics.unavailable);
+                    Outcome::Unavailable(format!(
+                        "no majority within {} ms: {detail}",
+                        timeout.as_millis()
+                    ))
+                };
+            }
+            if let (Forwarded::Read { key }, true) = (&op, self.opts.local_reads) {
+                return self.read_local(key);
+            }
+            let leader = self.raft.metrics().borrow().current_leader;
+            match leader {
+                Some(l) if l == self.me => match &op {
+                    Forwarded::Write(cmd) => {
+                        // A leader that has not heard from a majority for an election timeout
+                        // is most likely cut off: refuse (certainly not applied) rather than
+                        // propose a write that will time out with an unknown outcome.
+                        let stale = !self.links.majority_heard_within(
+                            self.me,
+                            Duration::from_millis(self.quorum_stale_ms),
+                        );
+                        if stale && !proposed {
+                            why = format!(
+                                "the leader has not heard from a majority for {} ms",
+                                self.quorum_stale_ms
+                            );
+                            self.settle(left).await;
+                            continue;
+                        }
+                        proposed = true;
+                        let t = Instant::now();
+                        match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
+                        {
+                            Ok(Ok(resp)) => {
+                                self.metrics.commit.record(t.elapsed());
+                                return Outcome::Applied(resp.data);
+                            }
+                            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                                why = "leadership moved during the write".into();
+                                self.settle(left).await;
+                            }
+                            Ok(Err(e)) => return Outcome::Unknown(e.to_string()),
+                            Err(_) => continue,
+                        }
+                    }
+                    Forwarded::Read { key } => {
+                        match tokio::time::timeout(left, self.raft.ensure_linearizable()).await {
+                            Ok(Ok(_)) => return self.read_local(key),
+                            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(
+                                _,
+                            )))) => {
+                                why = "leadership moved during the read".into();
+                                self.settle(left).await;
+                            }
+                            Ok(Err(e)) => {
+                                why = e.to_string();
+                                self.settle(left).await;
+                            }
+                            Err(_) => continue,
+                        }
+                    }
+                },
+                Some(l) if may_forward => {
+                    Metrics::bump(&self.metrics.forwarded);
+                    let rpc = Rpc::Forward {
+                        op: op.clone(),
+                        timeout_ms: left.as_millis() as u64,
+                    };
+                    // A little longer than the leader's own deadline, so that its answer
+                    // (Unavailable, Unknown) arrives rather than our timeout.
+                    match call(&self.links, l, &rpc, left + Duration::from_millis(200)).await {
+                        Ok(RpcReply::Forward(Outcome::NotLeader { .. })) => {
+                            why = format!("site {} no longer leads", self.name(l));
+                            self.settle(left).await;
+                        }
+                        // An earlier attempt may have reached a leader: then a refusal now
+                        // does not mean the write was not applied.
+                        Ok(RpcReply::Forward(Outcome::Unavailable(m))) if is_write && proposed => {
+                            Metrics::bump(&self.metrics.unknown);
+                            return Outcome::Unknown(format!(
+                                "{m} (an earlier attempt may have been applied)"
+                            ));
+                        }
+                        Ok(RpcReply::Forward(o)) => return o,
+                        Ok(other) => why = format!("unexpected reply {other:?}"),
+                        Err(e) => {
+                            proposed |= !matches!(e, CallError::NotSent(..));
+                            why = format!("forwarding to the leader failed: {e}");
+                            self.settle(left).await;
+                        }
+                    }
+                }
+                Some(l) => return Outcome::NotLeader { leader: Some(l) },
+                None if !may_forward => return Outcome::NotLeader { leader: None },
+                None => {
+                    why = "no leader".into();
+                    self.settle(left).await;
+                }
+            }
+        }
+    }
+
+    /// Serves one RPC stream a peer opened.
+    async fn serve_stream(self: Arc<Self>, mut send: SendStream, mut recv: RecvStream) {
+        let frame = match read_frame(&mut recv, MAX_RPC_FRAME).await {
+            Ok(Some(f)) => f,
+            Ok(None) => return,
+            Err(e) => {
+                Metrics::bump(&self.metrics.malformed);
+                warn!(error = %e, "malformed consensus frame; closing the stream");
+                let _ = recv.stop(VarInt::from_u32(close_code::MALFORMED));
+                return;
+            }
+        };
+        let reply = match consensus::decode::<Rpc>(&frame) {
+            Err(e) => {
+                Metrics::bump(&self.metrics.malformed);
+                warn!(error = %e, "malformed consensus request");
+                RpcReply::Malformed(e)
+            }
+            Ok(Rpc::Append(r)) => RpcReply::Append(self.raft.append_entries(r).await),
+            Ok(Rpc::Vote(r)) => RpcReply::Vote(self.raft.vote(r).await),
+            Ok(Rpc::Snapshot { vote, meta, data }) => {
+                let snapshot = openraft::Snapshot {
+                    meta,
+                    snapshot: Box::new(data),
+                };
+                RpcReply::Snapshot(
+                    self.raft
+                        .install_full_snapshot(vote, snapshot)
+                        .await
+                        .map_err(|e| e.to_string()),
+                )
+            }
+            Ok(Rpc::Forward { op, timeout_ms }) => RpcReply::Forward(
+                self.execute(op, Duration::from_millis(timeout_ms.min(60_000)), false)
+                    .await,
+            ),
+        };
+        if write_frame(&mut send, &consensus::encode(&reply))
+            .await
+            .is_ok()
+        {
+            let _ = send.finish();
+        }
+    }
+
+    /// Serves the RPC streams of a connection a peer dialled, until it closes.
+    pub async fn serve_connection(self: Arc<Self>, conn: Connection) {
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    tokio::spawn(self.clone().serve_stream(send, recv));
+                }
+                Err(e) => {
+                    debug!(error = %e, "consensus streams of a peer connection ended");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Watches the group: counts elections and leader changes, and (with a preferred leader
+    /// site) has that site stand for election when it is up to date and not leading.
+    pub async fn watch(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let mut rx = self.raft.metrics();
+        let (mut term, mut leader) = {
+            let m = rx.borrow_and_update();
+            (m.current_term, m.current_leader)
+        };
+        let mut last_nudge = Instant::now();
+        loop {
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep(self.election_max) => {}
+                _ = shutdown.changed() => return,
+            }
+            let m = rx.borrow_and_update().clone();
+            if m.current_term != term {
+                Metrics::bump(&self.metrics.elections);
+                term = m.current_term;
+            }
+            if m.current_leader != leader {
+                Metrics::bump(&self.metrics.leader_changes);
+                info!(
+                    leader = ?m.current_leader.map(|l| self.name(l).to_owned()),
+                    term = m.current_term,
+                    "strong-operation leader changed"
+                );
+                leader = m.current_leader;
+            }
+            // The preferred site stands for election when a leader elsewhere has been stable
+            // for a while and this site's log is caught up.
+            if self.preferred == Some(self.me)
+                && m.state == ServerState::Follower
+                && m.current_leader.is_some_and(|l| l != self.me)
+                && last_nudge.elapsed() >= 2 * self.election_max
+                && m.last_applied.map(|l| l.index) >= self.log.committed().map(|l| l.index)
+            {
+                last_nudge = Instant::now();
+                info!("preferred leader site is healthy; standing for election");
+                let _ = self.raft.trigger().elect().await;
+            }
+        }
+    }
+
+    /// The group's status.
+    pub fn status(&self) -> ConsensusStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let matched = m.replication.clone().unwrap_or_default();
+        let voters = (0..self.names.len() as NodeId)
+            .map(|s| VoterStatus {
+                site: s as u16,
+                name: self.name(s).to_owned(),
+                match_index: if s == self.me {
+                    m.last_log_index
+                } else {
+                    matched.get(&s).copied().flatten().map(|l| l.index)
+                },
+            })
+            .collect();
+        ConsensusStatus {
+            term: m.current_term,
+            state: format!("{:?}", m.state),
+            leader: m.current_leader.map(|l| l as u16),
+            leader_name: m.current_leader.map(|l| self.name(l).to_owned()),
+            commit_index: self.log.committed().map(|l| l.index),
+            applied_index: m.last_applied.map(|l| l.index),
+            last_log_index: m.last_log_index,
+            voters,
+        }
+    }
+
+    /// Stops the voter.
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
