@@ -468,6 +468,43 @@ async fn raw_connect(
     (endpoint, conn)
 }
 
+/// Connects to site a of a two-site cluster as site b (b's real certificate) and exchanges a
+/// valid hello on a control stream; returns the endpoint, the connection, a's hello frame and
+/// the control stream (keep it: dropping it ends the stream, which a reads as b leaving).
+async fn connect_as_b(
+    cluster: &Cluster,
+) -> (
+    Endpoint,
+    Connection,
+    Vec<u8>,
+    (quinn::SendStream, quinn::RecvStream),
+) {
+    let (ep, conn) = raw_connect(
+        &TlsFiles::site(&cluster.certs, "b"),
+        tls::ALPN_PEER,
+        cluster.addr(0),
+        &tls::site_server_name("a"),
+    )
+    .await;
+    let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
+    let hello = PeerControl::Hello(PeerHello {
+        cluster: cluster.configs[0].cluster_id.clone(),
+        site: 1,
+        sites: 2,
+        partition: 0,
+        partitions: 1,
+        applied: vec![0, 0],
+    });
+    wire::write_frame(&mut send, &wire::encode(&hello))
+        .await
+        .expect("send hello");
+    let theirs = wire::read_frame(&mut recv, 1 << 16)
+        .await
+        .expect("read hello")
+        .expect("a hello");
+    (ep, conn, theirs.to_vec(), (send, recv))
+}
+
 /// What a site answered on a stream that carried bad input.
 #[derive(Debug)]
 #[allow(dead_code)] // the details are read through `Debug`, in the log
@@ -568,29 +605,7 @@ async fn a_malformed_consensus_stream_is_refused_and_strong_operations_continue(
     bounded(LIMIT, async {
         let cluster = Cluster::start(2).await;
         // A real site certificate (b's), a valid hello, then garbage on a consensus stream.
-        let (_ep, conn) = raw_connect(
-            &TlsFiles::site(&cluster.certs, "b"),
-            tls::ALPN_PEER,
-            cluster.addr(0),
-            &tls::site_server_name("a"),
-        )
-        .await;
-        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
-        let hello = PeerControl::Hello(PeerHello {
-            cluster: cluster.configs[0].cluster_id.clone(),
-            site: 1,
-            sites: 2,
-            partition: 0,
-            partitions: 1,
-            applied: vec![0, 0],
-        });
-        wire::write_frame(&mut send, &wire::encode(&hello))
-            .await
-            .expect("send hello");
-        wire::read_frame(&mut recv, 1 << 16)
-            .await
-            .expect("read hello")
-            .expect("a hello");
+        let (_ep, conn, _, _control) = connect_as_b(&cluster).await;
         let (mut rpc_send, mut rpc_recv) = conn.open_bi().await.expect("consensus stream");
         wire::write_frame(&mut rpc_send, &[0xff; 40])
             .await
@@ -635,29 +650,7 @@ async fn a_malformed_update_stream_closes_the_peer_connection() {
         let a = cluster.node(0);
         let before = metric(&a.metrics().malformed_frames);
         // A real site certificate (b's), a valid hello, then garbage on the update stream.
-        let (_ep, conn) = raw_connect(
-            &TlsFiles::site(&cluster.certs, "b"),
-            tls::ALPN_PEER,
-            cluster.addr(0),
-            &tls::site_server_name("a"),
-        )
-        .await;
-        let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
-        let hello = PeerControl::Hello(PeerHello {
-            cluster: cluster.configs[0].cluster_id.clone(),
-            site: 1,
-            sites: 2,
-            partition: 0,
-            partitions: 1,
-            applied: vec![0, 0],
-        });
-        wire::write_frame(&mut send, &wire::encode(&hello))
-            .await
-            .expect("send hello");
-        let theirs = wire::read_frame(&mut recv, 1 << 16)
-            .await
-            .expect("read hello")
-            .expect("a hello");
+        let (_ep, conn, theirs, _control) = connect_as_b(&cluster).await;
         assert!(
             matches!(
                 wire::decode::<PeerControl>(&theirs),

@@ -364,16 +364,7 @@ async fn run(
             for (key, value) in pairs {
                 match put(shared, s, key, Some(value), deadline, timeout).await {
                     Ok(l) => lsn = lsn.max(l),
-                    Err(e) => {
-                        return (
-                            Reply {
-                                frame: Frame::err(e),
-                                lsn,
-                                write: true,
-                            },
-                            false,
-                        );
-                    }
+                    Err(e) => return failed_write(e, lsn),
                 }
             }
             Reply {
@@ -397,16 +388,7 @@ async fn run(
                 if present {
                     match put(shared, s, key, None, deadline, timeout).await {
                         Ok(l) => lsn = lsn.max(l),
-                        Err(e) => {
-                            return (
-                                Reply {
-                                    frame: Frame::err(e),
-                                    lsn,
-                                    write: true,
-                                },
-                                false,
-                            );
-                        }
+                        Err(e) => return failed_write(e, lsn),
                     }
                     removed += 1;
                 }
@@ -509,6 +491,19 @@ fn message(body: ResponseBody) -> String {
         ResponseBody::Error { message, .. } => message,
         other => format!("unexpected response {other:?}"),
     }
+}
+
+/// The reply to a command of several writes that failed part-way: the error, sent once the
+/// writes before it (up to `lsn`) are durable; the connection stays open.
+fn failed_write(e: String, lsn: u64) -> (Reply, bool) {
+    (
+        Reply {
+            frame: Frame::err(e),
+            lsn,
+            write: true,
+        },
+        false,
+    )
 }
 
 /// A read under the session's context; the version read joins the context, with what it

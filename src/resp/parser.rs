@@ -170,15 +170,7 @@ fn check_multibulk(buf: &[u8], limits: &Limits) -> Result<Option<(usize, usize)>
         let Some((len, after)) = header(buf, pos, ProtocolError::BadBulkLength)? else {
             return Ok(None);
         };
-        if len < 0 {
-            return Err(ProtocolError::BadBulkLength);
-        }
-        if len as u64 > limits.max_arg_bytes as u64 {
-            return Err(ProtocolError::ArgTooLarge {
-                len,
-                max: limits.max_arg_bytes,
-            });
-        }
+        check_bulk_len(len, limits)?;
         let end = after + len as usize;
         if end + 2 > limits.max_request_bytes {
             return Err(ProtocolError::RequestTooLarge {
@@ -260,6 +252,21 @@ fn header(
 
 /// The position of the CRLF ending the line that starts at `pos`, searched within
 /// [`MAX_HEADER`] bytes.
+/// A bulk string's declared length against the limits: not negative (a null is handled before),
+/// and at most `max_arg_bytes`, checked before anything is allocated for it.
+fn check_bulk_len(len: i64, limits: &Limits) -> Result<(), ProtocolError> {
+    if len < 0 {
+        return Err(ProtocolError::BadBulkLength);
+    }
+    if len as u64 > limits.max_arg_bytes as u64 {
+        return Err(ProtocolError::ArgTooLarge {
+            len,
+            max: limits.max_arg_bytes,
+        });
+    }
+    Ok(())
+}
+
 fn line_end(buf: &[u8], pos: usize) -> Option<usize> {
     line_end_within(buf, pos, MAX_HEADER)
 }
@@ -337,15 +344,7 @@ fn frame_at(
             if len == -1 {
                 return Ok(Some((Frame::Null, next)));
             }
-            if len < 0 {
-                return Err(ProtocolError::BadBulkLength);
-            }
-            if len as u64 > limits.max_arg_bytes as u64 {
-                return Err(ProtocolError::ArgTooLarge {
-                    len,
-                    max: limits.max_arg_bytes,
-                });
-            }
+            check_bulk_len(len, limits)?;
             let end = next + len as usize;
             if buf.len() < end + 2 {
                 return Ok(None);
