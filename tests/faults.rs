@@ -138,6 +138,52 @@ impl TaskLog {
             self.first_errors.push(e.to_string());
         }
     }
+
+    /// Writes `v` to `k` at `site` as session `sid` and logs it: acknowledged (returning its
+    /// version), or of unknown outcome (`None`, the error counted).
+    async fn put(
+        &mut self,
+        client: &Client,
+        sid: u64,
+        site: usize,
+        k: String,
+        v: String,
+    ) -> Option<Version> {
+        match client.put(&k, &v).await {
+            Ok(version) => {
+                self.ops.push(Logged::Acked(Op::write(
+                    sid,
+                    site as u16,
+                    k.clone(),
+                    v.clone(),
+                )));
+                self.acked.push((k, v, version));
+                Some(version)
+            }
+            Err(e) => {
+                self.error(&e);
+                self.ops
+                    .push(Logged::Unknown(Op::write(sid, site as u16, k, v)));
+                None
+            }
+        }
+    }
+
+    /// Reads `k` at `site` as session `sid` and logs it; false (the error counted) if it failed.
+    async fn get(&mut self, client: &Client, sid: u64, site: usize, k: String) -> bool {
+        match client.get(&k).await {
+            Ok(got) => {
+                let got = got.map(|b| b.to_vec());
+                self.ops
+                    .push(Logged::Acked(Op::read(sid, site as u16, k, got)));
+                true
+            }
+            Err(e) => {
+                self.error(&e);
+                false
+            }
+        }
+    }
 }
 
 /// A session task: hops between sites in its own failover order (a new client per hop that
@@ -189,37 +235,12 @@ async fn session_task(
             if rng.gen_bool(0.45) {
                 n += 1;
                 let v = format!("{k}=t{task}.{n}");
-                match client.put(&k, &v).await {
-                    Ok(version) => {
-                        log.ops.push(Logged::Acked(Op::write(
-                            sid,
-                            site as u16,
-                            k.clone(),
-                            v.clone(),
-                        )));
-                        log.acked.push((k, v, version));
-                    }
-                    Err(e) => {
-                        log.error(&e);
-                        log.ops
-                            .push(Logged::Unknown(Op::write(sid, site as u16, k, v)));
-                        sid += 1;
-                        break;
-                    }
+                if log.put(&client, sid, site, k, v).await.is_none() {
+                    sid += 1;
+                    break;
                 }
-            } else {
-                match client.get(&k).await {
-                    Ok(got) => log.ops.push(Logged::Acked(Op::read(
-                        sid,
-                        site as u16,
-                        k,
-                        got.map(|b| b.to_vec()),
-                    ))),
-                    Err(e) => {
-                        log.error(&e);
-                        break;
-                    }
-                }
+            } else if !log.get(&client, sid, site, k).await {
+                break;
             }
             token = Some(client.session_token());
         }
@@ -869,37 +890,14 @@ async fn hopping_session(
             if rng.gen_bool(0.5) {
                 written += 1;
                 let v = format!("{k}=t{task}.{written}");
-                match client.put(&k, &v).await {
-                    Ok(version) => {
+                match log.put(&client, task, site, k, v).await {
+                    Some(version) => {
                         sites.newest[site].fetch_max(version.ts, Ordering::SeqCst);
-                        log.ops.push(Logged::Acked(Op::write(
-                            task,
-                            site as u16,
-                            k.clone(),
-                            v.clone(),
-                        )));
-                        log.acked.push((k, v, version));
                     }
-                    Err(e) => {
-                        log.error(&e);
-                        log.ops
-                            .push(Logged::Unknown(Op::write(task, site as u16, k, v)));
-                        break;
-                    }
+                    None => break,
                 }
-            } else {
-                match client.get(&k).await {
-                    Ok(got) => log.ops.push(Logged::Acked(Op::read(
-                        task,
-                        site as u16,
-                        k,
-                        got.map(|b| b.to_vec()),
-                    ))),
-                    Err(e) => {
-                        log.error(&e);
-                        break;
-                    }
-                }
+            } else if !log.get(&client, task, site, k).await {
+                break;
             }
             token = Some(client.session_token());
         }

@@ -34,9 +34,9 @@ use common::{Cluster, Relay, bounded, env_u64, eventually, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Three sites whose links `i → j` each go through a relay delaying them by `delay` (one way),
-/// with consensus timeouts for loopback plus that delay.
-async fn cluster(delay: Duration, opts: NodeOptions) -> (Cluster, HashMap<(usize, usize), Relay>) {
+/// Three sites laid out with every link `i → j` through a relay delaying it by `delay` (one
+/// way), and consensus timeouts for loopback plus that delay; returns the layout and the relays.
+async fn relayed(delay: Duration) -> (common::Prepared, HashMap<(usize, usize), Relay>) {
     let mut prep = Cluster::prepare(3);
     let real: Vec<_> = prep.configs.iter().map(|c| c.listen_addr()).collect();
     let mut relays = HashMap::new();
@@ -53,6 +53,12 @@ async fn cluster(delay: Duration, opts: NodeOptions) -> (Cluster, HashMap<(usize
             relays.insert((i, j), relay);
         }
     }
+    (prep, relays)
+}
+
+/// Three in-process sites behind [`relayed`] links, started with `opts` and connected.
+async fn cluster(delay: Duration, opts: NodeOptions) -> (Cluster, HashMap<(usize, usize), Relay>) {
+    let (prep, relays) = relayed(delay).await;
     let c = prep.start_with(opts).await;
     c.wait_connected().await;
     (c, relays)
@@ -521,22 +527,7 @@ async fn processes_under_leader_kills_cuts_and_isolation_stay_linearizable() {
             "seed {seed:#x} (STRONG_SEED), {kills} leader kills (STRONG_KILLS), \
              at least {min_ops} operations (STRONG_MIN_OPS)"
         );
-        let mut prep = Cluster::prepare(3);
-        let real: Vec<_> = prep.configs.iter().map(|c| c.listen_addr()).collect();
-        let mut relays = HashMap::new();
-        for i in 0..3 {
-            prep.configs[i].consensus = ConsensusConfig {
-                heartbeat_ms: 300,
-                election_min_ms: 1_200,
-                election_max_ms: 2_400,
-                ..Default::default()
-            };
-            for j in (0..3).filter(|&j| j != i) {
-                let relay = Relay::start(real[j], ms(10)).await;
-                prep.configs[i].sites[j].addr = relay.addr();
-                relays.insert((i, j), relay);
-            }
-        }
+        let (prep, relays) = relayed(ms(10)).await;
         let mut p = prep.spawn().await;
         p.wait_connected().await;
         let status: Vec<Client> = {

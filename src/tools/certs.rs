@@ -544,11 +544,8 @@ pub fn expiry_warning(what: &str, not_after: i64, now: i64) -> Option<String> {
     })
 }
 
-/// Issues one more client certificate, `client-<name>.pem/.key`, from the existing CA in `dir`
-/// (backs `causalkv certs add-client`) and returns where it was written. Refuses to replace an
-/// existing certificate or key of that client unless `force`; a missing CA is an error.
-pub fn add_client(dir: &Path, name: &str, force: bool) -> Result<CertPaths, CertsError> {
-    validate_name(name)?;
+/// The CA in `dir`, which must exist (a missing one is an error that says how to make one).
+fn existing_ca(dir: &Path) -> Result<Ca, CertsError> {
     let ca_p = ca_paths(dir);
     if !exists(&ca_p.cert)? {
         return Err(CertsError::BadCa {
@@ -556,7 +553,15 @@ pub fn add_client(dir: &Path, name: &str, force: bool) -> Result<CertPaths, Cert
             reason: "no CA certificate here (make one with `causalkv certs init`)".into(),
         });
     }
-    let ca = load_ca(dir)?;
+    load_ca(dir)
+}
+
+/// Issues one more client certificate, `client-<name>.pem/.key`, from the existing CA in `dir`
+/// (backs `causalkv certs add-client`) and returns where it was written. Refuses to replace an
+/// existing certificate or key of that client unless `force`; a missing CA is an error.
+pub fn add_client(dir: &Path, name: &str, force: bool) -> Result<CertPaths, CertsError> {
+    validate_name(name)?;
+    let ca = existing_ca(dir)?;
     let paths = leaf_paths(dir, Role::Client, name);
     if !force {
         for p in [&paths.cert, &paths.key] {
@@ -583,14 +588,7 @@ pub fn reissue(
     validity: Duration,
 ) -> Result<CertPaths, CertsError> {
     validate_name(name)?;
-    let ca_p = ca_paths(dir);
-    if !exists(&ca_p.cert)? {
-        return Err(CertsError::BadCa {
-            path: ca_p.cert,
-            reason: "no CA certificate here (make one with `causalkv certs init`)".into(),
-        });
-    }
-    let ca = load_ca(dir)?;
+    let ca = existing_ca(dir)?;
     let paths = leaf_paths(dir, role, name);
     let issued = ca.issue_valid_for(role, name, validity)?;
     write_file(&paths.key, issued.key_pem.as_bytes(), KEY_MODE, true)?;
