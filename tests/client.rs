@@ -992,6 +992,86 @@ async fn redis_py_wait_pipelining_and_bad_input() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cli_conditional_writes_and_cas_use_the_strong_keyspace() {
+    if !common::have_tool("redis-cli", &["--version"], "redis-tools (apt)") {
+        return;
+    }
+    common::bounded(ms(90_000), async {
+        let cluster = Cluster::prepare(3).start().await;
+        cluster.wait_connected().await;
+        let (a, b, c) = (
+            cluster.resp_addr(0),
+            cluster.resp_addr(1),
+            cluster.resp_addr(2),
+        );
+        let certs = cluster.certs.clone();
+        common::eventually(ms(30_000), "the strong group elects a leader", async || {
+            (0..3).all(|i| {
+                cluster
+                    .node(i)
+                    .status()
+                    .consensus
+                    .is_some_and(|s| s.leader.is_some())
+            })
+        })
+        .await;
+
+        // SET NX: one site takes the lock, a second NX elsewhere gets nil, and every site reads
+        // the holder linearizably at once.
+        assert_eq!(redis_cli(&certs, a, "SET lock owner-a NX\n"), "OK\n");
+        assert_eq!(redis_cli(&certs, b, "SET lock owner-b NX\n"), "\n");
+        assert_eq!(redis_cli(&certs, c, "STRONG.GET lock\n"), "owner-a\n");
+        // SET XX writes only a key that holds a value.
+        assert_eq!(
+            redis_cli(&certs, b, "SET nobody v XX\nSTRONG.GET nobody\n"),
+            "\n\n"
+        );
+        assert_eq!(redis_cli(&certs, b, "SET lock owner-b XX\n"), "OK\n");
+        // CAS: a stale expectation fails and returns the current value; a fresh one swaps.
+        assert_eq!(
+            redis_cli(&certs, a, "CAS lock EXPECT owner-a SET owner-c\n"),
+            "0\nowner-b\n"
+        );
+        assert_eq!(
+            redis_cli(
+                &certs,
+                c,
+                "CAS lock EXPECT owner-b DELETE\nCAS lock ABSENT SET owner-c\n"
+            ),
+            "1\n\n1\nowner-c\n"
+        );
+        assert_eq!(
+            redis_cli(&certs, a, "STRONG.SET s 1\nSTRONG.DEL s\nSTRONG.GET s\n"),
+            "OK\nOK\n\n"
+        );
+        // The keyspaces are apart: a causal GET does not see the strong key, nor a causal SET
+        // the strong read.
+        assert_eq!(
+            redis_cli(&certs, a, "GET lock\nSET lock causal\nSTRONG.GET lock\n"),
+            "\nOK\nowner-c\n"
+        );
+
+        // Causality across levels: a session writes x causally, then s strongly; a session at
+        // b that reads s strongly has x in its context (so a causal read there waits for x).
+        let out = redis_cli(&certs, a, "SET x 1\nSTRONG.SET s after-x\nCAUSAL.TOKEN\n");
+        let writer = causalkv::client::decode_session_token(out.lines().nth(2).unwrap())
+            .unwrap_or_else(|| panic!("no token: {out}"));
+        let out = redis_cli(&certs, b, "CAUSAL.TOKEN\nSTRONG.GET s\nCAUSAL.TOKEN\n");
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[1], "after-x", "{out}");
+        let before = causalkv::client::decode_session_token(lines[0]).unwrap();
+        let after = causalkv::client::decode_session_token(lines[2]).unwrap();
+        assert_eq!(before.get(0), 0, "a fresh session has an empty context");
+        assert!(
+            after.get(0) >= writer.get(0) && writer.get(0) > 0,
+            "the strong read did not carry the writer's context: {after:?} vs {writer:?}"
+        );
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
 /// Runs the redis-py causal chain across three sites (a's updates reach c 500 ms late) and
 /// returns the checker's report on the history it recorded, and how many probe sessions at c
 /// read y_i and then found x_i absent.

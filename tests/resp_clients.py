@@ -128,7 +128,7 @@ def misc(args):
     # Options causalkv does not support get a clear error; the connection stays usable.
     expect_error(lambda: r.set("k", "v", ex=10), "do not expire")
     expect_error(lambda: r.set("k", "v", px=10), "do not expire")
-    expect_error(lambda: r.set("k", "v", nx=True), "linearizable")
+    expect_error(lambda: r.set("k", "v", get=True), "SET GET")
     expect_error(lambda: r.execute_command("SET", "k", "v", "BOGUS"), "syntax error")
     expect_error(lambda: r.execute_command("SELECT", 1), "out of range")
     expect_error(lambda: r.execute_command("FLUSHALL"), "unknown command")

@@ -91,13 +91,34 @@ pub enum WriteOp {
         /// The new value; `None` deletes.
         new: Option<Vec<u8>>,
     },
+    /// Set a key iff it holds a value, whatever it is (Redis's `SET key value XX`). Replies
+    /// like a compare-and-set: [`Reply::CasOk`], or [`Reply::CasFailed`] with the key absent.
+    PutIfPresent {
+        /// Key.
+        key: Vec<u8>,
+        /// Value.
+        value: Vec<u8>,
+    },
 }
 
 impl WriteOp {
     /// The key written.
     pub fn key(&self) -> &[u8] {
         match self {
-            WriteOp::Put { key, .. } | WriteOp::Delete { key } | WriteOp::Cas { key, .. } => key,
+            WriteOp::Put { key, .. }
+            | WriteOp::Delete { key }
+            | WriteOp::Cas { key, .. }
+            | WriteOp::PutIfPresent { key, .. } => key,
+        }
+    }
+
+    /// The length of the longest value it carries (0: none): what the size limits check.
+    pub fn value_len(&self) -> usize {
+        let len = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len);
+        match self {
+            WriteOp::Put { value, .. } | WriteOp::PutIfPresent { value, .. } => value.len(),
+            WriteOp::Delete { .. } => 0,
+            WriteOp::Cas { expected, new, .. } => len(expected).max(len(new)),
         }
     }
 }

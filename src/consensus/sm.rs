@@ -114,6 +114,21 @@ impl StrongState {
                     Reply::CasFailed { current, ctx }
                 }
             }
+            WriteOp::PutIfPresent { value, .. } => {
+                let (current, ctx) = self.read(&key);
+                if current.is_some() {
+                    self.data.insert(
+                        key,
+                        Stored {
+                            value: Some(value.clone()),
+                            ctx: cmd.ctx.clone(),
+                        },
+                    );
+                    Reply::CasOk
+                } else {
+                    Reply::CasFailed { current, ctx }
+                }
+            }
         };
         let session = self.sessions.entry(cmd.client).or_default();
         session.replies.insert(cmd.serial, reply.clone());
@@ -360,5 +375,32 @@ mod tests {
             Reply::Forgotten
         );
         assert_eq!(st.read(&k).0, Some(b"x".to_vec()));
+    }
+
+    #[test]
+    fn put_if_present_needs_a_value() {
+        let mut st = StrongState::default();
+        let xx = |v: &str| WriteOp::PutIfPresent {
+            key: b"k".to_vec(),
+            value: v.as_bytes().to_vec(),
+        };
+        assert_eq!(
+            st.apply(&cmd(1, 1, xx("a"))),
+            Reply::CasFailed {
+                current: None,
+                ctx: Vec::new()
+            }
+        );
+        assert_eq!(st.read(b"k").0, None);
+        st.apply(&cmd(
+            1,
+            2,
+            WriteOp::Put {
+                key: b"k".to_vec(),
+                value: b"b".to_vec(),
+            },
+        ));
+        assert_eq!(st.apply(&cmd(1, 3, xx("c"))), Reply::CasOk);
+        assert_eq!(st.read(b"k"), (Some(b"c".to_vec()), vec![3]));
     }
 }

@@ -42,9 +42,10 @@ use super::shared::Shared;
 use crate::client::{decode_session_token, encode_session_token};
 use crate::clock::VClock;
 use crate::config::RespConfig;
+use crate::consensus::{self, Forwarded, WriteOp};
 use crate::resp::command::{self, CommandQuery, TABLE};
 use crate::resp::{Command, Frame, Limits, Protocol, parse_command};
-use crate::wire::ResponseBody;
+use crate::wire::{ResponseBody, error_code};
 
 /// Most bytes taken from the stream per read: what one batch of pipelined requests comes from.
 pub const READ_CHUNK: usize = 16 << 10;
@@ -157,6 +158,10 @@ struct Session {
     /// The timestamp of the last write of this connection at this site (0: none): what `WAIT`
     /// waits for.
     last_write: u64,
+    /// The connection's client id for strong writes (random), and the serial of its last
+    /// one: what deduplicates a write the consensus layer retries.
+    client: u64,
+    serial: u64,
     connected: Instant,
     last_command: Instant,
 }
@@ -216,6 +221,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         proto: Protocol::Resp2,
         ctx: VClock::zero(shared.cfg.n()),
         last_write: 0,
+        client: crate::client::random_id(),
+        serial: 0,
         connected: now,
         last_command: now,
     };
@@ -324,6 +331,11 @@ async fn run(
             | Command::Exists(_)
             | Command::MGet(_)
             | Command::MSet(_)
+            | Command::SetIf { .. }
+            | Command::Cas { .. }
+            | Command::StrongGet(_)
+            | Command::StrongSet { .. }
+            | Command::StrongDel(_)
     );
     if data && shared.is_shutting_down() {
         return (Frame::err("ERR site is shutting down").into(), false);
@@ -420,6 +432,67 @@ async fn run(
             },
             Err(e) => Frame::err(e).into(),
         },
+        Command::SetIf {
+            key,
+            value,
+            present,
+        } => {
+            let op = if present {
+                WriteOp::PutIfPresent {
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                }
+            } else {
+                WriteOp::Cas {
+                    key: key.to_vec(),
+                    expected: None,
+                    new: Some(value.to_vec()),
+                }
+            };
+            match strong(shared, s, StrongOp::Write(op), timeout).await {
+                Ok(ResponseBody::CasResult { ok: true, .. }) => Frame::ok().into(),
+                Ok(_) => Frame::Null.into(),
+                Err(e) => Frame::err(e).into(),
+            }
+        }
+        Command::Cas { key, expected, new } => {
+            let op = WriteOp::Cas {
+                key: key.to_vec(),
+                expected: expected.map(|v| v.to_vec()),
+                new: new.clone().map(|v| v.to_vec()),
+            };
+            let value = |v: Option<Bytes>| v.map_or(Frame::Null, Frame::Bulk);
+            match strong(shared, s, StrongOp::Write(op), timeout).await {
+                Ok(ResponseBody::CasResult { ok: true, .. }) => {
+                    Frame::Array(vec![Frame::Integer(1), value(new)]).into()
+                }
+                Ok(ResponseBody::CasResult { current, .. }) => {
+                    Frame::Array(vec![Frame::Integer(0), value(current.map(Bytes::from))]).into()
+                }
+                Ok(other) => Frame::err(message(other)).into(),
+                Err(e) => Frame::err(e).into(),
+            }
+        }
+        Command::StrongGet(key) => {
+            match strong(shared, s, StrongOp::Read(key.to_vec()), timeout).await {
+                Ok(ResponseBody::StrongValue { value, .. }) => {
+                    value.map_or(Frame::Null, |v| Frame::Bulk(v.into())).into()
+                }
+                Ok(other) => Frame::err(message(other)).into(),
+                Err(e) => Frame::err(e).into(),
+            }
+        }
+        Command::StrongSet { key, value } => {
+            let op = WriteOp::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            };
+            strong_written(strong(shared, s, StrongOp::Write(op), timeout).await)
+        }
+        Command::StrongDel(key) => {
+            let op = WriteOp::Delete { key: key.to_vec() };
+            strong_written(strong(shared, s, StrongOp::Write(op), timeout).await)
+        }
         Command::Ping(None) => Frame::Simple("PONG".into()).into(),
         Command::Ping(Some(m)) | Command::Echo(m) => Frame::Bulk(m).into(),
         Command::Hello { version, setname } => {
@@ -483,6 +556,71 @@ async fn run(
         }
     };
     (reply, false)
+}
+
+/// A strong operation, as the connection asks for it.
+enum StrongOp {
+    Write(WriteOp),
+    Read(Vec<u8>),
+}
+
+/// Runs a strong operation under the session's causal context: a write carries the context
+/// (stored with its value), and the context a read or a failed compare-and-set returns joins
+/// the session, so a causal read after it sees what the strong value's writer had seen.
+/// Errors keep the consensus layer's type as their code: `UNAVAILABLE` (no leader or no
+/// majority within the timeout) and `OUTCOMEUNKNOWN` (a write that timed out once proposed).
+async fn strong(
+    shared: &Shared,
+    s: &mut Session,
+    op: StrongOp,
+    timeout: Duration,
+) -> Result<ResponseBody, String> {
+    let (fwd, metric) = match op {
+        StrongOp::Read(key) => (Forwarded::Read { key }, Op::StrongGet),
+        StrongOp::Write(op) => {
+            let metric = match op {
+                WriteOp::Put { .. } | WriteOp::PutIfPresent { .. } => Op::StrongPut,
+                WriteOp::Delete { .. } => Op::StrongDelete,
+                WriteOp::Cas { .. } => Op::Cas,
+            };
+            s.serial += 1;
+            let cmd = consensus::Command {
+                client: s.client,
+                serial: s.serial,
+                ctx: s.ctx.as_slice().to_vec(),
+                op,
+            };
+            (Forwarded::Write(cmd), metric)
+        }
+    };
+    let started = Instant::now();
+    let body = service::execute_strong(shared, fwd, timeout).await;
+    let ok = !matches!(body, ResponseBody::Error { .. });
+    shared.metrics.ops.record(metric, ok, started.elapsed());
+    match body {
+        ResponseBody::Error { code, message, .. } => Err(match code {
+            error_code::UNAVAILABLE => format!("UNAVAILABLE {message}"),
+            error_code::OUTCOME_UNKNOWN => format!("OUTCOMEUNKNOWN {message}"),
+            _ => message,
+        }),
+        ResponseBody::StrongValue { ref ctx, .. } | ResponseBody::CasResult { ref ctx, .. } => {
+            let n = shared.cfg.n();
+            if ctx.len() <= n {
+                s.ctx.merge(&VClock::from_vec(ctx.clone()).resized(n));
+            }
+            Ok(body)
+        }
+        other => Ok(other),
+    }
+}
+
+/// The reply to a strong put or delete.
+fn strong_written(r: Result<ResponseBody, String>) -> Reply {
+    match r {
+        Ok(ResponseBody::StrongWritten) => Frame::ok().into(),
+        Ok(other) => Frame::err(message(other)).into(),
+        Err(e) => Frame::err(e).into(),
+    }
 }
 
 /// The message of a refusal from the shared read and write paths.

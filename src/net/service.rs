@@ -353,41 +353,16 @@ pub(crate) async fn write(
     .map_err(|nr| not_ready(nr, timeout))
 }
 
-/// Executes a strong operation through the partition's Raft group ([`super::strong`]).
+/// Turns a strong request off the wire into the operation [`execute_strong`] runs.
 async fn strong(
     shared: &Shared,
     op: &ArchivedClientOp,
     ctx: VClock,
     timeout: Duration,
 ) -> ResponseBody {
-    let limits = &shared.cfg.limits;
     let opt = |v: &rkyv::option::ArchivedOption<rkyv::vec::ArchivedVec<u8>>| {
         v.as_ref().map(|v| v.as_slice().to_vec())
     };
-    let (key, vlen) = match op {
-        ArchivedClientOp::StrongWrite { key, value, .. } => {
-            (key, value.as_ref().map_or(0, |v| v.len()))
-        }
-        ArchivedClientOp::Cas {
-            key, expected, new, ..
-        } => (
-            key,
-            expected
-                .as_ref()
-                .map_or(0, |v| v.len())
-                .max(new.as_ref().map_or(0, |v| v.len())),
-        ),
-        ArchivedClientOp::StrongGet { key } => (key, 0),
-        _ => return error(error_code::BAD_REQUEST, "not a strong operation"),
-    };
-    if let Err(e) = wire::check_sizes(key.len(), vlen, limits) {
-        Metrics::bump(&shared.metrics.too_large);
-        return too_large(e);
-    }
-    if let Some(refusal) = wrong_partition(shared, key) {
-        return refusal;
-    }
-    let key = key.as_slice().to_vec();
     let command = |client: u64, serial: u64, op: WriteOp| Command {
         client,
         serial,
@@ -396,35 +371,61 @@ async fn strong(
     };
     let fwd = match op {
         ArchivedClientOp::StrongWrite {
+            key,
             value,
             client,
             serial,
-            ..
         } => Forwarded::Write(command(
             client.to_native(),
             serial.to_native(),
             match opt(value) {
-                Some(value) => WriteOp::Put { key, value },
-                None => WriteOp::Delete { key },
+                Some(value) => WriteOp::Put {
+                    key: key.to_vec(),
+                    value,
+                },
+                None => WriteOp::Delete { key: key.to_vec() },
             },
         )),
         ArchivedClientOp::Cas {
+            key,
             expected,
             new,
             client,
             serial,
-            ..
         } => Forwarded::Write(command(
             client.to_native(),
             serial.to_native(),
             WriteOp::Cas {
-                key,
+                key: key.to_vec(),
                 expected: opt(expected),
                 new: opt(new),
             },
         )),
-        _ => Forwarded::Read { key },
+        ArchivedClientOp::StrongGet { key } => Forwarded::Read { key: key.to_vec() },
+        _ => return error(error_code::BAD_REQUEST, "not a strong operation"),
     };
+    execute_strong(shared, fwd, timeout).await
+}
+
+/// Executes a strong operation through the partition's Raft group ([`super::strong`]), after
+/// the size limits and the partition check; shared by the client service and the RESP
+/// listener.
+pub(super) async fn execute_strong(
+    shared: &Shared,
+    fwd: Forwarded,
+    timeout: Duration,
+) -> ResponseBody {
+    let (key, vlen) = match &fwd {
+        Forwarded::Write(c) => (c.op.key(), c.op.value_len()),
+        Forwarded::Read { key } => (key.as_slice(), 0),
+    };
+    if let Err(e) = wire::check_sizes(key.len(), vlen, &shared.cfg.limits) {
+        Metrics::bump(&shared.metrics.too_large);
+        return too_large(e);
+    }
+    if let Some(refusal) = wrong_partition(shared, key) {
+        return refusal;
+    }
     let strong = &shared.strong;
     let drop_ctx = |ctx: Vec<u64>| {
         if strong.opts.drop_context {

@@ -1,6 +1,11 @@
 //! Requests as commands: a parsed request's arguments turned into a [`Command`], with Redis's
 //! own error messages for wrong arity, and clear ones for what causalkv does not do (key
-//! expiry, `SET NX`, databases other than 0).
+//! expiry, databases other than 0).
+//!
+//! Two keyspaces are served, as through the client library: the causal one (`GET`, `SET`,
+//! `DEL`, ...) and the strong one, linearizable through consensus (`SET key value NX|XX`,
+//! `CAS`, `STRONG.GET`, `STRONG.SET`, `STRONG.DEL`). A conditional write must agree with
+//! every site on the order of writes, so `SET NX`/`XX` act on the strong keyspace.
 //!
 //! [`TABLE`] lists every command served, with the arity and key positions that `COMMAND`
 //! reports (what `redis-cli` and cluster-aware clients read).
@@ -21,6 +26,35 @@ pub enum Command {
         /// The value.
         value: Bytes,
     },
+    /// `SET key value NX|XX`: a conditional write to the strong keyspace.
+    SetIf {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+        /// `true` for `XX` (only if the key holds a value), `false` for `NX` (only if absent).
+        present: bool,
+    },
+    /// `CAS key EXPECT old|ABSENT SET new|DELETE`: a compare-and-set in the strong keyspace.
+    Cas {
+        /// The key.
+        key: Bytes,
+        /// The value expected (`None`: the key must be absent).
+        expected: Option<Bytes>,
+        /// The new value (`None`: delete).
+        new: Option<Bytes>,
+    },
+    /// `STRONG.GET key`: a linearizable read of the strong keyspace.
+    StrongGet(Bytes),
+    /// `STRONG.SET key value`: a write to the strong keyspace.
+    StrongSet {
+        /// The key.
+        key: Bytes,
+        /// The value.
+        value: Bytes,
+    },
+    /// `STRONG.DEL key`: a delete in the strong keyspace.
+    StrongDel(Bytes),
     /// `DEL key [key ...]`.
     Del(Vec<Bytes>),
     /// `EXISTS key [key ...]`.
@@ -131,6 +165,10 @@ pub const TABLE: &[Spec] = &[
     ),
     spec("wait", 3, &["noscript"], (0, 0, 0)),
     spec("causal.token", -1, &["fast"], (0, 0, 0)),
+    spec("cas", -4, &["write", "denyoom"], (1, 1, 1)),
+    spec("strong.get", 2, &["readonly"], (1, 1, 1)),
+    spec("strong.set", 3, &["write", "denyoom"], (1, 1, 1)),
+    spec("strong.del", 2, &["write"], (1, 1, 1)),
 ];
 
 const fn spec(
@@ -222,15 +260,14 @@ pub fn parse(args: &[Bytes]) -> Result<Command, Refusal> {
     let keys = || rest.to_vec();
     Ok(match name.as_str() {
         "get" => Command::Get(rest[0].clone()),
-        "set" => {
-            if let Some(opt) = rest.get(2) {
-                return Err(set_option(&lower(opt)));
-            }
-            Command::Set {
-                key: rest[0].clone(),
-                value: rest[1].clone(),
-            }
-        }
+        "set" => set(rest)?,
+        "cas" => cas(rest)?,
+        "strong.get" => Command::StrongGet(rest[0].clone()),
+        "strong.set" => Command::StrongSet {
+            key: rest[0].clone(),
+            value: rest[1].clone(),
+        },
+        "strong.del" => Command::StrongDel(rest[0].clone()),
         "del" => Command::Del(keys()),
         "exists" => Command::Exists(keys()),
         "mget" => Command::MGet(keys()),
@@ -299,20 +336,55 @@ fn unknown(name: &[u8], rest: &[Bytes]) -> Refusal {
     )
 }
 
+/// `SET key value [NX|XX]`: plain (causal), or conditional (strong).
+fn set(rest: &[Bytes]) -> Result<Command, Refusal> {
+    let (key, value) = (rest[0].clone(), rest[1].clone());
+    let mut present = None;
+    for opt in &rest[2..] {
+        let opt = lower(opt);
+        match opt.as_str() {
+            "nx" | "xx" if present.is_none() => present = Some(opt == "xx"),
+            "nx" | "xx" => return Err("ERR syntax error".into()),
+            _ => return Err(set_option(&opt)),
+        }
+    }
+    Ok(match present {
+        None => Command::Set { key, value },
+        Some(present) => Command::SetIf {
+            key,
+            value,
+            present,
+        },
+    })
+}
+
 fn set_option(opt: &str) -> Refusal {
     match opt {
         "ex" | "px" | "exat" | "pxat" | "keepttl" => format!(
             "ERR SET {}: causalkv keys do not expire (no TTLs); use plain SET key value",
             opt.to_ascii_uppercase()
         ),
-        "nx" | "xx" => format!(
-            "ERR SET {}: conditional writes need a linearizable keyspace, and causalkv's is causal \
-             (concurrent writes at two sites would both succeed); use plain SET key value",
-            opt.to_ascii_uppercase()
-        ),
         "get" => "ERR SET GET is not supported; use GET, then SET".into(),
         _ => "ERR syntax error".into(),
     }
+}
+
+/// `CAS key EXPECT old|ABSENT SET new|DELETE`. Keywords rather than positions, so that any
+/// bytes can be a value and "absent" is not confused with an empty value.
+fn cas(rest: &[Bytes]) -> Result<Command, Refusal> {
+    const USAGE: &str = "ERR syntax error: CAS key EXPECT old|ABSENT SET new|DELETE";
+    let key = rest[0].clone();
+    let (expected, i) = match lower(&rest[1]).as_str() {
+        "expect" if rest.len() > 2 => (Some(rest[2].clone()), 3),
+        "absent" => (None, 2),
+        _ => return Err(USAGE.into()),
+    };
+    let new = match (rest.get(i).map(|w| lower(w)).as_deref(), rest.len() - i) {
+        (Some("set"), 2) => Some(rest[i + 1].clone()),
+        (Some("delete"), 1) => None,
+        _ => return Err(USAGE.into()),
+    };
+    Ok(Command::Cas { key, expected, new })
 }
 
 fn hello(rest: &[Bytes]) -> Result<Command, Refusal> {
@@ -434,6 +506,31 @@ mod tests {
             })
         );
         assert_eq!(p(&["select", "0"]), Ok(Command::Select));
+        assert_eq!(
+            p(&["SET", "k", "v", "xx"]),
+            Ok(Command::SetIf {
+                key: "k".into(),
+                value: "v".into(),
+                present: true
+            })
+        );
+        assert_eq!(
+            p(&["cas", "k", "EXPECT", "old", "SET", "new"]),
+            Ok(Command::Cas {
+                key: "k".into(),
+                expected: Some("old".into()),
+                new: Some("new".into())
+            })
+        );
+        assert_eq!(
+            p(&["cas", "k", "absent", "delete"]),
+            Ok(Command::Cas {
+                key: "k".into(),
+                expected: None,
+                new: None
+            })
+        );
+        assert_eq!(p(&["strong.get", "k"]), Ok(Command::StrongGet("k".into())));
     }
 
     #[test]
@@ -453,10 +550,19 @@ mod tests {
                 .unwrap_err()
                 .contains("do not expire")
         );
+        assert_eq!(
+            p(&["set", "k", "v", "nx", "xx"]).unwrap_err(),
+            "ERR syntax error"
+        );
         assert!(
-            p(&["set", "k", "v", "nx"])
+            p(&["cas", "k", "expect", "a", "set"])
                 .unwrap_err()
-                .contains("linearizable")
+                .contains("CAS key EXPECT")
+        );
+        assert!(
+            p(&["cas", "k", "absent", "put", "v"])
+                .unwrap_err()
+                .contains("CAS key EXPECT")
         );
         assert_eq!(
             p(&["set", "k", "v", "bogus"]).unwrap_err(),

@@ -287,8 +287,13 @@ pub struct Client {
     serial: AtomicU64,
 }
 
-/// A random client id (std's per-process random hash keys, the time and the process id).
-fn random_id() -> u64 {
+/// A random client id (std's per-process random hash keys, the time and the process id): with
+/// a serial number per write, what lets the strong keyspace apply a retried write once.
+///
+/// ```
+/// assert_ne!(causalkv_client::client::random_id(), causalkv_client::client::random_id());
+/// ```
+pub fn random_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
