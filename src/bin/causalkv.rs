@@ -220,6 +220,18 @@ enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Issue the certificate of a new site (`site-NAME.pem/.key`) from an existing CA, for a
+    /// site joining a running cluster.
+    AddSite {
+        /// Site name.
+        name: String,
+        /// Directory holding the CA (`ca.pem`, `ca.key`); the new files are written there.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Replace an existing certificate and key of this site.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -528,19 +540,30 @@ async fn run(cmd: Cmd) -> ExitCode {
             }
         }
         Cmd::Certs {
-            cmd:
+            cmd: cmd @ (CertsCmd::AddClient { .. } | CertsCmd::AddSite { .. }),
+        } => {
+            use causalkv::names::Role;
+            let (role, name, ca_dir, force) = match cmd {
                 CertsCmd::AddClient {
                     name,
                     ca_dir,
                     force,
-                },
-        } => match certs::add_client(&ca_dir, &name, force) {
-            Ok(paths) => {
-                println!("{}\n{}", paths.cert.display(), paths.key.display());
-                ExitCode::SUCCESS
+                } => (Role::Client, name, ca_dir, force),
+                CertsCmd::AddSite {
+                    name,
+                    ca_dir,
+                    force,
+                } => (Role::Site, name, ca_dir, force),
+                CertsCmd::Init { .. } => unreachable!("matched above"),
+            };
+            match certs::add(&ca_dir, role, &name, force) {
+                Ok(paths) => {
+                    println!("{}\n{}", paths.cert.display(), paths.key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
             }
-            Err(e) => fail(&e),
-        },
+        }
         Cmd::Put {
             key,
             value,

@@ -1,5 +1,5 @@
-//! Development CA and certificate tooling (backs `causalkv certs init` and
-//! `causalkv certs add-client`, see [`add_client`]; [`reissue`] renews a certificate for
+//! Development CA and certificate tooling (backs `causalkv certs init`, and
+//! `causalkv certs add-client` / `add-site`, see [`add`]; [`reissue`] renews a certificate for
 //! rotation).
 //!
 //! [`init`] makes (or extends) a directory of PEM files for a development cluster:
@@ -556,13 +556,15 @@ fn existing_ca(dir: &Path) -> Result<Ca, CertsError> {
     load_ca(dir)
 }
 
-/// Issues one more client certificate, `client-<name>.pem/.key`, from the existing CA in `dir`
-/// (backs `causalkv certs add-client`) and returns where it was written. Refuses to replace an
-/// existing certificate or key of that client unless `force`; a missing CA is an error.
-pub fn add_client(dir: &Path, name: &str, force: bool) -> Result<CertPaths, CertsError> {
+/// Issues one more certificate, `client-<name>.pem/.key` or `site-<name>.pem/.key`, from the
+/// existing CA in `dir` (backs `causalkv certs add-client` and `causalkv certs add-site`, the
+/// certificate of a site about to join a running cluster) and returns where it was written.
+/// Refuses to replace an existing certificate or key of that name unless `force`; a missing
+/// CA is an error.
+pub fn add(dir: &Path, role: Role, name: &str, force: bool) -> Result<CertPaths, CertsError> {
     validate_name(name)?;
     let ca = existing_ca(dir)?;
-    let paths = leaf_paths(dir, Role::Client, name);
+    let paths = leaf_paths(dir, role, name);
     if !force {
         for p in [&paths.cert, &paths.key] {
             if exists(p)? {
@@ -570,7 +572,7 @@ pub fn add_client(dir: &Path, name: &str, force: bool) -> Result<CertPaths, Cert
             }
         }
     }
-    let issued = ca.issue(Role::Client, name)?;
+    let issued = ca.issue(role, name)?;
     // Key before certificate, as in `init`.
     write_file(&paths.key, issued.key_pem.as_bytes(), KEY_MODE, force)?;
     write_file(&paths.cert, issued.cert_pem.as_bytes(), CERT_MODE, force)?;
@@ -737,6 +739,28 @@ mod tests {
         assert!(w.contains("2 days 5 hours"), "{w}");
         let w = expiry_warning("ca", now - 3 * day, now).unwrap();
         assert_eq!(w, "ca expired 3 days ago");
+    }
+
+    #[test]
+    fn add_issues_a_new_site_from_the_existing_ca_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("certs");
+        init(&opts(&dir, &["a", "b", "c"], &[], false)).unwrap();
+        let paths = add(&dir, Role::Site, "d", false).unwrap();
+        assert_eq!(paths.cert, dir.join("site-d.pem"));
+        let ca = der_of(&dir.join("ca.pem"));
+        let leaf = der_of(&paths.cert);
+        verify_leaf(&ca, &leaf).unwrap();
+        let ident = crate::tls::PeerIdentity::from_der(&leaf).unwrap();
+        assert_eq!(ident.site_name(), Some("d"));
+        // Not twice without force; with force, a fresh pair that still verifies.
+        assert!(matches!(
+            add(&dir, Role::Site, "d", false),
+            Err(CertsError::Exists { .. })
+        ));
+        add(&dir, Role::Site, "d", true).unwrap();
+        verify_leaf(&ca, &der_of(&paths.cert)).unwrap();
+        assert!(add(&tmp.path().join("none"), Role::Site, "e", false).is_err());
     }
 
     #[test]
