@@ -500,6 +500,7 @@ async fn send_updates(
     let mut stream = conn.open_uni().await?;
     let me = shared.site();
     let max = shared.cfg.replication.batch_max_items;
+    let linger = Duration::from_millis(shared.cfg.replication.linger_ms);
     // A frame must stay under the frame limit (the config keeps max_frame above one largest
     // update plus 4096 bytes, so a single update always fits).
     let max_bytes = shared.cfg.limits.max_frame - 4096;
@@ -546,6 +547,12 @@ async fn send_updates(
                     _ = notified => {}
                     _ = shutdown.changed() => return Ok(()),
                     e = conn.closed() => return Err(e.into()),
+                }
+                if linger > Duration::ZERO {
+                    tokio::select! {
+                        _ = tokio::time::sleep(linger) => {}
+                        _ = shutdown.changed() => return Ok(()),
+                    }
                 }
             }
         }
