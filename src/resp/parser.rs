@@ -315,7 +315,9 @@ fn frame_at(
     } else {
         MAX_HEADER
     };
-    let Some(eol) = line_end_within(buf, pos, max_line) else {
+    // The line ends after the type byte: a value that starts with "\r\n" has an empty type,
+    // not a line that ends before it starts.
+    let Some(eol) = line_end_within(buf, pos + 1, max_line) else {
         if buf.len() - pos <= max_line {
             return Ok(None);
         }
@@ -415,6 +417,18 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         parse_command(&mut BytesMut::from(bytes), &Limits::default())
+    }
+
+    /// Found by the `resp` fuzz target: a value starting with its line end panicked slicing
+    /// the line (`buf[1..0]`).
+    #[test]
+    fn a_value_that_starts_with_its_line_end_is_refused() {
+        // Incomplete (no line after the type byte yet) or refused, never a value.
+        for input in [&b"\r\n"[..], b"\r\n$3\r\nSET\r\n", b"*1\r\n\r\n"] {
+            let got = parse_frame(input, &Limits::default());
+            assert!(!matches!(got, Ok(Some(_))), "{input:?} gives {got:?}");
+        }
+        assert!(parse_frame(b"\r\n$3\r\nSET\r\n", &Limits::default()).is_err());
     }
 
     fn limits(max_arg_bytes: usize, max_args: usize) -> Limits {
