@@ -10,7 +10,8 @@
 # Environment: FUZZ_JOBS (targets at a time), FUZZ_TARGETS (space-separated subset),
 # FUZZ_SANITIZER (default `none`: the targets are safe Rust, where AddressSanitizer finds
 # nothing the bounds checks do not, and costs build time and speed; `address` to use it),
-# FUZZ_OUT (default results/fuzz: fuzz.md, a table, and fuzz.csv).
+# FUZZ_OUT (default results/fuzz: fuzz.md, a table, and fuzz.csv), FUZZ_RUNS (stop a target
+# once it has run this many inputs, before SECONDS if it is fast enough).
 #
 # The corpus grows in fuzz/corpus/<target>/ (not committed), starting from fuzz/seeds/<target>/.
 # A crash leaves its input in fuzz/artifacts/<target>/ and makes the script fail; once fixed,
@@ -53,7 +54,7 @@ run() {
   local TIMEFORMAT='%U %S'
   {
     time "$BIN/$t" "corpus/$t" "seeds/$t" -max_total_time="$SECONDS_PER_TARGET" \
-      -print_final_stats=1 -timeout=10 -artifact_prefix="artifacts/$t/" >"$LOGS/$t.log" 2>&1 \
+      ${FUZZ_RUNS:+-runs="$FUZZ_RUNS"} -print_final_stats=1 -timeout=10 -artifact_prefix="artifacts/$t/" >"$LOGS/$t.log" 2>&1 \
       || echo "$?" >"$LOGS/$t.failed"
   } 2>"$LOGS/$t.cpu"
 }
@@ -101,9 +102,9 @@ crashed=0
 } >"$OUT/fuzz.csv"
 
 {
-  echo "# Fuzzing: every target, ${SECONDS_PER_TARGET} s each"
+  echo "# Fuzzing: every target, ${SECONDS_PER_TARGET} s each${FUZZ_RUNS:+ or until $FUZZ_RUNS executions}"
   echo
-  echo "\`scripts/fuzz.sh $SECONDS_PER_TARGET\` at $(git rev-parse --short HEAD) on $(date -u +%Y-%m-%dT%H:%MZ):"
+  echo "\`${FUZZ_RUNS:+FUZZ_RUNS=$FUZZ_RUNS }scripts/fuzz.sh $SECONDS_PER_TARGET\` at $(git rev-parse --short HEAD) on $(date -u +%Y-%m-%dT%H:%MZ):"
   echo "sanitizer \`$SANITIZER\`, $JOBS targets at a time on $(nproc) cores (load average before the"
   echo "report: $(cut -d' ' -f1-3 /proc/loadavg)). exec/s is wall-clock; exec/CPU-s divides by the CPU"
   echo "time the target itself used, the fairer figure on a shared machine. cov and ft are libFuzzer's"
