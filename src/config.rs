@@ -625,7 +625,10 @@ impl SiteConfig {
             ));
         }
         let l = &self.limits;
-        if l.max_key == 0 || l.max_key + l.max_value + 4096 > l.max_frame {
+        // Saturating: two huge limits must not wrap around to a small sum that passes.
+        if l.max_key == 0
+            || l.max_key.saturating_add(l.max_value).saturating_add(4096) > l.max_frame
+        {
             return bad(format!(
                 "limits: max_frame ({}) must exceed max_key ({}) + max_value ({}) + 4096",
                 l.max_frame, l.max_key, l.max_value
@@ -777,6 +780,15 @@ key = "b.key"
         assert!(e.to_string().contains("election_min_ms"), "{e}");
         let e = load(&format!("{GOOD}\n[consensus]\npreferred_leader = \"zz\"\n")).unwrap_err();
         assert!(e.to_string().contains("preferred_leader"), "{e}");
+    }
+
+    #[test]
+    fn limits_too_large_to_add_up_are_refused() {
+        let e = load(&format!(
+            "{GOOD}\n[limits]\nmax_key = 9223372036854775807\nmax_value = 9223372036854775807\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("max_frame"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,9 @@
 //! - `tools` (feature `tools`, on by default): what the `causalkv` binary, the tests and the
 //!   benchmark scripts use beside the server: the dev-cluster builder, the benchmark driver,
 //!   the WAN emulator, the causal-consistency checker and the certificate tooling.
+//! - `fuzzing` (hidden): the entry points of the `cargo fuzz` targets in `fuzz/`, one per
+//!   decoder of outside input (frames, peer and client messages, session tokens, site configs,
+//!   Raft RPCs, RESP), and the replay of the inputs checked in under `fuzz/regressions/`.
 //! - [`net`]: the tokio + quinn driver: a running [`Node`], peer links, the client service,
 //!   admin endpoints, the durability and snapshot tasks.
 //! - [`consensus`]: the Raft groups of the strong operations (openraft): types, the durable
@@ -38,6 +41,8 @@
 
 pub mod config;
 pub mod consensus;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod histogram;
 pub mod net;
 pub mod peer_wire;

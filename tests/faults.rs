@@ -1138,3 +1138,412 @@ async fn partitioned_sites_catch_up_after_each_heal() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 5. Soak
+
+/// One sample of one site's process (`None`: the site was down or did not answer).
+struct Sample {
+    secs: u64,
+    site: usize,
+    rss_kb: Option<u64>,
+    fds: Option<u64>,
+    buffered: Option<u64>,
+    retained: Option<u64>,
+    keys: Option<u64>,
+    /// Bytes on disk under the site's data directory: log segments, snapshots, the rest (the
+    /// Raft log of the strong keyspace, markers).
+    wal_bytes: u64,
+    snapshot_bytes: u64,
+    other_bytes: u64,
+    /// Operations acknowledged to the sessions so far (all sites).
+    ops: u64,
+}
+
+/// Sizes of the files under `dir` (recursively): (log segments, snapshots, the rest).
+fn disk_use(dir: &std::path::Path) -> (u64, u64, u64) {
+    let mut out = (0, 0, 0);
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(meta) = e.metadata() else { continue };
+        let name = e.file_name().to_string_lossy().into_owned();
+        if meta.is_dir() {
+            let (w, s, o) = disk_use(&e.path());
+            out = (out.0 + w, out.1 + s, out.2 + o);
+        } else if name.starts_with("wal-") {
+            out.0 += meta.len();
+        } else if name.starts_with("snapshot-") {
+            out.1 += meta.len();
+        } else {
+            out.2 += meta.len();
+        }
+    }
+    out
+}
+
+/// Resident set size (kB) and open file descriptors of process `pid`, from /proc.
+fn proc_stats(pid: u32) -> (Option<u64>, Option<u64>) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        });
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|d| d.count() as u64);
+    (rss, fds)
+}
+
+/// A soak session: stays on its home site (moving to the next one, with its session token,
+/// when a request fails), writing unique values padded to `value_bytes` to the key set and
+/// reading, one operation every `pace`; idles while `pause` is set.
+#[allow(clippy::too_many_arguments)]
+async fn soak_session(
+    task: u64,
+    conn: Conn,
+    keys: Arc<Vec<String>>,
+    pause: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    ops: Arc<AtomicU64>,
+    seed: u64,
+    pace: Duration,
+) -> TaskLog {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ task.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let pad = "x".repeat(100);
+    let mut log = TaskLog::default();
+    let mut sid = task * 1_000_000;
+    let mut token: Option<String> = None;
+    let mut site = task as usize % 3;
+    let mut n = 0u64;
+    'sessions: while !stop.load(Ordering::Relaxed) {
+        let client = match conn.builder(site, ms(2_000)).connect().await {
+            Ok(c) => c,
+            Err(e) => {
+                log.error(&e);
+                site = (site + 1) % 3;
+                tokio::time::sleep(ms(200)).await;
+                continue;
+            }
+        };
+        log.hops += 1;
+        if let Some(t) = &token {
+            client.set_session_token(t).expect("own token");
+        }
+        while !stop.load(Ordering::Relaxed) {
+            if pause.load(Ordering::Relaxed) {
+                tokio::time::sleep(ms(50)).await;
+                continue;
+            }
+            let k = keys[rng.gen_range(0..keys.len())].clone();
+            let ok = if rng.gen_bool(0.5) {
+                n += 1;
+                let v = format!("{k}=t{task}.{n}.{pad}");
+                let ok = log.put(&client, sid, site, k, v).await.is_some();
+                if !ok {
+                    sid += 1;
+                }
+                ok
+            } else {
+                log.get(&client, sid, site, k).await
+            };
+            if !ok {
+                site = (site + 1) % 3;
+                continue 'sessions;
+            }
+            ops.fetch_add(1, Ordering::Relaxed);
+            token = Some(client.session_token());
+            tokio::time::sleep(pace).await;
+        }
+    }
+    log
+}
+
+/// Every site's status (a fresh client each; `None` for a site that does not answer).
+async fn statuses(conn: &Conn) -> Vec<Option<causalkv::wire::StatusInfo>> {
+    let mut out = Vec::new();
+    for i in 0..conn.nodes.len() {
+        out.push(match conn.node_builder(i, ms(2_000)).connect().await {
+            Ok(c) => c.status().await.ok(),
+            Err(_) => None,
+        });
+    }
+    out
+}
+
+/// The long run behind `scripts/soak.sh`: three `serve` processes behind the WAN emulator,
+/// steady load from several sessions, and on a schedule a cut of the link between two sites
+/// (then its heal) and a `kill -9` of a site (then its restart). Every `SOAK_SAMPLE_SECS`
+/// (default 60) it records each process's RSS, open file descriptors, dependency-buffer
+/// occupancy, retained updates and bytes on disk; after each heal it pauses the load and
+/// records how long the buffers and retained logs take to drain to 0. It ends with the causal
+/// checker over the whole history and a convergence check. Writes `samples.csv`, `events.csv`
+/// and `summary.json` into `SOAK_OUT`.
+///
+/// `SOAK_MINUTES` (default 3), `SOAK_SESSIONS` (6), `SOAK_PACE_MS` (per-session pause between
+/// operations, 20), `SOAK_KEYS` (500), `FAULTS_SEED`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a long run: scripts/soak.sh runs it"]
+async fn soak() {
+    let _turn = SERIAL.lock().await;
+    let seed = env_u64("FAULTS_SEED", DEFAULT_SEED);
+    let minutes = env_u64("SOAK_MINUTES", 3);
+    let sample_every = Duration::from_secs(env_u64("SOAK_SAMPLE_SECS", 60));
+    let sessions = env_u64("SOAK_SESSIONS", 6);
+    let pace = ms(env_u64("SOAK_PACE_MS", 20));
+    let out =
+        PathBuf::from(std::env::var("SOAK_OUT").unwrap_or_else(|_| "results-tmp/soak".into()));
+    std::fs::create_dir_all(&out).expect("SOAK_OUT");
+    println!("FAULTS_SEED={seed} SOAK_MINUTES={minutes} sessions={sessions} pace={pace:?}");
+
+    let base = |i: usize, j: usize| LinkParams::default().with_delay_ms((2 + i + j) as f64);
+    let wan = Wan::new(names(), base);
+    let mut prepared = Cluster::prepare(3);
+    for c in &mut prepared.configs {
+        // Small segments and an early snapshot, so that a run of minutes goes through many
+        // rolls, snapshots and prunings: disk use must stay near these bounds.
+        c.storage.segment_bytes = 1 << 20;
+        c.storage.snapshot_log_bytes = 4 << 20;
+        c.storage.snapshot_interval_ms = 2_000;
+    }
+    let storage = prepared.configs[0].storage.clone();
+    through_wan(&mut prepared, &wan);
+    let mut procs = prepared.spawn().await;
+    procs.wait_connected().await;
+    let conn = Conn::of(&procs);
+    let data_dirs: Vec<PathBuf> = procs.configs.iter().map(|c| c.data_dir.clone()).collect();
+    let keys = keys(env_u64("SOAK_KEYS", 500) as usize);
+    let pause = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ops = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 1..=sessions {
+        tasks.spawn(soak_session(
+            t,
+            conn.clone(),
+            keys.clone(),
+            pause.clone(),
+            stop.clone(),
+            ops.clone(),
+            seed,
+            pace,
+        ));
+    }
+
+    let started = Instant::now();
+    let end = started + Duration::from_secs(minutes * 60);
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut events: Vec<(u64, String, String)> = Vec::new();
+    let mut drains: Vec<Duration> = Vec::new();
+    let take_samples = async |procs: &Processes, samples: &mut Vec<Sample>| {
+        let st = statuses(&conn).await;
+        let secs = started.elapsed().as_secs();
+        for (i, s) in st.iter().enumerate() {
+            let (rss_kb, fds) = procs.pid(i).map_or((None, None), proc_stats);
+            let (wal_bytes, snapshot_bytes, other_bytes) = disk_use(&data_dirs[i]);
+            samples.push(Sample {
+                secs,
+                site: i,
+                rss_kb,
+                fds,
+                buffered: s.as_ref().map(|s| s.buffered),
+                retained: s.as_ref().map(|s| s.retained),
+                keys: s.as_ref().map(|s| s.keys),
+                wal_bytes,
+                snapshot_bytes,
+                other_bytes,
+                ops: ops.load(Ordering::Relaxed),
+            });
+        }
+    };
+    // After a heal: the peak buffer and retained log across sites, then (load paused) the time
+    // until every site has an empty buffer, nothing retained and every peer up.
+    let drain = async |what: &str, events: &mut Vec<(u64, String, String)>| {
+        let st = statuses(&conn).await;
+        let peak_buf = st.iter().flatten().map(|s| s.buffered).max().unwrap_or(0);
+        let peak_ret = st.iter().flatten().map(|s| s.retained).max().unwrap_or(0);
+        pause.store(true, Ordering::Relaxed);
+        let t0 = Instant::now();
+        let drained = bounded(ms(60_000), async {
+            loop {
+                let st = statuses(&conn).await;
+                if st.iter().all(|s| {
+                    s.as_ref().is_some_and(|s| {
+                        s.buffered == 0
+                            && s.retained == 0
+                            && s.peers.iter().all(|p| p.state == "up")
+                    })
+                }) {
+                    return t0.elapsed();
+                }
+                tokio::time::sleep(ms(50)).await;
+            }
+        })
+        .await;
+        pause.store(false, Ordering::Relaxed);
+        events.push((
+            started.elapsed().as_secs(),
+            format!("{what} drained"),
+            format!(
+                "at the heal: buffered max {peak_buf}, retained max {peak_ret}; both 0 at every \
+                 site {} ms after the load paused",
+                drained.as_millis()
+            ),
+        ));
+        drained
+    };
+
+    take_samples(&procs, &mut samples).await;
+    let mut next_sample = started + sample_every;
+    // A fault every 150 s from minute 1: a cut of the link a ↔ b for 30 s, then a kill -9 of
+    // site c restarted after 5 s, alternately.
+    let mut next_fault = started + Duration::from_secs(60);
+    let mut fault_no = 0;
+    while Instant::now() < end {
+        let now = Instant::now();
+        if now >= next_sample {
+            take_samples(&procs, &mut samples).await;
+            next_sample += sample_every;
+        } else if now >= next_fault && now + Duration::from_secs(40) < end {
+            let t = started.elapsed().as_secs();
+            if fault_no % 2 == 0 {
+                events.push((t, "cut".into(), "link a <-> b cut for 30 s".into()));
+                wan.link(0, 1).set_cut(true);
+                wan.link(1, 0).set_cut(true);
+                tokio::time::sleep(ms(30_000)).await;
+                wan.link(0, 1).set_cut(false);
+                wan.link(1, 0).set_cut(false);
+                events.push((
+                    started.elapsed().as_secs(),
+                    "heal".into(),
+                    "link a <-> b".into(),
+                ));
+                drains.push(drain("cut", &mut events).await);
+            } else {
+                events.push((t, "kill".into(), "kill -9 of site c".into()));
+                procs.kill(2);
+                tokio::time::sleep(ms(5_000)).await;
+                procs.start(2);
+                procs.wait_listening(2, ms(30_000)).await;
+                events.push((
+                    started.elapsed().as_secs(),
+                    "restart".into(),
+                    "site c listening".into(),
+                ));
+                drains.push(drain("kill", &mut events).await);
+            }
+            fault_no += 1;
+            next_fault += Duration::from_secs(150);
+        } else {
+            tokio::time::sleep(ms(200)).await;
+        }
+    }
+    take_samples(&procs, &mut samples).await;
+
+    // Stop the load; converge; check the whole history.
+    stop.store(true, Ordering::Relaxed);
+    let mut logs = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        logs.push(r.expect("session task"));
+    }
+    let stopped = Instant::now();
+    let states = converge(&conn, &keys, ms(60_000)).await;
+    let converged = stopped.elapsed();
+    let digests: Vec<u64> = states.iter().map(|(_, s)| digest(s)).collect();
+    let fin = &states[0].1;
+    let mut lost = Vec::new();
+    for (k, v, ver) in logs.iter().flat_map(|l| &l.acked) {
+        match &fin[k] {
+            Some((_, fver)) if fver >= ver => {}
+            other => lost.push(format!(
+                "{k}: {v:.20}… ({ver:?}) acknowledged, final {other:?}"
+            )),
+        }
+    }
+    let common::Built {
+        history,
+        writes,
+        reads,
+        unknown,
+        kept,
+    } = history(&logs, fin);
+    let t_check = Instant::now();
+    let report = checker::check(&history);
+    let check_time = t_check.elapsed();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for l in &logs {
+        for (k, n) in &l.errors {
+            *errors.entry(k.clone()).or_default() += n;
+        }
+    }
+
+    // Write everything before asserting anything.
+    let opt = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
+    let mut csv = String::from(
+        "secs,site,rss_kb,fds,buffered,retained,keys,wal_bytes,snapshot_bytes,other_bytes,ops\n",
+    );
+    for s in &samples {
+        csv += &format!(
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            s.secs,
+            ["a", "b", "c"][s.site],
+            opt(s.rss_kb),
+            opt(s.fds),
+            opt(s.buffered),
+            opt(s.retained),
+            opt(s.keys),
+            s.wal_bytes,
+            s.snapshot_bytes,
+            s.other_bytes,
+            s.ops
+        );
+    }
+    std::fs::write(out.join("samples.csv"), csv).expect("samples.csv");
+    let mut ev = String::from("secs,event,detail\n");
+    for (t, e, d) in &events {
+        ev += &format!("{t},{e},\"{d}\"\n");
+    }
+    std::fs::write(out.join("events.csv"), ev).expect("events.csv");
+    let summary = serde_json::json!({
+        "seed": seed,
+        "minutes": minutes,
+        "sessions": sessions,
+        "pace_ms": pace.as_millis() as u64,
+        "keys": keys.len(),
+        "segment_bytes": storage.segment_bytes,
+        "snapshot_log_bytes": storage.snapshot_log_bytes,
+        "snapshot_interval_ms": storage.snapshot_interval_ms,
+        "history_ops": history.len(),
+        "acknowledged_writes": writes,
+        "reads": reads,
+        "unknown_writes": unknown,
+        "unknown_kept": kept,
+        "checker": report.to_string(),
+        "checker_ok": report.is_ok(),
+        "checker_ms": check_time.as_millis() as u64,
+        "converged_ms": converged.as_millis() as u64,
+        "digests_equal": digests.windows(2).all(|w| w[0] == w[1]),
+        "lost_writes": lost.len(),
+        "drains_ms": drains.iter().map(|d| d.as_millis() as u64).collect::<Vec<_>>(),
+        "errors": errors,
+    });
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary).expect("json"),
+    )
+    .expect("summary.json");
+    println!("{summary}");
+
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(
+        digests.windows(2).all(|w| w[0] == w[1]),
+        "digests differ: {digests:x?}"
+    );
+    assert!(report.is_ok(), "seed {seed}: {report}");
+    assert_eq!(report.ops_checked, history.len());
+    drop(procs);
+    wan.shutdown();
+}

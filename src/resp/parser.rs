@@ -206,10 +206,38 @@ fn multibulk_args(frame: &Bytes, count: usize) -> Vec<Bytes> {
 fn check_inline(buf: &[u8], limits: &Limits) -> Result<Option<(usize, usize)>, ProtocolError> {
     let window = &buf[..buf.len().min(limits.max_inline + 1)];
     match window.iter().position(|&b| b == b'\n') {
-        Some(i) => Ok(Some((i + 1, 1))),
+        Some(i) => {
+            // An inline line is short, but its words are arguments like any others.
+            let words = inline_words(&buf[..i + 1]);
+            if words > limits.max_args {
+                return Err(ProtocolError::TooManyArgs {
+                    count: words as i64,
+                    max: limits.max_args,
+                });
+            }
+            Ok(Some((i + 1, 1)))
+        }
         None if buf.len() > limits.max_inline => Err(ProtocolError::InlineTooLong),
         None => Ok(None),
     }
+}
+
+fn is_inline_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// The number of words of an inline request line.
+fn inline_words(line: &[u8]) -> usize {
+    let mut prev_space = true;
+    let mut words = 0;
+    for &b in line {
+        let space = is_inline_space(b);
+        if prev_space && !space {
+            words += 1;
+        }
+        prev_space = space;
+    }
+    words
 }
 
 /// The words of a checked inline request line.
@@ -217,7 +245,7 @@ fn inline_args(frame: &Bytes) -> Vec<Bytes> {
     let mut args = Vec::new();
     let mut start = None;
     for (i, &b) in frame.iter().enumerate() {
-        let space = matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+        let space = is_inline_space(b);
         match (space, start) {
             (false, None) => start = Some(i),
             (true, Some(s)) => {
@@ -315,7 +343,9 @@ fn frame_at(
     } else {
         MAX_HEADER
     };
-    let Some(eol) = line_end_within(buf, pos, max_line) else {
+    // The line ends after the type byte: a value that starts with "\r\n" has an empty type,
+    // not a line that ends before it starts.
+    let Some(eol) = line_end_within(buf, pos + 1, max_line) else {
         if buf.len() - pos <= max_line {
             return Ok(None);
         }
@@ -415,6 +445,35 @@ mod tests {
 
     fn parse(bytes: &[u8]) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         parse_command(&mut BytesMut::from(bytes), &Limits::default())
+    }
+
+    /// Found by the `resp` fuzz target: an inline request's words were not held to
+    /// `max_args` (only the line's length was limited).
+    #[test]
+    fn an_inline_request_with_too_many_words_is_refused() {
+        let l = limits(64, 3);
+        let parse = |b: &[u8]| parse_command(&mut BytesMut::from(b), &l);
+        assert_eq!(parse(b"SET k v\r\n").unwrap().unwrap().len(), 3);
+        assert!(matches!(
+            parse(b"SET k v w\r\n"),
+            Err(ProtocolError::TooManyArgs { count: 4, max: 3 })
+        ));
+        assert!(matches!(
+            parse(b"\r a\tb \r c\rd\n"),
+            Err(ProtocolError::TooManyArgs { count: 4, max: 3 })
+        ));
+    }
+
+    /// Found by the `resp` fuzz target: a value starting with its line end panicked slicing
+    /// the line (`buf[1..0]`).
+    #[test]
+    fn a_value_that_starts_with_its_line_end_is_refused() {
+        // Incomplete (no line after the type byte yet) or refused, never a value.
+        for input in [&b"\r\n"[..], b"\r\n$3\r\nSET\r\n", b"*1\r\n\r\n"] {
+            let got = parse_frame(input, &Limits::default());
+            assert!(!matches!(got, Ok(Some(_))), "{input:?} gives {got:?}");
+        }
+        assert!(parse_frame(b"\r\n$3\r\nSET\r\n", &Limits::default()).is_err());
     }
 
     fn limits(max_arg_bytes: usize, max_args: usize) -> Limits {

@@ -571,6 +571,11 @@ impl Processes {
         self.children[i] = None;
     }
 
+    /// The process id of site `i`'s current start, if it is running (for /proc samples).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(|c| c.id())
+    }
+
     /// Whether site `i`'s process is running (started and not exited).
     pub fn is_running(&mut self, i: usize) -> bool {
         match self.children[i].as_mut() {
