@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tracing::{debug, info, warn};
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, WireKind};
 use super::shared::{Shared, now_micros};
 use crate::clock::{SiteId, VClock};
 use crate::peer_wire::{self, ArchivedPeerControl, PeerControl, PeerHello};
@@ -426,6 +426,7 @@ async fn sibling_once(
             Metrics::bump(&m.contributions_out);
             m.contribution_bytes_out
                 .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
+            m.wire.add(WireKind::Sibling, frame.len() + 4);
             last = Some(contribution);
             last_at = Instant::now();
             tokio::select! {
@@ -514,24 +515,22 @@ async fn send_updates(
             let mut r = shared.replica.lock().expect("replica lock");
             r.poll_batch_refs(peer, max, max_bytes)
                 .map(|(updates, marker)| {
-                    let bytes: usize = updates
-                        .clone()
-                        .map(crate::replica::Update::payload_len)
-                        .sum();
-                    if bytes <= LOCKED_ENCODE_MAX {
-                        Ok(peer_wire::encode_updates(me, updates, marker))
+                    let cost = BatchCost::of(updates.clone(), marker);
+                    if cost.payload <= LOCKED_ENCODE_MAX {
+                        (Ok(peer_wire::encode_updates(me, updates, marker)), cost)
                     } else {
-                        Err((updates.cloned().collect::<Vec<_>>(), marker))
+                        (Err((updates.cloned().collect::<Vec<_>>(), marker)), cost)
                     }
                 })
         };
-        let frame = batch.map(|b| {
-            b.unwrap_or_else(|(updates, marker)| {
+        let frame = batch.map(|(b, cost)| {
+            let frame = b.unwrap_or_else(|(updates, marker)| {
                 peer_wire::encode_updates(me, updates.iter(), marker)
-            })
+            });
+            (frame, cost)
         });
         match frame {
-            Some(frame) => {
+            Some((frame, cost)) => {
                 write_frame(&mut stream, &frame)
                     .await
                     .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
@@ -540,6 +539,7 @@ async fn send_updates(
                     .metrics
                     .bytes_out
                     .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+                cost.count(&shared.metrics, frame.len() + 4);
             }
             None => {
                 tokio::select! {
@@ -549,6 +549,58 @@ async fn send_updates(
                 }
             }
         }
+    }
+}
+
+/// What one update frame carries, for the per-kind byte counts.
+struct BatchCost {
+    /// Bytes of keys and values.
+    payload: usize,
+    /// Bytes of dependency vectors.
+    deps: usize,
+    /// Updates in the batch.
+    updates: usize,
+    /// Whether a clock marker ends the batch.
+    marker: bool,
+}
+
+impl BatchCost {
+    fn of<'a>(
+        updates: impl Iterator<Item = &'a crate::replica::Update>,
+        marker: Option<crate::clock::Timestamp>,
+    ) -> BatchCost {
+        let mut c = BatchCost {
+            payload: 0,
+            deps: 0,
+            updates: 0,
+            marker: marker.is_some(),
+        };
+        for u in updates {
+            c.payload += u.payload_len();
+            c.deps += u.deps.as_slice().len() * 8;
+            c.updates += 1;
+        }
+        c
+    }
+
+    /// Counts a frame of `total` bytes (length prefix included) carrying this batch.
+    fn count(&self, m: &Metrics, total: usize) {
+        if self.updates == 0 {
+            m.wire.add(WireKind::Marker, total);
+            return;
+        }
+        let marker = if self.marker {
+            std::mem::size_of::<peer_wire::ArchivedWireItem<'static>>()
+        } else {
+            0
+        };
+        m.wire.add(WireKind::Payload, self.payload);
+        m.wire.add(WireKind::Deps, self.deps);
+        m.wire.add(WireKind::Marker, marker);
+        m.wire.add(
+            WireKind::Framing,
+            total.saturating_sub(self.payload + self.deps + marker),
+        );
     }
 }
 
@@ -674,7 +726,9 @@ async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkEr
         partitions: shared.cfg.partitions as u16,
         applied: shared.read(|r| r.durable().as_slice().to_vec()),
     });
-    write_frame(send, &wire::encode(&hello))
+    let frame = wire::encode(&hello);
+    shared.metrics.wire.add(WireKind::Hello, frame.len() + 4);
+    write_frame(send, &frame)
         .await
         .map_err(|e| LinkError::Wire(WireError::Io(e)))
 }
@@ -809,12 +863,20 @@ async fn run_control(
         let mut last_at = Instant::now();
         loop {
             let durable = shared.read(|r| r.durable().clone());
-            if last.as_ref() != Some(&durable) || last_at.elapsed() >= hb {
+            let moved = last.as_ref() != Some(&durable);
+            if moved || last_at.elapsed() >= hb {
                 let msg = PeerControl::Ack {
                     applied: durable.as_slice().to_vec(),
                     hlc: durable.get(shared.site()),
                 };
-                if write_frame(&mut send, &wire::encode(&msg)).await.is_err() {
+                let frame = wire::encode(&msg);
+                let kind = if moved {
+                    WireKind::Ack
+                } else {
+                    WireKind::Heartbeat
+                };
+                shared.metrics.wire.add(kind, frame.len() + 4);
+                if write_frame(&mut send, &frame).await.is_err() {
                     return;
                 }
                 last = Some(durable);
@@ -831,6 +893,23 @@ async fn run_control(
     tokio::select! {
         _ = reader => {}
         _ = writer => {}
+        _ = count_udp(&shared, &conn) => {}
+    }
+}
+
+/// Adds the UDP payload bytes `conn` sends to the node's count, every quarter second, for as
+/// long as it runs (QUIC's overhead is that count less the bytes counted per kind).
+async fn count_udp(shared: &Shared, conn: &Connection) {
+    let mut last = 0;
+    loop {
+        let now = conn.stats().udp_tx.bytes;
+        shared
+            .metrics
+            .wire
+            .udp_tx
+            .fetch_add(now.saturating_sub(last), Ordering::Relaxed);
+        last = now;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 
