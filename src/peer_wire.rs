@@ -22,6 +22,64 @@ use crate::wire::{read_frame, write_frame};
 
 pub use messages::*;
 
+/// The version of the peer protocol this build speaks. Every hello carries it ahead of the
+/// archive (see [`encode_hello`]), and a hello of another version is refused with both versions
+/// named. Bump it with every change to the peer wire format.
+///
+/// Version 1 (no version in the hello) was the first; 2 added the version.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The first bytes of a versioned hello frame, before the version (`u32`, little endian).
+const HELLO_MAGIC: [u8; 4] = *b"CKVP";
+
+/// Encodes a hello frame: [`HELLO_MAGIC`], [`PROTOCOL_VERSION`], then the
+/// [`PeerControl::Hello`] archive. The version sits at a fixed place, so any later version can
+/// still read it and refuse the peer by name, whatever its archive looks like.
+pub fn encode_hello(hello: &PeerHello) -> Vec<u8> {
+    encode_hello_as(hello, PROTOCOL_VERSION)
+}
+
+/// [`encode_hello`] claiming protocol `version` (tests use it to play a peer of another
+/// version).
+pub fn encode_hello_as(hello: &PeerHello, version: u32) -> Vec<u8> {
+    let archive = encode(&PeerControl::Hello(hello.clone()));
+    let mut out = Vec::with_capacity(8 + archive.len());
+    out.extend_from_slice(&HELLO_MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&archive);
+    out
+}
+
+/// Decodes the first frame of a control stream: a versioned hello of this
+/// [`PROTOCOL_VERSION`], or a [`PeerControl::Reject`]. A hello of another version (or of
+/// version 1, which carried none) is an error naming both versions.
+pub fn decode_hello(frame: &[u8]) -> Result<PeerControl, WireError> {
+    if frame.len() >= 8 && frame[..4] == HELLO_MAGIC {
+        let version = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
+        if version != PROTOCOL_VERSION {
+            return Err(version_mismatch(version));
+        }
+        let mut archive = AlignedVec::<16>::with_capacity(frame.len() - 8);
+        archive.extend_from_slice(&frame[8..]);
+        return match crate::wire::decode::<PeerControl>(&archive)? {
+            hello @ PeerControl::Hello(_) => Ok(hello),
+            _ => Err(WireError::Semantic(
+                "a versioned hello frame holds another message".into(),
+            )),
+        };
+    }
+    match crate::wire::decode::<PeerControl>(frame)? {
+        PeerControl::Hello(_) => Err(version_mismatch(1)),
+        other => Ok(other),
+    }
+}
+
+fn version_mismatch(theirs: u32) -> WireError {
+    WireError::Semantic(format!(
+        "peer speaks peer protocol version {theirs}, this node speaks version {PROTOCOL_VERSION}"
+    ))
+}
+
 /// The message types. rkyv generates an archived twin of each type; the lint for missing docs is
 /// relaxed here only because those generated twins of documented fields carry no docs.
 #[allow(missing_docs)]
@@ -268,6 +326,40 @@ mod tests {
             let range = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
             assert!(range.contains(&(v.as_ptr() as usize)), "value was copied");
         }
+    }
+
+    #[test]
+    fn hellos_carry_the_protocol_version() {
+        let hello = PeerHello {
+            cluster: "c".into(),
+            site: 1,
+            sites: 3,
+            partition: 0,
+            partitions: 1,
+            applied: vec![0, 1, 2],
+        };
+        let frame = aligned(&encode_hello(&hello));
+        assert_eq!(
+            decode_hello(&frame).unwrap(),
+            PeerControl::Hello(hello.clone())
+        );
+        let other = aligned(&encode_hello_as(&hello, PROTOCOL_VERSION + 1));
+        let e = decode_hello(&other).unwrap_err().to_string();
+        let want = format!(
+            "peer speaks peer protocol version {}, this node speaks version {PROTOCOL_VERSION}",
+            PROTOCOL_VERSION + 1
+        );
+        assert!(e.contains(&want), "{e}");
+        let unversioned = aligned(&encode(&PeerControl::Hello(hello)));
+        let e = decode_hello(&unversioned).unwrap_err().to_string();
+        assert!(e.contains("version 1,"), "{e}");
+        let reject = aligned(&encode(&PeerControl::Reject {
+            reason: "no".into(),
+        }));
+        assert!(matches!(
+            decode_hello(&reject),
+            Ok(PeerControl::Reject { .. })
+        ));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //!
 //! On every connection:
 //! 1. the dialer opens a bidirectional control stream and both sides send a [`PeerHello`]
-//!    (cluster id, claimed site id, durable `applied` vector). The acceptor checks the claim
+//!    (protocol version, cluster id, claimed site id, durable `applied` vector; a peer of
+//!    another [`PROTOCOL_VERSION`](crate::peer_wire::PROTOCOL_VERSION) is refused with both
+//!    versions named). The acceptor checks the claim
 //!    against the certificate: the client certificate must name the site it claims
 //!    (`site-<name>.causalkv`), or the hello is refused with a reason and the connection closed.
 //!    The dialer already checked the server certificate names the site it dialed. A peer counts
@@ -718,15 +720,15 @@ async fn receive_updates(
 }
 
 async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkError> {
-    let hello = PeerControl::Hello(PeerHello {
+    let hello = PeerHello {
         cluster: shared.cfg.cluster_id.clone(),
         site: shared.site(),
         sites: shared.cfg.n() as u16,
         partition: shared.cfg.partition as u16,
         partitions: shared.cfg.partitions as u16,
         applied: shared.read(|r| r.durable().as_slice().to_vec()),
-    });
-    let frame = wire::encode(&hello);
+    };
+    let frame = peer_wire::encode_hello(&hello);
     shared.metrics.wire.add(WireKind::Hello, frame.len() + 4);
     write_frame(send, &frame)
         .await
@@ -772,7 +774,7 @@ async fn read_hello_raw(
     let frame = read_frame(recv, 64 * 1024)
         .await?
         .ok_or_else(|| LinkError::Hello("stream closed before the hello".into()))?;
-    match wire::decode::<PeerControl>(&frame)? {
+    match peer_wire::decode_hello(&frame)? {
         PeerControl::Hello(h) => {
             if h.cluster != shared.cfg.cluster_id {
                 return Err(LinkError::Hello(format!(
