@@ -37,6 +37,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+ARGS="$*"
 QUICK=0
 SWEEPS=1
 SECS=""
@@ -63,7 +64,7 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 cargo build --release --bin causalkv >&2
 
-CMDLINE="bash scripts/bench-wan.sh $*"
+CMDLINE="bash scripts/bench-wan.sh $ARGS"
 WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
@@ -443,15 +444,19 @@ def metadata_run(n, secs, rate=1000, idle_secs=None):
         kinds = {k: (k1.get(k, 0) - k0.get(k, 0)) / (puts * (n - 1)) if puts else None for k in k1}
         time.sleep(1.0)
         i0, _ = cl.wire()
+        ik0 = scrape_wire(cl)
         t0 = time.time()
         time.sleep(idle_secs)
         i1, _ = cl.wire()
-        idle = (i1 - i0) / (time.time() - t0) / (n * (n - 1))
+        ik1 = scrape_wire(cl)
+        links = (time.time() - t0) * n * (n - 1)
+        idle = (i1 - i0) / links
+        idle_kinds = {k: (ik1.get(k, 0) - ik0.get(k, 0)) / links for k in ik1}
         r = {"sites": n, "rate_per_site": rate, "seconds": secs, "puts": puts, "key_value_bytes": kv,
              "wire_bytes": b1 - b0, "wire_packets": p1 - p0,
              "bytes_per_update_per_remote_site": per, "ratio_to_key_value": per / kv if per else None,
              "by_kind_per_update_per_remote_site": kinds,
-             "idle_bytes_per_second_per_link": idle,
+             "idle_bytes_per_second_per_link": idle, "idle_by_kind_per_second_per_link": idle_kinds,
              "throughput": sum(l.get("throughput", 0) for l in loads),
              "errors": sum(l.get("errors", 0) for l in loads),
              "put_p50_us": loads[0].get("put", {}).get("p50_us")}
@@ -459,6 +464,8 @@ def metadata_run(n, secs, rate=1000, idle_secs=None):
             f"idle {idle:,.0f} B/s per link")
         log("  by kind (B per update per remote site): "
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items()) if v))
+        log("  idle by kind (B/s per link): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(idle_kinds.items()) if v))
         return r
     finally:
         cl.close()

@@ -18,14 +18,17 @@
 //! 2. the dialer opens one unidirectional stream and sends [`UpdateBatch`](crate::peer_wire::UpdateBatch)
 //!    frames from the receiver's `applied` entry on (the replica's retained log is the backlog:
 //!    a slow peer costs log space, not memory in a channel).
-//! 3. both sides send their durable `applied` vector on the control stream after changes and
-//!    at every heartbeat; that is the ack (retention, synchronous replication) and the
-//!    heartbeat: each arrival feeds the peer's phi-accrual failure detector
-//!    ([`super::failure`]), which decides whether the peer is `up`, `suspect` or `down`.
+//! 3. the acceptor sends its durable `applied` vector on the control stream: within
+//!    `ACK_EVERY` of a change to the peer's own entry, else folded into the next such ack or
+//!    into the heartbeat an idle link carries every `idle_every`. That is the ack (retention,
+//!    synchronous replication) and the heartbeat: each arrival feeds the peer's phi-accrual
+//!    failure detector ([`super::failure`]), which decides whether the peer is `up`, `suspect`
+//!    or `down`.
 //!
 //! A malformed frame closes the connection with [`close_code::MALFORMED`] and bumps a counter;
 //! the dialer reconnects with exponential backoff. A dialer whose link has heard nothing from
-//! the peer for three heartbeats dials again alongside it, and carries the link on over the new
+//! the peer for three idle intervals (`idle_every`: an idle link still carries a heartbeat
+//! that often; three heartbeats with several partitions) dials again alongside it, and carries the link on over the new
 //! connection if that gets through first (see `replace_when_silent`).
 //!
 //! With several partitions per site, a node links only with the nodes of its own partition at
@@ -86,6 +89,25 @@ enum Remote {
 
 /// Payload bytes (keys and values) up to which a batch is serialised under the replica lock.
 const LOCKED_ENCODE_MAX: usize = 1 << 20;
+
+/// Shortest gap between two acks on a control stream: a peer's own entry (what its retention
+/// and synchronous writes wait for) is acked at most this late; acks in between are folded
+/// into the next.
+const ACK_EVERY: Duration = Duration::from_millis(20);
+
+/// Update frames to one peer go out at most this often: a frame is sent at once on a link
+/// that has been quiet this long, else this long after the previous one, carrying everything
+/// that became durable in between (fewer, fuller packets at a bounded cost in latency).
+const LINGER: Duration = Duration::from_millis(2);
+
+/// How often an idle link carries something: a heartbeat (an unchanged ack) on each control
+/// stream, and, with one partition per site, a clock marker on each update stream (markers
+/// issued in between are folded into the next; with several partitions, markers pass a
+/// sibling's write and go out at once). Two and a half heartbeat intervals: 250 ms by default,
+/// a few hundred bytes per second per link. The failure detector learns this interval.
+fn idle_every(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.cfg.timeouts.heartbeat_ms * 5 / 2)
+}
 
 /// Most dials to one peer outstanding at once (see `dial_racing` and `replace_when_silent`).
 const MAX_DIALS: usize = 3;
@@ -213,6 +235,7 @@ async fn outbound_once(
         send,
         recv,
         heard.clone(),
+        false,
     ));
     let result = tokio::select! {
         r = send_updates(shared, &conn, peer) => r,
@@ -306,7 +329,7 @@ fn set_aside(shared: &Shared, mut dials: tokio::task::JoinSet<Result<Dialled, Li
 
 /// Completes with a new connection to `peer` (hellos exchanged) once the link on `conn` has
 /// heard nothing from the peer (`heard`, the time in µs of the last ack or heartbeat on it)
-/// for three heartbeats and a new dial got through while it still was silent.
+/// for three idle intervals (`idle_every`) and a new dial got through while it still was silent.
 ///
 /// A link that loses every packet for a while (a cut, an isolation) is not closed before the
 /// idle timeout, but QUIC doubles its retransmission timeout at every probe that goes
@@ -326,7 +349,13 @@ async fn replace_when_silent(
     heard: &AtomicU64,
 ) -> Dialled {
     let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
-    let silence = 3 * hb;
+    // With one partition an idle link hears from the peer once per `idle_every`; with several,
+    // markers (and so acks) flow every few milliseconds and a heartbeat's silence is telling.
+    let silence = if shared.cfg.partitions == 1 {
+        3 * idle_every(shared)
+    } else {
+        3 * hb
+    };
     let silent_for =
         || Duration::from_micros(now_micros().saturating_sub(heard.load(Ordering::Acquire)));
     let mut dials = tokio::task::JoinSet::new();
@@ -507,8 +536,17 @@ async fn send_updates(
     // update plus 4096 bytes, so a single update always fits).
     let max_bytes = shared.cfg.limits.max_frame - 4096;
     let mut shutdown = shared.shutdown.clone();
+    let idle = idle_every(shared);
+    let fold_markers = shared.cfg.partitions == 1;
+    let mut last_sent = Instant::now()
+        .checked_sub(idle)
+        .unwrap_or_else(Instant::now);
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
+        let since = last_sent.elapsed();
+        if since < LINGER {
+            tokio::time::sleep(LINGER - since).await;
+        }
         // A batch of small updates is serialised straight from the retained log under the lock
         // (tens of µs). A batch carrying more than LOCKED_ENCODE_MAX bytes is copied out by
         // reference count first and serialised after the lock is released, so that large
@@ -517,23 +555,34 @@ async fn send_updates(
             let mut r = shared.replica.lock().expect("replica lock");
             r.poll_batch_refs(peer, max, max_bytes)
                 .map(|(updates, marker)| {
-                    let cost = BatchCost::of(updates.clone(), marker);
-                    if cost.payload <= LOCKED_ENCODE_MAX {
-                        (Ok(peer_wire::encode_updates(me, updates, marker)), cost)
+                    let payload: usize = updates
+                        .clone()
+                        .map(crate::replica::Update::payload_len)
+                        .sum();
+                    let b = if payload <= LOCKED_ENCODE_MAX {
+                        Ok(peer_wire::encode_updates(me, updates, marker))
                     } else {
-                        (Err((updates.cloned().collect::<Vec<_>>(), marker)), cost)
-                    }
+                        Err((updates.cloned().collect::<Vec<_>>(), marker))
+                    };
+                    (b, payload)
                 })
         };
-        let frame = batch.map(|(b, cost)| {
-            let frame = b.unwrap_or_else(|(updates, marker)| {
+        let batch = batch.map(|(b, payload)| {
+            let b = b.unwrap_or_else(|(updates, marker)| {
                 peer_wire::encode_updates(me, updates.iter(), marker)
             });
-            (frame, cost)
+            (b, payload)
         });
-        match frame {
-            Some((frame, cost)) => {
-                write_frame(&mut stream, &frame)
+        match batch {
+            // Markers alone on an idle link: at most one per `idle`; the next carries the
+            // newest timestamp anyway.
+            Some((b, 0)) if fold_markers && last_sent.elapsed() < idle => {
+                debug_assert_eq!(b.deps_bytes, 0);
+            }
+            Some((b, payload)) => {
+                last_sent = Instant::now();
+                let frame = &b.frame;
+                write_frame(&mut stream, frame)
                     .await
                     .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
                 Metrics::bump(&shared.metrics.batches_out);
@@ -541,7 +590,7 @@ async fn send_updates(
                     .metrics
                     .bytes_out
                     .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
-                cost.count(&shared.metrics, frame.len() + 4);
+                count_batch(&shared.metrics, &b, payload, frame.len() + 4);
             }
             None => {
                 tokio::select! {
@@ -554,56 +603,20 @@ async fn send_updates(
     }
 }
 
-/// What one update frame carries, for the per-kind byte counts.
-struct BatchCost {
-    /// Bytes of keys and values.
-    payload: usize,
-    /// Bytes of dependency vectors.
-    deps: usize,
-    /// Updates in the batch.
-    updates: usize,
-    /// Whether a clock marker ends the batch.
-    marker: bool,
-}
-
-impl BatchCost {
-    fn of<'a>(
-        updates: impl Iterator<Item = &'a crate::replica::Update>,
-        marker: Option<crate::clock::Timestamp>,
-    ) -> BatchCost {
-        let mut c = BatchCost {
-            payload: 0,
-            deps: 0,
-            updates: 0,
-            marker: marker.is_some(),
-        };
-        for u in updates {
-            c.payload += u.payload_len();
-            c.deps += u.deps.as_slice().len() * 8;
-            c.updates += 1;
-        }
-        c
+/// Counts an update frame of `total` bytes (length prefix included) by what it carries.
+fn count_batch(m: &Metrics, b: &peer_wire::EncodedBatch, payload: usize, total: usize) {
+    if payload == 0 && b.deps_bytes == 0 {
+        // Markers only: the whole frame is their cost.
+        m.wire.add(WireKind::Marker, total);
+        return;
     }
-
-    /// Counts a frame of `total` bytes (length prefix included) carrying this batch.
-    fn count(&self, m: &Metrics, total: usize) {
-        if self.updates == 0 {
-            m.wire.add(WireKind::Marker, total);
-            return;
-        }
-        let marker = if self.marker {
-            std::mem::size_of::<peer_wire::ArchivedWireItem<'static>>()
-        } else {
-            0
-        };
-        m.wire.add(WireKind::Payload, self.payload);
-        m.wire.add(WireKind::Deps, self.deps);
-        m.wire.add(WireKind::Marker, marker);
-        m.wire.add(
-            WireKind::Framing,
-            total.saturating_sub(self.payload + self.deps + marker),
-        );
-    }
+    m.wire.add(WireKind::Payload, payload);
+    m.wire.add(WireKind::Deps, b.deps_bytes);
+    m.wire.add(WireKind::Marker, b.marker_bytes);
+    m.wire.add(
+        WireKind::Framing,
+        total.saturating_sub(payload + b.deps_bytes + b.marker_bytes),
+    );
 }
 
 /// Serves a connection another site dialed: hello, then its update stream.
@@ -670,6 +683,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         send,
         recv,
         heard,
+        true,
     ));
     let result = receive_updates(&shared, &conn, peer).await;
     control.abort();
@@ -822,8 +836,12 @@ async fn read_hello_raw(
     }
 }
 
-/// Both directions of the control stream after the hello: acks and heartbeats out, the peer's
-/// acks in. `heard` is set to the time (µs) of each ack that arrives.
+/// Both directions of the control stream after the hello: acks and heartbeats out (when `acks`),
+/// the peer's acks in. `heard` is set to the time (µs) of each ack that arrives.
+///
+/// A site acks a peer's stream on the connection that carries it (the one the peer dialled):
+/// those acks are what the peer's link hears (`replace_when_silent`). The control stream of
+/// the connection a site dialled carries only the peer's acks.
 async fn run_control(
     shared: Arc<Shared>,
     peer: SiteId,
@@ -831,6 +849,7 @@ async fn run_control(
     mut send: SendStream,
     mut recv: RecvStream,
     heard: Arc<AtomicU64>,
+    acks: bool,
 ) {
     let reader = {
         let shared = shared.clone();
@@ -859,14 +878,33 @@ async fn run_control(
         }
     };
     let writer = async {
+        if !acks {
+            // Hold the stream open: the peer reads its end as this link leaving.
+            return std::future::pending::<()>().await;
+        }
         let mut changed = shared.changed.subscribe();
-        let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
+        let idle = idle_every(&shared);
         let mut last: Option<VClock> = None;
         let mut last_at = Instant::now();
         loop {
             let durable = shared.read(|r| r.durable().clone());
             let moved = last.as_ref() != Some(&durable);
-            if moved || last_at.elapsed() >= hb {
+            // The peer waits on its own entry (retention, synchronous writes): that goes out
+            // within ACK_EVERY. The rest (the stable vector's inputs) waits for the next ack
+            // or heartbeat, at most `idle` away.
+            let theirs = last
+                .as_ref()
+                .is_none_or(|l| l.get(peer) != durable.get(peer));
+            let wait = if theirs { ACK_EVERY } else { idle };
+            let since = last_at.elapsed();
+            if since < wait {
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(wait - since) => {}
+                }
+                continue;
+            }
+            {
                 let msg = PeerControl::Ack {
                     applied: durable.as_slice().to_vec(),
                     hlc: durable.get(shared.site()),
@@ -883,12 +921,6 @@ async fn run_control(
                 }
                 last = Some(durable);
                 last_at = Instant::now();
-                // Coalesce: at most one ack per millisecond under load.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            tokio::select! {
-                r = changed.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(hb) => {}
             }
         }
     };
