@@ -5,6 +5,7 @@
 #
 #   bash scripts/bench-wan.sh [--quick] [--no-sweeps] [--seconds N] [--out DIR]
 #   bash scripts/bench-wan.sh --metadata-only "3 8" [--seconds N] [--out DIR]
+#   bash scripts/bench-wan.sh --loss-only "0 0.01 0.05" [--seconds N] [--out DIR]
 #
 # No netem needed: `causalkv wan` (src/wan.rs) is a user-space relay mesh on 127.0.0.0/8, one
 # UDP relay per directed site pair (TCP relays in front of the etcd members), with one-way
@@ -33,6 +34,8 @@
 #   every site at 1,000 ops/s open loop, 50 % writes of 100 B values (11 B keys); UDP payload
 #   bytes per update per remote site (relay counters), the same split by kind from the sites'
 #   /metrics (causalkv_peer_bytes_out_total{kind}), then idle bytes per second per directed link.
+# Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
+#   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
 # Output: results.json, results.csv, results.md and PNG plots (scripts/plot.py) in --out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +46,7 @@ SWEEPS=1
 SECS=""
 OUT=""
 METADATA_ONLY=""
+LOSS_ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
@@ -50,6 +54,7 @@ while [ $# -gt 0 ]; do
     --seconds) SECS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --metadata-only) METADATA_ONLY="$2"; shift 2 ;;
+    --loss-only) LOSS_ONLY="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -68,10 +73,10 @@ CMDLINE="bash scripts/bench-wan.sh $ARGS"
 WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
-python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" <<'PY'
+python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" "$LOSS_ONLY" <<'PY'
 import base64, hashlib, http.client, json, os, random, signal, subprocess, sys, threading, time
 
-OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE, METADATA_ONLY = sys.argv[1:]
+OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE, METADATA_ONLY, LOSS_ONLY = sys.argv[1:]
 QUICK, SWEEPS = QUICK == "1", SWEEPS == "1" and QUICK != "1"
 T = float(SECS) if SECS else (3.0 if QUICK else 8.0)
 BIN = os.path.abspath("target/release/causalkv")
@@ -134,7 +139,7 @@ def free_base(span):
 class Cluster:
     """n causalkv sites as `causalkv serve` processes behind `causalkv wan`."""
 
-    def __init__(self, n, mode, loss=0.0):
+    def __init__(self, n, mode, loss=0.0, jitter=0.0):
         self.n, self.mode = n, mode
         self.dir = os.path.join(WORK, f"ckv-{mode}-{n}-{loss}-{int(time.time()*1000) % 100000}")
         base = free_base(n)
@@ -148,6 +153,8 @@ class Cluster:
                "--control", os.path.join(self.dir, "wan.ctl"), "--stats", self.stats_file]
         if loss:
             wan += ["--loss", str(loss)]
+        if jitter:
+            wan += ["--jitter-ms", str(jitter)]
         self.wan = spawn(wan, stderr=open(os.path.join(self.dir, "wan.log"), "w"))
         for _ in range(100):
             if os.path.exists(self.stats_file):
@@ -497,6 +504,43 @@ def metadata_sweep(ns, secs):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loss sweep: visibility under datagram loss on every link, with and without jitter
+
+def loss_sweep(losses, jitters, secs, rate=500):
+    out = []
+    for jitter in jitters:
+        for loss in losses:
+            log(f"loss: {loss:.1%} on every link, jitter {jitter} ms, {rate} ops/s per site ...")
+            try:
+                cl = Cluster(3, "causal", loss=loss, jitter=jitter)
+                try:
+                    r = workload(cl, f"loss-{loss}-jitter-{jitter}", secs, rate=rate)
+                finally:
+                    cl.close()
+                r.update({"loss": loss, "jitter_ms": jitter})
+                out.append(r)
+            except Exception as e:
+                log(f"  loss {loss} jitter {jitter} failed: {e}")
+                out.append({"loss": loss, "jitter_ms": jitter, "error": str(e)})
+    md = ["# Visibility under loss (3 sites, one-way 15/40/75 ms)", "", f"Command: `{CMDLINE}`", "",
+          "| loss | jitter ms | put p50 ms (a) | visibility p50 / p99 ms at b | at c | B/update |", "|---|---|---|---|---|---|"]
+    for r in out:
+        if "error" in r:
+            md.append(f"| {r['loss']} | {r['jitter_ms']} | failed | | | |")
+            continue
+        v = (r.get("visibility") or {}).get("sites", [])
+        cell = lambda s: f"{s['latency']['p50_us']/1000:.1f} / {s['latency']['p99_us']/1000:.1f}"
+        put = r["loads"][0].get("put", {}).get("p50_us", 0) / 1000
+        md.append(f"| {r['loss']} | {r['jitter_ms']} | {put:.2f} | {cell(v[0]) if len(v) > 0 else ''} | "
+                  f"{cell(v[1]) if len(v) > 1 else ''} | {r['wire_bytes_per_update'] or 0:.0f} |")
+    with open(os.path.join(OUT, "loss.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(OUT, "loss.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main():
     res = {"command": CMDLINE, "quick": QUICK, "seconds_per_run": T, "rtt_ms": {"a-b": 30, "a-c": 80, "b-c": 150},
@@ -577,9 +621,11 @@ def main():
 try:
     if METADATA_ONLY:
         metadata_sweep([int(x) for x in METADATA_ONLY.split()], float(SECS) if SECS else 6.0)
-    else:
+    if LOSS_ONLY:
+        loss_sweep([float(x) for x in LOSS_ONLY.split()], [0.0, 5.0], float(SECS) if SECS else 6.0)
+    if not (METADATA_ONLY or LOSS_ONLY):
         main()
 finally:
     stop(list(procs))
 PY
-[ -n "$METADATA_ONLY" ] || python3 scripts/plot.py "$OUT"
+[ -n "$METADATA_ONLY$LOSS_ONLY" ] || python3 scripts/plot.py "$OUT"
