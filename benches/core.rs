@@ -24,7 +24,7 @@
 //!   into 1e9 for ns per operation): `merge_new` (1000 new keys into an empty store, created
 //!   untimed), `merge_overwrite` (1000 existing keys, each write a newer version that wins),
 //!   `get_hit` / `get_miss` (lookups in a 10 000-key store; a hit clones the entry out).
-//! - `wire`: [`encode_batch`] and [`decode_batch`] (bytecheck validation, semantic checks, items
+//! - `wire`: [`encode_batch`] and [`decode_batch`] (unpacking with every field checked, items
 //!   whose keys and values are slices of the frame) of one 1000-update batch with 100 B values
 //!   and 3-site dependency vectors (updates/s).
 

@@ -4,6 +4,8 @@
 # Redis as the single-site local-latency anchor.
 #
 #   bash scripts/bench-wan.sh [--quick] [--no-sweeps] [--seconds N] [--out DIR]
+#   bash scripts/bench-wan.sh --metadata-only "3 8" [--seconds N] [--out DIR]
+#   bash scripts/bench-wan.sh --loss-only "0 0.01 0.05" [--seconds N] [--out DIR]
 #
 # No netem needed: `causalkv wan` (src/wan.rs) is a user-space relay mesh on 127.0.0.0/8, one
 # UDP relay per directed site pair (TCP relays in front of the etcd members), with one-way
@@ -28,20 +30,31 @@
 # fresh clients; ack -> visible), dependency-buffer occupancy (`causalkv bench status-sample`),
 # bytes on the wire per update (relay counters / puts).
 # Sweeps (skip with --no-sweeps; off in --quick): 3/5/8 sites, 0/1/5 % loss.
+# Metadata sweep (3 sites in --quick; 3/5/8/16 with sweeps; only these with --metadata-only):
+#   every site at 1,000 ops/s open loop, 50 % writes of 100 B values (11 B keys); UDP payload
+#   bytes per update per remote site (relay counters), the same split by kind from the sites'
+#   /metrics (causalkv_peer_bytes_out_total{kind}), then idle bytes per second per directed link.
+# Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
+#   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
 # Output: results.json, results.csv, results.md and PNG plots (scripts/plot.py) in --out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+ARGS="$*"
 QUICK=0
 SWEEPS=1
 SECS=""
 OUT=""
+METADATA_ONLY=""
+LOSS_ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
     --no-sweeps) SWEEPS=0; shift ;;
     --seconds) SECS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
+    --metadata-only) METADATA_ONLY="$2"; shift 2 ;;
+    --loss-only) LOSS_ONLY="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -56,14 +69,14 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 cargo build --release --bin causalkv >&2
 
-CMDLINE="bash scripts/bench-wan.sh $*"
+CMDLINE="bash scripts/bench-wan.sh $ARGS"
 WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
-python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" <<'PY'
+python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" "$LOSS_ONLY" <<'PY'
 import base64, hashlib, http.client, json, os, random, signal, subprocess, sys, threading, time
 
-OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE = sys.argv[1:]
+OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE, METADATA_ONLY, LOSS_ONLY = sys.argv[1:]
 QUICK, SWEEPS = QUICK == "1", SWEEPS == "1" and QUICK != "1"
 T = float(SECS) if SECS else (3.0 if QUICK else 8.0)
 BIN = os.path.abspath("target/release/causalkv")
@@ -126,7 +139,7 @@ def free_base(span):
 class Cluster:
     """n causalkv sites as `causalkv serve` processes behind `causalkv wan`."""
 
-    def __init__(self, n, mode, loss=0.0):
+    def __init__(self, n, mode, loss=0.0, jitter=0.0):
         self.n, self.mode = n, mode
         self.dir = os.path.join(WORK, f"ckv-{mode}-{n}-{loss}-{int(time.time()*1000) % 100000}")
         base = free_base(n)
@@ -140,6 +153,8 @@ class Cluster:
                "--control", os.path.join(self.dir, "wan.ctl"), "--stats", self.stats_file]
         if loss:
             wan += ["--loss", str(loss)]
+        if jitter:
+            wan += ["--jitter-ms", str(jitter)]
         self.wan = spawn(wan, stderr=open(os.path.join(self.dir, "wan.log"), "w"))
         for _ in range(100):
             if os.path.exists(self.stats_file):
@@ -393,6 +408,139 @@ def redis_anchor(n):
 
 
 # ---------------------------------------------------------------------------------------------
+# Metadata sweep: bytes on the wire per update per remote site, by kind, and on idle links
+
+def scrape_wire(cl):
+    """Per kind, the bytes every site has sent over peer links (from each site's /metrics)."""
+    base = int(cl.addrs[0].rsplit(":", 1)[1])
+    total = {}
+    for i in range(cl.n):
+        c = http.client.HTTPConnection("127.0.0.1", base + 1000 + i, timeout=5)
+        c.request("GET", "/metrics")
+        body = c.getresponse().read().decode()
+        c.close()
+        for line in body.splitlines():
+            if line.startswith('causalkv_peer_bytes_out_total{kind="'):
+                kind = line.split('"')[1]
+                total[kind] = total.get(kind, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def metadata_run(n, secs, rate=1000, idle_secs=None):
+    """n sites at `rate` ops/s each (50 % writes of 100 B values), then idle."""
+    idle_secs = idle_secs or (3.0 if QUICK else 5.0)
+    log(f"metadata: {n} sites at {rate} ops/s per site ({secs:.0f} s), then idle ({idle_secs:.0f} s) ...")
+    cl = Cluster(n, "causal")
+    try:
+        time.sleep(0.6)
+        b0, p0 = cl.wire()
+        k0 = scrape_wire(cl)
+        gens = [spawn(load_cmd(cl, s, secs, rate=rate), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                      text=True) for s in range(n)]
+        loads = []
+        for g in gens:
+            out, _ = g.communicate()
+            procs.remove(g)
+            loads.append(json.loads(out.strip().splitlines()[-1]) if out.strip() else {"error": "no output"})
+        time.sleep(1.0)  # the last batches and acks
+        b1, p1 = cl.wire()
+        k1 = scrape_wire(cl)
+        puts = sum(l.get("put", {}).get("count", 0) for l in loads)
+        kv = 11 + 100
+        per = (b1 - b0) / (puts * (n - 1)) if puts else None
+        kinds = {k: (k1.get(k, 0) - k0.get(k, 0)) / (puts * (n - 1)) if puts else None for k in k1}
+        time.sleep(1.0)
+        i0, _ = cl.wire()
+        ik0 = scrape_wire(cl)
+        t0 = time.time()
+        time.sleep(idle_secs)
+        i1, _ = cl.wire()
+        ik1 = scrape_wire(cl)
+        links = (time.time() - t0) * n * (n - 1)
+        idle = (i1 - i0) / links
+        idle_kinds = {k: (ik1.get(k, 0) - ik0.get(k, 0)) / links for k in ik1}
+        r = {"sites": n, "rate_per_site": rate, "seconds": secs, "puts": puts, "key_value_bytes": kv,
+             "wire_bytes": b1 - b0, "wire_packets": p1 - p0,
+             "bytes_per_update_per_remote_site": per, "ratio_to_key_value": per / kv if per else None,
+             "by_kind_per_update_per_remote_site": kinds,
+             "idle_bytes_per_second_per_link": idle, "idle_by_kind_per_second_per_link": idle_kinds,
+             "throughput": sum(l.get("throughput", 0) for l in loads),
+             "errors": sum(l.get("errors", 0) for l in loads),
+             "put_p50_us": loads[0].get("put", {}).get("p50_us")}
+        log(f"  {n} sites: {puts} puts, {per or 0:,.1f} B per update per remote site ({(per or 0) / kv:.2f}x key+value), "
+            f"idle {idle:,.0f} B/s per link")
+        log("  by kind (B per update per remote site): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items()) if v))
+        log("  idle by kind (B/s per link): "
+            + ", ".join(f"{k} {v:.0f}" for k, v in sorted(idle_kinds.items()) if v))
+        return r
+    finally:
+        cl.close()
+
+
+def metadata_sweep(ns, secs):
+    out = []
+    for n in ns:
+        try:
+            out.append(metadata_run(n, secs))
+        except Exception as e:
+            log(f"  metadata run with {n} sites failed: {e}")
+            out.append({"sites": n, "error": str(e)})
+    md = ["# Metadata: bytes on the wire per 100-byte update", "", f"Command: `{CMDLINE}`", "",
+          "| sites | puts | B/update/remote site | x key+value | idle B/s per link | by kind (B/update/remote site) |",
+          "|---|---|---|---|---|---|"]
+    for r in out:
+        if "error" in r:
+            md.append(f"| {r['sites']} | failed: {r['error'][:80]} | | | | |")
+            continue
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_kind_per_update_per_remote_site"].items()) if v)
+        md.append(f"| {r['sites']} | {r['puts']} | {r['bytes_per_update_per_remote_site']:.1f} | "
+                  f"{r['ratio_to_key_value']:.2f} | {r['idle_bytes_per_second_per_link']:.0f} | {kinds} |")
+    with open(os.path.join(OUT, "metadata.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(OUT, "metadata.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss sweep: visibility under datagram loss on every link, with and without jitter
+
+def loss_sweep(losses, jitters, secs, rate=500):
+    out = []
+    for jitter in jitters:
+        for loss in losses:
+            log(f"loss: {loss:.1%} on every link, jitter {jitter} ms, {rate} ops/s per site ...")
+            try:
+                cl = Cluster(3, "causal", loss=loss, jitter=jitter)
+                try:
+                    r = workload(cl, f"loss-{loss}-jitter-{jitter}", secs, rate=rate)
+                finally:
+                    cl.close()
+                r.update({"loss": loss, "jitter_ms": jitter})
+                out.append(r)
+            except Exception as e:
+                log(f"  loss {loss} jitter {jitter} failed: {e}")
+                out.append({"loss": loss, "jitter_ms": jitter, "error": str(e)})
+    md = ["# Visibility under loss (3 sites, one-way 15/40/75 ms)", "", f"Command: `{CMDLINE}`", "",
+          "| loss | jitter ms | put p50 ms (a) | visibility p50 / p99 ms at b | at c | B/update |", "|---|---|---|---|---|---|"]
+    for r in out:
+        if "error" in r:
+            md.append(f"| {r['loss']} | {r['jitter_ms']} | failed | | | |")
+            continue
+        v = (r.get("visibility") or {}).get("sites", [])
+        cell = lambda s: f"{s['latency']['p50_us']/1000:.1f} / {s['latency']['p99_us']/1000:.1f}"
+        put = r["loads"][0].get("put", {}).get("p50_us", 0) / 1000
+        md.append(f"| {r['loss']} | {r['jitter_ms']} | {put:.2f} | {cell(v[0]) if len(v) > 0 else ''} | "
+                  f"{cell(v[1]) if len(v) > 1 else ''} | {r['wire_bytes_per_update'] or 0:.0f} |")
+    with open(os.path.join(OUT, "loss.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(OUT, "loss.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 
 def main():
     res = {"command": CMDLINE, "quick": QUICK, "seconds_per_run": T, "rtt_ms": {"a-b": 30, "a-c": 80, "b-c": 150},
@@ -462,6 +610,7 @@ def main():
                     cl.close()
             except Exception as e:
                 log(f"  sweep with {loss:.0%} loss failed: {e}")
+    res["metadata"] = metadata_sweep([3] if QUICK else ([3, 5, 8, 16] if SWEEPS else [3]), max(3.0, T * 0.75))
     res["machine"]["load_after"] = os.getloadavg()
     res["wall_seconds"] = time.time() - T0
     with open(os.path.join(OUT, "results.json"), "w") as f:
@@ -470,8 +619,13 @@ def main():
 
 
 try:
-    main()
+    if METADATA_ONLY:
+        metadata_sweep([int(x) for x in METADATA_ONLY.split()], float(SECS) if SECS else 6.0)
+    if LOSS_ONLY:
+        loss_sweep([float(x) for x in LOSS_ONLY.split()], [0.0, 5.0], float(SECS) if SECS else 6.0)
+    if not (METADATA_ONLY or LOSS_ONLY):
+        main()
 finally:
     stop(list(procs))
 PY
-python3 scripts/plot.py "$OUT"
+[ -n "$METADATA_ONLY$LOSS_ONLY" ] || python3 scripts/plot.py "$OUT"

@@ -2,25 +2,85 @@
 //! update batches of an origin's ordered stream.
 //!
 //! They travel in the same length-prefixed frames as client messages
-//! ([`write_frame`](crate::wire::write_frame), [`read_frame`](crate::wire::read_frame)) and are
-//! validated the same way (bytecheck, then meaning). They live in the server, not in the client
-//! library: a client never speaks this protocol.
+//! ([`write_frame`](crate::wire::write_frame), [`read_frame`](crate::wire::read_frame)). Control
+//! messages are rkyv archives validated the same way (bytecheck, then meaning); hellos carry the
+//! [`PROTOCOL_VERSION`] ahead of theirs. Update batches are packed by hand, a few bytes of
+//! metadata per update, and every field is checked as it is unpacked. They live in the server,
+//! not in the client library: a client never speaks this protocol.
 //!
 //! - control stream (bidirectional): [`PeerControl`] — hello, ack/heartbeat, reject;
 //! - update stream (unidirectional, one per origin and connection): [`UpdateBatch`].
 
 use bytes::Bytes;
 use rkyv::util::AlignedVec;
-use rkyv::with::InlineAsBox;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::clock::{SiteId, Timestamp, VClock, Version};
 use crate::update::{Item, Update};
-use crate::wire::{Limits, WireError, access, check_sizes, encode};
+use crate::wire::{Limits, WireError, check_sizes, encode};
 #[cfg(test)]
 use crate::wire::{read_frame, write_frame};
 
 pub use messages::*;
+
+/// The version of the peer protocol this build speaks. Every hello carries it ahead of the
+/// archive (see [`encode_hello`]), and a hello of another version is refused with both versions
+/// named. Bump it with every change to the peer wire format.
+///
+/// Version 1 (no version in the hello) was the first; 2 added the version; 3 packs update
+/// batches (timestamp deltas, varint lengths, dependency vectors as deltas or left out).
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// The first bytes of a versioned hello frame, before the version (`u32`, little endian).
+const HELLO_MAGIC: [u8; 4] = *b"CKVP";
+
+/// Encodes a hello frame: [`HELLO_MAGIC`], [`PROTOCOL_VERSION`], then the
+/// [`PeerControl::Hello`] archive. The version sits at a fixed place, so any later version can
+/// still read it and refuse the peer by name, whatever its archive looks like.
+pub fn encode_hello(hello: &PeerHello) -> Vec<u8> {
+    encode_hello_as(hello, PROTOCOL_VERSION)
+}
+
+/// [`encode_hello`] claiming protocol `version` (tests use it to play a peer of another
+/// version).
+pub fn encode_hello_as(hello: &PeerHello, version: u32) -> Vec<u8> {
+    let archive = encode(&PeerControl::Hello(hello.clone()));
+    let mut out = Vec::with_capacity(8 + archive.len());
+    out.extend_from_slice(&HELLO_MAGIC);
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&archive);
+    out
+}
+
+/// Decodes the first frame of a control stream: a versioned hello of this
+/// [`PROTOCOL_VERSION`], or a [`PeerControl::Reject`]. A hello of another version (or of
+/// version 1, which carried none) is an error naming both versions.
+pub fn decode_hello(frame: &[u8]) -> Result<PeerControl, WireError> {
+    if frame.len() >= 8 && frame[..4] == HELLO_MAGIC {
+        let version = u32::from_le_bytes(frame[4..8].try_into().expect("4 bytes"));
+        if version != PROTOCOL_VERSION {
+            return Err(version_mismatch(version));
+        }
+        let mut archive = AlignedVec::<16>::with_capacity(frame.len() - 8);
+        archive.extend_from_slice(&frame[8..]);
+        return match crate::wire::decode::<PeerControl>(&archive)? {
+            hello @ PeerControl::Hello(_) => Ok(hello),
+            _ => Err(WireError::Semantic(
+                "a versioned hello frame holds another message".into(),
+            )),
+        };
+    }
+    match crate::wire::decode::<PeerControl>(frame)? {
+        PeerControl::Hello(_) => Err(version_mismatch(1)),
+        other => Ok(other),
+    }
+}
+
+fn version_mismatch(theirs: u32) -> WireError {
+    WireError::Semantic(format!(
+        "peer speaks peer protocol version {theirs}, this node speaks version {PROTOCOL_VERSION}"
+    ))
+}
 
 /// The message types. rkyv generates an archived twin of each type; the lint for missing docs is
 /// relaxed here only because those generated twins of documented fields carry no docs.
@@ -65,7 +125,7 @@ mod messages {
         },
     }
 
-    /// Item kinds in an [`UpdateBatch`].
+    /// Item kinds in an [`UpdateBatch`] (the low two bits of an item's tag byte).
     pub mod item_kind {
         /// A put.
         pub const PUT: u8 = 0;
@@ -74,34 +134,41 @@ mod messages {
         /// A clock marker.
         pub const MARKER: u8 = 2;
     }
+}
 
-    /// One item of an origin's update stream. It borrows its key, value and dependencies from
-    /// the sender's log, so a batch is serialised without copying them first.
-    #[derive(Archive, Serialize, Clone, Copy, Debug, PartialEq)]
-    pub struct WireItem<'a> {
-        /// Origin timestamp.
-        pub ts: u64,
-        /// One of [`item_kind`].
-        pub kind: u8,
-        /// Key (empty for markers).
-        #[rkyv(with = InlineAsBox)]
-        pub key: &'a [u8],
-        /// Value (empty for deletes and markers).
-        #[rkyv(with = InlineAsBox)]
-        pub value: &'a [u8],
-        /// Dependencies, one entry per site (empty for markers).
-        #[rkyv(with = InlineAsBox)]
-        pub deps: &'a [u64],
-    }
+/// The layout of an update frame (not an rkyv archive: its header would cost more than the
+/// items it carries): the origin site (`u16`, little endian), the number of items (varint),
+/// then the packed items (see [`encode_wire_batch`]): timestamps as deltas, lengths as
+/// varints, and each dependency vector as a delta against the previous update's in the batch,
+/// or left out when it equals that one.
+pub struct UpdateBatch;
 
-    /// Many items of one origin's stream in one frame.
-    #[derive(Archive, Serialize, Clone, Debug, PartialEq)]
-    pub struct UpdateBatch<'a> {
-        /// The origin site.
-        pub origin: u16,
-        /// Items in stream order.
-        pub items: Vec<WireItem<'a>>,
-    }
+/// One item of an origin's update stream, borrowing its key, value and dependencies from the
+/// sender's log, so a batch is packed without copying them first.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WireItem<'a> {
+    /// Origin timestamp.
+    pub ts: u64,
+    /// One of [`item_kind`].
+    pub kind: u8,
+    /// Key (empty for markers).
+    pub key: &'a [u8],
+    /// Value (empty for deletes and markers).
+    pub value: &'a [u8],
+    /// Dependencies, one entry per site (empty for markers).
+    pub deps: &'a [u64],
+}
+
+/// How an update's dependency vector is written (bits 2-3 of its tag byte).
+mod deps_mode {
+    /// Equal to the previous update's in the batch (all zeros before the first): nothing
+    /// written.
+    pub const SAME: u8 = 0;
+    /// One varint per entry: 0 when the entry equals the previous update's, else the entry's
+    /// distance below the update's own timestamp (`ts - dep`, at least 1).
+    pub const DELTA: u8 = 1;
+    /// One varint per entry: the entry itself.
+    pub const FULL: u8 = 2;
 }
 
 /// The wire form of a replica item, borrowing from it.
@@ -138,94 +205,248 @@ pub fn wire_update(u: &Update) -> WireItem<'_> {
     }
 }
 
-/// Encodes one origin's items as an [`UpdateBatch`] archive.
-pub fn encode_batch(origin: SiteId, items: &[Item]) -> AlignedVec {
-    encode_wire_batch(origin, items.iter().map(wire_item))
+/// An encoded [`UpdateBatch`] and what its bytes carry.
+#[derive(Debug)]
+pub struct EncodedBatch {
+    /// The archive, ready for [`write_frame`](crate::wire::write_frame).
+    pub frame: AlignedVec,
+    /// Bytes spent on dependency vectors (tag bytes not included).
+    pub deps_bytes: usize,
+    /// Bytes spent on clock markers (tag and timestamp).
+    pub marker_bytes: usize,
 }
 
-/// Encodes an origin's updates, then an optional clock marker, as one [`UpdateBatch`] archive,
-/// serialising straight from the updates.
+/// Encodes one origin's items as an [`UpdateBatch`] archive.
+pub fn encode_batch(origin: SiteId, items: &[Item]) -> AlignedVec {
+    encode_wire_batch(origin, items.iter().map(wire_item)).frame
+}
+
+/// Encodes an origin's updates, then an optional clock marker, as one [`UpdateBatch`] frame,
+/// packing straight from the updates.
 pub fn encode_updates<'a>(
     origin: SiteId,
     updates: impl Iterator<Item = &'a Update>,
     marker: Option<Timestamp>,
-) -> AlignedVec {
+) -> EncodedBatch {
     encode_wire_batch(
         origin,
         updates.map(wire_update).chain(marker.map(wire_marker)),
     )
 }
 
-/// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] archive. The
-/// sender serialises straight from its log this way: keys, values and dependency vectors are
-/// copied once, into the frame.
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(body: &[u8], at: &mut usize) -> Result<u64, WireError> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = *body
+            .get(*at)
+            .ok_or_else(|| WireError::Semantic("batch body ends inside a number".into()))?;
+        *at += 1;
+        if shift == 63 && b > 1 {
+            break;
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Ok(v);
+        }
+    }
+    Err(WireError::Semantic("number too long in batch body".into()))
+}
+
+/// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] frame.
+///
+/// Each item in `body`: a tag byte (kind in bits 0-1, dependency mode in bits 2-3), the
+/// timestamp's increase over the previous item's (varint; the first item's over 0), and for an
+/// update the key's length (varint) and key, for a put the value's length and value, then the
+/// dependency vector in its mode: left out when equal to the previous update's, else one varint
+/// per entry, 0 for an entry equal to the previous update's and `ts - dep` otherwise (or the
+/// entries themselves when some changed entry is not below `ts`).
 pub fn encode_wire_batch<'a>(
     origin: SiteId,
     items: impl IntoIterator<Item = WireItem<'a>>,
-) -> AlignedVec {
-    encode(&UpdateBatch {
-        origin,
-        items: items.into_iter().collect(),
-    })
+) -> EncodedBatch {
+    let mut body = Vec::new();
+    let (mut count, mut last_ts) = (0u32, 0u64);
+    let (mut deps_bytes, mut marker_bytes) = (0, 0);
+    let mut prev: Vec<u64> = Vec::new();
+    for it in items {
+        count += 1;
+        let start = body.len();
+        if it.kind == item_kind::MARKER {
+            body.push(item_kind::MARKER);
+            put_varint(&mut body, it.ts.wrapping_sub(last_ts));
+            last_ts = it.ts;
+            marker_bytes += body.len() - start;
+            continue;
+        }
+        if prev.len() != it.deps.len() {
+            prev = vec![0; it.deps.len()];
+        }
+        let changed = it.deps.iter().zip(&prev).filter(|(d, p)| d != p);
+        let mode = if it.deps == prev.as_slice() {
+            deps_mode::SAME
+        } else if changed.clone().all(|(d, _)| *d < it.ts) {
+            deps_mode::DELTA
+        } else {
+            deps_mode::FULL
+        };
+        body.push(it.kind | (mode << 2));
+        put_varint(&mut body, it.ts.wrapping_sub(last_ts));
+        last_ts = it.ts;
+        put_varint(&mut body, it.key.len() as u64);
+        body.extend_from_slice(it.key);
+        if it.kind == item_kind::PUT {
+            put_varint(&mut body, it.value.len() as u64);
+            body.extend_from_slice(it.value);
+        }
+        let before = body.len();
+        match mode {
+            deps_mode::DELTA => {
+                for (d, p) in it.deps.iter().zip(&prev) {
+                    put_varint(&mut body, if d == p { 0 } else { it.ts - d });
+                }
+            }
+            deps_mode::FULL => it.deps.iter().for_each(|d| put_varint(&mut body, *d)),
+            _ => {}
+        }
+        deps_bytes += body.len() - before;
+        prev.copy_from_slice(it.deps);
+    }
+    let mut frame = AlignedVec::with_capacity(body.len() + 7);
+    frame.extend_from_slice(&origin.to_le_bytes());
+    let mut head = Vec::with_capacity(5);
+    put_varint(&mut head, u64::from(count));
+    frame.extend_from_slice(&head);
+    frame.extend_from_slice(&body);
+    EncodedBatch {
+        frame,
+        deps_bytes,
+        marker_bytes,
+    }
 }
 
 /// Validates an [`UpdateBatch`] frame and turns it into replica items. Keys and values are
 /// slices of `frame`: they reach the store without being copied or re-encoded.
 ///
-/// Checks, beyond structure: the origin is `expected_origin`; every dependency vector has one
-/// entry per site; kinds are known; keys and values respect `limits`; timestamps are non-zero and
-/// strictly increasing along the batch.
+/// Checks, beyond structure: the origin is `expected_origin`; the body holds exactly `count`
+/// well-formed items; kinds and dependency modes are known; keys and values respect `limits`;
+/// timestamps are non-zero and strictly increasing along the batch; every dependency vector
+/// has one entry per site (`sites`).
 pub fn decode_batch(
     frame: &Bytes,
     expected_origin: SiteId,
     sites: usize,
     limits: &Limits,
 ) -> Result<Vec<Item>, WireError> {
-    let batch = access::<ArchivedUpdateBatch>(frame)?;
-    let origin = batch.origin.to_native();
+    if frame.len() < 3 {
+        return Err(WireError::Semantic(format!(
+            "update frame of {} bytes is too short",
+            frame.len()
+        )));
+    }
+    let origin = u16::from_le_bytes([frame[0], frame[1]]);
     if origin != expected_origin {
         return Err(WireError::Semantic(format!(
             "batch claims origin {origin} on the stream of site {expected_origin}"
         )));
     }
-    let mut out = Vec::with_capacity(batch.items.len());
-    let mut last = 0u64;
-    for it in batch.items.iter() {
-        let ts = it.ts.to_native();
-        if ts <= last {
-            return Err(WireError::Semantic(format!(
-                "timestamps must increase along a batch ({ts} after {last})"
-            )));
-        }
+    let mut at = 2;
+    let count = get_varint(frame, &mut at)?;
+    let body: &[u8] = &frame[at..];
+    let count = usize::try_from(count).unwrap_or(usize::MAX);
+    // Every item takes at least two bytes: a count past that is a lie, not an allocation.
+    if count > body.len() / 2 {
+        return Err(WireError::Semantic(format!(
+            "batch claims {count} items in {} bytes",
+            body.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(count);
+    let (mut at, mut last) = (0usize, 0u64);
+    let mut prev = vec![0u64; sites];
+    let take = |at: &mut usize, len: u64, what: &str| -> Result<Bytes, WireError> {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        let end = at
+            .checked_add(len)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| WireError::Semantic(format!("{what} runs past the batch body")))?;
+        let b = frame.slice_ref(&body[*at..end]);
+        *at = end;
+        Ok(b)
+    };
+    for _ in 0..count {
+        let tag = *body
+            .get(at)
+            .ok_or_else(|| WireError::Semantic("batch body ends before its items".into()))?;
+        at += 1;
+        let (kind, mode) = (tag & 3, tag >> 2);
+        let delta = get_varint(body, &mut at)?;
+        let ts = last
+            .checked_add(delta)
+            .filter(|&t| t > last)
+            .ok_or_else(|| {
+                WireError::Semantic(format!(
+                    "timestamps must increase along a batch (+{delta} after {last})"
+                ))
+            })?;
         last = ts;
-        match it.kind {
-            item_kind::MARKER => out.push(Item::Marker(ts)),
+        match kind {
+            item_kind::MARKER if mode == 0 => out.push(Item::Marker(ts)),
             item_kind::PUT | item_kind::DELETE => {
-                if it.deps.len() != sites {
-                    return Err(WireError::Semantic(format!(
-                        "dependency vector has {} entries, the cluster has {sites} sites",
-                        it.deps.len()
-                    )));
-                }
-                check_sizes(it.key.len(), it.value.len(), limits)?;
-                let key = frame.slice_ref(it.key.get());
-                let value = (it.kind == item_kind::PUT).then(|| {
-                    if it.value.is_empty() {
-                        Bytes::new()
-                    } else {
-                        frame.slice_ref(it.value.get())
+                let klen = get_varint(body, &mut at)?;
+                let key = take(&mut at, klen.min(limits.max_key as u64 + 1), "key")?;
+                let value = if kind == item_kind::PUT {
+                    let vlen = get_varint(body, &mut at)?;
+                    check_sizes(key.len(), vlen.min(u32::MAX as u64) as usize, limits)?;
+                    Some(take(&mut at, vlen, "value")?)
+                } else {
+                    check_sizes(key.len(), 0, limits)?;
+                    None
+                };
+                match mode {
+                    deps_mode::SAME => {}
+                    deps_mode::DELTA => {
+                        for p in prev.iter_mut() {
+                            match get_varint(body, &mut at)? {
+                                0 => {}
+                                c if c <= ts => *p = ts - c,
+                                c => {
+                                    return Err(WireError::Semantic(format!(
+                                        "dependency {c} below timestamp {ts} is negative"
+                                    )));
+                                }
+                            }
+                        }
                     }
-                });
-                let deps = VClock::from_vec(it.deps.iter().map(|d| d.to_native()).collect());
+                    deps_mode::FULL => {
+                        for p in prev.iter_mut() {
+                            *p = get_varint(body, &mut at)?;
+                        }
+                    }
+                    m => return Err(WireError::Semantic(format!("unknown dependency mode {m}"))),
+                }
                 out.push(Item::Update(Update {
                     key,
                     value,
                     version: Version::new(ts, origin),
-                    deps,
+                    deps: VClock::from_vec(prev.clone()),
                 }));
             }
-            k => return Err(WireError::Semantic(format!("unknown item kind {k}"))),
+            _ => return Err(WireError::Semantic(format!("unknown item tag {tag}"))),
         }
+    }
+    if at != body.len() {
+        return Err(WireError::Semantic(format!(
+            "{} bytes after the batch's {count} items",
+            body.len() - at
+        )));
     }
     Ok(out)
 }
@@ -271,12 +492,44 @@ mod tests {
     }
 
     #[test]
+    fn hellos_carry_the_protocol_version() {
+        let hello = PeerHello {
+            cluster: "c".into(),
+            site: 1,
+            sites: 3,
+            partition: 0,
+            partitions: 1,
+            applied: vec![0, 1, 2],
+        };
+        let frame = aligned(&encode_hello(&hello));
+        assert_eq!(
+            decode_hello(&frame).unwrap(),
+            PeerControl::Hello(hello.clone())
+        );
+        let other = aligned(&encode_hello_as(&hello, PROTOCOL_VERSION + 1));
+        let e = decode_hello(&other).unwrap_err().to_string();
+        let want = format!(
+            "peer speaks peer protocol version {}, this node speaks version {PROTOCOL_VERSION}",
+            PROTOCOL_VERSION + 1
+        );
+        assert!(e.contains(&want), "{e}");
+        let unversioned = aligned(&encode(&PeerControl::Hello(hello)));
+        let e = decode_hello(&unversioned).unwrap_err().to_string();
+        assert!(e.contains("version 1,"), "{e}");
+        let reject = aligned(&encode(&PeerControl::Reject {
+            reason: "no".into(),
+        }));
+        assert!(matches!(
+            decode_hello(&reject),
+            Ok(PeerControl::Reject { .. })
+        ));
+    }
+
+    #[test]
     fn garbage_fails_validation() {
         let frame = Bytes::from_static(&[0xff; 64]);
-        assert!(matches!(
-            decode_batch(&frame, 1, 3, &Limits::default()),
-            Err(WireError::Invalid(_))
-        ));
+        assert!(decode_batch(&frame, 1, 3, &Limits::default()).is_err());
+        assert!(decode_batch(&frame, 0xffff, 3, &Limits::default()).is_err());
     }
 
     #[test]

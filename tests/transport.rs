@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use causalkv::client::ClientError;
 use causalkv::config::SiteConfig;
-use causalkv::peer_wire::{PeerControl, PeerHello};
+use causalkv::peer_wire::{self, PeerControl, PeerHello};
 use causalkv::tls::{self, Identity, TlsFiles, TransportLimits};
 use causalkv::tools::{certs, dev};
 use causalkv::wire::close_code;
@@ -479,6 +479,19 @@ async fn connect_as_b(
     Vec<u8>,
     (quinn::SendStream, quinn::RecvStream),
 ) {
+    hello_as_b(cluster, peer_wire::PROTOCOL_VERSION).await
+}
+
+/// [`connect_as_b`] with a hello claiming peer protocol `version`.
+async fn hello_as_b(
+    cluster: &Cluster,
+    version: u32,
+) -> (
+    Endpoint,
+    Connection,
+    Vec<u8>,
+    (quinn::SendStream, quinn::RecvStream),
+) {
     let (ep, conn) = raw_connect(
         &TlsFiles::site(&cluster.certs, "b"),
         tls::ALPN_PEER,
@@ -487,15 +500,15 @@ async fn connect_as_b(
     )
     .await;
     let (mut send, mut recv) = conn.open_bi().await.expect("control stream");
-    let hello = PeerControl::Hello(PeerHello {
+    let hello = PeerHello {
         cluster: cluster.configs[0].cluster_id.clone(),
         site: 1,
         sites: 2,
         partition: 0,
         partitions: 1,
         applied: vec![0, 0],
-    });
-    wire::write_frame(&mut send, &wire::encode(&hello))
+    };
+    wire::write_frame(&mut send, &peer_wire::encode_hello_as(&hello, version))
         .await
         .expect("send hello");
     let theirs = wire::read_frame(&mut recv, 1 << 16)
@@ -644,6 +657,39 @@ async fn a_malformed_consensus_stream_is_refused_and_strong_operations_continue(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_of_another_protocol_version_is_refused_naming_both() {
+    bounded(LIMIT, async {
+        let cluster = Cluster::start(2).await;
+        let before = metric(&cluster.node(0).metrics().hellos_rejected);
+        let theirs_v = peer_wire::PROTOCOL_VERSION + 1;
+        let (_ep, _conn, answer, _control) = hello_as_b(&cluster, theirs_v).await;
+        let want = format!(
+            "peer speaks peer protocol version {theirs_v}, this node speaks version {}",
+            peer_wire::PROTOCOL_VERSION
+        );
+        match peer_wire::decode_hello(&answer) {
+            Ok(PeerControl::Reject { reason }) => assert!(reason.contains(&want), "{reason}"),
+            other => panic!("expected a reject, got {other:?}"),
+        }
+        assert!(metric(&cluster.node(0).metrics().hellos_rejected) > before);
+        // The site keeps serving: b's real link still replicates.
+        cluster
+            .client(0)
+            .await
+            .put("after-v", "ok")
+            .await
+            .expect("put");
+        let b = cluster.client(1).await;
+        eventually(ms(5_000), "b still replicates from a", async || {
+            get(&b, "after-v").await.is_some()
+        })
+        .await;
+        cluster.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_update_stream_closes_the_peer_connection() {
     bounded(LIMIT, async {
         let cluster = Cluster::start(2).await;
@@ -652,10 +698,7 @@ async fn a_malformed_update_stream_closes_the_peer_connection() {
         // A real site certificate (b's), a valid hello, then garbage on the update stream.
         let (_ep, conn, theirs, _control) = connect_as_b(&cluster).await;
         assert!(
-            matches!(
-                wire::decode::<PeerControl>(&theirs),
-                Ok(PeerControl::Hello(_))
-            ),
+            matches!(peer_wire::decode_hello(&theirs), Ok(PeerControl::Hello(_))),
             "a did not answer with a hello"
         );
         let mut updates = conn.open_uni().await.expect("update stream");

@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::metrics::{BUCKETS_MICROS, Histogram, Metrics, Op, PutStage};
+use super::metrics::{BUCKETS_MICROS, Histogram, Metrics, Op, PutStage, WireKind};
 use super::shared::Shared;
 
 /// Longest a connection may take to send its request and receive the answer.
@@ -323,6 +323,39 @@ fn state_value(state: &str) -> u8 {
 }
 
 /// Renders every metric of the node in the Prometheus text format.
+/// The bytes sent over peer links per kind, and the UDP payload bytes behind them.
+fn render_wire_bytes(e: &mut Exposition, shared: &Shared) {
+    let w = &shared.metrics.wire;
+    let name = "causalkv_peer_bytes_out_total";
+    e.family(
+        name,
+        "counter",
+        "Bytes sent over peer links, by what they carry: payload (keys and values), deps, \
+         marker, framing (frame and item headers), ack, heartbeat, hello, sibling, raft; quic is \
+         the UDP payload of peer connections less the other kinds except sibling.",
+    );
+    let mut app = 0;
+    for kind in WireKind::ALL {
+        let v = if kind == WireKind::Raft {
+            shared.strong.rpc_bytes_out()
+        } else {
+            w.get(kind)
+        };
+        if kind != WireKind::Sibling {
+            app += v;
+        }
+        e.sample(name, &[("kind", kind.name())], v);
+    }
+    let udp = Metrics::get(&w.udp_tx);
+    e.sample(name, &[("kind", "quic")], udp.saturating_sub(app));
+    e.single(
+        "causalkv_peer_udp_tx_bytes_total",
+        "counter",
+        "UDP payload bytes sent on peer connections (sampled every 250 ms).",
+        udp,
+    );
+}
+
 pub(crate) fn render_metrics(shared: &Shared) -> String {
     let status = shared.status();
     let m = &shared.metrics;
@@ -551,6 +584,7 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         "Bytes of stable-vector contribution frames sent to the site's other partitions.",
         get(&m.contribution_bytes_out),
     );
+    render_wire_bytes(&mut e, shared);
     e.single(
         "causalkv_wal_fsyncs_total",
         "counter",

@@ -141,6 +141,81 @@ impl OpMetrics {
     }
 }
 
+/// What the bytes a node sends over its peer links carry, as `/metrics` labels them
+/// (`causalkv_peer_bytes_out_total{kind=...}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireKind {
+    /// Keys and values of replicated updates.
+    Payload,
+    /// The updates' dependency vectors.
+    Deps,
+    /// Clock markers (a batch of markers alone counts whole, frame and all).
+    Marker,
+    /// The rest of update frames: length prefixes, batch and item headers, padding.
+    Framing,
+    /// Acks on the control streams sent because the durable vector changed.
+    Ack,
+    /// Acks sent only because a heartbeat was due (nothing changed).
+    Heartbeat,
+    /// Hellos.
+    Hello,
+    /// Stable-vector contributions to the site's other partitions.
+    Sibling,
+    /// Raft RPCs and their replies (strong operations).
+    Raft,
+}
+
+impl WireKind {
+    /// Every kind, in label order.
+    pub const ALL: [WireKind; 9] = [
+        WireKind::Payload,
+        WireKind::Deps,
+        WireKind::Marker,
+        WireKind::Framing,
+        WireKind::Ack,
+        WireKind::Heartbeat,
+        WireKind::Hello,
+        WireKind::Sibling,
+        WireKind::Raft,
+    ];
+
+    /// The `kind` label value.
+    pub fn name(self) -> &'static str {
+        match self {
+            WireKind::Payload => "payload",
+            WireKind::Deps => "deps",
+            WireKind::Marker => "marker",
+            WireKind::Framing => "framing",
+            WireKind::Ack => "ack",
+            WireKind::Heartbeat => "heartbeat",
+            WireKind::Hello => "hello",
+            WireKind::Sibling => "sibling",
+            WireKind::Raft => "raft",
+        }
+    }
+}
+
+/// Bytes sent over peer links, per [`WireKind`], and the UDP payload bytes the peer connections
+/// sent (so QUIC's own overhead is the difference).
+#[derive(Debug, Default)]
+pub struct WireBytes {
+    kinds: [AtomicU64; WireKind::ALL.len()],
+    /// UDP payload bytes sent on peer connections (quinn's `udp_tx.bytes`), sampled.
+    pub udp_tx: AtomicU64,
+}
+
+impl WireBytes {
+    /// Counts `n` bytes of `kind`.
+    pub fn add(&self, kind: WireKind, n: usize) {
+        self.kinds[kind as usize].fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes of `kind` so far.
+    pub fn get(&self, kind: WireKind) -> u64 {
+        self.kinds[kind as usize].load(Ordering::Relaxed)
+    }
+}
+
 /// Counters of one node, readable at any time.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -170,6 +245,8 @@ pub struct Metrics {
     pub contributions_out: AtomicU64,
     /// Bytes of those contribution frames (the cost of partitioning a site).
     pub contribution_bytes_out: AtomicU64,
+    /// Bytes sent over peer links, per kind.
+    pub wire: WireBytes,
     /// Per client operation: counts and latency histograms.
     pub ops: OpMetrics,
     /// Client writes, stage by stage: where a durable write spends its time.
@@ -204,6 +281,9 @@ mod tests {
         assert_eq!(m.get(Op::Delete).latency.count(), 0);
         for (i, op) in Op::ALL.iter().enumerate() {
             assert_eq!(*op as usize, i);
+        }
+        for (i, k) in WireKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
         }
     }
 }

@@ -7,7 +7,9 @@
 //!
 //! On every connection:
 //! 1. the dialer opens a bidirectional control stream and both sides send a [`PeerHello`]
-//!    (cluster id, claimed site id, durable `applied` vector). The acceptor checks the claim
+//!    (protocol version, cluster id, claimed site id, durable `applied` vector; a peer of
+//!    another [`PROTOCOL_VERSION`](crate::peer_wire::PROTOCOL_VERSION) is refused with both
+//!    versions named). The acceptor checks the claim
 //!    against the certificate: the client certificate must name the site it claims
 //!    (`site-<name>.causalkv`), or the hello is refused with a reason and the connection closed.
 //!    The dialer already checked the server certificate names the site it dialed. A peer counts
@@ -16,14 +18,17 @@
 //! 2. the dialer opens one unidirectional stream and sends [`UpdateBatch`](crate::peer_wire::UpdateBatch)
 //!    frames from the receiver's `applied` entry on (the replica's retained log is the backlog:
 //!    a slow peer costs log space, not memory in a channel).
-//! 3. both sides send their durable `applied` vector on the control stream after changes and
-//!    at every heartbeat; that is the ack (retention, synchronous replication) and the
-//!    heartbeat: each arrival feeds the peer's phi-accrual failure detector
-//!    ([`super::failure`]), which decides whether the peer is `up`, `suspect` or `down`.
+//! 3. the acceptor sends its durable `applied` vector on the control stream: within
+//!    `ACK_EVERY` of a change to the peer's own entry, else folded into the next such ack or
+//!    into the heartbeat an idle link carries every `idle_every`. That is the ack (retention,
+//!    synchronous replication) and the heartbeat: each arrival feeds the peer's phi-accrual
+//!    failure detector ([`super::failure`]), which decides whether the peer is `up`, `suspect`
+//!    or `down`.
 //!
 //! A malformed frame closes the connection with [`close_code::MALFORMED`] and bumps a counter;
 //! the dialer reconnects with exponential backoff. A dialer whose link has heard nothing from
-//! the peer for three heartbeats dials again alongside it, and carries the link on over the new
+//! the peer for three idle intervals (`idle_every`: an idle link still carries a heartbeat
+//! that often; three heartbeats with several partitions) dials again alongside it, and carries the link on over the new
 //! connection if that gets through first (see `replace_when_silent`).
 //!
 //! With several partitions per site, a node links only with the nodes of its own partition at
@@ -39,7 +44,7 @@ use std::time::{Duration, Instant};
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use tracing::{debug, info, warn};
 
-use super::metrics::Metrics;
+use super::metrics::{Metrics, WireKind};
 use super::shared::{Shared, now_micros};
 use crate::clock::{SiteId, VClock};
 use crate::peer_wire::{self, ArchivedPeerControl, PeerControl, PeerHello};
@@ -84,6 +89,25 @@ enum Remote {
 
 /// Payload bytes (keys and values) up to which a batch is serialised under the replica lock.
 const LOCKED_ENCODE_MAX: usize = 1 << 20;
+
+/// Shortest gap between two acks on a control stream: a peer's own entry (what its retention
+/// and synchronous writes wait for) is acked at most this late; acks in between are folded
+/// into the next.
+const ACK_EVERY: Duration = Duration::from_millis(20);
+
+/// Update frames to one peer go out at most this often: a frame is sent at once on a link
+/// that has been quiet this long, else this long after the previous one, carrying everything
+/// that became durable in between (fewer, fuller packets at a bounded cost in latency).
+const LINGER: Duration = Duration::from_millis(2);
+
+/// How often an idle link carries something: a heartbeat (an unchanged ack) on each control
+/// stream, and, with one partition per site, a clock marker on each update stream (markers
+/// issued in between are folded into the next; with several partitions, markers pass a
+/// sibling's write and go out at once). Two and a half heartbeat intervals: 250 ms by default,
+/// a few hundred bytes per second per link. The failure detector learns this interval.
+fn idle_every(shared: &Shared) -> Duration {
+    Duration::from_millis(shared.cfg.timeouts.heartbeat_ms * 5 / 2)
+}
 
 /// Most dials to one peer outstanding at once (see `dial_racing` and `replace_when_silent`).
 const MAX_DIALS: usize = 3;
@@ -211,6 +235,7 @@ async fn outbound_once(
         send,
         recv,
         heard.clone(),
+        false,
     ));
     let result = tokio::select! {
         r = send_updates(shared, &conn, peer) => r,
@@ -304,7 +329,7 @@ fn set_aside(shared: &Shared, mut dials: tokio::task::JoinSet<Result<Dialled, Li
 
 /// Completes with a new connection to `peer` (hellos exchanged) once the link on `conn` has
 /// heard nothing from the peer (`heard`, the time in µs of the last ack or heartbeat on it)
-/// for three heartbeats and a new dial got through while it still was silent.
+/// for three idle intervals (`idle_every`) and a new dial got through while it still was silent.
 ///
 /// A link that loses every packet for a while (a cut, an isolation) is not closed before the
 /// idle timeout, but QUIC doubles its retransmission timeout at every probe that goes
@@ -324,7 +349,13 @@ async fn replace_when_silent(
     heard: &AtomicU64,
 ) -> Dialled {
     let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
-    let silence = 3 * hb;
+    // With one partition an idle link hears from the peer once per `idle_every`; with several,
+    // markers (and so acks) flow every few milliseconds and a heartbeat's silence is telling.
+    let silence = if shared.cfg.partitions == 1 {
+        3 * idle_every(shared)
+    } else {
+        3 * hb
+    };
     let silent_for =
         || Duration::from_micros(now_micros().saturating_sub(heard.load(Ordering::Acquire)));
     let mut dials = tokio::task::JoinSet::new();
@@ -426,6 +457,7 @@ async fn sibling_once(
             Metrics::bump(&m.contributions_out);
             m.contribution_bytes_out
                 .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
+            m.wire.add(WireKind::Sibling, frame.len() + 4);
             last = Some(contribution);
             last_at = Instant::now();
             tokio::select! {
@@ -505,8 +537,17 @@ async fn send_updates(
     // update plus 4096 bytes, so a single update always fits).
     let max_bytes = shared.cfg.limits.max_frame - 4096;
     let mut shutdown = shared.shutdown.clone();
+    let idle = idle_every(shared);
+    let fold_markers = shared.cfg.partitions == 1;
+    let mut last_sent = Instant::now()
+        .checked_sub(idle)
+        .unwrap_or_else(Instant::now);
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
+        let since = last_sent.elapsed();
+        if since < LINGER {
+            tokio::time::sleep(LINGER - since).await;
+        }
         // A batch of small updates is serialised straight from the retained log under the lock
         // (tens of µs). A batch carrying more than LOCKED_ENCODE_MAX bytes is copied out by
         // reference count first and serialised after the lock is released, so that large
@@ -515,25 +556,34 @@ async fn send_updates(
             let mut r = shared.replica.lock().expect("replica lock");
             r.poll_batch_refs(peer, max, max_bytes)
                 .map(|(updates, marker)| {
-                    let bytes: usize = updates
+                    let payload: usize = updates
                         .clone()
                         .map(crate::replica::Update::payload_len)
                         .sum();
-                    if bytes <= LOCKED_ENCODE_MAX {
+                    let b = if payload <= LOCKED_ENCODE_MAX {
                         Ok(peer_wire::encode_updates(me, updates, marker))
                     } else {
                         Err((updates.cloned().collect::<Vec<_>>(), marker))
-                    }
+                    };
+                    (b, payload)
                 })
         };
-        let frame = batch.map(|b| {
-            b.unwrap_or_else(|(updates, marker)| {
+        let batch = batch.map(|(b, payload)| {
+            let b = b.unwrap_or_else(|(updates, marker)| {
                 peer_wire::encode_updates(me, updates.iter(), marker)
-            })
+            });
+            (b, payload)
         });
-        match frame {
-            Some(frame) => {
-                write_frame(&mut stream, &frame)
+        match batch {
+            // Markers alone on an idle link: at most one per `idle`; the next carries the
+            // newest timestamp anyway.
+            Some((b, 0)) if fold_markers && last_sent.elapsed() < idle => {
+                debug_assert_eq!(b.deps_bytes, 0);
+            }
+            Some((b, payload)) => {
+                last_sent = Instant::now();
+                let frame = &b.frame;
+                write_frame(&mut stream, frame)
                     .await
                     .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
                 Metrics::bump(&shared.metrics.batches_out);
@@ -541,6 +591,7 @@ async fn send_updates(
                     .metrics
                     .bytes_out
                     .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+                count_batch(&shared.metrics, &b, payload, frame.len() + 4);
             }
             None => {
                 tokio::select! {
@@ -557,6 +608,22 @@ async fn send_updates(
             }
         }
     }
+}
+
+/// Counts an update frame of `total` bytes (length prefix included) by what it carries.
+fn count_batch(m: &Metrics, b: &peer_wire::EncodedBatch, payload: usize, total: usize) {
+    if payload == 0 && b.deps_bytes == 0 {
+        // Markers only: the whole frame is their cost.
+        m.wire.add(WireKind::Marker, total);
+        return;
+    }
+    m.wire.add(WireKind::Payload, payload);
+    m.wire.add(WireKind::Deps, b.deps_bytes);
+    m.wire.add(WireKind::Marker, b.marker_bytes);
+    m.wire.add(
+        WireKind::Framing,
+        total.saturating_sub(payload + b.deps_bytes + b.marker_bytes),
+    );
 }
 
 /// Serves a connection another site dialed: hello, then its update stream.
@@ -623,6 +690,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         send,
         recv,
         heard,
+        true,
     ));
     let result = receive_updates(&shared, &conn, peer).await;
     control.abort();
@@ -673,15 +741,17 @@ async fn receive_updates(
 }
 
 async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkError> {
-    let hello = PeerControl::Hello(PeerHello {
+    let hello = PeerHello {
         cluster: shared.cfg.cluster_id.clone(),
         site: shared.site(),
         sites: shared.cfg.n() as u16,
         partition: shared.cfg.partition as u16,
         partitions: shared.cfg.partitions as u16,
         applied: shared.read(|r| r.durable().as_slice().to_vec()),
-    });
-    write_frame(send, &wire::encode(&hello))
+    };
+    let frame = peer_wire::encode_hello(&hello);
+    shared.metrics.wire.add(WireKind::Hello, frame.len() + 4);
+    write_frame(send, &frame)
         .await
         .map_err(|e| LinkError::Wire(WireError::Io(e)))
 }
@@ -725,7 +795,7 @@ async fn read_hello_raw(
     let frame = read_frame(recv, 64 * 1024)
         .await?
         .ok_or_else(|| LinkError::Hello("stream closed before the hello".into()))?;
-    match wire::decode::<PeerControl>(&frame)? {
+    match peer_wire::decode_hello(&frame)? {
         PeerControl::Hello(h) => {
             if h.cluster != shared.cfg.cluster_id {
                 return Err(LinkError::Hello(format!(
@@ -773,8 +843,12 @@ async fn read_hello_raw(
     }
 }
 
-/// Both directions of the control stream after the hello: acks and heartbeats out, the peer's
-/// acks in. `heard` is set to the time (µs) of each ack that arrives.
+/// Both directions of the control stream after the hello: acks and heartbeats out (when `acks`),
+/// the peer's acks in. `heard` is set to the time (µs) of each ack that arrives.
+///
+/// A site acks a peer's stream on the connection that carries it (the one the peer dialled):
+/// those acks are what the peer's link hears (`replace_when_silent`). The control stream of
+/// the connection a site dialled carries only the peer's acks.
 async fn run_control(
     shared: Arc<Shared>,
     peer: SiteId,
@@ -782,6 +856,7 @@ async fn run_control(
     mut send: SendStream,
     mut recv: RecvStream,
     heard: Arc<AtomicU64>,
+    acks: bool,
 ) {
     let reader = {
         let shared = shared.clone();
@@ -810,34 +885,72 @@ async fn run_control(
         }
     };
     let writer = async {
+        if !acks {
+            // Hold the stream open: the peer reads its end as this link leaving.
+            return std::future::pending::<()>().await;
+        }
         let mut changed = shared.changed.subscribe();
-        let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
+        let idle = idle_every(&shared);
         let mut last: Option<VClock> = None;
         let mut last_at = Instant::now();
         loop {
             let durable = shared.read(|r| r.durable().clone());
-            if last.as_ref() != Some(&durable) || last_at.elapsed() >= hb {
+            let moved = last.as_ref() != Some(&durable);
+            // The peer waits on its own entry (retention, synchronous writes): that goes out
+            // within ACK_EVERY. The rest (the stable vector's inputs) waits for the next ack
+            // or heartbeat, at most `idle` away.
+            let theirs = last
+                .as_ref()
+                .is_none_or(|l| l.get(peer) != durable.get(peer));
+            let wait = if theirs { ACK_EVERY } else { idle };
+            let since = last_at.elapsed();
+            if since < wait {
+                tokio::select! {
+                    r = changed.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(wait - since) => {}
+                }
+                continue;
+            }
+            {
                 let msg = PeerControl::Ack {
                     applied: durable.as_slice().to_vec(),
                     hlc: durable.get(shared.site()),
                 };
-                if write_frame(&mut send, &wire::encode(&msg)).await.is_err() {
+                let frame = wire::encode(&msg);
+                let kind = if moved {
+                    WireKind::Ack
+                } else {
+                    WireKind::Heartbeat
+                };
+                shared.metrics.wire.add(kind, frame.len() + 4);
+                if write_frame(&mut send, &frame).await.is_err() {
                     return;
                 }
                 last = Some(durable);
                 last_at = Instant::now();
-                // Coalesce: at most one ack per millisecond under load.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            tokio::select! {
-                r = changed.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(hb) => {}
             }
         }
     };
     tokio::select! {
         _ = reader => {}
         _ = writer => {}
+        _ = count_udp(&shared, &conn) => {}
+    }
+}
+
+/// Adds the UDP payload bytes `conn` sends to the node's count, every quarter second, for as
+/// long as it runs (QUIC's overhead is that count less the bytes counted per kind).
+async fn count_udp(shared: &Shared, conn: &Connection) {
+    let mut last = 0;
+    loop {
+        let now = conn.stats().udp_tx.bytes;
+        shared
+            .metrics
+            .wire
+            .udp_tx
+            .fetch_add(now.saturating_sub(last), Ordering::Relaxed);
+        last = now;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
 

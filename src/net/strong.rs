@@ -83,6 +83,8 @@ pub(crate) struct Links {
     /// Per site: when (ms since `epoch`) an RPC to it last got a reply.
     answered: Vec<AtomicU64>,
     epoch: Option<Instant>,
+    /// Bytes of RPC frames sent and replies written (length prefixes included).
+    bytes_out: AtomicU64,
 }
 
 impl Links {
@@ -91,6 +93,7 @@ impl Links {
             conns: (0..n).map(|_| Mutex::new(None)).collect(),
             answered: (0..n).map(|_| AtomicU64::new(0)).collect(),
             epoch: Some(Instant::now()),
+            bytes_out: AtomicU64::new(0),
         }
     }
 
@@ -160,6 +163,9 @@ async fn call(
             .await
             .map_err(|e| CallError::NotSent(target, e.to_string()))?;
         sent.store(true, Ordering::Relaxed);
+        links
+            .bytes_out
+            .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
         write_frame(&mut send, &bytes)
             .await
             .map_err(|e| CallError::AfterSend(target, e.to_string()))?;
@@ -393,6 +399,11 @@ impl Strong {
         }))
     }
 
+    /// Bytes of Raft RPC frames and replies this node has sent over peer links.
+    pub fn rpc_bytes_out(&self) -> u64 {
+        self.links.bytes_out.load(Ordering::Relaxed)
+    }
+
     /// The connection this node dialled to `site` is up (`Some`) or gone (`None`, only if it
     /// is still the one registered).
     pub fn set_link(&self, site: NodeId, conn: Option<&Connection>) {
@@ -620,10 +631,11 @@ impl Strong {
                     .await,
             ),
         };
-        if write_frame(&mut send, &consensus::encode(&reply))
-            .await
-            .is_ok()
-        {
+        let reply = consensus::encode(&reply);
+        self.links
+            .bytes_out
+            .fetch_add(reply.len() as u64 + 4, Ordering::Relaxed);
+        if write_frame(&mut send, &reply).await.is_ok() {
             let _ = send.finish();
         }
     }
