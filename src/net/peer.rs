@@ -95,11 +95,6 @@ const LOCKED_ENCODE_MAX: usize = 1 << 20;
 /// into the next.
 const ACK_EVERY: Duration = Duration::from_millis(20);
 
-/// Update frames to one peer go out at most this often: a frame is sent at once on a link
-/// that has been quiet this long, else this long after the previous one, carrying everything
-/// that became durable in between (fewer, fuller packets at a bounded cost in latency).
-const LINGER: Duration = Duration::from_millis(2);
-
 /// How often an idle link carries something: a heartbeat (an unchanged ack) on each control
 /// stream, and, with one partition per site, a clock marker on each update stream (markers
 /// issued in between are folded into the next; with several partitions, markers pass a
@@ -532,6 +527,9 @@ async fn send_updates(
     let mut stream = conn.open_uni().await?;
     let me = shared.site();
     let max = shared.cfg.replication.batch_max_items;
+    // Update frames go out at most every `linger`: at once on a link that has been quiet that
+    // long, else that long after the previous one, carrying everything that became durable in
+    // between (fewer, fuller packets at a bounded cost in latency).
     let linger = Duration::from_millis(shared.cfg.replication.linger_ms);
     // A frame must stay under the frame limit (the config keeps max_frame above one largest
     // update plus 4096 bytes, so a single update always fits).
@@ -545,8 +543,8 @@ async fn send_updates(
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
         let since = last_sent.elapsed();
-        if since < LINGER {
-            tokio::time::sleep(LINGER - since).await;
+        if since < linger {
+            tokio::time::sleep(linger - since).await;
         }
         // A batch of small updates is serialised straight from the retained log under the lock
         // (tens of µs). A batch carrying more than LOCKED_ENCODE_MAX bytes is copied out by
@@ -598,12 +596,6 @@ async fn send_updates(
                     _ = notified => {}
                     _ = shutdown.changed() => return Ok(()),
                     e = conn.closed() => return Err(e.into()),
-                }
-                if linger > Duration::ZERO {
-                    tokio::select! {
-                        _ = tokio::time::sleep(linger) => {}
-                        _ = shutdown.changed() => return Ok(()),
-                    }
                 }
             }
         }
