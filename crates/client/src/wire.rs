@@ -387,9 +387,12 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> st
     w.write_all(&buf).await
 }
 
+/// The first allocation for a frame's body; see [`read_frame`].
+const FIRST_CHUNK: usize = 64 << 10;
+
 /// Reads one frame. Returns `Ok(None)` at a clean end of stream (between frames). The length is
-/// checked against `max` before anything is allocated; the payload lands in a 16-byte aligned
-/// buffer, as rkyv requires.
+/// checked against `max` before anything is allocated, and the buffer grows only as the bytes
+/// arrive; the payload lands in a 16-byte aligned buffer, as rkyv requires.
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
@@ -411,15 +414,22 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     if len > max {
         return Err(WireError::FrameTooLarge { len, max });
     }
-    let mut buf = AlignedVec::<16>::with_capacity(len);
-    buf.resize(len, 0);
-    r.read_exact(&mut buf).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            WireError::Truncated
-        } else {
-            WireError::Io(e)
-        }
-    })?;
+    // The buffer grows with the bytes that arrive (doubling from 64 KiB) rather than to the
+    // announced length at once: a sender that announces a large frame and then sends little
+    // makes the reader hold about what it sent, not `max`.
+    let mut buf = AlignedVec::<16>::with_capacity(len.min(FIRST_CHUNK));
+    while buf.len() < len {
+        let from = buf.len();
+        let to = len.min((from * 2).max(FIRST_CHUNK));
+        buf.resize(to, 0);
+        r.read_exact(&mut buf[from..to]).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                WireError::Truncated
+            } else {
+                WireError::Io(e)
+            }
+        })?;
+    }
     Ok(Some(Bytes::from_owner(buf)))
 }
 
@@ -501,6 +511,21 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, WireError::Truncated));
+    }
+
+    #[tokio::test]
+    async fn frames_across_the_growth_steps_arrive_whole() {
+        for len in [FIRST_CHUNK - 1, FIRST_CHUNK, FIRST_CHUNK + 1, 5 * FIRST_CHUNK + 7] {
+            let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let got = roundtrip(&payload, 1 << 30).await.unwrap().unwrap();
+            assert_eq!(&got[..], &payload[..], "{len}");
+            assert_eq!(got.as_ptr() as usize % 16, 0, "aligned for rkyv");
+        }
+        // A large announcement followed by a few bytes is truncated, having held only those.
+        let mut buf = ((1u32 << 30) - 1).to_le_bytes().to_vec();
+        buf.extend_from_slice(&[7; 100]);
+        let err = read_frame(&mut &buf[..], 1 << 30).await.unwrap_err();
+        assert!(matches!(err, WireError::Truncated), "{err}");
     }
 
     #[test]
