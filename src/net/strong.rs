@@ -47,6 +47,18 @@ use crate::wire::{ConsensusStatus, VoterStatus, close_code, read_frame, write_fr
 /// Largest Raft RPC frame accepted (a whole snapshot travels in one).
 const MAX_RPC_FRAME: usize = 1 << 30;
 
+/// The longest the batcher holds a write back to gather concurrent ones into its entry.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// The error of a proposed write.
+type WriteError = RaftError<NodeId, ClientWriteError<NodeId, openraft::EmptyNode>>;
+
+/// A write waiting in the batcher, with where its reply goes.
+type Proposal = (
+    consensus::Command,
+    tokio::sync::oneshot::Sender<Result<consensus::Reply, WriteError>>,
+);
+
 /// Options that only tests set, to plant bugs the strong tests must catch.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StrongOptions {
@@ -96,9 +108,6 @@ struct Detector {
     /// Until when this node should not stand: a voter answered its vote request with a longer
     /// log, so that voter (not this node) can win the next election.
     shorter_until: AtomicU64,
-    /// A vote request was refused by a voter that stood in the same (or a later) term: stand
-    /// again at once, in a higher term, rather than after the back-off.
-    collided: std::sync::atomic::AtomicBool,
     /// How long (ms) a candidate that met a longer log holds back: the longest election
     /// timeout, as openraft's own timer does (it adds twice that).
     hold_ms: u64,
@@ -125,13 +134,8 @@ impl Links {
             .store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Learns from the answer to this node's vote request for `term` with last log `last`.
-    fn vote_answered(
-        &self,
-        term: u64,
-        last: Option<openraft::LogId<NodeId>>,
-        resp: &VoteResponse<NodeId>,
-    ) {
+    /// Learns from the answer to this node's vote request with last log `last`.
+    fn vote_answered(&self, last: Option<openraft::LogId<NodeId>>, resp: &VoteResponse<NodeId>) {
         if resp.vote_granted {
             return;
         }
@@ -141,9 +145,6 @@ impl Links {
             self.detector
                 .shorter_until
                 .fetch_max(hold, Ordering::Relaxed);
-        } else if resp.vote.leader_id().term >= term && !resp.vote.is_committed() {
-            // It stands itself in this term (a split vote): try again in a higher term.
-            self.detector.collided.store(true, Ordering::Relaxed);
         }
     }
 
@@ -248,9 +249,24 @@ pub(crate) struct Network {
 }
 
 /// An RPC client to one peer.
+///
+/// Commit-index heartbeats do not hold up the next entries. openraft 0.9 keeps one
+/// append-entries RPC in flight per follower, and after every commit it sends an empty append
+/// that only carries the new commit index; a write that arrives meanwhile waits a whole round
+/// trip for it, so a lone writer paid two round trips per write. So on a client that has
+/// replicated entries (a replication stream's, not the fresh clients of a read-index check,
+/// which must hear real answers), an empty append is sent on its own stream and answered at
+/// once with `Success`: an empty append whose `prev_log_id` is the follower's acknowledged
+/// match changes nothing the leader relies on (a follower never truncates for an empty
+/// append, and applies a commit index only up to what it holds). Its real answer is kept: a
+/// higher vote (this leader was deposed) is returned by the next call, one heartbeat later.
 pub(crate) struct PeerClient {
     links: Arc<Links>,
     target: NodeId,
+    /// Whether this client has sent entries (then it is a replication stream's).
+    replicates: bool,
+    /// A higher vote answered to a heartbeat acknowledged early, for the next call.
+    deferred: Arc<Mutex<Option<AppendEntriesResponse<NodeId>>>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -260,6 +276,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             links: self.links.clone(),
             target,
+            replicates: false,
+            deferred: Arc::default(),
         }
     }
 }
@@ -297,6 +315,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId>>,
     > {
         let me = rpc.vote.leader_id().voted_for().unwrap_or_default();
+        if let Some(higher) = self.deferred.lock().expect("deferred lock").take() {
+            return Ok(higher);
+        }
+        if rpc.entries.is_empty() && self.replicates {
+            let (links, target, deferred) =
+                (self.links.clone(), self.target, self.deferred.clone());
+            let ttl = option.hard_ttl();
+            tokio::spawn(async move {
+                if let Ok(RpcReply::Append(Ok(r @ AppendEntriesResponse::HigherVote(_)))) =
+                    call(&links, target, &Rpc::Append(rpc), ttl).await
+                {
+                    *deferred.lock().expect("deferred lock") = Some(r);
+                }
+            });
+            return Ok(AppendEntriesResponse::Success);
+        }
+        self.replicates |= !rpc.entries.is_empty();
         match call(
             &self.links,
             self.target,
@@ -325,11 +360,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId>>>
     {
         let me = rpc.vote.leader_id().voted_for().unwrap_or_default();
-        let (term, last) = (rpc.vote.leader_id().term, rpc.last_log_id);
+        let last = rpc.last_log_id;
         match call(&self.links, self.target, &Rpc::Vote(rpc), option.hard_ttl()).await {
             Ok(RpcReply::Vote(r)) => {
                 if let Ok(resp) = &r {
-                    self.links.vote_answered(term, last, resp);
+                    self.links.vote_answered(last, resp);
                 }
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
@@ -402,6 +437,8 @@ pub(crate) struct Strong {
     /// A leader whose last majority ack is older than this refuses new writes.
     quorum_stale_ms: u64,
     preferred: Option<NodeId>,
+    /// Writes for the batcher ([`Strong::batcher`]).
+    proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
 }
 
 impl Strong {
@@ -441,7 +478,10 @@ impl Strong {
             .as_ref()
             .and_then(|p| cfg.sites.iter().find(|s| &s.name == p))
             .map(|s| s.id as NodeId);
+        let (proposals, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(Self::batcher(raft.clone(), queued));
         Ok(Arc::new(Strong {
+            proposals,
             raft,
             state,
             log,
@@ -520,6 +560,63 @@ impl Strong {
         let _ = tokio::time::timeout(max.min(Duration::from_millis(100)), rx.changed()).await;
     }
 
+    /// Proposes one write through the batcher ([`Strong::batcher`]) and waits for its reply.
+    async fn propose(&self, cmd: consensus::Command) -> Result<consensus::Reply, WriteError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.proposals.send((cmd, tx)).is_err() {
+            return Err(RaftError::Fatal(Fatal::Stopped));
+        }
+        rx.await.unwrap_or(Err(RaftError::Fatal(Fatal::Stopped)))
+    }
+
+    /// Gathers the writes proposed at this node into log entries ([`consensus::Batch`]).
+    ///
+    /// openraft 0.9 keeps one append-entries RPC in flight per follower, and starts one as soon
+    /// as an entry is appended while none is: so of writes that arrive a few hundred
+    /// microseconds apart (clients answered by the same commit come back at about the same
+    /// time), the first leaves alone and the rest wait a whole round trip for it. So the
+    /// batcher waits, after the first write of a batch, until as many writes as in its previous
+    /// batch have arrived, or [`GATHER`] has passed: a lone writer (previous batch of one) is
+    /// never held back, a wave of `n` concurrent writers travels in one entry.
+    async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
+        let mut expect = 1;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + GATHER;
+            loop {
+                while let Ok(p) = rx.try_recv() {
+                    batch.push(p);
+                }
+                if batch.len() >= expect {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => batch.push(p),
+                    _ => break,
+                }
+            }
+            expect = batch.len();
+            let (cmds, txs): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                match raft.client_write(consensus::Batch(cmds)).await {
+                    Ok(resp) => {
+                        let mut replies = resp.data.into_iter();
+                        for tx in txs {
+                            let r = replies.next().unwrap_or(consensus::Reply::Forgotten);
+                            let _ = tx.send(Ok(r));
+                        }
+                    }
+                    Err(e) => {
+                        for tx in txs {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+            });
+        }
+    }
+
     /// Returns once this node's known leader is no longer `l` (never if it stays `l`).
     async fn leader_moves_from(&self, l: NodeId) {
         let mut rx = self.raft.metrics();
@@ -589,11 +686,10 @@ impl Strong {
                         }
                         proposed = true;
                         let t = Instant::now();
-                        match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
-                        {
-                            Ok(Ok(resp)) => {
+                        match tokio::time::timeout(left, self.propose(cmd.clone())).await {
+                            Ok(Ok(reply)) => {
                                 self.metrics.commit.record(t.elapsed());
-                                return Outcome::Applied(resp.data);
+                                return Outcome::Applied(reply);
                             }
                             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                                 why = "leadership moved during the write".into();
@@ -761,9 +857,11 @@ impl Strong {
     /// the lease's end plus a jitter of up to one heartbeat (none at the preferred site), so a
     /// dead leader is replaced after about `election_max_ms` + a heartbeat + one vote round
     /// trip. A refused candidacy backs off (doubling from one heartbeat, up to
-    /// `election_max_ms`) unless the voter stood in the same term (then it stands again at
-    /// once, one term higher), and holds back for `election_max_ms` when a voter has a longer
-    /// log (that voter stands instead). openraft's own timer stays on as a fallback.
+    /// `election_max_ms`), and holds back for `election_max_ms` when a voter has a longer log
+    /// (that voter stands instead). Two candidates of one term need no retry: openraft's votes
+    /// are ordered by (term, node id), so the lower grants the higher one's vote. Leading, or
+    /// granting another node's vote, restarts the timer, so a candidate elsewhere is not run
+    /// over. openraft's own timer stays on as a fallback.
     pub async fn watch(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut rx = self.raft.metrics();
         let (mut term, mut leader) = {
@@ -782,6 +880,7 @@ impl Strong {
         let d = &self.links.detector;
         let mut jitter = Self::jitter(spread).as_millis() as u64;
         let mut heard_seen = 0;
+        let mut vote_seen = rx.borrow().vote;
         let mut attempts = 0u32;
         let mut next_try = 0u64;
         loop {
@@ -792,16 +891,23 @@ impl Strong {
             }
             let m = rx.borrow_and_update().clone();
             let now = self.links.now_ms();
+            // A leader, or a node whose vote moved to another node (it granted that node's
+            // vote), restarts the timer, as hearing a leader does: a candidate elsewhere gets
+            // its round trip before this node stands too.
+            let granted = m.vote != vote_seen && m.vote.leader_id().voted_for() != Some(self.me);
+            vote_seen = m.vote;
+            if m.state == ServerState::Leader || granted {
+                self.links.heard_leader();
+            }
             let heard = d.heard_leader.load(Ordering::Relaxed);
             if heard != heard_seen {
                 heard_seen = heard;
                 attempts = 0;
                 next_try = 0;
             }
-            let collided = d.collided.swap(false, Ordering::Relaxed);
             if m.state != ServerState::Leader
                 && now >= heard + lease_ms + jitter
-                && (now >= next_try || collided)
+                && now >= next_try
                 && now >= d.shorter_until.load(Ordering::Relaxed)
             {
                 attempts += 1;
