@@ -40,6 +40,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+ARGS="$*"
 QUICK=0
 SWEEPS=1
 STRONG=1
@@ -68,7 +69,7 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
 fi
 cargo build --release --bin causalkv >&2
 
-CMDLINE="bash scripts/bench-wan.sh $*"
+CMDLINE="bash scripts/bench-wan.sh $ARGS"
 WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
 [ -n "${BENCH_KEEP_WORK:-}" ] && echo "keeping $WORK" >&2 || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
