@@ -859,9 +859,8 @@ impl Strong {
     /// trip. A refused candidacy backs off (doubling from one heartbeat, up to
     /// `election_max_ms`), and holds back for `election_max_ms` when a voter has a longer log
     /// (that voter stands instead). Two candidates of one term need no retry: openraft's votes
-    /// are ordered by (term, node id), so the lower grants the higher one's vote. Leading, or
-    /// granting another node's vote, restarts the timer, so a candidate elsewhere is not run
-    /// over. openraft's own timer stays on as a fallback.
+    /// are ordered by (term, node id), so the lower grants the higher one's vote. Leading restarts
+    /// the timer. openraft's own timer stays on as a fallback.
     pub async fn watch(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut rx = self.raft.metrics();
         let (mut term, mut leader) = {
@@ -880,7 +879,6 @@ impl Strong {
         let d = &self.links.detector;
         let mut jitter = Self::jitter(spread).as_millis() as u64;
         let mut heard_seen = 0;
-        let mut vote_seen = rx.borrow().vote;
         let mut attempts = 0u32;
         let mut next_try = 0u64;
         loop {
@@ -891,12 +889,11 @@ impl Strong {
             }
             let m = rx.borrow_and_update().clone();
             let now = self.links.now_ms();
-            // A leader, or a node whose vote moved to another node (it granted that node's
-            // vote), restarts the timer, as hearing a leader does: a candidate elsewhere gets
-            // its round trip before this node stands too.
-            let granted = m.vote != vote_seen && m.vote.leader_id().voted_for() != Some(self.me);
-            vote_seen = m.vote;
-            if m.state == ServerState::Leader || granted {
+            // A leader restarts the timer, as hearing a leader does, so that a leader that
+            // steps down does not stand at once on a silence measured while it led. (A vote
+            // moving to another node must not: a refused candidate adopts the refusing
+            // voter's vote, and restarting then kept two candidates waiting on each other.)
+            if m.state == ServerState::Leader {
                 self.links.heard_leader();
             }
             let heard = d.heard_leader.load(Ordering::Relaxed);
