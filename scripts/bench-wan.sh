@@ -3,7 +3,8 @@
 # eventual consistency, synchronous replication and etcd (Raft) behind the same network, and
 # Redis as the single-site local-latency anchor.
 #
-#   bash scripts/bench-wan.sh [--quick] [--no-sweeps] [--seconds N] [--out DIR]
+#   bash scripts/bench-wan.sh [--quick] [--no-sweeps] [--no-strong] [--seconds N] [--out DIR]
+#   bash scripts/bench-wan.sh --strong-only [--seconds N] [--out DIR]
 #   bash scripts/bench-wan.sh --metadata-only "3 8" [--seconds N] [--out DIR]
 #   bash scripts/bench-wan.sh --loss-only "0 0.01 0.05" [--seconds N] [--out DIR]
 #
@@ -36,6 +37,14 @@
 #   /metrics (causalkv_peer_bytes_out_total{kind}), then idle bytes per second per directed link.
 # Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
 #   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
+# Strong operations (skip with --no-strong; off in --quick; --strong-only runs just these): a
+# causalkv cluster (preferred leader a) and etcd, both up for the whole section, in interleaved
+# rounds (causalkv then etcd): strong put / linearizable get at 1 in flight from the leader's
+# site (a) and a follower's (b); compare-and-set at 8 and 64 in flight (etcd: a txn comparing
+# the value, then a put); causal put p50 at a alone and with 64 compare-and-sets in flight;
+# then kill -9 of the leader, alternating, timed to the next write that succeeds at b.
+# BENCH_STRONG_SECONDS / _ROUNDS / _KILLS size it (default min(--seconds, 5) s, 3, 5);
+# output: strong.json and strong.md.
 # Output: results.json, results.csv, results.md and PNG plots (scripts/plot.py) in --out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +52,8 @@ cd "$(dirname "$0")/.."
 ARGS="$*"
 QUICK=0
 SWEEPS=1
+STRONG=1
+STRONG_ONLY=0
 SECS=""
 OUT=""
 METADATA_ONLY=""
@@ -51,6 +62,8 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
     --no-sweeps) SWEEPS=0; shift ;;
+    --no-strong) STRONG=0; shift ;;
+    --strong-only) STRONG_ONLY=1; shift ;;
     --seconds) SECS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --metadata-only) METADATA_ONLY="$2"; shift 2 ;;
@@ -71,13 +84,15 @@ cargo build --release --bin causalkv >&2
 
 CMDLINE="bash scripts/bench-wan.sh $ARGS"
 WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+[ -n "${BENCH_KEEP_WORK:-}" ] && echo "keeping $WORK" >&2 || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
-python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" "$LOSS_ONLY" <<'PY'
+python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" "$LOSS_ONLY" "$STRONG" "$STRONG_ONLY" <<'PY'
 import base64, hashlib, http.client, json, os, random, signal, subprocess, sys, threading, time
 
-OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE, METADATA_ONLY, LOSS_ONLY = sys.argv[1:]
+OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE, METADATA_ONLY, LOSS_ONLY, STRONG, STRONG_ONLY = sys.argv[1:]
 QUICK, SWEEPS = QUICK == "1", SWEEPS == "1" and QUICK != "1"
+STRONG_ONLY = STRONG_ONLY == "1"
+STRONG = STRONG_ONLY or (STRONG == "1" and not QUICK)
 T = float(SECS) if SECS else (3.0 if QUICK else 8.0)
 BIN = os.path.abspath("target/release/causalkv")
 RTT = {(0, 1): 30, (0, 2): 80, (1, 2): 150}
@@ -139,7 +154,7 @@ def free_base(span):
 class Cluster:
     """n causalkv sites as `causalkv serve` processes behind `causalkv wan`."""
 
-    def __init__(self, n, mode, loss=0.0, jitter=0.0):
+    def __init__(self, n, mode, loss=0.0, jitter=0.0, extra_toml=""):
         self.n, self.mode = n, mode
         self.dir = os.path.join(WORK, f"ckv-{mode}-{n}-{loss}-{int(time.time()*1000) % 100000}")
         base = free_base(n)
@@ -160,12 +175,13 @@ class Cluster:
             if os.path.exists(self.stats_file):
                 break
             time.sleep(0.05)
-        env = {"CAUSALKV_BENCH_EVENTUAL": "1"} if mode == "eventual" else {}
+        self.env = {"CAUSALKV_BENCH_EVENTUAL": "1"} if mode == "eventual" else {}
         self.sites = []
         for i in range(n):
-            name = chr(ord("a") + i)
-            self.sites.append(spawn([BIN, "serve", "--config", os.path.join(self.dir, f"site-{name}.toml")],
-                                    env=env, stderr=open(os.path.join(self.dir, f"site-{name}.log"), "w")))
+            if extra_toml:
+                with open(os.path.join(self.dir, f"site-{chr(ord('a') + i)}.toml"), "a") as f:
+                    f.write(extra_toml)
+            self.sites.append(self.serve(i))
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -178,6 +194,17 @@ class Cluster:
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"{mode} cluster of {n} did not connect within 30 s")
+
+    def serve(self, i):
+        name = chr(ord("a") + i)
+        return spawn([BIN, "serve", "--config", os.path.join(self.dir, f"site-{name}.toml")],
+                     env=self.env, stderr=open(os.path.join(self.dir, f"site-{name}.log"), "a"))
+
+    def restart(self, i):
+        """Starts site i again (after a kill -9) on its data directory."""
+        if self.sites[i] in procs:
+            procs.remove(self.sites[i])
+        self.sites[i] = self.serve(i)
 
     def status_cmd(self, addr):
         return [BIN, "status", "--site", addr, "--certs", self.certs, "--json"]
@@ -267,74 +294,113 @@ def etcd_member_id(peer_url, token):
     return format(int.from_bytes(hashlib.sha1((peer_url + token).encode()).digest()[:8], "big"), "x")
 
 
-def etcd_bench(secs, concs):
-    n = 3
-    base = free_base(20)
-    d = os.path.join(WORK, "etcd")
-    os.makedirs(d, exist_ok=True)
-    token = f"bench-{base}"
-    client = [base + i for i in range(n)]
-    peer = [base + 5 + i for i in range(n)]
-    relay = [base + 10 + i for i in range(n)]
-    purl = [f"http://127.0.0.1:{p}" for p in relay]
-    ids = [etcd_member_id(u, token) for u in purl]
-    spec = {"sites": ["a", "b", "c"], "matrix_ms": one_way(n),
-            "tcp": [{"site": i, "listen": f"127.0.0.1:{relay[i]}", "target": f"127.0.0.1:{peer[i]}",
-                     "sources": {"header": "X-Server-From", "map": {ids[k]: k for k in range(n)}}}
-                    for i in range(n)]}
-    with open(os.path.join(d, "wan.json"), "w") as f:
-        json.dump(spec, f)
-    stats = os.path.join(d, "wan-stats.json")
-    wan = spawn(["nice", "-n", "-10", BIN, "wan", "--config", os.path.join(d, "wan.json"), "--stats", stats],
-                stderr=open(os.path.join(d, "wan.log"), "w"))
-    cluster = ",".join(f"m{i}={purl[i]}" for i in range(n))
-    members = []
-    for i in range(n):
-        members.append(spawn(["etcd", "--name", f"m{i}", "--data-dir", os.path.join(d, f"m{i}"),
-                              "--listen-client-urls", f"http://127.0.0.1:{client[i]}",
-                              "--advertise-client-urls", f"http://127.0.0.1:{client[i]}",
-                              "--listen-peer-urls", f"http://127.0.0.1:{peer[i]}",
-                              "--initial-advertise-peer-urls", purl[i],
-                              "--initial-cluster", cluster, "--initial-cluster-token", token,
-                              "--initial-cluster-state", "new",
-                              # Raft timing for 150 ms RTTs (etcd's tuning guide: heartbeat ~ RTT).
-                              "--heartbeat-interval", "150", "--election-timeout", "1500"],
-                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, f"m{i}.log"), "w")))
-    eps = ",".join(f"127.0.0.1:{c}" for c in client)
-    out = {}
-    try:
-        deadline = time.time() + 60
-        st = None
+ETCDCTL = {**os.environ, "ETCDCTL_API": "3"}
+
+
+class Etcd:
+    """3 etcd members behind the emulated WAN (TCP relays in front of the peer ports), with the
+    leader moved to member a (m0)."""
+
+    def __init__(self):
+        n = self.n = 3
+        base = free_base(20)
+        self.dir = d = os.path.join(WORK, f"etcd-{base}")
+        os.makedirs(d, exist_ok=True)
+        token = f"bench-{base}"
+        self.client = [base + i for i in range(n)]
+        peer = [base + 5 + i for i in range(n)]
+        relay = [base + 10 + i for i in range(n)]
+        purl = [f"http://127.0.0.1:{p}" for p in relay]
+        self.ids = ids = [etcd_member_id(u, token) for u in purl]
+        spec = {"sites": ["a", "b", "c"], "matrix_ms": one_way(n),
+                "tcp": [{"site": i, "listen": f"127.0.0.1:{relay[i]}", "target": f"127.0.0.1:{peer[i]}",
+                         "sources": {"header": "X-Server-From", "map": {ids[k]: k for k in range(n)}}}
+                        for i in range(n)]}
+        with open(os.path.join(d, "wan.json"), "w") as f:
+            json.dump(spec, f)
+        self.stats = os.path.join(d, "wan-stats.json")
+        self.wan = spawn(["nice", "-n", "-10", BIN, "wan", "--config", os.path.join(d, "wan.json"),
+                          "--stats", self.stats], stderr=open(os.path.join(d, "wan.log"), "w"))
+        cluster = ",".join(f"m{i}={purl[i]}" for i in range(n))
+        self.args = [["etcd", "--name", f"m{i}", "--data-dir", os.path.join(d, f"m{i}"),
+                      "--listen-client-urls", f"http://127.0.0.1:{self.client[i]}",
+                      "--advertise-client-urls", f"http://127.0.0.1:{self.client[i]}",
+                      "--listen-peer-urls", f"http://127.0.0.1:{peer[i]}",
+                      "--initial-advertise-peer-urls", purl[i],
+                      "--initial-cluster", cluster, "--initial-cluster-token", token,
+                      "--initial-cluster-state", "new",
+                      # Raft timing for 150 ms RTTs (etcd's tuning guide: heartbeat ~ RTT).
+                      "--heartbeat-interval", "150", "--election-timeout", "1500"] for i in range(n)]
+        self.members = [self.start(i) for i in range(n)]
+        self.eps = ",".join(f"127.0.0.1:{c}" for c in self.client)
+        try:
+            st = self.wait_leader(60)
+            got = sorted(format(s["Status"]["header"]["member_id"], "x") for s in st)
+            if got != sorted(ids):
+                raise RuntimeError(f"etcd member ids {got} differ from the computed {ids}: relays cannot attribute")
+            self.lead_at(0)
+        except Exception:
+            self.close()
+            raise
+
+    def start(self, i):
+        return spawn(self.args[i], stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.dir, f"m{i}.log"), "a"))
+
+    def status(self, members=None):
+        eps = ",".join(f"127.0.0.1:{self.client[i]}" for i in (members or range(self.n)))
+        r = subprocess.run(["etcdctl", "--endpoints", eps, "endpoint", "status", "-w", "json"],
+                           capture_output=True, text=True, env=ETCDCTL, timeout=10)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def wait_leader(self, secs, members=None):
+        """Waits until every (listed) member names the same leader; returns their status."""
+        deadline = time.time() + secs
         while time.time() < deadline:
-            r = subprocess.run(["etcdctl", "--endpoints", eps, "endpoint", "status", "-w", "json"],
-                               capture_output=True, text=True, env={**os.environ, "ETCDCTL_API": "3"})
-            if r.returncode == 0:
-                st = json.loads(r.stdout)
-                if all(s["Status"]["leader"] for s in st):
-                    break
+            try:
+                st = self.status(members)
+            except Exception:
+                st = None
+            if st and st[0]["Status"]["leader"] and all(s["Status"]["leader"] == st[0]["Status"]["leader"] for s in st):
+                return st
+            time.sleep(0.3)
+        raise RuntimeError(f"etcd members did not agree on a leader within {secs} s")
+
+    def member_index(self, mid):
+        return self.ids.index(format(mid, "x"))
+
+    def leader(self):
+        return self.member_index(self.wait_leader(30)[0]["Status"]["leader"])
+
+    def lead_at(self, i):
+        for _ in range(10):
+            l = self.leader()
+            if l == i:
+                return
+            subprocess.run(["etcdctl", "--endpoints", f"127.0.0.1:{self.client[l]}", "move-leader", self.ids[i]],
+                           capture_output=True, env=ETCDCTL, timeout=20)
             time.sleep(0.5)
-        else:
-            raise RuntimeError("etcd cluster did not elect a leader within 60 s")
-        got = sorted(format(s["Status"]["header"]["member_id"], "x") for s in st)
-        if got != sorted(ids):
-            raise RuntimeError(f"etcd member ids {got} differ from the computed {ids}: relays cannot attribute")
-        a_id = next(s["Status"]["header"]["member_id"] for s in st if s["Endpoint"].endswith(str(client[0])))
-        leader = st[0]["Status"]["leader"]
-        if leader != a_id:
-            lep = next(s["Endpoint"] for s in st if s["Status"]["header"]["member_id"] == leader)
-            subprocess.run(["etcdctl", "--endpoints", lep, "move-leader", format(a_id, "x")],
-                           capture_output=True, env={**os.environ, "ETCDCTL_API": "3"})
-            time.sleep(1)
-        out["leader_at_a"] = True
+        raise RuntimeError(f"could not move the etcd leader to m{i}")
+
+    def wire_bytes(self):
+        with open(self.stats) as f:
+            return sum(l["bytes"] for l in json.load(f)["links"])
+
+    def close(self):
+        stop(self.members + [self.wan])
+
+
+def etcd_bench(secs, concs):
+    e = Etcd()
+    out = {"leader_at_a": True}
+    try:
         for c in concs:
             log(f"  etcd     3 members: puts, {c} in flight ({secs:.0f} s) ...")
-            r = etcd_load(client[0], secs, c)
+            r = etcd_load(e.client[0], secs, c)
             out[f"put_c{c}"] = r
             log(f"  etcd     put p50 {r['p50_us']/1000:.2f} ms p99 {r['p99_us']/1000:.2f} ms, {r['throughput']:,.0f} puts/s")
-        with open(stats) as f:
-            out["wire_bytes"] = sum(l["bytes"] for l in json.load(f)["links"])
+        out["wire_bytes"] = e.wire_bytes()
     finally:
-        stop(members + [wan])
+        e.close()
     return out
 
 
@@ -348,33 +414,58 @@ def quantiles(xs):
             "mean_us": sum(xs) / len(xs), "cdf": [(p, q(p)) for p in pts]}
 
 
-def etcd_load(port, secs, conc):
-    """Closed-loop puts through etcd's HTTP/JSON gateway, one keep-alive connection per thread."""
-    lat, lock, errors = [], threading.Lock(), [0]
+def etcd_load(port, secs, conc, kind="put"):
+    """Closed-loop load through etcd's HTTP/JSON gateway, one keep-alive connection per thread.
+    kind: "put" (puts only); "mixed" (50 % puts, 50 % linearizable range reads, the default
+    consistency of a range); "cas" (each thread owns a key, writes it once, then swaps it with
+    a txn: compare value == the last one written, then put the next)."""
+    lat, lock, errors = {"put": [], "get": []}, threading.Lock(), [0]
     value = base64.b64encode(b"x" * 100).decode()
+    b64 = lambda x: base64.b64encode(x.encode()).decode()
     end = time.time() + secs
+    tag = random.randrange(1 << 30)
 
     def worker(w):
         c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
-        mine, k = [], 0
+        mine, k = {"put": [], "get": []}, 0
+        rng = random.Random(w)
+        last = None
         while time.time() < end:
-            key = base64.b64encode(f"key{w:03d}{k % 100000:08d}".encode()).decode()
-            body = json.dumps({"key": key, "value": value})
+            if kind == "cas":
+                key = b64(f"cas-{tag}-{w}")
+                if last is None:
+                    path, body, op = "/v3/kv/put", {"key": key, "value": b64("0")}, "put"
+                else:
+                    path, op = "/v3/kv/txn", "put"
+                    body = {"compare": [{"key": key, "result": "EQUAL", "target": "VALUE", "value": b64(str(last))}],
+                            "success": [{"requestPut": {"key": key, "value": b64(str(last + 1))}}]}
+            else:
+                key = b64(f"key{rng.randrange(10000) if kind == 'mixed' else w * 100000 + k % 100000:08d}")
+                if kind == "mixed" and rng.random() < 0.5:
+                    path, body, op = "/v3/kv/range", {"key": key}, "get"
+                else:
+                    path, body, op = "/v3/kv/put", {"key": key, "value": value}, "put"
             t = time.perf_counter()
             try:
-                c.request("POST", "/v3/kv/put", body, {"Content-Type": "application/json"})
+                c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
                 resp = c.getresponse()
-                resp.read()
+                data = resp.read()
                 if resp.status != 200:
                     raise RuntimeError(resp.status)
-                mine.append((time.perf_counter() - t) * 1e6)
+                if kind == "cas":
+                    if last is not None and not json.loads(data).get("succeeded"):
+                        last = None
+                        raise RuntimeError("txn compare failed")
+                    last = 0 if last is None else last + 1
+                mine[op].append((time.perf_counter() - t) * 1e6)
             except Exception:
                 errors[0] += 1
                 c.close()
                 c = http.client.HTTPConnection("127.0.0.1", port, timeout=20)
             k += 1
         with lock:
-            lat.extend(mine)
+            for o in mine:
+                lat[o].extend(mine[o])
 
     t0 = time.time()
     ths = [threading.Thread(target=worker, args=(w,)) for w in range(conc)]
@@ -382,10 +473,184 @@ def etcd_load(port, secs, conc):
         t.start()
     for t in ths:
         t.join()
-    r = quantiles(lat)
-    r["throughput"] = len(lat) / (time.time() - t0)
+    secs_run = time.time() - t0
+    if kind == "mixed":
+        return {"put": quantiles(lat["put"]), "get": quantiles(lat["get"]),
+                "throughput": (len(lat["put"]) + len(lat["get"])) / secs_run, "errors": errors[0]}
+    r = quantiles(lat["put"])
+    r["throughput"] = len(lat["put"]) / secs_run
     r["errors"] = errors[0]
     return r
+
+
+# ---------------------------------------------------------------------------------------------
+# Strong operations: causalkv's Raft groups against etcd, both 3 members behind the same WAN
+
+STRONG_TOML = '\npreferred_leader = "a"\n'  # appended to [consensus], the last table
+
+
+def ckv_leader(cl, sites=None):
+    """The strong-operation leader (site index) that the listed sites agree on, or None."""
+    leaders = set()
+    for i in (range(cl.n) if sites is None else sites):
+        try:
+            c = run_json(cl.status_cmd(cl.addrs[i]), timeout=5).get("consensus") or {}
+        except Exception:
+            return None
+        leaders.add(c.get("leader"))
+    return leaders.pop() if len(leaders) == 1 and None not in leaders else None
+
+
+def ckv_wait_leader(cl, want=None, secs=60, sites=None):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        l = ckv_leader(cl, sites)
+        if l is not None and (want is None or l == want):
+            return l
+        time.sleep(0.3)
+    raise RuntimeError(f"causalkv sites did not agree on leader {want} within {secs} s")
+
+
+def ckv_strong_load(cl, site, secs, conc, cas=False, seed=1):
+    a = [BIN, "bench", "load", "--site", cl.addrs[site], "--certs", cl.certs, "--seconds", str(secs),
+         "--concurrency", str(conc), "--read-ratio", "0.5", "--keys", "10000", "--timeout-ms", "20000",
+         "--seed", str(seed), "--cas" if cas else "--strong"]
+    return run_json(a, timeout=secs + 60)
+
+
+def ckv_failover(cl, probe_site, timeout_ms=1000):
+    """kill -9 of the leader's process; seconds until a strong put succeeds at probe_site."""
+    l = ckv_wait_leader(cl)
+    put = [BIN, "put", "--strong", "failover-probe", "x", "--site", cl.addrs[probe_site], "--certs", cl.certs,
+           "--timeout-ms", str(timeout_ms)]
+    t0 = time.time()
+    cl.sites[l].kill()
+    cl.sites[l].wait()
+    while time.time() - t0 < 120:
+        if subprocess.run(put, capture_output=True).returncode == 0:
+            return l, time.time() - t0
+    raise RuntimeError("no strong write succeeded within 120 s of the leader's kill")
+
+
+def etcd_failover(e, probe, timeout_s=1.0):
+    l = e.leader()
+    key = base64.b64encode(b"failover-probe").decode()
+    body = json.dumps({"key": key, "value": key})
+    t0 = time.time()
+    e.members[l].kill()
+    e.members[l].wait()
+    while time.time() - t0 < 120:
+        c = http.client.HTTPConnection("127.0.0.1", e.client[probe], timeout=timeout_s)
+        try:
+            c.request("POST", "/v3/kv/put", body, {"Content-Type": "application/json"})
+            r = c.getresponse()
+            data = r.read()
+            if r.status == 200 and b"error" not in data:
+                return l, time.time() - t0
+        except Exception:
+            pass
+        finally:
+            c.close()
+        time.sleep(0.01)
+    raise RuntimeError("no etcd put succeeded within 120 s of the leader's kill")
+
+
+def strong_bench(secs, rounds, kills):
+    """Interleaved rounds, causalkv then etcd, on clusters that both stay up for the whole
+    section (so each round sees the same idle neighbours): strong put / linearizable get at 1 in
+    flight from the leader's site (a) and from a follower's (b), compare-and-set at 8 and 64 in
+    flight from a; then causal puts with and without a strong load alongside (causalkv only);
+    then leader kills, alternating."""
+    out = {"rounds": [], "failover": {"causalkv": [], "etcd": []}, "causal_under_strong": []}
+    log("strong: causalkv (3 sites, preferred leader a) and etcd (3 members, leader a) behind the WAN ...")
+    cl = Cluster(3, "strong", extra_toml=STRONG_TOML)
+    e = None
+    try:
+        e = Etcd()
+        ckv_wait_leader(cl, want=0, secs=60)
+        for r in range(rounds):
+            row = {"round": r}
+            for site, tag in [(0, "leader"), (1, "follower")]:
+                ckv_wait_leader(cl, want=0)
+                row[f"ckv_ops_{tag}"] = x = ckv_strong_load(cl, site, secs, 1, seed=100 + r)
+                log(f"  round {r} causalkv strong at {tag} site: put p50 {x['put']['p50_us']/1000:.1f} ms "
+                    f"p99 {x['put']['p99_us']/1000:.1f}, get p50 {x['get']['p50_us']/1000:.1f} ms "
+                    f"p99 {x['get']['p99_us']/1000:.1f} ({x['errors']} errors)")
+                e.lead_at(0)
+                row[f"etcd_ops_{tag}"] = x = etcd_load(e.client[site], secs, 1, "mixed")
+                log(f"  round {r} etcd     at {tag} member: put p50 {x['put']['p50_us']/1000:.1f} ms "
+                    f"p99 {x['put']['p99_us']/1000:.1f}, get p50 {x['get']['p50_us']/1000:.1f} ms "
+                    f"p99 {x['get']['p99_us']/1000:.1f} ({x['errors']} errors)")
+            for c in [8, 64]:
+                ckv_wait_leader(cl, want=0)
+                row[f"ckv_cas_c{c}"] = x = ckv_strong_load(cl, 0, secs, c, cas=True, seed=1000 * r + c)
+                log(f"  round {r} causalkv cas {c} in flight: {x['throughput']:,.0f}/s, p50 "
+                    f"{x['put']['p50_us']/1000:.1f} ms ({x['errors']} errors)")
+                e.lead_at(0)
+                row[f"etcd_cas_c{c}"] = x = etcd_load(e.client[0], secs, c, "cas")
+                log(f"  round {r} etcd     cas {c} in flight: {x['throughput']:,.0f}/s, p50 "
+                    f"{x['p50_us']/1000:.1f} ms ({x['errors']} errors)")
+            out["rounds"].append(row)
+            # Causal puts at site a (1 in flight, puts only) alone, then with a strong load (cas,
+            # 64 in flight at site a) alongside.
+            base = run_json(load_cmd(cl, 0, secs, conc=1, read=0.0), timeout=secs + 60)
+            strong = spawn([BIN, "bench", "load", "--site", cl.addrs[0], "--certs", cl.certs, "--seconds",
+                            str(secs + 2), "--concurrency", "64", "--cas", "--seed", str(7000 + r),
+                            "--timeout-ms", "20000"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            time.sleep(1)
+            under = run_json(load_cmd(cl, 0, secs, conc=1, read=0.0), timeout=secs + 60)
+            sout, _ = strong.communicate()
+            procs.remove(strong)
+            sl = json.loads(sout.strip().splitlines()[-1]) if sout.strip() else {"error": "no output"}
+            out["causal_under_strong"].append({"alone": base, "under": under, "strong": sl})
+            log(f"  round {r} causal put p50 alone {base['put']['p50_us']/1000:.2f} ms, with 64 cas in flight "
+                f"{under['put']['p50_us']/1000:.2f} ms (cas {sl.get('throughput', 0):,.0f}/s meanwhile)")
+        for k in range(kills):
+            ckv_wait_leader(cl, want=0, secs=90)
+            l, t = ckv_failover(cl, probe_site=1)
+            out["failover"]["causalkv"].append(t)
+            log(f"  kill {k}: causalkv leader {'abc'[l]} killed, strong writes at b resumed after {t:.2f} s")
+            cl.restart(l)
+            e.lead_at(0)
+            l, t = etcd_failover(e, probe=1)
+            out["failover"]["etcd"].append(t)
+            log(f"  kill {k}: etcd leader m{l} killed, puts at m1 resumed after {t:.2f} s")
+            e.members[l] = e.start(l)
+            e.wait_leader(60)
+    finally:
+        cl.close()
+        if e:
+            e.close()
+    out["summary"] = strong_summary(out)
+    return out
+
+
+def med(xs):
+    xs = sorted(x for x in xs if x is not None)
+    return xs[len(xs) // 2] if xs else None
+
+
+def strong_summary(out):
+    """Medians over rounds, and causalkv / etcd ratios (below 1: causalkv faster for
+    latencies; above 1: causalkv more for throughput)."""
+    R = out["rounds"]
+    s = {}
+    for tag in ["leader", "follower"]:
+        for op in ["put", "get"]:
+            for q in ["p50_us", "p99_us"]:
+                c = med([r[f"ckv_ops_{tag}"][op].get(q) for r in R])
+                e = med([r[f"etcd_ops_{tag}"][op].get(q) for r in R])
+                s[f"{op}_{tag}_{q}"] = {"causalkv": c, "etcd": e, "ratio": c / e if c and e else None}
+    for c in [8, 64]:
+        a = med([r[f"ckv_cas_c{c}"]["throughput"] for r in R])
+        b = med([r[f"etcd_cas_c{c}"]["throughput"] for r in R])
+        s[f"cas_c{c}_per_s"] = {"causalkv": a, "etcd": b, "ratio": a / b if a and b else None}
+    U = out["causal_under_strong"]
+    s["causal_put_p50_us"] = {"alone": med([u["alone"]["put"]["p50_us"] for u in U]),
+                              "under_strong": med([u["under"]["put"]["p50_us"] for u in U])}
+    for k, v in out["failover"].items():
+        s[f"failover_{k}_s"] = {"p50": med(v), "max": max(v) if v else None, "kills": len(v)}
+    return s
 
 
 def redis_anchor(n):
@@ -542,7 +807,63 @@ def loss_sweep(losses, jitters, secs, rate=500):
 
 # ---------------------------------------------------------------------------------------------
 
+def strong_md(st, cmd):
+    s = st["summary"]
+    ms = lambda us: f"{us / 1000:.1f}" if us else "-"
+    rt = lambda x: f"{x:.2f}x" if x else "-"
+    L = [f"Strong operations, causalkv vs etcd ({cmd}): 3 sites / members behind the same emulated WAN "
+         f"(RTT a-b 30, a-c 80, b-c 150 ms), leaders at a, {len(st['rounds'])} interleaved rounds of "
+         f"{st['seconds']:.0f} s (causalkv then etcd), medians over rounds. Ratio = causalkv / etcd.", "",
+         "| measure | causalkv | etcd | ratio |", "|---|---|---|---|"]
+    for tag in ["leader", "follower"]:
+        for op, name in [("put", "strong put"), ("get", "linearizable get")]:
+            for q in ["p50_us", "p99_us"]:
+                v = s[f"{op}_{tag}_{q}"]
+                L.append(f"| {name} {q[:3]} at the {tag}'s site, 1 in flight (ms) | {ms(v['causalkv'])} | "
+                         f"{ms(v['etcd'])} | {rt(v['ratio'])} |")
+    for c in [8, 64]:
+        v = s[f"cas_c{c}_per_s"]
+        L.append(f"| compare-and-set, {c} in flight (ops/s) | {v['causalkv']:,.0f} | {v['etcd']:,.0f} | {rt(v['ratio'])} |")
+    for k in ["causalkv", "etcd"]:
+        v = s[f"failover_{k}_s"]
+        if v["kills"]:
+            L.append(f"| {k} failover, kill -9 of the leader -> write at b ok (s), p50 / max over {v['kills']} | "
+                     f"{v['p50']:.2f} / {v['max']:.2f} | | |")
+    v = s["causal_put_p50_us"]
+    L.append(f"| causal put p50 at a, alone / with 64 cas in flight (ms) | {ms(v['alone'])} / {ms(v['under_strong'])} | | |")
+    L += ["", "Per round:", ""]
+    for r in st["rounds"]:
+        L.append(f"- round {r['round']}: " + ", ".join(
+            f"{k} put p50 {ms(r[k]['put']['p50_us'])} get p50 {ms(r[k]['get']['p50_us'])}"
+            for k in ["ckv_ops_leader", "etcd_ops_leader", "ckv_ops_follower", "etcd_ops_follower"]) + "; " +
+            ", ".join(f"{k} {r[k]['throughput']:,.0f}/s" for k in ["ckv_cas_c8", "etcd_cas_c8", "ckv_cas_c64", "etcd_cas_c64"]))
+    L.append(f"- failover causalkv (s): {', '.join(f'{x:.2f}' for x in st['failover']['causalkv'])}")
+    L.append(f"- failover etcd (s): {', '.join(f'{x:.2f}' for x in st['failover']['etcd'])}")
+    return "\n".join(L) + "\n"
+
+
+def run_strong(res):
+    secs = float(os.environ.get("BENCH_STRONG_SECONDS", min(T, 5.0)))
+    try:
+        st = strong_bench(secs, int(os.environ.get("BENCH_STRONG_ROUNDS", 3)),
+                          int(os.environ.get("BENCH_STRONG_KILLS", 5)))
+        st["seconds"] = secs
+        st["machine"] = {"cpus": os.cpu_count(), "load_after": os.getloadavg()}
+        res["strong"] = st
+        with open(os.path.join(OUT, "strong.json"), "w") as f:
+            json.dump(st, f, indent=1)
+        with open(os.path.join(OUT, "strong.md"), "w") as f:
+            f.write(strong_md(st, CMDLINE))
+        log("strong summary:\n" + strong_md(st, CMDLINE))
+    except Exception as ex:
+        log(f"  strong section failed: {ex}")
+        res["strong"] = {"error": str(ex)}
+
+
 def main():
+    if STRONG_ONLY:
+        run_strong({})
+        return
     res = {"command": CMDLINE, "quick": QUICK, "seconds_per_run": T, "rtt_ms": {"a-b": 30, "a-c": 80, "b-c": 150},
            "one_way_ms": one_way(3), "machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
            "runs": [], "sweeps": {}}
@@ -579,6 +900,8 @@ def main():
     except Exception as e:
         log(f"  etcd failed: {e}")
         res["etcd"] = {"error": str(e)}
+    if STRONG:
+        run_strong(res)
     log("redis: single-site local anchor ...")
     try:
         res["redis"] = redis_anchor(5000 if QUICK else 20000)
@@ -628,4 +951,4 @@ try:
 finally:
     stop(list(procs))
 PY
-[ -n "$METADATA_ONLY$LOSS_ONLY" ] || python3 scripts/plot.py "$OUT"
+[ -n "$METADATA_ONLY$LOSS_ONLY" ] || [ "$STRONG_ONLY" = 1 ] || python3 scripts/plot.py "$OUT"

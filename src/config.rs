@@ -376,10 +376,13 @@ impl Eq for FailureConfig {}
 /// after one heartbeat interval, so `heartbeat_ms` must exceed the longest round trip plus a
 /// log fsync; the election timeout should be 10-20 round trips.
 ///
-/// Failover: after its leader fails, a follower of openraft 0.9 waits out the leader's lease
-/// (`election_max_ms`) plus a random election timeout before standing for election, so a
-/// crashed leader is replaced after about `election_max_ms` + `election_min_ms` to
-/// 2 x `election_max_ms`, plus one vote round trip.
+/// Failover: voters of openraft 0.9 refuse every vote while the leader's lease
+/// (`election_max_ms` since its last heartbeat) runs, so nothing can replace a crashed leader
+/// sooner. The node's failure detector has a follower stand as soon as the lease has run out
+/// (plus a jitter of up to `heartbeat_ms`, none at the preferred leader site), so a crashed
+/// leader is replaced after about `election_max_ms` + `heartbeat_ms` / 2 + one vote round trip
+/// (openraft's own timer, left on as a fallback, would wait the lease plus an election timeout
+/// plus, after meeting a longer log, 2 x `election_max_ms`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ConsensusConfig {

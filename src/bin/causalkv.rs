@@ -262,6 +262,15 @@ enum BenchCmd {
         /// Synchronous replication for puts.
         #[arg(long, default_value_t = 0)]
         sync: u8,
+        /// Strong (linearizable) puts and gets instead of causal ones.
+        #[arg(long, conflicts_with = "cas")]
+        strong: bool,
+        /// Compare-and-set only, one key per worker (latencies reported as `put`).
+        #[arg(long)]
+        cas: bool,
+        /// Seed of the key choice (and of the compare-and-set keys' names).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -794,9 +803,17 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             zipf,
             rate,
             sync,
+            strong,
+            cas,
+            seed,
             conn,
         } => {
             let opts = bench::LoadOptions {
+                level: match (strong, cas) {
+                    (_, true) => bench::Level::Cas,
+                    (true, _) => bench::Level::Strong,
+                    _ => bench::Level::Causal,
+                },
                 concurrency,
                 duration: Duration::from_secs_f64(seconds),
                 read_ratio,
@@ -805,7 +822,7 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
                 dist: zipf.map_or(bench::KeyDist::Uniform, bench::KeyDist::Zipf),
                 rate,
                 sync,
-                seed: 1,
+                seed,
             };
             client_cmd(&conn, |c| async move {
                 let report = bench::run_load(c, &opts).await;

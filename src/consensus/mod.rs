@@ -43,8 +43,8 @@ pub type NodeId = u64;
 openraft::declare_raft_types!(
     /// The openraft type configuration of the strong-operation groups.
     pub TypeConfig:
-        D = Command,
-        R = Reply,
+        D = Batch,
+        R = Vec<Reply>,
         NodeId = NodeId,
         Node = openraft::EmptyNode,
         SnapshotData = Vec<u8>,
@@ -66,6 +66,13 @@ pub struct Command {
     /// The operation.
     pub op: WriteOp,
 }
+
+/// The payload of one Raft log entry: the strong writes the leader gathered into it, applied
+/// in order, one [`Reply`] each. Writes that reach the leader together share an entry, so they
+/// travel in one append-entries RPC even though openraft 0.9 has only one in flight per
+/// follower (see `Strong::propose` in the node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch(pub Vec<Command>);
 
 /// What a strong write does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -253,7 +260,7 @@ mod tests {
     fn rpcs_roundtrip_and_garbage_is_refused() {
         let entry = openraft::Entry::<TypeConfig> {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(3, 1), 7),
-            payload: openraft::EntryPayload::Normal(Command {
+            payload: openraft::EntryPayload::Normal(Batch(vec![Command {
                 client: 9,
                 serial: 2,
                 ctx: vec![1, 2, 3],
@@ -262,7 +269,7 @@ mod tests {
                     expected: None,
                     new: Some(b"v".to_vec()),
                 },
-            }),
+            }])),
         };
         let rpc = Rpc::Append(openraft::raft::AppendEntriesRequest {
             vote: openraft::Vote::new_committed(3, 1),

@@ -268,7 +268,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((st.last_applied, st.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError<NodeId>>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Reply>>, StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -278,11 +278,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for e in entries {
             st.last_applied = Some(e.log_id);
             out.push(match e.payload {
-                EntryPayload::Blank => Reply::Written,
-                EntryPayload::Normal(cmd) => st.apply(&cmd),
+                EntryPayload::Blank => Vec::new(),
+                EntryPayload::Normal(batch) => batch.0.iter().map(|cmd| st.apply(cmd)).collect(),
                 EntryPayload::Membership(m) => {
                     st.membership = StoredMembership::new(Some(e.log_id), m);
-                    Reply::Written
+                    Vec::new()
                 }
             });
         }

@@ -47,6 +47,18 @@ use crate::wire::{ConsensusStatus, VoterStatus, close_code, read_frame, write_fr
 /// Largest Raft RPC frame accepted (a whole snapshot travels in one).
 const MAX_RPC_FRAME: usize = 1 << 30;
 
+/// The longest the batcher holds a write back to gather concurrent ones into its entry.
+const GATHER: Duration = Duration::from_millis(2);
+
+/// The error of a proposed write.
+type WriteError = RaftError<NodeId, ClientWriteError<NodeId, openraft::EmptyNode>>;
+
+/// A write waiting in the batcher, with where its reply goes.
+type Proposal = (
+    consensus::Command,
+    tokio::sync::oneshot::Sender<Result<consensus::Reply, WriteError>>,
+);
+
 /// Options that only tests set, to plant bugs the strong tests must catch.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StrongOptions {
@@ -85,16 +97,63 @@ pub(crate) struct Links {
     epoch: Option<Instant>,
     /// Bytes of RPC frames sent and replies written (length prefixes included).
     bytes_out: AtomicU64,
+    /// The failure detector's inputs (see [`Strong::watch`]).
+    detector: Detector,
+}
+
+/// What the failure detector of [`Strong::watch`] learns from the RPCs, in ms since the
+/// epoch of [`Links`].
+#[derive(Default)]
+struct Detector {
+    /// When an append-entries (heartbeats included) of a committed leader was last accepted.
+    heard_leader: AtomicU64,
+    /// Until when this node should not stand: a voter answered its vote request with a longer
+    /// log, so that voter (not this node) can win the next election.
+    shorter_until: AtomicU64,
+    /// How long (ms) a candidate that met a longer log holds back: the longest election
+    /// timeout, as openraft's own timer does (it adds twice that).
+    hold_ms: u64,
 }
 
 impl Links {
-    fn new(n: usize) -> Links {
+    fn new(n: usize, hold_ms: u64) -> Links {
         Links {
             conns: (0..n).map(|_| Mutex::new(None)).collect(),
             answered: (0..n).map(|_| AtomicU64::new(0)).collect(),
             epoch: Some(Instant::now()),
             bytes_out: AtomicU64::new(0),
+            detector: Detector {
+                heard_leader: AtomicU64::new(1),
+                hold_ms,
+                ..Detector::default()
+            },
         }
+    }
+
+    /// An append-entries of a committed leader was accepted.
+    fn heard_leader(&self) {
+        self.detector
+            .heard_leader
+            .store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Learns from the answer to this node's vote request with last log `last`.
+    fn vote_answered(&self, last: Option<openraft::LogId<NodeId>>, resp: &VoteResponse<NodeId>) {
+        if resp.vote_granted {
+            return;
+        }
+        if resp.last_log_id > last {
+            // The other voter has a longer log: it will not vote for us, and we will for it.
+            let hold = self.now_ms() + self.detector_hold_ms();
+            self.detector
+                .shorter_until
+                .fetch_max(hold, Ordering::Relaxed);
+        }
+    }
+
+    /// How long a candidate that met a longer log holds back before standing again.
+    fn detector_hold_ms(&self) -> u64 {
+        self.detector.hold_ms
     }
 
     fn now_ms(&self) -> u64 {
@@ -196,9 +255,24 @@ pub(crate) struct Network {
 }
 
 /// An RPC client to one peer.
+///
+/// Commit-index heartbeats do not hold up the next entries. openraft 0.9 keeps one
+/// append-entries RPC in flight per follower, and after every commit it sends an empty append
+/// that only carries the new commit index; a write that arrives meanwhile waits a whole round
+/// trip for it, so a lone writer paid two round trips per write. So on a client that has
+/// replicated entries (a replication stream's, not the fresh clients of a read-index check,
+/// which must hear real answers), an empty append is sent on its own stream and answered at
+/// once with `Success`: an empty append whose `prev_log_id` is the follower's acknowledged
+/// match changes nothing the leader relies on (a follower never truncates for an empty
+/// append, and applies a commit index only up to what it holds). Its real answer is kept: a
+/// higher vote (this leader was deposed) is returned by the next call, one heartbeat later.
 pub(crate) struct PeerClient {
     links: Arc<Links>,
     target: NodeId,
+    /// Whether this client has sent entries (then it is a replication stream's).
+    replicates: bool,
+    /// A higher vote answered to a heartbeat acknowledged early, for the next call.
+    deferred: Arc<Mutex<Option<AppendEntriesResponse<NodeId>>>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -208,6 +282,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerClient {
             links: self.links.clone(),
             target,
+            replicates: false,
+            deferred: Arc::default(),
         }
     }
 }
@@ -245,6 +321,23 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId>>,
     > {
         let me = rpc.vote.leader_id().voted_for().unwrap_or_default();
+        if let Some(higher) = self.deferred.lock().expect("deferred lock").take() {
+            return Ok(higher);
+        }
+        if rpc.entries.is_empty() && self.replicates {
+            let (links, target, deferred) =
+                (self.links.clone(), self.target, self.deferred.clone());
+            let ttl = option.hard_ttl();
+            tokio::spawn(async move {
+                if let Ok(RpcReply::Append(Ok(r @ AppendEntriesResponse::HigherVote(_)))) =
+                    call(&links, target, &Rpc::Append(rpc), ttl).await
+                {
+                    *deferred.lock().expect("deferred lock") = Some(r);
+                }
+            });
+            return Ok(AppendEntriesResponse::Success);
+        }
+        self.replicates |= !rpc.entries.is_empty();
         match call(
             &self.links,
             self.target,
@@ -273,8 +366,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, openraft::EmptyNode, RaftError<NodeId>>>
     {
         let me = rpc.vote.leader_id().voted_for().unwrap_or_default();
+        let last = rpc.last_log_id;
         match call(&self.links, self.target, &Rpc::Vote(rpc), option.hard_ttl()).await {
             Ok(RpcReply::Vote(r)) => {
+                if let Ok(resp) = &r {
+                    self.links.vote_answered(last, resp);
+                }
                 r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
             Ok(other) => Err(RPCError::Network(unexpected(self.target, "vote", &other))),
@@ -342,9 +439,12 @@ pub(crate) struct Strong {
     pub opts: StrongOptions,
     pub metrics: StrongMetrics,
     election_max: Duration,
+    heartbeat: Duration,
     /// A leader whose last majority ack is older than this refuses new writes.
     quorum_stale_ms: u64,
     preferred: Option<NodeId>,
+    /// Writes for the batcher ([`Strong::batcher`]).
+    proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
 }
 
 impl Strong {
@@ -363,7 +463,7 @@ impl Strong {
         let rc = consensus::raft_config(&cfg.consensus, &cfg.cluster_id, cfg.partition)
             .validate()
             .map_err(std::io::Error::other)?;
-        let links = Arc::new(Links::new(cfg.n()));
+        let links = Arc::new(Links::new(cfg.n(), cfg.consensus.election_max_ms));
         let network = Network {
             links: links.clone(),
         };
@@ -384,7 +484,10 @@ impl Strong {
             .as_ref()
             .and_then(|p| cfg.sites.iter().find(|s| &s.name == p))
             .map(|s| s.id as NodeId);
+        let (proposals, queued) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(Self::batcher(raft.clone(), queued));
         Ok(Arc::new(Strong {
+            proposals,
             raft,
             state,
             log,
@@ -394,6 +497,7 @@ impl Strong {
             opts,
             metrics: StrongMetrics::default(),
             election_max: Duration::from_millis(cfg.consensus.election_max_ms),
+            heartbeat: Duration::from_millis(cfg.consensus.heartbeat_ms),
             quorum_stale_ms: cfg.consensus.election_min_ms,
             preferred,
         }))
@@ -467,6 +571,76 @@ impl Strong {
         let _ = tokio::time::timeout(max.min(Duration::from_millis(100)), rx.changed()).await;
     }
 
+    /// Proposes one write through the batcher ([`Strong::batcher`]) and waits for its reply.
+    async fn propose(&self, cmd: consensus::Command) -> Result<consensus::Reply, WriteError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.proposals.send((cmd, tx)).is_err() {
+            return Err(RaftError::Fatal(Fatal::Stopped));
+        }
+        rx.await.unwrap_or(Err(RaftError::Fatal(Fatal::Stopped)))
+    }
+
+    /// Gathers the writes proposed at this node into log entries ([`consensus::Batch`]).
+    ///
+    /// openraft 0.9 keeps one append-entries RPC in flight per follower, and starts one as soon
+    /// as an entry is appended while none is: so of writes that arrive a few hundred
+    /// microseconds apart (clients answered by the same commit come back at about the same
+    /// time), the first leaves alone and the rest wait a whole round trip for it. So the
+    /// batcher waits, after the first write of a batch, until as many writes as in its previous
+    /// batch have arrived, or [`GATHER`] has passed: a lone writer (previous batch of one) is
+    /// never held back, a wave of `n` concurrent writers travels in one entry.
+    async fn batcher(raft: Raft, mut rx: tokio::sync::mpsc::UnboundedReceiver<Proposal>) {
+        let mut expect = 1;
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            let deadline = tokio::time::Instant::now() + GATHER;
+            loop {
+                while let Ok(p) = rx.try_recv() {
+                    batch.push(p);
+                }
+                if batch.len() >= expect {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(p)) => batch.push(p),
+                    _ => break,
+                }
+            }
+            expect = batch.len();
+            let (cmds, txs): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                match raft.client_write(consensus::Batch(cmds)).await {
+                    Ok(resp) => {
+                        let mut replies = resp.data.into_iter();
+                        for tx in txs {
+                            let r = replies.next().unwrap_or(consensus::Reply::Forgotten);
+                            let _ = tx.send(Ok(r));
+                        }
+                    }
+                    Err(e) => {
+                        for tx in txs {
+                            let _ = tx.send(Err(e.clone()));
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    /// Returns once this node's known leader is no longer `l` (never if it stays `l`).
+    async fn leader_moves_from(&self, l: NodeId) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if rx.borrow_and_update().current_leader != Some(l) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Executes a strong operation within `timeout`. `may_forward`: whether a follower may
     /// forward it to the leader (false for requests that were forwarded already).
     pub async fn execute(&self, op: Forwarded, timeout: Duration, may_forward: bool) -> Outcome {
@@ -523,11 +697,10 @@ impl Strong {
                         }
                         proposed = true;
                         let t = Instant::now();
-                        match tokio::time::timeout(left, self.raft.client_write(cmd.clone())).await
-                        {
-                            Ok(Ok(resp)) => {
+                        match tokio::time::timeout(left, self.propose(cmd.clone())).await {
+                            Ok(Ok(reply)) => {
                                 self.metrics.commit.record(t.elapsed());
-                                return Outcome::Applied(resp.data);
+                                return Outcome::Applied(reply);
                             }
                             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                                 why = "leadership moved during the write".into();
@@ -561,8 +734,19 @@ impl Strong {
                         timeout_ms: left.as_millis() as u64,
                     };
                     // A little longer than the leader's own deadline, so that its answer
-                    // (Unavailable, Unknown) arrives rather than our timeout.
-                    match call(&self.links, l, &rpc, left + Duration::from_millis(200)).await {
+                    // (Unavailable, Unknown) arrives rather than our timeout. If the leader
+                    // changes meanwhile (the one asked died), ask the new one at once: a retried
+                    // write keeps its (client, serial), so it is applied once.
+                    let forwarding = call(&self.links, l, &rpc, left + Duration::from_millis(200));
+                    let answer = tokio::select! {
+                        r = forwarding => r,
+                        () = self.leader_moves_from(l) => {
+                            proposed |= is_write;
+                            why = format!("site {} stopped leading while it had the request", self.name(l));
+                            continue;
+                        }
+                    };
+                    match answer {
                         Ok(RpcReply::Forward(Outcome::NotLeader { .. })) => {
                             why = format!("site {} no longer leads", self.name(l));
                             self.settle(left).await;
@@ -612,7 +796,16 @@ impl Strong {
                 warn!(error = %e, "malformed consensus request");
                 RpcReply::Malformed(e)
             }
-            Ok(Rpc::Append(r)) => RpcReply::Append(self.raft.append_entries(r).await),
+            Ok(Rpc::Append(r)) => {
+                let committed = r.vote.is_committed();
+                let reply = self.raft.append_entries(r).await;
+                if committed
+                    && matches!(&reply, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_)))
+                {
+                    self.links.heard_leader();
+                }
+                RpcReply::Append(reply)
+            }
             Ok(Rpc::Vote(r)) => RpcReply::Vote(self.raft.vote(r).await),
             Ok(Rpc::Snapshot { vote, meta, data }) => {
                 let snapshot = openraft::Snapshot {
@@ -655,8 +848,31 @@ impl Strong {
         }
     }
 
-    /// Watches the group: counts elections and leader changes, and (with a preferred leader
-    /// site) has that site stand for election when it is up to date and not leading.
+    /// A random delay in `0..max` (std's per-instance random hasher keys; no RNG needed).
+    fn jitter(max: Duration) -> Duration {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+        let max_us = max.as_micros().max(1) as u64;
+        Duration::from_micros(h.finish() % max_us)
+    }
+
+    /// Watches the group: counts elections and leader changes, stands for election as soon as
+    /// the leader's lease has run out without a heartbeat (the failure detector below), and
+    /// (with a preferred leader site) has that site stand when it is up to date and not leading.
+    ///
+    /// Failure detector. openraft 0.9's own timer has a follower stand only after the lease
+    /// (`election_max_ms`) plus its election timeout (drawn once per node, between
+    /// `election_min_ms` and `election_max_ms`), plus 2 x `election_max_ms` more after a voter
+    /// answered it with a longer log: 4.5 to 12 s with the defaults. A voter refuses every vote
+    /// while its lease runs, so nothing can win before the lease ends; this detector stands at
+    /// the lease's end plus a jitter of up to one heartbeat (none at the preferred site), so a
+    /// dead leader is replaced after about `election_max_ms` + a heartbeat + one vote round
+    /// trip. A refused candidacy backs off (doubling from one heartbeat, up to
+    /// `election_max_ms`), and holds back for `election_max_ms` when a voter has a longer log
+    /// (that voter stands instead). Two candidates of one term need no retry: openraft's votes
+    /// are ordered by (term, node id), so the lower grants the higher one's vote. Leading restarts
+    /// the timer. openraft's own timer stays on as a fallback.
     pub async fn watch(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut rx = self.raft.metrics();
         let (mut term, mut leader) = {
@@ -664,13 +880,57 @@ impl Strong {
             (m.current_term, m.current_leader)
         };
         let mut last_nudge = Instant::now();
+        let tick = (self.heartbeat / 5).max(Duration::from_millis(10));
+        let lease_ms = self.election_max.as_millis() as u64;
+        let heartbeat_ms = self.heartbeat.as_millis() as u64;
+        let spread = if self.preferred == Some(self.me) {
+            Duration::ZERO
+        } else {
+            self.heartbeat
+        };
+        let d = &self.links.detector;
+        let mut jitter = Self::jitter(spread).as_millis() as u64;
+        let mut heard_seen = 0;
+        let mut attempts = 0u32;
+        let mut next_try = 0u64;
         loop {
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(self.election_max) => {}
+                _ = tokio::time::sleep(tick) => {}
                 _ = shutdown.changed() => return,
             }
             let m = rx.borrow_and_update().clone();
+            let now = self.links.now_ms();
+            // A leader restarts the timer, as hearing a leader does, so that a leader that
+            // steps down does not stand at once on a silence measured while it led. (A vote
+            // moving to another node must not: a refused candidate adopts the refusing
+            // voter's vote, and restarting then kept two candidates waiting on each other.)
+            if m.state == ServerState::Leader {
+                self.links.heard_leader();
+            }
+            let heard = d.heard_leader.load(Ordering::Relaxed);
+            if heard != heard_seen {
+                heard_seen = heard;
+                attempts = 0;
+                next_try = 0;
+            }
+            if m.state != ServerState::Leader
+                && now >= heard + lease_ms + jitter
+                && now >= next_try
+                && now >= d.shorter_until.load(Ordering::Relaxed)
+            {
+                attempts += 1;
+                let backoff = (heartbeat_ms << attempts.min(8)).min(lease_ms);
+                jitter = Self::jitter(spread).as_millis() as u64;
+                next_try = now + backoff + jitter;
+                info!(
+                    silent_ms = now - heard,
+                    attempt = attempts,
+                    term = m.current_term,
+                    "no heartbeat from a leader for its lease; standing for election"
+                );
+                let _ = self.raft.trigger().elect().await;
+            }
             if m.current_term != term {
                 Metrics::bump(&self.metrics.elections);
                 term = m.current_term;

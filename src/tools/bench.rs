@@ -27,9 +27,25 @@ pub enum KeyDist {
     Zipf(f64),
 }
 
+/// Which consistency level a load's operations use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum Level {
+    /// Causal `get` / `put` (the default).
+    #[default]
+    Causal,
+    /// Strong (linearizable) `get_strong` / `put_strong`.
+    Strong,
+    /// Compare-and-set only: each worker owns one key (`cas-<seed>-<worker>`), writes it once,
+    /// then swaps it from the value it wrote last to the next (every swap should succeed;
+    /// a failed one counts as an error). Latencies are reported as `put`.
+    Cas,
+}
+
 /// What load to apply.
 #[derive(Clone, Debug)]
 pub struct LoadOptions {
+    /// Consistency level of the operations.
+    pub level: Level,
     /// Concurrent requests in flight (closed loop), or workers (open loop).
     pub concurrency: usize,
     /// How long to run.
@@ -53,6 +69,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
+            level: Level::Causal,
             concurrency: 1,
             duration: Duration::from_secs(5),
             read_ratio: 0.5,
@@ -208,6 +225,40 @@ fn pace(
     rxs
 }
 
+/// One step of a [`Level::Cas`] worker: the first writes its key, every later one swaps the
+/// value it wrote last for the next.
+async fn cas_step(
+    client: &Client,
+    last: &mut Option<u64>,
+    seed: u64,
+    worker: usize,
+) -> Result<(), ClientError> {
+    let key = format!("cas-{seed}-{worker}");
+    let Some(n) = *last else {
+        client.put_strong(&key, "0").await?;
+        *last = Some(0);
+        return Ok(());
+    };
+    let (old, new) = (n.to_string(), (n + 1).to_string());
+    match client
+        .cas(&key, Some(old.as_bytes()), Some(new.as_bytes()))
+        .await?
+    {
+        crate::client::CasOutcome::Swapped => {
+            *last = Some(n + 1);
+            Ok(())
+        }
+        crate::client::CasOutcome::Failed { current } => {
+            // Resynchronise with what the key holds, and report the surprise.
+            *last = None;
+            Err(ClientError::Server {
+                code: 0,
+                message: format!("cas on {key} expected {old}, found {current:?}"),
+            })
+        }
+    }
+}
+
 /// Runs the load against `client` and reports.
 pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
     let start = Instant::now();
@@ -239,6 +290,8 @@ pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
                 first_error: None,
                 done_at: vec![0; opts.duration.as_secs() as usize + 2],
             };
+            // Compare-and-set: the value this worker's key holds (`None`: not written yet).
+            let mut cas: Option<u64> = None;
             loop {
                 let scheduled = match &mut schedule {
                     // Open loop: latency counts from the scheduled send time, so a send that
@@ -260,14 +313,16 @@ pub async fn run_load(client: Arc<Client>, opts: &LoadOptions) -> LoadReport {
                     None => rng.gen_range(0..opts.keys),
                 };
                 let key = format!("key{k:08}");
-                let read = rng.r#gen::<f64>() < opts.read_ratio;
-                let result: Result<(), ClientError> = if read {
-                    client.get(&key).await.map(|_| ())
-                } else {
-                    client
+                let read = opts.level != Level::Cas && rng.r#gen::<f64>() < opts.read_ratio;
+                let result: Result<(), ClientError> = match (opts.level, read) {
+                    (Level::Causal, true) => client.get(&key).await.map(|_| ()),
+                    (Level::Causal, false) => client
                         .put_sync(&key, &value[..], opts.sync)
                         .await
-                        .map(|_| ())
+                        .map(|_| ()),
+                    (Level::Strong, true) => client.get_strong(&key).await.map(|_| ()),
+                    (Level::Strong, false) => client.put_strong(&key, &value[..]).await,
+                    (Level::Cas, _) => cas_step(&client, &mut cas, opts.seed, w).await,
                 };
                 let us = scheduled.elapsed().as_micros().max(1) as u64;
                 match result {
@@ -1578,6 +1633,7 @@ pub async fn stalls(
             let load = run_load(
                 reader,
                 &LoadOptions {
+                    level: Level::Causal,
                     concurrency: opts.readers,
                     duration: Duration::from_secs_f64(opts.seconds),
                     read_ratio: 1.0,
