@@ -515,7 +515,12 @@ mod tests {
 
     #[tokio::test]
     async fn frames_across_the_growth_steps_arrive_whole() {
-        for len in [FIRST_CHUNK - 1, FIRST_CHUNK, FIRST_CHUNK + 1, 5 * FIRST_CHUNK + 7] {
+        for len in [
+            FIRST_CHUNK - 1,
+            FIRST_CHUNK,
+            FIRST_CHUNK + 1,
+            5 * FIRST_CHUNK + 7,
+        ] {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let got = roundtrip(&payload, 1 << 30).await.unwrap().unwrap();
             assert_eq!(&got[..], &payload[..], "{len}");
