@@ -395,7 +395,13 @@ fn frame_at(
             if count < 0 {
                 return Err(ProtocolError::BadCount);
             }
-            let elems = if t == b'%' { count * 2 } else { count };
+            // A map's count is of pairs; saturating, so a huge one is refused below rather
+            // than overflowing.
+            let elems = if t == b'%' {
+                count.saturating_mul(2)
+            } else {
+                count
+            };
             if elems as u64 > limits.max_args as u64 {
                 return Err(ProtocolError::TooManyArgs {
                     count,
@@ -579,6 +585,12 @@ mod tests {
             parse_frame(b"!3\r\n", &Limits::default()),
             Err(ProtocolError::UnknownType(b'!'))
         );
+        // A map of more pairs than an i64 can double is refused, not overflowed (found by
+        // fuzzing; fuzz/regressions/resp/ keeps the input).
+        assert!(matches!(
+            parse_frame(b"%4666666666666666666\r\n", &Limits::default()),
+            Err(ProtocolError::TooManyArgs { .. })
+        ));
     }
 
     fn arg() -> impl Strategy<Value = Vec<u8>> {
