@@ -421,6 +421,8 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     while buf.len() < len {
         let from = buf.len();
         let to = len.min((from * 2).max(FIRST_CHUNK));
+        // Exactly: values sliced out of a frame keep its whole buffer alive.
+        buf.reserve_exact(to - from);
         buf.resize(to, 0);
         r.read_exact(&mut buf[from..to]).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -525,6 +527,7 @@ mod tests {
             let got = roundtrip(&payload, 1 << 30).await.unwrap().unwrap();
             assert_eq!(&got[..], &payload[..], "{len}");
             assert_eq!(got.as_ptr() as usize % 16, 0, "aligned for rkyv");
+            assert_eq!(got.len(), len);
         }
         // A large announcement followed by a few bytes is truncated, having held only those.
         let mut buf = ((1u32 << 30) - 1).to_le_bytes().to_vec();
