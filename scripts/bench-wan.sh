@@ -761,9 +761,14 @@ def metadata_sweep(ns, secs):
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_kind_per_update_per_remote_site"].items()) if v)
         md.append(f"| {r['sites']} | {r['puts']} | {r['bytes_per_update_per_remote_site']:.1f} | "
                   f"{r['ratio_to_key_value']:.2f} | {r['idle_bytes_per_second_per_link']:.0f} | {kinds} |")
-    with open(os.path.join(OUT, "metadata.md"), "w") as f:
+    return write_section("metadata", md, out)
+
+
+def write_section(stem, md, out):
+    """A section's table (STEM.md) and measurements (STEM.json) in OUT; returns `out`."""
+    with open(os.path.join(OUT, f"{stem}.md"), "w") as f:
         f.write("\n".join(md) + "\n")
-    with open(os.path.join(OUT, "metadata.json"), "w") as f:
+    with open(os.path.join(OUT, f"{stem}.json"), "w") as f:
         json.dump(out, f, indent=1)
     return out
 
@@ -798,11 +803,7 @@ def loss_sweep(losses, jitters, secs, rate=500):
         put = r["loads"][0].get("put", {}).get("p50_us", 0) / 1000
         md.append(f"| {r['loss']} | {r['jitter_ms']} | {put:.2f} | {cell(v[0]) if len(v) > 0 else ''} | "
                   f"{cell(v[1]) if len(v) > 1 else ''} | {r['wire_bytes_per_update'] or 0:.0f} |")
-    with open(os.path.join(OUT, "loss.md"), "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(OUT, "loss.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    return out
+    return write_section("loss", md, out)
 
 
 # ---------------------------------------------------------------------------------------------
