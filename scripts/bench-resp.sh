@@ -53,6 +53,15 @@ wait_ping() { # PORT
   exit 1
 }
 
+wait_two_copies() { # PORT MESSAGE: until a WAIT 2 on a fresh write returns 2 (every copy is up)
+  for _ in $(seq 1 100); do
+    got=$(printf 'SET warmup 1\nWAIT 2 1000\n' | redis-cli -h 127.0.0.1 -p "$1" "${TLS[@]}" | tail -1)
+    [ "$got" = 2 ] && return 0
+  done
+  echo "$2" >&2
+  exit 1
+}
+
 start_causalkv() { # FSYNC
   SITE_PIDS=()
   for s in a b c; do
@@ -63,13 +72,7 @@ start_causalkv() { # FSYNC
     PIDS+=($!)
   done
   wait_ping "$CK_PORT"
-  # Every link up: a WAIT 2 on a fresh write returns 2.
-  for _ in $(seq 1 100); do
-    got=$(printf 'SET warmup 1\nWAIT 2 1000\n' | redis-cli -h 127.0.0.1 -p "$CK_PORT" "${TLS[@]}" | tail -1)
-    [ "$got" = 2 ] && return 0
-  done
-  echo "causalkv: the sites never connected" >&2
-  exit 1
+  wait_two_copies "$CK_PORT" "causalkv: the sites never connected"
 }
 
 start_redis() { # DURABLE(0|1)
@@ -90,13 +93,7 @@ start_redis() { # DURABLE(0|1)
     PIDS+=($!)
     wait_ping $(( REDIS_PORT + i ))
   done
-  # Both replicas attached and in sync: a WAIT 2 on a fresh write returns 2.
-  for _ in $(seq 1 100); do
-    got=$(printf 'SET warmup 1\nWAIT 2 1000\n' | redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "${TLS[@]}" | tail -1)
-    [ "$got" = 2 ] && return 0
-  done
-  echo "redis: the replicas never attached" >&2
-  exit 1
+  wait_two_copies "$REDIS_PORT" "redis: the replicas never attached"
 }
 
 stop_all() {
