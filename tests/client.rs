@@ -169,7 +169,7 @@ async fn session_token_carries_guarantees_to_another_process() {
         // Updates from a to b take 400 ms: b lags behind a.
         let mut prepared = Cluster::prepare(2);
         let b_addr = prepared.configs[1].me().addr;
-        let relay = Relay::start(b_addr, ms(400)).await;
+        let relay = Relay::start(b_addr, ms(400));
         prepared.configs[0].sites[1].addr = relay.addr();
         let cluster = prepared.start().await;
         cluster.wait_connected().await;
@@ -854,7 +854,7 @@ async fn redis_cli_writes_at_one_site_and_hands_its_session_to_another() {
     common::bounded(ms(60_000), async {
         // a's updates reach b through a relay that can hold them.
         let mut prep = Cluster::prepare(2);
-        let relay = Relay::start(prep.configs[1].me().addr, Duration::ZERO).await;
+        let relay = Relay::start(prep.configs[1].me().addr, Duration::ZERO);
         prep.configs[0].sites[1].addr = relay.addr();
         for c in &mut prep.configs {
             c.timeouts.request_ms = 1_000;
@@ -920,7 +920,7 @@ async fn redis_py_wait_pipelining_and_bad_input() {
     common::bounded(ms(120_000), async {
         // a reaches c through a relay that can cut the link.
         let mut prep = Cluster::prepare(3);
-        let relay = Relay::start(prep.configs[2].me().addr, Duration::ZERO).await;
+        let relay = Relay::start(prep.configs[2].me().addr, Duration::ZERO);
         prep.configs[0].sites[2].addr = relay.addr();
         let (max_value, max_arg_bytes, max_pipeline, max_connections) = (16 << 10, 64 << 10, 32, 8);
         for c in &mut prep.configs {
@@ -1080,7 +1080,7 @@ async fn resp_causal_chain(
 ) -> (causalkv::tools::checker::Report, usize) {
     use causalkv::tools::checker::{self, History, Op};
     let mut prep = Cluster::prepare(3);
-    let relay = Relay::start(prep.configs[2].me().addr, ms(500)).await;
+    let relay = Relay::start(prep.configs[2].me().addr, ms(500));
     prep.configs[0].sites[2].addr = relay.addr();
     let cluster = prep.start_with(opts).await;
     cluster.wait_connected().await;

@@ -1,5 +1,5 @@
 //! Strong operations end to end, over real QUIC and mutual TLS: three sites, one Raft group,
-//! every inter-site link through a [`Relay`] (one-way delay, cuts).
+//! every inter-site link behind the WAN emulator ([`Wan`]: delay each way, cuts, isolation).
 //!
 //! - Concurrent clients at every site run put, get, cas and delete on a few hot keys; the
 //!   recorded history must be linearizable ([`lincheck`]).
@@ -10,58 +10,53 @@
 //! - Failover: the leader's node stops; the others elect a new one and strong writes resume;
 //!   the old leader comes back as a follower with every acknowledged write.
 //!
-//! - Real `causalkv serve` processes behind relays (10 ms links): concurrent clients at every
-//!   site while the leader's process is killed with `kill -9` (and restarted), the leader is cut
-//!   off from the majority, and a follower is isolated; the history, closed by final reads at
-//!   every site, must be linearizable, so no acknowledged write was lost. It prints the
-//!   failover times (kill to the next successful strong write).
+//! - Real `causalkv serve` processes behind the WAN emulator (10 ms each way): concurrent
+//!   clients at every site while the leader's process is killed with `kill -9` (and
+//!   restarted), the leader is cut off from the majority, and a follower is isolated; the
+//!   history, closed by final reads at every site, must be linearizable, so no acknowledged
+//!   write was lost. It prints the failover times (kill to the next successful strong write).
 //!
 //! `STRONG_SEED` replays the random operation mix; `STRONG_OPS` sets the operations per client
-//! of the in-process test; `STRONG_KILLS` (default 3) and `STRONG_MIN_OPS` (default 0) size the
-//! process test (the issue's run: `STRONG_KILLS=10 STRONG_MIN_OPS=10000`).
+//! of the in-process test; `STRONG_KILLS` (default 10) and `STRONG_MIN_OPS` (default 10,000)
+//! size the process test.
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use causalkv::client::CasOutcome;
 use causalkv::config::ConsensusConfig;
 use causalkv::net::{NodeOptions, StrongOptions};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
+use causalkv::tools::wan::{LinkParams, Wan};
 use causalkv::{Client, ClientError};
-use common::{Cluster, Relay, bounded, env_u64, eventually, ms};
+use common::{Cluster, bounded, env_u64, eventually, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// Three sites laid out with every link `i → j` through a relay delaying it by `delay` (one
-/// way), and consensus timeouts for loopback plus that delay; returns the layout and the relays.
-async fn relayed(delay: Duration) -> (common::Prepared, HashMap<(usize, usize), Relay>) {
+/// Three sites laid out behind the WAN emulator, every link delayed by `delay` each way, with
+/// consensus timeouts for loopback plus that delay.
+fn relayed(delay: Duration) -> (common::Prepared, Wan) {
     let mut prep = Cluster::prepare(3);
-    let real: Vec<_> = prep.configs.iter().map(|c| c.listen_addr()).collect();
-    let mut relays = HashMap::new();
-    for i in 0..3 {
-        prep.configs[i].consensus = ConsensusConfig {
+    for c in &mut prep.configs {
+        c.consensus = ConsensusConfig {
             heartbeat_ms: 300,
             election_min_ms: 1_200,
             election_max_ms: 2_400,
             ..Default::default()
         };
-        for j in (0..3).filter(|&j| j != i) {
-            let relay = Relay::start(real[j], delay).await;
-            prep.configs[i].sites[j].addr = relay.addr();
-            relays.insert((i, j), relay);
-        }
     }
-    (prep, relays)
+    let one_way = delay.as_secs_f64() * 1000.0;
+    let wan = prep.behind_wan(|_, _| LinkParams::default().with_delay_ms(one_way));
+    (prep, wan)
 }
 
 /// Three in-process sites behind [`relayed`] links, started with `opts` and connected.
-async fn cluster(delay: Duration, opts: NodeOptions) -> (Cluster, HashMap<(usize, usize), Relay>) {
-    let (prep, relays) = relayed(delay).await;
+async fn cluster(delay: Duration, opts: NodeOptions) -> (Cluster, Wan) {
+    let (prep, wan) = relayed(delay);
     let c = prep.start_with(opts).await;
     c.wait_connected().await;
-    (c, relays)
+    (c, wan)
 }
 
 /// The leader, one of `sites`, that every site in `sites` agrees on.
@@ -125,7 +120,7 @@ async fn concurrent_strong_operations_are_linearizable() {
         let seed = env_u64("STRONG_SEED", 0x5742_0001);
         let per_client = env_u64("STRONG_OPS", 120);
         println!("seed {seed:#x} (STRONG_SEED), {per_client} ops per client (STRONG_OPS)");
-        let (c, _relays) = cluster(ms(5), NodeOptions::default()).await;
+        let (c, _wan) = cluster(ms(5), NodeOptions::default()).await;
         leader(&c, &[0, 1, 2]).await;
         let rec = Recorder::new();
         let keys: Vec<Vec<u8>> = (0..3).map(|k| format!("hot{k}").into_bytes()).collect();
@@ -193,7 +188,7 @@ async fn follower_local_reads_are_caught_by_the_checker() {
             },
             ..Default::default()
         };
-        let (c, _relays) = cluster(ms(100), opts).await;
+        let (c, _wan) = cluster(ms(50), opts).await;
         let l = leader(&c, &[0, 1, 2]).await;
         let f = (l + 1) % 3;
         let (writer, reader) = (c.client(l).await, c.client(f).await);
@@ -222,7 +217,7 @@ async fn follower_local_reads_are_caught_by_the_checker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cut_off_leader_is_unavailable_for_strong_operations_but_serves_causal_ones() {
     bounded(ms(180_000), async {
-        let (c, relays) = cluster(ms(2), NodeOptions::default()).await;
+        let (c, wan) = cluster(ms(2), NodeOptions::default()).await;
         let old = leader(&c, &[0, 1, 2]).await;
         let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
         let minority = c
@@ -236,11 +231,7 @@ async fn a_cut_off_leader_is_unavailable_for_strong_operations_but_serves_causal
             .put_strong("s", "before")
             .await
             .expect("strong put before the cut");
-        for ((i, j), r) in &relays {
-            if *i == old || *j == old {
-                r.cut(true);
-            }
-        }
+        wan.isolate(old, true);
         // The majority elects a new leader and serves strong and causal operations.
         let new = leader(&c, &others).await;
         assert_ne!(
@@ -294,9 +285,7 @@ async fn a_cut_off_leader_is_unavailable_for_strong_operations_but_serves_causal
             Some(&b"2"[..])
         );
         // Heal: the old leader follows the new one and sees the majority's write.
-        for r in relays.values() {
-            r.cut(false);
-        }
+        wan.isolate(old, false);
         let healed = c.client(old).await;
         eventually(
             ms(30_000),
@@ -312,7 +301,7 @@ async fn a_cut_off_leader_is_unavailable_for_strong_operations_but_serves_causal
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stopped_leader_is_replaced_and_keeps_every_acknowledged_write() {
     bounded(ms(180_000), async {
-        let (mut c, _relays) = cluster(ms(2), NodeOptions::default()).await;
+        let (mut c, _wan) = cluster(ms(2), NodeOptions::default()).await;
         let old = leader(&c, &[0, 1, 2]).await;
         let others: Vec<usize> = (0..3).filter(|&i| i != old).collect();
         let client = c.client(others[0]).await;
@@ -359,10 +348,11 @@ async fn a_stopped_leader_is_replaced_and_keeps_every_acknowledged_write() {
 /// whether that session saw `x`. A and C are the two followers, so that the strong operations
 /// themselves never cross the delayed link.
 async fn mixed_levels(opts: NodeOptions) -> bool {
-    let (c, relays) = cluster(ms(2), opts).await;
+    let (c, wan) = cluster(ms(2), opts).await;
     let l = leader(&c, &[0, 1, 2]).await;
     let (a, cc) = ((l + 1) % 3, (l + 2) % 3);
-    relays[&(a, cc)].set_delay(ms(300));
+    let slow = wan.link(a, cc);
+    slow.set_params(slow.params().with_delay_ms(300.0));
     let writer = c.client(a).await;
     writer.put("x", "1").await.expect("causal put of x at A");
     writer
@@ -410,7 +400,7 @@ async fn a_strong_read_carries_the_writers_causal_context() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cli_runs_strong_operations_and_a_failed_cas_exits_1() {
     bounded(ms(120_000), async {
-        let (c, _relays) = cluster(ms(2), NodeOptions::default()).await;
+        let (c, _wan) = cluster(ms(2), NodeOptions::default()).await;
         leader(&c, &[0, 1, 2]).await;
         let certs = c.certs.to_str().expect("utf-8 path").to_owned();
         let cli = async |args: &[&str], site: usize| {
@@ -521,13 +511,13 @@ async fn process_leader(clients: &[Client], sites: &[usize]) -> usize {
 async fn processes_under_leader_kills_cuts_and_isolation_stay_linearizable() {
     bounded(ms(600_000), async {
         let seed = env_u64("STRONG_SEED", 0x5742_0002);
-        let kills = env_u64("STRONG_KILLS", 3) as usize;
-        let min_ops = env_u64("STRONG_MIN_OPS", 0) as usize;
+        let kills = env_u64("STRONG_KILLS", 10) as usize;
+        let min_ops = env_u64("STRONG_MIN_OPS", 10_000) as usize;
         println!(
             "seed {seed:#x} (STRONG_SEED), {kills} leader kills (STRONG_KILLS), \
              at least {min_ops} operations (STRONG_MIN_OPS)"
         );
-        let (prep, relays) = relayed(ms(10)).await;
+        let (prep, wan) = relayed(ms(10));
         let mut p = prep.spawn().await;
         p.wait_connected().await;
         let status: Vec<Client> = {
@@ -609,24 +599,17 @@ async fn processes_under_leader_kills_cuts_and_isolation_stay_linearizable() {
         }
         // The leader cut off from the majority, then healed.
         let l = process_leader(&status, &[0, 1, 2]).await;
-        let cut_off = |site: usize, on: bool| {
-            for ((i, j), r) in &relays {
-                if *i == site || *j == site {
-                    r.cut(on);
-                }
-            }
-        };
-        cut_off(l, true);
+        wan.isolate(l, true);
         let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
         process_leader(&status, &others).await;
         acked_since(50).await;
-        cut_off(l, false);
+        wan.isolate(l, false);
         // An isolated follower, then healed.
         let l = process_leader(&status, &[0, 1, 2]).await;
         let f = (l + 1) % 3;
-        cut_off(f, true);
+        wan.isolate(f, true);
         acked_since(50).await;
-        cut_off(f, false);
+        wan.isolate(f, false);
         process_leader(&status, &[0, 1, 2]).await;
         acked_since(50).await;
         let more = min_ops.saturating_sub(rec.snapshot().len());

@@ -54,7 +54,7 @@ async fn causal_order_holds_across_a_delayed_link() {
     bounded(LIMIT, async {
         // A reaches C only through a relay that delays A → C by 300 ms; B → C is direct.
         let mut prep = Cluster::prepare(3);
-        let relay = Relay::start(prep.configs[2].me().addr, ms(300)).await;
+        let relay = Relay::start(prep.configs[2].me().addr, ms(300));
         prep.configs[0].sites[2].addr = relay.addr();
         let cluster = prep.start().await;
         cluster.wait_connected().await;
@@ -141,7 +141,7 @@ async fn probe_across_partitions(opts: causalkv::net::NodeOptions) -> Probed {
     let px = causalkv::sharding::partition_of(x.as_bytes(), 2) as usize;
     let mut prep = Cluster::prepare_partitioned(3, 2);
     let (a_x, c_y) = (px, 2 * 2 + 1 - px); // node = site * 2 + partition
-    let relay = Relay::start(prep.configs[2 * 2 + px].listen_addr(), Duration::ZERO).await;
+    let relay = Relay::start(prep.configs[2 * 2 + px].listen_addr(), Duration::ZERO);
     let entry = &mut prep.configs[a_x].sites[2];
     entry.partition_addrs[px] = relay.addr();
     if px == 0 {

@@ -28,7 +28,8 @@
 //! adds on top of the configured delay (`causalkv wan --self-test`).
 //!
 //! Runtime control: the Rust API ([`Link::set_cut`], [`Link::set_params`], [`Wan::cut`],
-//! [`Wan::isolate`]) and, for scripts, a control text applied with [`Wan::apply_control`]
+//! [`Wan::isolate`], and [`Wan::hold`], which queues a link's packets instead of dropping them)
+//! and, for scripts, a control text applied with [`Wan::apply_control`]
 //! (`causalkv wan --control FILE` re-reads the file whenever it changes; an empty file restores
 //! the base matrix):
 //!
@@ -173,6 +174,8 @@ pub struct Link {
     to: usize,
     state: Mutex<LinkState>,
     cut: AtomicBool,
+    /// `Some` while the link is held: the packets admitted meanwhile, in order.
+    held: Mutex<Option<Vec<Job>>>,
     packets: AtomicU64,
     bytes: AtomicU64,
     dropped_loss: AtomicU64,
@@ -193,6 +196,7 @@ impl Link {
                 last_due: now,
             }),
             cut: AtomicBool::new(false),
+            held: Mutex::new(None),
             packets: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
             dropped_loss: AtomicU64::new(0),
@@ -219,6 +223,34 @@ impl Link {
     /// Whether the link is cut.
     pub fn is_cut(&self) -> bool {
         self.cut.load(Ordering::Relaxed)
+    }
+
+    /// Whether the link is held (see [`Wan::hold`]).
+    pub fn is_held(&self) -> bool {
+        lock(&self.held).is_some()
+    }
+
+    /// Hands `job` to the release thread at `due`, or queues it while the link is held. The
+    /// check and the hand-over happen under one lock, so a release never overtakes a packet.
+    fn release_at(&self, sched: &Scheduler, due: Instant, job: Job) {
+        let mut held = lock(&self.held);
+        match held.as_mut() {
+            Some(queue) => queue.push(job),
+            None => sched.push(due, job),
+        }
+    }
+
+    /// Holds the link, or releases it: every packet held meanwhile goes out now, in order.
+    fn set_hold(&self, sched: &Scheduler, on: bool) {
+        let mut held = lock(&self.held);
+        if on {
+            held.get_or_insert_with(Vec::new);
+        } else if let Some(queue) = held.take() {
+            let now = Instant::now();
+            for job in queue {
+                sched.push(now, job);
+            }
+        }
     }
 
     /// Counters and settings.
@@ -523,6 +555,13 @@ impl Wan {
         self.link(b, a).set_cut(on);
     }
 
+    /// Holds link `from → to` (its packets queue, in order, instead of being delivered) or
+    /// releases it (everything held goes out at once). Nothing is dropped, unlike a cut: this is
+    /// a link that stalls and then catches up.
+    pub fn hold(&self, from: usize, to: usize, on: bool) {
+        self.link(from, to).set_hold(&self.sched, on);
+    }
+
     /// Cuts or heals every link of site `a`.
     pub fn isolate(&self, a: usize, on: bool) {
         for b in (0..self.sites()).filter(|&b| b != a) {
@@ -599,7 +638,7 @@ impl Wan {
                                     if let Some(due) = back.admit(n, false) {
                                         let data = buf[..n].to_vec();
                                         let (sock, to) = (main.clone(), Some(src));
-                                        sched.push(due, Job::Udp { sock, to, data });
+                                        back.release_at(&sched, due, Job::Udp { sock, to, data });
                                     }
                                 }
                             })
@@ -611,7 +650,8 @@ impl Wan {
                 };
                 if let Some(due) = fwd.admit(n, false) {
                     let data = buf[..n].to_vec();
-                    sched.push(
+                    fwd.release_at(
+                        &sched,
                         due,
                         Job::Udp {
                             sock: up,
@@ -775,13 +815,25 @@ impl Wan {
     /// Stops every relay and the release thread and waits for them (TCP connection threads
     /// end on their own within [`POLL`]).
     pub fn shutdown(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.sched.stop.store(true, Ordering::Relaxed);
-        self.sched.cv.notify_all();
+        self.signal_stop();
         let threads: Vec<_> = lock(&self.threads).drain(..).collect();
         for t in threads {
             let _ = t.join();
         }
+    }
+
+    fn signal_stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.sched.stop.store(true, Ordering::Relaxed);
+        self.sched.cv.notify_all();
+    }
+}
+
+/// Dropping a [`Wan`] stops its relays without waiting for them: each thread ends within
+/// [`POLL`]. [`Wan::shutdown`] also waits.
+impl Drop for Wan {
+    fn drop(&mut self) {
+        self.signal_stop();
     }
 }
 
@@ -889,7 +941,7 @@ fn pump(
             }
             if let Some(due) = link.admit(data.len(), true) {
                 let tx = tx.clone();
-                sched.push(due, Job::Stream { tx, data });
+                link.release_at(&sched, due, Job::Stream { tx, data });
             }
         };
         if !first.is_empty() {
@@ -1173,6 +1225,22 @@ mod tests {
         assert!(server.recv_from(&mut buf).is_err());
         let s = wan.link(0, 1).stats();
         assert_eq!((s.packets, s.dropped_cut), (1, 1));
+        // A held link queues instead of dropping, and releases in order.
+        wan.cut(0, 1, false);
+        wan.hold(0, 1, true);
+        for m in [&b"one"[..], b"two", b"three"] {
+            client.send_to(m, relay).unwrap();
+        }
+        assert!(server.recv_from(&mut buf).is_err(), "delivered while held");
+        assert!(wan.link(0, 1).is_held());
+        wan.hold(0, 1, false);
+        server
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        for m in [&b"one"[..], b"two", b"three"] {
+            let (n, _) = server.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], m);
+        }
         wan.shutdown();
     }
 

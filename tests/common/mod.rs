@@ -5,30 +5,28 @@
 //!   certificate; stop and restart of one site from its configuration.
 //! - [`Processes`]: the same layout run as `causalkv serve` child processes, for `kill -9` and
 //!   graceful stops by signal.
-//! - [`Relay`]: a user-space UDP relay that delays (or cuts) the datagrams of one link.
+//! - [`Prepared::behind_wan`] puts every link between sites through the WAN emulator ([`Wan`]);
+//!   [`Relay`] puts one relay in front of one site (delay, cut, hold).
 //! - [`wait_until`] / [`eventually`] / [`eventually_ok`]: poll a condition at a short interval
 //!   with a hard deadline, failing with a message; [`bounded`] caps a whole test.
 //! - [`init`]: the rustls provider and a tracing subscriber whose output shows on failure and is
 //!   also kept in memory, so tests can assert that a refusal was logged ([`logs_contain`]).
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use causalkv::config::SiteConfig;
 use causalkv::tls;
 use causalkv::tools::checker::{History, Op, OpKind};
+use causalkv::tools::wan::{LinkParams, Wan};
 use causalkv::tools::{certs, dev};
 use causalkv::{Client, Node};
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 /// The number in environment variable `name`, or `default` if it is unset.
@@ -171,7 +169,7 @@ pub async fn eventually_ok(
 // Clusters
 
 /// A cluster laid out but not started: adjust the configurations (limits, a peer address that
-/// goes through a [`Relay`], ...), then [`Prepared::start`].
+/// goes through a [`Relay`], every link behind the WAN emulator, ...), then [`Prepared::start`].
 pub struct Prepared {
     pub dir: tempfile::TempDir,
     pub certs: PathBuf,
@@ -684,93 +682,53 @@ pub fn have_tool(program: &str, args: &[&str], install: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Relay
+// Relays: the WAN emulator
 
-/// A user-space UDP relay. Datagrams from each client address are forwarded to the target
-/// after the relay's delay (one way: client → target), through one upstream socket per client
-/// address; replies come back undelayed. [`Relay::cut`] drops everything in both directions;
-/// [`Relay::hold`] keeps the client → target datagrams queued until it is lifted.
+impl Prepared {
+    /// Puts every link between sites through the WAN emulator ([`Wan`], the same one
+    /// `causalkv wan` runs): one UDP relay per directed pair `i → j`, on link `i → j` (replies
+    /// on `j → i`), each link starting with `link(i, j)`; site `i`'s configuration dials `j`
+    /// through it. One partition per site.
+    pub fn behind_wan(&mut self, link: impl Fn(usize, usize) -> LinkParams) -> Wan {
+        assert_eq!(
+            self.partitions, 1,
+            "behind_wan lays out one partition per site"
+        );
+        let n = self.configs.len();
+        let names = self.configs.iter().map(|c| c.me().name.clone()).collect();
+        let wan = Wan::new(names, link);
+        let real: Vec<SocketAddr> = self.configs.iter().map(|c| c.listen_addr()).collect();
+        for i in 0..n {
+            for j in (0..n).filter(|&j| j != i) {
+                let relay = wan
+                    .udp_relay(i, j, "127.0.0.1:0".parse().expect("addr"), real[j])
+                    .expect("start a relay");
+                self.configs[i].sites[j].addr = relay;
+            }
+        }
+        wan
+    }
+}
+
+/// One relayed link in front of a site, on the WAN emulator ([`Wan`]): datagrams from any
+/// sender to the target are delayed by the relay's delay; replies come back undelayed.
+/// [`Relay::cut`] drops everything in both directions; [`Relay::hold`] queues the datagrams to
+/// the target until it is lifted.
 pub struct Relay {
+    wan: Wan,
     addr: SocketAddr,
-    delay: Arc<Mutex<Duration>>,
-    cut: Arc<AtomicBool>,
-    held: tokio::sync::watch::Sender<bool>,
-    tasks: Arc<Mutex<Vec<AbortHandle>>>,
 }
 
 impl Relay {
-    /// Binds `127.0.0.1:0` and starts relaying to `target`.
-    pub async fn start(target: SocketAddr, delay: Duration) -> Relay {
-        let main = Arc::new(UdpSocket::bind("127.0.0.1:0").await.expect("relay bind"));
-        let addr = main.local_addr().expect("relay addr");
-        let delay = Arc::new(Mutex::new(delay));
-        let cut = Arc::new(AtomicBool::new(false));
-        let tasks = Arc::new(Mutex::new(Vec::new()));
-        let (held, mut hold) = tokio::sync::watch::channel(false);
-        // The delay queue: datagrams in arrival order with their due time.
-        let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, Arc<UdpSocket>)>();
-        let forward = tokio::spawn(async move {
-            while let Some((due, data, upstream)) = rx.recv().await {
-                tokio::time::sleep_until(due).await;
-                if hold.wait_for(|h| !*h).await.is_err() {
-                    return;
-                }
-                let _ = upstream.send(&data).await;
-            }
+    /// Listens on `127.0.0.1:0` and relays to `target`.
+    pub fn start(target: SocketAddr, delay: Duration) -> Relay {
+        let wan = Wan::new(vec!["sender".into(), "target".into()], |i, _| {
+            LinkParams::default().with_delay_ms(if i == 0 { millis(delay) } else { 0.0 })
         });
-        let receive = {
-            let (main, delay, cut, tasks) =
-                (main.clone(), delay.clone(), cut.clone(), tasks.clone());
-            tokio::spawn(async move {
-                let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
-                let mut buf = vec![0u8; 65_536];
-                loop {
-                    let Ok((n, from)) = main.recv_from(&mut buf).await else {
-                        continue;
-                    };
-                    if cut.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    let upstream = match upstreams.get(&from) {
-                        Some(u) => u.clone(),
-                        None => {
-                            let u = Arc::new(
-                                UdpSocket::bind("127.0.0.1:0").await.expect("upstream bind"),
-                            );
-                            u.connect(target).await.expect("upstream connect");
-                            let (u2, main, cut) = (u.clone(), main.clone(), cut.clone());
-                            let back = tokio::spawn(async move {
-                                let mut buf = vec![0u8; 65_536];
-                                loop {
-                                    let Ok(n) = u2.recv(&mut buf).await else {
-                                        continue;
-                                    };
-                                    if !cut.load(Ordering::Relaxed) {
-                                        let _ = main.send_to(&buf[..n], from).await;
-                                    }
-                                }
-                            });
-                            tasks.lock().unwrap().push(back.abort_handle());
-                            upstreams.insert(from, u.clone());
-                            u
-                        }
-                    };
-                    let due = Instant::now() + *delay.lock().unwrap();
-                    let _ = tx.send((due, buf[..n].to_vec(), upstream));
-                }
-            })
-        };
-        tasks
-            .lock()
-            .unwrap()
-            .extend([forward.abort_handle(), receive.abort_handle()]);
-        Relay {
-            addr,
-            delay,
-            cut,
-            held,
-            tasks,
-        }
+        let addr = wan
+            .udp_relay(0, 1, "127.0.0.1:0".parse().expect("addr"), target)
+            .expect("start a relay");
+        Relay { wan, addr }
     }
 
     /// The address to send to instead of the target.
@@ -780,26 +738,23 @@ impl Relay {
 
     /// Changes the delay of datagrams received from now on.
     pub fn set_delay(&self, d: Duration) {
-        *self.delay.lock().unwrap() = d;
+        let link = self.wan.link(0, 1);
+        link.set_params(link.params().with_delay_ms(millis(d)));
     }
 
-    /// Queues the client → target datagrams while `on`; lifting the hold sends them on, in order.
+    /// Queues the datagrams to the target while `on`; lifting the hold sends them on, in order.
     pub fn hold(&self, on: bool) {
-        self.held.send_replace(on);
+        self.wan.hold(0, 1, on);
     }
 
     /// Drops every datagram (both directions) while `on`.
     pub fn cut(&self, on: bool) {
-        self.cut.store(on, Ordering::Relaxed);
+        self.wan.cut(0, 1, on);
     }
 }
 
-impl Drop for Relay {
-    fn drop(&mut self) {
-        for t in self.tasks.lock().unwrap().drain(..) {
-            t.abort();
-        }
-    }
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
 }
 
 // ---------------------------------------------------------------------------------------------
