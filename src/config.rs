@@ -251,6 +251,10 @@ pub struct StorageConfig {
     pub batch_ms: u64,
     /// Log segment size in bytes.
     pub segment_bytes: u64,
+    /// Under `always`, how many fsyncs of the log may run at once (at least 1). More than one
+    /// lets the next group start its fsync while the previous one is still running, which pays
+    /// off on disks that complete concurrent flushes in parallel.
+    pub fsync_threads: u32,
     /// How often to consider a snapshot, in milliseconds.
     pub snapshot_interval_ms: u64,
     /// Take a snapshot (and drop the log segments it covers) once the log holds this many bytes.
@@ -264,6 +268,7 @@ impl Default for StorageConfig {
             fsync: w.fsync,
             batch_ms: w.batch_ms,
             segment_bytes: w.segment_bytes,
+            fsync_threads: w.fsync_threads,
             snapshot_interval_ms: 10_000,
             snapshot_log_bytes: 256 << 20,
         }
@@ -277,6 +282,7 @@ impl StorageConfig {
             fsync: self.fsync,
             batch_ms: self.batch_ms,
             segment_bytes: self.segment_bytes,
+            fsync_threads: self.fsync_threads.max(1),
         }
     }
 }
@@ -643,6 +649,12 @@ impl SiteConfig {
                     .into(),
             );
         }
+        if !(1..=64).contains(&st.fsync_threads) {
+            return bad(format!(
+                "storage: fsync_threads must be between 1 and 64, not {}",
+                st.fsync_threads
+            ));
+        }
         let c = &self.consensus;
         if c.heartbeat_ms == 0
             || c.election_min_ms <= c.heartbeat_ms
@@ -812,6 +824,10 @@ key = "b.key"
         assert_eq!(ok.transport_limits().max_udp_payload, 1452);
         let e = load(&GOOD.replace("name = \"b\"", "name = \"a\"")).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
+        let e = load(&format!("{GOOD}\n[storage]\nfsync_threads = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("fsync_threads"), "{e}");
+        let ok = load(&format!("{GOOD}\n[storage]\nfsync_threads = 4\n")).expect("valid");
+        assert_eq!(ok.storage.wal().fsync_threads, 4);
     }
 
     #[test]
