@@ -36,6 +36,7 @@
 #   bytes per update per remote site (relay counters), the same split by kind from the sites'
 #   /metrics (causalkv_peer_bytes_out_total{kind}), then idle bytes per second per directed link.
 # Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
+#   once per BENCH_VARIANTS entry ("name:key=value,..." replaces site configuration keys),
 #   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
 # Strong operations (skip with --no-strong; off in --quick; --strong-only runs just these): a
 # causalkv cluster (preferred leader a) and etcd, both up for the whole section, in interleaved
@@ -87,7 +88,7 @@ WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
 [ -n "${BENCH_KEEP_WORK:-}" ] && echo "keeping $WORK" >&2 || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
 python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" "$LOSS_ONLY" "$STRONG" "$STRONG_ONLY" <<'PY'
-import base64, hashlib, http.client, json, os, random, signal, subprocess, sys, threading, time
+import base64, hashlib, http.client, json, os, random, re, signal, subprocess, sys, threading, time
 
 OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE, METADATA_ONLY, LOSS_ONLY, STRONG, STRONG_ONLY = sys.argv[1:]
 QUICK, SWEEPS = QUICK == "1", SWEEPS == "1" and QUICK != "1"
@@ -154,7 +155,7 @@ def free_base(span):
 class Cluster:
     """n causalkv sites as `causalkv serve` processes behind `causalkv wan`."""
 
-    def __init__(self, n, mode, loss=0.0, jitter=0.0, extra_toml=""):
+    def __init__(self, n, mode, loss=0.0, jitter=0.0, extra_toml="", overrides=()):
         self.n, self.mode = n, mode
         self.dir = os.path.join(WORK, f"ckv-{mode}-{n}-{loss}-{int(time.time()*1000) % 100000}")
         base = free_base(n)
@@ -178,8 +179,16 @@ class Cluster:
         self.env = {"CAUSALKV_BENCH_EVENTUAL": "1"} if mode == "eventual" else {}
         self.sites = []
         for i in range(n):
+            path = os.path.join(self.dir, f"site-{chr(ord('a') + i)}.toml")
+            if overrides:
+                text = open(path).read()
+                for k, v in overrides:
+                    text, hits = re.subn(rf"(?m)^{re.escape(k)} = .*$", f"{k} = {v}", text)
+                    if hits != 1:
+                        raise RuntimeError(f"override {k}: {hits} matching lines in {path}")
+                open(path, "w").write(text)
             if extra_toml:
-                with open(os.path.join(self.dir, f"site-{chr(ord('a') + i)}.toml"), "a") as f:
+                with open(path, "a") as f:
                     f.write(extra_toml)
             self.sites.append(self.serve(i))
         deadline = time.time() + 30
@@ -776,32 +785,46 @@ def write_section(stem, md, out):
 # ---------------------------------------------------------------------------------------------
 # Loss sweep: visibility under datagram loss on every link, with and without jitter
 
+def variants():
+    """BENCH_VARIANTS="name:key=value,key=value name2:..." runs each setting of the loss sweep once
+    per variant, interleaved, with those site configuration keys replaced (default: one variant, the
+    configuration as `causalkv dev` lays it out)."""
+    out = []
+    for spec in os.environ.get("BENCH_VARIANTS", "").split():
+        name, _, kvs = spec.partition(":")
+        out.append((name, [tuple(kv.split("=", 1)) for kv in kvs.split(",") if kv]))
+    return out or [("default", [])]
+
+
 def loss_sweep(losses, jitters, secs, rate=500):
     out = []
     for jitter in jitters:
         for loss in losses:
-            log(f"loss: {loss:.1%} on every link, jitter {jitter} ms, {rate} ops/s per site ...")
-            try:
-                cl = Cluster(3, "causal", loss=loss, jitter=jitter)
+            for name, overrides in variants():
+                log(f"loss: {loss:.1%} on every link, jitter {jitter} ms, {rate} ops/s per site, {name} ...")
                 try:
-                    r = workload(cl, f"loss-{loss}-jitter-{jitter}", secs, rate=rate)
-                finally:
-                    cl.close()
-                r.update({"loss": loss, "jitter_ms": jitter})
-                out.append(r)
-            except Exception as e:
-                log(f"  loss {loss} jitter {jitter} failed: {e}")
-                out.append({"loss": loss, "jitter_ms": jitter, "error": str(e)})
-    md = ["# Visibility under loss (3 sites, one-way 15/40/75 ms)", "", f"Command: `{CMDLINE}`", "",
-          "| loss | jitter ms | put p50 ms (a) | visibility p50 / p99 ms at b | at c | B/update |", "|---|---|---|---|---|---|"]
+                    cl = Cluster(3, "causal", loss=loss, jitter=jitter, overrides=overrides)
+                    try:
+                        r = workload(cl, f"loss-{loss}-jitter-{jitter}-{name}", secs, rate=rate)
+                    finally:
+                        cl.close()
+                    r.update({"loss": loss, "jitter_ms": jitter, "variant": name})
+                    out.append(r)
+                except Exception as e:
+                    log(f"  loss {loss} jitter {jitter} {name} failed: {e}")
+                    out.append({"loss": loss, "jitter_ms": jitter, "variant": name, "error": str(e)})
+    md = ["# Visibility under loss (3 sites, one-way 15/40/75 ms)", "", f"Command: `{CMDLINE}`"
+          + (f", BENCH_VARIANTS=`{os.environ['BENCH_VARIANTS']}`" if os.environ.get("BENCH_VARIANTS") else ""), "",
+          "| loss | jitter ms | variant | put p50 ms (a) | visibility p50 / p99 ms at b | at c | B/update |",
+          "|---|---|---|---|---|---|---|"]
     for r in out:
         if "error" in r:
-            md.append(f"| {r['loss']} | {r['jitter_ms']} | failed | | | |")
+            md.append(f"| {r['loss']} | {r['jitter_ms']} | {r['variant']} | failed | | | |")
             continue
         v = (r.get("visibility") or {}).get("sites", [])
         cell = lambda s: f"{s['latency']['p50_us']/1000:.1f} / {s['latency']['p99_us']/1000:.1f}"
         put = r["loads"][0].get("put", {}).get("p50_us", 0) / 1000
-        md.append(f"| {r['loss']} | {r['jitter_ms']} | {put:.2f} | {cell(v[0]) if len(v) > 0 else ''} | "
+        md.append(f"| {r['loss']} | {r['jitter_ms']} | {r['variant']} | {put:.2f} | {cell(v[0]) if len(v) > 0 else ''} | "
                   f"{cell(v[1]) if len(v) > 1 else ''} | {r['wire_bytes_per_update'] or 0:.0f} |")
     return write_section("loss", md, out)
 

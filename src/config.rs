@@ -221,6 +221,10 @@ pub struct QuicConfig {
     /// 256 KiB). See
     /// [`TransportLimits::initial_window`](crate::tls::TransportLimits::initial_window).
     pub initial_window: u64,
+    /// The longest a peer may delay an acknowledgement, milliseconds (1..=1000), asked for
+    /// with QUIC's acknowledgement-frequency extension; 0 (the default) leaves QUIC's own 25 ms.
+    /// See [`TransportLimits::max_ack_delay`](crate::tls::TransportLimits::max_ack_delay).
+    pub max_ack_delay_ms: u64,
 }
 
 impl Default for QuicConfig {
@@ -231,6 +235,7 @@ impl Default for QuicConfig {
             conn_window: t.conn_window,
             max_udp_payload: t.max_udp_payload,
             initial_window: t.initial_window,
+            max_ack_delay_ms: t.max_ack_delay.map_or(0, |d| d.as_millis() as u64),
         }
     }
 }
@@ -513,6 +518,8 @@ impl SiteConfig {
             conn_window: self.quic.conn_window,
             max_udp_payload: self.quic.max_udp_payload,
             initial_window: self.quic.initial_window,
+            max_ack_delay: (self.quic.max_ack_delay_ms > 0)
+                .then(|| std::time::Duration::from_millis(self.quic.max_ack_delay_ms)),
             ..Default::default()
         }
     }
@@ -815,6 +822,8 @@ key = "b.key"
         assert!(e.to_string().contains("keep_alive_ms"), "{e}");
         let e = load(&format!("{GOOD}\n[quic]\nmax_udp_payload = 1000\n")).unwrap_err();
         assert!(e.to_string().contains("max_udp_payload"), "{e}");
+        let e = load(&format!("{GOOD}\n[quic]\nmax_ack_delay_ms = 5000\n")).unwrap_err();
+        assert!(e.to_string().contains("max_ack_delay"), "{e}");
         let e = load(&format!(
             "{GOOD}\n[quic]\nstream_window = 1\nconn_window = 0\n"
         ))

@@ -846,6 +846,38 @@ impl Shared {
         }
     }
 
+    /// Commits everything written up to `target`, which the caller read under the lock
+    /// together with the current segment: fsyncs that segment outside the lock, counts the
+    /// commit and raises `fsynced`. Returns the state locked again (not yet published) and how
+    /// long the fsync took, or `None` when it failed and the log is marked failed.
+    fn commit<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, SyncState>,
+        target: u64,
+    ) -> Option<(MutexGuard<'a, SyncState>, Duration)> {
+        let file = st.current.clone();
+        let records = self.take_unsynced(&mut st);
+        drop(st);
+        let started = Instant::now();
+        let res = self.stats.fsync(&file);
+        let took = started.elapsed();
+        let mut st = self.lock();
+        match res {
+            Ok(()) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .committed_records
+                    .fetch_add(records, Ordering::Relaxed);
+                st.fsynced = st.fsynced.max(target);
+                Some((st, took))
+            }
+            Err(e) => {
+                self.fail(&mut st, format!("write-ahead log fsync failed: {e}"));
+                None
+            }
+        }
+    }
+
     /// Takes the count of records written since the last commit started, for a commit about
     /// to start, and records how long the oldest of them waited.
     fn take_unsynced(&self, st: &mut SyncState) -> u64 {
@@ -949,36 +981,17 @@ fn sync_loop(shared: Arc<Shared>) {
         }
         // Everything written is covered by this fsync. A request beyond it is for bytes queued
         // since the queue was drained: the next round writes and syncs them.
-        let target = appended;
-        let file = st.current.clone();
-        let records = shared.take_unsynced(&mut st);
         let asks = std::mem::take(&mut st.asked);
-        drop(st);
-        let started = Instant::now();
-        let res = shared.stats.fsync(&file);
-        let took = started.elapsed();
+        let Some((guard, took)) = shared.commit(st, appended) else {
+            return;
+        };
+        let waiting = guard.asked;
+        shared.publish(guard, appended);
+        gather = Some(Gather {
+            expect: asks + waiting,
+            until: Instant::now() + (took / 2).min(MAX_GATHER),
+        });
         st = shared.lock();
-        match res {
-            Ok(()) => {
-                shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .stats
-                    .committed_records
-                    .fetch_add(records, Ordering::Relaxed);
-                st.fsynced = st.fsynced.max(target);
-                let waiting = st.asked;
-                shared.publish(st, target);
-                gather = Some(Gather {
-                    expect: asks + waiting,
-                    until: Instant::now() + (took / 2).min(MAX_GATHER),
-                });
-                st = shared.lock();
-            }
-            Err(e) => {
-                shared.fail(&mut st, format!("write-ahead log fsync failed: {e}"));
-                return;
-            }
-        }
     }
 }
 
@@ -1086,29 +1099,12 @@ fn commit_loop(shared: Arc<Shared>) {
             continue;
         }
         // `appended` was read under the lock, with `current`: see `sync_loop`.
-        let target = appended;
-        st.started = target;
-        let file = st.current.clone();
-        let records = shared.take_unsynced(&mut st);
-        drop(st);
-        let res = shared.stats.fsync(&file);
+        st.started = appended;
+        let Some((guard, _)) = shared.commit(st, appended) else {
+            return;
+        };
+        shared.publish(guard, appended);
         st = shared.lock();
-        match res {
-            Ok(()) => {
-                shared.stats.commits.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .stats
-                    .committed_records
-                    .fetch_add(records, Ordering::Relaxed);
-                st.fsynced = st.fsynced.max(target);
-                shared.publish(st, target);
-                st = shared.lock();
-            }
-            Err(e) => {
-                shared.fail(&mut st, format!("write-ahead log fsync failed: {e}"));
-                return;
-            }
-        }
     }
 }
 

@@ -431,6 +431,15 @@ pub struct TransportLimits {
     /// trip, a 100 KB backlog took about four round trips to arrive, and every update that
     /// depended on it waited with it.
     pub initial_window: u64,
+    /// The longest this endpoint asks its peer to delay an acknowledgement, through QUIC's
+    /// acknowledgement-frequency extension (both sides of a causalkv connection support it);
+    /// `None` (the default) leaves QUIC's own 25 ms and the extension off. A sender declares a
+    /// tail packet lost only after its probe timeout, which includes the peer's acknowledgement
+    /// delay, so on a lossy link a shorter delay can bring a lost update sooner. Peers still
+    /// acknowledge every second packet at once, so under load the number of acknowledgements
+    /// does not change. Not the default yet: the loss benchmark has not shown the gain on this
+    /// machine (its runs were too noisy to tell).
+    pub max_ack_delay: Option<Duration>,
 }
 
 impl Default for TransportLimits {
@@ -444,6 +453,7 @@ impl Default for TransportLimits {
             max_concurrent_uni_streams: 100,
             max_udp_payload: 1452,
             initial_window: 256 << 10,
+            max_ack_delay: None,
         }
     }
 }
@@ -469,6 +479,12 @@ impl TransportLimits {
         }
         if self.initial_window < 2400 {
             return bad("initial_window must be at least 2400 bytes");
+        }
+        if self
+            .max_ack_delay
+            .is_some_and(|d| d < Duration::from_millis(1) || d > Duration::from_millis(1_000))
+        {
+            return bad("max_ack_delay must be within 1..=1000 ms");
         }
         if IdleTimeout::try_from(self.idle_timeout).is_err() {
             return bad("idle_timeout too large");
@@ -509,6 +525,11 @@ impl TransportLimits {
         let mut cubic = quinn::congestion::CubicConfig::default();
         cubic.initial_window(self.initial_window);
         config.congestion_controller_factory(std::sync::Arc::new(cubic));
+        if let Some(delay) = self.max_ack_delay {
+            let mut acks = quinn::AckFrequencyConfig::default();
+            acks.max_ack_delay(Some(delay));
+            config.ack_frequency_config(Some(acks));
+        }
         Ok(config)
     }
 }
