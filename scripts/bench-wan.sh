@@ -7,6 +7,7 @@
 #   bash scripts/bench-wan.sh --strong-only [--seconds N] [--out DIR]
 #   bash scripts/bench-wan.sh --metadata-only "3 8" [--seconds N] [--out DIR]
 #   bash scripts/bench-wan.sh --loss-only "0 0.01 0.05" [--seconds N] [--out DIR]
+#   bash scripts/bench-wan.sh --restart-only 20 [--out DIR]
 #
 # No netem needed: `causalkv wan` (src/wan.rs) is a user-space relay mesh on 127.0.0.0/8, one
 # UDP relay per directed site pair (TCP relays in front of the etcd members), with one-way
@@ -38,6 +39,9 @@
 # Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
 #   once per BENCH_VARIANTS entry ("name:key=value,..." replaces site configuration keys),
 #   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
+# Restart catch-up (--restart-only N): 3 sites, a and b writing 500 puts/s each; c killed with
+#   SIGKILL N times, down 2 s each, restarted; time to serving and to c's applied vector covering
+#   what a and b had at the restart (output: restart.md, restart.json).
 # Strong operations (skip with --no-strong; off in --quick; --strong-only runs just these): a
 # causalkv cluster (preferred leader a) and etcd, both up for the whole section, in interleaved
 # rounds (causalkv then etcd): strong put / linearizable get at 1 in flight from the leader's
@@ -59,6 +63,7 @@ SECS=""
 OUT=""
 METADATA_ONLY=""
 LOSS_ONLY=""
+RESTART_ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1; shift ;;
@@ -69,6 +74,7 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift 2 ;;
     --metadata-only) METADATA_ONLY="$2"; shift 2 ;;
     --loss-only) LOSS_ONLY="$2"; shift 2 ;;
+    --restart-only) RESTART_ONLY="$2"; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -87,7 +93,7 @@ CMDLINE="bash scripts/bench-wan.sh $ARGS"
 WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)
 [ -n "${BENCH_KEEP_WORK:-}" ] && echo "keeping $WORK" >&2 || trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$OUT"
-python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" "$LOSS_ONLY" "$STRONG" "$STRONG_ONLY" <<'PY'
+RESTART_ONLY="$RESTART_ONLY" python3 - "$OUT" "$WORK" "$QUICK" "$SWEEPS" "$SECS" "$CMDLINE" "$METADATA_ONLY" "$LOSS_ONLY" "$STRONG" "$STRONG_ONLY" <<'PY'
 import base64, hashlib, http.client, json, os, random, re, signal, subprocess, sys, threading, time
 
 OUT, WORK, QUICK, SWEEPS, SECS, CMDLINE, METADATA_ONLY, LOSS_ONLY, STRONG, STRONG_ONLY = sys.argv[1:]
@@ -783,6 +789,81 @@ def write_section(stem, md, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# Restart catch-up: how long a restarted site takes to receive what it missed
+
+def restart_sweep(restarts, down=2.0, rate=500):
+    """Sites a and b write at `rate` puts/s each (open loop) for the whole sweep; site c is killed
+    with SIGKILL, stays down `down` seconds while the backlog grows, and is started again on its
+    data directory, `restarts` times. Per restart: the target is a's and b's own entries of their
+    `applied` vectors right before the restart (the backlog c must receive); measured from the
+    restart to c's first status answer (serving) and to c's `applied` covering the target."""
+    cl = Cluster(3, "causal")
+    m = one_way(3)
+    rtt = max(m[i][j] + m[j][i] for i in range(3) for j in range(3))
+    rows = []
+    # Each poll is one `causalkv status` process with a 200 ms request timeout: a poll that meets
+    # a site not yet listening costs that much, so `serving` is late by up to 200 ms.
+    status = lambda i: run_json(cl.status_cmd(cl.addrs[i]) + ["--timeout-ms", "200"], timeout=5)
+    try:
+        secs = restarts * (down + 6) + 20
+        gens = [spawn(load_cmd(cl, s, secs, conc=16, read=0.0, rate=rate), stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL) for s in (0, 1)]
+        time.sleep(2)
+        for k in range(restarts):
+            c = cl.sites[2]
+            c.send_signal(signal.SIGKILL)
+            c.wait()
+            time.sleep(down)  # the backlog grows at a and b while c is down
+            target = [status(0)["applied"][0], status(1)["applied"][1]]
+            t0 = time.time()
+            cl.restart(2)
+            serving = first = None
+            while time.time() - t0 < 60:
+                try:
+                    st = status(2)
+                except Exception:
+                    time.sleep(0.01)
+                    continue
+                now = time.time() - t0
+                if serving is None:
+                    serving, first = now, st["applied"][:2]
+                if st["applied"][0] >= target[0] and st["applied"][1] >= target[1]:
+                    rows.append({"restart": k, "serving_s": serving, "caught_up_s": now,
+                                 "target": target, "applied_when_serving": first})
+                    log(f"  restart {k}: serving after {serving * 1000:.0f} ms, caught up after {now * 1000:.0f} ms")
+                    break
+            else:
+                rows.append({"restart": k, "error": "not caught up within 60 s", "target": target})
+                log(f"  restart {k}: not caught up within 60 s")
+            time.sleep(2)
+        for g in gens:
+            g.kill()
+            g.wait()
+            procs.remove(g)
+    finally:
+        cl.close()
+    ok = [r for r in rows if "error" not in r]
+    cu = sorted(r["caught_up_s"] for r in ok)
+    sv = sorted(r["serving_s"] for r in ok)
+    budget = 1.0 + rtt / 1000
+    q = lambda v, f: v[min(len(v) - 1, int(len(v) * f))] * 1000 if v else 0
+    md = ["# Restart catch-up (3 sites, one-way 15/40/75 ms)", "", f"Command: `{CMDLINE}`", "",
+          f"Sites a and b write {rate} puts/s each (open loop, 100 B values) throughout; c is killed with "
+          f"SIGKILL, stays down {down:.0f} s, and restarts on its data directory, {restarts} times. Caught up: "
+          "c's `applied` covers a's and b's own entries as they were right before the restart (polled with "
+          "`causalkv status`, one process per poll with a 200 ms request timeout, so each time is late by "
+          "up to a poll).", "",
+          f"| restarts | serving p50 / max ms | caught up p50 / max ms | budget (1 s + largest RTT) ms | all within |",
+          "|---|---|---|---|---|",
+          f"| {len(ok)} of {len(rows)} | {q(sv, 0.5):.0f} / {q(sv, 1.0):.0f} | {q(cu, 0.5):.0f} / {q(cu, 1.0):.0f} | "
+          f"{budget * 1000:.0f} | {'yes' if ok and len(ok) == len(rows) and cu[-1] <= budget else '**no**'} |", "",
+          "Per restart (ms, serving / caught up): " + ", ".join(
+              f"{r['serving_s'] * 1000:.0f} / {r['caught_up_s'] * 1000:.0f}" if "error" not in r else "failed"
+              for r in rows)]
+    return write_section("restart", md, rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loss sweep: visibility under datagram loss on every link, with and without jitter
 
 def variants():
@@ -970,9 +1051,11 @@ try:
         metadata_sweep([int(x) for x in METADATA_ONLY.split()], float(SECS) if SECS else 6.0)
     if LOSS_ONLY:
         loss_sweep([float(x) for x in LOSS_ONLY.split()], [0.0, 5.0], float(SECS) if SECS else 6.0)
-    if not (METADATA_ONLY or LOSS_ONLY):
+    if os.environ.get("RESTART_ONLY"):
+        restart_sweep(int(os.environ["RESTART_ONLY"]))
+    if not (METADATA_ONLY or LOSS_ONLY or os.environ.get("RESTART_ONLY")):
         main()
 finally:
     stop(list(procs))
 PY
-[ -n "$METADATA_ONLY$LOSS_ONLY" ] || [ "$STRONG_ONLY" = 1 ] || python3 scripts/plot.py "$OUT"
+[ -n "$METADATA_ONLY$LOSS_ONLY$RESTART_ONLY" ] || [ "$STRONG_ONLY" = 1 ] || python3 scripts/plot.py "$OUT"
