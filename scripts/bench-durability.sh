@@ -17,6 +17,11 @@
 # round against that round's own floors, then summarised by their median.
 #
 #   bash scripts/bench-durability.sh [--rounds N] [--seconds N] [--out DIR] [--no-recovery]
+#   bash scripts/bench-durability.sh --commit-threads "1 2 4 8" [--rounds N] [--seconds N] [--out DIR]
+#
+# --commit-threads runs only an A/B of `storage.fsync_threads` under fsync=always: one site per
+# value, plus one with fsync=never, loaded in interleaved rounds with 1, 16 and 64 writers;
+# writes OUT/commit-threads.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -25,10 +30,12 @@ SECONDS_PER_RUN=3
 ROUNDS=3
 RECOVERY=1
 OUT=results/durability
+THREADS_AB=""
 ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
+    --commit-threads) THREADS_AB="$2"; shift 2 ;;
     --no-recovery) RECOVERY=0; shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
@@ -42,12 +49,24 @@ RAW="$WORK/rounds.jsonl"
 
 BASE=$(( 20000 + RANDOM % 20000 ))
 declare -A SITE CERTS ADMIN
+POLICIES=(always batch never)
+if [ -n "$THREADS_AB" ]; then
+  POLICIES=()
+  for t in $THREADS_AB; do POLICIES+=("threads-$t"); done
+  POLICIES+=(never)
+fi
 port=$BASE
-for policy in always batch never; do
+for policy in "${POLICIES[@]}"; do
   D="$WORK/$policy"
   "$BIN" dev --sites 1 --layout-only --dir "$D" --port "$port" >/dev/null
-  sed -i "s/^fsync = .*/fsync = \"$policy\"/" "$D/site-a.toml"
-  grep -q "^fsync = \"$policy\"" "$D/site-a.toml"
+  fsync=$policy
+  if [ "${policy#threads-}" != "$policy" ]; then
+    fsync=always
+    sed -i "s/^fsync_threads = .*/fsync_threads = ${policy#threads-}/" "$D/site-a.toml"
+    grep -q "^fsync_threads = ${policy#threads-}\$" "$D/site-a.toml"
+  fi
+  sed -i "s/^fsync = .*/fsync = \"$fsync\"/" "$D/site-a.toml"
+  grep -q "^fsync = \"$fsync\"" "$D/site-a.toml"
   "$BIN" serve --config "$D/site-a.toml" 2>"$D/site.log" &
   PIDS+=($!)
   SITE[$policy]="127.0.0.1:$port"
@@ -55,12 +74,49 @@ for policy in always batch never; do
   ADMIN[$policy]=$(sed -n 's/^admin_addr = "\(.*\)"/\1/p' "$D/site-a.toml")
   port=$(( port + 10 ))
 done
-for policy in always batch never; do
+for policy in "${POLICIES[@]}"; do
   for _ in $(seq 1 50); do
     "$BIN" status --site "${SITE[$policy]}" --certs "${CERTS[$policy]}" --timeout-ms 500 >/dev/null 2>&1 && break
     sleep 0.1
   done
 done
+
+load() {  # POLICY WRITERS
+  "$BIN" bench load --site "${SITE[$1]}" --certs "${CERTS[$1]}" --seconds "$SECONDS_PER_RUN" \
+    --concurrency "$2" --read-ratio 0 --value-size 100 2>/dev/null
+}
+
+if [ -n "$THREADS_AB" ]; then
+  for round in $(seq 1 "$ROUNDS"); do
+    echo "round $round/$ROUNDS: ${POLICIES[*]} x 1/16/64 writers..." >&2
+    for c in 1 16 64; do
+      for policy in "${POLICIES[@]}"; do
+        R=$(load "$policy" "$c")
+        echo "{\"round\":$round,\"policy\":\"$policy\",\"writers\":$c,\"report\":$R}" >> "$RAW"
+      done
+    done
+  done
+  python3 - "$RAW" "$OUT/commit-threads.md" "$SECONDS_PER_RUN" "$ROUNDS" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+secs = float(sys.argv[3])
+pols = list(dict.fromkeys(r["policy"] for r in rows))
+med = lambda v: sorted(v)[len(v) // 2]
+L = [f"# Commit threads under fsync=always (`storage.fsync_threads`): {sys.argv[4]} interleaved rounds of {secs:.0f} s",
+     "", "One site per setting, 100-byte puts; `never` is the same load with fsync=never.", "",
+     "| writers | setting | puts/s per round | median | x never | p50 us (median) |", "|---:|---|---|---:|---:|---:|"]
+for c in (1, 16, 64):
+    never = med([r["report"]["ops"] / secs for r in rows if r["writers"] == c and r["policy"] == "never"])
+    for p in pols:
+        rs = [r["report"] for r in rows if r["writers"] == c and r["policy"] == p]
+        v = [x["ops"] / secs for x in rs]
+        L.append(f"| {c} | {p} | {', '.join(f'{x:,.0f}' for x in v)} | {med(v):,.0f} | {med(v) / never:.2f} | "
+                 f"{med([x['put']['p50_us'] for x in rs]):,} |")
+open(sys.argv[2], "w").write("\n".join(L) + "\n")
+print("\n".join(L))
+PY
+  exit 0
+fi
 
 D="$WORK/always"
 REDIS_PORT=$(( BASE + 100 ))
@@ -96,11 +152,6 @@ lat.sort()
 print(json.dumps({"p50_us": lat[len(lat) // 2], "mean_us": statistics.mean(lat),
                   "p99_us": lat[int(len(lat) * 0.99)]}))
 PY
-}
-
-load() {  # POLICY WRITERS
-  "$BIN" bench load --site "${SITE[$1]}" --certs "${CERTS[$1]}" --seconds "$SECONDS_PER_RUN" \
-    --concurrency "$2" --read-ratio 0 --value-size 100 2>/dev/null
 }
 
 for round in $(seq 1 "$ROUNDS"); do
