@@ -49,8 +49,18 @@ lines = []
 p = lines.append
 p(f"# Soak: {S['minutes']} minutes, 3 sites, faults on a schedule")
 p("")
+env = ""
+if S.get("fault_secs", 150) != 150:
+    env += f"SOAK_FAULT_SECS={S['fault_secs']} "
+if S.get("faults", ["cut", "kill"]) != ["cut", "kill"]:
+    env += f"SOAK_FAULTS={','.join(S['faults'])} "
+faults = (
+    f"faults every {S.get('fault_secs', 150)} s from minute 1, in turn: "
+    f"{', '.join(S.get('faults', ['cut', 'kill']))} (cut: the link a <-> b for 30 s; kill: "
+    "kill -9 of site c, restarted after 5 s); "
+)
 p(
-    f"`scripts/soak.sh {S['minutes']}` (seed {S['seed']}): {S['sessions']} sessions, one operation "
+    f"`{env}scripts/soak.sh {S['minutes']}` (seed {S['seed']}): {faults}{S['sessions']} sessions, one operation "
     f"every {S['pace_ms']} ms each (half writes of ~110 bytes, half reads) over {S['keys']} keys; "
     f"log segments of {mib(S['segment_bytes'])} MiB, a snapshot once the log holds "
     f"{mib(S['snapshot_log_bytes'])} MiB (considered every {S['snapshot_interval_ms']} ms). "
@@ -114,7 +124,8 @@ if memory:
                 f"| {kib(before(s, t + 120))} |"
             )
     p("")
-    p("| site | RSS MiB min / max / end | anon MiB min / max / end (from minute 5) |")
+    since = " (from minute 5)" if S["minutes"] >= 10 else ""
+    p(f"| site | RSS MiB min / max / end{since} | anon MiB min / max / end{since} |")
     p("|---|---:|---:|")
     for s in sites:
         rss_v = [v for t, v in mem_series(s, "rss_kb") if t >= 300 or S["minutes"] < 10]
