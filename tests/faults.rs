@@ -1147,6 +1147,8 @@ struct Sample {
     secs: u64,
     site: usize,
     rss_kb: Option<u64>,
+    /// The anonymous part of the RSS (the heap; the rest is the mapped binary and libraries).
+    rss_anon_kb: Option<u64>,
     fds: Option<u64>,
     buffered: Option<u64>,
     retained: Option<u64>,
@@ -1183,19 +1185,37 @@ fn disk_use(dir: &std::path::Path) -> (u64, u64, u64) {
     out
 }
 
-/// Resident set size (kB) and open file descriptors of process `pid`, from /proc.
-fn proc_stats(pid: u32) -> (Option<u64>, Option<u64>) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        });
+/// Resident set size of a process, kB, from /proc/PID/status: the whole, the anonymous part
+/// (the heap) and the file-backed part (the mapped binary and libraries).
+#[derive(Clone, Copy)]
+struct Memory {
+    rss_kb: u64,
+    anon_kb: u64,
+    file_kb: u64,
+}
+
+/// The memory of process `pid` (`None` once it has exited).
+fn proc_memory(pid: u32) -> Option<Memory> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    };
+    Some(Memory {
+        rss_kb: field("VmRSS:")?,
+        anon_kb: field("RssAnon:")?,
+        file_kb: field("RssFile:")?,
+    })
+}
+
+/// Memory and open file descriptors of process `pid`, from /proc.
+fn proc_stats(pid: u32) -> (Option<Memory>, Option<u64>) {
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()
         .map(|d| d.count() as u64);
-    (rss, fds)
+    (proc_memory(pid), fds)
 }
 
 /// A soak session: stays on its home site (moving to the next one, with its session token,
@@ -1278,13 +1298,15 @@ async fn statuses(conn: &Conn) -> Vec<Option<causalkv::wire::StatusInfo>> {
 /// steady load from several sessions, and on a schedule a cut of the link between two sites
 /// (then its heal) and a `kill -9` of a site (then its restart). Every `SOAK_SAMPLE_SECS`
 /// (default 60) it records each process's RSS, open file descriptors, dependency-buffer
-/// occupancy, retained updates and bytes on disk; after each heal it pauses the load and
-/// records how long the buffers and retained logs take to drain to 0. It ends with the causal
-/// checker over the whole history and a convergence check. Writes `samples.csv`, `events.csv`
-/// and `summary.json` into `SOAK_OUT`.
+/// occupancy, retained updates and bytes on disk, and every `SOAK_MEMORY_SECS` (default 2,
+/// through the faults too) each process's RSS and its anonymous part; after each heal it pauses
+/// the load and records how long the buffers and retained logs take to drain to 0. It ends with
+/// the causal checker over the whole history and a convergence check. Writes `samples.csv`,
+/// `memory.csv`, `events.csv` and `summary.json` into `SOAK_OUT`.
 ///
 /// `SOAK_MINUTES` (default 3), `SOAK_SESSIONS` (6), `SOAK_PACE_MS` (per-session pause between
-/// operations, 20), `SOAK_KEYS` (500), `FAULTS_SEED`.
+/// operations, 20), `SOAK_KEYS` (500), `SOAK_FAULT_SECS` (from one fault to the next, 150),
+/// `SOAK_FAULTS` (the kinds in turn, `cut,kill`), `FAULTS_SEED`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a long run: scripts/soak.sh runs it"]
 async fn soak() {
@@ -1292,8 +1314,21 @@ async fn soak() {
     let seed = env_u64("FAULTS_SEED", DEFAULT_SEED);
     let minutes = env_u64("SOAK_MINUTES", 3);
     let sample_every = Duration::from_secs(env_u64("SOAK_SAMPLE_SECS", 60));
+    let memory_every = Duration::from_secs(env_u64("SOAK_MEMORY_SECS", 2).max(1));
     let sessions = env_u64("SOAK_SESSIONS", 6);
     let pace = ms(env_u64("SOAK_PACE_MS", 20));
+    let fault_every = Duration::from_secs(env_u64("SOAK_FAULT_SECS", 150));
+    // The faults in turn: `cut` (the link a <-> b for 30 s) and `kill` (kill -9 of site c,
+    // restarted after 5 s).
+    let kinds: Vec<String> = std::env::var("SOAK_FAULTS")
+        .unwrap_or_else(|_| "cut,kill".into())
+        .split(',')
+        .map(|k| k.trim().to_owned())
+        .collect();
+    assert!(
+        kinds.iter().all(|k| k == "cut" || k == "kill"),
+        "SOAK_FAULTS={kinds:?}: each must be cut or kill"
+    );
     let out =
         PathBuf::from(std::env::var("SOAK_OUT").unwrap_or_else(|_| "results-tmp/soak".into()));
     std::fs::create_dir_all(&out).expect("SOAK_OUT");
@@ -1314,6 +1349,11 @@ async fn soak() {
     let mut procs = prepared.spawn().await;
     procs.wait_connected().await;
     let conn = Conn::of(&procs);
+    // Every site's current process id, for the memory samples taken alongside the rest
+    // (through the faults too, which the main loop waits out).
+    let pids: Arc<std::sync::Mutex<Vec<Option<u32>>>> = Arc::new(std::sync::Mutex::new(
+        (0..3).map(|i| procs.pid(i)).collect(),
+    ));
     let data_dirs: Vec<PathBuf> = procs.configs.iter().map(|c| c.data_dir.clone()).collect();
     let keys = keys(env_u64("SOAK_KEYS", 500) as usize);
     let pause = Arc::new(AtomicBool::new(false));
@@ -1335,6 +1375,24 @@ async fn soak() {
 
     let started = Instant::now();
     let end = started + Duration::from_secs(minutes * 60);
+    let memory_samples = {
+        let (pids, stop) = (pids.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut out: Vec<(Duration, usize, Memory)> = Vec::new();
+            let mut tick = tokio::time::interval(memory_every);
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let now = started.elapsed();
+                let current = pids.lock().expect("pids").clone();
+                for (site, pid) in current.into_iter().enumerate() {
+                    if let Some(m) = pid.and_then(proc_memory) {
+                        out.push((now, site, m));
+                    }
+                }
+            }
+            out
+        })
+    };
     let mut samples: Vec<Sample> = Vec::new();
     let mut events: Vec<(u64, String, String)> = Vec::new();
     let mut drains: Vec<Duration> = Vec::new();
@@ -1342,12 +1400,13 @@ async fn soak() {
         let st = statuses(&conn).await;
         let secs = started.elapsed().as_secs();
         for (i, s) in st.iter().enumerate() {
-            let (rss_kb, fds) = procs.pid(i).map_or((None, None), proc_stats);
+            let (memory, fds) = procs.pid(i).map_or((None, None), proc_stats);
             let (wal_bytes, snapshot_bytes, other_bytes) = disk_use(&data_dirs[i]);
             samples.push(Sample {
                 secs,
                 site: i,
-                rss_kb,
+                rss_kb: memory.map(|m| m.rss_kb),
+                rss_anon_kb: memory.map(|m| m.anon_kb),
                 fds,
                 buffered: s.as_ref().map(|s| s.buffered),
                 retained: s.as_ref().map(|s| s.retained),
@@ -1398,8 +1457,8 @@ async fn soak() {
 
     take_samples(&procs, &mut samples).await;
     let mut next_sample = started + sample_every;
-    // A fault every 150 s from minute 1: a cut of the link a ↔ b for 30 s, then a kill -9 of
-    // site c restarted after 5 s, alternately.
+    // A fault every `fault_every` from minute 1, the kinds in turn (by default a cut of the
+    // link a <-> b for 30 s, then a kill -9 of site c restarted after 5 s).
     let mut next_fault = started + Duration::from_secs(60);
     let mut fault_no = 0;
     while Instant::now() < end {
@@ -1409,7 +1468,7 @@ async fn soak() {
             next_sample += sample_every;
         } else if now >= next_fault && now + Duration::from_secs(40) < end {
             let t = started.elapsed().as_secs();
-            if fault_no % 2 == 0 {
+            if kinds[fault_no % kinds.len()] == "cut" {
                 events.push((t, "cut".into(), "link a <-> b cut for 30 s".into()));
                 wan.link(0, 1).set_cut(true);
                 wan.link(1, 0).set_cut(true);
@@ -1425,8 +1484,10 @@ async fn soak() {
             } else {
                 events.push((t, "kill".into(), "kill -9 of site c".into()));
                 procs.kill(2);
+                pids.lock().expect("pids")[2] = None;
                 tokio::time::sleep(ms(5_000)).await;
                 procs.start(2);
+                pids.lock().expect("pids")[2] = procs.pid(2);
                 procs.wait_listening(2, ms(30_000)).await;
                 events.push((
                     started.elapsed().as_secs(),
@@ -1436,7 +1497,7 @@ async fn soak() {
                 drains.push(drain("kill", &mut events).await);
             }
             fault_no += 1;
-            next_fault += Duration::from_secs(150);
+            next_fault += fault_every;
         } else {
             tokio::time::sleep(ms(200)).await;
         }
@@ -1449,6 +1510,7 @@ async fn soak() {
     while let Some(r) = tasks.join_next().await {
         logs.push(r.expect("session task"));
     }
+    let memory_samples = memory_samples.await.expect("memory samples");
     let stopped = Instant::now();
     let states = converge(&conn, &keys, ms(60_000)).await;
     let converged = stopped.elapsed();
@@ -1483,14 +1545,16 @@ async fn soak() {
     // Write everything before asserting anything.
     let opt = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     let mut csv = String::from(
-        "secs,site,rss_kb,fds,buffered,retained,keys,wal_bytes,snapshot_bytes,other_bytes,ops\n",
+        "secs,site,rss_kb,rss_anon_kb,fds,buffered,retained,keys,wal_bytes,snapshot_bytes,\
+         other_bytes,ops\n",
     );
     for s in &samples {
         csv += &format!(
-            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
             s.secs,
             ["a", "b", "c"][s.site],
             opt(s.rss_kb),
+            opt(s.rss_anon_kb),
             opt(s.fds),
             opt(s.buffered),
             opt(s.retained),
@@ -1502,6 +1566,18 @@ async fn soak() {
         );
     }
     std::fs::write(out.join("samples.csv"), csv).expect("samples.csv");
+    let mut mem = String::from("secs,site,rss_kb,anon_kb,file_kb\n");
+    for (t, site, m) in &memory_samples {
+        mem += &format!(
+            "{:.1},{},{},{},{}\n",
+            t.as_secs_f64(),
+            ["a", "b", "c"][*site],
+            m.rss_kb,
+            m.anon_kb,
+            m.file_kb
+        );
+    }
+    std::fs::write(out.join("memory.csv"), mem).expect("memory.csv");
     let mut ev = String::from("secs,event,detail\n");
     for (t, e, d) in &events {
         ev += &format!("{t},{e},\"{d}\"\n");
@@ -1512,6 +1588,9 @@ async fn soak() {
         "minutes": minutes,
         "sessions": sessions,
         "pace_ms": pace.as_millis() as u64,
+        "memory_secs": memory_every.as_secs(),
+        "fault_secs": fault_every.as_secs(),
+        "faults": kinds,
         "keys": keys.len(),
         "segment_bytes": storage.segment_bytes,
         "snapshot_log_bytes": storage.snapshot_log_bytes,

@@ -14,6 +14,20 @@ use std::collections::{BinaryHeap, VecDeque};
 use super::Item;
 use crate::clock::{SiteId, Timestamp, VClock};
 
+/// Capacity a queue keeps however short it gets (see [`release_spare`]).
+const KEEP: usize = 1024;
+
+/// Gives back the room a backlog left in `q` (a partition, a peer's restart) once it has
+/// drained below a quarter of its capacity, down to twice what it holds and at least [`KEEP`]
+/// items: one fault's high-water mark is not kept for the life of the process. Shrinking copies
+/// what is left, so it happens a few times after a backlog and never in steady state.
+pub(crate) fn release_spare<T>(q: &mut VecDeque<T>) {
+    let cap = q.capacity();
+    if cap > KEEP && q.len() < cap / 4 {
+        q.shrink_to((q.len() * 2).max(KEEP));
+    }
+}
+
 /// Remote items waiting for their dependencies, per origin, indexed by what each head waits on.
 #[derive(Debug)]
 pub struct DependencyBuffer {
@@ -85,7 +99,9 @@ impl DependencyBuffer {
 
     /// Removes and returns the head of `origin`'s queue.
     pub fn pop(&mut self, origin: SiteId) -> Option<Item> {
-        let item = self.queues[origin as usize].pop_front()?;
+        let q = &mut self.queues[origin as usize];
+        let item = q.pop_front()?;
+        release_spare(q);
         self.len -= 1;
         self.bytes -= item.payload_len();
         Some(item)
@@ -128,5 +144,30 @@ impl DependencyBuffer {
             let k = k as SiteId;
             (k != origin && applied.get(k) < need).then_some((k, need))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drained_backlog_gives_its_capacity_back() {
+        let mut buf = DependencyBuffer::new(2);
+        for ts in 1..=20_000 {
+            buf.push(1, Item::Marker(ts));
+        }
+        assert!(buf.queues[1].capacity() >= 20_000);
+        while buf.len_from(1) > 100 {
+            buf.pop(1);
+        }
+        let cap = buf.queues[1].capacity();
+        assert!(
+            cap <= 2 * KEEP,
+            "capacity {cap} kept after the backlog drained"
+        );
+        // What is left is intact and in order.
+        assert_eq!(buf.head_ts(1), Some(19_901));
+        assert_eq!(buf.len(), 100);
     }
 }

@@ -781,6 +781,7 @@ impl<S: Store> Replica<S> {
             self.retained.pop_front();
             self.stats.pruned += 1;
         }
+        buffer::release_spare(&mut self.retained);
     }
 
     /// Number of this site's retained updates that `peer` has not acked yet.

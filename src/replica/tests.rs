@@ -161,6 +161,22 @@ fn retained_log_is_pruned_only_when_every_peer_acked() {
 }
 
 #[test]
+fn retained_log_gives_back_a_backlogs_capacity_once_acked() {
+    // Site b acks nothing for 20,000 writes (a partition), then everything at once.
+    let mut a = replica(0, 2);
+    for ts in 1..=20_000u64 {
+        a.put(ts, b("k"), Some(b("v")), &VClock::zero(2)).unwrap();
+    }
+    flush(&mut a);
+    assert_eq!(a.retained_len(), 20_000);
+    assert!(a.retained.capacity() >= 20_000);
+    a.on_peer_applied(1, &a.durable().clone());
+    assert_eq!(a.retained_len(), 0);
+    let cap = a.retained.capacity();
+    assert!(cap <= 2048, "capacity {cap} kept after every peer acked");
+}
+
+#[test]
 fn tombstone_is_collected_only_when_every_site_has_the_delete_and_no_older_write_can_come() {
     let (mut a, mut b_) = (replica(0, 2), replica(1, 2));
     a.put(10, b("k"), Some(b("v")), &VClock::zero(2)).unwrap();
