@@ -55,6 +55,17 @@ impl Item {
             Item::Marker(_) => 0,
         }
     }
+
+    /// Pads an update's dependency vector with zeros to `n` entries: a vector from a peer that
+    /// counts fewer sites (it has not learned of the ones added since) depends on nothing
+    /// from them.
+    pub fn pad_deps(&mut self, n: usize) {
+        if let Item::Update(u) = self
+            && u.deps.len() < n
+        {
+            u.deps = u.deps.resized(n);
+        }
+    }
 }
 
 /// What a replica asks the driver to make durable, in order.

@@ -5,7 +5,8 @@
 //! allocating, reads the archive into an aligned buffer, and hands it out as [`Bytes`] so that
 //! values can later be sliced out of the frame and stored without re-encoding. Each archive is
 //! validated with bytecheck (`rkyv::access`) before any field is read, and then checked for
-//! meaning ([`check_sizes`], [`check_vector`]): vector lengths equal the number of sites, ids are
+//! meaning ([`check_sizes`], [`check_vector`]): vectors have at most one entry per site (a
+//! shorter one, from before sites were added, reads as zeros for the missing entries), ids are
 //! in range, keys and values respect the limits, timestamps grow along a batch.
 //!
 //! Messages here: client streams (one bidirectional stream per request), [`Request`] /
@@ -476,15 +477,18 @@ pub fn check_sizes(key: usize, value: usize, limits: &Limits) -> Result<(), Wire
     Ok(())
 }
 
-/// Checks a vector received from the wire has one entry per site.
+/// Checks a vector received from the wire has at most one entry per site, and pads it with
+/// zeros to exactly one per site.
 pub fn check_vector(v: &[u64], sites: usize, what: &str) -> Result<VClock, WireError> {
-    if v.len() != sites {
+    // Site ids are never reused and only ever added, so a vector written before the cluster
+    // grew is shorter: its missing entries are zeros (nothing seen from those sites yet).
+    if v.len() > sites {
         return Err(WireError::Semantic(format!(
             "{what} has {} entries, the cluster has {sites} sites",
             v.len()
         )));
     }
-    Ok(VClock::from_vec(v.to_vec()))
+    Ok(VClock::from_vec(v.to_vec()).resized(sites))
 }
 
 #[cfg(test)]
@@ -563,5 +567,19 @@ mod tests {
             applied: vec![1, 2],
         };
         assert_eq!(decode::<Response>(&encode(&resp)).unwrap(), resp);
+    }
+
+    #[test]
+    fn a_shorter_vector_reads_as_zeros_and_a_longer_one_is_refused() {
+        // A vector written before a site was added has no entry for it: zero, not an error.
+        let v = check_vector(&[5, 7], 3, "ack").unwrap();
+        assert_eq!(v.as_slice(), &[5, 7, 0]);
+        assert_eq!(check_vector(&[], 2, "ack").unwrap().as_slice(), &[0, 0]);
+        assert_eq!(
+            check_vector(&[1, 2, 3], 3, "ack").unwrap().as_slice(),
+            &[1, 2, 3]
+        );
+        let e = check_vector(&[1, 2, 3, 4], 3, "ack vector").unwrap_err();
+        assert!(e.to_string().contains("ack vector has 4 entries"), "{e}");
     }
 }
