@@ -579,7 +579,10 @@ async fn strong(
         StrongOp::Read(key) => (Forwarded::Read { key }, Op::StrongGet),
         StrongOp::Write(op) => {
             let metric = match op {
-                WriteOp::Put { .. } | WriteOp::PutIfPresent { .. } => Op::StrongPut,
+                // A RESP connection never proposes configuration changes.
+                WriteOp::Put { .. } | WriteOp::PutIfPresent { .. } | WriteOp::Sites(_) => {
+                    Op::StrongPut
+                }
                 WriteOp::Delete { .. } => Op::StrongDelete,
                 WriteOp::Cas { .. } => Op::Cas,
             };

@@ -451,6 +451,9 @@ pub(super) async fn execute_strong(
             "a retry of a strong write whose reply is no longer remembered: it may or may not \
              have been applied",
         ),
+        // A configuration change: applied, or refused with the reason (nothing changed).
+        Outcome::Applied(Reply::Membership(Ok(_))) => ResponseBody::StrongWritten,
+        Outcome::Applied(Reply::Membership(Err(why))) => error(error_code::BAD_REQUEST, why),
         Outcome::Value { value, ctx } => ResponseBody::StrongValue {
             value,
             ctx: drop_ctx(ctx),
