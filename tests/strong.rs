@@ -16,6 +16,11 @@
 //!   every site, must be linearizable, so no acknowledged write was lost. It prints the
 //!   failover times (kill to the next successful strong write).
 //!
+//! - The cluster configuration: the `[[sites]]` of the files seed it once, through the Raft
+//!   group; `causalkv sites list` shows it at every site, `/metrics` and the status its epoch,
+//!   and a site restarted from a file whose `[[sites]]` were changed loads the replicated
+//!   configuration instead (and reaches its peers at their replicated addresses).
+//!
 //! `STRONG_SEED` replays the random operation mix; `STRONG_OPS` sets the operations per client
 //! of the in-process test; `STRONG_KILLS` (default 3) and `STRONG_MIN_OPS` (default 0) size the
 //! process test (the run: `STRONG_KILLS=10 STRONG_MIN_OPS=10000`).
@@ -30,7 +35,7 @@ use causalkv::config::ConsensusConfig;
 use causalkv::net::{NodeOptions, StrongOptions};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::{Client, ClientError};
-use common::{Cluster, Relay, bounded, env_u64, eventually, ms};
+use common::{BIN, Cluster, Relay, bounded, env_u64, eventually, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -717,6 +722,151 @@ async fn leadership_moves_back_to_the_preferred_site_when_it_is_healthy() {
             Some(&b"1"[..])
         );
         c.shutdown().await;
+    })
+    .await;
+}
+
+/// Three sites with consensus timeouts for loopback.
+fn quick_consensus(prep: &mut common::Prepared) {
+    for cfg in &mut prep.configs {
+        cfg.consensus = ConsensusConfig {
+            heartbeat_ms: 200,
+            election_min_ms: 800,
+            election_max_ms: 1_600,
+            ..Default::default()
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_site_list_seeds_one_replicated_configuration_shown_in_status_and_metrics() {
+    bounded(ms(120_000), async {
+        let mut prep = Cluster::prepare(3);
+        quick_consensus(&mut prep);
+        let c = prep.start().await;
+        c.wait_connected().await;
+        eventually(
+            ms(20_000),
+            "every site holds the bootstrapped configuration",
+            async || {
+                (0..3).all(|i| {
+                    let m = c.node(i).status().membership.expect("membership");
+                    m.source == "replicated" && m.epoch == 1
+                })
+            },
+        )
+        .await;
+        for i in 0..3 {
+            let m = c.node(i).status().membership.expect("membership");
+            let names: Vec<&str> = m.sites.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["a", "b", "c"], "site {i}");
+            assert_eq!(m.next_id, 3);
+            assert!(m.sites.iter().all(|s| s.state == "active"), "{m:?}");
+            let text = c.node(i).metrics_text();
+            assert!(text.contains("causalkv_membership_epoch 1\n"), "{text}");
+            assert!(text.contains("causalkv_membership_sites 3\n"), "{text}");
+        }
+        c.shutdown().await;
+    })
+    .await;
+}
+
+/// `causalkv sites list --json` at `addr`: the membership it shows.
+fn sites_list(certs: &std::path::Path, addr: std::net::SocketAddr) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["sites", "list", "--json", "--timeout-ms", "2000", "--site"])
+        .arg(addr.to_string())
+        .arg("--certs")
+        .arg(certs)
+        .output()
+        .expect("run the CLI");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str::<serde_json::Value>(text.trim())
+        .map(|v| v["membership"].clone())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_site_loads_the_replicated_configuration_not_its_file() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare(3);
+        quick_consensus(&mut prep);
+        let mut p = prep.spawn().await;
+        p.wait_connected().await;
+        let certs = p.certs.clone();
+        // `sites list` at every site: epoch 1, replicated, the three sites as the files list them.
+        for i in 0..3 {
+            let mut seen = serde_json::Value::Null;
+            eventually(
+                ms(20_000),
+                "sites list shows the replicated configuration",
+                async || {
+                    seen = sites_list(&certs, p.addr(i));
+                    seen["source"] == "replicated"
+                },
+            )
+            .await;
+            assert_eq!(seen["epoch"], 1, "site {i}: {seen}");
+            let sites = seen["sites"].as_array().expect("sites");
+            assert_eq!(sites.len(), 3, "{seen}");
+            for (j, s) in sites.iter().enumerate() {
+                assert_eq!(s["site"], j, "{seen}");
+                assert_eq!(s["name"], ["a", "b", "c"][j], "{seen}");
+                assert_eq!(s["addr"], p.addr(j).to_string(), "{seen}");
+                assert_eq!(s["state"], "active", "{seen}");
+            }
+        }
+        // Site c stops; its file now gives site b an address nothing listens on.
+        p.stop(2, ms(20_000)).await;
+        let real_b = p.addr(1);
+        let bogus = common::free_addr();
+        let mut edited = p.configs[2].clone();
+        edited.sites[1].addr = bogus;
+        std::fs::write(
+            &p.config_files[2],
+            toml::to_string_pretty(&edited).expect("config serialises"),
+        )
+        .expect("rewrite c's file");
+        p.start(2);
+        p.wait_listening(2, ms(20_000)).await;
+        // c loaded the replicated configuration: b at its real address, and it says so.
+        let listed = sites_list(&certs, p.addr(2));
+        assert_eq!(listed["source"], "replicated", "{listed}");
+        assert_eq!(listed["epoch"], 1, "{listed}");
+        assert_eq!(listed["sites"][1]["addr"], real_b.to_string(), "{listed}");
+        assert!(
+            p.log(2)
+                .contains("differ from the replicated cluster configuration"),
+            "{}",
+            p.log(2)
+        );
+        // And it reaches b there (with the file's address the link to b could never come up).
+        let client = p.client(2).await;
+        eventually(
+            ms(20_000),
+            "c's link to b is up at b's replicated address",
+            async || {
+                client.status().await.is_ok_and(|s| {
+                    s.peers
+                        .iter()
+                        .any(|x| x.name == "b" && x.state == "up" && x.addr == real_b.to_string())
+                })
+            },
+        )
+        .await;
+        // Causal writes at c reach b.
+        let v = client.put("after-restart", "1").await.expect("put at c");
+        let at_b = p.client(1).await;
+        at_b.set_session_token(&client.session_token())
+            .expect("token");
+        assert_eq!(
+            at_b.get("after-restart")
+                .await
+                .expect("get at b")
+                .as_deref(),
+            Some(&b"1"[..]),
+            "write {v} at c is read at b"
+        );
     })
     .await;
 }

@@ -185,10 +185,26 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// The cluster configuration: its epoch and sites.
+    Sites {
+        #[command(subcommand)]
+        cmd: SitesCmd,
+    },
     /// Print a shell completion script (e.g. `causalkv completions bash > /etc/bash_completion.d/causalkv`).
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum SitesCmd {
+    /// Show the cluster configuration a site holds: epoch, and every site with its id, name,
+    /// address and state (the replicated configuration, or the file's sites before the first
+    /// one is committed).
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
     },
 }
 
@@ -705,6 +721,32 @@ async fn run(cmd: Cmd) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Cmd::Sites {
+            cmd: SitesCmd::List { conn },
+        } => {
+            client_cmd(&conn, |c| async move {
+                let s = c.status().await?;
+                let Some(m) = s.membership else {
+                    return Err(ClientError::Config(format!(
+                        "site {} reported no cluster configuration",
+                        s.name
+                    )));
+                };
+                let mut text = format!(
+                    "cluster configuration at site {}: epoch {} ({}), next id {}",
+                    s.name, m.epoch, m.source, m.next_id
+                );
+                for site in &m.sites {
+                    text.push_str(&format!(
+                        "\n  {:>2}  {:<12} {:<22} {}",
+                        site.site, site.name, site.addr, site.state
+                    ));
+                }
+                let json = serde_json::json!({"site": s.name, "membership": m});
+                Ok((Some(text), json, true))
+            })
+            .await
+        }
         Cmd::Status { conn } => {
             let local_certs = [
                 (
@@ -748,6 +790,14 @@ async fn run(cmd: Cmd) -> ExitCode {
                         show(v.match_index)
                     ));
                 }
+            }
+            if let Some(m) = &s.membership {
+                text.push_str(&format!(
+                    "\n  membership: epoch {} ({}), {} sites",
+                    m.epoch,
+                    m.source,
+                    m.sites.iter().filter(|s| s.state != "removed").count()
+                ));
             }
             text.push_str("\n  peers:");
             for p in &s.peers {

@@ -228,6 +228,34 @@ mod messages {
         pub voters: Vec<VoterStatus>,
     }
 
+    /// One site of the cluster configuration, in a status answer.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct MemberStatus {
+        /// Site id (never reused).
+        pub site: u16,
+        /// Site name.
+        pub name: String,
+        /// Address (of its partition 0).
+        pub addr: String,
+        /// `active`, `joining` or `removed`.
+        pub state: String,
+    }
+
+    /// The cluster configuration a node holds, in a status answer.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct MembershipStatus {
+        /// The configuration's epoch (raised by every change; 0: not bootstrapped yet).
+        pub epoch: u64,
+        /// Where it comes from: `replicated` (the Raft group's state) or `bootstrap` (the
+        /// configuration file's `[[sites]]`, until the group has committed its first
+        /// configuration).
+        pub source: String,
+        /// The id the next added site gets.
+        pub next_id: u16,
+        /// Every site, removed ones included, in id order.
+        pub sites: Vec<MemberStatus>,
+    }
+
     /// One peer's line in a status answer.
     #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
     pub struct PeerStatus {
@@ -286,6 +314,8 @@ mod messages {
         pub site_stable: Vec<u64>,
         /// The partition's Raft group (strong operations).
         pub consensus: Option<Box<ConsensusStatus>>,
+        /// The cluster configuration (sites and epoch) as this node holds it.
+        pub membership: Option<Box<MembershipStatus>>,
     }
 
     /// The body of a response.
