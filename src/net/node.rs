@@ -480,12 +480,28 @@ impl Drop for StopOnError {
 
 /// Takes the sites of the replicated cluster configuration `m` over the file's `[[sites]]`
 /// (which seed only the very first start), and checks the result.
+///
+/// The configuration says which sites there are (ids, names, states) and where each listens.
+/// A site the file lists under the same id and name keeps the file's addresses: they are how
+/// this node reaches it (a private address, a relay in front of it), which may differ from
+/// site to site. A site the file does not list (added since) is reached at its replicated
+/// address.
 fn adopt_sites(
     cfg: &mut SiteConfig,
     m: &crate::consensus::members::Membership,
 ) -> Result<(), NodeError> {
-    let sites = m.site_entries();
-    if sites != cfg.sites {
+    let mut sites = m.site_entries();
+    let mut differ = sites.len() != cfg.sites.len();
+    for s in &mut sites {
+        match cfg.sites.iter().find(|f| f.id == s.id && f.name == s.name) {
+            Some(f) => {
+                s.addr = f.addr;
+                s.partition_addrs = f.partition_addrs.clone();
+            }
+            None => differ = true,
+        }
+    }
+    if differ {
         warn!(
             epoch = m.epoch,
             replicated = sites.len(),
