@@ -724,8 +724,10 @@ async fn receive_updates(
             .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
         Metrics::bump(&shared.metrics.batches_in);
         let mut items = peer_wire::decode_batch(&frame, peer, width, &limits)?;
-        if width < n {
-            items.iter_mut().for_each(|it| it.pad_deps(n));
+        if width != n {
+            for it in &mut items {
+                it.fit_deps(n).map_err(WireError::Semantic)?;
+            }
         }
         shared.mutate_deferred(|r| r.receive(peer, items));
         // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
@@ -784,13 +786,14 @@ async fn read_hello_from(
 }
 
 /// Reads a hello and checks it against this node's configuration: same cluster and
-/// partitions, at most as many sites; a peer must be this node's partition at another site, a
-/// sibling another partition of this site. Returns the remote, its applied vector (padded to
+/// partitions; a peer must be this node's partition at another site this node counts, a
+/// sibling another partition of this site. Returns the remote, its applied vector (fitted to
 /// this node's sites) and the number of sites it counts: the width of the vectors it sends.
 ///
-/// A peer may count fewer sites than this node (it has not learned of sites added since):
-/// its vectors are shorter, and their missing entries are zeros. One that counts more knows a
-/// configuration this node does not, and is refused until this node learns it.
+/// Nodes may count different numbers of sites while a site added to the cluster
+/// configuration is adopted (at a restart, so far): a peer that counts fewer sends shorter
+/// vectors, whose missing entries are zeros; one that counts more sends longer ones, which
+/// must be zero past this node's count (the added site has written nothing yet).
 async fn read_hello_raw(
     shared: &Shared,
     recv: &mut RecvStream,
@@ -807,7 +810,10 @@ async fn read_hello_raw(
                 )));
             }
             let n = shared.cfg.n();
-            if h.sites as usize > n || h.site >= h.sites {
+            if h.site as usize >= n
+                || h.site >= h.sites
+                || h.sites as usize > crate::consensus::members::MAX_SITES
+            {
                 return Err(LinkError::Hello(format!(
                     "peer claims site {} of {} sites; this cluster has {n}",
                     h.site, h.sites

@@ -175,17 +175,12 @@ async fn execute(
     }
     let n = shared.cfg.n();
     let ctx: Vec<u64> = req.ctx.iter().map(|x| x.to_native()).collect();
-    // A new session's context may be shorter than the cluster (entries it never saw are 0).
-    if ctx.len() > n {
-        return error(
-            error_code::BAD_REQUEST,
-            format!(
-                "causal context has {} entries, the cluster has {n} sites",
-                ctx.len()
-            ),
-        );
-    }
-    let ctx = VClock::from_vec(ctx).resized(n);
+    // A new session's context may be shorter than the cluster (entries it never saw are 0),
+    // or longer with zeros for sites added that this site does not count yet.
+    let ctx = match crate::wire::check_vector(&ctx, n, "causal context") {
+        Ok(ctx) => ctx,
+        Err(e) => return error(error_code::BAD_REQUEST, e.to_string()),
+    };
     let timeout = Duration::from_millis(
         (req.timeout_ms.to_native() as u64).min(shared.cfg.timeouts.request_ms),
     );

@@ -488,11 +488,19 @@ fn vectors_shorter_than_the_site_count_read_as_zeros() {
         .get(b"k", &VClock::from_vec(vec![0, 0, 0, 1]))
         .unwrap_err();
     assert_eq!((e.site, e.need), (3, 1));
-    // A padded item keeps its entries and adds zeros.
-    let mut it = remote(1, 9, "q", vec![4]);
-    it.pad_deps(3);
-    match it {
-        Item::Update(u) => assert_eq!(u.deps.as_slice(), &[4, 0, 0]),
+    // A fitted item keeps its entries and adds zeros, or cuts zeros for sites not counted
+    // here; it cannot depend on such a site.
+    let deps_of = |it: Item| match it {
+        Item::Update(u) => u.deps.into_vec(),
         Item::Marker(_) => unreachable!(),
-    }
+    };
+    let mut it = remote(1, 9, "q", vec![4]);
+    it.fit_deps(3).unwrap();
+    assert_eq!(deps_of(it), [4, 0, 0]);
+    let mut it = remote(1, 9, "q", vec![4, 0, 0, 0]);
+    it.fit_deps(3).unwrap();
+    assert_eq!(deps_of(it), [4, 0, 0]);
+    let mut it = remote(1, 9, "q", vec![4, 0, 0, 2]);
+    let e = it.fit_deps(3).unwrap_err();
+    assert!(e.contains("depends on site 3"), "{e}");
 }

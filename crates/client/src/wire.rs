@@ -5,9 +5,10 @@
 //! allocating, reads the archive into an aligned buffer, and hands it out as [`Bytes`] so that
 //! values can later be sliced out of the frame and stored without re-encoding. Each archive is
 //! validated with bytecheck (`rkyv::access`) before any field is read, and then checked for
-//! meaning ([`check_sizes`], [`check_vector`]): vectors have at most one entry per site (a
-//! shorter one, from before sites were added, reads as zeros for the missing entries), ids are
-//! in range, keys and values respect the limits, timestamps grow along a batch.
+//! meaning ([`check_sizes`], [`check_vector`]): vectors have one entry per site (a shorter
+//! one, from before sites were added, reads as zeros for the missing entries; a longer one
+//! may only add zeros, for sites added that this node does not count yet), ids are in range,
+//! keys and values respect the limits, timestamps grow along a batch.
 //!
 //! Messages here: client streams (one bidirectional stream per request), [`Request`] /
 //! [`Response`]. The peer protocol's messages (hello, acks, update batches) are the server's
@@ -507,15 +508,19 @@ pub fn check_sizes(key: usize, value: usize, limits: &Limits) -> Result<(), Wire
     Ok(())
 }
 
-/// Checks a vector received from the wire has at most one entry per site, and pads it with
-/// zeros to exactly one per site.
+/// Checks a vector received from the wire against the `sites` this node counts, and returns
+/// it with exactly one entry per site: a shorter one is padded with zeros, a longer one must
+/// have only zeros past `sites`.
 pub fn check_vector(v: &[u64], sites: usize, what: &str) -> Result<VClock, WireError> {
     // Site ids are never reused and only ever added, so a vector written before the cluster
-    // grew is shorter: its missing entries are zeros (nothing seen from those sites yet).
-    if v.len() > sites {
+    // grew is shorter: its missing entries are zeros (nothing seen from those sites yet). A
+    // vector from a node that already counts a site added since, which this node does not
+    // count yet, is longer: harmless while that site has written nothing (its entry is zero).
+    if let Some(i) = v.iter().skip(sites).position(|&e| e > 0) {
         return Err(WireError::Semantic(format!(
-            "{what} has {} entries, the cluster has {sites} sites",
-            v.len()
+            "{what} has {} entries, the cluster has {sites} sites (entry {} is not zero)",
+            v.len(),
+            sites + i
         )));
     }
     Ok(VClock::from_vec(v.to_vec()).resized(sites))
@@ -611,5 +616,9 @@ mod tests {
         );
         let e = check_vector(&[1, 2, 3, 4], 3, "ack vector").unwrap_err();
         assert!(e.to_string().contains("ack vector has 4 entries"), "{e}");
+        // Past the sites counted here, zeros only: a site added that this node has not
+        // adopted yet, and that has written nothing.
+        let v = check_vector(&[1, 2, 3, 0, 0], 3, "ack").unwrap();
+        assert_eq!(v.as_slice(), &[1, 2, 3]);
     }
 }
