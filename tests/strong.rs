@@ -17,9 +17,11 @@
 //!   failover times (kill to the next successful strong write).
 //!
 //! - The cluster configuration: the `[[sites]]` of the files seed it once, through the Raft
-//!   group; `causalkv sites list` shows it at every site, `/metrics` and the status its epoch,
-//!   and a site restarted from a file whose `[[sites]]` were changed loads the replicated
-//!   configuration instead (and reaches its peers at their replicated addresses).
+//!   group; `causalkv sites list` shows it at every site, `/metrics` and the status its epoch;
+//!   `causalkv sites add` raises the epoch and adds a joining site with the next id; a site
+//!   restarted from its unchanged file loads the replicated configuration (four sites) and
+//!   still replicates with the sites that count three, and tokens from before the change
+//!   work at it.
 //!
 //! `STRONG_SEED` replays the random operation mix; `STRONG_OPS` sets the operations per client
 //! of the in-process test; `STRONG_KILLS` (default 3) and `STRONG_MIN_OPS` (default 0) size the
@@ -816,46 +818,64 @@ async fn a_restarted_site_loads_the_replicated_configuration_not_its_file() {
                 assert_eq!(s["state"], "active", "{seen}");
             }
         }
-        // Site c stops; its file now gives site b an address nothing listens on.
+        // A fourth site is added to the configuration (at a); the files still list three.
+        let d_addr = common::free_addr();
+        let out = sites_cli(
+            &certs,
+            &[
+                "add",
+                "d",
+                "--addr",
+                &d_addr.to_string(),
+                "--site",
+                &p.addr(0).to_string(),
+            ],
+        );
+        common::assert_success(&out);
+        for i in 0..3 {
+            eventually(ms(20_000), "every site lists d", async || {
+                let seen = sites_list(&certs, p.addr(i));
+                seen["epoch"] == 2 && seen["sites"][3]["name"] == "d"
+            })
+            .await;
+        }
+        // c restarts from its unchanged file (three sites) and loads the replicated
+        // configuration: four sites, d joining at its replicated address.
         p.stop(2, ms(20_000)).await;
-        let real_b = p.addr(1);
-        let bogus = common::free_addr();
-        let mut edited = p.configs[2].clone();
-        edited.sites[1].addr = bogus;
-        std::fs::write(
-            &p.config_files[2],
-            toml::to_string_pretty(&edited).expect("config serialises"),
-        )
-        .expect("rewrite c's file");
         p.start(2);
         p.wait_listening(2, ms(20_000)).await;
-        // c loaded the replicated configuration: b at its real address, and it says so.
         let listed = sites_list(&certs, p.addr(2));
         assert_eq!(listed["source"], "replicated", "{listed}");
-        assert_eq!(listed["epoch"], 1, "{listed}");
-        assert_eq!(listed["sites"][1]["addr"], real_b.to_string(), "{listed}");
+        assert_eq!(listed["epoch"], 2, "{listed}");
+        assert_eq!(listed["sites"][3]["addr"], d_addr.to_string(), "{listed}");
+        assert_eq!(listed["sites"][3]["state"], "joining", "{listed}");
         assert!(
             p.log(2)
                 .contains("differ from the replicated cluster configuration"),
             "{}",
             p.log(2)
         );
-        // And it reaches b there (with the file's address the link to b could never come up).
         let client = p.client(2).await;
-        eventually(
-            ms(20_000),
-            "c's link to b is up at b's replicated address",
-            async || {
-                client.status().await.is_ok_and(|s| {
-                    s.peers
-                        .iter()
-                        .any(|x| x.name == "b" && x.state == "up" && x.addr == real_b.to_string())
-                })
-            },
-        )
+        let status = client.status().await.expect("status of c");
+        assert_eq!(status.applied.len(), 4, "c counts four sites: {status:?}");
+        assert!(
+            status
+                .peers
+                .iter()
+                .any(|x| x.name == "d" && x.addr == d_addr.to_string()),
+            "c dials d at its replicated address: {status:?}"
+        );
+        // c (four sites) and a, b (three) still replicate with each other.
+        eventually(ms(20_000), "c's links to a and b are up", async || {
+            client.status().await.is_ok_and(|s| {
+                s.peers
+                    .iter()
+                    .filter(|x| x.name != "d")
+                    .all(|x| x.state == "up")
+            })
+        })
         .await;
-        // Causal writes at c reach b.
-        let v = client.put("after-restart", "1").await.expect("put at c");
+        client.put("after-restart", "1").await.expect("put at c");
         let at_b = p.client(1).await;
         at_b.set_session_token(&client.session_token())
             .expect("token");
@@ -865,8 +885,123 @@ async fn a_restarted_site_loads_the_replicated_configuration_not_its_file() {
                 .expect("get at b")
                 .as_deref(),
             Some(&b"1"[..]),
-            "write {v} at c is read at b"
+            "c's write is read at b"
         );
+    })
+    .await;
+}
+
+/// `causalkv sites ARGS --certs CERTS`.
+fn sites_cli(certs: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("sites")
+        .args(args)
+        .arg("--certs")
+        .arg(certs)
+        .output()
+        .expect("run the CLI")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sites_add_raises_the_epoch_and_a_site_counting_the_new_one_still_serves_old_tokens() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare(3);
+        quick_consensus(&mut prep);
+        let mut c = prep.start().await;
+        c.wait_connected().await;
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped",
+            async || (0..3).all(|i| c.node(i).status().membership.is_some_and(|m| m.epoch == 1)),
+        )
+        .await;
+        // A session from before the change: its token counts three sites.
+        let before = c.client(0).await;
+        before.put("before", "1").await.expect("put at a");
+        let old_token = before.session_token();
+        // `sites add d` at b: epoch 2, d gets id 3 and is joining, at every site.
+        let d_addr = common::free_addr();
+        let b_addr = c.addr(1).to_string();
+        let out = sites_cli(
+            &c.certs,
+            &[
+                "add",
+                "d",
+                "--addr",
+                &d_addr.to_string(),
+                "--site",
+                &b_addr,
+                "--json",
+            ],
+        );
+        let added: serde_json::Value =
+            serde_json::from_str(common::assert_success(&out).trim()).expect("json");
+        assert_eq!(added["epoch"], 2, "{added}");
+        eventually(ms(20_000), "every site holds epoch 2", async || {
+            (0..3).all(|i| c.node(i).status().membership.is_some_and(|m| m.epoch == 2))
+        })
+        .await;
+        for i in 0..3 {
+            let m = c.node(i).status().membership.expect("membership");
+            assert_eq!((m.next_id, m.sites.len()), (4, 4), "site {i}: {m:?}");
+            let d = &m.sites[3];
+            assert_eq!(
+                (d.site, d.name.as_str(), d.addr.clone(), d.state.as_str()),
+                (3, "d", d_addr.to_string(), "joining"),
+                "site {i}"
+            );
+        }
+        // The same name again: refused with the reason, nothing changes.
+        let again = sites_cli(
+            &c.certs,
+            &["add", "d", "--addr", "127.0.0.1:1", "--site", &b_addr],
+        );
+        assert_ne!(again.status.code(), Some(0), "{again:?}");
+        let why = String::from_utf8_lossy(&again.stderr).into_owned()
+            + &String::from_utf8_lossy(&again.stdout);
+        assert!(why.contains("\"d\" is taken"), "{why}");
+        // A change made against an epoch that moved on: refused.
+        let e = before
+            .add_site("e", "127.0.0.1:2".parse().unwrap(), 1)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("moved on"), "{e}");
+        assert_eq!(c.node(0).status().membership.unwrap().epoch, 2);
+        // c restarts and takes the replicated configuration: it counts four sites, a and b
+        // (not restarted) three. They still replicate both ways, and the old token works.
+        c.stop(2).await;
+        c.restart(2).await;
+        assert_eq!(c.node(2).status().applied.len(), 4);
+        eventually(ms(20_000), "c's links to a and b are up", async || {
+            let s = c.node(2).status();
+            s.peers
+                .iter()
+                .filter(|p| p.name == "a" || p.name == "b")
+                .all(|p| p.state == "up")
+        })
+        .await;
+        let at_c = c.client(2).await;
+        at_c.set_session_token(&old_token).expect("old token");
+        assert_eq!(
+            at_c.get("before").await.expect("get at c").as_deref(),
+            Some(&b"1"[..])
+        );
+        at_c.put("from-c", "2").await.expect("put at c");
+        let at_a = c.client(0).await;
+        at_a.set_session_token(&at_c.session_token())
+            .expect("c's token at a");
+        assert_eq!(
+            at_a.get("from-c").await.expect("get at a").as_deref(),
+            Some(&b"2"[..])
+        );
+        at_a.put("from-a", "3").await.expect("put at a");
+        at_c.set_session_token(&at_a.session_token())
+            .expect("a's token at c");
+        assert_eq!(
+            at_c.get("from-a").await.expect("get at c").as_deref(),
+            Some(&b"3"[..])
+        );
+        c.shutdown().await;
     })
     .await;
 }

@@ -206,6 +206,18 @@ enum SitesCmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Add a site to the cluster configuration: it gets the next site id and starts as
+    /// `joining` (its certificate: `causalkv certs add-site NAME`). Made against the epoch the
+    /// site asked shows; refused if the configuration changes meanwhile.
+    Add {
+        /// The new site's name.
+        name: String,
+        /// Where it listens (HOST:PORT; the host is resolved here).
+        #[arg(long)]
+        addr: String,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -743,6 +755,37 @@ async fn run(cmd: Cmd) -> ExitCode {
                     ));
                 }
                 let json = serde_json::json!({"site": s.name, "membership": m});
+                Ok((Some(text), json, true))
+            })
+            .await
+        }
+        Cmd::Sites {
+            cmd: SitesCmd::Add { name, addr, conn },
+        } => {
+            client_cmd(&conn, |c| async move {
+                let resolved = tokio::net::lookup_host(&addr)
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        ClientError::Config(format!("cannot resolve site address {addr:?}"))
+                    })?;
+                let s = c.status().await?;
+                let epoch = match s.membership {
+                    Some(m) if m.source == "replicated" => m.epoch,
+                    _ => {
+                        return Err(ClientError::Config(format!(
+                            "site {} holds no replicated cluster configuration yet (is it \
+                             partition 0 of its site, and has the cluster bootstrapped?)",
+                            s.name
+                        )));
+                    }
+                };
+                let new_epoch = c.add_site(&name, resolved, epoch).await?;
+                let text = format!(
+                    "site {name} added at {resolved} as joining; cluster configuration epoch {new_epoch}"
+                );
+                let json = serde_json::json!({"added": name, "addr": resolved.to_string(), "epoch": new_epoch});
                 Ok((Some(text), json, true))
             })
             .await

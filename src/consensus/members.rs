@@ -27,9 +27,13 @@
 //! # The remaining steps of membership changes (design)
 //!
 //! What exists: the configuration, its bootstrap, `causalkv sites list`, the epoch and member
-//! count in `/status` and the metrics, and the [`SitesOp::Add`] change (the site is added as
-//! [`MemberState::Joining`] with the next id; none of the data transfer below is built yet).
-//! What follows is how the rest fits openraft 0.9 and the replication protocol.
+//! count in `/status` and the metrics, and `causalkv sites add NAME --addr HOST:PORT`
+//! ([`SitesOp::Add`]: the site is added as [`MemberState::Joining`] with the next id; none of
+//! the data transfer below is built yet). A node adopts a changed configuration when it
+//! restarts; until the live adoption below exists, nodes that count different numbers of
+//! sites interoperate because a vector's entries past a node's count must be zero (the added
+//! site has written nothing). What follows is how the rest fits openraft 0.9 and the
+//! replication protocol.
 //!
 //! **One Raft group per partition index, one configuration.** Each partition index `p` has its
 //! own group whose voters are the nodes `(i, p)`; only group 0 holds the site configuration.
@@ -42,7 +46,9 @@
 //! **Adding a site `s`** (`sites add`, then the new site started with `join = true` and a
 //! certificate from `causalkv certs add-site NAME`):
 //! 1. The entry `Add` commits: `s` is `Joining` at epoch `e`. Every site that applies it widens
-//!    its vectors to the new site count (a vector grows at the end; ids are never reused), dials
+//!    its vectors to the new site count live (a vector grows at the end; ids are never reused:
+//!    the replica's vectors, the dependency buffer's queues, the peer tables, the Raft link
+//!    slots, which already have room for [`MAX_SITES`]), dials
 //!    `s`, and keeps in its retained log whatever `s` has not acked: `s` acks nothing yet, so
 //!    retention holds every update from the moment `s` was added (what a snapshot does not
 //!    carry, `s` will need). Tombstone collection waits for `s` too (its `applied` is zero).

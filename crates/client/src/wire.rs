@@ -158,6 +158,21 @@ mod messages {
             /// Key.
             key: Vec<u8>,
         },
+        /// Add a site to the cluster configuration (`causalkv sites add`): it gets the next
+        /// site id and starts as `joining`. Served by partition 0 of a site, through its Raft
+        /// group; answered [`ResponseBody::SitesChanged`].
+        SitesAdd {
+            /// The new site's name (its certificate must carry it).
+            name: String,
+            /// Its address, `IP:PORT`.
+            addr: String,
+            /// The configuration epoch the change is made against: refused if it moved on.
+            expected_epoch: u64,
+            /// As for `StrongWrite`.
+            client: u64,
+            /// As for `StrongWrite`.
+            serial: u64,
+        },
     }
 
     /// A client request: one per bidirectional stream.
@@ -357,6 +372,11 @@ mod messages {
             current: Option<Vec<u8>>,
             /// When it did not match: the causal context of the value found.
             ctx: Vec<u64>,
+        },
+        /// The answer to a configuration change: applied, at this epoch.
+        SitesChanged {
+            /// The configuration's new epoch.
+            epoch: u64,
         },
         /// The request failed.
         Error {
