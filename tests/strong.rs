@@ -995,6 +995,16 @@ async fn sites_add_raises_the_epoch_and_a_site_counting_the_new_one_still_serves
             Some(&b"2"[..])
         );
         at_a.put("from-a", "3").await.expect("put at a");
+        // A context that saw something from a site a does not count cannot be served there:
+        // refused with the entry named, and a keeps serving.
+        let beyond = c.client(0).await;
+        beyond
+            .set_session_token(&causalkv::client::encode_session_token(
+                &causalkv::clock::VClock::from_vec(vec![0, 0, 0, 5]),
+            ))
+            .expect("token");
+        let e = beyond.get("from-c").await.unwrap_err().to_string();
+        assert!(e.contains("entry 3 is not zero"), "{e}");
         at_c.set_session_token(&at_a.session_token())
             .expect("a's token at c");
         assert_eq!(
