@@ -22,7 +22,8 @@
 //! - [`net`]: the tokio + quinn driver: a running [`Node`], peer links, the client service,
 //!   admin endpoints, the durability and snapshot tasks.
 //! - [`consensus`]: the Raft groups of the strong operations (openraft): types, the durable
-//!   Raft log, the state machine holding the strong keyspace, the RPC messages.
+//!   Raft log, the state machine holding the strong keyspace, the RPC messages, and the
+//!   cluster configuration (epoch and sites) replicated in partition index 0's group.
 //! - [`config`]: the site configuration file (TOML).
 //! - [`resp`]: the Redis protocol (RESP2 and RESP3), sans-IO: request parsing with limits,
 //!   reply encoding, commands. The RESP listener in [`net`] drives it.

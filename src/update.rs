@@ -55,6 +55,26 @@ impl Item {
             Item::Marker(_) => 0,
         }
     }
+
+    /// Fits an update's dependency vector to `n` entries: one from a peer that counts fewer
+    /// sites (it has not learned of the ones added since) depends on nothing from them and is
+    /// padded with zeros; one from a peer that counts more may only have zeros past `n` (it
+    /// depends on nothing from a site this node does not count yet), which are cut.
+    pub fn fit_deps(&mut self, n: usize) -> Result<(), String> {
+        if let Item::Update(u) = self
+            && u.deps.len() != n
+        {
+            if let Some(i) = u.deps.as_slice().iter().skip(n).position(|&e| e > 0) {
+                return Err(format!(
+                    "update {} depends on site {}, which this node does not count",
+                    u.version,
+                    n + i
+                ));
+            }
+            u.deps = u.deps.resized(n);
+        }
+        Ok(())
+    }
 }
 
 /// What a replica asks the driver to make durable, in order.

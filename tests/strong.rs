@@ -16,6 +16,13 @@
 //!   history, closed by final reads at every site, must be linearizable, so no acknowledged
 //!   write was lost. It prints the failover times (kill to the next successful strong write).
 //!
+//! - The cluster configuration: the `[[sites]]` of the files seed it once, through the Raft
+//!   group; `causalkv sites list` shows it at every site, `/metrics` and the status its epoch;
+//!   `causalkv sites add` raises the epoch and adds a joining site with the next id; a site
+//!   restarted from its unchanged file loads the replicated configuration (four sites) and
+//!   still replicates with the sites that count three, and tokens from before the change
+//!   work at it.
+//!
 //! `STRONG_SEED` replays the random operation mix; `STRONG_OPS` sets the operations per client
 //! of the in-process test; `STRONG_KILLS` (default 10) and `STRONG_MIN_OPS` (default 10,000)
 //! size the process test.
@@ -30,7 +37,7 @@ use causalkv::net::{NodeOptions, StrongOptions};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::tools::wan::{LinkParams, Wan};
 use causalkv::{Client, ClientError};
-use common::{Cluster, bounded, env_u64, eventually, ms};
+use common::{BIN, Cluster, bounded, env_u64, eventually, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -698,6 +705,294 @@ async fn leadership_moves_back_to_the_preferred_site_when_it_is_healthy() {
         assert_eq!(
             client.get_strong("k").await.expect("get").as_deref(),
             Some(&b"1"[..])
+        );
+        c.shutdown().await;
+    })
+    .await;
+}
+
+/// Three sites with consensus timeouts for loopback.
+fn quick_consensus(prep: &mut common::Prepared) {
+    for cfg in &mut prep.configs {
+        cfg.consensus = ConsensusConfig {
+            heartbeat_ms: 200,
+            election_min_ms: 800,
+            election_max_ms: 1_600,
+            ..Default::default()
+        };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_site_list_seeds_one_replicated_configuration_shown_in_status_and_metrics() {
+    bounded(ms(120_000), async {
+        let mut prep = Cluster::prepare(3);
+        quick_consensus(&mut prep);
+        let c = prep.start().await;
+        c.wait_connected().await;
+        eventually(
+            ms(20_000),
+            "every site holds the bootstrapped configuration",
+            async || {
+                (0..3).all(|i| {
+                    let m = c.node(i).status().membership.expect("membership");
+                    m.source == "replicated" && m.epoch == 1
+                })
+            },
+        )
+        .await;
+        for i in 0..3 {
+            let m = c.node(i).status().membership.expect("membership");
+            let names: Vec<&str> = m.sites.iter().map(|s| s.name.as_str()).collect();
+            assert_eq!(names, ["a", "b", "c"], "site {i}");
+            assert_eq!(m.next_id, 3);
+            assert!(m.sites.iter().all(|s| s.state == "active"), "{m:?}");
+            let text = c.node(i).metrics_text();
+            assert!(text.contains("causalkv_membership_epoch 1\n"), "{text}");
+            assert!(text.contains("causalkv_membership_sites 3\n"), "{text}");
+        }
+        c.shutdown().await;
+    })
+    .await;
+}
+
+/// `causalkv sites list --json` at `addr`: the membership it shows.
+fn sites_list(certs: &std::path::Path, addr: std::net::SocketAddr) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["sites", "list", "--json", "--timeout-ms", "2000", "--site"])
+        .arg(addr.to_string())
+        .arg("--certs")
+        .arg(certs)
+        .output()
+        .expect("run the CLI");
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str::<serde_json::Value>(text.trim())
+        .map(|v| v["membership"].clone())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_site_loads_the_replicated_configuration_not_its_file() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare(3);
+        quick_consensus(&mut prep);
+        let mut p = prep.spawn().await;
+        p.wait_connected().await;
+        let certs = p.certs.clone();
+        // `sites list` at every site: epoch 1, replicated, the three sites as the files list them.
+        for i in 0..3 {
+            let mut seen = serde_json::Value::Null;
+            eventually(
+                ms(20_000),
+                "sites list shows the replicated configuration",
+                async || {
+                    seen = sites_list(&certs, p.addr(i));
+                    seen["source"] == "replicated"
+                },
+            )
+            .await;
+            assert_eq!(seen["epoch"], 1, "site {i}: {seen}");
+            let sites = seen["sites"].as_array().expect("sites");
+            assert_eq!(sites.len(), 3, "{seen}");
+            for (j, s) in sites.iter().enumerate() {
+                assert_eq!(s["site"], j, "{seen}");
+                assert_eq!(s["name"], ["a", "b", "c"][j], "{seen}");
+                assert_eq!(s["addr"], p.addr(j).to_string(), "{seen}");
+                assert_eq!(s["state"], "active", "{seen}");
+            }
+        }
+        // A fourth site is added to the configuration (at a); the files still list three.
+        let d_addr = common::free_addr();
+        let out = sites_cli(
+            &certs,
+            &[
+                "add",
+                "d",
+                "--addr",
+                &d_addr.to_string(),
+                "--site",
+                &p.addr(0).to_string(),
+            ],
+        );
+        common::assert_success(&out);
+        for i in 0..3 {
+            eventually(ms(20_000), "every site lists d", async || {
+                let seen = sites_list(&certs, p.addr(i));
+                seen["epoch"] == 2 && seen["sites"][3]["name"] == "d"
+            })
+            .await;
+        }
+        // c restarts from its unchanged file (three sites) and loads the replicated
+        // configuration: four sites, d joining at its replicated address.
+        p.stop(2, ms(20_000)).await;
+        p.start(2);
+        p.wait_listening(2, ms(20_000)).await;
+        let listed = sites_list(&certs, p.addr(2));
+        assert_eq!(listed["source"], "replicated", "{listed}");
+        assert_eq!(listed["epoch"], 2, "{listed}");
+        assert_eq!(listed["sites"][3]["addr"], d_addr.to_string(), "{listed}");
+        assert_eq!(listed["sites"][3]["state"], "joining", "{listed}");
+        assert!(
+            p.log(2)
+                .contains("differ from the replicated cluster configuration"),
+            "{}",
+            p.log(2)
+        );
+        let client = p.client(2).await;
+        let status = client.status().await.expect("status of c");
+        assert_eq!(status.applied.len(), 4, "c counts four sites: {status:?}");
+        assert!(
+            status
+                .peers
+                .iter()
+                .any(|x| x.name == "d" && x.addr == d_addr.to_string()),
+            "c dials d at its replicated address: {status:?}"
+        );
+        // c (four sites) and a, b (three) still replicate with each other.
+        eventually(ms(20_000), "c's links to a and b are up", async || {
+            client.status().await.is_ok_and(|s| {
+                s.peers
+                    .iter()
+                    .filter(|x| x.name != "d")
+                    .all(|x| x.state == "up")
+            })
+        })
+        .await;
+        client.put("after-restart", "1").await.expect("put at c");
+        let at_b = p.client(1).await;
+        at_b.set_session_token(&client.session_token())
+            .expect("token");
+        assert_eq!(
+            at_b.get("after-restart")
+                .await
+                .expect("get at b")
+                .as_deref(),
+            Some(&b"1"[..]),
+            "c's write is read at b"
+        );
+    })
+    .await;
+}
+
+/// `causalkv sites ARGS --certs CERTS`.
+fn sites_cli(certs: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("sites")
+        .args(args)
+        .arg("--certs")
+        .arg(certs)
+        .output()
+        .expect("run the CLI")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sites_add_raises_the_epoch_and_a_site_counting_the_new_one_still_serves_old_tokens() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare(3);
+        quick_consensus(&mut prep);
+        let mut c = prep.start().await;
+        c.wait_connected().await;
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped",
+            async || (0..3).all(|i| c.node(i).status().membership.is_some_and(|m| m.epoch == 1)),
+        )
+        .await;
+        // A session from before the change: its token counts three sites.
+        let before = c.client(0).await;
+        before.put("before", "1").await.expect("put at a");
+        let old_token = before.session_token();
+        // `sites add d` at b: epoch 2, d gets id 3 and is joining, at every site.
+        let d_addr = common::free_addr();
+        let b_addr = c.addr(1).to_string();
+        let out = sites_cli(
+            &c.certs,
+            &[
+                "add",
+                "d",
+                "--addr",
+                &d_addr.to_string(),
+                "--site",
+                &b_addr,
+                "--json",
+            ],
+        );
+        let added: serde_json::Value =
+            serde_json::from_str(common::assert_success(&out).trim()).expect("json");
+        assert_eq!(added["epoch"], 2, "{added}");
+        eventually(ms(20_000), "every site holds epoch 2", async || {
+            (0..3).all(|i| c.node(i).status().membership.is_some_and(|m| m.epoch == 2))
+        })
+        .await;
+        for i in 0..3 {
+            let m = c.node(i).status().membership.expect("membership");
+            assert_eq!((m.next_id, m.sites.len()), (4, 4), "site {i}: {m:?}");
+            let d = &m.sites[3];
+            assert_eq!(
+                (d.site, d.name.as_str(), d.addr.clone(), d.state.as_str()),
+                (3, "d", d_addr.to_string(), "joining"),
+                "site {i}"
+            );
+        }
+        // The same name again: refused with the reason, nothing changes.
+        let again = sites_cli(
+            &c.certs,
+            &["add", "d", "--addr", "127.0.0.1:1", "--site", &b_addr],
+        );
+        assert_ne!(again.status.code(), Some(0), "{again:?}");
+        let why = String::from_utf8_lossy(&again.stderr).into_owned()
+            + &String::from_utf8_lossy(&again.stdout);
+        assert!(why.contains("\"d\" is taken"), "{why}");
+        // A change made against an epoch that moved on: refused.
+        let e = before
+            .add_site("e", "127.0.0.1:2".parse().unwrap(), 1)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("moved on"), "{e}");
+        assert_eq!(c.node(0).status().membership.unwrap().epoch, 2);
+        // c restarts and takes the replicated configuration: it counts four sites, a and b
+        // (not restarted) three. They still replicate both ways, and the old token works.
+        c.stop(2).await;
+        c.restart(2).await;
+        assert_eq!(c.node(2).status().applied.len(), 4);
+        eventually(ms(20_000), "c's links to a and b are up", async || {
+            let s = c.node(2).status();
+            s.peers
+                .iter()
+                .filter(|p| p.name == "a" || p.name == "b")
+                .all(|p| p.state == "up")
+        })
+        .await;
+        let at_c = c.client(2).await;
+        at_c.set_session_token(&old_token).expect("old token");
+        assert_eq!(
+            at_c.get("before").await.expect("get at c").as_deref(),
+            Some(&b"1"[..])
+        );
+        at_c.put("from-c", "2").await.expect("put at c");
+        let at_a = c.client(0).await;
+        at_a.set_session_token(&at_c.session_token())
+            .expect("c's token at a");
+        assert_eq!(
+            at_a.get("from-c").await.expect("get at a").as_deref(),
+            Some(&b"2"[..])
+        );
+        at_a.put("from-a", "3").await.expect("put at a");
+        // A context that saw something from a site a does not count cannot be served there:
+        // refused with the entry named, and a keeps serving.
+        let beyond = c.client(0).await;
+        beyond
+            .set_session_token(&causalkv::client::encode_session_token(
+                &causalkv::clock::VClock::from_vec(vec![0, 0, 0, 5]),
+            ))
+            .expect("token");
+        let e = beyond.get("from-c").await.unwrap_err().to_string();
+        assert!(e.contains("entry 3 is not zero"), "{e}");
+        at_c.set_session_token(&at_a.session_token())
+            .expect("a's token at c");
+        assert_eq!(
+            at_c.get("from-a").await.expect("get at c").as_deref(),
+            Some(&b"3"[..])
         );
         c.shutdown().await;
     })

@@ -204,10 +204,38 @@ enum Cmd {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// The cluster configuration: its epoch and sites.
+    Sites {
+        #[command(subcommand)]
+        cmd: SitesCmd,
+    },
     /// Print a shell completion script (e.g. `causalkv completions bash > /etc/bash_completion.d/causalkv`).
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand)]
+enum SitesCmd {
+    /// Show the cluster configuration a site holds: epoch, and every site with its id, name,
+    /// address and state (the replicated configuration, or the file's sites before the first
+    /// one is committed).
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Add a site to the cluster configuration: it gets the next site id and starts as
+    /// `joining` (its certificate: `causalkv certs add-site NAME`). Made against the epoch the
+    /// site asked shows; refused if the configuration changes meanwhile.
+    Add {
+        /// The new site's name.
+        name: String,
+        /// Where it listens (HOST:PORT; the host is resolved here).
+        #[arg(long)]
+        addr: String,
+        #[command(flatten)]
+        conn: ConnArgs,
     },
 }
 
@@ -725,6 +753,63 @@ async fn run(cmd: Cmd) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Cmd::Sites {
+            cmd: SitesCmd::List { conn },
+        } => {
+            client_cmd(&conn, |c| async move {
+                let s = c.status().await?;
+                let Some(m) = s.membership else {
+                    return Err(ClientError::Config(format!(
+                        "site {} reported no cluster configuration",
+                        s.name
+                    )));
+                };
+                let mut text = format!(
+                    "cluster configuration at site {}: epoch {} ({}), next id {}",
+                    s.name, m.epoch, m.source, m.next_id
+                );
+                for site in &m.sites {
+                    text.push_str(&format!(
+                        "\n  {:>2}  {:<12} {:<22} {}",
+                        site.site, site.name, site.addr, site.state
+                    ));
+                }
+                let json = serde_json::json!({"site": s.name, "membership": m});
+                Ok((Some(text), json, true))
+            })
+            .await
+        }
+        Cmd::Sites {
+            cmd: SitesCmd::Add { name, addr, conn },
+        } => {
+            client_cmd(&conn, |c| async move {
+                let resolved = tokio::net::lookup_host(&addr)
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next())
+                    .ok_or_else(|| {
+                        ClientError::Config(format!("cannot resolve site address {addr:?}"))
+                    })?;
+                let s = c.status().await?;
+                let epoch = match s.membership {
+                    Some(m) if m.source == "replicated" => m.epoch,
+                    _ => {
+                        return Err(ClientError::Config(format!(
+                            "site {} holds no replicated cluster configuration yet (is it \
+                             partition 0 of its site, and has the cluster bootstrapped?)",
+                            s.name
+                        )));
+                    }
+                };
+                let new_epoch = c.add_site(&name, resolved, epoch).await?;
+                let text = format!(
+                    "site {name} added at {resolved} as joining; cluster configuration epoch {new_epoch}"
+                );
+                let json = serde_json::json!({"added": name, "addr": resolved.to_string(), "epoch": new_epoch});
+                Ok((Some(text), json, true))
+            })
+            .await
+        }
         Cmd::Status { conn } => {
             let local_certs = [
                 (
@@ -768,6 +853,14 @@ async fn run(cmd: Cmd) -> ExitCode {
                         show(v.match_index)
                     ));
                 }
+            }
+            if let Some(m) = &s.membership {
+                text.push_str(&format!(
+                    "\n  membership: epoch {} ({}), {} sites",
+                    m.epoch,
+                    m.source,
+                    m.sites.iter().filter(|s| s.state != "removed").count()
+                ));
             }
             text.push_str("\n  peers:");
             for p in &s.peers {

@@ -29,8 +29,11 @@
 //!
 //! - [`log`]: the durable Raft log and vote (an fsynced, CRC-checked record file).
 //! - [`sm`]: the state machine: the strong keyspace, deduplication of retried writes, snapshots.
+//! - [`members`]: the cluster configuration (epoch, sites), replicated in partition index 0's
+//!   group, and the design of the membership changes still to build.
 
 pub mod log;
+pub mod members;
 pub mod sm;
 
 use serde::{Deserialize, Serialize};
@@ -106,6 +109,10 @@ pub enum WriteOp {
         /// Value.
         value: Vec<u8>,
     },
+    /// A change to the cluster configuration (partition index 0's group only; see
+    /// [`members`]). Replies [`Reply::Membership`]. Appended last, so that log entries and
+    /// snapshots written before it existed still decode.
+    Sites(members::SitesOp),
 }
 
 impl WriteOp {
@@ -116,6 +123,7 @@ impl WriteOp {
             | WriteOp::Delete { key }
             | WriteOp::Cas { key, .. }
             | WriteOp::PutIfPresent { key, .. } => key,
+            WriteOp::Sites(_) => &[],
         }
     }
 
@@ -124,7 +132,7 @@ impl WriteOp {
         let len = |v: &Option<Vec<u8>>| v.as_ref().map_or(0, Vec::len);
         match self {
             WriteOp::Put { value, .. } | WriteOp::PutIfPresent { value, .. } => value.len(),
-            WriteOp::Delete { .. } => 0,
+            WriteOp::Delete { .. } | WriteOp::Sites(_) => 0,
             WriteOp::Cas { expected, new, .. } => len(expected).max(len(new)),
         }
     }
@@ -147,6 +155,9 @@ pub enum Reply {
     /// A retry of a request so old that its reply is no longer remembered: whether it was
     /// applied is unknown.
     Forgotten,
+    /// A configuration change ([`WriteOp::Sites`]): the new epoch, or why it was refused
+    /// (nothing changed).
+    Membership(Result<u64, String>),
 }
 
 /// A strong operation forwarded from a follower's site to the leader's.

@@ -11,7 +11,10 @@
 //!
 //! A snapshot is the whole state (postcard), written to `snapshot.bin` in the group's
 //! directory (temporary file, fsync, rename) on a blocking thread; the node loads it at start
-//! and openraft applies the log entries after it.
+//! and openraft applies the log entries after it. The cluster configuration
+//! ([`super::members`]) follows the keyspace in the same bytes, as a trailing section
+//! ([`StrongState::to_bytes`]): a snapshot written before it existed has no such section and
+//! still loads (no configuration yet).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -25,6 +28,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
+use super::members::{Membership, Versioned};
 use super::{Command, NodeId, Reply, TypeConfig, WriteOp};
 
 /// Replies remembered per client.
@@ -57,9 +61,44 @@ pub struct StrongState {
     /// Keys.
     pub data: BTreeMap<Vec<u8>, Stored>,
     sessions: BTreeMap<u64, Session>,
+    /// The cluster configuration (partition index 0's group; `None` elsewhere and until
+    /// bootstrapped). Not part of the serde form: [`StrongState::to_bytes`] appends it.
+    #[serde(skip)]
+    pub sites: Option<Membership>,
 }
 
 impl StrongState {
+    /// The state's bytes: the keyspace and sessions, then (if there is one) the configuration
+    /// as a [`Versioned`] section.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = super::encode(self);
+        if let Some(m) = &self.sites {
+            out.extend_from_slice(&super::encode(&Versioned::V1(m.clone())));
+        }
+        out
+    }
+
+    /// Reads [`StrongState::to_bytes`]'s form (and the form before the configuration existed:
+    /// no trailing section).
+    pub fn from_bytes(bytes: &[u8]) -> Result<StrongState, String> {
+        let (mut state, rest): (StrongState, _) = postcard::take_from_bytes(bytes)
+            .map_err(|e| format!("malformed consensus state: {e}"))?;
+        if !rest.is_empty() {
+            let (section, tail): (Versioned, _) = postcard::take_from_bytes(rest)
+                .map_err(|e| format!("malformed cluster configuration: {e}"))?;
+            if !tail.is_empty() {
+                return Err(format!(
+                    "{} bytes after the cluster configuration",
+                    tail.len()
+                ));
+            }
+            state.sites = Some(match section {
+                Versioned::V1(m) => m,
+            });
+        }
+        Ok(state)
+    }
+
     /// A key's value and context (`None` value, empty context: never written).
     pub fn read(&self, key: &[u8]) -> (Option<Vec<u8>>, Vec<u64>) {
         match self.data.get(key) {
@@ -79,6 +118,7 @@ impl StrongState {
         }
         let key = cmd.op.key().to_vec();
         let reply = match &cmd.op {
+            WriteOp::Sites(op) => Reply::Membership(Membership::apply(&mut self.sites, op)),
             WriteOp::Put { value, .. } => {
                 self.data.insert(
                     key,
@@ -184,7 +224,7 @@ impl StateMachine {
                     return Err(bad("checksum mismatch".into()));
                 }
                 let f: SnapshotFile = super::decode(body).map_err(bad)?;
-                let state: StrongState = super::decode(&f.data).map_err(bad)?;
+                let state = StrongState::from_bytes(&f.data).map_err(bad)?;
                 (state, Some((f.meta, f.data)))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => (StrongState::default(), None),
@@ -233,7 +273,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let (data, last, membership) = {
             let st = self.state.read().expect("state lock");
-            (super::encode(&*st), st.last_applied, st.membership.clone())
+            (st.to_bytes(), st.last_applied, st.membership.clone())
         };
         let id = match last {
             Some(l) => format!("{}-{}", l.leader_id, l.index),
@@ -302,7 +342,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<NodeId, openraft::EmptyNode>,
         snapshot: Box<Vec<u8>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let state: StrongState = super::decode(&snapshot).map_err(sm_err)?;
+        let state = StrongState::from_bytes(&snapshot).map_err(sm_err)?;
         self.store(meta.clone(), *snapshot).await?;
         *self.state.write().expect("state lock") = state;
         Ok(())
@@ -402,5 +442,148 @@ mod tests {
         ));
         assert_eq!(st.apply(&cmd(1, 3, xx("c"))), Reply::CasOk);
         assert_eq!(st.read(b"k"), (Some(b"c".to_vec()), vec![3]));
+    }
+
+    fn sites_cmd(serial: u64, op: crate::consensus::members::SitesOp) -> Command {
+        Command {
+            client: crate::consensus::members::MEMBERSHIP_CLIENT,
+            serial,
+            ctx: Vec::new(),
+            op: WriteOp::Sites(op),
+        }
+    }
+
+    fn seed() -> Membership {
+        let entries: Vec<crate::config::SiteEntry> = ["a", "b", "c"]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                crate::config::SiteEntry::new(
+                    i as u16,
+                    *n,
+                    format!("127.0.0.1:{}", 7100 + i).parse().unwrap(),
+                )
+            })
+            .collect();
+        Membership::from_entries(&entries)
+    }
+
+    #[test]
+    fn configuration_changes_apply_through_commands_once() {
+        use crate::consensus::members::SitesOp;
+        let mut st = StrongState::default();
+        let boot = sites_cmd(0, SitesOp::Bootstrap(seed()));
+        assert_eq!(st.apply(&boot), Reply::Membership(Ok(1)));
+        let add = sites_cmd(
+            2,
+            SitesOp::Add {
+                expected_epoch: 1,
+                name: "d".into(),
+                addr: "127.0.0.1:7200".parse().unwrap(),
+            },
+        );
+        assert_eq!(st.apply(&add), Reply::Membership(Ok(2)));
+        // A retry of the same command gets its first reply and changes nothing.
+        assert_eq!(st.apply(&add), Reply::Membership(Ok(2)));
+        let m = st.sites.clone().unwrap();
+        assert_eq!((m.epoch, m.next_id, m.sites.len()), (2, 4, 4));
+        // Another site's bootstrap, committed later, is refused.
+        let again = Command {
+            serial: 1,
+            ..boot.clone()
+        };
+        assert!(matches!(st.apply(&again), Reply::Membership(Err(e)) if e.contains("already")));
+        assert_eq!(st.sites.as_ref(), Some(&m));
+        // The strong keyspace is untouched by configuration commands.
+        assert!(st.data.is_empty());
+    }
+
+    #[test]
+    fn state_bytes_carry_the_configuration_and_old_bytes_still_load() {
+        let mut st = StrongState::default();
+        st.apply(&cmd(
+            1,
+            1,
+            WriteOp::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            },
+        ));
+        // The form before the configuration existed is the serde form alone.
+        let old = crate::consensus::encode(&st);
+        let back = StrongState::from_bytes(&old).unwrap();
+        assert_eq!((back.read(b"k").0, back.sites), (Some(b"v".to_vec()), None));
+        st.sites = Some(seed());
+        let back = StrongState::from_bytes(&st.to_bytes()).unwrap();
+        assert_eq!(back.sites, Some(seed()));
+        assert_eq!(back.read(b"k").0, Some(b"v".to_vec()));
+        let mut bytes = st.to_bytes();
+        bytes.push(0xff);
+        assert!(StrongState::from_bytes(&bytes).is_err(), "trailing garbage");
+    }
+
+    #[test]
+    fn log_entries_written_before_the_configuration_existed_still_decode() {
+        // A put command as it was encoded before `WriteOp::Sites` was appended: client 1,
+        // serial 2, ctx [3], variant 0 (Put), key "k", value "v".
+        let frozen = [1u8, 2, 1, 3, 0, 1, b'k', 1, b'v'];
+        let c: Command = crate::consensus::decode(&frozen).unwrap();
+        assert_eq!(
+            c,
+            cmd_with(
+                1,
+                2,
+                vec![3],
+                WriteOp::Put {
+                    key: b"k".to_vec(),
+                    value: b"v".to_vec()
+                }
+            )
+        );
+        assert_eq!(crate::consensus::encode(&c), frozen);
+    }
+
+    fn cmd_with(client: u64, serial: u64, ctx: Vec<u64>, op: WriteOp) -> Command {
+        Command {
+            client,
+            serial,
+            ctx,
+            op,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_state_machine_applies_the_configuration_and_its_snapshot_keeps_it() {
+        use crate::consensus::members::SitesOp;
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path()).unwrap();
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), 1),
+            payload: EntryPayload::Normal(super::super::Batch(vec![sites_cmd(
+                0,
+                SitesOp::Bootstrap(seed()),
+            )])),
+        };
+        let replies = RaftStateMachine::apply(&mut sm, [entry]).await.unwrap();
+        assert_eq!(replies, vec![vec![Reply::Membership(Ok(1))]]);
+        RaftSnapshotBuilder::build_snapshot(&mut sm).await.unwrap();
+        // A restart loads the configuration from the snapshot file.
+        let reopened = StateMachine::open(dir.path()).unwrap();
+        {
+            let st = reopened.state.read().unwrap();
+            assert_eq!(st.sites, Some(seed()));
+            assert_eq!(st.last_applied.map(|l| l.index), Some(1));
+        }
+        // And a snapshot installed from a leader carries it too.
+        let dir2 = tempfile::tempdir().unwrap();
+        let mut other = StateMachine::open(dir2.path()).unwrap();
+        let snap = RaftStateMachine::get_current_snapshot(&mut sm)
+            .await
+            .unwrap()
+            .unwrap();
+        RaftStateMachine::install_snapshot(&mut other, &snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(other.state.read().unwrap().sites, Some(seed()));
     }
 }

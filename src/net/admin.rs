@@ -536,6 +536,19 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         "The Raft commit index.",
         cs.commit_index.unwrap_or(0),
     );
+    let ms = shared.membership_status();
+    e.single(
+        "causalkv_membership_epoch",
+        "gauge",
+        "The epoch of the cluster configuration this node holds (0: not bootstrapped yet).",
+        ms.epoch,
+    );
+    e.single(
+        "causalkv_membership_sites",
+        "gauge",
+        "Sites in the cluster configuration this node holds, removed ones left out.",
+        ms.sites.iter().filter(|s| s.state != "removed").count(),
+    );
     e.single(
         "causalkv_hellos_rejected_total",
         "counter",

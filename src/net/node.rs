@@ -96,9 +96,20 @@ impl Node {
     }
 
     /// [`Node::start`] with options no configuration file can set.
-    pub async fn start_with(cfg: SiteConfig, opts: NodeOptions) -> Result<Node, NodeError> {
+    pub async fn start_with(mut cfg: SiteConfig, opts: NodeOptions) -> Result<Node, NodeError> {
         cfg.validate()?;
         tls::install_crypto_provider();
+        // The strong-operation voter first: partition index 0's group holds the cluster
+        // configuration, and once it has one, that (not the file's `[[sites]]`) says which
+        // sites there are and where.
+        let strong = super::strong::Strong::start(&cfg, opts.strong)
+            .await
+            .map_err(|e| NodeError::Recovery(format!("consensus: {e}")))?;
+        let stop_on_error = StopOnError(Some(strong.clone()));
+        if let Some(m) = strong.membership() {
+            adopt_sites(&mut cfg, &m)?;
+            strong.set_names(cfg.sites.iter().map(|s| s.name.clone()).collect());
+        }
         let transport = cfg.transport_limits();
         // No site-name check at start: a misnamed certificate is refused by the peers' hello
         // check instead, with the reason logged there.
@@ -151,9 +162,7 @@ impl Node {
         let synced = wal.synced();
         let wal_stats = wal.stats();
         let durable_waiters = DurableWaiters::new(wal.synced_lsn());
-        let strong = super::strong::Strong::start(&cfg, opts.strong)
-            .await
-            .map_err(|e| NodeError::Recovery(format!("consensus: {e}")))?;
+        stop_on_error.disarm();
         let (shutdown_tx, shutdown) = watch::channel(false);
         let n = cfg.n();
         let shared = Arc::new(Shared {
@@ -450,6 +459,64 @@ impl Node {
         }
         info!(parent: &span, "site stopped");
     }
+}
+
+/// Stops the strong-operation voter of a start that fails after it was started.
+struct StopOnError(Option<Arc<super::strong::Strong>>);
+
+impl StopOnError {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for StopOnError {
+    fn drop(&mut self) {
+        if let Some(s) = self.0.take() {
+            tokio::spawn(async move { s.shutdown().await });
+        }
+    }
+}
+
+/// Takes the sites of the replicated cluster configuration `m` over the file's `[[sites]]`
+/// (which seed only the very first start), and checks the result.
+///
+/// The configuration says which sites there are (ids, names, states) and where each listens.
+/// A site the file lists under the same id and name keeps the file's addresses: they are how
+/// this node reaches it (a private address, a relay in front of it), which may differ from
+/// site to site. A site the file does not list (added since) is reached at its replicated
+/// address.
+fn adopt_sites(
+    cfg: &mut SiteConfig,
+    m: &crate::consensus::members::Membership,
+) -> Result<(), NodeError> {
+    let mut sites = m.site_entries();
+    let mut differ = sites.len() != cfg.sites.len();
+    for s in &mut sites {
+        match cfg.sites.iter().find(|f| f.id == s.id && f.name == s.name) {
+            Some(f) => {
+                s.addr = f.addr;
+                s.partition_addrs = f.partition_addrs.clone();
+            }
+            None => differ = true,
+        }
+    }
+    if differ {
+        warn!(
+            epoch = m.epoch,
+            replicated = sites.len(),
+            file = cfg.sites.len(),
+            "the configuration file's [[sites]] differ from the replicated cluster configuration; \
+             the replicated one is the truth (the file's list seeds only the first start)"
+        );
+    }
+    cfg.sites = sites;
+    cfg.validate().map_err(|e| {
+        NodeError::Recovery(format!(
+            "the replicated cluster configuration (epoch {}) does not fit this node's file: {e}",
+            m.epoch
+        ))
+    })
 }
 
 /// Accepts connections and routes them by ALPN.

@@ -412,7 +412,7 @@ async fn dial(
     let conn = connecting.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     send_hello(shared, &mut send).await?;
-    let (said, their) = read_hello_raw(shared, &mut recv).await?;
+    let (said, their, _) = read_hello_raw(shared, &mut recv).await?;
     if said != remote {
         return Err(LinkError::Hello(format!(
             "dialed {remote:?} at {addr} but it says it is {said:?}"
@@ -648,7 +648,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
             return;
         }
     };
-    let (remote, their) = claimed;
+    let (remote, their, width) = claimed;
     if send_hello(&shared, &mut send).await.is_err() {
         return;
     }
@@ -684,7 +684,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         heard,
         true,
     ));
-    let result = receive_updates(&shared, &conn, peer).await;
+    let result = receive_updates(&shared, &conn, peer, width).await;
     control.abort();
     rpcs.abort();
     if let Err(e) = result {
@@ -701,10 +701,13 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
     }
 }
 
+/// Receives `peer`'s update stream, whose dependency vectors have `width` entries (the sites
+/// the peer counts, at most this node's): shorter ones are padded with zeros.
 async fn receive_updates(
     shared: &Arc<Shared>,
     conn: &Connection,
     peer: SiteId,
+    width: usize,
 ) -> Result<(), LinkError> {
     let mut stream = conn.accept_uni().await?;
     let n = shared.cfg.n();
@@ -720,7 +723,12 @@ async fn receive_updates(
             .bytes_in
             .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
         Metrics::bump(&shared.metrics.batches_in);
-        let items = peer_wire::decode_batch(&frame, peer, n, &limits)?;
+        let mut items = peer_wire::decode_batch(&frame, peer, width, &limits)?;
+        if width != n {
+            for it in &mut items {
+                it.fit_deps(n).map_err(WireError::Semantic)?;
+            }
+        }
         shared.mutate_deferred(|r| r.receive(peer, items));
         // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
         // control then slows the sender, whose backlog stays in its log.
@@ -753,8 +761,8 @@ async fn read_hello_from(
     shared: &Shared,
     conn: &Connection,
     recv: &mut RecvStream,
-) -> Result<(Remote, VClock), String> {
-    let (remote, applied) = tokio::time::timeout(
+) -> Result<(Remote, VClock, usize), String> {
+    let (remote, applied, width) = tokio::time::timeout(
         Duration::from_millis(shared.cfg.timeouts.request_ms),
         read_hello_raw(shared, recv),
     )
@@ -774,16 +782,22 @@ async fn read_hello_from(
             cert_site.unwrap_or("<none>")
         ));
     }
-    Ok((remote, applied))
+    Ok((remote, applied, width))
 }
 
-/// Reads a hello and checks it against this node's configuration: same cluster, sites and
-/// partitions; a peer must be this node's partition at another site, a sibling another
-/// partition of this site.
+/// Reads a hello and checks it against this node's configuration: same cluster and
+/// partitions; a peer must be this node's partition at another site this node counts, a
+/// sibling another partition of this site. Returns the remote, its applied vector (fitted to
+/// this node's sites) and the number of sites it counts: the width of the vectors it sends.
+///
+/// Nodes may count different numbers of sites while a site added to the cluster
+/// configuration is adopted (at a restart, so far): a peer that counts fewer sends shorter
+/// vectors, whose missing entries are zeros; one that counts more sends longer ones, which
+/// must be zero past this node's count (the added site has written nothing yet).
 async fn read_hello_raw(
     shared: &Shared,
     recv: &mut RecvStream,
-) -> Result<(Remote, VClock), LinkError> {
+) -> Result<(Remote, VClock, usize), LinkError> {
     let frame = read_frame(recv, 64 * 1024)
         .await?
         .ok_or_else(|| LinkError::Hello("stream closed before the hello".into()))?;
@@ -796,7 +810,10 @@ async fn read_hello_raw(
                 )));
             }
             let n = shared.cfg.n();
-            if h.sites as usize != n || h.site as usize >= n {
+            if h.site as usize >= n
+                || h.site >= h.sites
+                || h.sites as usize > crate::consensus::members::MAX_SITES
+            {
                 return Err(LinkError::Hello(format!(
                     "peer claims site {} of {} sites; this cluster has {n}",
                     h.site, h.sites
@@ -825,8 +842,15 @@ async fn read_hello_raw(
             } else {
                 Remote::Peer(site)
             };
+            if h.applied.len() > h.sites as usize {
+                return Err(LinkError::Hello(format!(
+                    "hello applied vector has {} entries, the peer counts {} sites",
+                    h.applied.len(),
+                    h.sites
+                )));
+            }
             let applied = wire::check_vector(&h.applied, n, "hello applied vector")?;
-            Ok((remote, applied))
+            Ok((remote, applied, h.sites as usize))
         }
         PeerControl::Reject { reason } => {
             Err(LinkError::Hello(format!("peer refused us: {reason}")))

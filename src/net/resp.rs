@@ -537,16 +537,15 @@ async fn run(
         Command::CausalToken(Some(t)) => {
             let t = String::from_utf8_lossy(&t);
             match decode_session_token(&t) {
-                Some(ctx) if ctx.len() <= shared.cfg.n() => {
-                    s.ctx.merge(&ctx.resized(shared.cfg.n()));
-                    Frame::ok().into()
+                Some(ctx) => {
+                    match crate::wire::check_vector(ctx.as_slice(), shared.cfg.n(), "the token") {
+                        Ok(ctx) => {
+                            s.ctx.merge(&ctx);
+                            Frame::ok().into()
+                        }
+                        Err(e) => Frame::err(format!("ERR {e}")).into(),
+                    }
                 }
-                Some(ctx) => Frame::err(format!(
-                    "ERR the token has {} entries, the cluster has {} sites",
-                    ctx.len(),
-                    shared.cfg.n()
-                ))
-                .into(),
                 None => Frame::err(format!(
                     "ERR not a session token: {:?} (CAUSAL.TOKEN returns one)",
                     &t[..t.len().min(64)]
@@ -579,7 +578,10 @@ async fn strong(
         StrongOp::Read(key) => (Forwarded::Read { key }, Op::StrongGet),
         StrongOp::Write(op) => {
             let metric = match op {
-                WriteOp::Put { .. } | WriteOp::PutIfPresent { .. } => Op::StrongPut,
+                // A RESP connection never proposes configuration changes.
+                WriteOp::Put { .. } | WriteOp::PutIfPresent { .. } | WriteOp::Sites(_) => {
+                    Op::StrongPut
+                }
                 WriteOp::Delete { .. } => Op::StrongDelete,
                 WriteOp::Cas { .. } => Op::Cas,
             };

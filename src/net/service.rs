@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, warn};
 use super::metrics::{Metrics, Op, PutStage};
 use super::shared::{Shared, now_micros};
 use crate::clock::{VClock, Version};
+use crate::consensus::members::SitesOp;
 use crate::consensus::{Command, Forwarded, Outcome, Reply, WriteOp};
 use crate::replica::{NotReady, ReadResult};
 use crate::wire::{
@@ -150,6 +151,8 @@ fn op_of(req: &ArchivedRequest) -> Op {
         ArchivedClientOp::StrongWrite { .. } => Op::StrongDelete,
         ArchivedClientOp::StrongGet { .. } => Op::StrongGet,
         ArchivedClientOp::Cas { .. } => Op::Cas,
+        // A write through the Raft group, as strong puts are.
+        ArchivedClientOp::SitesAdd { .. } => Op::StrongPut,
     }
 }
 
@@ -175,23 +178,35 @@ async fn execute(
     }
     let n = shared.cfg.n();
     let ctx: Vec<u64> = req.ctx.iter().map(|x| x.to_native()).collect();
-    // A new session's context may be shorter than the cluster (entries it never saw are 0).
-    if ctx.len() > n {
-        return error(
-            error_code::BAD_REQUEST,
-            format!(
-                "causal context has {} entries, the cluster has {n} sites",
-                ctx.len()
-            ),
-        );
-    }
-    let ctx = VClock::from_vec(ctx).resized(n);
+    // A new session's context may be shorter than the cluster (entries it never saw are 0),
+    // or longer with zeros for sites added that this site does not count yet.
+    let ctx = match crate::wire::check_vector(&ctx, n, "causal context") {
+        Ok(ctx) => ctx,
+        Err(e) => return error(error_code::BAD_REQUEST, e.to_string()),
+    };
     let timeout = Duration::from_millis(
         (req.timeout_ms.to_native() as u64).min(shared.cfg.timeouts.request_ms),
     );
     let deadline = Instant::now() + timeout;
     let (key, value, sync) = match &req.op {
         ArchivedClientOp::Status => return ResponseBody::Status(shared.status()),
+        ArchivedClientOp::SitesAdd {
+            name,
+            addr,
+            expected_epoch,
+            client,
+            serial,
+        } => {
+            return sites_add(
+                shared,
+                name.as_str(),
+                addr.as_str(),
+                expected_epoch.to_native(),
+                (client.to_native(), serial.to_native()),
+                timeout,
+            )
+            .await;
+        }
         ArchivedClientOp::Get { key } => {
             return match read(shared, key.as_slice(), &ctx, deadline, timeout).await {
                 Ok((res, lsn)) => {
@@ -407,6 +422,63 @@ async fn strong(
     execute_strong(shared, fwd, timeout).await
 }
 
+/// Adds a site to the cluster configuration through partition index 0's Raft group
+/// (forwarded to its leader): the site gets the next id, as `joining`.
+async fn sites_add(
+    shared: &Shared,
+    name: &str,
+    addr: &str,
+    expected_epoch: u64,
+    (client, serial): (u64, u64),
+    timeout: Duration,
+) -> ResponseBody {
+    if shared.cfg.partition != 0 {
+        return error(
+            error_code::BAD_REQUEST,
+            format!(
+                "this node serves partition {}; the cluster configuration is kept by partition 0",
+                shared.cfg.partition
+            ),
+        );
+    }
+    let addr = match addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            return error(
+                error_code::BAD_REQUEST,
+                format!("site address {addr:?} is not IP:PORT: {e}"),
+            );
+        }
+    };
+    let cmd = Command {
+        client,
+        serial,
+        ctx: Vec::new(),
+        op: WriteOp::Sites(SitesOp::Add {
+            expected_epoch,
+            name: name.to_owned(),
+            addr,
+        }),
+    };
+    match shared
+        .strong
+        .execute(Forwarded::Write(cmd), timeout, true)
+        .await
+    {
+        Outcome::Applied(Reply::Membership(Ok(epoch))) => ResponseBody::SitesChanged { epoch },
+        Outcome::Applied(Reply::Membership(Err(why))) => error(error_code::BAD_REQUEST, why),
+        Outcome::Applied(Reply::Forgotten) | Outcome::Unknown(_) => error(
+            error_code::OUTCOME_UNKNOWN,
+            "the change may or may not have been applied: run `causalkv sites list`",
+        ),
+        Outcome::Unavailable(m) => error(error_code::UNAVAILABLE, m),
+        other => error(
+            error_code::UNAVAILABLE,
+            format!("the change was not applied: {other:?}"),
+        ),
+    }
+}
+
 /// Executes a strong operation through the partition's Raft group ([`super::strong`]), after
 /// the size limits and the partition check; shared by the client service and the RESP
 /// listener.
@@ -451,6 +523,9 @@ pub(super) async fn execute_strong(
             "a retry of a strong write whose reply is no longer remembered: it may or may not \
              have been applied",
         ),
+        // A configuration change: applied, or refused with the reason (nothing changed).
+        Outcome::Applied(Reply::Membership(Ok(_))) => ResponseBody::StrongWritten,
+        Outcome::Applied(Reply::Membership(Err(why))) => error(error_code::BAD_REQUEST, why),
         Outcome::Value { value, ctx } => ResponseBody::StrongValue {
             value,
             ctx: drop_ctx(ctx),

@@ -1,13 +1,15 @@
 //! The site's status as `causalkv status`, `GET /status` and [`Node::status`](super::Node::status)
-//! show it: vectors, buffer and log figures, and each peer's state with its reason and lag.
+//! show it: vectors, buffer and log figures, each peer's state with its reason and lag, and the
+//! cluster configuration (epoch and sites) this node holds.
 
 use std::time::Instant;
 
 use super::peer_state::judge;
 use super::shared::Shared;
 use crate::clock::SiteId;
+use crate::consensus::members::{Member, Membership};
 use crate::storage::Store;
-use crate::wire::{PeerStatus, StatusInfo};
+use crate::wire::{MemberStatus, MembershipStatus, PeerStatus, StatusInfo};
 
 impl Shared {
     /// The site's status.
@@ -78,6 +80,35 @@ impl Shared {
             partitions: self.cfg.partitions as u16,
             site_stable,
             consensus: Some(Box::new(self.strong.status())),
+            membership: Some(Box::new(self.membership_status())),
+        }
+    }
+
+    /// The cluster configuration this node holds: the replicated one (partition index 0, once
+    /// bootstrapped), else the sites of its file with epoch 0.
+    pub fn membership_status(&self) -> MembershipStatus {
+        let show = |m: &Member| MemberStatus {
+            site: m.id,
+            name: m.name.clone(),
+            addr: m.addr.to_string(),
+            state: m.state.as_str().into(),
+        };
+        match self.strong.membership() {
+            Some(m) => MembershipStatus {
+                epoch: m.epoch,
+                source: "replicated".into(),
+                next_id: m.next_id,
+                sites: m.sites.iter().map(show).collect(),
+            },
+            None => {
+                let m = Membership::from_entries(&self.cfg.sites);
+                MembershipStatus {
+                    epoch: 0,
+                    source: "file".into(),
+                    next_id: m.next_id,
+                    sites: m.sites.iter().map(show).collect(),
+                }
+            }
         }
     }
 }

@@ -40,6 +40,7 @@ use tracing::{debug, info, warn};
 use super::metrics::{Histogram, Metrics};
 use crate::config::SiteConfig;
 use crate::consensus::log::LogStore;
+use crate::consensus::members::{MAX_SITES, MEMBERSHIP_CLIENT, Membership, SitesOp};
 use crate::consensus::sm::{StateMachine, StrongState};
 use crate::consensus::{self, Forwarded, NodeId, Outcome, Raft, Rpc, RpcReply, TypeConfig};
 use crate::wire::{ConsensusStatus, VoterStatus, close_code, read_frame, write_frame};
@@ -116,10 +117,12 @@ struct Detector {
 }
 
 impl Links {
-    fn new(n: usize, hold_ms: u64) -> Links {
+    /// Slots for every site a cluster can have: site ids grow as sites are added, and the
+    /// majority is counted over the group's voters, not over these slots.
+    fn new(hold_ms: u64) -> Links {
         Links {
-            conns: (0..n).map(|_| Mutex::new(None)).collect(),
-            answered: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            conns: (0..MAX_SITES).map(|_| Mutex::new(None)).collect(),
+            answered: (0..MAX_SITES).map(|_| AtomicU64::new(0)).collect(),
             epoch: Some(Instant::now()),
             bytes_out: AtomicU64::new(0),
             detector: Detector {
@@ -166,22 +169,25 @@ impl Links {
         }
     }
 
-    /// Whether a majority of the sites (counting `me`) answered an RPC within `window`.
-    fn majority_heard_within(&self, me: NodeId, window: Duration) -> bool {
+    /// Whether a majority of `voters` (counting `me`) answered an RPC within `window`.
+    fn majority_heard_within(
+        &self,
+        me: NodeId,
+        window: Duration,
+        voters: &BTreeSet<NodeId>,
+    ) -> bool {
         let now = self.now_ms();
-        let n = self.answered.len();
-        let heard = self
-            .answered
+        let heard = voters
             .iter()
-            .enumerate()
-            .filter(|&(s, a)| {
-                s as NodeId == me || {
-                    let t = a.load(Ordering::Relaxed);
-                    t > 0 && now.saturating_sub(t) <= window.as_millis() as u64
-                }
+            .filter(|&&s| {
+                s == me
+                    || self.answered.get(s as usize).is_some_and(|a| {
+                        let t = a.load(Ordering::Relaxed);
+                        t > 0 && now.saturating_sub(t) <= window.as_millis() as u64
+                    })
             })
             .count();
-        heard > n / 2
+        heard > voters.len() / 2
     }
 
     fn get(&self, site: NodeId) -> Option<Connection> {
@@ -435,7 +441,13 @@ pub(crate) struct Strong {
     log: LogStore,
     links: Arc<Links>,
     me: NodeId,
-    names: Vec<String>,
+    /// Site names by id (the replicated configuration's once the node has adopted it).
+    names: RwLock<Vec<String>>,
+    /// Partition index 0's node: the cluster configuration its file's `[[sites]]` seed, which
+    /// it proposes while leading a group that holds none ([`Strong::bootstrap_sites`]).
+    seed: Option<Membership>,
+    /// A bootstrap proposal is under way.
+    bootstrapping: std::sync::atomic::AtomicBool,
     pub opts: StrongOptions,
     pub metrics: StrongMetrics,
     election_max: Duration,
@@ -463,7 +475,7 @@ impl Strong {
         let rc = consensus::raft_config(&cfg.consensus, &cfg.cluster_id, cfg.partition)
             .validate()
             .map_err(std::io::Error::other)?;
-        let links = Arc::new(Links::new(cfg.n(), cfg.consensus.election_max_ms));
+        let links = Arc::new(Links::new(cfg.consensus.election_max_ms));
         let network = Network {
             links: links.clone(),
         };
@@ -493,7 +505,9 @@ impl Strong {
             log,
             links,
             me,
-            names: cfg.sites.iter().map(|s| s.name.clone()).collect(),
+            names: RwLock::new(cfg.sites.iter().map(|s| s.name.clone()).collect()),
+            seed: (cfg.partition == 0).then(|| Membership::from_entries(&cfg.sites)),
+            bootstrapping: Default::default(),
             opts,
             metrics: StrongMetrics::default(),
             election_max: Duration::from_millis(cfg.consensus.election_max_ms),
@@ -521,16 +535,74 @@ impl Strong {
         }
     }
 
-    fn name(&self, site: NodeId) -> &str {
-        self.names.get(site as usize).map_or("?", String::as_str)
+    fn name(&self, site: NodeId) -> String {
+        let names = self.names.read().expect("names lock");
+        names.get(site as usize).map_or("?".into(), Clone::clone)
+    }
+
+    /// Takes the site names by id (from the replicated configuration).
+    pub fn set_names(&self, names: Vec<String>) {
+        *self.names.write().expect("names lock") = names;
+    }
+
+    /// The cluster configuration this node's group holds: partition index 0's, once
+    /// bootstrapped (`None` before, and at every other partition).
+    pub fn membership(&self) -> Option<Membership> {
+        self.state.read().expect("state lock").sites.clone()
+    }
+
+    /// The group's voters, as its membership stands.
+    fn voters(&self) -> BTreeSet<NodeId> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.membership().voter_ids().collect()
+    }
+
+    /// While this node leads partition index 0's group and the group holds no cluster
+    /// configuration, proposes the one its file's `[[sites]]` seed (once at a time; the
+    /// watcher calls this on every tick). The first bootstrap committed wins; a later one, from
+    /// another leader, is refused by the state machine and changes nothing.
+    fn bootstrap_sites(self: &Arc<Self>) {
+        let Some(seed) = &self.seed else { return };
+        if self.state.read().expect("state lock").sites.is_some()
+            || self.bootstrapping.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        let this = self.clone();
+        let cmd = consensus::Command {
+            client: MEMBERSHIP_CLIENT,
+            serial: 0,
+            ctx: Vec::new(),
+            op: consensus::WriteOp::Sites(SitesOp::Bootstrap(seed.clone())),
+        };
+        tokio::spawn(async move {
+            match this
+                .execute(Forwarded::Write(cmd), this.election_max, false)
+                .await
+            {
+                Outcome::Applied(consensus::Reply::Membership(Ok(epoch))) => {
+                    info!(
+                        epoch,
+                        "cluster configuration bootstrapped from this site's [[sites]]"
+                    );
+                }
+                Outcome::Applied(consensus::Reply::Membership(Err(why))) => {
+                    debug!(%why, "cluster configuration not bootstrapped");
+                }
+                other => debug!(?other, "cluster configuration bootstrap to be retried"),
+            }
+            this.bootstrapping.store(false, Ordering::SeqCst);
+        });
     }
 
     /// What is missing for the group to serve: no leader, or which voters cannot be reached.
     fn missing(&self) -> String {
         let m = self.raft.metrics().borrow().clone();
-        let n = self.names.len();
+        let n = self.voters().len();
         let majority = n / 2 + 1;
-        let reachable: Vec<&str> = (0..n as NodeId)
+        let reachable: Vec<String> = self
+            .voters()
+            .into_iter()
             .filter(|&s| s == self.me || self.links.get(s).is_some())
             .map(|s| self.name(s))
             .collect();
@@ -686,6 +758,7 @@ impl Strong {
                         let stale = !self.links.majority_heard_within(
                             self.me,
                             Duration::from_millis(self.quorum_stale_ms),
+                            &self.voters(),
                         );
                         if stale && !proposed {
                             why = format!(
@@ -907,6 +980,7 @@ impl Strong {
             // voter's vote, and restarting then kept two candidates waiting on each other.)
             if m.state == ServerState::Leader {
                 self.links.heard_leader();
+                self.bootstrap_sites();
             }
             let heard = d.heard_leader.load(Ordering::Relaxed);
             if heard != heard_seen {
@@ -938,7 +1012,7 @@ impl Strong {
             if m.current_leader != leader {
                 Metrics::bump(&self.metrics.leader_changes);
                 info!(
-                    leader = ?m.current_leader.map(|l| self.name(l).to_owned()),
+                    leader = ?m.current_leader.map(|l| self.name(l)),
                     term = m.current_term,
                     "strong-operation leader changed"
                 );
@@ -963,10 +1037,12 @@ impl Strong {
     pub fn status(&self) -> ConsensusStatus {
         let m = self.raft.metrics().borrow().clone();
         let matched = m.replication.clone().unwrap_or_default();
-        let voters = (0..self.names.len() as NodeId)
+        let voters = self
+            .voters()
+            .into_iter()
             .map(|s| VoterStatus {
                 site: s as u16,
-                name: self.name(s).to_owned(),
+                name: self.name(s),
                 match_index: if s == self.me {
                     m.last_log_index
                 } else {
@@ -978,7 +1054,7 @@ impl Strong {
             term: m.current_term,
             state: format!("{:?}", m.state),
             leader: m.current_leader.map(|l| l as u16),
-            leader_name: m.current_leader.map(|l| self.name(l).to_owned()),
+            leader_name: m.current_leader.map(|l| self.name(l)),
             commit_index: self.log.committed().map(|l| l.index),
             applied_index: m.last_applied.map(|l| l.index),
             last_log_index: m.last_log_index,

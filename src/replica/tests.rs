@@ -443,3 +443,80 @@ fn batches_stop_at_the_byte_budget_but_always_carry_one_update() {
     let (updates, _) = a.poll_batch_refs(1, 100, usize::MAX).unwrap();
     assert_eq!(updates.count(), 5);
 }
+
+/// An update from `origin` at `ts` with dependency vector `deps`, as a peer sends it.
+fn remote(origin: SiteId, ts: u64, key: &'static str, deps: Vec<u64>) -> Item {
+    Item::Update(Update {
+        key: b(key),
+        value: Some(b("v")),
+        version: Version::new(ts, origin),
+        deps: VClock::from_vec(deps),
+    })
+}
+
+#[test]
+fn vectors_shorter_than_the_site_count_read_as_zeros() {
+    // Site 2 was added after the 2-site vectors below were written: every vector that counts
+    // only sites 0 and 1 has nothing from site 2, and none of them is refused or misread.
+    let mut c = replica(2, 3);
+    let old_ctx = VClock::from_vec(vec![5, 0]);
+    assert_eq!(
+        c.get(b"k", &old_ctx),
+        Err(NotReady {
+            site: 0,
+            have: 0,
+            need: 5
+        })
+    );
+    // From site 1, with a 2-entry dependency vector that waits on site 0: buffered on entry 0.
+    c.receive(1, [remote(1, 7, "y", vec![5, 0])]);
+    assert_eq!(c.buffer().len(), 1);
+    // A short dependency vector waits on no entry it lacks.
+    assert_eq!(
+        DependencyBuffer::first_missing(&VClock::zero(3), &VClock::from_vec(vec![0, 3]), 2),
+        Some((1, 3))
+    );
+    assert_eq!(
+        DependencyBuffer::first_missing(&VClock::zero(3), &VClock::from_vec(vec![0]), 1),
+        None
+    );
+    // Site 0's update at 5 (its own vector is as short) unblocks site 1's.
+    c.receive(0, [remote(0, 5, "x", vec![0, 0])]);
+    assert!(c.buffer().is_empty());
+    assert_eq!(c.get(b"y", &old_ctx).unwrap().value, Some(b("v")));
+    // A write under a short context depends on it padded to every site.
+    let v = c.put(100, b("z"), Some(b("w")), &old_ctx).unwrap();
+    assert!(v.ts > 5);
+    let sent: Vec<Record> = flush(&mut c);
+    let deps = sent
+        .iter()
+        .find_map(|r| match r {
+            Record::Update(u) if u.key == b("z") => Some(u.deps.clone()),
+            _ => None,
+        })
+        .expect("the write is logged");
+    assert_eq!(deps.as_slice(), &[5, 0, 0]);
+    // A peer's short applied vector acks what it names; the missing entry is zero.
+    c.on_peer_applied(0, &VClock::from_vec(vec![5, 7]));
+    assert_eq!(c.peer_applied(0).as_slice(), &[5, 7, 0]);
+    // A context longer than the cluster names a site this one does not know: never ready.
+    let e = c
+        .get(b"k", &VClock::from_vec(vec![0, 0, 0, 1]))
+        .unwrap_err();
+    assert_eq!((e.site, e.need), (3, 1));
+    // A fitted item keeps its entries and adds zeros, or cuts zeros for sites not counted
+    // here; it cannot depend on such a site.
+    let deps_of = |it: Item| match it {
+        Item::Update(u) => u.deps.into_vec(),
+        Item::Marker(_) => unreachable!(),
+    };
+    let mut it = remote(1, 9, "q", vec![4]);
+    it.fit_deps(3).unwrap();
+    assert_eq!(deps_of(it), [4, 0, 0]);
+    let mut it = remote(1, 9, "q", vec![4, 0, 0, 0]);
+    it.fit_deps(3).unwrap();
+    assert_eq!(deps_of(it), [4, 0, 0]);
+    let mut it = remote(1, 9, "q", vec![4, 0, 0, 2]);
+    let e = it.fit_deps(3).unwrap_err();
+    assert!(e.contains("depends on site 3"), "{e}");
+}

@@ -538,6 +538,40 @@ impl Client {
         tls::not_after(chain.first()?)
     }
 
+    /// Adds a site to the cluster configuration (what `causalkv sites add` does): it gets the
+    /// next site id and starts as `joining`. The change is made against `expected_epoch` (the
+    /// epoch [`Client::status`] shows in its `membership`) and refused if the configuration
+    /// has moved on; a retry is applied once. Returns the new epoch.
+    ///
+    /// ```no_run
+    /// # async fn f(client: causalkv_client::Client) -> Result<(), causalkv_client::ClientError> {
+    /// let status = client.status().await?;
+    /// let epoch = status.membership.map_or(0, |m| m.epoch);
+    /// let new_epoch = client
+    ///     .add_site("d", "10.0.0.4:7100".parse().unwrap(), epoch)
+    ///     .await?;
+    /// assert_eq!(new_epoch, epoch + 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn add_site(
+        &self,
+        name: &str,
+        addr: std::net::SocketAddr,
+        expected_epoch: u64,
+    ) -> Result<u64, ClientError> {
+        let op = ClientOp::SitesAdd {
+            name: name.to_owned(),
+            addr: addr.to_string(),
+            expected_epoch,
+            client: self.client_id,
+            serial: self.serial.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        match self.call(op, true, 0).await? {
+            ResponseBody::SitesChanged { epoch } => Ok(epoch),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// The current site's status.
     pub async fn status(&self) -> Result<StatusInfo, ClientError> {
         match self.call(ClientOp::Status, true, 0).await? {

@@ -5,8 +5,10 @@
 //! allocating, reads the archive into an aligned buffer, and hands it out as [`Bytes`] so that
 //! values can later be sliced out of the frame and stored without re-encoding. Each archive is
 //! validated with bytecheck (`rkyv::access`) before any field is read, and then checked for
-//! meaning ([`check_sizes`], [`check_vector`]): vector lengths equal the number of sites, ids are
-//! in range, keys and values respect the limits, timestamps grow along a batch.
+//! meaning ([`check_sizes`], [`check_vector`]): vectors have one entry per site (a shorter
+//! one, from before sites were added, reads as zeros for the missing entries; a longer one
+//! may only add zeros, for sites added that this node does not count yet), ids are in range,
+//! keys and values respect the limits, timestamps grow along a batch.
 //!
 //! Messages here: client streams (one bidirectional stream per request), [`Request`] /
 //! [`Response`]. The peer protocol's messages (hello, acks, update batches) are the server's
@@ -156,6 +158,21 @@ mod messages {
             /// Key.
             key: Vec<u8>,
         },
+        /// Add a site to the cluster configuration (`causalkv sites add`): it gets the next
+        /// site id and starts as `joining`. Served by partition 0 of a site, through its Raft
+        /// group; answered [`ResponseBody::SitesChanged`].
+        SitesAdd {
+            /// The new site's name (its certificate must carry it).
+            name: String,
+            /// Its address, `IP:PORT`.
+            addr: String,
+            /// The configuration epoch the change is made against: refused if it moved on.
+            expected_epoch: u64,
+            /// As for `StrongWrite`.
+            client: u64,
+            /// As for `StrongWrite`.
+            serial: u64,
+        },
     }
 
     /// A client request: one per bidirectional stream.
@@ -227,6 +244,34 @@ mod messages {
         pub voters: Vec<VoterStatus>,
     }
 
+    /// One site of the cluster configuration, in a status answer.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct MemberStatus {
+        /// Site id (never reused).
+        pub site: u16,
+        /// Site name.
+        pub name: String,
+        /// Address (of its partition 0).
+        pub addr: String,
+        /// `active`, `joining` or `removed`.
+        pub state: String,
+    }
+
+    /// The cluster configuration a node holds, in a status answer.
+    #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
+    pub struct MembershipStatus {
+        /// The configuration's epoch (raised by every change; 0: not bootstrapped yet).
+        pub epoch: u64,
+        /// Where it comes from: `replicated` (the Raft group's state) or `bootstrap` (the
+        /// configuration file's `[[sites]]`, until the group has committed its first
+        /// configuration).
+        pub source: String,
+        /// The id the next added site gets.
+        pub next_id: u16,
+        /// Every site, removed ones included, in id order.
+        pub sites: Vec<MemberStatus>,
+    }
+
     /// One peer's line in a status answer.
     #[derive(Archive, Serialize, Deserialize, Clone, Debug, PartialEq, serde::Serialize)]
     pub struct PeerStatus {
@@ -285,6 +330,8 @@ mod messages {
         pub site_stable: Vec<u64>,
         /// The partition's Raft group (strong operations).
         pub consensus: Option<Box<ConsensusStatus>>,
+        /// The cluster configuration (sites and epoch) as this node holds it.
+        pub membership: Option<Box<MembershipStatus>>,
     }
 
     /// The body of a response.
@@ -325,6 +372,11 @@ mod messages {
             current: Option<Vec<u8>>,
             /// When it did not match: the causal context of the value found.
             ctx: Vec<u64>,
+        },
+        /// The answer to a configuration change: applied, at this epoch.
+        SitesChanged {
+            /// The configuration's new epoch.
+            epoch: u64,
         },
         /// The request failed.
         Error {
@@ -476,15 +528,22 @@ pub fn check_sizes(key: usize, value: usize, limits: &Limits) -> Result<(), Wire
     Ok(())
 }
 
-/// Checks a vector received from the wire has one entry per site.
+/// Checks a vector received from the wire against the `sites` this node counts, and returns
+/// it with exactly one entry per site: a shorter one is padded with zeros, a longer one must
+/// have only zeros past `sites`.
 pub fn check_vector(v: &[u64], sites: usize, what: &str) -> Result<VClock, WireError> {
-    if v.len() != sites {
+    // Site ids are never reused and only ever added, so a vector written before the cluster
+    // grew is shorter: its missing entries are zeros (nothing seen from those sites yet). A
+    // vector from a node that already counts a site added since, which this node does not
+    // count yet, is longer: harmless while that site has written nothing (its entry is zero).
+    if let Some(i) = v.iter().skip(sites).position(|&e| e > 0) {
         return Err(WireError::Semantic(format!(
-            "{what} has {} entries, the cluster has {sites} sites",
-            v.len()
+            "{what} has {} entries, the cluster has {sites} sites (entry {} is not zero)",
+            v.len(),
+            sites + i
         )));
     }
-    Ok(VClock::from_vec(v.to_vec()))
+    Ok(VClock::from_vec(v.to_vec()).resized(sites))
 }
 
 #[cfg(test)]
@@ -563,5 +622,23 @@ mod tests {
             applied: vec![1, 2],
         };
         assert_eq!(decode::<Response>(&encode(&resp)).unwrap(), resp);
+    }
+
+    #[test]
+    fn a_shorter_vector_reads_as_zeros_and_a_longer_one_is_refused() {
+        // A vector written before a site was added has no entry for it: zero, not an error.
+        let v = check_vector(&[5, 7], 3, "ack").unwrap();
+        assert_eq!(v.as_slice(), &[5, 7, 0]);
+        assert_eq!(check_vector(&[], 2, "ack").unwrap().as_slice(), &[0, 0]);
+        assert_eq!(
+            check_vector(&[1, 2, 3], 3, "ack").unwrap().as_slice(),
+            &[1, 2, 3]
+        );
+        let e = check_vector(&[1, 2, 3, 4], 3, "ack vector").unwrap_err();
+        assert!(e.to_string().contains("ack vector has 4 entries"), "{e}");
+        // Past the sites counted here, zeros only: a site added that this node has not
+        // adopted yet, and that has written nothing.
+        let v = check_vector(&[1, 2, 3, 0, 0], 3, "ack").unwrap();
+        assert_eq!(v.as_slice(), &[1, 2, 3]);
     }
 }
