@@ -848,6 +848,21 @@ impl Shared {
         }
     }
 
+    /// The log thread waits to be woken (a sync request, a roll, a flush, shutdown). Under
+    /// `batch` it wakes after `batch_ms` anyway: appends nobody asked a sync for (remote
+    /// batches) are written within `batch_ms` too, for the flush thread to fsync.
+    fn idle<'a>(&self, st: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
+        match self.policy {
+            FsyncPolicy::Batch => {
+                self.cv
+                    .wait_timeout(st, self.batch)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            _ => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
     /// Commits everything written up to `target`, which the caller read under the lock
     /// together with the current segment: fsyncs that segment outside the lock, counts the
     /// commit and raises `fsynced`. Returns the state locked again (not yet published) and how
@@ -924,16 +939,7 @@ fn sync_loop(shared: Arc<Shared>) {
         || st.flush_asked
         || st.queue.iter().any(|c| c.roll_to.is_some());
     if !woken {
-        st = match shared.policy {
-            FsyncPolicy::Batch => {
-                shared
-                    .cv
-                    .wait_timeout(st, shared.batch)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
-            }
-            _ => shared.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-        };
+        st = shared.idle(st);
     }
     loop {
         if shared.failed.load(Ordering::SeqCst) {
@@ -985,18 +991,7 @@ fn sync_loop(shared: Arc<Shared>) {
             if st.shutdown {
                 return;
             }
-            st = match shared.policy {
-                // Appends nobody asked a sync for (remote batches) are written within
-                // `batch_ms` too, for the flush thread to fsync.
-                FsyncPolicy::Batch => {
-                    shared
-                        .cv
-                        .wait_timeout(st, shared.batch)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-                _ => shared.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-            };
+            st = shared.idle(st);
             continue;
         }
         // Everything written is covered by this fsync. A request beyond it is for bytes queued
