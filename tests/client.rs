@@ -681,10 +681,11 @@ fn version_names_the_crate_and_the_wire_protocol() {
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     let want = format!(
-        "causalkv {} (wire protocol {}: causalkv-client/{2}, causalkv-peer/{2})\n",
+        "causalkv {} (wire protocol {}: causalkv-client/{2}, causalkv-peer/{2}; peer protocol {3})\n",
         env!("CARGO_PKG_VERSION"),
         causalkv::tls::PROTOCOL_VERSION,
         causalkv::tls::PROTOCOL_VERSION,
+        causalkv::peer_wire::PROTOCOL_VERSION,
     );
     assert_eq!(text, want);
     assert!(causalkv::tls::ALPN_CLIENT.ends_with(b"/1"));

@@ -40,14 +40,16 @@ fn disable_transparent_huge_pages() {
     }
 }
 
-/// What `--version` prints: the crate version and the wire protocol version with its ALPNs.
+/// What `--version` prints: the crate version, the wire protocol version with its ALPNs, and
+/// the version of the peer protocol that two sites check in their hello.
 static VERSION: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "{} (wire protocol {}: {}, {})",
+        "{} (wire protocol {}: {}, {}; peer protocol {})",
         env!("CARGO_PKG_VERSION"),
         causalkv::tls::PROTOCOL_VERSION,
         String::from_utf8_lossy(causalkv::tls::ALPN_CLIENT),
         String::from_utf8_lossy(causalkv::tls::ALPN_PEER),
+        causalkv::peer_wire::PROTOCOL_VERSION,
     )
 });
 
