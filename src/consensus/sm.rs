@@ -201,6 +201,10 @@ pub struct StateMachine {
     pub state: Arc<RwLock<StrongState>>,
     dir: PathBuf,
     current: Arc<Mutex<Option<Current>>>,
+    /// The cluster configuration as last applied: sent whenever an applied entry or an
+    /// installed snapshot changes it, so the node adopts a change live
+    /// ([`StateMachine::watch_sites`]).
+    sites: Arc<tokio::sync::watch::Sender<Option<Membership>>>,
 }
 
 impl StateMachine {
@@ -230,11 +234,31 @@ impl StateMachine {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (StrongState::default(), None),
             Err(e) => return Err(e),
         };
+        let sites = Arc::new(tokio::sync::watch::Sender::new(state.sites.clone()));
         Ok(StateMachine {
             state: Arc::new(RwLock::new(state)),
             dir: dir.to_owned(),
             current: Arc::new(Mutex::new(current)),
+            sites,
         })
+    }
+
+    /// The cluster configuration, as applied: the current one, then every change (an
+    /// applied [`WriteOp::Sites`] entry or an installed snapshot that holds another one).
+    pub fn watch_sites(&self) -> tokio::sync::watch::Receiver<Option<Membership>> {
+        self.sites.subscribe()
+    }
+
+    /// Tells the watchers of [`StateMachine::watch_sites`] the configuration `now`, if it
+    /// differs from the last one sent.
+    fn publish_sites(&self, now: &Option<Membership>) {
+        self.sites.send_if_modified(|last| {
+            let changed = last != now;
+            if changed {
+                last.clone_from(now);
+            }
+            changed
+        });
     }
 
     /// Stores a snapshot durably (on a blocking thread) and makes it the current one.
@@ -315,16 +339,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     {
         let mut st = self.state.write().expect("state lock");
         let mut out = Vec::new();
+        let mut touched_sites = false;
         for e in entries {
             st.last_applied = Some(e.log_id);
             out.push(match e.payload {
                 EntryPayload::Blank => Vec::new(),
-                EntryPayload::Normal(batch) => batch.0.iter().map(|cmd| st.apply(cmd)).collect(),
+                EntryPayload::Normal(batch) => {
+                    touched_sites |= batch.0.iter().any(|c| matches!(c.op, WriteOp::Sites(_)));
+                    batch.0.iter().map(|cmd| st.apply(cmd)).collect()
+                }
                 EntryPayload::Membership(m) => {
                     st.membership = StoredMembership::new(Some(e.log_id), m);
                     Vec::new()
                 }
             });
+        }
+        if touched_sites {
+            let sites = st.sites.clone();
+            drop(st);
+            self.publish_sites(&sites);
         }
         Ok(out)
     }
@@ -344,7 +377,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), StorageError<NodeId>> {
         let state = StrongState::from_bytes(&snapshot).map_err(sm_err)?;
         self.store(meta.clone(), *snapshot).await?;
+        let sites = state.sites.clone();
         *self.state.write().expect("state lock") = state;
+        self.publish_sites(&sites);
         Ok(())
     }
 
@@ -557,6 +592,8 @@ mod tests {
         use crate::consensus::members::SitesOp;
         let dir = tempfile::tempdir().unwrap();
         let mut sm = StateMachine::open(dir.path()).unwrap();
+        let mut watch = sm.watch_sites();
+        assert_eq!(*watch.borrow_and_update(), None);
         let entry = Entry::<TypeConfig> {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 0), 1),
             payload: EntryPayload::Normal(super::super::Batch(vec![sites_cmd(
@@ -566,6 +603,9 @@ mod tests {
         };
         let replies = RaftStateMachine::apply(&mut sm, [entry]).await.unwrap();
         assert_eq!(replies, vec![vec![Reply::Membership(Ok(1))]]);
+        // The watchers see the change as it is applied.
+        assert!(watch.has_changed().unwrap());
+        assert_eq!(*watch.borrow_and_update(), Some(seed()));
         RaftSnapshotBuilder::build_snapshot(&mut sm).await.unwrap();
         // A restart loads the configuration from the snapshot file.
         let reopened = StateMachine::open(dir.path()).unwrap();
@@ -577,6 +617,7 @@ mod tests {
         // And a snapshot installed from a leader carries it too.
         let dir2 = tempfile::tempdir().unwrap();
         let mut other = StateMachine::open(dir2.path()).unwrap();
+        let mut other_watch = other.watch_sites();
         let snap = RaftStateMachine::get_current_snapshot(&mut sm)
             .await
             .unwrap()
@@ -585,5 +626,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(other.state.read().unwrap().sites, Some(seed()));
+        assert!(other_watch.has_changed().unwrap());
+        assert_eq!(*other_watch.borrow_and_update(), Some(seed()));
     }
 }

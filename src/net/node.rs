@@ -7,6 +7,8 @@
 //! - one outbound link per peer ([`super::peer::run_outbound`]), which sends this site's update
 //!   stream, pulled from the replica's retained log;
 //! - the ticker, the durability pump and the snapshotter ([`super::tasks`]);
+//! - the follower of the replicated cluster configuration, which takes each committed change
+//!   as it applies;
 //! - the admin HTTP server ([`super::admin`]), when `admin_addr` is configured;
 //! - the RESP listener ([`super::resp`]), when `[resp]` is configured.
 //!
@@ -221,6 +223,7 @@ impl Node {
                     .watch(shared.shutdown.clone())
                     .instrument(span.clone()),
             ),
+            tokio::spawn(follow_sites(shared.clone()).instrument(span.clone())),
         ];
         for p in shared.cfg.peers() {
             tasks.push(tokio::spawn(
@@ -458,6 +461,32 @@ impl Node {
             warn!(parent: &span, "the UDP socket was still open 10 s after the stop");
         }
         info!(parent: &span, "site stopped");
+    }
+}
+
+/// Follows the replicated cluster configuration as this node's group applies it: takes the
+/// site names live and logs each change. This is the one place where a node reacts to a
+/// committed change of the site set while it runs.
+async fn follow_sites(shared: Arc<Shared>) {
+    let mut sites = shared.strong.watch_sites();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let now = sites.borrow_and_update().clone();
+        if let Some(m) = now {
+            shared
+                .strong
+                .set_names(m.sites.iter().map(|s| s.name.clone()).collect());
+            let members: Vec<String> = m
+                .sites
+                .iter()
+                .map(|s| format!("{}={}", s.name, s.state.as_str()))
+                .collect();
+            info!(epoch = m.epoch, ?members, "cluster configuration applied");
+        }
+        tokio::select! {
+            r = sites.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
     }
 }
 

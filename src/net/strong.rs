@@ -438,6 +438,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 pub(crate) struct Strong {
     pub raft: Raft,
     pub state: Arc<RwLock<StrongState>>,
+    /// The cluster configuration as the state machine applies it ([`Strong::watch_sites`]).
+    sites: tokio::sync::watch::Receiver<Option<Membership>>,
     log: LogStore,
     links: Arc<Links>,
     me: NodeId,
@@ -481,6 +483,7 @@ impl Strong {
         };
         let me = cfg.site_id as NodeId;
         let state = sm.state.clone();
+        let sites = sm.watch_sites();
         let raft = Raft::new(me, Arc::new(rc), network, log.clone(), sm)
             .await
             .map_err(std::io::Error::other)?;
@@ -502,6 +505,7 @@ impl Strong {
             proposals,
             raft,
             state,
+            sites,
             log,
             links,
             me,
@@ -549,6 +553,13 @@ impl Strong {
     /// bootstrapped (`None` before, and at every other partition).
     pub fn membership(&self) -> Option<Membership> {
         self.state.read().expect("state lock").sites.clone()
+    }
+
+    /// The cluster configuration as this node's group applies it: the current one, then each
+    /// change as it commits here (partition index 0's group; always `None` at the others).
+    /// A node adopts changes live from this.
+    pub fn watch_sites(&self) -> tokio::sync::watch::Receiver<Option<Membership>> {
+        self.sites.clone()
     }
 
     /// The group's voters, as its membership stands.
