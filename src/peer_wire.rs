@@ -8,7 +8,9 @@
 //! metadata per update, and every field is checked as it is unpacked. They live in the server,
 //! not in the client library: a client never speaks this protocol.
 //!
-//! - control stream (bidirectional): [`PeerControl`] — hello, ack/heartbeat, reject;
+//! - control stream (bidirectional): a [`PeerControl`] hello (or reject) each way, then packed
+//!   acks ([`encode_ack`]), which double as heartbeats; sibling partitions exchange their
+//!   stable-vector contributions in the same form;
 //! - update stream (unidirectional, one per origin and connection): [`UpdateBatch`].
 
 use bytes::Bytes;
@@ -28,8 +30,9 @@ pub use messages::*;
 /// named. Bump it with every change to the peer wire format.
 ///
 /// Version 1 (no version in the hello) was the first; 2 added the version; 3 packs update
-/// batches (timestamp deltas, varint lengths, dependency vectors as deltas or left out).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// batches (timestamp deltas, varint lengths, dependency vectors as deltas or left out); 4 packs
+/// acks the same way ([`encode_ack`]: each a delta against the previous one on its stream).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first bytes of a versioned hello frame, before the version (`u32`, little endian).
 const HELLO_MAGIC: [u8; 4] = *b"CKVP";
@@ -111,13 +114,6 @@ mod messages {
     pub enum PeerControl {
         /// The first message in each direction.
         Hello(PeerHello),
-        /// The sender's durable `applied` vector; doubles as the heartbeat.
-        Ack {
-            /// Durable `applied` vector.
-            applied: Vec<u64>,
-            /// The sender's HLC reading.
-            hlc: u64,
-        },
         /// The hello was refused; the connection closes after this.
         Reject {
             /// Why.
@@ -247,7 +243,7 @@ fn get_varint(body: &[u8], at: &mut usize) -> Result<u64, WireError> {
     for shift in (0..64).step_by(7) {
         let b = *body
             .get(*at)
-            .ok_or_else(|| WireError::Semantic("batch body ends inside a number".into()))?;
+            .ok_or_else(|| WireError::Semantic("frame ends inside a number".into()))?;
         *at += 1;
         if shift == 63 && b > 1 {
             break;
@@ -257,7 +253,89 @@ fn get_varint(body: &[u8], at: &mut usize) -> Result<u64, WireError> {
             return Ok(v);
         }
     }
-    Err(WireError::Semantic("number too long in batch body".into()))
+    Err(WireError::Semantic("number too long in frame".into()))
+}
+
+/// The most entries a packed ack may carry (the most sites a cluster can have).
+const ACK_MAX_ENTRIES: u64 = 64;
+
+/// Encodes an ack: the sender's vector (its durable `applied`, or a partition's stable-vector
+/// contribution), which also serves as the heartbeat.
+///
+/// A control stream carries acks in order, so each is encoded against the previous one on the
+/// same stream, `prev`: a tag byte 1, the entry count (varint), then each entry's change as a
+/// zigzag varint (an idle link's ack is a byte or two per site). The first ack on a stream, or
+/// one whose length differs from `prev`, is sent whole: tag 0, the count, then the entries.
+/// [`decode_ack`] reverses it with the same `prev`.
+pub fn encode_ack(prev: Option<&[u64]>, v: &[u64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(2 + 3 * v.len());
+    let delta = |now: u64, was: u64| {
+        let d = now.wrapping_sub(was) as i64;
+        (was.checked_add_signed(d) == Some(now)).then_some(d)
+    };
+    match prev
+        .filter(|p| p.len() == v.len() && v.iter().zip(*p).all(|(&n, &w)| delta(n, w).is_some()))
+    {
+        Some(p) => {
+            out.push(1);
+            put_varint(&mut out, v.len() as u64);
+            for (&now, &was) in v.iter().zip(p) {
+                let d = delta(now, was).expect("checked above");
+                put_varint(&mut out, ((d << 1) ^ (d >> 63)) as u64);
+            }
+        }
+        None => {
+            out.push(0);
+            put_varint(&mut out, v.len() as u64);
+            for &e in v {
+                put_varint(&mut out, e);
+            }
+        }
+    }
+    out
+}
+
+/// Decodes an ack frame ([`encode_ack`]) against the previous ack decoded from the same
+/// stream. Errors name what is wrong: an unknown tag, too many entries, a delta without a
+/// previous ack of the same length, an entry out of range, or bytes left over.
+pub fn decode_ack(prev: Option<&[u64]>, frame: &[u8]) -> Result<Vec<u64>, WireError> {
+    let bad = |m: String| WireError::Semantic(format!("ack: {m}"));
+    let (&tag, _) = frame
+        .split_first()
+        .ok_or_else(|| bad("empty frame".into()))?;
+    let mut at = 1;
+    let n = get_varint(frame, &mut at)?;
+    if n > ACK_MAX_ENTRIES {
+        return Err(bad(format!(
+            "{n} entries, at most {ACK_MAX_ENTRIES} sites exist"
+        )));
+    }
+    let mut v = Vec::with_capacity(n as usize);
+    match tag {
+        0 => {
+            for _ in 0..n {
+                v.push(get_varint(frame, &mut at)?);
+            }
+        }
+        1 => {
+            let p = prev
+                .filter(|p| p.len() as u64 == n)
+                .ok_or_else(|| bad("a delta without a previous ack of the same length".into()))?;
+            for &was in p {
+                let z = get_varint(frame, &mut at)?;
+                let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+                let now = was
+                    .checked_add_signed(d)
+                    .ok_or_else(|| bad(format!("entry {was} changed by {d} is out of range")))?;
+                v.push(now);
+            }
+        }
+        t => return Err(bad(format!("unknown tag {t}"))),
+    }
+    if at != frame.len() {
+        return Err(bad(format!("{} bytes left over", frame.len() - at)));
+    }
+    Ok(v)
 }
 
 /// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] frame.
@@ -455,6 +533,45 @@ pub fn decode_batch(
 mod tests {
     use super::*;
     use rkyv::util::AlignedVec;
+
+    #[test]
+    fn acks_are_deltas_against_the_previous_one_and_bad_ones_are_refused() {
+        let first = vec![1_000_000_000_000, 5, 0, 7];
+        let whole = encode_ack(None, &first);
+        assert_eq!(decode_ack(None, &whole).unwrap(), first);
+        // An idle link's next ack: entries moved a little or not at all. The tag, the count,
+        // +250 in two bytes and one byte for each other entry.
+        let next = vec![1_000_000_000_250, 5, 0, 6];
+        let delta = encode_ack(Some(&first), &next);
+        assert_eq!(delta, vec![1, 4, 244, 3, 0, 0, 1]);
+        assert!(
+            delta.len() < whole.len(),
+            "{} vs {}",
+            delta.len(),
+            whole.len()
+        );
+        assert_eq!(decode_ack(Some(&first), &delta).unwrap(), next);
+        // A vector of another length goes whole, and decodes without the previous one.
+        let wider = vec![1, 2, 3, 4, 5];
+        let w = encode_ack(Some(&first), &wider);
+        assert_eq!(decode_ack(Some(&first), &w).unwrap(), wider);
+        assert_eq!(decode_ack(None, &w).unwrap(), wider);
+        // Refused, each with a clear error.
+        let err = |prev: Option<&[u64]>, f: &[u8]| decode_ack(prev, f).unwrap_err().to_string();
+        assert!(err(None, &delta).contains("without a previous ack"));
+        assert!(err(Some(&[1, 2]), &delta).contains("without a previous ack"));
+        assert!(err(None, &[]).contains("empty frame"));
+        assert!(err(None, &[7, 0]).contains("unknown tag 7"));
+        assert!(err(None, &[0, 65]).contains("65 entries"));
+        assert!(err(None, &[0, 2, 1]).contains("ends inside a number"));
+        assert!(err(None, &[0, 1, 1, 9]).contains("1 bytes left over"));
+        // Entry 0 would go below zero: zigzag 3 is -2.
+        assert!(err(Some(&[1]), &[1, 1, 3]).contains("out of range"));
+        // A change too large for a signed delta goes whole.
+        let far = encode_ack(Some(&[0]), &[u64::MAX]);
+        assert_eq!(far[0], 0);
+        assert_eq!(decode_ack(Some(&[0]), &far).unwrap(), vec![u64::MAX]);
+    }
 
     fn update(ts: u64, key: &str, value: Option<&str>) -> Item {
         Item::Update(Update {

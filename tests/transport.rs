@@ -690,36 +690,51 @@ async fn a_peer_of_another_protocol_version_is_refused_naming_both() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_update_stream_closes_the_peer_connection() {
+async fn a_malformed_update_stream_or_ack_closes_the_peer_connection() {
     bounded(LIMIT, async {
         let cluster = Cluster::start(2).await;
         let a = cluster.node(0);
-        let before = metric(&a.metrics().malformed_frames);
-        // A real site certificate (b's), a valid hello, then garbage on the update stream.
-        let (_ep, conn, theirs, _control) = connect_as_b(&cluster).await;
-        assert!(
-            matches!(peer_wire::decode_hello(&theirs), Ok(PeerControl::Hello(_))),
-            "a did not answer with a hello"
-        );
-        let mut updates = conn.open_uni().await.expect("update stream");
-        wire::write_frame(&mut updates, &[0xab; 40])
-            .await
-            .expect("send garbage");
-        let why = tokio::time::timeout(ms(5_000), conn.closed())
-            .await
-            .expect("a closes the connection");
-        match why {
-            quinn::ConnectionError::ApplicationClosed(c) => {
-                assert_eq!(
-                    c.error_code,
-                    VarInt::from_u32(close_code::MALFORMED),
-                    "{c:?}"
-                )
+        // A real site certificate (b's), a valid hello, then garbage: on the update stream, then
+        // (a new connection) on the control stream, as an ack that claims to be a delta
+        // against a previous ack that was never sent.
+        for (stream, logged) in [
+            ("update", "malformed update stream"),
+            ("control", "malformed control frame"),
+        ] {
+            let before = metric(&a.metrics().malformed_frames);
+            let (_ep, conn, theirs, mut control) = connect_as_b(&cluster).await;
+            assert!(
+                matches!(peer_wire::decode_hello(&theirs), Ok(PeerControl::Hello(_))),
+                "a did not answer with a hello"
+            );
+            if stream == "update" {
+                let mut updates = conn.open_uni().await.expect("update stream");
+                wire::write_frame(&mut updates, &[0xab; 40])
+                    .await
+                    .expect("send garbage");
+            } else {
+                let delta = peer_wire::encode_ack(Some(&[5, 5]), &[6, 6]);
+                assert!(peer_wire::decode_ack(None, &delta).is_err());
+                wire::write_frame(&mut control.0, &delta)
+                    .await
+                    .expect("send a bad ack");
             }
-            other => panic!("closed with {other:?}, expected code 0x10"),
+            let why = tokio::time::timeout(ms(5_000), conn.closed())
+                .await
+                .expect("a closes the connection");
+            match why {
+                quinn::ConnectionError::ApplicationClosed(c) => {
+                    assert_eq!(
+                        c.error_code,
+                        VarInt::from_u32(close_code::MALFORMED),
+                        "{stream}: {c:?}"
+                    )
+                }
+                other => panic!("{stream}: closed with {other:?}, expected code 0x10"),
+            }
+            assert!(metric(&a.metrics().malformed_frames) > before, "{stream}");
+            assert!(logs_contain(logged), "{stream}: not logged");
         }
-        assert!(metric(&a.metrics().malformed_frames) > before);
-        assert!(logs_contain("malformed update stream"), "not logged");
 
         // a still serves clients and still replicates.
         let ca = cluster.client(0).await;

@@ -47,7 +47,7 @@ use tracing::{debug, info, warn};
 use super::metrics::{Metrics, WireKind};
 use super::shared::{Shared, now_micros};
 use crate::clock::{SiteId, VClock};
-use crate::peer_wire::{self, ArchivedPeerControl, PeerControl, PeerHello};
+use crate::peer_wire::{self, PeerControl, PeerHello};
 use crate::tls;
 use crate::wire::{self, WireError, close_code, read_frame, write_frame};
 
@@ -440,11 +440,8 @@ async fn sibling_once(
     loop {
         let contribution = shared.read(|r| r.contribution());
         if last.as_ref() != Some(&contribution) || last_at.elapsed() >= hb {
-            let msg = PeerControl::Ack {
-                hlc: contribution.get(shared.site()),
-                applied: contribution.as_slice().to_vec(),
-            };
-            let frame = wire::encode(&msg);
+            let frame =
+                peer_wire::encode_ack(last.as_ref().map(VClock::as_slice), contribution.as_slice());
             write_frame(&mut send, &frame)
                 .await
                 .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
@@ -478,8 +475,9 @@ async fn receive_contributions(
     mut recv: RecvStream,
 ) {
     let n = shared.cfg.n();
+    let mut prev = None;
     loop {
-        match read_vector(&mut recv, n, "contribution vector").await {
+        match read_vector(&mut recv, n, "contribution vector", &mut prev).await {
             Ok(Some(v)) => {
                 shared.mutate(|r| r.on_sibling(partition, &v));
             }
@@ -497,25 +495,24 @@ async fn receive_contributions(
     }
 }
 
-/// Reads the next vector message (an [`PeerControl::Ack`]) from a control stream: `None` when
-/// the stream ends or fails; an error for a malformed frame or another message.
+/// Reads the next ack ([`peer_wire::decode_ack`]) from a control stream, decoded against
+/// `prev`, the previous ack read from the same stream (updated here): `None` when the stream
+/// ends or fails; an error for a malformed frame.
 async fn read_vector(
     recv: &mut RecvStream,
     n: usize,
     what: &str,
+    prev: &mut Option<Vec<u64>>,
 ) -> Result<Option<VClock>, WireError> {
     let frame = match read_frame(recv, 64 * 1024).await {
         Ok(Some(f)) => f,
         Ok(None) | Err(WireError::Io(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    match wire::access::<ArchivedPeerControl>(&frame)? {
-        ArchivedPeerControl::Ack { applied, .. } => {
-            let v: Vec<u64> = applied.iter().map(|x| x.to_native()).collect();
-            wire::check_vector(&v, n, what).map(Some)
-        }
-        _ => Err(WireError::Semantic("unexpected message after hello".into())),
-    }
+    let v = peer_wire::decode_ack(prev.as_deref(), &frame)?;
+    let clock = wire::check_vector(&v, n, what)?;
+    *prev = Some(v);
+    Ok(Some(clock))
 }
 
 /// Streams this site's updates to `peer` until the connection fails or the node stops.
@@ -855,7 +852,6 @@ async fn read_hello_raw(
         PeerControl::Reject { reason } => {
             Err(LinkError::Hello(format!("peer refused us: {reason}")))
         }
-        PeerControl::Ack { .. } => Err(LinkError::Hello("expected a hello, got an ack".into())),
     }
 }
 
@@ -879,8 +875,9 @@ async fn run_control(
         let conn = conn.clone();
         async move {
             let n = shared.cfg.n();
+            let mut prev = None;
             loop {
-                match read_vector(&mut recv, n, "ack vector").await {
+                match read_vector(&mut recv, n, "ack vector", &mut prev).await {
                     Ok(None) => return,
                     Ok(Some(v)) => {
                         // Every ack is a heartbeat: it feeds the peer's failure detector.
@@ -928,11 +925,8 @@ async fn run_control(
                 continue;
             }
             {
-                let msg = PeerControl::Ack {
-                    applied: durable.as_slice().to_vec(),
-                    hlc: durable.get(shared.site()),
-                };
-                let frame = wire::encode(&msg);
+                let frame =
+                    peer_wire::encode_ack(last.as_ref().map(VClock::as_slice), durable.as_slice());
                 let kind = if moved {
                     WireKind::Ack
                 } else {
