@@ -35,7 +35,10 @@
 # Metadata sweep (3 sites in --quick; 3/5/8/16 with sweeps; only these with --metadata-only):
 #   every site at 1,000 ops/s open loop, 50 % writes of 100 B values (11 B keys); UDP payload
 #   bytes per update per remote site (relay counters), the same split by kind from the sites'
-#   /metrics (causalkv_peer_bytes_out_total{kind}), then idle bytes per second per directed link.
+#   /metrics (causalkv_peer_bytes_out_total{kind}), then idle bytes per second per directed link,
+#   then a causally checked workload over every site (`causalkv bench checked`: sessions hop
+#   between sites with their tokens; the checker judges the history, then convergence; the seed
+#   is printed, CHECK_SEED=N replays it).
 # Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
 #   once per BENCH_VARIANTS entry ("name:key=value,..." replaces site configuration keys),
 #   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
@@ -706,6 +709,26 @@ def scrape_wire(cl):
     return total
 
 
+def checked_run(cl, secs):
+    """`causalkv bench checked` over every site of `cl` (sessions hopping between sites with their
+    tokens): the causal checker's verdict on the history, and whether the sites converged."""
+    seed = int(os.environ.get("CHECK_SEED", "0")) or random.randrange(1, 1 << 31)
+    cmd = [BIN, "bench", "checked", "--certs", cl.certs, "--seconds", str(secs), "--timeout-ms", "20000",
+           "--seed", str(seed)]
+    for a in cl.addrs:
+        cmd += ["--site", a]
+    log(f"  checked workload over {cl.n} sites ({secs:.0f} s, seed {seed}; replay with CHECK_SEED={seed}) ...")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=secs + 120)
+    try:
+        r = json.loads(p.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        r = {"ok": False, "error": (p.stderr or p.stdout)[-500:]}
+    log(f"  checker: {'PASS' if r.get('ok') else 'FAIL'}: {r.get('ops', 0)} ops "
+        f"({r.get('remote_reads', 0)} reads of other sites' writes, {r.get('hops', 0)} hops), "
+        f"{r.get('violations', '?')} violations, converged {r.get('converged')}, errors {r.get('errors', '?')}")
+    return r
+
+
 def metadata_run(n, secs, rate=1000, idle_secs=None):
     """n sites at `rate` ops/s each (50 % writes of 100 B values), then idle."""
     idle_secs = idle_secs or (3.0 if QUICK else 5.0)
@@ -753,6 +776,7 @@ def metadata_run(n, secs, rate=1000, idle_secs=None):
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items()) if v))
         log("  idle by kind (B/s per link): "
             + ", ".join(f"{k} {v:.0f}" for k, v in sorted(idle_kinds.items()) if v))
+        r["checked"] = checked_run(cl, secs)
         return r
     finally:
         cl.close()
@@ -767,15 +791,19 @@ def metadata_sweep(ns, secs):
             log(f"  metadata run with {n} sites failed: {e}")
             out.append({"sites": n, "error": str(e)})
     md = ["# Metadata: bytes on the wire per 100-byte update", "", f"Command: `{CMDLINE}`", "",
-          "| sites | puts | B/update/remote site | x key+value | idle B/s per link | by kind (B/update/remote site) |",
-          "|---|---|---|---|---|---|"]
+          "| sites | puts | B/update/remote site | x key+value | idle B/s per link | by kind (B/update/remote site) "
+          "| causal checker (ops, reads of other sites' writes, violations, converged, seed) |",
+          "|---|---|---|---|---|---|---|"]
     for r in out:
         if "error" in r:
-            md.append(f"| {r['sites']} | failed: {r['error'][:80]} | | | | |")
+            md.append(f"| {r['sites']} | failed: {r['error'][:80]} | | | | | |")
             continue
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_kind_per_update_per_remote_site"].items()) if v)
+        c = r.get("checked", {})
+        verdict = (f"{'pass' if c.get('ok') else 'FAIL'}: {c.get('ops', 0)} ops, {c.get('remote_reads', 0)}, "
+                   f"{c.get('violations', '?')}, {c.get('converged')}, {c.get('seed', '?')}")
         md.append(f"| {r['sites']} | {r['puts']} | {r['bytes_per_update_per_remote_site']:.1f} | "
-                  f"{r['ratio_to_key_value']:.2f} | {r['idle_bytes_per_second_per_link']:.0f} | {kinds} |")
+                  f"{r['ratio_to_key_value']:.2f} | {r['idle_bytes_per_second_per_link']:.0f} | {kinds} | {verdict} |")
     return write_section("metadata", md, out)
 
 

@@ -6,11 +6,14 @@
 //! - [`wan`]: user-space WAN emulation (a delaying UDP/TCP relay mesh) for the benchmarks.
 //! - [`checker`]: a causal-consistency checker over recorded histories, used by the simulation
 //!   and by the end-to-end suites.
+//! - [`checked`]: a workload over running sites whose history the checker judges
+//!   (`causalkv bench checked`).
 //! - [`lincheck`]: a linearizability checker (Wing–Gong search, per key, with unknown outcomes)
 //!   over recorded histories of strong operations.
 //! - [`certs`]: development CA and certificate tooling (`causalkv certs init`).
 pub mod bench;
 pub mod certs;
+pub mod checked;
 pub mod checker;
 pub mod dev;
 pub mod lincheck;
