@@ -100,6 +100,8 @@ pub(crate) struct Links {
     bytes_out: AtomicU64,
     /// The failure detector's inputs (see [`Strong::watch`]).
     detector: Detector,
+    /// Signalled whenever a connection comes up ([`Links::get_within`]).
+    up: tokio::sync::Notify,
 }
 
 /// What the failure detector of [`Strong::watch`] learns from the RPCs, in ms since the
@@ -130,6 +132,25 @@ impl Links {
                 hold_ms,
                 ..Detector::default()
             },
+            up: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// The connection to `site`, waiting up to `within` for one to come up. A node's voter
+    /// starts before its peer links, so its first vote requests would otherwise find no
+    /// connection and fail at once (and openraft logs each such failure as an error).
+    async fn get_within(&self, site: NodeId, within: Duration) -> Option<Connection> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let up = self.up.notified();
+            tokio::pin!(up);
+            up.as_mut().enable();
+            if let Some(c) = self.get(site) {
+                return Some(c);
+            }
+            if tokio::time::timeout_at(deadline, up).await.is_err() {
+                return None;
+            }
         }
     }
 
@@ -344,6 +365,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             return Ok(AppendEntriesResponse::Success);
         }
         self.replicates |= !rpc.entries.is_empty();
+        // As for votes: a link still being dialled gets half the time to come up.
+        self.links
+            .get_within(self.target, option.hard_ttl() / 2)
+            .await;
         match call(
             &self.links,
             self.target,
@@ -373,6 +398,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     {
         let me = rpc.vote.leader_id().voted_for().unwrap_or_default();
         let last = rpc.last_log_id;
+        // A link still being dialled (this node just started): wait for it, within half the
+        // time the request has, rather than fail it at once.
+        self.links
+            .get_within(self.target, option.hard_ttl() / 2)
+            .await;
         match call(&self.links, self.target, &Rpc::Vote(rpc), option.hard_ttl()).await {
             Ok(RpcReply::Vote(r)) => {
                 if let Ok(resp) = &r {
@@ -534,7 +564,11 @@ impl Strong {
         };
         let mut slot = slot.lock().expect("links lock");
         match conn {
-            Some(c) => *slot = Some(c.clone()),
+            Some(c) => {
+                *slot = Some(c.clone());
+                drop(slot);
+                self.links.up.notify_waiters();
+            }
             None => *slot = None,
         }
     }
