@@ -137,7 +137,8 @@ pub fn peer_batch(data: &[u8]) {
 
 /// A peer control stream's messages: the first byte picks the reading. Even: a hello or reject
 /// (rkyv), with the applied vector's length check, which must encode back to itself. Odd: a
-/// packed ack ([`peer_wire::decode_ack`]), read whole and as a delta against a previous ack;
+/// packed ack or contribution ([`peer_wire::decode_ack`]), read whole and as a delta against a
+/// previous one;
 /// whatever it accepts must encode back to the same vector.
 pub fn peer_control(data: &[u8]) {
     let Some((&pick, rest)) = data.split_first() else {
@@ -146,10 +147,10 @@ pub fn peer_control(data: &[u8]) {
     if pick % 2 == 1 {
         let prev: &[u64] = &[1 << 40, 7, 0];
         for prev in [None, Some(prev)] {
-            if let Ok(v) = peer_wire::decode_ack(prev, rest) {
-                let _ = wire::check_vector(&v, 3, "ack vector");
-                let again = peer_wire::encode_ack(prev, &v);
-                assert_eq!(peer_wire::decode_ack(prev, &again).expect("re-encoded"), v);
+            if let Ok(a) = peer_wire::decode_ack(prev, rest) {
+                let _ = wire::check_vector(&a.v, 3, "ack vector");
+                let again = peer_wire::encode_contribution(prev, &a.v, a.waiting, a.write);
+                assert_eq!(peer_wire::decode_ack(prev, &again).expect("re-encoded"), a);
             }
         }
         return;
@@ -355,7 +356,12 @@ mod tests {
         }))
         .to_vec();
         let ack = peer_wire::encode_ack(None, &[4, 5, 6]);
-        let ack_delta = peer_wire::encode_ack(Some(&[1 << 40, 7, 0]), &[(1 << 40) + 250, 7, 3]);
+        let ack_delta = peer_wire::encode_contribution(
+            Some(&[1 << 40, 7, 0]),
+            &[(1 << 40) + 250, 7, 3],
+            true,
+            Some((1 << 40) + 200),
+        );
         let reject = wire::encode(&PeerControl::Reject {
             reason: "no".into(),
         })

@@ -259,25 +259,62 @@ fn get_varint(body: &[u8], at: &mut usize) -> Result<u64, WireError> {
 /// The most entries a packed ack may carry (the most sites a cluster can have).
 const ACK_MAX_ENTRIES: u64 = 64;
 
-/// Encodes an ack: the sender's vector (its durable `applied`, or a partition's stable-vector
-/// contribution), which also serves as the heartbeat.
+/// Tag bits of a packed ack ([`encode_ack`]).
+mod ack_tag {
+    /// The entries are changes against the previous ack on the stream.
+    pub const DELTA: u8 = 1;
+    /// (Siblings) the sender waits on the site's stable vector.
+    pub const WAITING: u8 = 2;
+    /// (Siblings) the sender's newest durable local update follows the entries.
+    pub const WRITE: u8 = 4;
+}
+
+/// A decoded ack ([`decode_ack`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ack {
+    /// The vector: a site's durable `applied`, or a partition's stable-vector contribution.
+    pub v: Vec<u64>,
+    /// A partition's contribution only: the sender has something waiting on the site's stable
+    /// vector, so it wants its siblings' contributions as soon as they change.
+    pub waiting: bool,
+    /// A partition's contribution only: the timestamp of the sender's newest durable local
+    /// update, when it changed since the sender's previous contribution.
+    pub write: Option<u64>,
+}
+
+/// Encodes an ack: the sender's durable `applied` vector, which also serves as the heartbeat.
 ///
 /// A control stream carries acks in order, so each is encoded against the previous one on the
-/// same stream, `prev`: a tag byte 1, the entry count (varint), then each entry's change as a
-/// zigzag varint (an idle link's ack is a byte or two per site). The first ack on a stream, or
-/// one whose length differs from `prev`, is sent whole: tag 0, the count, then the entries.
-/// [`decode_ack`] reverses it with the same `prev`.
+/// same stream, `prev`: a tag byte with bit 0 set, the entry count (varint), then each entry's
+/// change as a zigzag varint (an idle link's ack is a byte or two per site). The first ack on a
+/// stream, or one whose length differs from `prev`, is sent whole: bit 0 clear, the count, then
+/// the entries. [`decode_ack`] reverses it with the same `prev`.
 pub fn encode_ack(prev: Option<&[u64]>, v: &[u64]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(2 + 3 * v.len());
+    encode_contribution(prev, v, false, None)
+}
+
+/// Encodes a partition's stable-vector contribution for its siblings: an ack
+/// ([`encode_ack`]) whose tag also says whether the sender is `waiting` on the stable vector
+/// (bit 1), and, when given, the timestamp of its newest durable local `write` after the
+/// entries (bit 2; a varint).
+pub fn encode_contribution(
+    prev: Option<&[u64]>,
+    v: &[u64],
+    waiting: bool,
+    write: Option<u64>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + 3 * v.len());
     let delta = |now: u64, was: u64| {
         let d = now.wrapping_sub(was) as i64;
         (was.checked_add_signed(d) == Some(now)).then_some(d)
     };
+    let flags = if waiting { ack_tag::WAITING } else { 0 }
+        | if write.is_some() { ack_tag::WRITE } else { 0 };
     match prev
         .filter(|p| p.len() == v.len() && v.iter().zip(*p).all(|(&n, &w)| delta(n, w).is_some()))
     {
         Some(p) => {
-            out.push(1);
+            out.push(ack_tag::DELTA | flags);
             put_varint(&mut out, v.len() as u64);
             for (&now, &was) in v.iter().zip(p) {
                 let d = delta(now, was).expect("checked above");
@@ -285,24 +322,31 @@ pub fn encode_ack(prev: Option<&[u64]>, v: &[u64]) -> Vec<u8> {
             }
         }
         None => {
-            out.push(0);
+            out.push(flags);
             put_varint(&mut out, v.len() as u64);
             for &e in v {
                 put_varint(&mut out, e);
             }
         }
     }
+    if let Some(w) = write {
+        put_varint(&mut out, w);
+    }
     out
 }
 
-/// Decodes an ack frame ([`encode_ack`]) against the previous ack decoded from the same
-/// stream. Errors name what is wrong: an unknown tag, too many entries, a delta without a
-/// previous ack of the same length, an entry out of range, or bytes left over.
-pub fn decode_ack(prev: Option<&[u64]>, frame: &[u8]) -> Result<Vec<u64>, WireError> {
+/// Decodes an ack or contribution frame ([`encode_ack`], [`encode_contribution`]) against the
+/// previous one decoded from the same stream. Errors name what is wrong: an unknown tag, too
+/// many entries, a delta without a previous ack of the same length, an entry out of range, or
+/// bytes left over.
+pub fn decode_ack(prev: Option<&[u64]>, frame: &[u8]) -> Result<Ack, WireError> {
     let bad = |m: String| WireError::Semantic(format!("ack: {m}"));
     let (&tag, _) = frame
         .split_first()
         .ok_or_else(|| bad("empty frame".into()))?;
+    if tag & !(ack_tag::DELTA | ack_tag::WAITING | ack_tag::WRITE) != 0 {
+        return Err(bad(format!("unknown tag {tag}")));
+    }
     let mut at = 1;
     let n = get_varint(frame, &mut at)?;
     if n > ACK_MAX_ENTRIES {
@@ -311,31 +355,36 @@ pub fn decode_ack(prev: Option<&[u64]>, frame: &[u8]) -> Result<Vec<u64>, WireEr
         )));
     }
     let mut v = Vec::with_capacity(n as usize);
-    match tag {
-        0 => {
-            for _ in 0..n {
-                v.push(get_varint(frame, &mut at)?);
-            }
+    if tag & ack_tag::DELTA == 0 {
+        for _ in 0..n {
+            v.push(get_varint(frame, &mut at)?);
         }
-        1 => {
-            let p = prev
-                .filter(|p| p.len() as u64 == n)
-                .ok_or_else(|| bad("a delta without a previous ack of the same length".into()))?;
-            for &was in p {
-                let z = get_varint(frame, &mut at)?;
-                let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
-                let now = was
-                    .checked_add_signed(d)
-                    .ok_or_else(|| bad(format!("entry {was} changed by {d} is out of range")))?;
-                v.push(now);
-            }
+    } else {
+        let p = prev
+            .filter(|p| p.len() as u64 == n)
+            .ok_or_else(|| bad("a delta without a previous ack of the same length".into()))?;
+        for &was in p {
+            let z = get_varint(frame, &mut at)?;
+            let d = ((z >> 1) as i64) ^ -((z & 1) as i64);
+            let now = was
+                .checked_add_signed(d)
+                .ok_or_else(|| bad(format!("entry {was} changed by {d} is out of range")))?;
+            v.push(now);
         }
-        t => return Err(bad(format!("unknown tag {t}"))),
     }
+    let write = if tag & ack_tag::WRITE != 0 {
+        Some(get_varint(frame, &mut at)?)
+    } else {
+        None
+    };
     if at != frame.len() {
         return Err(bad(format!("{} bytes left over", frame.len() - at)));
     }
-    Ok(v)
+    Ok(Ack {
+        v,
+        waiting: tag & ack_tag::WAITING != 0,
+        write,
+    })
 }
 
 /// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] frame.
@@ -538,7 +587,7 @@ mod tests {
     fn acks_are_deltas_against_the_previous_one_and_bad_ones_are_refused() {
         let first = vec![1_000_000_000_000, 5, 0, 7];
         let whole = encode_ack(None, &first);
-        assert_eq!(decode_ack(None, &whole).unwrap(), first);
+        assert_eq!(decode_ack(None, &whole).unwrap().v, first);
         // An idle link's next ack: entries moved a little or not at all. The tag, the count,
         // +250 in two bytes and one byte for each other entry.
         let next = vec![1_000_000_000_250, 5, 0, 6];
@@ -550,18 +599,18 @@ mod tests {
             delta.len(),
             whole.len()
         );
-        assert_eq!(decode_ack(Some(&first), &delta).unwrap(), next);
+        assert_eq!(decode_ack(Some(&first), &delta).unwrap().v, next);
         // A vector of another length goes whole, and decodes without the previous one.
         let wider = vec![1, 2, 3, 4, 5];
         let w = encode_ack(Some(&first), &wider);
-        assert_eq!(decode_ack(Some(&first), &w).unwrap(), wider);
-        assert_eq!(decode_ack(None, &w).unwrap(), wider);
+        assert_eq!(decode_ack(Some(&first), &w).unwrap().v, wider);
+        assert_eq!(decode_ack(None, &w).unwrap().v, wider);
         // Refused, each with a clear error.
         let err = |prev: Option<&[u64]>, f: &[u8]| decode_ack(prev, f).unwrap_err().to_string();
         assert!(err(None, &delta).contains("without a previous ack"));
         assert!(err(Some(&[1, 2]), &delta).contains("without a previous ack"));
         assert!(err(None, &[]).contains("empty frame"));
-        assert!(err(None, &[7, 0]).contains("unknown tag 7"));
+        assert!(err(None, &[9, 0]).contains("unknown tag 9"));
         assert!(err(None, &[0, 65]).contains("65 entries"));
         assert!(err(None, &[0, 2, 1]).contains("ends inside a number"));
         assert!(err(None, &[0, 1, 1, 9]).contains("1 bytes left over"));
@@ -570,7 +619,31 @@ mod tests {
         // A change too large for a signed delta goes whole.
         let far = encode_ack(Some(&[0]), &[u64::MAX]);
         assert_eq!(far[0], 0);
-        assert_eq!(decode_ack(Some(&[0]), &far).unwrap(), vec![u64::MAX]);
+        assert_eq!(decode_ack(Some(&[0]), &far).unwrap().v, vec![u64::MAX]);
+        // A sibling's contribution: the waiting flag and its newest write ride along.
+        let c = encode_contribution(Some(&first), &next, true, Some(1_000_000_000_100));
+        let back = decode_ack(Some(&first), &c).unwrap();
+        assert_eq!(
+            back,
+            Ack {
+                v: next.clone(),
+                waiting: true,
+                write: Some(1_000_000_000_100)
+            }
+        );
+        let plain = decode_ack(
+            Some(&first),
+            &encode_contribution(Some(&first), &next, false, None),
+        );
+        assert_eq!(
+            (
+                plain.unwrap().waiting,
+                decode_ack(None, &whole).unwrap().write
+            ),
+            (false, None)
+        );
+        // The newest write announced but missing.
+        assert!(err(None, &[4, 1, 1]).contains("ends inside a number"));
     }
 
     fn update(ts: u64, key: &str, value: Option<&str>) -> Item {

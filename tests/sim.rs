@@ -85,6 +85,8 @@ enum Event {
         to: NodeId,
         from_partition: u32,
         v: VClock,
+        /// The sender's newest durable local update.
+        w: u64,
     },
     Tick(NodeId),
     Client(usize),
@@ -428,7 +430,11 @@ impl Sim {
         if self.parts == 1 {
             return;
         }
-        let Some(v) = self.sites[x].replica.as_ref().map(|r| r.contribution()) else {
+        let Some((v, w)) = self.sites[x]
+            .replica
+            .as_ref()
+            .map(|r| (r.contribution(), r.durable_write()))
+        else {
             return;
         };
         let from_partition = (x % self.parts) as u32;
@@ -444,6 +450,7 @@ impl Sim {
                     to: y,
                     from_partition,
                     v: v.clone(),
+                    w,
                 },
             );
         }
@@ -599,9 +606,10 @@ impl Sim {
                 to,
                 from_partition,
                 v,
+                w,
             } => {
                 if let Some(r) = self.sites[to].replica.as_mut() {
-                    r.on_sibling(from_partition, &v);
+                    r.on_sibling(from_partition, &v, w);
                     self.pump(to);
                 }
             }

@@ -173,6 +173,9 @@ impl Node {
             peer_wake: (0..n).map(|_| Notify::new()).collect(),
             peer_redial: (0..n).map(|_| Notify::new()).collect(),
             sibling_redial: (0..cfg.partitions).map(|_| Notify::new()).collect(),
+            sibling_waiting: (0..cfg.partitions).map(|_| Default::default()).collect(),
+            sibling_kick: Notify::new(),
+            waiting_requests: AtomicUsize::new(0),
             peers: (0..n)
                 .map(|_| {
                     let f = &cfg.failure;

@@ -430,18 +430,38 @@ async fn sibling_once(
     let (conn, (_, (mut send, _recv))) =
         dial_racing(shared, endpoint, Remote::Sibling(partition)).await?;
     debug!(partition, "sibling link up");
-    // Sent when it changes, at most once per `stable_exchange_ms`, and at every heartbeat.
+    // What needs the sibling soon goes at once (at most once per `stable_exchange_ms`): a
+    // local write made durable (the sibling passes it on its streams with a marker, and remote
+    // readers wait for that), a change while the sibling waits on the stable vector, and a
+    // change of whether this partition waits. Anything else (clock markers moving entries
+    // along) waits for the heartbeat, so an idle partitioned site exchanges ten small
+    // messages a second per sibling rather than hundreds.
     let every = Duration::from_millis(shared.cfg.replication.stable_exchange_ms);
     let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
     let mut changed = shared.changed.subscribe();
     let mut shutdown = shared.shutdown.clone();
     let mut last: Option<VClock> = None;
+    let mut last_write = 0;
+    let mut last_waiting = false;
     let mut last_at = Instant::now();
     loop {
-        let contribution = shared.read(|r| r.contribution());
-        if last.as_ref() != Some(&contribution) || last_at.elapsed() >= hb {
-            let frame =
-                peer_wire::encode_ack(last.as_ref().map(VClock::as_slice), contribution.as_slice());
+        let kick = shared.sibling_kick.notified();
+        tokio::pin!(kick);
+        kick.as_mut().enable();
+        changed.borrow_and_update();
+        let (contribution, write, blocked) =
+            shared.read(|r| (r.contribution(), r.durable_write(), r.waits_on_siblings()));
+        let waiting = blocked || shared.waiting_requests.load(Ordering::Relaxed) > 0;
+        let moved = last.as_ref() != Some(&contribution);
+        let wanted = shared.sibling_waiting[partition as usize].load(Ordering::Relaxed);
+        let since = last_at.elapsed();
+        if since >= hb || write > last_write || waiting != last_waiting || (moved && wanted) {
+            let frame = peer_wire::encode_contribution(
+                last.as_ref().map(VClock::as_slice),
+                contribution.as_slice(),
+                waiting,
+                (write > last_write).then_some(write),
+            );
             write_frame(&mut send, &frame)
                 .await
                 .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
@@ -451,16 +471,20 @@ async fn sibling_once(
                 .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
             m.wire.add(WireKind::Sibling, frame.len() + 4);
             last = Some(contribution);
+            last_write = write;
+            last_waiting = waiting;
             last_at = Instant::now();
             tokio::select! {
                 _ = tokio::time::sleep(every) => {}
                 _ = shutdown.changed() => return Ok(()),
                 e = conn.closed() => return Err(e.into()),
             }
+            continue;
         }
         tokio::select! {
             r = changed.changed() => if r.is_err() { return Ok(()) },
-            _ = tokio::time::sleep(hb) => {}
+            _ = &mut kick => {}
+            _ = tokio::time::sleep(hb - since) => {}
             _ = shutdown.changed() => return Ok(()),
             e = conn.closed() => return Err(e.into()),
         }
@@ -476,10 +500,18 @@ async fn receive_contributions(
 ) {
     let n = shared.cfg.n();
     let mut prev = None;
+    let mut write = 0;
     loop {
         match read_vector(&mut recv, n, "contribution vector", &mut prev).await {
-            Ok(Some(v)) => {
-                shared.mutate(|r| r.on_sibling(partition, &v));
+            Ok(Some((v, ack))) => {
+                write = ack.write.unwrap_or(write);
+                let was =
+                    shared.sibling_waiting[partition as usize].swap(ack.waiting, Ordering::Relaxed);
+                if ack.waiting && !was {
+                    // It waits now: the link to it sends this partition's contribution at once.
+                    shared.sibling_kick.notify_waiters();
+                }
+                shared.mutate(|r| r.on_sibling(partition, &v, write));
             }
             Ok(None) => return,
             Err(e) => {
@@ -503,16 +535,16 @@ async fn read_vector(
     n: usize,
     what: &str,
     prev: &mut Option<Vec<u64>>,
-) -> Result<Option<VClock>, WireError> {
+) -> Result<Option<(VClock, peer_wire::Ack)>, WireError> {
     let frame = match read_frame(recv, 64 * 1024).await {
         Ok(Some(f)) => f,
         Ok(None) | Err(WireError::Io(_)) => return Ok(None),
         Err(e) => return Err(e),
     };
-    let v = peer_wire::decode_ack(prev.as_deref(), &frame)?;
-    let clock = wire::check_vector(&v, n, what)?;
-    *prev = Some(v);
-    Ok(Some(clock))
+    let mut ack = peer_wire::decode_ack(prev.as_deref(), &frame)?;
+    let clock = wire::check_vector(&ack.v, n, what)?;
+    *prev = Some(std::mem::take(&mut ack.v));
+    Ok(Some((clock, ack)))
 }
 
 /// Streams this site's updates to `peer` until the connection fails or the node stops.
@@ -879,7 +911,7 @@ async fn run_control(
             loop {
                 match read_vector(&mut recv, n, "ack vector", &mut prev).await {
                     Ok(None) => return,
-                    Ok(Some(v)) => {
+                    Ok(Some((v, _))) => {
                         // Every ack is a heartbeat: it feeds the peer's failure detector.
                         let now = Instant::now();
                         heard.store(now_micros(), Ordering::Release);

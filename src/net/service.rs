@@ -561,6 +561,24 @@ fn wrong_partition(shared: &Shared, key: &[u8]) -> Option<ResponseBody> {
     })
 }
 
+/// Counts a request waiting for causal readiness while it lives ([`Shared::waiting_requests`]).
+struct Waiting<'a>(&'a Shared);
+
+impl<'a> Waiting<'a> {
+    fn new(shared: &'a Shared) -> Self {
+        if shared.waiting_requests.fetch_add(1, Ordering::Relaxed) == 0 {
+            shared.sibling_kick.notify_waiters();
+        }
+        Waiting(shared)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting_requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Retries `f` each time replica state changes, until it succeeds or `deadline` passes; then
 /// returns its last error.
 pub(crate) async fn wait_for<T, E>(
@@ -569,12 +587,17 @@ pub(crate) async fn wait_for<T, E>(
     mut f: impl FnMut() -> Result<T, E>,
 ) -> Result<T, E> {
     let mut rx = shared.changed.subscribe();
+    let mut waiting = None;
     loop {
         rx.borrow_and_update();
         let err = match f() {
             Ok(t) => return Ok(t),
             Err(e) => e,
         };
+        // A partitioned site's siblings send their contributions at once while it waits.
+        if waiting.is_none() && shared.cfg.partitions > 1 {
+            waiting = Some(Waiting::new(shared));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || tokio::time::timeout(left, rx.changed()).await.is_err() {
             return Err(err);

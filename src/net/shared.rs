@@ -38,6 +38,15 @@ pub(crate) struct Shared {
     /// listening yet; without this its handshake waits for QUIC's first probe (about 1 s),
     /// and the site's stable vector with it.
     pub sibling_redial: Vec<Notify>,
+    /// Per partition of this site: that sibling's latest contribution said it waits on the
+    /// site's stable vector, so the link to it sends each change of this partition's
+    /// contribution at once (otherwise only writes go at once, the rest at the heartbeat).
+    pub sibling_waiting: Vec<std::sync::atomic::AtomicBool>,
+    /// Wakes the sibling links: a sibling started waiting, or a request here did.
+    pub sibling_kick: Notify,
+    /// Requests waiting for causal readiness ([`super::service::wait_for`]): while above zero,
+    /// this partition tells its siblings it waits.
+    pub waiting_requests: AtomicUsize,
     pub peers: Vec<Mutex<PeerState>>,
     pub metrics: Metrics,
     pub shutdown: watch::Receiver<bool>,

@@ -220,6 +220,9 @@ pub struct Replica<S: Store> {
     tombstone_holds: u32,
     pending: Vec<Record>,
     last_marker_at: Timestamp,
+    /// The timestamp of this site's newest durable update (not marker): what a sibling
+    /// partition must pass on its streams at once ([`Replica::durable_write`]).
+    durable_write: Timestamp,
     stats: ReplicaStats,
 }
 
@@ -248,6 +251,7 @@ impl<S: Store> Replica<S> {
             tombstone_holds: 0,
             pending: Vec::new(),
             last_marker_at: 0,
+            durable_write: 0,
             stats: ReplicaStats::default(),
             cfg,
             store,
@@ -463,19 +467,33 @@ impl<S: Store> Replica<S> {
     /// crashed lost what it had received, and its first report after the restart says so, so
     /// this partition stops exposing updates on the strength of what the sibling no longer has.
     /// (A report that arrives late only lowers the stable vector for a moment, which is safe.)
-    pub fn on_sibling(&mut self, partition: u32, contribution: &VClock) {
+    ///
+    /// `write`: the timestamp of the sibling's newest durable local update
+    /// ([`Replica::durable_write`]). Its receivers wait until every partition's stream from here
+    /// passed that update, so a partition that has not passed it yet does so now with a clock
+    /// marker, rather than at its next idle marker. An advance of the sibling's own entry by
+    /// markers alone asks for no such marker.
+    pub fn on_sibling(&mut self, partition: u32, contribution: &VClock, write: Timestamp) {
         if partition == self.cfg.partition || partition >= self.cfg.partitions {
             return;
         }
         self.siblings[partition as usize] = contribution.resized(self.cfg.sites);
-        // A sibling's newer local write: pass it on this partition's streams now, so receivers
-        // (which wait until every partition's stream from here passed an update) need not wait
-        // for this partition's next idle marker.
-        let theirs = contribution.get(self.cfg.site);
-        if theirs > self.applied.get(self.cfg.site) {
-            self.issue_marker(0, theirs);
+        if write > self.applied.get(self.cfg.site) {
+            self.issue_marker(0, write.max(contribution.get(self.cfg.site)));
         }
         self.wake_stable();
+    }
+
+    /// The timestamp of this site's newest durable update (clock markers aside): what a
+    /// sibling partition must pass on its streams ([`Replica::on_sibling`]).
+    pub fn durable_write(&self) -> Timestamp {
+        self.durable_write
+    }
+
+    /// Partitioned: something here waits on the site's stable vector (an update in the
+    /// dependency buffer), so the siblings' contributions are wanted as soon as they change.
+    pub fn waits_on_siblings(&self) -> bool {
+        self.cfg.partitioned() && !self.buffer.is_empty()
     }
 
     /// Advances this site's own entry with a clock marker at or above `floor` (and at physical
@@ -750,6 +768,12 @@ impl<S: Store> Replica<S> {
     pub fn advance(&mut self, applied: &VClock, lease: Timestamp) {
         self.durable.merge(applied);
         self.durable_lease = self.durable_lease.max(lease);
+        // The newest own update now durable: still retained, since no peer can have acked
+        // what was not yet sent, and only durable updates are sent.
+        let own = self.durable.get(self.cfg.site);
+        if let Some(u) = self.retained.iter().rev().find(|u| u.version.ts <= own) {
+            self.durable_write = self.durable_write.max(u.version.ts);
+        }
         // Partitioned: the contribution counts durable state, so the stable vector may rise.
         self.wake_stable();
     }

@@ -308,8 +308,8 @@ fn partitioned_scenario(
     flush(&mut cy);
     // w's partition has heard nothing from k yet; the partitions exchange contributions.
     flush(&mut cw);
-    cy.on_sibling(pw, &cw.contribution());
-    cw.on_sibling(py, &cy.contribution());
+    cy.on_sibling(pw, &cw.contribution(), cw.durable_write());
+    cw.on_sibling(py, &cy.contribution(), cy.durable_write());
     flush(&mut cy);
     (cw, cy, w, y)
 }
@@ -338,13 +338,21 @@ fn partitioned_update_waits_for_the_site_stable_vector() {
     cw.receive(1, [Item::Update(w.clone())]);
     flush(&mut cw);
     assert_eq!(cw.get(&w.key, &zero).unwrap().value, Some(b("w")));
-    cy.on_sibling(cw.config().partition, &cw.contribution());
+    cy.on_sibling(
+        cw.config().partition,
+        &cw.contribution(),
+        cw.durable_write(),
+    );
     flush(&mut cy);
     // y also waits until every partition has received a's stream up to y itself, so that a
     // session that reads it never waits at c for a's entry.
     assert_eq!(cy.get(&y.key, &zero).unwrap().value, None);
     cw.receive(0, [Item::Marker(y.version.ts)]);
-    cy.on_sibling(cw.config().partition, &cw.contribution());
+    cy.on_sibling(
+        cw.config().partition,
+        &cw.contribution(),
+        cw.durable_write(),
+    );
     flush(&mut cy);
     assert_eq!(cy.get(&y.key, &zero).unwrap().value, Some(b("y")));
     // A session that read y carries what y depends on, and w's partition serves it at once.
@@ -387,7 +395,11 @@ fn skipping_the_stable_vector_check_makes_sessions_wait_but_not_miss() {
     let ctx = after_reading(&cy, &y.key);
     cw.receive(0, [Item::Marker(y.version.ts)]);
     flush(&mut cw);
-    cw.on_sibling(cy.config().partition, &cy.contribution());
+    cw.on_sibling(
+        cy.config().partition,
+        &cy.contribution(),
+        cy.durable_write(),
+    );
     assert!(cw.get(&w.key, &ctx).is_err(), "waits for w");
 }
 
@@ -401,7 +413,11 @@ fn open_session_contexts_show_effect_before_cause() {
     let ctx = after_reading(&cy, &y.key);
     cw.receive(0, [Item::Marker(y.version.ts)]);
     flush(&mut cw);
-    cw.on_sibling(cy.config().partition, &cy.contribution());
+    cw.on_sibling(
+        cy.config().partition,
+        &cy.contribution(),
+        cy.durable_write(),
+    );
     assert_eq!(
         cw.get(&w.key, &ctx).unwrap().value,
         None,
