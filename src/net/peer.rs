@@ -96,9 +96,8 @@ const LOCKED_ENCODE_MAX: usize = 1 << 20;
 const ACK_EVERY: Duration = Duration::from_millis(20);
 
 /// How often an idle link carries something: a heartbeat (an unchanged ack) on each control
-/// stream, and, with one partition per site, a clock marker on each update stream (markers
-/// issued in between are folded into the next; with several partitions, markers pass a
-/// sibling's write and go out at once). Two and a half heartbeat intervals: 250 ms by default,
+/// stream, and a clock marker on each update stream (markers issued in between are folded into
+/// the next; with several partitions, a marker that passes a sibling's write goes out at once). Two and a half heartbeat intervals: 250 ms by default,
 /// a few hundred bytes per second per link. The failure detector learns this interval.
 fn idle_every(shared: &Shared) -> Duration {
     Duration::from_millis(shared.cfg.timeouts.heartbeat_ms * 5 / 2)
@@ -344,13 +343,8 @@ async fn replace_when_silent(
     heard: &AtomicU64,
 ) -> Dialled {
     let hb = Duration::from_millis(shared.cfg.timeouts.heartbeat_ms);
-    // With one partition an idle link hears from the peer once per `idle_every`; with several,
-    // markers (and so acks) flow every few milliseconds and a heartbeat's silence is telling.
-    let silence = if shared.cfg.partitions == 1 {
-        3 * idle_every(shared)
-    } else {
-        3 * hb
-    };
+    // An idle link hears from the peer once per `idle_every`.
+    let silence = 3 * idle_every(shared);
     let silent_for =
         || Duration::from_micros(now_micros().saturating_sub(heard.load(Ordering::Acquire)));
     let mut dials = tokio::task::JoinSet::new();
@@ -565,7 +559,9 @@ async fn send_updates(
     let max_bytes = shared.cfg.limits.max_frame - 4096;
     let mut shutdown = shared.shutdown.clone();
     let idle = idle_every(shared);
-    let fold_markers = shared.cfg.partitions == 1;
+    // The newest marker sent on this link: an urgent one (passing a sibling's write, see
+    // `Replica::urgent_marker`) goes at once, once durable.
+    let mut marker_sent: u64 = 0;
     let mut last_sent = Instant::now()
         .checked_sub(idle)
         .unwrap_or_else(Instant::now);
@@ -579,9 +575,11 @@ async fn send_updates(
         // (tens of µs). A batch carrying more than LOCKED_ENCODE_MAX bytes is copied out by
         // reference count first and serialised after the lock is released, so that large
         // values never hold client requests up for a multi-megabyte copy.
-        let batch = {
+        let (batch, urgent) = {
             let mut r = shared.replica.lock().expect("replica lock");
-            r.poll_batch_refs(peer, max, max_bytes)
+            let urgent = r.urgent_marker();
+            let batch = r
+                .poll_batch_refs(peer, max, max_bytes)
                 .map(|(updates, marker)| {
                     let payload: usize = updates
                         .clone()
@@ -592,23 +590,29 @@ async fn send_updates(
                     } else {
                         Err((updates.cloned().collect::<Vec<_>>(), marker))
                     };
-                    (b, payload)
-                })
+                    (b, payload, marker)
+                });
+            (batch, urgent)
         };
-        let batch = batch.map(|(b, payload)| {
+        let batch = batch.map(|(b, payload, marker)| {
             let b = b.unwrap_or_else(|(updates, marker)| {
                 peer_wire::encode_updates(me, updates.iter(), marker)
             });
-            (b, payload)
+            (b, payload, marker)
         });
         match batch {
             // Markers alone on an idle link: at most one per `idle`; the next carries the
-            // newest timestamp anyway.
-            Some((b, 0)) if fold_markers && last_sent.elapsed() < idle => {
+            // newest timestamp anyway. Except a marker that passes a sibling's write: remote
+            // readers of that write wait for it.
+            Some((b, 0, marker))
+                if last_sent.elapsed() < idle
+                    && !(urgent > marker_sent && marker.is_some_and(|m| m >= urgent)) =>
+            {
                 debug_assert_eq!(b.deps_bytes, 0);
             }
-            Some((b, payload)) => {
+            Some((b, payload, marker)) => {
                 last_sent = Instant::now();
+                marker_sent = marker_sent.max(marker.unwrap_or(0));
                 let frame = &b.frame;
                 write_frame(&mut stream, frame)
                     .await

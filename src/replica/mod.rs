@@ -223,6 +223,8 @@ pub struct Replica<S: Store> {
     /// The timestamp of this site's newest durable update (not marker): what a sibling
     /// partition must pass on its streams at once ([`Replica::durable_write`]).
     durable_write: Timestamp,
+    /// The newest marker issued to pass a sibling's write ([`Replica::urgent_marker`]).
+    urgent_marker: Timestamp,
     stats: ReplicaStats,
 }
 
@@ -252,6 +254,7 @@ impl<S: Store> Replica<S> {
             pending: Vec::new(),
             last_marker_at: 0,
             durable_write: 0,
+            urgent_marker: 0,
             stats: ReplicaStats::default(),
             cfg,
             store,
@@ -479,9 +482,16 @@ impl<S: Store> Replica<S> {
         }
         self.siblings[partition as usize] = contribution.resized(self.cfg.sites);
         if write > self.applied.get(self.cfg.site) {
-            self.issue_marker(0, write.max(contribution.get(self.cfg.site)));
+            self.urgent_marker = self.issue_marker(0, write.max(contribution.get(self.cfg.site)));
         }
         self.wake_stable();
+    }
+
+    /// The newest clock marker issued to pass a sibling's write ([`Replica::on_sibling`]):
+    /// remote readers wait for it, so a link sends it as soon as it is durable, where other
+    /// markers alone wait for the link's idle interval.
+    pub fn urgent_marker(&self) -> Timestamp {
+        self.urgent_marker
     }
 
     /// The timestamp of this site's newest durable update (clock markers aside): what a
@@ -499,13 +509,14 @@ impl<S: Store> Replica<S> {
     /// Advances this site's own entry with a clock marker at or above `floor` (and at physical
     /// time `now` or later); its receivers learn that nothing from this partition up to there
     /// is still to come.
-    fn issue_marker(&mut self, now: Timestamp, floor: Timestamp) {
+    fn issue_marker(&mut self, now: Timestamp, floor: Timestamp) -> Timestamp {
         let ts = self.hlc.tick(now, floor);
         if ts > self.lease {
             self.lease = ts + self.cfg.clock_lease;
             self.pending.push(Record::ClockLease(self.lease));
         }
         self.advance_entry(self.cfg.site, ts);
+        ts
     }
 
     /// Partitioned: wakes every buffered head the current stable vector may have unblocked.
