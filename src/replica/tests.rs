@@ -536,3 +536,46 @@ fn vectors_shorter_than_the_site_count_read_as_zeros() {
     let e = it.fit_deps(3).unwrap_err();
     assert!(e.contains("depends on site 3"), "{e}");
 }
+
+/// A partition passes a sibling's durable write on its own streams at once with a clock marker
+/// (remote readers of the write wait for every partition's stream to pass it), but a sibling's
+/// own entry moved by markers alone asks for no marker: an idle partitioned site does not
+/// echo markers between its partitions.
+#[test]
+fn a_siblings_write_is_passed_with_an_urgent_marker_and_its_markers_are_not() {
+    let part = |p: u32| {
+        Replica::new(
+            ReplicaConfig::new(0, 2).with_partition(p, 2),
+            MemStore::new(),
+        )
+    };
+    let (mut p0, mut p1) = (part(0), part(1));
+    let (kw, _) = keys_in_two_partitions();
+    let key = if crate::sharding::partition_of(kw.as_bytes(), 2) == 0 {
+        kw
+    } else {
+        keys_in_two_partitions().1
+    };
+    // p0 writes; once durable, its newest durable write is that update.
+    let v = p0
+        .put(1_000, b(key), Some(b("v")), &VClock::zero(2))
+        .unwrap();
+    assert_eq!(p0.durable_write(), 0, "not durable yet");
+    flush(&mut p0);
+    assert_eq!(p0.durable_write(), v.ts);
+    // p0 idles: markers move its own entry, not its newest write.
+    p0.tick(50_000);
+    flush(&mut p0);
+    assert!(p0.contribution().get(0) > v.ts);
+    assert_eq!(p0.durable_write(), v.ts);
+    // p1 hears of the markers alone: no marker of its own.
+    let before = p1.contribution().get(0);
+    p1.on_sibling(0, &p0.contribution(), 0);
+    assert_eq!(p1.contribution().get(0), before, "a marker for markers");
+    assert_eq!(p1.urgent_marker(), 0);
+    // p1 hears of the write: it passes it at once.
+    p1.on_sibling(0, &p0.contribution(), p0.durable_write());
+    flush(&mut p1);
+    assert!(p1.urgent_marker() >= v.ts);
+    assert!(p1.contribution().get(0) >= v.ts);
+}
