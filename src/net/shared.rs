@@ -63,6 +63,8 @@ pub(crate) struct Shared {
     pub durable_waiters: DurableWaiters,
     /// This node's voter in its partition's Raft group (strong operations).
     pub strong: Arc<super::strong::Strong>,
+    /// The removals of sites this node takes part in ([`super::membership`]).
+    pub changes: super::membership::Changes,
 }
 
 /// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.

@@ -175,6 +175,46 @@ impl ReplicaConfig {
     }
 }
 
+/// How a site left the cluster ([`Replica::set_removed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Decommissioned while live: every peer had acked its updates first; nothing was lost.
+    Drained,
+    /// Removed while dead: the survivors hold (or relay to each other) its stream up to `cut`,
+    /// and whatever it wrote after that is lost.
+    Dead {
+        /// The most of its stream any survivor held.
+        cut: Timestamp,
+    },
+}
+
+impl Removal {
+    /// The timestamp past which nothing of the removed site can arrive anywhere.
+    pub fn cut(self) -> Timestamp {
+        match self {
+            Removal::Drained => 0,
+            Removal::Dead { cut } => cut,
+        }
+    }
+}
+
+/// A session's context names updates of a site removed while dead beyond what the survivors
+/// held: they died with it, and no site will ever cover the context.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Lost {{ site: {site}, have: {have}, need: {need} }}: the session saw updates of site {site} \
+     up to {need}, but that site was removed while dead and the survivors hold its updates only \
+     up to {have}"
+)]
+pub struct Lost {
+    /// The removed site.
+    pub site: SiteId,
+    /// The cut: the most of its stream the survivors hold.
+    pub have: Timestamp,
+    /// What the context names.
+    pub need: Timestamp,
+}
+
 /// Counters a replica keeps about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaStats {
@@ -216,11 +256,11 @@ pub struct Replica<S: Store> {
     /// ([`Replica::contribution`]); this partition's own slot is unused.
     siblings: Vec<VClock>,
     tombstones: BTreeSet<(Version, Bytes)>,
-    /// Per site: `Some(cut)` once it is removed from the cluster ([`Replica::set_removed`]).
+    /// Per site: how it was removed from the cluster, if it was ([`Replica::set_removed`]).
     /// It is no longer a peer (retention, the stable vector and synchronous replication leave
     /// it out); its entry stops counting for tombstone collection once the stable vector has
-    /// reached `cut`.
-    gone: Vec<Option<Timestamp>>,
+    /// reached its cut.
+    gone: Vec<Option<Removal>>,
     /// Per remote origin: its updates applied here, oldest first, kept until every other
     /// member has them, so that if the origin dies its updates can be relayed to the members
     /// that missed them ([`Replica::relay_batch`]).
@@ -415,19 +455,34 @@ impl<S: Store> Replica<S> {
     /// survivor held). From now on it is no longer a peer: retention does not keep updates
     /// for it, the stable vector and synchronous replication leave it out, and its entry stops
     /// holding tombstone collection once the stable vector reaches `cut`.
-    pub fn set_removed(&mut self, site: SiteId, cut: Timestamp) {
+    pub fn set_removed(&mut self, site: SiteId, how: Removal) {
         if site == self.cfg.site || site as usize >= self.cfg.sites {
             return;
         }
-        self.gone[site as usize] = Some(cut);
+        self.gone[site as usize] = Some(how);
         self.relayed[site as usize].shrink_to_fit();
         // The peers that still hold retention back are the others.
         self.prune();
     }
 
-    /// The cut of a removed site (`None`: not removed).
-    pub fn removed(&self, site: SiteId) -> Option<Timestamp> {
+    /// How `site` was removed (`None`: it was not).
+    pub fn removed(&self, site: SiteId) -> Option<Removal> {
         self.gone.get(site as usize).copied().flatten()
+    }
+
+    /// The first entry of `ctx` that names updates lost with a site removed while dead (beyond
+    /// its cut): no site will ever cover such a context.
+    pub fn lost(&self, ctx: &VClock) -> Option<Lost> {
+        ctx.as_slice().iter().enumerate().find_map(|(i, &need)| {
+            match self.gone.get(i).copied().flatten() {
+                Some(Removal::Dead { cut }) if need > cut => Some(Lost {
+                    site: i as SiteId,
+                    have: cut,
+                    need,
+                }),
+                _ => None,
+            }
+        })
     }
 
     /// The next batch of `origin`'s updates that this site holds after `after` (what another
@@ -838,7 +893,7 @@ impl<S: Store> Replica<S> {
             .as_slice()
             .iter()
             .enumerate()
-            .filter(|&(i, &v)| self.gone[i].is_none_or(|cut| v < cut))
+            .filter(|&(i, &v)| self.gone[i].is_none_or(|g| v < g.cut()))
             .map(|(_, &v)| v)
             .min()
             .unwrap_or(Timestamp::MAX)

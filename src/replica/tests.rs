@@ -536,8 +536,8 @@ fn a_dead_sites_updates_are_relayed_from_the_survivor_that_has_them() {
     // b keeps c's updates for a, which has not acked them.
     b_.on_peer_applied(0, &a.durable().clone());
     assert_eq!(b_.relayed_len(), 3);
-    a.set_removed(2, cut);
-    b_.set_removed(2, cut);
+    a.set_removed(2, Removal::Dead { cut });
+    b_.set_removed(2, Removal::Dead { cut });
     // The relay: a asks b for c's stream after its own entry, in batches.
     let mut asked = 0;
     while a.applied().get(2) < cut {
@@ -560,7 +560,20 @@ fn a_dead_sites_updates_are_relayed_from_the_survivor_that_has_them() {
     b_.on_peer_applied(0, &a.durable().clone());
     assert_eq!(b_.relayed_len(), 0);
     assert_eq!(a.peers().collect::<Vec<_>>(), vec![1]);
-    assert_eq!(a.removed(2), Some(cut));
+    assert_eq!(a.removed(2), Some(Removal::Dead { cut }));
+    // A context beyond the cut names updates that died with c; at the cut it is fine.
+    let mut ctx = VClock::zero(3);
+    ctx.raise(2, cut);
+    assert_eq!(a.lost(&ctx), None);
+    ctx.raise(2, cut + 5);
+    assert_eq!(
+        a.lost(&ctx),
+        Some(Lost {
+            site: 2,
+            have: cut,
+            need: cut + 5
+        })
+    );
     // A relay log that a snapshot cut short cannot serve from before the snapshot.
     let rec = Replica::recover(
         ReplicaConfig::new(1, 3),
@@ -583,7 +596,7 @@ fn a_removed_peer_holds_neither_retention_nor_tombstones() {
     assert_eq!(a.retained_len(), 1);
     assert_eq!(a.tombstones_pending(), 1);
     // Decommissioned (cut 0): it no longer holds either back.
-    a.set_removed(2, 0);
+    a.set_removed(2, Removal::Drained);
     assert_eq!(a.retained_len(), 0);
     a.tick(2_000_000);
     sync(&mut a, &mut b_);
