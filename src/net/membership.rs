@@ -37,7 +37,7 @@
 //! configuration, and a dead site's cut would be per partition. Removal is refused there.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -57,29 +57,6 @@ use crate::replica::Replica;
 
 /// Most updates in one relay answer.
 const RELAY_BATCH: u32 = 512;
-
-/// What a node keeps about the removals it takes part in.
-pub(crate) struct Changes {
-    /// Whether this node relays removed dead sites' updates (only tests switch it off).
-    pub relay: bool,
-    /// This site is leaving: client writes are refused.
-    pub leaving: AtomicBool,
-    /// This site was removed: it serves no one any more.
-    pub removed: AtomicBool,
-    /// Some site was removed while dead: requests check their context for lost updates.
-    pub has_dead: AtomicBool,
-}
-
-impl Changes {
-    pub fn new(relay: bool) -> Changes {
-        Changes {
-            relay,
-            leaving: AtomicBool::new(false),
-            removed: AtomicBool::new(false),
-            has_dead: AtomicBool::new(false),
-        }
-    }
-}
 
 fn refusal(code: u16, message: impl Into<String>) -> ResponseBody {
     ResponseBody::Error {

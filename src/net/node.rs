@@ -207,7 +207,7 @@ impl Node {
             wal_stats,
             durable_waiters,
             strong,
-            changes: super::membership::Changes::new(opts.relay),
+            changes: super::shared::Changes::new(opts.relay),
             cfg,
         });
         {
