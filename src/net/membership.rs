@@ -282,14 +282,17 @@ pub(crate) async fn remove(
              decommission it with `sites remove {name}` (without --dead)"
         ));
     }
-    if shared.peers[id as usize]
-        .lock()
-        .expect("peer lock")
-        .outbound_up
+    // Judged by the failure detector, as status shows it.
+    if let Some(peer) = shared
+        .status()
+        .peers
+        .into_iter()
+        .find(|p| p.site == id && p.state == "up")
     {
         return bad(format!(
-            "site {name:?} is reachable from here: it is not dead; decommission it with \
-             `sites remove {name}` (without --dead)"
+            "site {name:?} is up as seen from here ({}): it is not dead; decommission it \
+             with `sites remove {name}` (without --dead)",
+            peer.reason
         ));
     }
     // The cut: the most of its stream any survivor holds. Every survivor must answer.

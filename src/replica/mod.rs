@@ -511,7 +511,8 @@ impl<S: Store> Replica<S> {
         let start = q.partition_point(|u| u.version.ts <= after);
         let end = q.len().min(start.saturating_add(max_items));
         let mut items: Vec<Item> = q.range(start..end).cloned().map(Item::Update).collect();
-        if end == q.len() {
+        let last = items.last().map_or(after, Item::ts);
+        if end == q.len() && have > last {
             items.push(Item::Marker(have));
         }
         Some(items)
