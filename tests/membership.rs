@@ -295,3 +295,257 @@ async fn remove_dead_site_without_the_relay_a_never_gets_them() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remove_live_site_under_load_drains_and_its_clients_fail_over() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    bounded(ms(240_000), async {
+        let mut prep = Cluster::prepare(3);
+        for cfg in &mut prep.configs {
+            cfg.consensus = ConsensusConfig {
+                heartbeat_ms: 200,
+                election_min_ms: 800,
+                election_max_ms: 1_600,
+                ..Default::default()
+            };
+        }
+        let p = prep.spawn().await;
+        p.wait_connected().await;
+        let certs = p.certs.clone();
+        let admin = p.client(0).await;
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped",
+            async || {
+                admin.status().await.is_ok_and(|s| {
+                    s.membership
+                        .is_some_and(|m| m.epoch == 1 && m.source == "replicated")
+                })
+            },
+        )
+        .await;
+        // Writers: three sessions at c (failing over to a, then b) and one at a. Every key is
+        // written once; each session reads its previous write back before the next.
+        let recorder = checker::Recorder::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let removed = Arc::new(AtomicBool::new(false));
+        let after_removal = Arc::new(AtomicUsize::new(0));
+        let mut writers = Vec::new();
+        for s in 0..4u64 {
+            let order = if s < 3 {
+                vec![p.addr(2), p.addr(0), p.addr(1)]
+            } else {
+                vec![p.addr(0), p.addr(1)]
+            };
+            let client = common::cli_client_builder(&certs, order)
+                .connect()
+                .await
+                .expect("writer connects");
+            let (recorder, stop) = (recorder.clone(), stop.clone());
+            let (removed, after_removal) = (removed.clone(), after_removal.clone());
+            writers.push(tokio::spawn(async move {
+                let mut errors = Vec::new();
+                let mut prev: Option<String> = None;
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    if let Some(k) = &prev {
+                        match client.get(k).await {
+                            Ok(got) => {
+                                let got = got.map(|b| b.to_vec());
+                                recorder.record(Op::read(s, 0, k.as_str(), got));
+                            }
+                            Err(e) => errors.push(format!("read {k}: {e}")),
+                        }
+                    }
+                    let (k, v) = (format!("w{s}-{i}"), format!("{s}:{i}"));
+                    match client.put(&k, &v).await {
+                        Ok(_) => {
+                            recorder.record(Op::write(s, 0, k.as_str(), v.as_str()));
+                            if removed.load(Ordering::SeqCst) {
+                                after_removal.fetch_add(1, Ordering::SeqCst);
+                            }
+                            prev = Some(k);
+                        }
+                        Err(e) => errors.push(format!("write {k}: {e}")),
+                    }
+                    i += 1;
+                }
+                errors
+            }));
+        }
+        eventually(ms(20_000), "the writers are under way", async || {
+            recorder.snapshot().len() > 200
+        })
+        .await;
+        let out = std::process::Command::new(BIN)
+            .args(["sites", "remove", "c", "--site", &p.addr(0).to_string()])
+            .arg("--certs")
+            .arg(&certs)
+            .output()
+            .expect("run the CLI");
+        let said = common::assert_success(&out);
+        assert!(said.contains("is leaving"), "{said}");
+        // c drains, proposes its own removal and leaves the Raft group.
+        for i in 0..2 {
+            let c = p.client(i).await;
+            eventually(
+                ms(30_000),
+                "c is removed and out of the Raft group",
+                async || {
+                    c.status().await.is_ok_and(|s| {
+                        let m = s.membership.expect("membership");
+                        let voters = s.consensus.expect("consensus").voters;
+                        m.epoch == 3
+                            && m.sites[2].state == "removed"
+                            && voters.iter().all(|v| v.site != 2)
+                    })
+                },
+            )
+            .await;
+        }
+        removed.store(true, Ordering::SeqCst);
+        eventually(
+            ms(30_000),
+            "the writers go on after the removal",
+            async || after_removal.load(Ordering::SeqCst) >= 100,
+        )
+        .await;
+        stop.store(true, Ordering::SeqCst);
+        for w in writers {
+            let errors = w.await.expect("writer");
+            assert!(
+                errors.is_empty(),
+                "the clients fail over without an error: {errors:?}"
+            );
+        }
+        assert!(
+            p.log(2).contains("this site is leaving the cluster")
+                && p.log(2).contains("removed from the cluster configuration"),
+            "{}",
+            p.log(2)
+        );
+        // No acknowledged write is lost: a and b both hold every one.
+        let history = recorder.snapshot();
+        let writes: Vec<(Vec<u8>, Vec<u8>)> = history
+            .ops()
+            .iter()
+            .filter_map(|op| match &op.kind {
+                checker::OpKind::Write { key, value } => Some((key.clone(), value.clone())),
+                _ => None,
+            })
+            .collect();
+        for i in 0..2 {
+            let reader = p.client(i).await;
+            for (k, v) in &writes {
+                let mut got = None;
+                eventually(
+                    ms(20_000),
+                    "every acknowledged write is at the survivors",
+                    async || {
+                        got = reader.get(k).await.ok().flatten().map(|b| b.to_vec());
+                        got.as_ref() == Some(v)
+                    },
+                )
+                .await;
+            }
+        }
+        let report = checker::check(&history);
+        assert!(report.is_ok(), "{report}");
+        println!(
+            "decommission under load: {} operations, {} writes, {} after the removal",
+            history.len(),
+            writes.len(),
+            after_removal.load(Ordering::SeqCst)
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remove_refuses_bad_input_with_clear_errors_and_keeps_serving() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare(3);
+        for cfg in &mut prep.configs {
+            cfg.consensus = ConsensusConfig {
+                heartbeat_ms: 200,
+                election_min_ms: 800,
+                election_max_ms: 1_600,
+                ..Default::default()
+            };
+        }
+        let mut c = prep.start().await;
+        c.wait_connected().await;
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped",
+            async || (0..3).all(|i| c.node(i).status().membership.is_some_and(|m| m.epoch == 1)),
+        )
+        .await;
+        let a = c.client(0).await;
+        let refused = |r: Result<u64, ClientError>, code: u16, why: &str| match r {
+            Err(ClientError::Server { code: got, message }) if got == code => {
+                assert!(message.contains(why), "{message:?} should say {why:?}")
+            }
+            Err(ClientError::Unavailable(message)) if code == 8 => {
+                assert!(message.contains(why), "{message:?} should say {why:?}")
+            }
+            other => panic!("expected error {code} saying {why:?}, got {other:?}"),
+        };
+        // An unknown site, a stale epoch, --dead on a site that is up.
+        refused(
+            a.remove_site("zz", false, 1).await,
+            3,
+            "no site is named \"zz\"",
+        );
+        refused(
+            a.remove_site("c", true, 0).await,
+            3,
+            "moved on: it is at epoch 1",
+        );
+        refused(
+            a.remove_site("c", true, 1).await,
+            3,
+            "is up as seen from here",
+        );
+        // c stops; b as well: the cut needs every survivor, so b's silence blocks it.
+        c.stop(2).await;
+        c.stop(1).await;
+        eventually(ms(20_000), "a judges b and c down", async || {
+            c.node(0).status().peers.iter().all(|p| p.state == "down")
+        })
+        .await;
+        refused(
+            a.remove_site("c", true, 1).await,
+            8,
+            "survivor \"b\" did not say",
+        );
+        // Nothing changed, and a still serves.
+        assert_eq!(c.node(0).status().membership.unwrap().epoch, 1);
+        a.put("still", "serving")
+            .await
+            .expect("a serves after the refusals");
+        // b is back: the removal goes through.
+        c.restart(1).await;
+        let mut epoch = Err(ClientError::Config("not tried".into()));
+        eventually(
+            ms(30_000),
+            "c is removed as dead once b answers",
+            async || {
+                epoch = a.remove_site("c", true, 1).await;
+                epoch.is_ok()
+            },
+        )
+        .await;
+        assert_eq!(epoch.unwrap(), 2);
+        // Two sites left: removing one of them would leave no majority of the voters.
+        refused(a.remove_site("b", true, 2).await, 3, "not a majority");
+        refused(a.remove_site("c", true, 2).await, 3, "already removed-dead");
+        assert_eq!(c.node(0).status().membership.unwrap().epoch, 2);
+        a.put("still", "serving-2")
+            .await
+            .expect("a serves after the refusals");
+        c.shutdown().await;
+    })
+    .await;
+}
