@@ -35,6 +35,8 @@ struct DeadSiteRun {
     b_had: Vec<Option<String>>,
     /// The history of every acknowledged operation.
     history: History,
+    /// c's state as a's status shows it at the end (with the phase of the change).
+    a_state: String,
 }
 
 /// The dead-site scenario: three processes behind the WAN emulator, a–c cut, c writes, b gets
@@ -259,11 +261,21 @@ async fn remove_dead_site_run(relay: bool) -> DeadSiteRun {
             .expect("an old token works after the change"),
         Some("v-0".into())
     );
+    let a_state = admin
+        .status()
+        .await
+        .expect("status of a")
+        .membership
+        .expect("membership")
+        .sites[2]
+        .state
+        .clone();
     drop(wan);
     DeadSiteRun {
         a_read,
         b_had,
         history,
+        a_state,
     }
 }
 
@@ -277,6 +289,11 @@ async fn remove_dead_site_survivors_relay_its_updates_up_to_the_cut() {
         );
         let report = checker::check(&run.history);
         assert!(report.is_ok(), "{report}");
+        assert!(
+            run.a_state.starts_with("removed-dead: cut"),
+            "{}",
+            run.a_state
+        );
         // The planted-bug half is `remove_dead_site_without_the_relay_a_never_gets_them`.
     })
     .await;
@@ -292,6 +309,13 @@ async fn remove_dead_site_without_the_relay_a_never_gets_them() {
             "without the relay a must miss c's updates"
         );
         assert!(run.a_read.iter().all(Option::is_none), "{:?}", run.a_read);
+        // Status shows the change stuck in its relay phase.
+        assert!(
+            run.a_state
+                .starts_with("removed-dead: relaying up to the cut"),
+            "{}",
+            run.a_state
+        );
     })
     .await;
 }
