@@ -212,14 +212,12 @@ async fn remove_dead_site_run(relay: bool) -> DeadSiteRun {
         }
         other => panic!("a session beyond the cut must get Lost, got {other:?}"),
     }
-    if relay {
-        if let Err(e) = lost.get("b-none").await {
-            panic!(
-                "the session proceeds after accepting the loss: {e}\n--- a:\n{}\n--- b:\n{}",
-                p.log(0),
-                p.log(1)
-            );
-        }
+    if relay && let Err(e) = lost.get("b-none").await {
+        panic!(
+            "the session proceeds after accepting the loss: {e}\n--- a:\n{}\n--- b:\n{}",
+            p.log(0),
+            p.log(1)
+        );
     }
     // The CLI: refused with the Lost error, then continues with --accept-loss.
     let get = |extra: &[&str]| {
