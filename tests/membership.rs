@@ -400,6 +400,12 @@ async fn remove_live_site_under_load_drains_and_its_clients_fail_over() {
             recorder.snapshot().len() > 200
         })
         .await;
+        // A session from before the change, with a write at c in its token.
+        let old = p.client(2).await;
+        old.put("old-token", "before").await.expect("write at c");
+        recorder.record(Op::write(10, 2, "old-token", "before"));
+        let old_token = old.session_token();
+        drop(old);
         let out = std::process::Command::new(BIN)
             .args(["sites", "remove", "c", "--site", &p.addr(0).to_string()])
             .arg("--certs")
@@ -433,6 +439,15 @@ async fn remove_live_site_under_load_drains_and_its_clients_fail_over() {
             async || after_removal.load(Ordering::SeqCst) >= 100,
         )
         .await;
+        // The token from before the change works after it, at a site that remains.
+        let later = p.client(1).await;
+        later.set_session_token(&old_token).expect("old token");
+        let got = later
+            .get("old-token")
+            .await
+            .expect("an old token works after the change");
+        assert_eq!(got, Some("before".into()));
+        recorder.record(Op::read(10, 1, "old-token", Some(b"before".to_vec())));
         stop.store(true, Ordering::SeqCst);
         for w in writers {
             let errors = w.await.expect("writer");
