@@ -25,7 +25,12 @@
 //!   other origins' updates until every other member has them ([`Replica::relay_batch`]), so
 //!   they carry their dependency vectors and go through the dependency buffer like any
 //!   update. A relayed update is kept for relaying again, so a site that never heard from the
-//!   dead origin directly gets its updates from whoever did. A test-only switch
+//!   dead origin directly gets its updates from whoever did. The cost: while a member lags
+//!   (down, cut off), every other site keeps every origin's updates it has not acked, not only
+//!   its own, so retention during an outage is up to `sites - 1` times what it was; once the
+//!   member catches up (or is removed) it is all let go. After a restart from a snapshot a
+//!   site's relay log starts at the snapshot ([`Rpc::Relay`] then answers `None` for earlier
+//!   points, and the asking site tries the other survivors). A test-only switch
 //!   ([`NodeOptions::relay`](super::NodeOptions::relay)) turns the relay off.
 //! - **Decommission.** The leaving site refuses writes with `SHUTTING_DOWN` (checked under
 //!   the replica lock, so no write slips in after the drain is measured), keeps serving reads
@@ -359,7 +364,6 @@ async fn relay(shared: Arc<Shared>, origin: SiteId, cut: u64) {
     let name = shared.site_name(origin).to_owned();
     let n = shared.cfg.n();
     let timeout = Duration::from_millis(shared.cfg.timeouts.request_ms);
-    let mut changed = shared.changed.subscribe();
     let mut shutdown = shared.shutdown.clone();
     let mut backoff = Duration::from_millis(50);
     let start = shared.read(|r| r.applied().get(origin));
@@ -367,7 +371,6 @@ async fn relay(shared: Arc<Shared>, origin: SiteId, cut: u64) {
         info!(site = %name, cut, have = start, "relaying the removed site's updates from the survivors up to the cut");
     }
     loop {
-        changed.borrow_and_update();
         let (have, received) = shared.read(|r| (r.applied().get(origin), r.received().get(origin)));
         if have >= cut {
             if start < cut {
@@ -420,9 +423,10 @@ async fn relay(shared: Arc<Shared>, origin: SiteId, cut: u64) {
             backoff = Duration::from_millis(50);
             continue;
         }
-        // Waiting on dependencies (they arrive on their origins' streams) or on a survivor.
+        // Waiting on dependencies (they arrive on their origins' streams) or on a survivor
+        // that cannot serve yet: ask again after a backoff, not at every change of the replica
+        // (under load that would be an RPC per write).
         tokio::select! {
-            r = changed.changed() => if r.is_err() { return },
             _ = tokio::time::sleep(backoff) => {}
             _ = shutdown.changed() => return,
         }
