@@ -27,7 +27,11 @@
 //! # The remaining steps of membership changes (design)
 //!
 //! What exists: the configuration, its bootstrap, `causalkv sites list`, the epoch and member
-//! count in `/status` and the metrics, and `causalkv sites add NAME --addr HOST:PORT`
+//! count in `/status` and the metrics, both removals below (`sites remove NAME [--dead]`,
+//! [`SitesOp::Leave`], [`SitesOp::Remove`], [`SitesOp::RemoveDead`]; the node's side is
+//! `net::membership`, which says where it departs from this sketch: the cut is gathered by the
+//! node that takes the request, not by the leader, and the relay pulls), and
+//! `causalkv sites add NAME --addr HOST:PORT`
 //! ([`SitesOp::Add`]: the site is added as [`MemberState::Joining`] with the next id; none of
 //! the data transfer below is built yet). A node adopts a changed configuration when it
 //! restarts; until the live adoption below exists, nodes that count different numbers of
