@@ -27,7 +27,11 @@
 //! # The remaining steps of membership changes (design)
 //!
 //! What exists: the configuration, its bootstrap, `causalkv sites list`, the epoch and member
-//! count in `/status` and the metrics, and `causalkv sites add NAME --addr HOST:PORT`
+//! count in `/status` and the metrics, both removals below (`sites remove NAME [--dead]`,
+//! [`SitesOp::Leave`], [`SitesOp::Remove`], [`SitesOp::RemoveDead`]; the node's side is
+//! `net::membership`, which says where it departs from this sketch: the cut is gathered by the
+//! node that takes the request, not by the leader, and the relay pulls), and
+//! `causalkv sites add NAME --addr HOST:PORT`
 //! ([`SitesOp::Add`]: the site is added as [`MemberState::Joining`] with the next id; none of
 //! the data transfer below is built yet). A node adopts a changed configuration when it
 //! restarts; until the live adoption below exists, nodes that count different numbers of
@@ -120,8 +124,20 @@ pub enum MemberState {
     Active,
     /// Added by `sites add`, not yet caught up (it has no data yet).
     Joining,
-    /// Gone; its id and name stay taken.
+    /// Gone; its id and name stay taken. A live site that was decommissioned ends here,
+    /// after its updates reached every peer.
     Removed,
+    /// Being decommissioned (`sites remove NAME`): refuses client writes (its clients fail
+    /// over), drains its retained updates to every peer, then leaves the Raft groups and
+    /// becomes [`MemberState::Removed`].
+    Leaving,
+    /// Removed while dead (`sites remove NAME --dead`): its disk is gone. The survivors agreed
+    /// on `cut`, the most of its stream any of them held; they relay its updates to each other
+    /// up to there, and a session that saw more of it gets a `Lost` error.
+    RemovedDead {
+        /// Per this origin, the highest timestamp any survivor had applied.
+        cut: u64,
+    },
 }
 
 impl MemberState {
@@ -131,6 +147,21 @@ impl MemberState {
             MemberState::Active => "active",
             MemberState::Joining => "joining",
             MemberState::Removed => "removed",
+            MemberState::Leaving => "leaving",
+            MemberState::RemovedDead { .. } => "removed-dead",
+        }
+    }
+
+    /// Removed, live or dead: no longer a member (its id stays taken).
+    pub fn is_removed(self) -> bool {
+        matches!(self, MemberState::Removed | MemberState::RemovedDead { .. })
+    }
+
+    /// The cut of a site removed while dead.
+    pub fn cut(self) -> Option<u64> {
+        match self {
+            MemberState::RemovedDead { cut } => Some(cut),
+            _ => None,
         }
     }
 }
@@ -176,6 +207,32 @@ pub enum SitesOp {
         name: String,
         /// Its address.
         addr: SocketAddr,
+    },
+    /// Start decommissioning the live site `name` (it becomes [`MemberState::Leaving`]), iff
+    /// the configuration is at `expected_epoch`.
+    Leave {
+        /// The epoch the change was made against.
+        expected_epoch: u64,
+        /// The site.
+        name: String,
+    },
+    /// End a decommission: the leaving site `name` has drained its updates to every peer and
+    /// becomes [`MemberState::Removed`]. Proposed by the leaving site itself.
+    Remove {
+        /// The epoch the change was made against.
+        expected_epoch: u64,
+        /// The site.
+        name: String,
+    },
+    /// Remove the dead site `name` with the cut the survivors agreed on (it becomes
+    /// [`MemberState::RemovedDead`]).
+    RemoveDead {
+        /// The epoch the change was made against.
+        expected_epoch: u64,
+        /// The site.
+        name: String,
+        /// The most of its stream any survivor holds.
+        cut: u64,
     },
 }
 
@@ -235,9 +292,22 @@ impl Membership {
 
     /// Sites not removed.
     pub fn members(&self) -> impl Iterator<Item = &Member> {
-        self.sites
-            .iter()
-            .filter(|m| m.state != MemberState::Removed)
+        self.sites.iter().filter(|m| !m.state.is_removed())
+    }
+
+    /// The site named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Member> {
+        self.sites.iter().find(|m| m.name == name)
+    }
+
+    /// The change in progress, if any, as `(site, phase)`: a site leaving (draining its
+    /// updates) or joining.
+    pub fn in_progress(&self) -> Option<(&Member, &'static str)> {
+        self.sites.iter().find_map(|m| match m.state {
+            MemberState::Leaving => Some((m, "leaving: draining")),
+            MemberState::Joining => Some((m, "joining")),
+            _ => None,
+        })
     }
 
     /// Checks the configuration is well formed: ids in order from 0, below `next_id`, names
@@ -265,8 +335,8 @@ impl Membership {
                 return Err(format!("site name {:?} is listed twice", m.name));
             }
             // A removed site's address may be taken by a later one.
-            let live = |o: &&Member| o.state != MemberState::Removed;
-            if m.state != MemberState::Removed
+            let live = |o: &&Member| !o.state.is_removed();
+            if !m.state.is_removed()
                 && self.sites[..i]
                     .iter()
                     .filter(live)
@@ -342,7 +412,94 @@ impl Membership {
                 c.epoch += 1;
                 Ok(c.epoch)
             }
+            (SitesOp::Leave { .. } | SitesOp::Remove { .. } | SitesOp::RemoveDead { .. }, None) => {
+                Err("the cluster configuration is not bootstrapped yet".into())
+            }
+            (
+                SitesOp::Leave {
+                    expected_epoch,
+                    name,
+                },
+                Some(c),
+            ) => {
+                let id = c.removable(*expected_epoch, name)?;
+                if let Some((m, _)) = c.in_progress() {
+                    return Err(format!(
+                        "site {:?} is {}: one change at a time",
+                        m.name,
+                        m.state.as_str()
+                    ));
+                }
+                c.sites[id as usize].state = MemberState::Leaving;
+                c.epoch += 1;
+                Ok(c.epoch)
+            }
+            (
+                SitesOp::Remove {
+                    expected_epoch,
+                    name,
+                },
+                Some(c),
+            ) => {
+                let id = c.removable(*expected_epoch, name)?;
+                if c.sites[id as usize].state != MemberState::Leaving {
+                    return Err(format!(
+                        "site {name:?} is {}, not leaving: run `sites remove {name}` first",
+                        c.sites[id as usize].state.as_str()
+                    ));
+                }
+                c.sites[id as usize].state = MemberState::Removed;
+                c.epoch += 1;
+                Ok(c.epoch)
+            }
+            (
+                SitesOp::RemoveDead {
+                    expected_epoch,
+                    name,
+                    cut,
+                },
+                Some(c),
+            ) => {
+                let id = c.removable(*expected_epoch, name)?;
+                c.sites[id as usize].state = MemberState::RemovedDead { cut: *cut };
+                c.epoch += 1;
+                Ok(c.epoch)
+            }
         }
+    }
+
+    /// Checks that the site `name` may be removed from this configuration by a change made
+    /// against `expected_epoch`: the epoch is current, the site exists and is not removed, and
+    /// a majority of the sites not removed remains. Returns its id.
+    pub fn removable(&self, expected_epoch: u64, name: &str) -> Result<SiteId, String> {
+        if expected_epoch != self.epoch {
+            return Err(format!(
+                "the configuration moved on: it is at epoch {}, the change was made against \
+                 epoch {expected_epoch}",
+                self.epoch
+            ));
+        }
+        let Some(m) = self.by_name(name) else {
+            let known: Vec<&str> = self.sites.iter().map(|m| m.name.as_str()).collect();
+            return Err(format!("no site is named {name:?} (sites: {known:?})"));
+        };
+        if m.state.is_removed() {
+            return Err(format!(
+                "site {name:?} (id {}) is already {}",
+                m.id,
+                m.state.as_str()
+            ));
+        }
+        let members = self.members().count();
+        if members <= 2 {
+            return Err(format!(
+                "removing site {name:?} would leave {} of the {members} voters, not a majority \
+                 of them: the Raft groups could not commit the change; a cluster keeps at least \
+                 2 sites",
+                members - 1
+            ));
+        }
+        Ok(m.id)
     }
 }
 
@@ -442,6 +599,63 @@ mod tests {
         let m = c.unwrap();
         assert_eq!((m.sites[2].id, m.next_id), (2, 3));
         m.check().unwrap();
+    }
+
+    #[test]
+    fn removals_are_checked_and_keep_ids_and_names() {
+        let leave = |e, n: &str| SitesOp::Leave {
+            expected_epoch: e,
+            name: n.into(),
+        };
+        let mut c = Some(seed(3));
+        for (op, why) in [
+            (leave(1, "x"), "no site is named \"x\""),
+            (leave(2, "s1"), "moved on"),
+            (
+                SitesOp::Remove {
+                    expected_epoch: 1,
+                    name: "s1".into(),
+                },
+                "not leaving",
+            ),
+        ] {
+            let e = Membership::apply(&mut c, &op).unwrap_err();
+            assert!(e.contains(why), "{op:?}: {e}");
+        }
+        assert_eq!(Membership::apply(&mut c, &leave(1, "s1")), Ok(2));
+        let m = c.as_ref().unwrap();
+        assert_eq!(
+            m.in_progress().map(|(m, p)| (m.id, p)),
+            Some((1, "leaving: draining"))
+        );
+        let e = Membership::apply(&mut c, &leave(2, "s2")).unwrap_err();
+        assert!(e.contains("one change at a time"), "{e}");
+        let remove = SitesOp::Remove {
+            expected_epoch: 2,
+            name: "s1".into(),
+        };
+        assert_eq!(Membership::apply(&mut c, &remove), Ok(3));
+        let e = Membership::apply(&mut c, &leave(3, "s1")).unwrap_err();
+        assert!(e.contains("already removed"), "{e}");
+        // Two sites left: removing one would leave no majority of the voters.
+        let dead = |e, n: &str| SitesOp::RemoveDead {
+            expected_epoch: e,
+            name: n.into(),
+            cut: 42,
+        };
+        let e = Membership::apply(&mut c, &dead(3, "s2")).unwrap_err();
+        assert!(e.contains("not a majority"), "{e}");
+        let mut c = Some(seed(3));
+        assert_eq!(Membership::apply(&mut c, &dead(1, "s2")), Ok(2));
+        let m = c.unwrap();
+        assert_eq!(m.sites[2].state, MemberState::RemovedDead { cut: 42 });
+        assert_eq!(m.sites[2].state.cut(), Some(42));
+        assert_eq!(m.members().count(), 2);
+        m.check().unwrap();
+        // The new states survive the codec snapshots use.
+        let back: Versioned =
+            postcard::from_bytes(&postcard::to_stdvec(&Versioned::V1(m.clone())).unwrap()).unwrap();
+        assert_eq!(back, Versioned::V1(m));
     }
 
     #[test]

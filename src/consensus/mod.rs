@@ -219,6 +219,22 @@ pub enum Rpc {
         /// How long the leader may take.
         timeout_ms: u64,
     },
+    /// How far the asked site has applied `origin`'s stream (removing a dead site: the
+    /// survivors' answers make the cut).
+    Applied {
+        /// The origin (the site being removed).
+        origin: u16,
+    },
+    /// The updates of `origin` the asked site holds after `after` (relaying a removed dead
+    /// site's stream between survivors), at most `max_items` of them.
+    Relay {
+        /// The origin (the removed site).
+        origin: u16,
+        /// What the asking site has received of it.
+        after: u64,
+        /// Most updates in the answer.
+        max_items: u32,
+    },
 }
 
 /// The answer to an [`Rpc`].
@@ -234,6 +250,12 @@ pub enum RpcReply {
     Snapshot(Result<openraft::raft::SnapshotResponse<NodeId>, String>),
     /// To [`Rpc::Forward`].
     Forward(Outcome),
+    /// To [`Rpc::Applied`]: the asked site's `applied` entry of the origin.
+    Applied(u64),
+    /// To [`Rpc::Relay`]: an update frame of the peer protocol (the origin's updates, then a
+    /// marker at the asked site's `applied` entry once it has sent all it holds), or `None`
+    /// when the asked site cannot serve from `after` (a gap in its relay log).
+    Relay(Option<Vec<u8>>),
     /// The request could not be decoded.
     Malformed(String),
 }

@@ -547,8 +547,36 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         "causalkv_membership_sites",
         "gauge",
         "Sites in the cluster configuration this node holds, removed ones left out.",
-        ms.sites.iter().filter(|s| s.state != "removed").count(),
+        ms.sites
+            .iter()
+            .filter(|s| !s.state.starts_with("removed"))
+            .count(),
     );
+    // Membership changes in progress, by site and phase (`leaving: draining`,
+    // `removed-dead: relaying up to the cut`): 1 while under way.
+    e.family(
+        "causalkv_membership_change",
+        "gauge",
+        "A membership change in progress at this node, by site and phase (1 while under way).",
+    );
+    for s in &ms.sites {
+        let phase = if s.state.starts_with("leaving") {
+            Some("leaving: draining")
+        } else if s.state.starts_with("removed-dead: relaying") {
+            Some("removed-dead: relaying up to the cut")
+        } else if s.state == "joining" {
+            Some("joining")
+        } else {
+            None
+        };
+        if let Some(phase) = phase {
+            e.sample(
+                "causalkv_membership_change",
+                &[("site", &s.name), ("phase", phase)],
+                1,
+            );
+        }
+    }
     e.single(
         "causalkv_hellos_rejected_total",
         "counter",

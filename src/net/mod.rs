@@ -8,6 +8,8 @@
 //! - [`resp`]: the RESP listener: Redis clients over TLS, each connection a causal session.
 //! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
 //! - `service`: the client request service.
+//! - `membership`: removing sites from a running cluster (decommission, dead-site removal with
+//!   its cut and relay, the `Lost` refusal).
 //! - `strong`: the strong operations: this node's Raft voter, its RPCs over the peer links,
 //!   forwarding to the leader.
 //! - `tasks`: the ticker, the durability pump and the snapshotter.
@@ -32,6 +34,7 @@ pub mod credentials;
 pub(crate) mod durability;
 pub mod error;
 pub mod failure;
+pub(crate) mod membership;
 pub mod metrics;
 pub mod node;
 pub mod peer;

@@ -66,6 +66,9 @@ pub struct NodeOptions {
     /// Test-only switches of the strong operations, to plant the bugs their tests catch
     /// (reads from a follower's local state, strong reads without their causal context).
     pub strong: super::strong::StrongOptions,
+    /// Whether the survivors of a site removed while dead relay its updates to each other up
+    /// to the cut. Only tests switch it off, to show the survivors then miss them.
+    pub relay: bool,
 }
 
 impl Default for NodeOptions {
@@ -75,6 +78,7 @@ impl Default for NodeOptions {
             check_stable: true,
             close_contexts: true,
             strong: Default::default(),
+            relay: true,
         }
     }
 }
@@ -206,8 +210,17 @@ impl Node {
             wal_stats,
             durable_waiters,
             strong,
+            changes: super::shared::Changes::new(opts.relay),
             cfg,
         });
+        {
+            // The RPCs about the replica (a dead site's cut, relaying its updates).
+            let weak = Arc::downgrade(&shared);
+            shared.strong.set_local(Box::new(move |rpc| {
+                weak.upgrade()
+                    .and_then(|s| super::membership::answer(&s, rpc))
+            }));
+        }
         let span = if shared.cfg.partitions > 1 {
             info_span!("site", name = %shared.cfg.me().name, partition = shared.cfg.partition)
         } else {
@@ -485,6 +498,7 @@ async fn follow_sites(shared: Arc<Shared>) {
                 .map(|s| format!("{}={}", s.name, s.state.as_str()))
                 .collect();
             info!(epoch = m.epoch, ?members, "cluster configuration applied");
+            super::membership::follow(&shared, &m);
         }
         tokio::select! {
             r = sites.changed() => if r.is_err() { return },

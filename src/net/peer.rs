@@ -76,6 +76,9 @@ pub enum LinkError {
     /// through: it was replaced by that connection.
     #[error("replaced: the link was silent while a new connection got through")]
     Replaced,
+    /// The peer was removed from the cluster configuration: the link is not kept up any more.
+    #[error("the peer was removed from the cluster")]
+    Removed,
 }
 
 /// Who a hello says is at the other end of a link.
@@ -173,6 +176,10 @@ async fn keep_up<F, Fut>(
         if shared.is_shutting_down() {
             return;
         }
+        if matches!(result, Err(LinkError::Removed)) {
+            info!(peer = %name, "peer removed from the cluster; its link stops");
+            return;
+        }
         if matches!(result, Err(LinkError::Replaced)) {
             // The replacement is connected already: carry on over it at once.
             info!(peer = %name, "link was silent; carrying on over a new connection");
@@ -206,6 +213,9 @@ async fn outbound_once(
     replacement: &Mutex<Option<Dialled>>,
 ) -> Result<(), LinkError> {
     let entry = shared.cfg.sites[peer as usize].clone();
+    if shared.read(|r| r.removed(peer)).is_some() {
+        return Err(LinkError::Removed);
+    }
     let carried = replacement.lock().expect("replacement lock").take();
     let (conn, (their, (send, recv))) = match carried {
         Some(d) => d,
@@ -873,6 +883,13 @@ async fn read_hello_raw(
                     "peer at site {site} is partition {partition}; this node replicates partition {me}"
                 )));
             } else {
+                if shared.read(|r| r.removed(site)).is_some() {
+                    return Err(LinkError::Hello(format!(
+                        "site {site} ({}) was removed from the cluster configuration; a removed \
+                         site cannot rejoin (ids are never reused: add it again under a new name)",
+                        shared.site_name(site)
+                    )));
+                }
                 Remote::Peer(site)
             };
             if h.applied.len() > h.sites as usize {

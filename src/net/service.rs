@@ -152,7 +152,7 @@ fn op_of(req: &ArchivedRequest) -> Op {
         ArchivedClientOp::StrongGet { .. } => Op::StrongGet,
         ArchivedClientOp::Cas { .. } => Op::Cas,
         // A write through the Raft group, as strong puts are.
-        ArchivedClientOp::SitesAdd { .. } => Op::StrongPut,
+        ArchivedClientOp::SitesAdd { .. } | ArchivedClientOp::SitesRemove { .. } => Op::StrongPut,
     }
 }
 
@@ -201,6 +201,23 @@ async fn execute(
                 shared,
                 name.as_str(),
                 addr.as_str(),
+                expected_epoch.to_native(),
+                (client.to_native(), serial.to_native()),
+                timeout,
+            )
+            .await;
+        }
+        ArchivedClientOp::SitesRemove {
+            name,
+            dead,
+            expected_epoch,
+            client,
+            serial,
+        } => {
+            return super::membership::remove(
+                shared,
+                name.as_str(),
+                *dead,
                 expected_epoch.to_native(),
                 (client.to_native(), serial.to_native()),
                 timeout,
@@ -309,6 +326,9 @@ pub(crate) async fn read(
     if let Some(refusal) = wrong_partition(shared, key) {
         return Err(refusal);
     }
+    if let Some(refusal) = super::membership::lost(shared, ctx) {
+        return Err(refusal);
+    }
     wait_for(shared, deadline, || {
         shared.read(|r| {
             r.get(key, ctx).map(|res| {
@@ -360,12 +380,25 @@ pub(crate) async fn write(
     if let Some(refusal) = wrong_partition(shared, &key) {
         return Err(refusal);
     }
+    if let Some(refusal) = super::membership::lost(shared, ctx) {
+        return Err(refusal);
+    }
+    let leaving = &shared.changes.leaving;
     wait_for(shared, deadline, || {
-        let (res, lsn) = shared.mutate(|r| r.put(now_micros(), key.clone(), value.clone(), ctx));
-        res.map(|v| (v, lsn))
+        let (res, lsn) = shared.mutate(|r| {
+            // Checked under the replica lock: once a leaving site has measured its drain, no
+            // write can still enter its log.
+            if leaving.load(Ordering::SeqCst) {
+                return Ok(None);
+            }
+            r.put(now_micros(), key.clone(), value.clone(), ctx)
+                .map(Some)
+        });
+        res.map(|v| v.map(|v| (v, lsn)))
     })
     .await
-    .map_err(|nr| not_ready(nr, timeout))
+    .map_err(|nr| not_ready(nr, timeout))?
+    .ok_or_else(super::membership::leaving_refusal)
 }
 
 /// Turns a strong request off the wire into the operation [`execute_strong`] runs.
@@ -460,23 +493,12 @@ async fn sites_add(
             addr,
         }),
     };
-    match shared
-        .strong
-        .execute(Forwarded::Write(cmd), timeout, true)
-        .await
-    {
-        Outcome::Applied(Reply::Membership(Ok(epoch))) => ResponseBody::SitesChanged { epoch },
-        Outcome::Applied(Reply::Membership(Err(why))) => error(error_code::BAD_REQUEST, why),
-        Outcome::Applied(Reply::Forgotten) | Outcome::Unknown(_) => error(
-            error_code::OUTCOME_UNKNOWN,
-            "the change may or may not have been applied: run `causalkv sites list`",
-        ),
-        Outcome::Unavailable(m) => error(error_code::UNAVAILABLE, m),
-        other => error(
-            error_code::UNAVAILABLE,
-            format!("the change was not applied: {other:?}"),
-        ),
-    }
+    super::membership::changed(
+        shared
+            .strong
+            .execute(Forwarded::Write(cmd), timeout, true)
+            .await,
+    )
 }
 
 /// Executes a strong operation through the partition's Raft group ([`super::strong`]), after

@@ -1,7 +1,7 @@
 //! [`Shared`]: the state a node's tasks share, and [`Shared::mutate`], the one place replica
 //! state changes (apply, log, ask for the fsync, wake senders and waiting requests).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -72,6 +72,8 @@ pub(crate) struct Shared {
     pub durable_waiters: DurableWaiters,
     /// This node's voter in its partition's Raft group (strong operations).
     pub strong: Arc<super::strong::Strong>,
+    /// The removals of sites this node takes part in (see `super::membership`).
+    pub changes: Changes,
 }
 
 /// Physical time for the hybrid logical clock, in microseconds since the Unix epoch.
@@ -158,5 +160,28 @@ impl Shared {
     pub fn wal_stats(&self) -> (u64, u64) {
         let w = self.wal.lock().expect("wal lock");
         (w.wal.fsyncs(), w.wal.disk_bytes())
+    }
+}
+
+/// What a node keeps about the removals it takes part in.
+pub(crate) struct Changes {
+    /// Whether this node relays removed dead sites' updates (only tests switch it off).
+    pub relay: bool,
+    /// This site is leaving: client writes are refused.
+    pub leaving: AtomicBool,
+    /// This site was removed: it serves no one any more.
+    pub removed: AtomicBool,
+    /// Some site was removed while dead: requests check their context for lost updates.
+    pub has_dead: AtomicBool,
+}
+
+impl Changes {
+    pub fn new(relay: bool) -> Changes {
+        Changes {
+            relay,
+            leaving: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            has_dead: AtomicBool::new(false),
+        }
     }
 }

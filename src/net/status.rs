@@ -91,7 +91,7 @@ impl Shared {
             site: m.id,
             name: m.name.clone(),
             addr: m.addr.to_string(),
-            state: m.state.as_str().into(),
+            state: super::membership::state_text(self, m.id, m.state),
         };
         match self.strong.membership() {
             Some(m) => MembershipStatus {

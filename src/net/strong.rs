@@ -489,7 +489,15 @@ pub(crate) struct Strong {
     preferred: Option<NodeId>,
     /// Writes for the batcher ([`Strong::batcher`]).
     proposals: tokio::sync::mpsc::UnboundedSender<Proposal>,
+    /// Answers the RPCs about the replica's state ([`Rpc::Applied`], [`Rpc::Relay`]), which
+    /// ride the same peer streams ([`Strong::set_local`]).
+    local: std::sync::OnceLock<LocalAnswer>,
+    /// A change of the group's voters (dropping removed sites) is under way.
+    changing_voters: std::sync::atomic::AtomicBool,
 }
+
+/// Answers an RPC about the node's replica; `None` for one it does not serve.
+pub(crate) type LocalAnswer = Box<dyn Fn(&Rpc) -> Option<RpcReply> + Send + Sync>;
 
 impl Strong {
     /// Opens the group's log and state machine under `<data_dir>/raft` and starts the voter.
@@ -548,7 +556,71 @@ impl Strong {
             heartbeat: Duration::from_millis(cfg.consensus.heartbeat_ms),
             quorum_stale_ms: cfg.consensus.election_min_ms,
             preferred,
+            local: std::sync::OnceLock::new(),
+            changing_voters: Default::default(),
         }))
+    }
+
+    /// Sets what answers the RPCs about the node's replica (once).
+    pub fn set_local(&self, answer: LocalAnswer) {
+        let _ = self.local.set(answer);
+    }
+
+    /// Sends `rpc` to `site` over the peer link and waits (up to `timeout`) for its answer.
+    pub async fn ask(
+        &self,
+        site: NodeId,
+        rpc: &Rpc,
+        timeout: Duration,
+    ) -> Result<RpcReply, String> {
+        call(&self.links, site, rpc, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// While this node leads its group: drops the sites the cluster configuration says are
+    /// removed from the group's voters (and learners) with `change_membership`, which openraft
+    /// runs as joint consensus (a majority of the old voters and of the new ones must agree,
+    /// so a dead voter is tolerated). A joint configuration left behind by a leader that
+    /// crashed mid-change is finished the same way: the change is retried on every tick of
+    /// the watcher until the voters are exactly the sites not removed.
+    fn drop_removed_voters(self: &Arc<Self>) {
+        let Some(m) = self.membership() else { return };
+        let removed: BTreeSet<NodeId> = m
+            .sites
+            .iter()
+            .filter(|s| s.state.is_removed())
+            .map(|s| s.id as NodeId)
+            .collect();
+        if removed.is_empty() {
+            return;
+        }
+        let mc = self.raft.metrics().borrow().membership_config.clone();
+        let joint = mc.membership().get_joint_config().len() > 1;
+        let voters: BTreeSet<NodeId> = mc.membership().voter_ids().collect();
+        let learners = mc.membership().learner_ids().any(|l| removed.contains(&l));
+        if voters.is_disjoint(&removed) && !joint && !learners {
+            return;
+        }
+        if self.changing_voters.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let keep: BTreeSet<NodeId> = voters.difference(&removed).copied().collect();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let names: Vec<String> = removed.iter().map(|&s| this.name(s)).collect();
+            match this.raft.change_membership(keep.clone(), false).await {
+                Ok(_) => info!(
+                    removed = ?names,
+                    voters = ?keep.iter().map(|&s| this.name(s)).collect::<Vec<_>>(),
+                    "removed sites dropped from the Raft group"
+                ),
+                Err(e) => {
+                    debug!(error = %e, "dropping removed sites from the Raft group: to be retried")
+                }
+            }
+            this.changing_voters.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Bytes of Raft RPC frames and replies this node has sent over peer links.
@@ -941,6 +1013,12 @@ impl Strong {
                 self.execute(op, Duration::from_millis(timeout_ms.min(60_000)), false)
                     .await,
             ),
+            Ok(rpc @ (Rpc::Applied { .. } | Rpc::Relay { .. })) => {
+                match self.local.get().and_then(|answer| answer(&rpc)) {
+                    Some(reply) => reply,
+                    None => RpcReply::Malformed("this node does not serve that request yet".into()),
+                }
+            }
         };
         let reply = consensus::encode(&reply);
         self.links
@@ -1026,6 +1104,7 @@ impl Strong {
             if m.state == ServerState::Leader {
                 self.links.heard_leader();
                 self.bootstrap_sites();
+                self.drop_removed_voters();
             }
             let heard = d.heard_leader.load(Ordering::Relaxed);
             if heard != heard_seen {

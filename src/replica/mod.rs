@@ -175,6 +175,46 @@ impl ReplicaConfig {
     }
 }
 
+/// How a site left the cluster ([`Replica::set_removed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Removal {
+    /// Decommissioned while live: every peer had acked its updates first; nothing was lost.
+    Drained,
+    /// Removed while dead: the survivors hold (or relay to each other) its stream up to `cut`,
+    /// and whatever it wrote after that is lost.
+    Dead {
+        /// The most of its stream any survivor held.
+        cut: Timestamp,
+    },
+}
+
+impl Removal {
+    /// The timestamp past which nothing of the removed site can arrive anywhere.
+    pub fn cut(self) -> Timestamp {
+        match self {
+            Removal::Drained => 0,
+            Removal::Dead { cut } => cut,
+        }
+    }
+}
+
+/// A session's context names updates of a site removed while dead beyond what the survivors
+/// held: they died with it, and no site will ever cover the context.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Lost {{ site: {site}, have: {have}, need: {need} }}: the session saw updates of site {site} \
+     up to {need}, but that site was removed while dead and the survivors hold its updates only \
+     up to {have}"
+)]
+pub struct Lost {
+    /// The removed site.
+    pub site: SiteId,
+    /// The cut: the most of its stream the survivors hold.
+    pub have: Timestamp,
+    /// What the context names.
+    pub need: Timestamp,
+}
+
 /// Counters a replica keeps about itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReplicaStats {
@@ -216,6 +256,18 @@ pub struct Replica<S: Store> {
     /// ([`Replica::contribution`]); this partition's own slot is unused.
     siblings: Vec<VClock>,
     tombstones: BTreeSet<(Version, Bytes)>,
+    /// Per site: how it was removed from the cluster, if it was ([`Replica::set_removed`]).
+    /// It is no longer a peer (retention, the stable vector and synchronous replication leave
+    /// it out); its entry stops counting for tombstone collection once the stable vector has
+    /// reached its cut.
+    gone: Vec<Option<Removal>>,
+    /// Per remote origin: its updates applied here, oldest first, kept until every other
+    /// member has them, so that if the origin dies its updates can be relayed to the members
+    /// that missed them ([`Replica::relay_batch`]).
+    relayed: Vec<VecDeque<Update>>,
+    /// Per remote origin: `relayed` holds every update of it applied here above this timestamp
+    /// (below it, a restart from a snapshot may have left gaps).
+    relayed_from: Vec<Timestamp>,
     /// While above zero, tombstones are not collected (a snapshot is copying the store).
     tombstone_holds: u32,
     pending: Vec<Record>,
@@ -250,6 +302,9 @@ impl<S: Store> Replica<S> {
             peer_applied: vec![VClock::zero(n); n],
             siblings: vec![VClock::zero(n); cfg.partitions.max(1) as usize],
             tombstones: BTreeSet::new(),
+            gone: vec![None; n],
+            relayed: vec![VecDeque::new(); n],
+            relayed_from: vec![0; n],
             tombstone_holds: 0,
             pending: Vec::new(),
             last_marker_at: 0,
@@ -298,9 +353,23 @@ impl<S: Store> Replica<S> {
                 self.merge_into_store(&u);
                 if origin == self.cfg.site && self.cfg.sites > 1 {
                     self.retained.push_back(u);
+                } else if origin != self.cfg.site && self.cfg.sites > 2 {
+                    self.relayed[origin as usize].push_back(u);
                 }
             }
-            Record::Marker { origin, ts } => self.applied.raise(origin, ts),
+            Record::Marker { origin, ts } => {
+                self.applied.raise(origin, ts);
+                // Remote markers are not logged: this is a snapshot's `applied`, whose
+                // updates are in the store, not in the relay log.
+                if origin != self.cfg.site && (origin as usize) < self.cfg.sites {
+                    let from = &mut self.relayed_from[origin as usize];
+                    *from = (*from).max(ts);
+                    let q = &mut self.relayed[origin as usize];
+                    while q.front().is_some_and(|u| u.version.ts <= ts) {
+                        q.pop_front();
+                    }
+                }
+            }
             Record::ClockLease(ts) => self.lease = self.lease.max(ts),
         }
     }
@@ -376,10 +445,126 @@ impl<S: Store> Replica<S> {
         &self.stats
     }
 
-    /// The other sites.
+    /// The other sites, removed ones left out.
     pub fn peers(&self) -> impl Iterator<Item = SiteId> + use<S> {
         let me = self.cfg.site;
-        (0..self.cfg.sites as SiteId).filter(move |&p| p != me)
+        let gone: u64 = self
+            .gone
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.is_some())
+            .fold(0, |m, (i, _)| m | (1 << i));
+        (0..self.cfg.sites as SiteId).filter(move |&p| p != me && gone & (1 << p) == 0)
+    }
+
+    /// Site `site` was removed from the cluster: a decommissioned one (`cut` 0, it drained
+    /// its updates to every peer first) or a dead one (`cut`: the most of its stream any
+    /// survivor held). From now on it is no longer a peer: retention does not keep updates
+    /// for it, the stable vector and synchronous replication leave it out, and its entry stops
+    /// holding tombstone collection once the stable vector reaches `cut`.
+    pub fn set_removed(&mut self, site: SiteId, how: Removal) {
+        if site == self.cfg.site || site as usize >= self.cfg.sites {
+            return;
+        }
+        self.gone[site as usize] = Some(how);
+        self.relayed[site as usize].shrink_to_fit();
+        // The peers that still hold retention back are the others.
+        self.prune();
+    }
+
+    /// How `site` was removed (`None`: it was not).
+    pub fn removed(&self, site: SiteId) -> Option<Removal> {
+        self.gone.get(site as usize).copied().flatten()
+    }
+
+    /// The first entry of `ctx` that names updates lost with a site removed while dead (beyond
+    /// its cut): no site will ever cover such a context.
+    pub fn lost(&self, ctx: &VClock) -> Option<Lost> {
+        ctx.as_slice().iter().enumerate().find_map(|(i, &need)| {
+            match self.gone.get(i).copied().flatten() {
+                Some(Removal::Dead { cut }) if need > cut => Some(Lost {
+                    site: i as SiteId,
+                    have: cut,
+                    need,
+                }),
+                _ => None,
+            }
+        })
+    }
+
+    /// The next batch of `origin`'s updates that this site holds after `after` (what another
+    /// site has applied of `origin`): up to `max_items` of them from the relay log, oldest
+    /// first, followed by a marker at this site's `applied[origin]` once nothing it holds is
+    /// left. `None` when the relay log cannot serve from `after` (a restart from a snapshot
+    /// left a gap there). Used to relay a dead site's updates to the survivors that missed them.
+    pub fn relay_batch(
+        &self,
+        origin: SiteId,
+        after: Timestamp,
+        max_items: usize,
+    ) -> Option<Vec<Item>> {
+        let o = origin as usize;
+        if origin == self.cfg.site || o >= self.cfg.sites {
+            return Some(Vec::new());
+        }
+        let have = self.applied.get(origin);
+        if after >= have {
+            return Some(Vec::new());
+        }
+        if after < self.relayed_from[o] {
+            return None;
+        }
+        let q = &self.relayed[o];
+        let start = q.partition_point(|u| u.version.ts <= after);
+        let end = q.len().min(start.saturating_add(max_items));
+        let mut items: Vec<Item> = q.range(start..end).cloned().map(Item::Update).collect();
+        let last = items.last().map_or(after, Item::ts);
+        if end == q.len() && have > last {
+            items.push(Item::Marker(have));
+        }
+        Some(items)
+    }
+
+    /// Number of remote updates kept for relaying.
+    pub fn relayed_len(&self) -> usize {
+        self.relayed.iter().map(VecDeque::len).sum()
+    }
+
+    /// Drops from the retained log what every peer has applied, and from the relay log what
+    /// every other member has.
+    fn prune(&mut self) {
+        let me = self.cfg.site;
+        let everyone = self
+            .peers()
+            .map(|p| self.peer_applied[p as usize].get(me))
+            .min()
+            .unwrap_or(Timestamp::MAX);
+        while self
+            .retained
+            .front()
+            .is_some_and(|u| u.version.ts <= everyone)
+        {
+            self.retained.pop_front();
+            self.stats.pruned += 1;
+        }
+        buffer::release_spare(&mut self.retained);
+        let peers: Vec<SiteId> = self.peers().collect();
+        for o in 0..self.cfg.sites {
+            if o == me as usize || self.relayed[o].is_empty() {
+                continue;
+            }
+            let floor = peers
+                .iter()
+                .filter(|&&p| p as usize != o)
+                .map(|&p| self.peer_applied[p as usize].get(o as SiteId))
+                .min()
+                .unwrap_or(Timestamp::MAX);
+            let q = &mut self.relayed[o];
+            while q.front().is_some_and(|u| u.version.ts <= floor) {
+                q.pop_front();
+            }
+            buffer::release_spare(q);
+        }
     }
 
     /// Checks that this site has applied everything in `ctx`.
@@ -661,6 +846,10 @@ impl<S: Store> Replica<S> {
                         if !self.merge_into_store(&u) {
                             self.stats.remote_lost_lww += 1;
                         }
+                        if self.cfg.sites > 2 {
+                            // Kept until every other member has it (see `relay_batch`).
+                            self.relayed[origin as usize].push_back(u.clone());
+                        }
                         self.pending.push(Record::Update(u));
                     }
                     // Remote markers are not logged: after a restart the origin resends from
@@ -720,9 +909,24 @@ impl<S: Store> Replica<S> {
         // a reader that saw "absent" here (which carries no version into its context) could
         // fail over and read the deleted value there.
         if self.tombstone_holds == 0 {
-            let floor = self.stable().min_entry();
+            let floor = self.tombstone_floor();
             self.collect_tombstones(floor);
         }
+    }
+
+    /// The timestamp up to which tombstones may be collected: the stable vector's smallest
+    /// entry, leaving out removed sites whose entry has reached their cut (nothing more of
+    /// theirs can arrive anywhere).
+    fn tombstone_floor(&self) -> Timestamp {
+        let stable = self.stable();
+        stable
+            .as_slice()
+            .iter()
+            .enumerate()
+            .filter(|&(i, &v)| self.gone[i].is_none_or(|g| v < g.cut()))
+            .map(|(_, &v)| v)
+            .min()
+            .unwrap_or(Timestamp::MAX)
     }
 
     /// Holds tombstone collection until the matching [`Replica::release_tombstones`]. A snapshot
@@ -802,21 +1006,7 @@ impl<S: Store> Replica<S> {
             return;
         }
         self.peer_applied[peer as usize].merge(applied);
-        let me = self.cfg.site;
-        let everyone = self
-            .peers()
-            .map(|p| self.peer_applied[p as usize].get(me))
-            .min()
-            .unwrap_or(Timestamp::MAX);
-        while self
-            .retained
-            .front()
-            .is_some_and(|u| u.version.ts <= everyone)
-        {
-            self.retained.pop_front();
-            self.stats.pruned += 1;
-        }
-        buffer::release_spare(&mut self.retained);
+        self.prune();
     }
 
     /// Number of this site's retained updates that `peer` has not acked yet.

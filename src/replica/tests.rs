@@ -579,3 +579,90 @@ fn a_siblings_write_is_passed_with_an_urgent_marker_and_its_markers_are_not() {
     assert!(p1.urgent_marker() >= v.ts);
     assert!(p1.contribution().get(0) >= v.ts);
 }
+
+#[test]
+fn a_dead_sites_updates_are_relayed_from_the_survivor_that_has_them() {
+    // c (2) reached b (1) but not a (0); then c is removed with the cut b holds.
+    let (mut a, mut b_, mut c) = (replica(0, 3), replica(1, 3), replica(2, 3));
+    for (i, k) in ["x", "y", "z"].into_iter().enumerate() {
+        c.put(10 + i as u64, b(k), Some(b("c")), &VClock::zero(3))
+            .unwrap();
+    }
+    sync(&mut c, &mut b_);
+    let cut = b_.applied().get(2);
+    assert!(cut >= 12);
+    assert_eq!(a.applied().get(2), 0);
+    // b keeps c's updates for a, which has not acked them.
+    b_.on_peer_applied(0, &a.durable().clone());
+    assert_eq!(b_.relayed_len(), 3);
+    a.set_removed(2, Removal::Dead { cut });
+    b_.set_removed(2, Removal::Dead { cut });
+    // The relay: a asks b for c's stream after its own entry, in batches.
+    let mut asked = 0;
+    while a.applied().get(2) < cut {
+        let items = b_
+            .relay_batch(2, a.applied().get(2), 2)
+            .expect("relay log complete");
+        a.receive(2, items);
+        asked += 1;
+        assert!(asked < 10, "the relay does not progress");
+    }
+    assert_eq!(asked, 2);
+    for k in ["x", "y", "z"] {
+        assert_eq!(
+            a.get(k.as_bytes(), &VClock::zero(3)).unwrap().value,
+            Some(b("c"))
+        );
+    }
+    // Once a acks, b's relay log is pruned; c no longer counts as a peer anywhere.
+    flush(&mut a);
+    b_.on_peer_applied(0, &a.durable().clone());
+    assert_eq!(b_.relayed_len(), 0);
+    assert_eq!(a.peers().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(a.removed(2), Some(Removal::Dead { cut }));
+    // A context beyond the cut names updates that died with c; at the cut it is fine.
+    let mut ctx = VClock::zero(3);
+    ctx.raise(2, cut);
+    assert_eq!(a.lost(&ctx), None);
+    ctx.raise(2, cut + 5);
+    assert_eq!(
+        a.lost(&ctx),
+        Some(Lost {
+            site: 2,
+            have: cut,
+            need: cut + 5
+        })
+    );
+    // A relay log that a snapshot cut short cannot serve from before the snapshot.
+    let rec = Replica::recover(
+        ReplicaConfig::new(1, 3),
+        MemStore::new(),
+        [Record::Marker { origin: 2, ts: cut }],
+    );
+    assert_eq!(rec.relay_batch(2, 0, 10), None);
+    assert_eq!(rec.relay_batch(2, cut, 10), Some(Vec::new()));
+}
+
+#[test]
+fn a_removed_peer_holds_neither_retention_nor_tombstones() {
+    let mut a = replica(0, 3);
+    let mut b_ = replica(1, 3);
+    a.put(5, b("k"), None, &VClock::zero(3)).unwrap();
+    sync(&mut a, &mut b_);
+    a.on_peer_applied(1, &b_.durable().clone());
+    // Site 2 never acked: the delete stays retained and its tombstone uncollected.
+    a.tick(1_000_000);
+    assert_eq!(a.retained_len(), 1);
+    assert_eq!(a.tombstones_pending(), 1);
+    // Decommissioned (cut 0): it no longer holds either back.
+    a.set_removed(2, Removal::Drained);
+    assert_eq!(a.retained_len(), 0);
+    a.tick(2_000_000);
+    sync(&mut a, &mut b_);
+    b_.tick(2_000_000);
+    sync(&mut b_, &mut a);
+    a.on_peer_applied(1, &b_.durable().clone());
+    a.tick(3_000_000);
+    assert_eq!(a.tombstones_pending(), 0);
+    assert_eq!(a.acked_by(5), 1);
+}

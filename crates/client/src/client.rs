@@ -95,6 +95,24 @@ pub enum ClientError {
     /// it is not the same request (a new serial); read the key to find out.
     #[error("outcome unknown: {0}")]
     OutcomeUnknown(String),
+    /// The session saw updates of a site that was removed while dead, beyond what the
+    /// surviving sites hold (the cut): they died with that site, and no site will ever serve
+    /// the session's context. Continue explicitly with [`Client::accept_loss`], which caps
+    /// the context at the cut, or start a new session.
+    #[error(
+        "Lost {{ site: {site}, have: {have}, need: {need} }}: the session saw updates of removed \
+         site {site} up to {need}, the survivors hold them up to {have}: {message}"
+    )]
+    Lost {
+        /// The removed site's id.
+        site: u16,
+        /// The cut: how much of its stream survives.
+        have: u64,
+        /// How much of it the session's context names.
+        need: u64,
+        /// The site's explanation.
+        message: String,
+    },
 }
 
 /// The result of a compare-and-set ([`Client::cas`]).
@@ -260,6 +278,7 @@ impl ClientBuilder {
             timeout: self.timeout.unwrap_or(Duration::from_secs(5)),
             client_id: random_id(),
             serial: AtomicU64::new(0),
+            accept_losses: std::sync::atomic::AtomicBool::new(false),
         };
         client.connection(0).await?;
         Ok(client)
@@ -277,6 +296,8 @@ pub struct Client {
     current: AtomicUsize,
     ctx: Mutex<VClock>,
     timeout: Duration,
+    /// Whether a [`ClientError::Lost`] is accepted at once ([`Client::set_accept_losses`]).
+    accept_losses: std::sync::atomic::AtomicBool,
     /// Sites the last connected site's failure detector reported `down`: failover tries them
     /// last instead of waiting on their connect timeouts first.
     known_down: Mutex<Vec<SocketAddr>>,
@@ -572,6 +593,64 @@ impl Client {
         }
     }
 
+    /// Removes a site from the cluster configuration (what `causalkv sites remove` does),
+    /// made against `expected_epoch` like [`Client::add_site`]. A live site (`dead` false) is
+    /// decommissioned: it becomes `leaving`, refuses writes (its clients fail over), drains
+    /// its updates to every peer and then becomes `removed` by itself. A dead site (`dead`
+    /// true: gone for good, disk included) is removed at once with the cut the survivors agree
+    /// on; every survivor must answer. Returns the new epoch.
+    pub async fn remove_site(
+        &self,
+        name: &str,
+        dead: bool,
+        expected_epoch: u64,
+    ) -> Result<u64, ClientError> {
+        let op = ClientOp::SitesRemove {
+            name: name.to_owned(),
+            dead,
+            expected_epoch,
+            client: self.client_id,
+            serial: self.serial.fetch_add(1, Ordering::Relaxed) + 1,
+        };
+        match self.call(op, true, 0).await? {
+            ResponseBody::SitesChanged { epoch } => Ok(epoch),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Continues a session past a [`ClientError::Lost`]: caps its context's entry for the
+    /// removed `site` at the cut (`have`), forgetting the updates that died with it. Requests
+    /// then proceed; what the session saw of those updates is no longer guaranteed.
+    ///
+    /// ```no_run
+    /// # async fn f(client: causalkv_client::Client) -> Result<(), causalkv_client::ClientError> {
+    /// use causalkv_client::ClientError;
+    /// let value = match client.get("k").await {
+    ///     Err(ClientError::Lost { site, have, .. }) => {
+    ///         client.accept_loss(site, have);
+    ///         client.get("k").await?
+    ///     }
+    ///     other => other?,
+    /// };
+    /// # let _ = value;
+    /// # Ok(()) }
+    /// ```
+    pub fn accept_loss(&self, site: u16, have: u64) {
+        let mut ctx = self.ctx.lock().expect("ctx lock");
+        if ctx.get(site) > have {
+            let mut v = ctx.clone().into_vec();
+            v[site as usize] = have;
+            *ctx = VClock::from_vec(v);
+        }
+    }
+
+    /// When `on`, every request that meets a [`ClientError::Lost`] caps the session's
+    /// context at the cut ([`Client::accept_loss`]) and is sent again, instead of failing
+    /// (what the CLI's `--accept-loss` does).
+    pub fn set_accept_losses(&self, on: bool) {
+        self.accept_losses.store(on, Ordering::Relaxed);
+    }
+
     /// The current site's status.
     pub async fn status(&self) -> Result<StatusInfo, ClientError> {
         match self.call(ClientOp::Status, true, 0).await? {
@@ -759,6 +838,23 @@ impl Client {
                     }
                     continue;
                 }
+                Ok(Ok(Response {
+                    body:
+                        ResponseBody::Error {
+                            code,
+                            version: Some(v),
+                            ..
+                        },
+                    ..
+                })) if code == error_code::LOST
+                    && self.accept_losses.load(Ordering::Relaxed)
+                    && attempts <= self.routes.len() * 2 =>
+                {
+                    // Refused before it was executed: cap the context and send it again.
+                    let v = Version::from(v);
+                    self.accept_loss(v.site, v.ts);
+                    continue;
+                }
                 Ok(Ok(resp)) => {
                     return self.interpret(self.routes[i][p], resp, delivered_before);
                 }
@@ -805,6 +901,15 @@ impl Client {
                 ),
                 error_code::UNAVAILABLE => ClientError::Unavailable(message),
                 error_code::OUTCOME_UNKNOWN => ClientError::OutcomeUnknown(message),
+                error_code::LOST => {
+                    let v = version.map(Version::from).unwrap_or_default();
+                    ClientError::Lost {
+                        site: v.site,
+                        have: v.ts,
+                        need: self.context().get(v.site),
+                        message,
+                    }
+                }
                 error_code::SYNC_TIMEOUT => {
                     let version = version.map(Version::from).unwrap_or_default();
                     self.ctx

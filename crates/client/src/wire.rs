@@ -173,6 +173,23 @@ mod messages {
             /// As for `StrongWrite`.
             serial: u64,
         },
+        /// Remove a site from the cluster configuration (`causalkv sites remove`): a live
+        /// site is decommissioned (it becomes `leaving`, drains its updates to every peer, then
+        /// `removed`); a dead one (`dead`) is removed at once with the cut the survivors agree
+        /// on, and they relay its updates to each other up to there. Served by partition 0 of
+        /// a site; answered [`ResponseBody::SitesChanged`].
+        SitesRemove {
+            /// The site's name.
+            name: String,
+            /// The site is gone for good, disk included.
+            dead: bool,
+            /// The configuration epoch the change is made against: refused if it moved on.
+            expected_epoch: u64,
+            /// As for `StrongWrite`.
+            client: u64,
+            /// As for `StrongWrite`.
+            serial: u64,
+        },
     }
 
     /// A client request: one per bidirectional stream.
@@ -209,6 +226,12 @@ mod messages {
         pub const UNAVAILABLE: u16 = 8;
         /// A strong write timed out after it was proposed: it may or may not be applied.
         pub const OUTCOME_UNKNOWN: u16 = 9;
+        /// The session's context names updates of a site that was removed while dead beyond
+        /// what the survivors held (the cut): they were lost with it, and no site will ever
+        /// cover the context. The error's `version` carries the removed site and the cut; the
+        /// session may continue with its context capped at the cut
+        /// ([`Client::accept_loss`](crate::Client::accept_loss)).
+        pub const LOST: u16 = 10;
     }
 
     /// One voter of a partition's Raft group, in a status answer.
