@@ -177,6 +177,14 @@ pub enum SitesOp {
         /// Its address.
         addr: SocketAddr,
     },
+    /// Mark joining site `id` [`MemberState::Active`] (group 0's leader proposes it once the
+    /// site is a Raft voter), iff the configuration is at `expected_epoch`.
+    Activate {
+        /// The epoch the change was made against.
+        expected_epoch: u64,
+        /// The joining site.
+        id: SiteId,
+    },
 }
 
 /// The configuration as snapshots store it: one variant per shape it has had.
@@ -342,6 +350,31 @@ impl Membership {
                 c.epoch += 1;
                 Ok(c.epoch)
             }
+            (SitesOp::Activate { .. }, None) => {
+                Err("the cluster configuration is not bootstrapped yet".into())
+            }
+            (SitesOp::Activate { expected_epoch, id }, Some(c)) => {
+                if *expected_epoch != c.epoch {
+                    return Err(format!(
+                        "the configuration moved on: it is at epoch {}, the change was made \
+                         against epoch {expected_epoch}",
+                        c.epoch
+                    ));
+                }
+                let Some(m) = c.sites.get_mut(*id as usize) else {
+                    return Err(format!("there is no site {id}"));
+                };
+                if m.state != MemberState::Joining {
+                    return Err(format!(
+                        "site {:?} is {}, not joining",
+                        m.name,
+                        m.state.as_str()
+                    ));
+                }
+                m.state = MemberState::Active;
+                c.epoch += 1;
+                Ok(c.epoch)
+            }
         }
     }
 }
@@ -428,6 +461,28 @@ mod tests {
         }
         assert_eq!(Membership::apply(&mut c, &add(2, "e", 9001)), Ok(3));
         assert_eq!(c.as_ref().unwrap().sites[4].id, 4);
+    }
+
+    #[test]
+    fn activate_marks_a_joining_site_active_once() {
+        let mut c = Some(seed(3));
+        assert_eq!(Membership::apply(&mut c, &add(1, "d", 9000)), Ok(2));
+        let act = |epoch, id| SitesOp::Activate {
+            expected_epoch: epoch,
+            id,
+        };
+        let e = Membership::apply(&mut c, &act(1, 3)).unwrap_err();
+        assert!(e.contains("moved on"), "{e}");
+        let e = Membership::apply(&mut c, &act(2, 0)).unwrap_err();
+        assert!(e.contains("is active, not joining"), "{e}");
+        let e = Membership::apply(&mut c, &act(2, 9)).unwrap_err();
+        assert!(e.contains("no site 9"), "{e}");
+        assert_eq!(Membership::apply(&mut c, &act(2, 3)), Ok(3));
+        let m = c.clone().unwrap();
+        assert_eq!(m.sites[3].state, MemberState::Active);
+        // Once only: a retry against the old epoch changes nothing.
+        assert!(Membership::apply(&mut c, &act(2, 3)).is_err());
+        assert_eq!(c, Some(m));
     }
 
     #[test]

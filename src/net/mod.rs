@@ -7,6 +7,8 @@
 //!   `GET /status`, `POST /reload`).
 //! - [`resp`]: the RESP listener: Redis clients over TLS, each connection a causal session.
 //! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
+//! - `join`: a joining site's snapshot: served by a site on a connection of its own, fetched
+//!   by the joining site before it starts.
 //! - `service`: the client request service.
 //! - `strong`: the strong operations: this node's Raft voter, its RPCs over the peer links,
 //!   forwarding to the leader.
@@ -32,6 +34,7 @@ pub mod credentials;
 pub(crate) mod durability;
 pub mod error;
 pub mod failure;
+pub(crate) mod join;
 pub mod metrics;
 pub mod node;
 pub mod peer;
