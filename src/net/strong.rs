@@ -676,6 +676,11 @@ impl Strong {
         let learners: BTreeSet<NodeId> = mem.membership().learner_ids().collect();
         if !voters.contains(&node) {
             if !learners.contains(&node) {
+                // Not before it is up: a learner that is not there yet would only hold the
+                // driver (and show a phase it has not reached).
+                if self.links.get(node).is_none() {
+                    return Err("the joining site is not connected yet".into());
+                }
                 info!(site = %self.name(node), "joining site: adding it as a Raft learner");
             }
             // Blocking: returns once the learner's log has caught up (also when it is one
@@ -687,6 +692,30 @@ impl Strong {
             .await
             .map_err(|_| "the learner has not caught up yet".to_string())
             .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+            .map_err(step("add_learner"))?;
+            // openraft's blocking add_learner may return before the learner has answered
+            // (an unreachable learner counts as caught up while the leader's log is short):
+            // the learner must have matched the log up to the commit index of now.
+            let target = self.log.committed().map(|l| l.index);
+            let mut rx = self.raft.metrics();
+            tokio::time::timeout(JOIN_STEP, async {
+                loop {
+                    let matched = rx
+                        .borrow_and_update()
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&node).copied().flatten())
+                        .map(|l| l.index);
+                    if matched.is_some() && matched >= target {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await
+            .map_err(|_| "the learner has not caught up with the log yet".to_string())
             .map_err(step("add_learner"))?;
             info!(site = %self.name(node), "joining site: making it a voter (joint consensus)");
             let mut next = voters.clone();
