@@ -27,13 +27,26 @@
 //! # The remaining steps of membership changes (design)
 //!
 //! What exists: the configuration, its bootstrap, `causalkv sites list`, the epoch and member
-//! count in `/status` and the metrics, and `causalkv sites add NAME --addr HOST:PORT`
-//! ([`SitesOp::Add`]: the site is added as [`MemberState::Joining`] with the next id; none of
-//! the data transfer below is built yet). A node adopts a changed configuration when it
-//! restarts; until the live adoption below exists, nodes that count different numbers of
-//! sites interoperate because a vector's entries past a node's count must be zero (the added
-//! site has written nothing). What follows is how the rest fits openraft 0.9 and the
-//! replication protocol.
+//! count in `/status` and the metrics, `causalkv sites add NAME --addr HOST:PORT`
+//! ([`SitesOp::Add`]), and adding a site online for partition index 0 (steps 1 to 4 below,
+//! [`SitesOp::Activate`]; the node's side is `net::join` and the follower of the configuration
+//! in `net::node`). Not built yet: partition nodes `p > 0` following the configuration
+//! (their sites still count the sites they started with until restarted), decommissioning,
+//! and removing a dead site. What follows is how it fits openraft 0.9 and the replication
+//! protocol, with what the build changed against the first design:
+//!
+//! - The snapshot a joining site loads is the source's own snapshot file (taken as the
+//!   snapshotter takes one, one snapshot at a time), streamed raw after a header on one QUIC
+//!   stream, and installed as the joining site's snapshot: no second format, and the transfer
+//!   runs near the bare stream's rate. The copy runs while the source keeps applying, so it
+//!   may hold entries newer than its `applied` vector whose dependencies are not in it: the
+//!   joining site answers clients only once it covers the source's `applied` at the end of the
+//!   copy (the floor, kept in `join.state`).
+//! - Dependency vectors on the update stream carry their length (peer protocol 4): a site that
+//!   starts counting one more site mid-connection sends longer vectors from then on.
+//! - The leader adds the learner only once its link to the joining site is up, and makes it a
+//!   voter only once the learner has matched the log (openraft's blocking `add_learner`
+//!   returned for a learner that had never answered).
 //!
 //! **One Raft group per partition index, one configuration.** Each partition index `p` has its
 //! own group whose voters are the nodes `(i, p)`; only group 0 holds the site configuration.
