@@ -480,6 +480,12 @@ pub struct SiteConfig {
     /// Consensus for the strong operations.
     #[serde(default)]
     pub consensus: ConsensusConfig,
+    /// A site added to a running cluster (`causalkv sites add`) names here the site it
+    /// joins from: at its first start it fetches a snapshot from that site, then catches up
+    /// from every site and is made a Raft voter. Unset for the sites the cluster was
+    /// deployed with. Ignored once the data directory records the join.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_from: Option<String>,
 }
 
 impl SiteConfig {
@@ -684,6 +690,13 @@ impl SiteConfig {
         {
             return bad(format!(
                 "consensus.preferred_leader {p:?} is not a listed site"
+            ));
+        }
+        if let Some(j) = &self.join_from
+            && (!self.sites.iter().any(|s| &s.name == j) || *j == self.me().name)
+        {
+            return bad(format!(
+                "join_from {j:?} must name another listed site (the one to fetch a snapshot from)"
             ));
         }
         let r = &self.replication;

@@ -30,8 +30,11 @@ pub use messages::*;
 /// named. Bump it with every change to the peer wire format.
 ///
 /// Version 1 (no version in the hello) was the first; 2 added the version; 3 packs update
-/// batches (timestamp deltas, varint lengths, dependency vectors as deltas or left out); 4 packs
-/// acks the same way ([`encode_ack`]: each a delta against the previous one on its stream).
+/// batches (timestamp deltas, varint lengths, dependency vectors as deltas or left out); 4
+/// packs acks the same way ([`encode_ack`]: each a delta against the previous one on its
+/// stream), gives each written dependency vector its length (a site added live makes vectors
+/// longer mid-stream) and adds the snapshot request of a joining site
+/// ([`PeerControl::SnapshotRequest`]).
 pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The first bytes of a versioned hello frame, before the version (`u32`, little endian).
@@ -47,7 +50,19 @@ pub fn encode_hello(hello: &PeerHello) -> Vec<u8> {
 /// [`encode_hello`] claiming protocol `version` (tests use it to play a peer of another
 /// version).
 pub fn encode_hello_as(hello: &PeerHello, version: u32) -> Vec<u8> {
-    let archive = encode(&PeerControl::Hello(hello.clone()));
+    encode_versioned(&PeerControl::Hello(hello.clone()), version)
+}
+
+/// Encodes a joining site's [`PeerControl::SnapshotRequest`], versioned like a hello.
+pub fn encode_snapshot_request(hello: &PeerHello) -> Vec<u8> {
+    encode_versioned(
+        &PeerControl::SnapshotRequest(hello.clone()),
+        PROTOCOL_VERSION,
+    )
+}
+
+fn encode_versioned(msg: &PeerControl, version: u32) -> Vec<u8> {
+    let archive = encode(msg);
     let mut out = Vec::with_capacity(8 + archive.len());
     out.extend_from_slice(&HELLO_MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
@@ -67,14 +82,14 @@ pub fn decode_hello(frame: &[u8]) -> Result<PeerControl, WireError> {
         let mut archive = AlignedVec::<16>::with_capacity(frame.len() - 8);
         archive.extend_from_slice(&frame[8..]);
         return match crate::wire::decode::<PeerControl>(&archive)? {
-            hello @ PeerControl::Hello(_) => Ok(hello),
+            hello @ (PeerControl::Hello(_) | PeerControl::SnapshotRequest(_)) => Ok(hello),
             _ => Err(WireError::Semantic(
                 "a versioned hello frame holds another message".into(),
             )),
         };
     }
     match crate::wire::decode::<PeerControl>(frame)? {
-        PeerControl::Hello(_) => Err(version_mismatch(1)),
+        PeerControl::Hello(_) | PeerControl::SnapshotRequest(_) => Err(version_mismatch(1)),
         other => Ok(other),
     }
 }
@@ -119,6 +134,22 @@ mod messages {
             /// Why.
             reason: String,
         },
+        /// The first message of a joining site on a connection of its own: in place of a
+        /// hello (checked the same way: cluster, site, certificate), it asks for a snapshot.
+        /// Sent versioned like a hello ([`encode_snapshot_request`]).
+        SnapshotRequest(PeerHello),
+        /// The answer to a [`PeerControl::SnapshotRequest`]: the snapshot file (`bytes` raw
+        /// bytes) follows the frame on the stream.
+        SnapshotHeader {
+            /// The WAL LSN the snapshot covers (its file name carries it).
+            wal_lsn: u64,
+            /// Size of the snapshot file that follows.
+            bytes: u64,
+            /// The sender's `applied` vector once the copy had ended: the joining site serves
+            /// clients only once it covers this (the copy may hold entries newer than the
+            /// snapshot's own `applied` vector).
+            floor: Vec<u64>,
+        },
     }
 
     /// Item kinds in an [`UpdateBatch`] (the low two bits of an item's tag byte).
@@ -157,8 +188,8 @@ pub struct WireItem<'a> {
 
 /// How an update's dependency vector is written (bits 2-3 of its tag byte).
 mod deps_mode {
-    /// Equal to the previous update's in the batch (all zeros before the first): nothing
-    /// written.
+    /// Equal to the previous update's in the batch (empty before the first): nothing
+    /// written. The other modes write the vector's length first.
     pub const SAME: u8 = 0;
     /// One varint per entry: 0 when the entry equals the previous update's, else the entry's
     /// distance below the update's own timestamp (`ts - dep`, at least 1).
@@ -413,11 +444,12 @@ pub fn encode_wire_batch<'a>(
             marker_bytes += body.len() - start;
             continue;
         }
+        let same = it.deps == prev.as_slice();
         if prev.len() != it.deps.len() {
             prev = vec![0; it.deps.len()];
         }
         let changed = it.deps.iter().zip(&prev).filter(|(d, p)| d != p);
-        let mode = if it.deps == prev.as_slice() {
+        let mode = if same {
             deps_mode::SAME
         } else if changed.clone().all(|(d, _)| *d < it.ts) {
             deps_mode::DELTA
@@ -434,6 +466,9 @@ pub fn encode_wire_batch<'a>(
             body.extend_from_slice(it.value);
         }
         let before = body.len();
+        if mode != deps_mode::SAME {
+            put_varint(&mut body, it.deps.len() as u64);
+        }
         match mode {
             deps_mode::DELTA => {
                 for (d, p) in it.deps.iter().zip(&prev) {
@@ -459,7 +494,9 @@ pub fn encode_wire_batch<'a>(
     }
 }
 
-/// Validates an [`UpdateBatch`] frame and turns it into replica items. Keys and values are
+/// Validates an [`UpdateBatch`] frame and turns it into replica items.
+/// Dependency vectors carry their length (the sites the sender counted when it wrote the
+/// update: a site added meanwhile makes later ones longer), at most `sites`. Keys and values are
 /// slices of `frame`: they reach the store without being copied or re-encoded.
 ///
 /// Checks, beyond structure: the origin is `expected_origin`; the body holds exactly `count`
@@ -497,7 +534,7 @@ pub fn decode_batch(
     }
     let mut out = Vec::with_capacity(count);
     let (mut at, mut last) = (0usize, 0u64);
-    let mut prev = vec![0u64; sites];
+    let mut prev: Vec<u64> = Vec::new();
     let take = |at: &mut usize, len: u64, what: &str| -> Result<Bytes, WireError> {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         let end = at
@@ -537,6 +574,17 @@ pub fn decode_batch(
                     check_sizes(key.len(), 0, limits)?;
                     None
                 };
+                if mode == deps_mode::DELTA || mode == deps_mode::FULL {
+                    let len = get_varint(body, &mut at)?;
+                    if len > sites as u64 {
+                        return Err(WireError::Semantic(format!(
+                            "dependency vector of {len} entries; at most {sites} sites"
+                        )));
+                    }
+                    if prev.len() as u64 != len {
+                        prev = vec![0; len as usize];
+                    }
+                }
                 match mode {
                     deps_mode::SAME => {}
                     deps_mode::DELTA => {
@@ -734,8 +782,8 @@ mod tests {
         let frame = aligned(&frame);
         assert!(decode_batch(&frame, 2, 3, &limits).is_err(), "wrong origin");
         assert!(
-            decode_batch(&frame, 1, 4, &limits).is_err(),
-            "wrong vector length"
+            decode_batch(&frame, 1, 2, &limits).is_err(),
+            "vector longer than the sites"
         );
         let big = aligned(&encode_batch(1, &[update(5, "a", Some("toolong"))]));
         assert!(

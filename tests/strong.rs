@@ -831,7 +831,8 @@ async fn a_restarted_site_loads_the_replicated_configuration_not_its_file() {
         assert_eq!(listed["source"], "replicated", "{listed}");
         assert_eq!(listed["epoch"], 2, "{listed}");
         assert_eq!(listed["sites"][3]["addr"], d_addr.to_string(), "{listed}");
-        assert_eq!(listed["sites"][3]["state"], "joining", "{listed}");
+        // Joining, in its first phase: it has not fetched its snapshot (it is not running).
+        assert_eq!(listed["sites"][3]["state"], "joining: snapshot", "{listed}");
         assert!(
             p.log(2)
                 .contains("differ from the replicated cluster configuration"),
@@ -930,7 +931,7 @@ async fn sites_add_raises_the_epoch_and_a_site_counting_the_new_one_still_serves
             let d = &m.sites[3];
             assert_eq!(
                 (d.site, d.name.as_str(), d.addr.clone(), d.state.as_str()),
-                (3, "d", d_addr.to_string(), "joining"),
+                (3, "d", d_addr.to_string(), "joining: snapshot"),
                 "site {i}"
             );
         }
@@ -950,8 +951,9 @@ async fn sites_add_raises_the_epoch_and_a_site_counting_the_new_one_still_serves
             .unwrap_err();
         assert!(e.to_string().contains("moved on"), "{e}");
         assert_eq!(c.node(0).status().membership.unwrap().epoch, 2);
-        // c restarts and takes the replicated configuration: it counts four sites, a and b
-        // (not restarted) three. They still replicate both ways, and the old token works.
+        // c restarts and takes the replicated configuration: it counts four sites, as a and b
+        // do since they applied the change. They still replicate both ways, and the old token
+        // works.
         c.stop(2).await;
         c.restart(2).await;
         assert_eq!(c.node(2).status().applied.len(), 4);
@@ -978,16 +980,17 @@ async fn sites_add_raises_the_epoch_and_a_site_counting_the_new_one_still_serves
             Some(&b"2"[..])
         );
         at_a.put("from-a", "3").await.expect("put at a");
-        // A context that saw something from a site a does not count cannot be served there:
+        // A context that saw something from a site a does not count (a fifth) cannot be served
+        // there:
         // refused with the entry named, and a keeps serving.
         let beyond = c.client(0).await;
         beyond
             .set_session_token(&causalkv::client::encode_session_token(
-                &causalkv::clock::VClock::from_vec(vec![0, 0, 0, 5]),
+                &causalkv::clock::VClock::from_vec(vec![0, 0, 0, 0, 5]),
             ))
             .expect("token");
         let e = beyond.get("from-c").await.unwrap_err().to_string();
-        assert!(e.contains("entry 3 is not zero"), "{e}");
+        assert!(e.contains("entry 4 is not zero"), "{e}");
         at_c.set_session_token(&at_a.session_token())
             .expect("a's token at c");
         assert_eq!(

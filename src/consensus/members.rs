@@ -27,17 +27,29 @@
 //! # The remaining steps of membership changes (design)
 //!
 //! What exists: the configuration, its bootstrap, `causalkv sites list`, the epoch and member
-//! count in `/status` and the metrics, both removals below (`sites remove NAME [--dead]`,
-//! [`SitesOp::Leave`], [`SitesOp::Remove`], [`SitesOp::RemoveDead`]; the node's side is
-//! `net::membership`, which says where it departs from this sketch: the cut is gathered by the
-//! node that takes the request, not by the leader, and the relay pulls), and
-//! `causalkv sites add NAME --addr HOST:PORT`
-//! ([`SitesOp::Add`]: the site is added as [`MemberState::Joining`] with the next id; none of
-//! the data transfer below is built yet). A node adopts a changed configuration when it
-//! restarts; until the live adoption below exists, nodes that count different numbers of
-//! sites interoperate because a vector's entries past a node's count must be zero (the added
-//! site has written nothing). What follows is how the rest fits openraft 0.9 and the
-//! replication protocol.
+//! count in `/status` and the metrics; adding a site online for partition index 0
+//! (`causalkv sites add NAME --addr HOST:PORT`, [`SitesOp::Add`], steps 1 to 4 below,
+//! [`SitesOp::Activate`]; the node's side is `net::join` and the follower of the configuration
+//! in `net::node`); and both removals below (`sites remove NAME [--dead]`, [`SitesOp::Leave`],
+//! [`SitesOp::Remove`], [`SitesOp::RemoveDead`]; the node's side is `net::membership`). Not
+//! built yet: partition nodes `p > 0` following the configuration (sites of several
+//! partitions can neither join nor be removed). What follows is how it fits openraft 0.9 and
+//! the replication protocol, with what the build changed against the first design:
+//!
+//! - The snapshot a joining site loads is the source's own snapshot file (taken as the
+//!   snapshotter takes one, one snapshot at a time), streamed raw after a header on one QUIC
+//!   stream, and installed as the joining site's snapshot: no second format. The copy runs
+//!   while the source keeps applying, so it may hold entries newer than its `applied` vector
+//!   whose dependencies are not in it: the joining site answers clients only once it covers
+//!   the source's `applied` at the end of the copy (the floor, kept in `join.state`).
+//! - Dependency vectors on the update stream carry their length (peer protocol 4): a site that
+//!   starts counting one more site mid-connection sends longer vectors from then on.
+//! - The leader adds the learner only once its link to the joining site is up, and makes it a
+//!   voter only once the learner has matched the log (openraft's blocking `add_learner`
+//!   returned for a learner that had never answered).
+//! - A dead site's cut is gathered by the node that takes the request, not by the leader (any
+//!   site can ask every survivor over its links), and the relay pulls: a survivor below the
+//!   cut asks the others until it reaches it.
 //!
 //! **One Raft group per partition index, one configuration.** Each partition index `p` has its
 //! own group whose voters are the nodes `(i, p)`; only group 0 holds the site configuration.
@@ -233,6 +245,14 @@ pub enum SitesOp {
         name: String,
         /// The most of its stream any survivor holds.
         cut: u64,
+    },
+    /// Mark joining site `id` [`MemberState::Active`] (group 0's leader proposes it once the
+    /// site is a Raft voter), iff the configuration is at `expected_epoch`.
+    Activate {
+        /// The epoch the change was made against.
+        expected_epoch: u64,
+        /// The joining site.
+        id: SiteId,
     },
 }
 
@@ -465,6 +485,31 @@ impl Membership {
                 c.epoch += 1;
                 Ok(c.epoch)
             }
+            (SitesOp::Activate { .. }, None) => {
+                Err("the cluster configuration is not bootstrapped yet".into())
+            }
+            (SitesOp::Activate { expected_epoch, id }, Some(c)) => {
+                if *expected_epoch != c.epoch {
+                    return Err(format!(
+                        "the configuration moved on: it is at epoch {}, the change was made \
+                         against epoch {expected_epoch}",
+                        c.epoch
+                    ));
+                }
+                let Some(m) = c.sites.get_mut(*id as usize) else {
+                    return Err(format!("there is no site {id}"));
+                };
+                if m.state != MemberState::Joining {
+                    return Err(format!(
+                        "site {:?} is {}, not joining",
+                        m.name,
+                        m.state.as_str()
+                    ));
+                }
+                m.state = MemberState::Active;
+                c.epoch += 1;
+                Ok(c.epoch)
+            }
         }
     }
 
@@ -585,6 +630,28 @@ mod tests {
         }
         assert_eq!(Membership::apply(&mut c, &add(2, "e", 9001)), Ok(3));
         assert_eq!(c.as_ref().unwrap().sites[4].id, 4);
+    }
+
+    #[test]
+    fn activate_marks_a_joining_site_active_once() {
+        let mut c = Some(seed(3));
+        assert_eq!(Membership::apply(&mut c, &add(1, "d", 9000)), Ok(2));
+        let act = |epoch, id| SitesOp::Activate {
+            expected_epoch: epoch,
+            id,
+        };
+        let e = Membership::apply(&mut c, &act(1, 3)).unwrap_err();
+        assert!(e.contains("moved on"), "{e}");
+        let e = Membership::apply(&mut c, &act(2, 0)).unwrap_err();
+        assert!(e.contains("is active, not joining"), "{e}");
+        let e = Membership::apply(&mut c, &act(2, 9)).unwrap_err();
+        assert!(e.contains("no site 9"), "{e}");
+        assert_eq!(Membership::apply(&mut c, &act(2, 3)), Ok(3));
+        let m = c.clone().unwrap();
+        assert_eq!(m.sites[3].state, MemberState::Active);
+        // Once only: a retry against the old epoch changes nothing.
+        assert!(Membership::apply(&mut c, &act(2, 3)).is_err());
+        assert_eq!(c, Some(m));
     }
 
     #[test]

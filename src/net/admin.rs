@@ -578,6 +578,21 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         }
     }
     e.single(
+        "causalkv_membership_joining",
+        "gauge",
+        "Sites in the cluster configuration still joining (added, not yet active).",
+        ms.sites
+            .iter()
+            .filter(|s| s.state.starts_with("joining"))
+            .count(),
+    );
+    e.single(
+        "causalkv_join_snapshots_served_total",
+        "counter",
+        "Snapshots this node sent to joining sites.",
+        get(&m.snapshots_served),
+    );
+    e.single(
         "causalkv_hellos_rejected_total",
         "counter",
         "Peer hellos refused (wrong cluster, wrong site, certificate mismatch).",

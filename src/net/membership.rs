@@ -117,7 +117,7 @@ pub(crate) fn answer(shared: &Shared, rpc: &Rpc) -> Option<RpcReply> {
 /// removed or leaving (see the module docs).
 pub(crate) fn follow(shared: &Arc<Shared>, m: &Membership) {
     let me = shared.site();
-    let n = shared.cfg.n();
+    let n = shared.n();
     for s in m.sites.iter().filter(|s| (s.id as usize) < n) {
         let how = match s.state {
             MemberState::Removed => Some(Removal::Drained),
@@ -189,7 +189,7 @@ pub(crate) fn state_text(shared: &Shared, id: SiteId, state: MemberState) -> Str
             format!("leaving: draining ({unacked} updates not acked by every peer)")
         }
         MemberState::Leaving => "leaving: draining".into(),
-        MemberState::RemovedDead { cut } if (id as usize) < shared.cfg.n() => {
+        MemberState::RemovedDead { cut } if (id as usize) < shared.n() => {
             let have = shared.read(|r| r.applied().get(id));
             if have < cut {
                 format!("removed-dead: relaying up to the cut {cut} (here {have})")
@@ -362,7 +362,7 @@ pub(crate) async fn remove(
 /// node has applied its stream up to `cut`.
 async fn relay(shared: Arc<Shared>, origin: SiteId, cut: u64) {
     let name = shared.site_name(origin).to_owned();
-    let n = shared.cfg.n();
+    let n = shared.n();
     let timeout = Duration::from_millis(shared.cfg.timeouts.request_ms);
     let mut shutdown = shared.shutdown.clone();
     let mut backoff = Duration::from_millis(50);

@@ -225,6 +225,8 @@ pub struct Metrics {
     pub hellos_rejected: AtomicU64,
     /// Connections whose TLS handshake failed.
     pub tls_failures: AtomicU64,
+    /// Snapshots sent to joining sites.
+    pub snapshots_served: AtomicU64,
     /// Certificate reloads that took effect.
     pub tls_reloads: AtomicU64,
     /// Certificate reloads rejected (the previous certificates stayed in force).

@@ -7,6 +7,8 @@
 //!   `GET /status`, `POST /reload`).
 //! - [`resp`]: the RESP listener: Redis clients over TLS, each connection a causal session.
 //! - [`peer`]: links between sites (hello, update streams, acks and heartbeats).
+//! - `join`: a joining site's snapshot: served by a site on a connection of its own, fetched
+//!   by the joining site before it starts.
 //! - `service`: the client request service.
 //! - `membership`: removing sites from a running cluster (decommission, dead-site removal with
 //!   its cut and relay, the `Lost` refusal).
@@ -34,6 +36,7 @@ pub mod credentials;
 pub(crate) mod durability;
 pub mod error;
 pub mod failure;
+pub(crate) mod join;
 pub(crate) mod membership;
 pub mod metrics;
 pub mod node;

@@ -44,6 +44,7 @@ use super::recovery::recover;
 use super::shared::{Shared, now_micros};
 use super::tasks::{durability_pump, snapshotter, take_snapshot, ticker};
 use crate::config::SiteConfig;
+use crate::consensus::members::MAX_SITES;
 use crate::replica::ReplicaConfig;
 use crate::storage::Store;
 use crate::storage::wal::StorageError;
@@ -151,6 +152,13 @@ impl Node {
         let (runtime, released) = super::socket::tracked_runtime();
         let endpoint = Endpoint::new(transport.endpoint_config()?, Some(server), socket, runtime)
             .map_err(|source| NodeError::Bind { addr, source })?;
+        // A site joining a running cluster fetches its first state from another site before
+        // it recovers from it (see `super::join`).
+        if let Err(e) = super::join::fetch(&cfg, &endpoint, &loaded).await {
+            endpoint.close(VarInt::from_u32(close_code::SHUTDOWN), b"join failed");
+            return Err(e);
+        }
+        let floor = super::join::recorded_floor(&cfg.data_dir)?;
         let mut rc =
             ReplicaConfig::new(cfg.site_id, cfg.n()).with_partition(cfg.partition, cfg.partitions);
         rc.marker_interval = cfg.replication.marker_interval_ms * 1000;
@@ -159,12 +167,15 @@ impl Node {
         rc.close_contexts = opts.close_contexts;
         // Recovery reads the snapshot and scans the whole log: blocking work, kept off the
         // runtime's threads (on a `current_thread` runtime it would stall every other task).
-        let (cfg, (replica, wal)) = tokio::task::spawn_blocking(move || {
+        let (cfg, (mut replica, wal)) = tokio::task::spawn_blocking(move || {
             let recovered = recover(&cfg, rc);
             recovered.map(|r| (cfg, r))
         })
         .await
         .map_err(|e| NodeError::Recovery(e.to_string()))??;
+        if let Some(floor) = floor {
+            replica.set_floor(floor);
+        }
         let synced = wal.synced();
         let wal_stats = wal.stats();
         let durable_waiters = DurableWaiters::new(wal.synced_lsn());
@@ -174,13 +185,14 @@ impl Node {
         let shared = Arc::new(Shared {
             replica: Mutex::new(replica),
             changed: watch::channel(0).0,
-            peer_wake: (0..n).map(|_| Notify::new()).collect(),
-            peer_redial: (0..n).map(|_| Notify::new()).collect(),
+            // Room for every site the cluster may add while this node runs.
+            peer_wake: (0..MAX_SITES).map(|_| Notify::new()).collect(),
+            peer_redial: (0..MAX_SITES).map(|_| Notify::new()).collect(),
             sibling_redial: (0..cfg.partitions).map(|_| Notify::new()).collect(),
             sibling_waiting: (0..cfg.partitions).map(|_| Default::default()).collect(),
             sibling_kick: Notify::new(),
             waiting_requests: AtomicUsize::new(0),
-            peers: (0..n)
+            peers: (0..MAX_SITES)
                 .map(|_| {
                     let f = &cfg.failure;
                     Mutex::new(PeerState {
@@ -211,6 +223,8 @@ impl Node {
             durable_waiters,
             strong,
             changes: super::shared::Changes::new(opts.relay),
+            sites: RwLock::new(Arc::new(cfg.sites.clone())),
+            snapshotting: tokio::sync::Mutex::new(()),
             cfg,
         });
         {
@@ -239,7 +253,7 @@ impl Node {
                     .watch(shared.shutdown.clone())
                     .instrument(span.clone()),
             ),
-            tokio::spawn(follow_sites(shared.clone()).instrument(span.clone())),
+            tokio::spawn(follow_sites(shared.clone(), endpoint.clone()).instrument(span.clone())),
         ];
         for p in shared.cfg.peers() {
             tasks.push(tokio::spawn(
@@ -481,14 +495,16 @@ impl Node {
 }
 
 /// Follows the replicated cluster configuration as this node's group applies it: takes the
-/// site names live and logs each change. This is the one place where a node reacts to a
-/// committed change of the site set while it runs.
-async fn follow_sites(shared: Arc<Shared>) {
+/// site names live, counts every added site at once (site table, replica vectors, retention)
+/// and starts the link to it, and logs each change. This is the one place where a node reacts
+/// to a committed change of the site set while it runs.
+async fn follow_sites(shared: Arc<Shared>, endpoint: Endpoint) {
     let mut sites = shared.strong.watch_sites();
     let mut shutdown = shared.shutdown.clone();
     loop {
         let now = sites.borrow_and_update().clone();
         if let Some(m) = now {
+            adopt_added(&shared, &endpoint, &m);
             shared
                 .strong
                 .set_names(m.sites.iter().map(|s| s.name.clone()).collect());
@@ -503,6 +519,38 @@ async fn follow_sites(shared: Arc<Shared>) {
         tokio::select! {
             r = sites.changed() => if r.is_err() { return },
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Counts the sites of `m` this node does not count yet (added since it started) and dials
+/// each. A site this node's file lists under the same id and name is reached at the file's
+/// address (as at a restart, see [`adopt_sites`]), any other at its replicated address.
+fn adopt_added(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    m: &crate::consensus::members::Membership,
+) {
+    let mut entries = m.site_entries();
+    for e in &mut entries {
+        if let Some(f) = shared
+            .cfg
+            .sites
+            .iter()
+            .find(|f| f.id == e.id && f.name == e.name)
+        {
+            e.addr = f.addr;
+            e.partition_addrs = f.partition_addrs.clone();
+        }
+    }
+    for added in shared.add_sites(&entries) {
+        info!(epoch = m.epoch, site = %added.name, id = added.id, addr = %added.addr,
+            "site added to the cluster: counting it and linking to it");
+        if added.id != shared.site() {
+            tokio::spawn(
+                super::peer::run_outbound(shared.clone(), endpoint.clone(), added.id)
+                    .in_current_span(),
+            );
         }
     }
 }

@@ -88,6 +88,9 @@ enum Remote {
     Peer(SiteId),
     /// Another partition node of this node's own site.
     Sibling(u32),
+    /// The node of this node's partition at a joining site, asking for a snapshot
+    /// ([`PeerControl::SnapshotRequest`]).
+    Joiner(SiteId),
 }
 
 /// Payload bytes (keys and values) up to which a batch is serialised under the replica lock.
@@ -115,7 +118,7 @@ type Dialled = (Connection, (VClock, ControlStream));
 
 /// Keeps an outbound link to `peer` up, reconnecting with exponential backoff.
 pub(crate) async fn run_outbound(shared: Arc<Shared>, endpoint: Endpoint, peer: SiteId) {
-    let name = shared.site_name(peer).to_owned();
+    let name = shared.site_name(peer);
     // The connection that replaced a silent link, for the next attempt to run on.
     let replacement = Mutex::new(None);
     keep_up(
@@ -212,7 +215,7 @@ async fn outbound_once(
     peer: SiteId,
     replacement: &Mutex<Option<Dialled>>,
 ) -> Result<(), LinkError> {
-    let entry = shared.cfg.sites[peer as usize].clone();
+    let name = shared.site_name(peer);
     if shared.read(|r| r.removed(peer)).is_some() {
         return Err(LinkError::Removed);
     }
@@ -228,7 +231,7 @@ async fn outbound_once(
         st.connected(Instant::now());
         st.reason = "connected".into();
     }
-    info!(peer = %entry.name, "link to peer up");
+    info!(peer = %name, "link to peer up");
     // Raft RPCs to the peer ride this connection, each on a stream of its own.
     shared.strong.set_link(peer as u64, Some(&conn));
     let heard = Arc::new(AtomicU64::new(now_micros()));
@@ -267,8 +270,10 @@ async fn dial_racing(
     // never sees a stray close, and cancelled at shutdown). Only dial-ins that arrive while we
     // wait count (notify_waiters), so a stale one can never cancel a fresh dial.
     let (redial, name) = match remote {
-        Remote::Peer(peer) => (&shared.peer_redial[peer as usize], shared.site_name(peer)),
-        Remote::Sibling(p) => (&shared.sibling_redial[p as usize], "sibling"),
+        Remote::Peer(peer) | Remote::Joiner(peer) => {
+            (&shared.peer_redial[peer as usize], shared.site_name(peer))
+        }
+        Remote::Sibling(p) => (&shared.sibling_redial[p as usize], "sibling".to_owned()),
     };
     let mut dials = tokio::task::JoinSet::new();
     let mut answered: Vec<Arc<AtomicBool>> = Vec::new();
@@ -402,10 +407,10 @@ async fn dial(
     answered: Option<&AtomicBool>,
 ) -> Result<Dialled, LinkError> {
     let (site, addr) = match remote {
-        Remote::Peer(peer) => (peer, shared.cfg.peer_addr(peer)),
+        Remote::Peer(peer) | Remote::Joiner(peer) => (peer, shared.peer_addr(peer)),
         Remote::Sibling(p) => (shared.site(), shared.cfg.me().partition_addr(p)),
     };
-    let name = shared.site_name(site).to_owned();
+    let name = shared.site_name(site);
     // The credentials in force now: a reload applies to the next dial.
     let client = tls::client_config(&shared.tls().identity, &shared.transport, tls::ALPN_PEER)?;
     let mut connecting = endpoint.connect_with(client, addr, &tls::site_server_name(&name))?;
@@ -502,11 +507,10 @@ async fn receive_contributions(
     partition: u32,
     mut recv: RecvStream,
 ) {
-    let n = shared.cfg.n();
     let mut prev = None;
     let mut write = 0;
     loop {
-        match read_vector(&mut recv, n, "contribution vector", &mut prev).await {
+        match read_vector(&mut recv, || shared.n(), "contribution vector", &mut prev).await {
             Ok(Some((v, ack))) => {
                 write = ack.write.unwrap_or(write);
                 let was =
@@ -536,7 +540,7 @@ async fn receive_contributions(
 /// ends or fails; an error for a malformed frame.
 async fn read_vector(
     recv: &mut RecvStream,
-    n: usize,
+    n: impl Fn() -> usize,
     what: &str,
     prev: &mut Option<Vec<u64>>,
 ) -> Result<Option<(VClock, peer_wire::Ack)>, WireError> {
@@ -546,7 +550,7 @@ async fn read_vector(
         Err(e) => return Err(e),
     };
     let mut ack = peer_wire::decode_ack(prev.as_deref(), &frame)?;
-    let clock = wire::check_vector(&ack.v, n, what)?;
+    let clock = wire::check_vector(&ack.v, n(), what)?;
     *prev = Some(std::mem::take(&mut ack.v));
     Ok(Some((clock, ack)))
 }
@@ -691,12 +695,18 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
             return;
         }
     };
-    let (remote, their, width) = claimed;
+    let (remote, their, _width) = claimed;
+    if let Remote::Joiner(site) = remote {
+        // Answered with the snapshot, not a hello.
+        super::join::serve_snapshot(shared, conn, send, site).await;
+        return;
+    }
     if send_hello(&shared, &mut send).await.is_err() {
         return;
     }
     let peer = match remote {
         Remote::Peer(peer) => peer,
+        Remote::Joiner(_) => unreachable!("answered above"),
         Remote::Sibling(partition) => {
             debug!(partition, "inbound sibling link up");
             // It is up: if our link to it hangs in a dial sent before it listened, dial now.
@@ -727,7 +737,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         heard,
         true,
     ));
-    let result = receive_updates(&shared, &conn, peer, width).await;
+    let result = receive_updates(&shared, &conn, peer).await;
     control.abort();
     rpcs.abort();
     if let Err(e) = result {
@@ -744,16 +754,15 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
     }
 }
 
-/// Receives `peer`'s update stream, whose dependency vectors have `width` entries (the sites
-/// the peer counts, at most this node's): shorter ones are padded with zeros.
+/// Receives `peer`'s update stream. Each dependency vector is as long as the sites the peer
+/// counted when the update was written: shorter ones are padded with zeros, longer ones must
+/// be zero past the sites this node counts.
 async fn receive_updates(
     shared: &Arc<Shared>,
     conn: &Connection,
     peer: SiteId,
-    width: usize,
 ) -> Result<(), LinkError> {
     let mut stream = conn.accept_uni().await?;
-    let n = shared.cfg.n();
     let limits = shared.cfg.limits;
     let max_buffered = shared.cfg.replication.max_buffered;
     let mut changed = shared.changed.subscribe();
@@ -766,11 +775,13 @@ async fn receive_updates(
             .bytes_in
             .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
         Metrics::bump(&shared.metrics.batches_in);
-        let mut items = peer_wire::decode_batch(&frame, peer, width, &limits)?;
-        if width != n {
-            for it in &mut items {
-                it.fit_deps(n).map_err(WireError::Semantic)?;
-            }
+        let mut items =
+            peer_wire::decode_batch(&frame, peer, crate::consensus::members::MAX_SITES, &limits)?;
+        // Vectors are as long as the sites the sender counted when it wrote each update
+        // (shorter before a site was added): fitted to the sites this node counts now.
+        let n = shared.n();
+        for it in &mut items {
+            it.fit_deps(n).map_err(WireError::Semantic)?;
         }
         shared.mutate_deferred(|r| r.receive(peer, items));
         // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
@@ -787,7 +798,7 @@ async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkEr
     let hello = PeerHello {
         cluster: shared.cfg.cluster_id.clone(),
         site: shared.site(),
-        sites: shared.cfg.n() as u16,
+        sites: shared.n() as u16,
         partition: shared.cfg.partition as u16,
         partitions: shared.cfg.partitions as u16,
         applied: shared.read(|r| r.durable().as_slice().to_vec()),
@@ -813,13 +824,13 @@ async fn read_hello_from(
     .map_err(|_| "no hello within the request timeout".to_string())?
     .map_err(|e| e.to_string())?;
     let site = match remote {
-        Remote::Peer(site) => site,
+        Remote::Peer(site) | Remote::Joiner(site) => site,
         Remote::Sibling(_) => shared.site(),
     };
     let expected = shared.site_name(site);
     let ident = tls::peer_identity(conn);
     let cert_site = ident.as_ref().and_then(|i| i.site_name());
-    if cert_site != Some(expected) {
+    if cert_site != Some(expected.as_str()) {
         return Err(format!(
             "certificate names site {:?} but the hello claims site {site} ({expected})",
             cert_site.unwrap_or("<none>")
@@ -844,22 +855,43 @@ async fn read_hello_raw(
     let frame = read_frame(recv, 64 * 1024)
         .await?
         .ok_or_else(|| LinkError::Hello("stream closed before the hello".into()))?;
-    match peer_wire::decode_hello(&frame)? {
-        PeerControl::Hello(h) => {
+    let (h, joiner) = match peer_wire::decode_hello(&frame)? {
+        PeerControl::Hello(h) => (h, false),
+        PeerControl::SnapshotRequest(h) => (h, true),
+        PeerControl::Reject { reason } => {
+            return Err(LinkError::Hello(format!("peer refused us: {reason}")));
+        }
+        _ => return Err(LinkError::Hello("expected a hello".into())),
+    };
+    {
+        {
             if h.cluster != shared.cfg.cluster_id {
                 return Err(LinkError::Hello(format!(
                     "peer is in cluster {:?}, this site in {:?}",
                     h.cluster, shared.cfg.cluster_id
                 )));
             }
-            let n = shared.cfg.n();
-            if h.site as usize >= n
-                || h.site >= h.sites
-                || h.sites as usize > crate::consensus::members::MAX_SITES
+            let n = shared.n();
+            if h.site >= h.sites || h.sites as usize > crate::consensus::members::MAX_SITES {
+                return Err(LinkError::Hello(format!(
+                    "peer claims site {} of {} sites",
+                    h.site, h.sites
+                )));
+            }
+            if h.site as usize >= n {
+                return Err(LinkError::Hello(format!(
+                    "site {} is not in this node's cluster configuration ({n} sites): a site \
+                     joins once `causalkv sites add` has added it",
+                    h.site
+                )));
+            }
+            if let Some(m) = shared.strong.membership()
+                && let Some(s) = m.sites.get(h.site as usize)
+                && s.state == crate::consensus::members::MemberState::Removed
             {
                 return Err(LinkError::Hello(format!(
-                    "peer claims site {} of {} sites; this cluster has {n}",
-                    h.site, h.sites
+                    "site {} ({}) was removed from the cluster (epoch {}); its id is never reused",
+                    h.site, s.name, m.epoch
                 )));
             }
             let (parts, me) = (shared.cfg.partitions, shared.cfg.partition);
@@ -882,6 +914,8 @@ async fn read_hello_raw(
                 return Err(LinkError::Hello(format!(
                     "peer at site {site} is partition {partition}; this node replicates partition {me}"
                 )));
+            } else if joiner {
+                Remote::Joiner(site)
             } else {
                 if shared.read(|r| r.removed(site)).is_some() {
                     return Err(LinkError::Hello(format!(
@@ -901,9 +935,6 @@ async fn read_hello_raw(
             }
             let applied = wire::check_vector(&h.applied, n, "hello applied vector")?;
             Ok((remote, applied, h.sites as usize))
-        }
-        PeerControl::Reject { reason } => {
-            Err(LinkError::Hello(format!("peer refused us: {reason}")))
         }
     }
 }
@@ -927,10 +958,9 @@ async fn run_control(
         let shared = shared.clone();
         let conn = conn.clone();
         async move {
-            let n = shared.cfg.n();
             let mut prev = None;
             loop {
-                match read_vector(&mut recv, n, "ack vector", &mut prev).await {
+                match read_vector(&mut recv, || shared.n(), "ack vector", &mut prev).await {
                     Ok(None) => return,
                     Ok(Some((v, _))) => {
                         // Every ack is a heartbeat: it feeds the peer's failure detector.
@@ -943,7 +973,7 @@ async fn run_control(
                             .heard(now);
                     }
                     Err(e) => {
-                        malformed(&shared, &conn, shared.site_name(peer), &e.to_string());
+                        malformed(&shared, &conn, &shared.site_name(peer), &e.to_string());
                         return;
                     }
                 }

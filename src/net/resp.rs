@@ -219,7 +219,7 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
         remote,
         name: None,
         proto: Protocol::Resp2,
-        ctx: VClock::zero(shared.cfg.n()),
+        ctx: VClock::zero(shared.n()),
         last_write: 0,
         client: crate::client::random_id(),
         serial: 0,
@@ -525,7 +525,7 @@ async fn run(
         Command::Reset => {
             s.proto = Protocol::Resp2;
             s.name = None;
-            s.ctx = VClock::zero(shared.cfg.n());
+            s.ctx = VClock::zero(shared.n());
             s.last_write = 0;
             Frame::Simple("RESET".into()).into()
         }
@@ -538,7 +538,7 @@ async fn run(
             let t = String::from_utf8_lossy(&t);
             match decode_session_token(&t) {
                 Some(ctx) => {
-                    match crate::wire::check_vector(ctx.as_slice(), shared.cfg.n(), "the token") {
+                    match crate::wire::check_vector(ctx.as_slice(), shared.n(), "the token") {
                         Ok(ctx) => {
                             s.ctx.merge(&ctx);
                             Frame::ok().into()
@@ -606,7 +606,7 @@ async fn strong(
             _ => message,
         }),
         ResponseBody::StrongValue { ref ctx, .. } | ResponseBody::CasResult { ref ctx, .. } => {
-            let n = shared.cfg.n();
+            let n = shared.n();
             if ctx.len() <= n {
                 s.ctx.merge(&VClock::from_vec(ctx.clone()).resized(n));
             }
@@ -814,7 +814,7 @@ fn info(l: &Listener, sections: &[String]) -> String {
         let up = status.peers.iter().filter(|p| p.state == "up").count();
         out += &format!(
             "# Replication\r\nrole:master\r\nconnected_slaves:{up}\r\nsites:{}\r\n",
-            shared.cfg.n()
+            shared.n()
         );
         for (i, p) in status.peers.iter().enumerate() {
             let clean = |t: &str| t.replace([',', ':', '\r', '\n'], " ");

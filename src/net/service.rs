@@ -176,7 +176,7 @@ async fn execute(
     if shared.is_shutting_down() {
         return error(error_code::SHUTTING_DOWN, "site is shutting down");
     }
-    let n = shared.cfg.n();
+    let n = shared.n();
     let ctx: Vec<u64> = req.ctx.iter().map(|x| x.to_native()).collect();
     // A new session's context may be shorter than the cluster (entries it never saw are 0),
     // or longer with zeros for sites added that this site does not count yet.

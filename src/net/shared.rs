@@ -12,7 +12,8 @@ use super::durability::{DurableWaiters, WalState, append_ready};
 use super::metrics::Metrics;
 use super::peer_state::PeerState;
 use crate::clock::{SiteId, Timestamp};
-use crate::config::SiteConfig;
+use crate::config::{SiteConfig, SiteEntry};
+use crate::consensus::members::MAX_SITES;
 use crate::replica::Replica;
 use crate::storage::MemStore;
 use crate::storage::wal::{self, StorageError};
@@ -20,7 +21,13 @@ use crate::tls::TransportLimits;
 
 /// State shared by a node's tasks.
 pub(crate) struct Shared {
+    /// The configuration this node started with. Its `sites` are the sites at the start; the
+    /// live table is [`Shared::sites`], which grows as sites are added.
     pub cfg: SiteConfig,
+    /// The sites this node counts now, in id order: the start's, then every site the
+    /// replicated cluster configuration added since ([`Shared::add_sites`]). Per-peer tables
+    /// below have room for [`MAX_SITES`], so a site added live needs no reallocation.
+    pub sites: RwLock<Arc<Vec<SiteEntry>>>,
     /// The replica. A std mutex: it is never held across an await, and critical sections are
     /// short (one request or one batch).
     pub replica: Mutex<Replica<MemStore>>,
@@ -70,6 +77,9 @@ pub(crate) struct Shared {
     pub wal_stats: Arc<wal::WalStats>,
     /// Requests waiting for durability, completed by the durability pump.
     pub durable_waiters: DurableWaiters,
+    /// Held while a snapshot is taken (the snapshotter, [`crate::Node::snapshot`], a joining
+    /// site's request): one at a time.
+    pub snapshotting: tokio::sync::Mutex<()>,
     /// This node's voter in its partition's Raft group (strong operations).
     pub strong: Arc<super::strong::Strong>,
     /// The removals of sites this node takes part in (see `super::membership`).
@@ -138,7 +148,7 @@ impl Shared {
     }
 
     pub fn wake_peers(&self) {
-        for w in &self.peer_wake {
+        for w in self.peer_wake.iter().take(self.n()) {
             w.notify_one();
         }
     }
@@ -152,8 +162,53 @@ impl Shared {
         self.draining.load(Ordering::SeqCst) || *self.shutdown.borrow()
     }
 
-    pub fn site_name(&self, id: SiteId) -> &str {
-        &self.cfg.sites[id as usize].name
+    /// The name of site `id` (`?` for an id this node does not count).
+    pub fn site_name(&self, id: SiteId) -> String {
+        self.sites
+            .read()
+            .expect("sites lock")
+            .get(id as usize)
+            .map_or_else(|| "?".into(), |s| s.name.clone())
+    }
+
+    /// The sites this node counts now.
+    pub fn site_table(&self) -> Arc<Vec<SiteEntry>> {
+        self.sites.read().expect("sites lock").clone()
+    }
+
+    /// Number of sites this node counts now.
+    pub fn n(&self) -> usize {
+        self.sites.read().expect("sites lock").len()
+    }
+
+    /// The address of `site`'s node for this node's partition.
+    pub fn peer_addr(&self, site: SiteId) -> std::net::SocketAddr {
+        self.sites.read().expect("sites lock")[site as usize].partition_addr(self.cfg.partition)
+    }
+
+    /// Counts the sites `entries` adds after the ones counted now (ids go on from the current
+    /// count; entries this node counts already are left as they are): the site table, then the
+    /// replica's vectors. Returns the added sites. Never shrinks, never beyond [`MAX_SITES`].
+    pub fn add_sites(&self, entries: &[SiteEntry]) -> Vec<SiteEntry> {
+        let added: Vec<SiteEntry> = {
+            let mut table = self.sites.write().expect("sites lock");
+            let have = table.len();
+            let added: Vec<SiteEntry> = entries
+                .iter()
+                .filter(|e| e.id as usize >= have && (e.id as usize) < MAX_SITES)
+                .cloned()
+                .collect();
+            if added.is_empty() {
+                return added;
+            }
+            let mut next = (**table).clone();
+            next.extend(added.iter().cloned());
+            *table = Arc::new(next);
+            added
+        };
+        let n = self.n();
+        self.mutate(|r| r.add_sites(n));
+        added
     }
 
     /// Write-ahead log figures: `(fsyncs, bytes on disk)`.

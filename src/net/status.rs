@@ -7,7 +7,7 @@ use std::time::Instant;
 use super::peer_state::judge;
 use super::shared::Shared;
 use crate::clock::SiteId;
-use crate::consensus::members::{Member, Membership};
+use crate::consensus::members::{Member, MemberState, Membership};
 use crate::storage::Store;
 use crate::wire::{MemberStatus, MembershipStatus, PeerStatus, StatusInfo};
 
@@ -17,10 +17,10 @@ impl Shared {
         let me = self.site();
         let site_stable = self.read(|r| r.site_stable().as_slice().to_vec());
         let (applied, stable, buffered, retained, keys, peer_vecs, unacked) = self.read(|r| {
-            let peer_vecs: Vec<_> = (0..self.cfg.n() as SiteId)
+            let peer_vecs: Vec<_> = (0..self.n() as SiteId)
                 .map(|p| r.peer_applied(p).as_slice().to_vec())
                 .collect();
-            let unacked: Vec<_> = (0..self.cfg.n() as SiteId)
+            let unacked: Vec<_> = (0..self.n() as SiteId)
                 .map(|p| r.unacked_by(p) as u64)
                 .collect();
             (
@@ -35,9 +35,10 @@ impl Shared {
         });
         let (fsyncs, wal_bytes) = self.wal_stats();
         let now = Instant::now();
-        let peers = self
-            .cfg
-            .peers()
+        let table = self.site_table();
+        let peers = table
+            .iter()
+            .filter(|p| p.id != me)
             .map(|p| {
                 let st = self.peers[p.id as usize].lock().expect("peer lock");
                 let phi = st.detector.phi(now);
@@ -54,7 +55,7 @@ impl Shared {
                 PeerStatus {
                     site: p.id,
                     name: p.name.clone(),
-                    addr: self.cfg.peer_addr(p.id).to_string(),
+                    addr: self.peer_addr(p.id).to_string(),
                     state: state.into(),
                     reason,
                     phi,
@@ -87,11 +88,24 @@ impl Shared {
     /// The cluster configuration this node holds: the replicated one (partition index 0, once
     /// bootstrapped), else the sites of its file with epoch 0.
     pub fn membership_status(&self) -> MembershipStatus {
+        let me = self.site();
+        let catching_up = self.cfg.join_from.is_some() && !self.read(|r| r.caught_up_to_floor());
+        // A joining site's phase: `snapshot` until it is in the Raft group (it fetches its
+        // snapshot, then the leader adds it), `catching-up` at the site itself until it covers
+        // the end of the snapshot's copy, then `learner` and `voter` as the group's membership
+        // says.
         let show = |m: &Member| MemberStatus {
             site: m.id,
             name: m.name.clone(),
             addr: m.addr.to_string(),
-            state: super::membership::state_text(self, m.id, m.state),
+            state: match m.state {
+                MemberState::Joining if m.id == me && catching_up => "joining: catching-up".into(),
+                MemberState::Joining => match self.strong.role_of(m.id as u64) {
+                    Some(role) => format!("joining: {role}"),
+                    None => "joining: snapshot".into(),
+                },
+                s => super::membership::state_text(self, m.id, s),
+            },
         };
         match self.strong.membership() {
             Some(m) => MembershipStatus {
@@ -101,7 +115,11 @@ impl Shared {
                 sites: m.sites.iter().map(show).collect(),
             },
             None => {
-                let m = Membership::from_entries(&self.cfg.sites);
+                let mut m = Membership::from_entries(&self.cfg.sites);
+                if self.cfg.join_from.is_some() {
+                    // Not in the group yet: this site knows only that it joins.
+                    m.sites[me as usize].state = MemberState::Joining;
+                }
                 MembershipStatus {
                     epoch: 0,
                     source: "file".into(),

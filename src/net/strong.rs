@@ -48,6 +48,10 @@ use crate::wire::{ConsensusStatus, VoterStatus, close_code, read_frame, write_fr
 /// Largest Raft RPC frame accepted (a whole snapshot travels in one).
 const MAX_RPC_FRAME: usize = 1 << 30;
 
+/// Longest a step of bringing a joining site into the group may take before it is retried
+/// at a later tick ([`Strong::drive_joins`]).
+const JOIN_STEP: Duration = Duration::from_secs(30);
+
 /// The longest the batcher holds a write back to gather concurrent ones into its entry.
 const GATHER: Duration = Duration::from_millis(2);
 
@@ -480,6 +484,10 @@ pub(crate) struct Strong {
     seed: Option<Membership>,
     /// A bootstrap proposal is under way.
     bootstrapping: std::sync::atomic::AtomicBool,
+    /// This node serves partition index 0: its group holds the cluster configuration.
+    partition0: bool,
+    /// This leader is bringing a joining site into the group ([`Strong::drive_joins`]).
+    joining: std::sync::atomic::AtomicBool,
     pub opts: StrongOptions,
     pub metrics: StrongMetrics,
     election_max: Duration,
@@ -525,7 +533,9 @@ impl Strong {
         let raft = Raft::new(me, Arc::new(rc), network, log.clone(), sm)
             .await
             .map_err(std::io::Error::other)?;
-        if !raft.is_initialized().await.map_err(std::io::Error::other)? {
+        // A joining site never initialises a group: the running cluster's leader adds it as a
+        // learner, then as a voter, and its log and state come from that leader.
+        if cfg.join_from.is_none() && !raft.is_initialized().await.map_err(std::io::Error::other)? {
             let members: BTreeSet<NodeId> = (0..cfg.n() as NodeId).collect();
             if let Err(e) = raft.initialize(members).await {
                 debug!(error = %e, "raft group already initialised");
@@ -548,8 +558,11 @@ impl Strong {
             links,
             me,
             names: RwLock::new(cfg.sites.iter().map(|s| s.name.clone()).collect()),
-            seed: (cfg.partition == 0).then(|| Membership::from_entries(&cfg.sites)),
+            seed: (cfg.partition == 0 && cfg.join_from.is_none())
+                .then(|| Membership::from_entries(&cfg.sites)),
             bootstrapping: Default::default(),
+            partition0: cfg.partition == 0,
+            joining: Default::default(),
             opts,
             metrics: StrongMetrics::default(),
             election_max: Duration::from_millis(cfg.consensus.election_max_ms),
@@ -668,6 +681,18 @@ impl Strong {
         self.sites.clone()
     }
 
+    /// Where site `id` stands in this group's membership: `voter`, `learner`, or `None`.
+    pub fn role_of(&self, id: NodeId) -> Option<&'static str> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        if m.membership().voter_ids().any(|v| v == id) {
+            Some("voter")
+        } else if m.membership().learner_ids().any(|v| v == id) {
+            Some("learner")
+        } else {
+            None
+        }
+    }
+
     /// The group's voters, as its membership stands.
     fn voters(&self) -> BTreeSet<NodeId> {
         let m = self.raft.metrics().borrow().membership_config.clone();
@@ -710,6 +735,129 @@ impl Strong {
             }
             this.bootstrapping.store(false, Ordering::SeqCst);
         });
+    }
+
+    /// While this node leads partition index 0's group and the configuration has a joining
+    /// site: brings it into the group, one step at a time, each step skipped when done already
+    /// (so a leader that takes over from one that failed mid-way finishes the change):
+    /// 1. `add_learner(site, blocking)`: returns once the learner's log has caught up;
+    /// 2. `change_membership(voters + site)`: joint consensus (old and new voter sets must
+    ///    both agree until the second membership entry commits); a joint configuration left by
+    ///    a leader that failed is completed by the same call;
+    /// 3. [`SitesOp::Activate`]: the site is a full member.
+    ///
+    /// One change at a time; each step is bounded by [`JOIN_STEP`], then retried at a later
+    /// tick (a learner that is not reachable yet must not hold the driver forever).
+    fn drive_joins(self: &Arc<Self>) {
+        if !self.partition0 {
+            return;
+        }
+        let Some(m) = self.membership() else { return };
+        let Some(j) = m
+            .sites
+            .iter()
+            .find(|s| s.state == crate::consensus::members::MemberState::Joining)
+        else {
+            return;
+        };
+        if self.joining.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (id, name, epoch) = (j.id, j.name.clone(), m.epoch);
+        let this = self.clone();
+        tokio::spawn(async move {
+            match this.join_steps(id as NodeId, epoch).await {
+                Ok(epoch) => info!(site = %name, epoch, "site joined: a voter and active"),
+                Err(e) => debug!(site = %name, error = %e, "join step to be retried"),
+            }
+            this.joining.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// The steps of [`Strong::drive_joins`] for site `node` at configuration `epoch`.
+    async fn join_steps(&self, node: NodeId, epoch: u64) -> Result<u64, String> {
+        let step = |what: &'static str| move |e: String| format!("{what}: {e}");
+        let mem = self.raft.metrics().borrow().membership_config.clone();
+        let voters: BTreeSet<NodeId> = mem.membership().voter_ids().collect();
+        let learners: BTreeSet<NodeId> = mem.membership().learner_ids().collect();
+        if !voters.contains(&node) {
+            if !learners.contains(&node) {
+                // Not before it is up: a learner that is not there yet would only hold the
+                // driver (and show a phase it has not reached).
+                if self.links.get(node).is_none() {
+                    return Err("the joining site is not connected yet".into());
+                }
+                info!(site = %self.name(node), "joining site: adding it as a Raft learner");
+            }
+            // Blocking: returns once the learner's log has caught up (also when it is one
+            // already, which is how a new leader finds out).
+            tokio::time::timeout(
+                JOIN_STEP,
+                self.raft.add_learner(node, openraft::EmptyNode {}, true),
+            )
+            .await
+            .map_err(|_| "the learner has not caught up yet".to_string())
+            .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+            .map_err(step("add_learner"))?;
+            // openraft's blocking add_learner may return before the learner has answered
+            // (an unreachable learner counts as caught up while the leader's log is short):
+            // the learner must have matched the log up to the commit index of now.
+            let target = self.log.committed().map(|l| l.index);
+            let mut rx = self.raft.metrics();
+            tokio::time::timeout(JOIN_STEP, async {
+                loop {
+                    let matched = rx
+                        .borrow_and_update()
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&node).copied().flatten())
+                        .map(|l| l.index);
+                    if matched.is_some() && matched >= target {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await
+            .map_err(|_| "the learner has not caught up with the log yet".to_string())
+            .map_err(step("add_learner"))?;
+            info!(site = %self.name(node), "joining site: making it a voter (joint consensus)");
+            let mut next = voters.clone();
+            next.insert(node);
+            tokio::time::timeout(JOIN_STEP, self.raft.change_membership(next, false))
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+                .map_err(step("change_membership"))?;
+        } else if mem.membership().get_joint_config().len() > 1 {
+            // A joint configuration left behind by a leader that failed mid-change: finish it.
+            tokio::time::timeout(JOIN_STEP, self.raft.change_membership(voters, false))
+                .await
+                .map_err(|_| "timed out".to_string())
+                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+                .map_err(step("finishing a joint configuration"))?;
+        }
+        let cmd = consensus::Command {
+            client: MEMBERSHIP_CLIENT,
+            serial: epoch,
+            ctx: Vec::new(),
+            op: consensus::WriteOp::Sites(SitesOp::Activate {
+                expected_epoch: epoch,
+                id: node as u16,
+            }),
+        };
+        match self
+            .execute(Forwarded::Write(cmd), self.election_max, false)
+            .await
+        {
+            Outcome::Applied(consensus::Reply::Membership(Ok(epoch))) => Ok(epoch),
+            Outcome::Applied(consensus::Reply::Membership(Err(why))) => {
+                Err(format!("activate: {why}"))
+            }
+            other => Err(format!("activate: {other:?}")),
+        }
     }
 
     /// What is missing for the group to serve: no leader, or which voters cannot be reached.
@@ -1105,6 +1253,7 @@ impl Strong {
                 self.links.heard_leader();
                 self.bootstrap_sites();
                 self.drop_removed_voters();
+                self.drive_joins();
             }
             let heard = d.heard_leader.load(Ordering::Relaxed);
             if heard != heard_seen {

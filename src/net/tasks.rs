@@ -93,6 +93,15 @@ pub(crate) async fn snapshotter(shared: Arc<Shared>) {
 pub(crate) async fn take_snapshot(
     shared: &Arc<Shared>,
 ) -> Result<std::path::PathBuf, StorageError> {
+    let _one_at_a_time = shared.snapshotting.lock().await;
+    take_snapshot_locked(shared).await
+}
+
+/// [`take_snapshot`], for a caller that holds [`Shared::snapshotting`] (two snapshots at once
+/// would write the same temporary file).
+pub(crate) async fn take_snapshot_locked(
+    shared: &Arc<Shared>,
+) -> Result<std::path::PathBuf, StorageError> {
     let (store, applied, lease, lsn, retained) = {
         let mut r = shared.replica.lock().expect("replica lock");
         let mut w = shared.wal.lock().expect("wal lock");

@@ -53,6 +53,15 @@ impl DependencyBuffer {
         }
     }
 
+    /// Makes room for `n` sites (a site added to the cluster); never shrinks.
+    pub fn grow(&mut self, n: usize) {
+        while self.queues.len() < n {
+            self.queues.push(VecDeque::new());
+            self.waiting.push(BinaryHeap::new());
+            self.blocked.push(false);
+        }
+    }
+
     /// Number of buffered items.
     pub fn len(&self) -> usize {
         self.len

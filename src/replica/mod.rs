@@ -278,6 +278,12 @@ pub struct Replica<S: Store> {
     /// The newest marker issued to pass a sibling's write ([`Replica::urgent_marker`]).
     urgent_marker: Timestamp,
     stats: ReplicaStats,
+    /// A vector every answer to a client waits for, whatever its context: a site that joined
+    /// from another site's snapshot holds entries newer than the snapshot's `applied` vector
+    /// (the copy ran while that site kept applying), whose dependencies may not have arrived
+    /// yet; it serves only once it has caught up past the end of the copy
+    /// ([`Replica::set_floor`]).
+    floor: VClock,
 }
 
 impl<S: Store> Replica<S> {
@@ -311,6 +317,7 @@ impl<S: Store> Replica<S> {
             durable_write: 0,
             urgent_marker: 0,
             stats: ReplicaStats::default(),
+            floor: VClock::default(),
             cfg,
             store,
         }
@@ -372,6 +379,44 @@ impl<S: Store> Replica<S> {
             }
             Record::ClockLease(ts) => self.lease = self.lease.max(ts),
         }
+    }
+
+    /// Counts `n` sites from now on (a site was added to the cluster configuration). Vectors
+    /// grow at the end (ids are never reused); the new site has applied nothing, so the
+    /// retained log keeps every own update from now until it acks them, and tombstones wait
+    /// for it too. A count at or below the current one changes nothing.
+    pub fn add_sites(&mut self, n: usize) {
+        if n <= self.cfg.sites {
+            return;
+        }
+        self.cfg.sites = n;
+        self.applied = self.applied.resized(n);
+        self.received = self.received.resized(n);
+        self.durable = self.durable.resized(n);
+        self.buffer.grow(n);
+        self.sent.resize(n, 0);
+        for v in &mut self.peer_applied {
+            *v = v.resized(n);
+        }
+        self.peer_applied.resize(n, VClock::zero(n));
+        for v in &mut self.siblings {
+            *v = v.resized(n);
+        }
+        self.gone.resize(n, None);
+        self.relayed.resize(n, VecDeque::new());
+        self.relayed_from.resize(n, 0);
+    }
+
+    /// Sets the vector every client request waits for besides its context (see the `floor`
+    /// field): a joining site's catch-up point.
+    pub fn set_floor(&mut self, floor: VClock) {
+        self.floor = floor;
+    }
+
+    /// True when `applied` covers the floor ([`Replica::set_floor`]): a joined site has caught
+    /// up with the snapshot it started from.
+    pub fn caught_up_to_floor(&self) -> bool {
+        self.applied.covers(&self.floor)
     }
 
     /// The settings.
@@ -569,6 +614,9 @@ impl<S: Store> Replica<S> {
 
     /// Checks that this site has applied everything in `ctx`.
     pub fn ready_for(&self, ctx: &VClock) -> Result<(), NotReady> {
+        if let Some((site, have, need)) = self.applied.first_gap(&self.floor) {
+            return Err(NotReady { site, have, need });
+        }
         if ctx.len() > self.cfg.sites {
             // Entries beyond the cluster can never be covered; report the first non-zero one.
             if let Some((i, &need)) = ctx

@@ -666,3 +666,60 @@ fn a_removed_peer_holds_neither_retention_nor_tombstones() {
     assert_eq!(a.tombstones_pending(), 0);
     assert_eq!(a.acked_by(5), 1);
 }
+
+#[test]
+fn an_added_site_is_counted_live_retention_waits_for_it_and_a_floor_holds_answers() {
+    let mut a = replica(0, 2);
+    let mut b_ = replica(1, 2);
+    a.put(10, b("k"), Some(b("before")), &VClock::zero(2))
+        .unwrap();
+    sync(&mut a, &mut b_);
+    a.on_peer_applied(1, &b_.durable().clone());
+    assert_eq!(a.retained_len(), 0, "b acked everything");
+    // Site 2 joins: a counts three sites from now on.
+    a.add_sites(3);
+    assert_eq!(a.applied().len(), 3);
+    assert_eq!(a.peers().collect::<Vec<_>>(), vec![1, 2]);
+    let v = a
+        .put(20, b("k"), Some(b("after")), &VClock::zero(3))
+        .unwrap();
+    sync(&mut a, &mut b_);
+    a.on_peer_applied(1, &b_.durable().clone());
+    // b acked it, but the new site has not: it stays retained.
+    assert_eq!(a.retained_len(), 1);
+    assert_eq!(a.unacked_by(2), 1);
+    // The new site starts from a snapshot at a's `applied` before the write and says hello
+    // with it: a resends from there.
+    let mut c = replica(2, 3);
+    c.receive(0, [Item::Marker(10)]);
+    flush(&mut c);
+    sync(&mut a, &mut c);
+    assert_eq!(c.applied().get(0), v.ts);
+    a.on_peer_applied(2, &c.durable().clone());
+    assert_eq!(a.retained_len(), 0);
+    // An update from the new site is received at a.
+    let w = c
+        .put(30, b("j"), Some(b("from c")), &VClock::zero(3))
+        .unwrap();
+    sync(&mut c, &mut a);
+    assert_eq!(a.applied().get(2), w.ts);
+    // A floor holds every answer until `applied` covers it, whatever the context.
+    let mut floor = VClock::zero(3);
+    floor.raise(1, 99);
+    c.set_floor(floor);
+    assert!(!c.caught_up_to_floor());
+    assert_eq!(
+        c.get(b"k", &VClock::default()).unwrap_err(),
+        NotReady {
+            site: 1,
+            have: 0,
+            need: 99
+        }
+    );
+    c.receive(1, [Item::Marker(99)]);
+    assert!(c.caught_up_to_floor());
+    assert_eq!(
+        c.get(b"k", &VClock::default()).unwrap().value,
+        Some(b("after"))
+    );
+}

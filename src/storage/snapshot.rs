@@ -179,6 +179,27 @@ pub fn write(dir: &Path, data: &SnapshotData) -> Result<PathBuf, StorageError> {
     Ok(path)
 }
 
+/// Installs a snapshot file received whole from another site (a joining site's start): `tmp`,
+/// already written and fsynced in `dir`, becomes `dir`'s snapshot for WAL LSN `lsn` (rename,
+/// directory fsync), and is then loaded to validate it. An invalid one is removed again and
+/// reported; nothing is installed.
+pub fn install_received(dir: &Path, tmp: &Path, lsn: u64) -> Result<PathBuf, StorageError> {
+    let path = snapshot_path(dir, lsn);
+    fs::rename(tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    match load(dir) {
+        Ok(Some(s)) if s.path() == path => Ok(path),
+        Ok(_) => Err(StorageError::Snapshot {
+            path,
+            reason: "a newer snapshot is already in the data directory".into(),
+        }),
+        Err(e) => {
+            let _ = fs::remove_file(&path);
+            Err(e)
+        }
+    }
+}
+
 /// Loads the newest snapshot of `dir`, or `None` when there is none (or no directory). The file
 /// is mapped and validated; an invalid snapshot is [`StorageError::Snapshot`] naming the file.
 pub fn load(dir: &Path) -> Result<Option<LoadedSnapshot>, StorageError> {

@@ -246,6 +246,7 @@ pub fn prepare(opts: &DevOptions) -> Result<DevCluster, DevError> {
                 .flatten()
                 .map(|p| RespConfig::new(SocketAddr::from((Ipv4Addr::LOCALHOST, p)))),
             consensus: Default::default(),
+            join_from: None,
         };
         std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
         let file = opts.dir.join(format!("site-{suffix}.toml"));

@@ -477,6 +477,25 @@ impl Processes {
         std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
     }
 
+    /// Adds a node to the set (a site joining the running cluster): writes its configuration
+    /// file and starts its process. Returns its index. Does not wait: a joining site logs
+    /// that it is listening only once it has its snapshot.
+    pub fn add(&mut self, cfg: SiteConfig) -> usize {
+        let file = self
+            .dir
+            .path()
+            .join(format!("site-{}.toml", node_name(&cfg)));
+        let text = toml::to_string_pretty(&cfg).expect("config serialises");
+        std::fs::write(&file, text).expect("write site config");
+        self.configs.push(cfg);
+        self.config_files.push(file);
+        self.children.push(None);
+        self.starts.push(0);
+        let i = self.configs.len() - 1;
+        self.start(i);
+        i
+    }
+
     /// Starts site `i`'s process (from its configuration file, on its data directory). Does not
     /// wait: see [`Processes::wait_listening`].
     pub fn start(&mut self, i: usize) {
