@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use causalkv::config::{ConsensusConfig, SiteConfig, SiteEntry};
+use causalkv::config::{SiteConfig, SiteEntry};
 use causalkv::tools::checker::{self, History, Op};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::tools::wan::LinkParams;
@@ -50,15 +50,7 @@ use rand_chacha::ChaCha8Rng;
 /// Three sites with consensus timeouts for loopback, as processes, connected, with the
 /// configuration bootstrapped.
 async fn three_sites() -> Processes {
-    let mut prep = Cluster::prepare(3);
-    for cfg in &mut prep.configs {
-        cfg.consensus = ConsensusConfig {
-            heartbeat_ms: 200,
-            election_min_ms: 800,
-            election_max_ms: 1_600,
-            ..Default::default()
-        };
-    }
+    let prep = Cluster::prepare_strong(3);
     let p = prep.spawn().await;
     p.wait_connected().await;
     let c = p.client(0).await;
@@ -501,15 +493,7 @@ struct DeadSiteRun {
 /// `sites remove c --dead` runs at a. With `relay` false, the survivors run with the relay
 /// switched off. Asserts what must hold either way, and returns what the tests judge.
 async fn remove_dead_site_run(relay: bool) -> DeadSiteRun {
-    let mut prep = Cluster::prepare(3);
-    for cfg in &mut prep.configs {
-        cfg.consensus = ConsensusConfig {
-            heartbeat_ms: 200,
-            election_min_ms: 800,
-            election_max_ms: 1_600,
-            ..Default::default()
-        };
-    }
+    let mut prep = Cluster::prepare_strong(3);
     let wan = prep.behind_wan(|_, _| LinkParams::default());
     let env: &[(&str, &str)] = if relay {
         &[]
@@ -780,15 +764,7 @@ async fn remove_live_site_under_load_drains_and_its_clients_fail_over() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     bounded(ms(240_000), async {
-        let mut prep = Cluster::prepare(3);
-        for cfg in &mut prep.configs {
-            cfg.consensus = ConsensusConfig {
-                heartbeat_ms: 200,
-                election_min_ms: 800,
-                election_max_ms: 1_600,
-                ..Default::default()
-            };
-        }
+        let prep = Cluster::prepare_strong(3);
         let p = prep.spawn().await;
         p.wait_connected().await;
         let certs = p.certs.clone();
@@ -959,23 +935,10 @@ async fn remove_live_site_under_load_drains_and_its_clients_fail_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remove_refuses_bad_input_with_clear_errors_and_keeps_serving() {
     bounded(ms(180_000), async {
-        let mut prep = Cluster::prepare(3);
-        for cfg in &mut prep.configs {
-            cfg.consensus = ConsensusConfig {
-                heartbeat_ms: 200,
-                election_min_ms: 800,
-                election_max_ms: 1_600,
-                ..Default::default()
-            };
-        }
+        let prep = Cluster::prepare_strong(3);
         let mut c = prep.start().await;
         c.wait_connected().await;
-        eventually(
-            ms(20_000),
-            "the configuration is bootstrapped",
-            async || (0..3).all(|i| c.node(i).status().membership.is_some_and(|m| m.epoch == 1)),
-        )
-        .await;
+        c.wait_bootstrapped().await;
         let a = c.client(0).await;
         let refused = |r: Result<u64, ClientError>, code: u16, why: &str| match r {
             Err(ClientError::Server { code: got, message }) if got == code => {

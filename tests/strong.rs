@@ -674,15 +674,9 @@ async fn processes_under_leader_kills_cuts_and_isolation_stay_linearizable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leadership_moves_back_to_the_preferred_site_when_it_is_healthy() {
     bounded(ms(180_000), async {
-        let mut prep = Cluster::prepare(3);
+        let mut prep = Cluster::prepare_strong(3);
         for cfg in &mut prep.configs {
-            cfg.consensus = ConsensusConfig {
-                heartbeat_ms: 200,
-                election_min_ms: 800,
-                election_max_ms: 1_600,
-                preferred_leader: Some("c".into()),
-                ..Default::default()
-            };
+            cfg.consensus.preferred_leader = Some("c".into());
         }
         let mut c = prep.start().await;
         c.wait_connected().await;
@@ -711,23 +705,10 @@ async fn leadership_moves_back_to_the_preferred_site_when_it_is_healthy() {
     .await;
 }
 
-/// Three sites with consensus timeouts for loopback.
-fn quick_consensus(prep: &mut common::Prepared) {
-    for cfg in &mut prep.configs {
-        cfg.consensus = ConsensusConfig {
-            heartbeat_ms: 200,
-            election_min_ms: 800,
-            election_max_ms: 1_600,
-            ..Default::default()
-        };
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_site_list_seeds_one_replicated_configuration_shown_in_status_and_metrics() {
     bounded(ms(120_000), async {
-        let mut prep = Cluster::prepare(3);
-        quick_consensus(&mut prep);
+        let prep = Cluster::prepare_strong(3);
         let c = prep.start().await;
         c.wait_connected().await;
         eventually(
@@ -774,8 +755,7 @@ fn sites_list(certs: &std::path::Path, addr: std::net::SocketAddr) -> serde_json
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_site_loads_the_replicated_configuration_not_its_file() {
     bounded(ms(180_000), async {
-        let mut prep = Cluster::prepare(3);
-        quick_consensus(&mut prep);
+        let prep = Cluster::prepare_strong(3);
         let mut p = prep.spawn().await;
         p.wait_connected().await;
         let certs = p.certs.clone();
@@ -889,16 +869,10 @@ fn sites_cli(certs: &std::path::Path, args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sites_add_raises_the_epoch_and_a_site_counting_the_new_one_still_serves_old_tokens() {
     bounded(ms(180_000), async {
-        let mut prep = Cluster::prepare(3);
-        quick_consensus(&mut prep);
+        let prep = Cluster::prepare_strong(3);
         let mut c = prep.start().await;
         c.wait_connected().await;
-        eventually(
-            ms(20_000),
-            "the configuration is bootstrapped",
-            async || (0..3).all(|i| c.node(i).status().membership.is_some_and(|m| m.epoch == 1)),
-        )
-        .await;
+        c.wait_bootstrapped().await;
         // A session from before the change: its token counts three sites.
         let before = c.client(0).await;
         before.put("before", "1").await.expect("put at a");

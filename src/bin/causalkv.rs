@@ -839,17 +839,7 @@ async fn run(cmd: Cmd) -> ExitCode {
                     .ok_or_else(|| {
                         ClientError::Config(format!("cannot resolve site address {addr:?}"))
                     })?;
-                let s = c.status().await?;
-                let epoch = match s.membership {
-                    Some(m) if m.source == "replicated" => m.epoch,
-                    _ => {
-                        return Err(ClientError::Config(format!(
-                            "site {} holds no replicated cluster configuration yet (is it \
-                             partition 0 of its site, and has the cluster bootstrapped?)",
-                            s.name
-                        )));
-                    }
-                };
+                let epoch = replicated_epoch(&c).await?;
                 let new_epoch = c.add_site(&name, resolved, epoch).await?;
                 let text = format!(
                     "site {name} added at {resolved} as joining; cluster configuration epoch {new_epoch}"
@@ -863,17 +853,7 @@ async fn run(cmd: Cmd) -> ExitCode {
             cmd: SitesCmd::Remove { name, dead, conn },
         } => {
             client_cmd(&conn, |c| async move {
-                let s = c.status().await?;
-                let epoch = match s.membership {
-                    Some(m) if m.source == "replicated" => m.epoch,
-                    _ => {
-                        return Err(ClientError::Config(format!(
-                            "site {} holds no replicated cluster configuration yet (is it \
-                             partition 0 of its site, and has the cluster bootstrapped?)",
-                            s.name
-                        )));
-                    }
-                };
+                let epoch = replicated_epoch(&c).await?;
                 let new_epoch = c.remove_site(&name, dead, epoch).await?;
                 let text = if dead {
                     format!(
@@ -1313,6 +1293,20 @@ async fn connect_each(
         out.push((site.clone(), std::sync::Arc::new(c)));
     }
     Ok(out)
+}
+
+/// The epoch of the replicated cluster configuration the site of `c` holds (the epoch a change
+/// is made against), or an error saying it holds none yet.
+async fn replicated_epoch(c: &Client) -> Result<u64, ClientError> {
+    let s = c.status().await?;
+    match s.membership {
+        Some(m) if m.source == "replicated" => Ok(m.epoch),
+        _ => Err(ClientError::Config(format!(
+            "site {} holds no replicated cluster configuration yet (is it partition 0 of its \
+             site, and has the cluster bootstrapped?)",
+            s.name
+        ))),
+    }
 }
 
 /// A client of `site` alone, with the identity and limits of `args`.

@@ -225,6 +225,22 @@ impl Cluster {
         Self::prepare_partitioned(n, 1)
     }
 
+    /// [`Cluster::prepare`] with Raft timings for the strong-operation and membership tests,
+    /// whose sites often run as separate processes on a loaded machine: heartbeats every
+    /// 200 ms, elections after 800 to 1,600 ms of silence.
+    pub fn prepare_strong(n: usize) -> Prepared {
+        let mut prep = Self::prepare(n);
+        for cfg in &mut prep.configs {
+            cfg.consensus = causalkv::config::ConsensusConfig {
+                heartbeat_ms: 200,
+                election_min_ms: 800,
+                election_max_ms: 1_600,
+                ..Default::default()
+            };
+        }
+        prep
+    }
+
     /// [`Cluster::prepare`] with `partitions` partition nodes per site.
     pub fn prepare_partitioned(n: usize, partitions: usize) -> Prepared {
         init();
@@ -271,6 +287,23 @@ impl Cluster {
                     .all(|p| p.state == "up")
             })
         })
+        .await;
+    }
+
+    /// Waits until every node holds the bootstrapped cluster configuration (epoch 1).
+    pub async fn wait_bootstrapped(&self) {
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped",
+            async || {
+                (0..self.len()).all(|i| {
+                    self.node(i)
+                        .status()
+                        .membership
+                        .is_some_and(|m| m.epoch == 1)
+                })
+            },
+        )
         .await;
     }
 

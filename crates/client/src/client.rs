@@ -580,13 +580,26 @@ impl Client {
         addr: std::net::SocketAddr,
         expected_epoch: u64,
     ) -> Result<u64, ClientError> {
-        let op = ClientOp::SitesAdd {
+        self.change_sites(|client, serial| ClientOp::SitesAdd {
             name: name.to_owned(),
             addr: addr.to_string(),
             expected_epoch,
-            client: self.client_id,
-            serial: self.serial.fetch_add(1, Ordering::Relaxed) + 1,
-        };
+            client,
+            serial,
+        })
+        .await
+    }
+
+    /// Sends a change of the cluster configuration, made by `op` from this client's id and its
+    /// next serial (the change's deduplication key), and returns the new epoch.
+    async fn change_sites(
+        &self,
+        op: impl FnOnce(u64, u64) -> ClientOp,
+    ) -> Result<u64, ClientError> {
+        let op = op(
+            self.client_id,
+            self.serial.fetch_add(1, Ordering::Relaxed) + 1,
+        );
         match self.call(op, true, 0).await? {
             ResponseBody::SitesChanged { epoch } => Ok(epoch),
             other => Err(unexpected(other)),
@@ -605,17 +618,14 @@ impl Client {
         dead: bool,
         expected_epoch: u64,
     ) -> Result<u64, ClientError> {
-        let op = ClientOp::SitesRemove {
+        self.change_sites(|client, serial| ClientOp::SitesRemove {
             name: name.to_owned(),
             dead,
             expected_epoch,
-            client: self.client_id,
-            serial: self.serial.fetch_add(1, Ordering::Relaxed) + 1,
-        };
-        match self.call(op, true, 0).await? {
-            ResponseBody::SitesChanged { epoch } => Ok(epoch),
-            other => Err(unexpected(other)),
-        }
+            client,
+            serial,
+        })
+        .await
     }
 
     /// Continues a session past a [`ClientError::Lost`]: caps its context's entry for the
