@@ -714,8 +714,16 @@ impl<S: Store> Replica<S> {
             return;
         }
         self.siblings[partition as usize] = contribution.resized(self.cfg.sites);
-        if write > self.applied.get(self.cfg.site) {
-            self.urgent_marker = self.issue_marker(0, write.max(contribution.get(self.cfg.site)));
+        if write > self.urgent_marker {
+            let own = self.applied.get(self.cfg.site);
+            // This partition's own entry may already be past the write through clock markers
+            // of its own, which the links fold into their next idle marker: then that entry is
+            // what must go at once, with no new marker.
+            self.urgent_marker = if write > own {
+                self.issue_marker(0, write.max(contribution.get(self.cfg.site)))
+            } else {
+                own
+            };
         }
         self.wake_stable();
     }

@@ -578,6 +578,23 @@ fn a_siblings_write_is_passed_with_an_urgent_marker_and_its_markers_are_not() {
     flush(&mut p1);
     assert!(p1.urgent_marker() >= v.ts);
     assert!(p1.contribution().get(0) >= v.ts);
+    // p1's own markers already passed p0's next write: no new marker, but its entry is what
+    // the links must send at once.
+    let w = p0
+        .put(60_000, b(key), Some(b("w")), &VClock::zero(2))
+        .unwrap();
+    flush(&mut p0);
+    p1.tick(200_000);
+    flush(&mut p1);
+    let own = p1.contribution().get(0);
+    assert!(own > w.ts);
+    p1.on_sibling(0, &p0.contribution(), p0.durable_write());
+    assert_eq!(
+        p1.urgent_marker(),
+        own,
+        "the entry past the write is urgent"
+    );
+    assert_eq!(p1.contribution().get(0), own, "no new marker");
 }
 
 #[test]
