@@ -396,13 +396,7 @@ impl Membership {
                 },
                 Some(c),
             ) => {
-                if *expected_epoch != c.epoch {
-                    return Err(format!(
-                        "the configuration moved on: it is at epoch {}, the change was made \
-                         against epoch {expected_epoch}",
-                        c.epoch
-                    ));
-                }
+                c.at_epoch(*expected_epoch)?;
                 check_name(name)?;
                 // Names of removed sites stay taken: their certificates still verify.
                 if let Some(m) = c.sites.iter().find(|m| &m.name == name) {
@@ -489,13 +483,7 @@ impl Membership {
                 Err("the cluster configuration is not bootstrapped yet".into())
             }
             (SitesOp::Activate { expected_epoch, id }, Some(c)) => {
-                if *expected_epoch != c.epoch {
-                    return Err(format!(
-                        "the configuration moved on: it is at epoch {}, the change was made \
-                         against epoch {expected_epoch}",
-                        c.epoch
-                    ));
-                }
+                c.at_epoch(*expected_epoch)?;
                 let Some(m) = c.sites.get_mut(*id as usize) else {
                     return Err(format!("there is no site {id}"));
                 };
@@ -513,10 +501,9 @@ impl Membership {
         }
     }
 
-    /// Checks that the site `name` may be removed from this configuration by a change made
-    /// against `expected_epoch`: the epoch is current, the site exists and is not removed, and
-    /// a majority of the sites not removed remains. Returns its id.
-    pub fn removable(&self, expected_epoch: u64, name: &str) -> Result<SiteId, String> {
+    /// Checks that a change made against `expected_epoch` meets the configuration it was made
+    /// against (changes are compare-and-set on the epoch).
+    fn at_epoch(&self, expected_epoch: u64) -> Result<(), String> {
         if expected_epoch != self.epoch {
             return Err(format!(
                 "the configuration moved on: it is at epoch {}, the change was made against \
@@ -524,6 +511,14 @@ impl Membership {
                 self.epoch
             ));
         }
+        Ok(())
+    }
+
+    /// Checks that the site `name` may be removed from this configuration by a change made
+    /// against `expected_epoch`: the epoch is current, the site exists and is not removed, and
+    /// a majority of the sites not removed remains. Returns its id.
+    pub fn removable(&self, expected_epoch: u64, name: &str) -> Result<SiteId, String> {
+        self.at_epoch(expected_epoch)?;
         let Some(m) = self.by_name(name) else {
             let known: Vec<&str> = self.sites.iter().map(|m| m.name.as_str()).collect();
             return Err(format!("no site is named {name:?} (sites: {known:?})"));
