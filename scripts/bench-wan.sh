@@ -90,7 +90,7 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
   echo "installing matplotlib..." >&2
   pip install -q matplotlib >&2 || echo "matplotlib unavailable: no plots" >&2
 fi
-cargo build --release --bin causalkv >&2
+build_bin
 
 CMDLINE="bash scripts/bench-wan.sh $ARGS"
 WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}" causalkv-wan.XXXXXX)

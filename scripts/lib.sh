@@ -30,11 +30,22 @@ parse_seconds_out() {
   done
 }
 
+# build_bin: builds the release binary into BIN. With CAUSALKV_PREBUILT=1 an existing
+# target/release/causalkv is used as it is: the test command sets it after `cargo test
+# --release --all-targets` has built the binary, which a plain `cargo build` would rebuild
+# (dev-dependencies give some shared crates other features).
+build_bin() {
+  BIN=target/release/causalkv
+  if [ "${CAUSALKV_PREBUILT:-0}" = 1 ] && [ -x "$BIN" ]; then
+    return
+  fi
+  cargo build --release --bin causalkv >&2
+}
+
 # start_work: builds the release binary (BIN) and makes a scratch folder (WORK); on exit every
 # process in PIDS is stopped and WORK removed.
 start_work() {
-  cargo build --release --bin causalkv >&2
-  BIN=target/release/causalkv
+  build_bin
   WORK=$(mktemp -d -p "${TMPDIR:-/var/tmp}")
   PIDS=()
   trap _cleanup_work EXIT

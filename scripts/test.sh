@@ -44,7 +44,7 @@ echo "== benchmark smoke run (each criterion bench once)"
 cargo bench --bench core -- --test >/dev/null
 if [ "${WAN_SMOKE:-1}" = 1 ]; then
   echo "== WAN benchmark smoke run (bench-wan.sh --quick, about a minute; WAN_SMOKE=0 skips)"
-  bash scripts/bench-wan.sh --quick --out "$(mktemp -d)" >/dev/null
+  CAUSALKV_PREBUILT=1 bash scripts/bench-wan.sh --quick --out "$(mktemp -d)" >/dev/null
 fi
 if [ "${FUZZ_SMOKE:-1}" = 1 ]; then
   # A target that no longer builds or crashes at once fails here (nightly + cargo-fuzz; one
