@@ -34,8 +34,9 @@ pub use messages::*;
 /// packs acks the same way ([`encode_ack`]: each a delta against the previous one on its
 /// stream), gives each written dependency vector its length (a site added live makes vectors
 /// longer mid-stream) and adds the snapshot request of a joining site
-/// ([`PeerControl::SnapshotRequest`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// ([`PeerControl::SnapshotRequest`]); 5 streams a joining site's snapshot as it is serialised
+/// (its header no longer carries a size).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The first bytes of a versioned hello frame, before the version (`u32`, little endian).
 const HELLO_MAGIC: [u8; 4] = *b"CKVP";
@@ -138,13 +139,12 @@ mod messages {
         /// hello (checked the same way: cluster, site, certificate), it asks for a snapshot.
         /// Sent versioned like a hello ([`encode_snapshot_request`]).
         SnapshotRequest(PeerHello),
-        /// The answer to a [`PeerControl::SnapshotRequest`]: the snapshot file (`bytes` raw
-        /// bytes) follows the frame on the stream.
+        /// The answer to a [`PeerControl::SnapshotRequest`]: the snapshot archive follows the
+        /// frame on the stream, raw, up to the stream's end (it is streamed as it is
+        /// serialised, so its size is not known up front; a reset stream is a failed one).
         SnapshotHeader {
             /// The WAL LSN the snapshot covers (its file name carries it).
             wal_lsn: u64,
-            /// Size of the snapshot file that follows.
-            bytes: u64,
             /// The sender's `applied` vector once the copy had ended: the joining site serves
             /// clients only once it covers this (the copy may hold entries newer than the
             /// snapshot's own `applied` vector).

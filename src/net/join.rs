@@ -5,14 +5,16 @@
 //! before recovery), it dials that site on a connection of its own and sends a
 //! [`PeerControl::SnapshotRequest`] in place of a hello: the same checks apply (cluster, a site
 //! the source counts and has not removed, a certificate naming it). The source
-//! ([`serve_snapshot`]) takes a snapshot as its snapshotter does, answers with a
-//! [`PeerControl::SnapshotHeader`] (the WAL LSN it covers, its size, and the source's
-//! `applied` vector once the copy had ended), then streams the snapshot file raw on the same
-//! QUIC stream: a full-window stream with no framing per record, so the transfer runs near the
-//! bare QUIC rate.
+//! ([`serve_snapshot`]) captures its state as its snapshotter does, but writes no file:
+//! it answers with a [`PeerControl::SnapshotHeader`] (the WAL LSN the copy covers and the
+//! source's `applied` vector once the copy had ended), then streams the archive on the same
+//! QUIC stream as a thread serialises it, raw, no framing per record, up to the stream's end.
+//! Serialising, sending, receiving and writing overlap, instead of the source writing and
+//! fsyncing a file before the first byte leaves.
 //!
-//! The joining site writes the file into its data directory (fsync, rename, directory fsync,
-//! then validated like any snapshot it loads) and records the join in `join.state` (the floor
+//! The joining site writes the archive into its data directory as it arrives (write-back
+//! started per megabyte, fsync at the end, rename, directory fsync, then validated like any
+//! snapshot it loads) and records the join in `join.state` (the floor
 //! vector), so a restart neither fetches again nor forgets the floor. Recovery then loads the
 //! snapshot as if this site had written it: its `applied` vector is the snapshot's, and the
 //! hello it sends every site asks each origin to resend from there, which their retained logs
@@ -28,15 +30,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use quinn::{Connection, Endpoint, SendStream, VarInt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
 use super::credentials::LoadedTls;
 use super::error::NodeError;
 use super::metrics::Metrics;
 use super::shared::Shared;
-use super::tasks::take_snapshot_locked;
+use super::tasks::{background, capture_snapshot};
 use crate::clock::{SiteId, VClock};
 use crate::config::SiteConfig;
 use crate::peer_wire::{self, PeerControl, PeerHello};
@@ -52,7 +54,8 @@ const JOIN_STATE: &str = "join.state";
 const JOIN_TMP: &str = "join-snapshot.tmp";
 
 /// Serves a joining site's snapshot request on `conn` (the request was checked like a hello):
-/// takes a snapshot, sends its header, then the file.
+/// captures the state as the snapshotter does, sends the header, then streams the archive as
+/// it is serialised.
 pub(crate) async fn serve_snapshot(
     shared: Arc<Shared>,
     conn: Connection,
@@ -62,31 +65,8 @@ pub(crate) async fn serve_snapshot(
     let name = shared.site_name(site);
     let started = Instant::now();
     info!(joiner = %name, "a joining site asks for a snapshot");
-    let taken = async {
-        let _one_at_a_time = shared.snapshotting.lock().await;
-        let path = take_snapshot_locked(&shared).await?;
-        // Opened under the lock: the next snapshot cannot delete it first (an open file stays
-        // readable after it is unlinked).
-        let file = tokio::fs::File::open(&path).await.map_err(|e| {
-            crate::storage::wal::StorageError::Io {
-                path: path.clone(),
-                source: e,
-            }
-        })?;
-        let loaded = tokio::task::spawn_blocking({
-            let dir = shared.cfg.data_dir.clone();
-            move || snapshot::load(&dir)
-        })
-        .await
-        .map_err(|e| crate::storage::wal::StorageError::Failed(e.to_string()))??;
-        let lsn = loaded.map_or(0, |s| s.wal_lsn());
-        Ok::<_, crate::storage::wal::StorageError>((file, lsn))
-    }
-    .await;
-    // Everything in the copy is covered by `applied` now.
-    let floor = shared.read(|r| r.applied().as_slice().to_vec());
-    let (mut file, wal_lsn) = match taken {
-        Ok(t) => t,
+    let data = match capture_snapshot(&shared).await {
+        Ok(data) => data,
         Err(e) => {
             warn!(joiner = %name, error = %e, "snapshot for a joining site failed");
             let reject = wire::encode(&PeerControl::Reject {
@@ -97,45 +77,102 @@ pub(crate) async fn serve_snapshot(
             return;
         }
     };
-    let bytes = match file.metadata().await {
-        Ok(m) => m.len(),
-        Err(e) => {
-            warn!(joiner = %name, error = %e, "snapshot file vanished");
-            return;
-        }
-    };
+    let captured_ms = started.elapsed().as_millis() as u64;
+    // Everything in the copy is covered by `applied` now.
+    let floor = shared.read(|r| r.applied().as_slice().to_vec());
     let header = wire::encode(&PeerControl::SnapshotHeader {
-        wal_lsn,
-        bytes,
+        wal_lsn: data.wal_lsn,
         floor,
     });
     if write_frame(&mut send, &header).await.is_err() {
         return;
     }
-    let mut buf = vec![0u8; 1 << 20];
-    let mut sent = 0u64;
-    while sent < bytes {
-        let n = match file.read(&mut buf).await {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) => {
-                warn!(joiner = %name, error = %e, "reading the snapshot failed");
-                conn.close(
-                    VarInt::from_u32(close_code::SHUTDOWN),
-                    b"snapshot read failed",
-                );
-                return;
-            }
-        };
-        if send.write_all(&buf[..n]).await.is_err() {
-            return;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_CHUNKS);
+    let serialise = background("snapshot-stream", move || {
+        std::io::Write::flush(&mut snapshot::write_archive(&data, ChunkWriter::new(tx))?)
+    });
+    let stream = async {
+        let mut sent = 0u64;
+        while let Some(chunk) = rx.recv().await {
+            sent += chunk.len() as u64;
+            send.write_chunk(chunk).await.map_err(|e| e.to_string())?;
         }
-        sent += n as u64;
+        // Dropping the receiver on an error stops the serialiser at its next chunk.
+        Ok::<_, String>(sent)
+    };
+    let (serialised, sent) = tokio::join!(serialise, stream);
+    let outcome = match (serialised, sent) {
+        (Ok(Ok(())), Ok(sent)) => Ok(sent),
+        (Ok(Err(e)), _) => Err(format!("serialising: {e}")),
+        (Err(e), _) => Err(e.to_string()),
+        (_, Err(e)) => Err(format!("sending: {e}")),
+    };
+    match outcome {
+        Ok(bytes) => {
+            let _ = send.finish();
+            let _ = send.stopped().await;
+            Metrics::bump(&shared.metrics.snapshots_served);
+            info!(joiner = %name, bytes, captured_ms, ms = started.elapsed().as_millis() as u64,
+                "snapshot sent to a joining site");
+        }
+        Err(e) => {
+            // Not a finished stream: the joining site must not take a partial archive.
+            let _ = send.reset(VarInt::from_u32(close_code::SHUTDOWN));
+            conn.close(
+                VarInt::from_u32(close_code::SHUTDOWN),
+                b"snapshot stream failed",
+            );
+            warn!(joiner = %name, error = %e, "streaming a snapshot to a joining site failed");
+        }
     }
-    let _ = send.finish();
-    let _ = send.stopped().await;
-    Metrics::bump(&shared.metrics.snapshots_served);
-    info!(joiner = %name, bytes, ms = started.elapsed().as_millis() as u64, "snapshot sent to a joining site");
+}
+
+/// Chunks in flight between the serialiser and the stream (of [`STREAM_CHUNK`] bytes each).
+const STREAM_CHUNKS: usize = 8;
+
+/// The size of a streamed snapshot's chunks, at the source and at the joining site.
+const STREAM_CHUNK: usize = 1 << 20;
+
+/// A [`std::io::Write`] that hands [`STREAM_CHUNK`]-byte chunks to an async receiver, blocking
+/// while [`STREAM_CHUNKS`] are in flight: the serialiser runs on a thread of its own, ahead of
+/// the network by at most that much.
+struct ChunkWriter {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    fn new(tx: tokio::sync::mpsc::Sender<Bytes>) -> Self {
+        Self {
+            tx,
+            buf: Vec::with_capacity(STREAM_CHUNK),
+        }
+    }
+
+    fn hand_over(&mut self) -> std::io::Result<()> {
+        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_CHUNK));
+        self.tx
+            .blocking_send(Bytes::from(full))
+            .map_err(|_| std::io::Error::other("the snapshot stream stopped"))
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= STREAM_CHUNK {
+            self.hand_over()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            self.hand_over()
+        }
+    }
 }
 
 /// The floor a completed join recorded in `dir`, if this site joined from a snapshot.
@@ -184,13 +221,19 @@ pub(crate) async fn fetch(
         attempt += 1;
         let started = Instant::now();
         match fetch_once(cfg, endpoint, creds, &transport, &source).await {
-            Ok((bytes, floor)) => {
+            Ok(Received {
+                bytes,
+                transfer_ms,
+                floor,
+            }) => {
                 let secs = started.elapsed().as_secs_f64();
                 info!(
                     from = %source.name,
                     bytes,
                     ms = (secs * 1000.0) as u64,
                     mb_per_s = bytes as f64 / secs.max(1e-6) / 1e6,
+                    transfer_ms = transfer_ms as u64,
+                    transfer_mb_per_s = bytes as f64 / (transfer_ms / 1000.0).max(1e-6) / 1e6,
                     "joined: snapshot loaded; catching up from every site"
                 );
                 let text: String = floor.iter().map(|v| format!("{v}\n")).collect();
@@ -208,14 +251,14 @@ pub(crate) async fn fetch(
     }
 }
 
-/// One snapshot request: returns the bytes received and the floor.
+/// One snapshot request: the snapshot received, written durably and installed.
 async fn fetch_once(
     cfg: &SiteConfig,
     endpoint: &Endpoint,
     creds: &LoadedTls,
     transport: &tls::TransportLimits,
     source: &crate::config::SiteEntry,
-) -> Result<(u64, Vec<u64>), String> {
+) -> Result<Received, String> {
     let client = tls::client_config(&creds.identity, transport, tls::ALPN_PEER)
         .map_err(|e| e.to_string())?;
     let addr = source.partition_addr(cfg.partition);
@@ -240,46 +283,126 @@ async fn fetch_once(
         .await
         .map_err(|e| e.to_string())?
         .ok_or("the source closed the stream before answering")?;
-    let (wal_lsn, bytes, floor) = match wire::decode::<PeerControl>(&frame) {
-        Ok(PeerControl::SnapshotHeader {
-            wal_lsn,
-            bytes,
-            floor,
-        }) => (wal_lsn, bytes, floor),
+    let (wal_lsn, floor) = match wire::decode::<PeerControl>(&frame) {
+        Ok(PeerControl::SnapshotHeader { wal_lsn, floor }) => (wal_lsn, floor),
         Ok(PeerControl::Reject { reason }) => return Err(format!("refused: {reason}")),
         Ok(other) => return Err(format!("unexpected answer {other:?}")),
         Err(e) => return Err(format!("malformed answer: {e}")),
     };
     wire::check_vector(&floor, cfg.n(), "snapshot floor").map_err(|e| e.to_string())?;
+    // The archive runs to the stream's end. A thread writes it to disk as it arrives, starting
+    // the write-back as it goes, so the final fsync has little left to do.
     let tmp = cfg.data_dir.join(JOIN_TMP);
-    let mut file = tokio::fs::File::create(&tmp)
-        .await
+    let transfer = Instant::now();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_CHUNKS);
+    let writer = background("snapshot-receive", {
+        let tmp = tmp.clone();
+        move || write_received(&tmp, rx)
+    });
+    let receive = async move {
+        let mut got = 0u64;
+        loop {
+            let mut buf = vec![0u8; STREAM_CHUNK];
+            let mut filled = 0;
+            let mut ended = false;
+            while filled < buf.len() {
+                match recv.read(&mut buf[filled..]).await {
+                    Ok(Some(n)) => filled += n,
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(e) => return Err(format!("receiving the snapshot after {got} bytes: {e}")),
+                }
+            }
+            buf.truncate(filled);
+            got += filled as u64;
+            if !buf.is_empty() && tx.send(Bytes::from(buf)).await.is_err() {
+                return Err("the snapshot writer stopped".to_string());
+            }
+            if ended {
+                // The empty chunk says the archive is whole: only then is it fsynced.
+                let _ = tx.send(Bytes::new()).await;
+                return Ok(got);
+            }
+        }
+    };
+    // Both run to their end (the receiver's sender goes with it), so a retry never writes the
+    // file while this writer still does.
+    let (received, written) = tokio::join!(
+        async {
+            let r = receive.await;
+            (r, transfer.elapsed().as_secs_f64() * 1000.0)
+        },
+        writer
+    );
+    let (received, transfer_ms) = received;
+    let got = received?;
+    written
+        .map_err(|e| e.to_string())?
         .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut got = 0u64;
-    while got < bytes {
-        let want = buf.len().min((bytes - got) as usize);
-        let n = recv
-            .read(&mut buf[..want])
-            .await
-            .map_err(|e| format!("receiving the snapshot: {e}"))?
-            .ok_or_else(|| format!("the snapshot ended after {got} of {bytes} bytes"))?;
-        file.write_all(&buf[..n])
-            .await
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        got += n as u64;
-    }
-    file.sync_all()
-        .await
-        .map_err(|e| format!("{}: {e}", tmp.display()))?;
-    drop(file);
     conn.close(VarInt::from_u32(close_code::SHUTDOWN), b"snapshot received");
     let dir = cfg.data_dir.clone();
     tokio::task::spawn_blocking(move || snapshot::install_received(&dir, &tmp, wal_lsn))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("installing the snapshot: {e}"))?;
-    Ok((got, floor))
+    Ok(Received {
+        bytes: got,
+        transfer_ms,
+        floor,
+    })
+}
+
+/// What [`fetch_once`] received.
+struct Received {
+    /// The archive's size.
+    bytes: u64,
+    /// From the header to the archive's last byte.
+    transfer_ms: f64,
+    /// The source's `applied` vector once its copy had ended.
+    floor: Vec<u64>,
+}
+
+/// Writes a streamed snapshot's chunks to `tmp` as they come, starting each megabyte's
+/// write-back at once (Linux `sync_file_range`), and fsyncs the file once an empty chunk says
+/// the archive is whole. A stream that stops without it leaves the file unsynced and is an
+/// error.
+fn write_received(tmp: &Path, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(tmp)?;
+    let mut written = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        if chunk.is_empty() {
+            file.sync_all()?;
+            return Ok(());
+        }
+        file.write_all(&chunk)?;
+        start_write_back(&file, written, chunk.len() as u64);
+        written += chunk.len() as u64;
+    }
+    Err(std::io::Error::other("the snapshot stream stopped early"))
+}
+
+/// Starts writing `len` bytes at `offset` of `file` back to disk without waiting for them
+/// (Linux; elsewhere the final fsync does it all).
+fn start_write_back(file: &std::fs::File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open for the call's duration; SYNC_FILE_RANGE_WRITE only
+        // starts write-back of the range and touches no memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Writes `name` in `dir` crash-safely (temporary file, fsync, rename, directory fsync).
@@ -293,4 +416,53 @@ fn write_durably(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<PathBuf
     std::fs::rename(&tmp, &path)?;
     std::fs::File::open(dir)?.sync_all()?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs [`write_received`] on its own thread over `chunks`, as the fetch does.
+    fn write(tmp: &Path, chunks: Vec<&'static [u8]>) -> std::io::Result<()> {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        let tmp = tmp.to_path_buf();
+        let writer = std::thread::spawn(move || write_received(&tmp, rx));
+        for c in chunks {
+            tx.blocking_send(Bytes::from_static(c)).unwrap();
+        }
+        drop(tx);
+        writer.join().unwrap()
+    }
+
+    #[test]
+    fn a_received_snapshot_is_whole_only_after_its_end_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join(JOIN_TMP);
+        write(&tmp, vec![b"abc", b"def", b""]).unwrap();
+        assert_eq!(std::fs::read(&tmp).unwrap(), b"abcdef");
+        // The stream stopped (source gone, stream reset) before the marker: an error, so the
+        // fetch retries instead of installing a partial archive.
+        let err = write(&tmp, vec![b"abc", b"def"]).unwrap_err();
+        assert!(err.to_string().contains("stopped early"), "{err}");
+    }
+
+    #[test]
+    fn a_chunk_writer_hands_over_whole_chunks_and_the_rest_on_flush() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        let producer = std::thread::spawn(move || {
+            let mut w = ChunkWriter::new(tx);
+            let piece = vec![7u8; STREAM_CHUNK / 2 + 1];
+            for _ in 0..3 {
+                std::io::Write::write_all(&mut w, &piece).unwrap();
+            }
+            std::io::Write::flush(&mut w).unwrap();
+        });
+        producer.join().unwrap();
+        let mut sizes = Vec::new();
+        while let Ok(chunk) = rx.try_recv() {
+            sizes.push(chunk.len());
+        }
+        let piece = STREAM_CHUNK / 2 + 1;
+        assert_eq!(sizes, vec![2 * piece, piece]);
+    }
 }

@@ -97,11 +97,10 @@ pub(crate) async fn take_snapshot(
     take_snapshot_locked(shared).await
 }
 
-/// [`take_snapshot`], for a caller that holds [`Shared::snapshotting`] (two snapshots at once
-/// would write the same temporary file).
-pub(crate) async fn take_snapshot_locked(
-    shared: &Arc<Shared>,
-) -> Result<std::path::PathBuf, StorageError> {
+/// Steps 1 to 3 of [`take_snapshot`]: a copy of the site's state, with every write in it
+/// durable here, ready to be written ([`snapshot::write`]) or streamed to a joining site
+/// ([`snapshot::write_archive`]). It needs no [`Shared::snapshotting`]: it touches no file.
+pub(crate) async fn capture_snapshot(shared: &Arc<Shared>) -> Result<SnapshotData, StorageError> {
     let (store, applied, lease, lsn, retained) = {
         let mut r = shared.replica.lock().expect("replica lock");
         let mut w = shared.wal.lock().expect("wal lock");
@@ -131,6 +130,16 @@ pub(crate) async fn take_snapshot_locked(
         append_ready(&mut r, &mut w, true)
     };
     shared.wait_durable(end).await?;
+    Ok(data)
+}
+
+/// [`take_snapshot`], for a caller that holds [`Shared::snapshotting`] (two snapshots at once
+/// would write the same temporary file).
+pub(crate) async fn take_snapshot_locked(
+    shared: &Arc<Shared>,
+) -> Result<std::path::PathBuf, StorageError> {
+    let data = capture_snapshot(shared).await?;
+    let lsn = data.wal_lsn;
     let dir = shared.cfg.data_dir.clone();
     let path = background("snapshot-write", move || snapshot::write(&dir, &data)).await??;
     let covered = shared.wal.lock().expect("wal lock").wal.detach_before(lsn);
@@ -148,7 +157,7 @@ pub(crate) async fn take_snapshot_locked(
 /// thread the core as soon as it is runnable (as database engines do with their background
 /// compaction threads). A fresh thread, not the blocking pool: a lowered priority cannot be
 /// raised again without privileges, and pooled threads serve other work later.
-async fn background<T: Send + 'static>(
+pub(crate) async fn background<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, StorageError> {

@@ -13,7 +13,7 @@
 //! file; it is never skipped silently.
 
 use std::fs::{self, File};
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -140,6 +140,27 @@ pub fn write(dir: &Path, data: &SnapshotData) -> Result<PathBuf, StorageError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tmp = dir.join(TMP);
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let file = write_archive(data, BufWriter::with_capacity(1 << 20, file))
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(io_err(&tmp))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    drop(file);
+    let path = snapshot_path(dir, data.wal_lsn);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    sync_dir(dir)?;
+    for (_, old) in list(dir)? {
+        if old != path {
+            fs::remove_file(&old).map_err(io_err(&old))?;
+        }
+    }
+    Ok(path)
+}
+
+/// Serialises `data` as a snapshot archive into `out`, front to back as it goes (rkyv writes
+/// every child before its parent, the root last), and returns `out`. [`write`] puts it in a
+/// file; a joining site's snapshot streams it onto the network as it is produced, with no
+/// file at the source. Errors are `out`'s.
+pub fn write_archive<W: Write>(data: &SnapshotData, out: W) -> std::io::Result<W> {
     let archive = SnapshotRef {
         format: FORMAT,
         applied: &data.applied,
@@ -158,25 +179,9 @@ pub fn write(dir: &Path, data: &SnapshotData) -> Result<PathBuf, StorageError> {
             .collect(),
         retained: data.retained.iter().map(UpdateRef::new).collect(),
     };
-    let writer = IoWriter::new(BufWriter::with_capacity(1 << 20, file));
-    let writer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&archive, writer)
-        .map_err(|e| io_err(&tmp)(std::io::Error::other(e.to_string())))?;
-    drop(archive);
-    let file = writer
-        .into_inner()
-        .into_inner()
-        .map_err(|e| io_err(&tmp)(e.into_error()))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    drop(file);
-    let path = snapshot_path(dir, data.wal_lsn);
-    fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    sync_dir(dir)?;
-    for (_, old) in list(dir)? {
-        if old != path {
-            fs::remove_file(&old).map_err(io_err(&old))?;
-        }
-    }
-    Ok(path)
+    let writer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&archive, IoWriter::new(out))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(writer.into_inner())
 }
 
 /// Installs a snapshot file received whole from another site (a joining site's start): `tmp`,
