@@ -140,6 +140,7 @@ res = {
     "during": {"get_p99_us": during["get"]["p99_us"], "put_p99_us": during["put"]["p99_us"],
                "errors": during["errors"], "ops": during["ops"]},
     "p99_during_over_before": p99(during) / max(1, p99(before)),
+    "source_capture_ms": field(served, "captured_ms"),
     "source_log": served.strip(),
 }
 json.dump(res, open(f"{out}/results.json", "w"), indent=2)
@@ -154,6 +155,7 @@ then site d joins from a.
 | d's start to snapshot loaded | {t1 - t0:.2f} s |
 | d's start to active (Raft voter) | {t2 - t0:.2f} s (final state: {state}) |
 | snapshot bytes | {int(snap_bytes):,} |
+| source's copy of its store (before the header) | {field(served, "captured_ms"):.0f} ms |
 | snapshot transfer: header to the archive's last byte received | {transfer_ms:.0f} ms, {transfer_rate:.1f} MB/s |
 | snapshot request to installed (source's copy, transfer, fsync, validation) | {snap_ms:.0f} ms, {snap_rate:.1f} MB/s |
 | bare QUIC floor, one way, 64 KiB messages, before / after the join | {floor["mb_per_s"]:.1f} / {floor_after["mb_per_s"]:.1f} MB/s |

@@ -1006,3 +1006,34 @@ async fn remove_refuses_bad_input_with_clear_errors_and_keeps_serving() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_changes_on_partitioned_sites_are_refused_with_a_clear_error() {
+    bounded(ms(60_000), async {
+        // 2 sites x 2 partitions: node 0 is site a's partition 0, which keeps the configuration.
+        let mut c = Cluster::prepare_partitioned(2, 2).start().await;
+        c.wait_connected().await;
+        let a = c.client(0).await;
+        let new_site: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        for (what, r) in [
+            ("adding", a.add_site("c", new_site, 1).await),
+            ("removing", a.remove_site("b", false, 1).await),
+        ] {
+            match r {
+                Err(ClientError::Server { code: 3, message }) => assert!(
+                    message.starts_with(what)
+                        && message.ends_with("a cluster of partitioned sites is not supported yet"),
+                    "{message:?}"
+                ),
+                other => panic!("{what}: expected a refusal, got {other:?}"),
+            }
+        }
+        a.put("still", "serving")
+            .await
+            .expect("the site serves after the refusals");
+        // Dropped with the test's runtime: a graceful stop of a partitioned cluster takes
+        // seconds and shows nothing here.
+        drop(c);
+    })
+    .await;
+}

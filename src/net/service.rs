@@ -474,6 +474,14 @@ async fn sites_add(
             ),
         );
     }
+    if shared.cfg.partitions > 1 {
+        // Partition nodes above 0 do not follow the configuration yet: refused, rather than
+        // a site that partition 0 counts and the others do not.
+        return error(
+            error_code::BAD_REQUEST,
+            "adding a site to a cluster of partitioned sites is not supported yet".to_owned(),
+        );
+    }
     let addr = match addr.parse() {
         Ok(a) => a,
         Err(e) => {
