@@ -17,6 +17,10 @@
 //!   test-only switch) must not prune what the joining site's snapshot lacks once the old
 //!   members ack it; the joining site gets every one of its writes (and does not, with the
 //!   fix switched off by `MEMBERSHIP_PRUNE_AHEAD=1`).
+//! - A leader crash in joint consensus: group 0's leader is paused (a test-only switch)
+//!   between the two steps of making the joining site a voter, killed with `kill -9` and
+//!   restarted; the cluster finishes the change (an active voter, a uniform configuration) and
+//!   the strong operations pass the linearizability checker.
 //!
 //!
 //! Removing sites (`remove_*`):
@@ -625,6 +629,226 @@ async fn join_while_an_origin_lags_on_the_change_loses_none_of_its_writes() {
             states.push((i as u16, state));
         }
         checker::check_convergence(&states).expect("the four sites converge");
+    })
+    .await;
+}
+
+/// A leader crash in the middle of joint consensus: while d is made a voter, group 0's leader
+/// is paused (a test-only switch) between the two steps of the change, with the joint
+/// configuration committed and the uniform one not yet written, then killed with `kill -9` and
+/// restarted. The cluster must finish the change (d an active voter, the configuration uniform)
+/// and the strong operations run meanwhile must pass the linearizability checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_finishes_when_the_leader_crashes_in_joint_consensus() {
+    bounded(ms(240_000), async {
+        let seed = env_u64("MEMBERSHIP_SEED", 0x6a02);
+        println!("seed {seed:#x} (MEMBERSHIP_SEED)");
+        let mut p = Cluster::prepare_strong(3)
+            .spawn_with_env(&[("CAUSALKV_TEST_PAUSE_JOINT", "1")])
+            .await;
+        p.wait_connected().await;
+        let admin = p.client(0).await;
+        let mut leader = 0usize;
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped and group 0 has a leader",
+            async || {
+                let Ok(s) = admin.status().await else {
+                    return false;
+                };
+                let boot = s.membership.is_some_and(|m| m.epoch == 1);
+                match s.consensus.and_then(|c| c.leader) {
+                    Some(l) if boot => {
+                        leader = l as usize;
+                        true
+                    }
+                    _ => false,
+                }
+            },
+        )
+        .await;
+        let from = (leader + 1) % 3;
+        let names: Vec<String> = p.configs.iter().map(|c| c.me().name.clone()).collect();
+        println!(
+            "leader of group 0: {}; d joins from {}",
+            names[leader], names[from]
+        );
+        // The leader will stop between the two steps of the change.
+        let pause = p.configs[leader]
+            .data_dir
+            .join(causalkv::net::strong::PAUSE_JOINT_FILE);
+        std::fs::write(&pause, b"").expect("create the pause file");
+        // Strong operations at every site, recorded for the linearizability checker.
+        let rec = Recorder::new();
+        let keys: Vec<Vec<u8>> = (0..3).map(|k| format!("hot{k}").into_bytes()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_leader = Arc::new(AtomicBool::new(false));
+        let mut strong = tokio::task::JoinSet::new();
+        for site in 0..3usize {
+            let client = p
+                .client_builder(site)
+                .timeout(ms(5_000))
+                .connect()
+                .await
+                .expect("client");
+            let stop = if site == leader {
+                stop_leader.clone()
+            } else {
+                stop.clone()
+            };
+            strong.spawn(strong_session(
+                client,
+                rec.clone(),
+                100 + site as u64,
+                seed,
+                keys.clone(),
+                stop,
+            ));
+        }
+        eventually(ms(30_000), "the strong load makes progress", async || {
+            rec.snapshot().len() >= 20
+        })
+        .await;
+        let cfg = joiner(&p, "d", &names[from]);
+        let d_addr = cfg.me().addr;
+        let out = sites_cli(
+            &p.certs,
+            &[
+                "add",
+                "d",
+                "--addr",
+                &d_addr.to_string(),
+                "--site",
+                &p.addr(from).to_string(),
+            ],
+        );
+        common::assert_success(&out);
+        let d = p.add(cfg);
+        p.wait_listening(d, ms(60_000)).await;
+        eventually(
+            ms(60_000),
+            "the leader pauses in joint consensus",
+            async || {
+                p.log(leader)
+                    .contains("pausing before appending the uniform")
+            },
+        )
+        .await;
+        let at_leader = p.client(leader).await;
+        let phase = at_leader
+            .status()
+            .await
+            .ok()
+            .and_then(|s| s.membership)
+            .and_then(|m| m.sites.get(3).map(|s| s.state.clone()));
+        assert_eq!(
+            phase.as_deref(),
+            Some("joining: voter (joint)"),
+            "d's phase at the paused leader"
+        );
+        // kill -9 in the middle of joint consensus, then restart.
+        stop_leader.store(true, Ordering::Relaxed);
+        p.kill(leader);
+        // Another site takes over (a majority of the old voters and of the new ones is left)
+        // before the crashed one is back.
+        let survivor = p.client(from).await;
+        eventually(ms(30_000), "another site leads group 0", async || {
+            survivor.status().await.is_ok_and(|s| {
+                s.consensus
+                    .and_then(|c| c.leader)
+                    .is_some_and(|l| l as usize != leader)
+            })
+        })
+        .await;
+        std::fs::remove_file(&pause).expect("remove the pause file");
+        p.start(leader);
+        p.wait_listening(leader, ms(60_000)).await;
+        // The change is finished: d is an active voter everywhere, the configuration uniform.
+        let status: Vec<Client> = {
+            let mut v = Vec::new();
+            for i in 0..4 {
+                v.push(p.client(i).await);
+            }
+            v
+        };
+        eventually_ok(
+            ms(90_000),
+            "d is an active voter and the configuration uniform at every site",
+            async || {
+                for (i, c) in status.iter().enumerate() {
+                    let s = c.status().await.map_err(|e| format!("site {i}: {e}"))?;
+                    let states: Vec<String> = s
+                        .membership
+                        .as_ref()
+                        .map(|m| m.sites.iter().map(|x| x.state.clone()).collect())
+                        .unwrap_or_default();
+                    let voters: Vec<u16> = s
+                        .consensus
+                        .as_ref()
+                        .map(|c| c.voters.iter().map(|v| v.site).collect())
+                        .unwrap_or_default();
+                    if states.len() != 4
+                        || states.iter().any(|x| x != "active")
+                        || voters != [0, 1, 2, 3]
+                    {
+                        return Err(format!("site {i}: members {states:?}, voters {voters:?}"));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+        // The leader after the crash finished the joint configuration the crashed one left.
+        let finisher = (0..4).find(|&i| p.log(i).contains("finishing the joint configuration"));
+        println!(
+            "finished by {:?}",
+            finisher.map(|i| p.configs[i].me().name.clone())
+        );
+        assert!(
+            finisher.is_some(),
+            "no leader finished the joint configuration"
+        );
+        // Strong operations go on with d, then final reads close the history.
+        let at_d = p
+            .client_builder(d)
+            .timeout(ms(5_000))
+            .connect()
+            .await
+            .expect("client");
+        strong.spawn(strong_session(
+            at_d,
+            rec.clone(),
+            103,
+            seed,
+            keys.clone(),
+            stop.clone(),
+        ));
+        let mark = rec.snapshot().len();
+        eventually(ms(30_000), "the strong load goes on with d", async || {
+            rec.snapshot().len() >= mark + 30
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        while let Some(r) = strong.join_next().await {
+            failures.extend(r.expect("strong session"));
+        }
+        println!(
+            "{} strong operations failed (unknown outcome) around the crash",
+            failures.len()
+        );
+        for (i, c) in status.iter().enumerate() {
+            for key in &keys {
+                let cmd = Command::get(key.clone());
+                let pending = rec.invoke(200 + i as u64, cmd);
+                let v = c.get_strong(key).await.expect("final strong read");
+                pending.complete(Response::Value(v.map(|b| b.to_vec())));
+            }
+        }
+        let history = rec.snapshot();
+        let lin = lincheck::check(&history);
+        println!("strong: {} operations; {lin}", history.len());
+        assert_eq!(lin.verdict(), Verdict::Ok, "{lin}");
     })
     .await;
 }

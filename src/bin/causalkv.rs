@@ -1436,6 +1436,12 @@ async fn serve(config: PathBuf) -> Result<(), String> {
         // file `test-hold-sites` is in its data directory. Never set them in a deployment.
         hold_for_added: std::env::var("CAUSALKV_TEST_PRUNE_AHEAD").as_deref() != Ok("1"),
         hold_sites: std::env::var("CAUSALKV_TEST_HOLD_SITES").as_deref() == Ok("1"),
+        // Test-only: `CAUSALKV_TEST_PAUSE_JOINT=1` pauses a membership change in joint consensus
+        // while a file `test-pause-joint` is in the data directory. Never set it in a deployment.
+        strong: causalkv::net::StrongOptions {
+            pause_joint: std::env::var("CAUSALKV_TEST_PAUSE_JOINT").as_deref() == Ok("1"),
+            ..Default::default()
+        },
         ..Default::default()
     };
     if !opts.check_deps {
