@@ -13,6 +13,14 @@
 //!   site converges and both checkers pass.
 //! - A join request from a site the cluster does not count is refused with a clear error, and
 //!   the site asked keeps serving.
+//! - The join's retention race: an origin that lags on the change that adds a site (a
+//!   test-only switch) must not prune what the joining site's snapshot lacks once the old
+//!   members ack it; the joining site gets every one of its writes (and does not, with the
+//!   fix switched off by `MEMBERSHIP_PRUNE_AHEAD=1`).
+//! - A leader crash in joint consensus: group 0's leader is paused (a test-only switch)
+//!   between the two steps of making the joining site a voter, killed with `kill -9` and
+//!   restarted; the cluster finishes the change (an active voter, a uniform configuration) and
+//!   the strong operations pass the linearizability checker.
 //!
 //!
 //! Removing sites (`remove_*`):
@@ -43,7 +51,7 @@ use causalkv::tools::checker::{self, History, Op};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::tools::wan::LinkParams;
 use causalkv::{Client, ClientError};
-use common::{BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, ms};
+use common::{BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, eventually_ok, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -472,6 +480,375 @@ async fn join_request_from_a_site_the_cluster_does_not_count_is_refused_with_a_c
             Some(&b"serving"[..])
         );
         p.kill(d);
+    })
+    .await;
+}
+
+/// The join's retention race, staged: c lags on the change that adds d (a test-only switch
+/// holds it back while a file is in its data directory); d loads its snapshot from a, and then
+/// c writes. a and b ack the writes (a and b, counting d already, with vectors of four
+/// entries); then c applies the change and d asks c to resend from the snapshot's vector. d
+/// must get every one of c's writes.
+///
+/// `MEMBERSHIP_PRUNE_AHEAD=1` runs it with the fix switched off (c prunes as soon as the old
+/// members ack), to show that the assertion then fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_while_an_origin_lags_on_the_change_loses_none_of_its_writes() {
+    bounded(ms(180_000), async {
+        let prune_ahead = env_u64("MEMBERSHIP_PRUNE_AHEAD", 0) == 1;
+        let mut env = vec![("CAUSALKV_TEST_HOLD_SITES", "1")];
+        if prune_ahead {
+            println!("MEMBERSHIP_PRUNE_AHEAD=1: the fix is switched off at every site");
+            env.push(("CAUSALKV_TEST_PRUNE_AHEAD", "1"));
+        }
+        let mut p = Cluster::prepare_strong(3).spawn_with_env(&env).await;
+        p.wait_connected().await;
+        let admin = p.client(0).await;
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped",
+            async || {
+                admin
+                    .status()
+                    .await
+                    .is_ok_and(|s| s.membership.is_some_and(|m| m.epoch == 1))
+            },
+        )
+        .await;
+        // c will lag on the change that adds d, until the file is gone.
+        let hold = p.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
+        std::fs::write(&hold, b"").expect("create the hold file");
+        // d is added: a and b apply it, c holds it back; d loads a's snapshot.
+        let cfg = joiner(&p, "d", "a");
+        let d_addr = cfg.me().addr;
+        let out = sites_cli(
+            &p.certs,
+            &[
+                "add",
+                "d",
+                "--addr",
+                &d_addr.to_string(),
+                "--site",
+                &p.addr(1).to_string(),
+            ],
+        );
+        common::assert_success(&out);
+        eventually(ms(20_000), "c holds the change back", async || {
+            p.log(2).contains("holding back a configuration")
+        })
+        .await;
+        let d = p.add(cfg);
+        p.wait_listening(d, ms(60_000)).await;
+        assert!(p.log(d).contains("joined: snapshot loaded"), "{}", p.log(d));
+        // c writes: nothing of it is in the snapshot, and c does not count d yet.
+        const N: usize = 10;
+        let keys: Vec<String> = (0..N).map(|k| format!("x-{k}")).collect();
+        let at_c = p.client(2).await;
+        for (k, key) in keys.iter().enumerate() {
+            at_c.put(key, format!("v-{k}")).await.expect("write at c");
+        }
+        let c_has = at_c.context().get(2);
+        let floor =
+            std::fs::read_to_string(p.configs[d].data_dir.join("join.state")).expect("join.state");
+        let floor_c: u64 = floor
+            .lines()
+            .nth(2)
+            .expect("c's entry")
+            .parse()
+            .expect("entry");
+        assert!(
+            floor_c < c_has,
+            "the snapshot has c's writes: {floor_c} >= {c_has}"
+        );
+        // a and b ack them, counting d already.
+        eventually_ok(ms(30_000), "a and b ack c's writes to c", async || {
+            let s = at_c.status().await.map_err(|e| e.to_string())?;
+            let acked = [0u16, 1].iter().all(|&site| {
+                s.peers
+                    .iter()
+                    .any(|q| q.site == site && q.applied.get(2).is_some_and(|&v| v >= c_has))
+            });
+            if acked {
+                return Ok(());
+            }
+            let warnings: Vec<String> = p
+                .log(2)
+                .lines()
+                .filter(|l| l.contains("WARN"))
+                .map(str::to_owned)
+                .collect();
+            Err(format!(
+                "c wrote up to {c_has}; c's peers: {:?}; c's warnings: {warnings:?}",
+                s.peers
+                    .iter()
+                    .map(|q| (q.site, q.applied.clone()))
+                    .collect::<Vec<_>>()
+            ))
+        })
+        .await;
+        let retained = at_c.status().await.expect("status of c").retained;
+        println!("c retains {retained} updates once a and b acked its {N} writes");
+        if !prune_ahead {
+            assert!(
+                retained >= N as u64,
+                "c must keep its writes for d, which it does not count yet: {retained} retained"
+            );
+        }
+        // c applies the change: it counts d, and d asks it to resend from the snapshot's vector.
+        std::fs::remove_file(&hold).expect("remove the hold file");
+        let at_d = p.client(d).await;
+        eventually_ok(ms(30_000), "d has every one of c's writes", async || {
+            let mut seen = Vec::new();
+            for key in &keys {
+                let v = at_d.get(key).await.map_err(|e| e.to_string())?;
+                seen.push(v.map(|b| String::from_utf8_lossy(&b).into_owned()));
+            }
+            let all = seen
+                .iter()
+                .enumerate()
+                .all(|(k, v)| v.as_deref() == Some(format!("v-{k}").as_str()));
+            if all {
+                Ok(())
+            } else {
+                let applied = at_d.status().await.map(|s| s.applied);
+                Err(format!(
+                    "d reads {seen:?} (d's applied {applied:?}, c wrote up to {c_has})"
+                ))
+            }
+        })
+        .await;
+        // Every site holds the same.
+        let mut states = Vec::new();
+        for i in 0..4 {
+            let c = p.client(i).await;
+            let mut state = BTreeMap::new();
+            for key in &keys {
+                let r = c.get_versioned(key).await.expect("read");
+                state.insert(key.clone(), (r.value.map(|b| b.to_vec()), r.version));
+            }
+            states.push((i as u16, state));
+        }
+        checker::check_convergence(&states).expect("the four sites converge");
+    })
+    .await;
+}
+
+/// A leader crash in the middle of joint consensus: while d is made a voter, group 0's leader
+/// is paused (a test-only switch) between the two steps of the change, with the joint
+/// configuration committed and the uniform one not yet written, then killed with `kill -9` and
+/// restarted. The cluster must finish the change (d an active voter, the configuration uniform)
+/// and the strong operations run meanwhile must pass the linearizability checker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_finishes_when_the_leader_crashes_in_joint_consensus() {
+    bounded(ms(240_000), async {
+        let seed = env_u64("MEMBERSHIP_SEED", 0x6a02);
+        println!("seed {seed:#x} (MEMBERSHIP_SEED)");
+        let mut p = Cluster::prepare_strong(3)
+            .spawn_with_env(&[("CAUSALKV_TEST_PAUSE_JOINT", "1")])
+            .await;
+        p.wait_connected().await;
+        let admin = p.client(0).await;
+        let mut leader = 0usize;
+        eventually(
+            ms(20_000),
+            "the configuration is bootstrapped and group 0 has a leader",
+            async || {
+                let Ok(s) = admin.status().await else {
+                    return false;
+                };
+                let boot = s.membership.is_some_and(|m| m.epoch == 1);
+                match s.consensus.and_then(|c| c.leader) {
+                    Some(l) if boot => {
+                        leader = l as usize;
+                        true
+                    }
+                    _ => false,
+                }
+            },
+        )
+        .await;
+        let from = (leader + 1) % 3;
+        let names: Vec<String> = p.configs.iter().map(|c| c.me().name.clone()).collect();
+        println!(
+            "leader of group 0: {}; d joins from {}",
+            names[leader], names[from]
+        );
+        // The leader will stop between the two steps of the change.
+        let pause = p.configs[leader]
+            .data_dir
+            .join(causalkv::net::strong::PAUSE_JOINT_FILE);
+        std::fs::write(&pause, b"").expect("create the pause file");
+        // Strong operations at every site, recorded for the linearizability checker.
+        let rec = Recorder::new();
+        let keys: Vec<Vec<u8>> = (0..3).map(|k| format!("hot{k}").into_bytes()).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_leader = Arc::new(AtomicBool::new(false));
+        let mut strong = tokio::task::JoinSet::new();
+        for site in 0..3usize {
+            let client = p
+                .client_builder(site)
+                .timeout(ms(5_000))
+                .connect()
+                .await
+                .expect("client");
+            let stop = if site == leader {
+                stop_leader.clone()
+            } else {
+                stop.clone()
+            };
+            strong.spawn(strong_session(
+                client,
+                rec.clone(),
+                100 + site as u64,
+                seed,
+                keys.clone(),
+                stop,
+            ));
+        }
+        eventually(ms(30_000), "the strong load makes progress", async || {
+            rec.snapshot().len() >= 20
+        })
+        .await;
+        let cfg = joiner(&p, "d", &names[from]);
+        let d_addr = cfg.me().addr;
+        let out = sites_cli(
+            &p.certs,
+            &[
+                "add",
+                "d",
+                "--addr",
+                &d_addr.to_string(),
+                "--site",
+                &p.addr(from).to_string(),
+            ],
+        );
+        common::assert_success(&out);
+        let d = p.add(cfg);
+        p.wait_listening(d, ms(60_000)).await;
+        eventually(
+            ms(60_000),
+            "the leader pauses in joint consensus",
+            async || {
+                p.log(leader)
+                    .contains("pausing before appending the uniform")
+            },
+        )
+        .await;
+        let at_leader = p.client(leader).await;
+        let phase = at_leader
+            .status()
+            .await
+            .ok()
+            .and_then(|s| s.membership)
+            .and_then(|m| m.sites.get(3).map(|s| s.state.clone()));
+        assert_eq!(
+            phase.as_deref(),
+            Some("joining: voter (joint)"),
+            "d's phase at the paused leader"
+        );
+        // kill -9 in the middle of joint consensus, then restart.
+        stop_leader.store(true, Ordering::Relaxed);
+        p.kill(leader);
+        // Another site takes over (a majority of the old voters and of the new ones is left)
+        // before the crashed one is back.
+        let survivor = p.client(from).await;
+        eventually(ms(30_000), "another site leads group 0", async || {
+            survivor.status().await.is_ok_and(|s| {
+                s.consensus
+                    .and_then(|c| c.leader)
+                    .is_some_and(|l| l as usize != leader)
+            })
+        })
+        .await;
+        std::fs::remove_file(&pause).expect("remove the pause file");
+        p.start(leader);
+        p.wait_listening(leader, ms(60_000)).await;
+        // The change is finished: d is an active voter everywhere, the configuration uniform.
+        let status: Vec<Client> = {
+            let mut v = Vec::new();
+            for i in 0..4 {
+                v.push(p.client(i).await);
+            }
+            v
+        };
+        eventually_ok(
+            ms(90_000),
+            "d is an active voter and the configuration uniform at every site",
+            async || {
+                for (i, c) in status.iter().enumerate() {
+                    let s = c.status().await.map_err(|e| format!("site {i}: {e}"))?;
+                    let states: Vec<String> = s
+                        .membership
+                        .as_ref()
+                        .map(|m| m.sites.iter().map(|x| x.state.clone()).collect())
+                        .unwrap_or_default();
+                    let voters: Vec<u16> = s
+                        .consensus
+                        .as_ref()
+                        .map(|c| c.voters.iter().map(|v| v.site).collect())
+                        .unwrap_or_default();
+                    if states.len() != 4
+                        || states.iter().any(|x| x != "active")
+                        || voters != [0, 1, 2, 3]
+                    {
+                        return Err(format!("site {i}: members {states:?}, voters {voters:?}"));
+                    }
+                }
+                Ok(())
+            },
+        )
+        .await;
+        // The leader after the crash finished the joint configuration the crashed one left.
+        let finisher = (0..4).find(|&i| p.log(i).contains("finishing the joint configuration"));
+        println!(
+            "finished by {:?}",
+            finisher.map(|i| p.configs[i].me().name.clone())
+        );
+        assert!(
+            finisher.is_some(),
+            "no leader finished the joint configuration"
+        );
+        // Strong operations go on with d, then final reads close the history.
+        let at_d = p
+            .client_builder(d)
+            .timeout(ms(5_000))
+            .connect()
+            .await
+            .expect("client");
+        strong.spawn(strong_session(
+            at_d,
+            rec.clone(),
+            103,
+            seed,
+            keys.clone(),
+            stop.clone(),
+        ));
+        let mark = rec.snapshot().len();
+        eventually(ms(30_000), "the strong load goes on with d", async || {
+            rec.snapshot().len() >= mark + 30
+        })
+        .await;
+        stop.store(true, Ordering::Relaxed);
+        let mut failures = Vec::new();
+        while let Some(r) = strong.join_next().await {
+            failures.extend(r.expect("strong session"));
+        }
+        println!(
+            "{} strong operations failed (unknown outcome) around the crash",
+            failures.len()
+        );
+        for (i, c) in status.iter().enumerate() {
+            for key in &keys {
+                let cmd = Command::get(key.clone());
+                let pending = rec.invoke(200 + i as u64, cmd);
+                let v = c.get_strong(key).await.expect("final strong read");
+                pending.complete(Response::Value(v.map(|b| b.to_vec())));
+            }
+        }
+        let history = rec.snapshot();
+        let lin = lincheck::check(&history);
+        println!("strong: {} operations; {lin}", history.len());
+        assert_eq!(lin.verdict(), Verdict::Ok, "{lin}");
     })
     .await;
 }

@@ -1430,10 +1430,27 @@ async fn serve(config: PathBuf) -> Result<(), String> {
         // dead from relaying its updates to each other (the membership tests show that they
         // then miss them). Never set it in a deployment.
         relay: std::env::var("CAUSALKV_TEST_NO_RELAY").as_deref() != Ok("1"),
+        // Test-only: `CAUSALKV_TEST_PRUNE_AHEAD=1` lets a site prune updates a site it has not
+        // counted yet may need (the membership tests show the joining site then misses them);
+        // `CAUSALKV_TEST_HOLD_SITES=1` makes a site lag on a change that adds sites while a
+        // file `test-hold-sites` is in its data directory. Never set them in a deployment.
+        hold_for_added: std::env::var("CAUSALKV_TEST_PRUNE_AHEAD").as_deref() != Ok("1"),
+        hold_sites: std::env::var("CAUSALKV_TEST_HOLD_SITES").as_deref() == Ok("1"),
+        // Test-only: `CAUSALKV_TEST_PAUSE_JOINT=1` pauses a membership change in joint consensus
+        // while a file `test-pause-joint` is in the data directory. Never set it in a deployment.
+        strong: causalkv::net::StrongOptions {
+            pause_joint: std::env::var("CAUSALKV_TEST_PAUSE_JOINT").as_deref() == Ok("1"),
+            ..Default::default()
+        },
         ..Default::default()
     };
     if !opts.check_deps {
         tracing::warn!("CAUSALKV_BENCH_EVENTUAL=1: dependency checks off (benchmark only)");
+    }
+    if !opts.hold_for_added {
+        tracing::warn!(
+            "CAUSALKV_TEST_PRUNE_AHEAD=1: pruning does not wait for sites added elsewhere (tests only)"
+        );
     }
     if !opts.relay {
         tracing::warn!(

@@ -224,6 +224,8 @@ fn io_err(e: impl std::fmt::Display) -> StorageError<NodeId> {
 pub struct LogStore {
     index: Arc<Mutex<Index>>,
     jobs: mpsc::Sender<Job>,
+    /// Test-only ([`LogStore::pause_before_uniform`]).
+    pause: Option<PathBuf>,
 }
 
 impl LogStore {
@@ -259,7 +261,38 @@ impl LogStore {
         Ok(LogStore {
             index: Arc::new(Mutex::new(index)),
             jobs,
+            pause: None,
         })
+    }
+
+    /// Test-only: while the file `flag` exists, an append that would end a joint configuration
+    /// (a uniform membership entry after a joint one) waits, before anything of it is written.
+    /// At a leader that is the moment between the two steps of `change_membership`: the joint
+    /// configuration is committed and the uniform one not yet written anywhere. The tests kill
+    /// the leader there and check that the cluster finishes the change.
+    pub fn pause_before_uniform(&mut self, flag: PathBuf) {
+        self.pause = Some(flag);
+    }
+
+    /// Whether appending `entries` ends a joint configuration (see
+    /// [`LogStore::pause_before_uniform`]).
+    fn ends_joint(&self, entries: &[Entry<TypeConfig>]) -> bool {
+        let joint = |e: &Entry<TypeConfig>| match &e.payload {
+            openraft::EntryPayload::Membership(m) => Some(m.get_joint_config().len() > 1),
+            _ => None,
+        };
+        let mut was_joint = {
+            let ix = self.index.lock().expect("raft log lock");
+            ix.entries.values().rev().find_map(joint).unwrap_or(false)
+        };
+        for e in entries {
+            match joint(e) {
+                Some(false) if was_joint => return true,
+                Some(j) => was_joint = j,
+                None => {}
+            }
+        }
+        false
     }
 
     /// The commit point last saved.
@@ -357,6 +390,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<_> = entries.into_iter().collect();
+        if let Some(flag) = &self.pause
+            && tokio::fs::try_exists(flag).await.unwrap_or(false)
+            && self.ends_joint(&entries)
+        {
+            tracing::warn!(
+                "test switch: pausing before appending the uniform configuration that ends a \
+                 joint one (until {} is removed)",
+                flag.display()
+            );
+            while tokio::fs::try_exists(flag).await.unwrap_or(false) {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
         self.submit(Record::Entries(entries), Done::Flushed(callback))
     }
 

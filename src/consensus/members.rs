@@ -73,7 +73,9 @@
 //!    (keys, values, versions, the deps of each value) and the `applied` vector `V` the contents
 //!    reflect (taken under the replica lock, as the snapshot task does). `s` loads it, sets
 //!    `applied = V`, and then says hello to every site with `V`: each origin resends its stream
-//!    from `V[origin]` on, which its retained log still holds since step 1. The snapshot stream
+//!    from `V[origin]` on, which its retained log still holds since step 1 (an origin that
+//!    applies step 1 late prunes nothing once a peer counts `s`: see the replica's *Retention
+//!    while a site is added*, `crate::replica`). The snapshot stream
 //!    is a plain QUIC stream at full window (the benchmark's rate against the bare QUIC floor).
 //! 3. Raft: group 0's leader adds `s` as a learner (`Raft::add_learner(s, node, blocking =
 //!    true)`: it returns once the learner's log has caught up), then makes it a voter with

@@ -18,7 +18,9 @@
 //! vector), so a restart neither fetches again nor forgets the floor. Recovery then loads the
 //! snapshot as if this site had written it: its `applied` vector is the snapshot's, and the
 //! hello it sends every site asks each origin to resend from there, which their retained logs
-//! still hold (retention keeps every update from the moment the site was added).
+//! still hold (retention keeps every update from the moment the site was added, and an origin
+//! that applies the addition late prunes nothing meanwhile once a peer counts the new site:
+//! see [`Replica::on_peer_counts`](crate::replica::Replica::on_peer_counts)).
 //!
 //! The floor: the source copies its store while it keeps applying, so the copy may hold
 //! entries newer than the snapshot's `applied` vector, whose dependencies may not be in it.

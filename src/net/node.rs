@@ -70,7 +70,19 @@ pub struct NodeOptions {
     /// Whether the survivors of a site removed while dead relay its updates to each other up
     /// to the cut. Only tests switch it off, to show the survivors then miss them.
     pub relay: bool,
+    /// Whether pruning waits while a peer counts a site this node does not count yet (see
+    /// [`ReplicaConfig::hold_for_added`]). Only tests switch it off, to show that a site added
+    /// to the cluster then misses updates of an origin that applied the change late.
+    pub hold_for_added: bool,
+    /// Test-only: while a file named [`HOLD_SITES_FILE`] is in the data directory, this node
+    /// applies no configuration that adds sites (it lags on the change as a node cut off from
+    /// the Raft leader would). Tests use it to stage the join's retention race.
+    pub hold_sites: bool,
 }
+
+/// The file whose presence in the data directory holds back added sites when
+/// [`NodeOptions::hold_sites`] is set (tests only).
+pub const HOLD_SITES_FILE: &str = "test-hold-sites";
 
 impl Default for NodeOptions {
     fn default() -> Self {
@@ -80,6 +92,8 @@ impl Default for NodeOptions {
             close_contexts: true,
             strong: Default::default(),
             relay: true,
+            hold_for_added: true,
+            hold_sites: false,
         }
     }
 }
@@ -165,6 +179,7 @@ impl Node {
         rc.check_deps = opts.check_deps;
         rc.check_stable = opts.check_stable;
         rc.close_contexts = opts.close_contexts;
+        rc.hold_for_added = opts.hold_for_added;
         // Recovery reads the snapshot and scans the whole log: blocking work, kept off the
         // runtime's threads (on a `current_thread` runtime it would stall every other task).
         let (cfg, (mut replica, wal)) = tokio::task::spawn_blocking(move || {
@@ -253,7 +268,10 @@ impl Node {
                     .watch(shared.shutdown.clone())
                     .instrument(span.clone()),
             ),
-            tokio::spawn(follow_sites(shared.clone(), endpoint.clone()).instrument(span.clone())),
+            tokio::spawn(
+                follow_sites(shared.clone(), endpoint.clone(), opts.hold_sites)
+                    .instrument(span.clone()),
+            ),
         ];
         for p in shared.cfg.peers() {
             tasks.push(tokio::spawn(
@@ -498,11 +516,30 @@ impl Node {
 /// site names live, counts every added site at once (site table, replica vectors, retention)
 /// and starts the link to it, and logs each change. This is the one place where a node reacts
 /// to a committed change of the site set while it runs.
-async fn follow_sites(shared: Arc<Shared>, endpoint: Endpoint) {
+async fn follow_sites(shared: Arc<Shared>, endpoint: Endpoint, hold_sites: bool) {
     let mut sites = shared.strong.watch_sites();
     let mut shutdown = shared.shutdown.clone();
     loop {
         let now = sites.borrow_and_update().clone();
+        if let Some(m) = &now
+            && hold_sites
+            && m.sites.len() > shared.n()
+            && held(&shared).await
+        {
+            // Test-only (NodeOptions::hold_sites): lag on a change that adds sites until the
+            // file is gone, polled (the test removes it).
+            info!(
+                epoch = m.epoch,
+                "holding back a configuration that adds sites (test switch)"
+            );
+            while held(&shared).await {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            continue;
+        }
         if let Some(m) = now {
             adopt_added(&shared, &endpoint, &m);
             shared
@@ -521,6 +558,14 @@ async fn follow_sites(shared: Arc<Shared>, endpoint: Endpoint) {
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Test-only ([`NodeOptions::hold_sites`]): whether the data directory holds the
+/// [`HOLD_SITES_FILE`].
+async fn held(shared: &Shared) -> bool {
+    tokio::fs::try_exists(shared.cfg.data_dir.join(HOLD_SITES_FILE))
+        .await
+        .unwrap_or(false)
 }
 
 /// Counts the sites of `m` this node does not count yet (added since it started) and dials

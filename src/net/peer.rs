@@ -421,11 +421,15 @@ async fn dial(
     let conn = connecting.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
     send_hello(shared, &mut send).await?;
-    let (said, their, _) = read_hello_raw(shared, &mut recv).await?;
+    let (said, their, width) = read_hello_raw(shared, &mut recv).await?;
     if said != remote {
         return Err(LinkError::Hello(format!(
             "dialed {remote:?} at {addr} but it says it is {said:?}"
         )));
+    }
+    if let Remote::Peer(_) = said {
+        // Before its vector prunes anything (see `Replica::on_peer_counts`).
+        shared.mutate(|r| r.on_peer_counts(width));
     }
     Ok((conn, (their, (send, recv))))
 }
@@ -550,9 +554,24 @@ async fn read_vector(
         Err(e) => return Err(e),
     };
     let mut ack = peer_wire::decode_ack(prev.as_deref(), &frame)?;
-    let clock = wire::check_vector(&ack.v, n(), what)?;
+    let clock = fit_peer_vector(&ack.v, n(), what)?;
     *prev = Some(std::mem::take(&mut ack.v));
     Ok(Some((clock, ack)))
+}
+
+/// Fits a peer's `applied` vector (hello, ack, heartbeat) or a sibling's contribution to the
+/// `n` sites this node counts. A shorter one (written before a site was added) reads as zeros
+/// past its end. A longer one comes from a node that already counts a site added since, which
+/// this node has not applied yet: its entries past `n` are dropped, whatever they are (the new
+/// site starts issuing clock markers as soon as it runs, so they are soon above zero). They
+/// speak of a site this node neither sends to nor waits on yet; the width itself is what
+/// matters here, and the caller passes it on ([`Replica::on_peer_counts`]). Refusing such a
+/// vector instead would cut a node that lags on the change off from every peer, Raft included
+/// (its RPCs ride the same connections), so it could never catch up.
+///
+/// [`Replica::on_peer_counts`]: crate::replica::Replica::on_peer_counts
+fn fit_peer_vector(v: &[u64], n: usize, what: &str) -> Result<VClock, WireError> {
+    wire::check_vector(&v[..v.len().min(n)], n, what)
 }
 
 /// Streams this site's updates to `peer` until the connection fails or the node stops.
@@ -695,7 +714,7 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
             return;
         }
     };
-    let (remote, their, _width) = claimed;
+    let (remote, their, width) = claimed;
     if let Remote::Joiner(site) = remote {
         // Answered with the snapshot, not a hello.
         super::join::serve_snapshot(shared, conn, send, site).await;
@@ -715,7 +734,12 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
             return;
         }
     };
-    shared.mutate(|r| r.on_peer_applied(peer, &their));
+    shared.mutate(|r| {
+        // The sites it counts first: a site it counts and this node does not may need what
+        // its vector would prune (see `Replica::on_peer_counts`).
+        r.on_peer_counts(width);
+        r.on_peer_applied(peer, &their)
+    });
     // It is back: if our link to it is waiting out a backoff or hanging in a dial sent while
     // it was down, dial now.
     shared.peer_redial[peer as usize].notify_waiters();
@@ -933,7 +957,7 @@ async fn read_hello_raw(
                     h.sites
                 )));
             }
-            let applied = wire::check_vector(&h.applied, n, "hello applied vector")?;
+            let applied = fit_peer_vector(&h.applied, n, "hello applied vector")?;
             Ok((remote, applied, h.sites as usize))
         }
     }
@@ -966,7 +990,13 @@ async fn run_control(
                         // Every ack is a heartbeat: it feeds the peer's failure detector.
                         let now = Instant::now();
                         heard.store(now_micros(), Ordering::Release);
-                        shared.mutate(|r| r.on_peer_applied(peer, &v));
+                        // The vector's length is the number of sites the peer counts, which
+                        // `v` (fitted to this node's count) no longer shows.
+                        let width = prev.as_ref().map_or(0, Vec::len);
+                        shared.mutate(|r| {
+                            r.on_peer_counts(width);
+                            r.on_peer_applied(peer, &v)
+                        });
                         shared.peers[peer as usize]
                             .lock()
                             .expect("peer lock")

@@ -189,25 +189,29 @@ impl Shared {
     /// Counts the sites `entries` adds after the ones counted now (ids go on from the current
     /// count; entries this node counts already are left as they are): the site table, then the
     /// replica's vectors. Returns the added sites. Never shrinks, never beyond [`MAX_SITES`].
+    ///
+    /// The replica counts them before the table does: a joining site's hello (and its snapshot
+    /// request) is checked against the table, so by the time this node serves the new site a
+    /// snapshot, every vector it acks with is of the new length, which is what keeps an origin
+    /// that has not applied the change yet from pruning what the snapshot lacks (see
+    /// [`Replica::on_peer_counts`](crate::replica::Replica::on_peer_counts)). Only the
+    /// configuration follower calls this, one change at a time.
     pub fn add_sites(&self, entries: &[SiteEntry]) -> Vec<SiteEntry> {
-        let added: Vec<SiteEntry> = {
-            let mut table = self.sites.write().expect("sites lock");
-            let have = table.len();
-            let added: Vec<SiteEntry> = entries
-                .iter()
-                .filter(|e| e.id as usize >= have && (e.id as usize) < MAX_SITES)
-                .cloned()
-                .collect();
-            if added.is_empty() {
-                return added;
-            }
-            let mut next = (**table).clone();
-            next.extend(added.iter().cloned());
-            *table = Arc::new(next);
-            added
-        };
-        let n = self.n();
+        let have = self.n();
+        let added: Vec<SiteEntry> = entries
+            .iter()
+            .filter(|e| e.id as usize >= have && (e.id as usize) < MAX_SITES)
+            .cloned()
+            .collect();
+        if added.is_empty() {
+            return added;
+        }
+        let n = have + added.len();
         self.mutate(|r| r.add_sites(n));
+        let mut table = self.sites.write().expect("sites lock");
+        let mut next = (**table).clone();
+        next.extend(added.iter().cloned());
+        *table = Arc::new(next);
         added
     }
 

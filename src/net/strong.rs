@@ -72,7 +72,16 @@ pub struct StrongOptions {
     pub local_reads: bool,
     /// Answer strong reads without the causal context stored with the value.
     pub drop_context: bool,
+    /// Test-only: while a file [`PAUSE_JOINT_FILE`] is in the data directory, this node's Raft
+    /// log holds back the entry that ends a joint configuration
+    /// ([`LogStore::pause_before_uniform`]), so that a test can kill a leader in the middle of
+    /// joint consensus.
+    pub pause_joint: bool,
 }
+
+/// The file whose presence in the data directory pauses a membership change in joint
+/// consensus when [`StrongOptions::pause_joint`] is set (tests only).
+pub const PAUSE_JOINT_FILE: &str = "test-pause-joint";
 
 /// Counters and histograms of the consensus layer.
 #[derive(Debug, Default)]
@@ -513,8 +522,14 @@ impl Strong {
     /// which openraft allows.
     pub async fn start(cfg: &SiteConfig, opts: StrongOptions) -> std::io::Result<Arc<Strong>> {
         let dir = cfg.data_dir.join("raft");
+        let pause = opts
+            .pause_joint
+            .then(|| cfg.data_dir.join(PAUSE_JOINT_FILE));
         let (log, sm) = tokio::task::spawn_blocking(move || {
-            let log = LogStore::open(&dir.join("raft.log"))?;
+            let mut log = LogStore::open(&dir.join("raft.log"))?;
+            if let Some(flag) = pause {
+                log.pause_before_uniform(flag);
+            }
             let sm = StateMachine::open(&dir)?;
             Ok::<_, std::io::Error>((log, sm))
         })
@@ -681,10 +696,16 @@ impl Strong {
         self.sites.clone()
     }
 
-    /// Where site `id` stands in this group's membership: `voter`, `learner`, or `None`.
+    /// Where site `id` stands in this group's membership: `voter`, `voter (joint)` (a voter of
+    /// the new set while the change is in joint consensus), `learner`, or `None`.
     pub fn role_of(&self, id: NodeId) -> Option<&'static str> {
         let m = self.raft.metrics().borrow().membership_config.clone();
-        if m.membership().voter_ids().any(|v| v == id) {
+        if m.membership().get_joint_config().len() > 1
+            && m.membership().voter_ids().any(|v| v == id)
+        {
+            // Between the two steps of joint consensus (old and new voter sets both decide).
+            Some("voter (joint)")
+        } else if m.membership().voter_ids().any(|v| v == id) {
             Some("voter")
         } else if m.membership().learner_ids().any(|v| v == id) {
             Some("learner")
@@ -833,6 +854,8 @@ impl Strong {
                 .map_err(step("change_membership"))?;
         } else if mem.membership().get_joint_config().len() > 1 {
             // A joint configuration left behind by a leader that failed mid-change: finish it.
+            info!(site = %self.name(node), "joining site: finishing the joint configuration a \
+                failed leader left");
             tokio::time::timeout(JOIN_STEP, self.raft.change_membership(voters, false))
                 .await
                 .map_err(|_| "timed out".to_string())

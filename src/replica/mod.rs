@@ -21,6 +21,33 @@
 //! - [`Replica::on_peer_applied`] takes a peer's durable `applied` vector (hello, ack, heartbeat):
 //!   it feeds retention (the site's own updates are kept until every peer has them), the stable
 //!   vector and synchronous replication.
+//! - [`Replica::on_peer_counts`] takes how many sites a peer counts (the length of the vectors
+//!   it sends): while some peer counts a site this replica does not count yet, nothing is
+//!   pruned (see *Retention while a site is added* below).
+//!
+//! # Retention while a site is added
+//!
+//! A site `d` added to the cluster loads a snapshot of a source site `S` and then asks every
+//! origin `X` to resend its stream from the snapshot's `applied[X]` on; `X` keeps its updates
+//! for `d` from the moment it counts `d` ([`Replica::add_sites`]). Each site applies the
+//! configuration change that adds `d` on its own schedule, and `X` may lag (cut off from the
+//! Raft leader): if `S` took its snapshot before applying an update `u` of `X`, and `X` did
+//! not count `d` yet when the old members acked `u`, `X` would prune `u` and `d` would never
+//! get it. So a replica prunes nothing while any peer reports counting more sites than it
+//! does, and once it counts them too the new site's acks (zero so far) hold the log.
+//!
+//! Why that is enough: `S` serves a snapshot only once it counts `d` (the hello check), so
+//! any update `u` the snapshot lacks, `S` applies -- and acks -- after it counts `d`, with a
+//! vector of the new length. `X` prunes `u` only once `S` acked it, so by then `X` has either
+//! counted `d` itself (and keeps `u` until `d` acks it) or has seen `S` count more sites than
+//! it does (and holds every pruning until it counts them too). Updates the snapshot holds
+//! need no retention for `d`. No wire change was needed: acks and hellos already carry their
+//! vector's length (and a hello its site count) since protocol 4. The other choices were
+//! worse: a source that waits until every member applied the change before serving needs a
+//! round of questions and still races with acks in flight; an origin that refuses a hello
+//! asking below what it pruned makes the joiner fetch a whole snapshot again, possibly many
+//! times under load. The cost here is a retained log that grows while a site lags on the
+//! configuration, which it does for the same reason while the new site catches up.
 //!
 //! Tombstones are dropped once every entry of the stable vector (durable here, acked by every
 //! peer) is at or past their timestamp: per-origin FIFO plus markers guarantee that no older
@@ -140,6 +167,11 @@ pub struct ReplicaConfig {
     /// checker catching the resulting bug on partitioned sites. No configuration file can set
     /// it.
     pub close_contexts: bool,
+    /// Whether pruning waits while a peer counts sites this replica does not count yet
+    /// ([`Replica::on_peer_counts`]). Always true in production; tests switch it off to show
+    /// the race it guards (a site added to the cluster misses updates an origin that applied
+    /// the change late pruned). No configuration file can set it.
+    pub hold_for_added: bool,
 }
 
 impl ReplicaConfig {
@@ -155,6 +187,7 @@ impl ReplicaConfig {
             partitions: 1,
             check_stable: true,
             close_contexts: true,
+            hold_for_added: true,
         }
     }
 
@@ -252,6 +285,9 @@ pub struct Replica<S: Store> {
     sent: Vec<Timestamp>,
     /// Per peer: its latest durable `applied` vector.
     peer_applied: Vec<VClock>,
+    /// The most sites any peer reported counting ([`Replica::on_peer_counts`]): while above
+    /// `cfg.sites`, nothing is pruned.
+    peers_count: usize,
     /// Per partition of this site: its latest reported contribution to the stable vector
     /// ([`Replica::contribution`]); this partition's own slot is unused.
     siblings: Vec<VClock>,
@@ -306,6 +342,7 @@ impl<S: Store> Replica<S> {
             retained: VecDeque::new(),
             sent: vec![0; n],
             peer_applied: vec![VClock::zero(n); n],
+            peers_count: n,
             siblings: vec![VClock::zero(n); cfg.partitions.max(1) as usize],
             tombstones: BTreeSet::new(),
             gone: vec![None; n],
@@ -578,6 +615,10 @@ impl<S: Store> Replica<S> {
     /// Drops from the retained log what every peer has applied, and from the relay log what
     /// every other member has.
     fn prune(&mut self) {
+        if self.retention_held() {
+            // A site this replica does not count yet may need any of it (see the module doc).
+            return;
+        }
         let me = self.cfg.site;
         let everyone = self
             .peers()
@@ -1054,6 +1095,20 @@ impl<S: Store> Replica<S> {
     pub fn on_peer_connected(&mut self, peer: SiteId, applied: &VClock) {
         self.sent[peer as usize] = applied.get(self.cfg.site);
         self.on_peer_applied(peer, applied);
+    }
+
+    /// A peer reported counting `sites` sites (the length of the vector of its hello, ack or
+    /// heartbeat). While that is more than this replica counts, a site was added that this
+    /// replica has not applied yet, and which may need any of its updates: pruning waits until
+    /// [`Replica::add_sites`] counts it too (see the module doc).
+    pub fn on_peer_counts(&mut self, sites: usize) {
+        self.peers_count = self.peers_count.max(sites);
+    }
+
+    /// True while pruning waits for this replica to count a site some peer counts
+    /// ([`Replica::on_peer_counts`]).
+    pub fn retention_held(&self) -> bool {
+        self.cfg.hold_for_added && self.peers_count > self.cfg.sites
     }
 
     /// A peer reported its durable `applied` vector (ack or heartbeat). Prunes the retained log.

@@ -740,3 +740,52 @@ fn an_added_site_is_counted_live_retention_waits_for_it_and_a_floor_holds_answer
         Some(b("after"))
     );
 }
+
+/// The join's retention race: origin `x` (site 0) has not counted the added site 3 yet when
+/// the old members ack its update `u`, one of them (the snapshot's source) with a vector of
+/// the new length. `hold` is the switch under test.
+fn prune_while_a_peer_counts_an_added_site(hold: bool) -> Replica<MemStore> {
+    let mut cfg = ReplicaConfig::new(0, 3);
+    cfg.hold_for_added = hold;
+    let mut x = Replica::new(cfg, MemStore::new());
+    let u = x.put(10, b("k"), Some(b("u")), &VClock::zero(3)).unwrap();
+    flush(&mut x);
+    // Site 1 (the source) counts the new site: its ack is four entries long.
+    let mut from_source = VClock::zero(4);
+    from_source.raise(0, u.ts);
+    x.on_peer_counts(4);
+    x.on_peer_applied(1, &from_source.resized(3));
+    let mut from_other = VClock::zero(3);
+    from_other.raise(0, u.ts);
+    x.on_peer_counts(3);
+    x.on_peer_applied(2, &from_other);
+    x
+}
+
+#[test]
+fn an_origin_prunes_nothing_while_a_peer_counts_a_site_it_does_not_and_then_keeps_it_for_it() {
+    let mut x = prune_while_a_peer_counts_an_added_site(true);
+    let u = x.retained().next().unwrap().version.ts;
+    assert!(x.retention_held());
+    assert_eq!(
+        x.retained_len(),
+        1,
+        "every old member acked u, but site 3 may need it"
+    );
+    // x applies the change: site 3's entry is zero, so u stays until site 3 acks it.
+    x.add_sites(4);
+    assert!(!x.retention_held());
+    let mut acked = VClock::zero(4);
+    acked.raise(0, u);
+    x.on_peer_applied(1, &acked);
+    assert_eq!(x.retained_len(), 1);
+    assert_eq!(x.unacked_by(3), 1);
+    let mut joined = VClock::zero(4);
+    joined.raise(0, u);
+    x.on_peer_applied(3, &joined);
+    assert_eq!(x.retained_len(), 0, "pruned once the added site acked it");
+    // Switched off (tests only), the old members' acks prune it before site 3 is counted.
+    let x = prune_while_a_peer_counts_an_added_site(false);
+    assert!(!x.retention_held());
+    assert_eq!(x.retained_len(), 0);
+}
