@@ -1388,7 +1388,7 @@ async fn remove_refuses_bad_input_with_clear_errors_and_keeps_serving() {
 async fn membership_changes_on_partitioned_sites_are_refused_with_a_clear_error() {
     bounded(ms(60_000), async {
         // 2 sites x 2 partitions: node 0 is site a's partition 0, which keeps the configuration.
-        let mut c = Cluster::prepare_partitioned(2, 2).start().await;
+        let c = Cluster::prepare_partitioned(2, 2).start().await;
         c.wait_connected().await;
         let a = c.client(0).await;
         let new_site: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
