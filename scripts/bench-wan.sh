@@ -41,7 +41,8 @@
 #   is printed, CHECK_SEED=N replays it); once per BENCH_VARIANTS entry, as the loss sweep.
 # Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
 #   once per BENCH_VARIANTS entry ("name:key=value,..." replaces site configuration keys),
-#   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
+#   500 ops/s per site open loop (BENCH_RATE), jitters 0 and 5 ms (BENCH_JITTERS="0 5");
+#   visibility p50/p99 at b and c, put p50 at a.
 # Restart catch-up (--restart-only N): 3 sites, a and b writing 500 puts/s each; c killed with
 #   SIGKILL N times, down 2 s each, restarted; time to serving and to c's applied vector covering
 #   what a and b had at the restart (output: restart.md, restart.json).
@@ -924,7 +925,7 @@ def loss_sweep(losses, jitters, secs, rate=500):
                 except Exception as e:
                     log(f"  loss {loss} jitter {jitter} {name} failed: {e}")
                     out.append({"loss": loss, "jitter_ms": jitter, "variant": name, "error": str(e)})
-    md = ["# Visibility under loss (3 sites, one-way 15/40/75 ms)", "", f"Command: `{CMDLINE}`"
+    md = [f"# Visibility under loss (3 sites, one-way 15/40/75 ms, {rate} ops/s per site)", "", f"Command: `{CMDLINE}`"
           + (f", BENCH_VARIANTS=`{os.environ['BENCH_VARIANTS']}`" if os.environ.get("BENCH_VARIANTS") else ""), "",
           "| loss | jitter ms | variant | put p50 ms (a) | visibility p50 / p99 ms at b | at c | B/update |",
           "|---|---|---|---|---|---|---|"]
@@ -1080,7 +1081,9 @@ try:
     if METADATA_ONLY:
         metadata_sweep([int(x) for x in METADATA_ONLY.split()], float(SECS) if SECS else 6.0)
     if LOSS_ONLY:
-        loss_sweep([float(x) for x in LOSS_ONLY.split()], [0.0, 5.0], float(SECS) if SECS else 6.0)
+        loss_sweep([float(x) for x in LOSS_ONLY.split()],
+                   [float(x) for x in os.environ.get("BENCH_JITTERS", "0 5").split()],
+                   float(SECS) if SECS else 6.0, rate=int(os.environ.get("BENCH_RATE", "500")))
     if os.environ.get("RESTART_ONLY"):
         restart_sweep(int(os.environ["RESTART_ONLY"]))
     if not (METADATA_ONLY or LOSS_ONLY or os.environ.get("RESTART_ONLY")):
