@@ -435,10 +435,10 @@ pub struct TransportLimits {
     /// acknowledgement-frequency extension (both sides of a causalkv connection support it);
     /// `None` (the default) leaves QUIC's own 25 ms and the extension off. A sender declares a
     /// tail packet lost only after its probe timeout, which includes the peer's acknowledgement
-    /// delay, so on a lossy link a shorter delay can bring a lost update sooner. Peers still
-    /// acknowledge every second packet at once, so under load the number of acknowledgements
-    /// does not change. Not the default yet: the loss benchmark has not shown the gain on this
-    /// machine (its runs were too noisy to tell).
+    /// delay, so on a lossy link a shorter delay can bring a lost update sooner, at the cost of
+    /// more acknowledgements on a busy link (see `ack_eliciting_threshold`). Not the default
+    /// yet: the loss benchmark has not shown the gain on this machine (its runs were too noisy
+    /// to tell).
     pub max_ack_delay: Option<Duration>,
     /// How many ack-eliciting packets a peer may receive before it must acknowledge at once,
     /// asked for through the acknowledgement-frequency extension (QUIC's own rule is 1: every
