@@ -591,8 +591,9 @@ pub fn decode_batch(
     }
     let origin = expected_origin;
     let body: &[u8] = &frame[at..];
-    // Every item takes at least two bytes.
-    let mut out = Vec::with_capacity(body.len() / 2);
+    // Sized for a frame of small updates; a frame of large values has few items (the frame
+    // itself bounds how many there can be: every item takes at least two bytes).
+    let mut out = Vec::with_capacity((body.len() / 64).clamp(1, 1024));
     let (mut at, mut last) = (0usize, base.ts);
     let mut prev: Vec<u64> = base.deps.clone();
     let take = |at: &mut usize, len: u64, what: &str| -> Result<Bytes, WireError> {
