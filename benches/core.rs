@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use causalkv::clock::{SiteId, VClock, Version};
-use causalkv::peer_wire::{decode_batch, encode_batch};
+use causalkv::peer_wire::{StreamBase, decode_batch, encode_batch};
 use causalkv::replica::{Item, Replica, ReplicaConfig, Update};
 use causalkv::storage::{Entry, MemStore, Store};
 use causalkv::wire::Limits;
@@ -298,17 +298,27 @@ fn bench_wire(c: &mut Criterion) {
         })
         .collect();
     let limits = Limits::default();
-    let frame = Bytes::from_owner(encode_batch(origin, &items));
+    let frame = Bytes::from_owner(encode_batch(origin, &StreamBase::default(), &items));
     assert_eq!(
-        decode_batch(&frame, origin, SITES, &limits).expect("valid batch"),
+        decode_batch(&frame, &mut StreamBase::default(), origin, SITES, &limits)
+            .expect("valid batch"),
         items
     );
 
     group.bench_function("encode_batch", |b| {
-        b.iter(|| encode_batch(origin, black_box(&items)))
+        b.iter(|| encode_batch(origin, &StreamBase::default(), black_box(&items)))
     });
     group.bench_function("decode_batch", |b| {
-        b.iter(|| decode_batch(black_box(&frame), origin, SITES, &limits).expect("valid batch"))
+        b.iter(|| {
+            decode_batch(
+                black_box(&frame),
+                &mut StreamBase::default(),
+                origin,
+                SITES,
+                &limits,
+            )
+            .expect("valid batch")
+        })
     });
     group.finish();
 }

@@ -38,10 +38,11 @@
 #   /metrics (causalkv_peer_bytes_out_total{kind}), then idle bytes per second per directed link,
 #   then a causally checked workload over every site (`causalkv bench checked`: sessions hop
 #   between sites with their tokens; the checker judges the history, then convergence; the seed
-#   is printed, CHECK_SEED=N replays it).
+#   is printed, CHECK_SEED=N replays it); once per BENCH_VARIANTS entry, as the loss sweep.
 # Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
 #   once per BENCH_VARIANTS entry ("name:key=value,..." replaces site configuration keys),
-#   500 ops/s per site open loop; visibility p50/p99 at b and c, put p50 at a.
+#   500 ops/s per site open loop (BENCH_RATE), jitters 0 and 5 ms (BENCH_JITTERS="0 5");
+#   visibility p50/p99 at b and c, put p50 at a.
 # Restart catch-up (--restart-only N): 3 sites, a and b writing 500 puts/s each; c killed with
 #   SIGKILL N times, down 2 s each, restarted; time to serving and to c's applied vector covering
 #   what a and b had at the restart (output: restart.md, restart.json).
@@ -729,11 +730,11 @@ def checked_run(cl, secs):
     return r
 
 
-def metadata_run(n, secs, rate=1000, idle_secs=None):
+def metadata_run(n, secs, rate=1000, idle_secs=None, variant="default", overrides=()):
     """n sites at `rate` ops/s each (50 % writes of 100 B values), then idle."""
     idle_secs = idle_secs or (3.0 if QUICK else 5.0)
-    log(f"metadata: {n} sites at {rate} ops/s per site ({secs:.0f} s), then idle ({idle_secs:.0f} s) ...")
-    cl = Cluster(n, "causal")
+    log(f"metadata: {n} sites at {rate} ops/s per site ({secs:.0f} s), then idle ({idle_secs:.0f} s), {variant} ...")
+    cl = Cluster(n, "causal", overrides=overrides)
     try:
         time.sleep(0.6)
         b0, p0 = cl.wire()
@@ -762,7 +763,7 @@ def metadata_run(n, secs, rate=1000, idle_secs=None):
         links = (time.time() - t0) * n * (n - 1)
         idle = (i1 - i0) / links
         idle_kinds = {k: (ik1.get(k, 0) - ik0.get(k, 0)) / links for k in ik1}
-        r = {"sites": n, "rate_per_site": rate, "seconds": secs, "puts": puts, "key_value_bytes": kv,
+        r = {"sites": n, "variant": variant, "rate_per_site": rate, "seconds": secs, "puts": puts, "key_value_bytes": kv,
              "wire_bytes": b1 - b0, "wire_packets": p1 - p0,
              "bytes_per_update_per_remote_site": per, "ratio_to_key_value": per / kv if per else None,
              "by_kind_per_update_per_remote_site": kinds,
@@ -785,24 +786,26 @@ def metadata_run(n, secs, rate=1000, idle_secs=None):
 def metadata_sweep(ns, secs):
     out = []
     for n in ns:
-        try:
-            out.append(metadata_run(n, secs))
-        except Exception as e:
-            log(f"  metadata run with {n} sites failed: {e}")
-            out.append({"sites": n, "error": str(e)})
-    md = ["# Metadata: bytes on the wire per 100-byte update", "", f"Command: `{CMDLINE}`", "",
-          "| sites | puts | B/update/remote site | x key+value | idle B/s per link | by kind (B/update/remote site) "
+        for name, overrides in variants():
+            try:
+                out.append(metadata_run(n, secs, variant=name, overrides=overrides))
+            except Exception as e:
+                log(f"  metadata run with {n} sites ({name}) failed: {e}")
+                out.append({"sites": n, "variant": name, "error": str(e)})
+    md = ["# Metadata: bytes on the wire per 100-byte update", "", f"Command: `{CMDLINE}`"
+          + (f", BENCH_VARIANTS=`{os.environ['BENCH_VARIANTS']}`" if os.environ.get("BENCH_VARIANTS") else ""), "",
+          "| sites | variant | puts | B/update/remote site | x key+value | idle B/s per link | by kind (B/update/remote site) "
           "| causal checker (ops, reads of other sites' writes, violations, converged, seed) |",
-          "|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|"]
     for r in out:
         if "error" in r:
-            md.append(f"| {r['sites']} | failed: {r['error'][:80]} | | | | | |")
+            md.append(f"| {r['sites']} | {r['variant']} | failed: {r['error'][:80]} | | | | | |")
             continue
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_kind_per_update_per_remote_site"].items()) if v)
         c = r.get("checked", {})
         verdict = (f"{'pass' if c.get('ok') else 'FAIL'}: {c.get('ops', 0)} ops, {c.get('remote_reads', 0)}, "
                    f"{c.get('violations', '?')}, {c.get('converged')}, {c.get('seed', '?')}")
-        md.append(f"| {r['sites']} | {r['puts']} | {r['bytes_per_update_per_remote_site']:.1f} | "
+        md.append(f"| {r['sites']} | {r['variant']} | {r['puts']} | {r['bytes_per_update_per_remote_site']:.1f} | "
                   f"{r['ratio_to_key_value']:.2f} | {r['idle_bytes_per_second_per_link']:.0f} | {kinds} | {verdict} |")
     return write_section("metadata", md, out)
 
@@ -922,7 +925,7 @@ def loss_sweep(losses, jitters, secs, rate=500):
                 except Exception as e:
                     log(f"  loss {loss} jitter {jitter} {name} failed: {e}")
                     out.append({"loss": loss, "jitter_ms": jitter, "variant": name, "error": str(e)})
-    md = ["# Visibility under loss (3 sites, one-way 15/40/75 ms)", "", f"Command: `{CMDLINE}`"
+    md = [f"# Visibility under loss (3 sites, one-way 15/40/75 ms, {rate} ops/s per site)", "", f"Command: `{CMDLINE}`"
           + (f", BENCH_VARIANTS=`{os.environ['BENCH_VARIANTS']}`" if os.environ.get("BENCH_VARIANTS") else ""), "",
           "| loss | jitter ms | variant | put p50 ms (a) | visibility p50 / p99 ms at b | at c | B/update |",
           "|---|---|---|---|---|---|---|"]
@@ -1078,7 +1081,9 @@ try:
     if METADATA_ONLY:
         metadata_sweep([int(x) for x in METADATA_ONLY.split()], float(SECS) if SECS else 6.0)
     if LOSS_ONLY:
-        loss_sweep([float(x) for x in LOSS_ONLY.split()], [0.0, 5.0], float(SECS) if SECS else 6.0)
+        loss_sweep([float(x) for x in LOSS_ONLY.split()],
+                   [float(x) for x in os.environ.get("BENCH_JITTERS", "0 5").split()],
+                   float(SECS) if SECS else 6.0, rate=int(os.environ.get("BENCH_RATE", "500")))
     if os.environ.get("RESTART_ONLY"):
         restart_sweep(int(os.environ["RESTART_ONLY"]))
     if not (METADATA_ONLY or LOSS_ONLY or os.environ.get("RESTART_ONLY")):

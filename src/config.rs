@@ -225,6 +225,13 @@ pub struct QuicConfig {
     /// with QUIC's acknowledgement-frequency extension; 0 (the default) leaves QUIC's own 25 ms.
     /// See [`TransportLimits::max_ack_delay`](crate::tls::TransportLimits::max_ack_delay).
     pub max_ack_delay_ms: u64,
+    /// Ack-eliciting packets a peer may receive before it acknowledges at once (1..=1000;
+    /// default 16). See
+    /// [`TransportLimits::ack_eliciting_threshold`](crate::tls::TransportLimits::ack_eliciting_threshold).
+    pub ack_eliciting_threshold: u32,
+    /// Length of the connection IDs this site issues, bytes (1..=20; default 4). See
+    /// [`TransportLimits::cid_len`](crate::tls::TransportLimits::cid_len).
+    pub cid_len: u8,
 }
 
 impl Default for QuicConfig {
@@ -236,6 +243,8 @@ impl Default for QuicConfig {
             max_udp_payload: t.max_udp_payload,
             initial_window: t.initial_window,
             max_ack_delay_ms: t.max_ack_delay.map_or(0, |d| d.as_millis() as u64),
+            ack_eliciting_threshold: t.ack_eliciting_threshold,
+            cid_len: t.cid_len,
         }
     }
 }
@@ -526,6 +535,8 @@ impl SiteConfig {
             initial_window: self.quic.initial_window,
             max_ack_delay: (self.quic.max_ack_delay_ms > 0)
                 .then(|| std::time::Duration::from_millis(self.quic.max_ack_delay_ms)),
+            ack_eliciting_threshold: self.quic.ack_eliciting_threshold,
+            cid_len: self.quic.cid_len,
             ..Default::default()
         }
     }
@@ -837,6 +848,10 @@ key = "b.key"
         assert!(e.to_string().contains("max_udp_payload"), "{e}");
         let e = load(&format!("{GOOD}\n[quic]\nmax_ack_delay_ms = 5000\n")).unwrap_err();
         assert!(e.to_string().contains("max_ack_delay"), "{e}");
+        let e = load(&format!("{GOOD}\n[quic]\ncid_len = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("cid_len"), "{e}");
+        let e = load(&format!("{GOOD}\n[quic]\nack_eliciting_threshold = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("ack_eliciting_threshold"), "{e}");
         let e = load(&format!(
             "{GOOD}\n[quic]\nstream_window = 1\nconn_window = 0\n"
         ))

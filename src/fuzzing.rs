@@ -86,7 +86,13 @@ pub fn decode_frame(data: &[u8]) {
     };
     let limits = Limits::default();
     frames(rest, |frame| match pick % 4 {
-        0 => drop(peer_wire::decode_batch(frame, 1, 3, &limits)),
+        0 => drop(peer_wire::decode_batch(
+            frame,
+            &mut Default::default(),
+            1,
+            3,
+            &limits,
+        )),
         1 => drop(wire::decode::<PeerControl>(frame)),
         2 => drop(wire::access::<ArchivedRequest>(frame)),
         _ => drop(wire::decode::<Response>(frame)),
@@ -112,7 +118,9 @@ pub fn peer_batch(data: &[u8]) {
         v.extend_from_slice(rest);
         v
     });
-    let Ok(items) = peer_wire::decode_batch(&frame, origin, sites, &limits) else {
+    let Ok(items) =
+        peer_wire::decode_batch(&frame, &mut Default::default(), origin, sites, &limits)
+    else {
         return;
     };
     let mut last = 0;
@@ -130,8 +138,9 @@ pub fn peer_batch(data: &[u8]) {
         assert!(ts > last, "timestamps increase along a batch");
         last = ts;
     }
-    let again = Bytes::from_owner(peer_wire::encode_batch(origin, &items));
-    let back = peer_wire::decode_batch(&again, origin, sites, &limits).expect("re-encoded batch");
+    let again = Bytes::from_owner(peer_wire::encode_batch(origin, &Default::default(), &items));
+    let back = peer_wire::decode_batch(&again, &mut Default::default(), origin, sites, &limits)
+        .expect("re-encoded batch");
     assert_eq!(back, items);
 }
 
@@ -339,6 +348,7 @@ mod tests {
         };
         let batch = peer_wire::encode_batch(
             1,
+            &Default::default(),
             &[
                 update(5, "a", Some("x")),
                 update(6, "b", None),

@@ -35,8 +35,12 @@ pub use messages::*;
 /// stream), gives each written dependency vector its length (a site added live makes vectors
 /// longer mid-stream) and adds the snapshot request of a joining site
 /// ([`PeerControl::SnapshotRequest`]); 5 streams a joining site's snapshot as it is serialised
-/// (its header no longer carries a size).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// (its header no longer carries a size); 6 writes a batch's first timestamp against the last
+/// one of the previous batch on the same stream (a signed delta of a byte or two, where the
+/// whole timestamp took eight) and its first dependency vector against the last one of the
+/// previous batch (see [`StreamBase`]), the origin as a varint, and no item count (the items
+/// run to the end of the frame).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The first bytes of a versioned hello frame, before the version (`u32`, little endian).
 const HELLO_MAGIC: [u8; 4] = *b"CKVP";
@@ -164,10 +168,11 @@ mod messages {
 }
 
 /// The layout of an update frame (not an rkyv archive: its header would cost more than the
-/// items it carries): the origin site (`u16`, little endian), the number of items (varint),
-/// then the packed items (see [`encode_wire_batch`]): timestamps as deltas, lengths as
-/// varints, and each dependency vector as a delta against the previous update's in the batch,
-/// or left out when it equals that one.
+/// items it carries): the origin site (varint), then the packed items up to the end of the
+/// frame (see [`encode_wire_batch`]): timestamps as deltas (the first one a zigzag varint
+/// against the stream's [`StreamBase`]), lengths as varints, and each dependency vector as a
+/// delta against the previous update's (the first one's against the base's), or left out when
+/// it equals that one.
 pub struct UpdateBatch;
 
 /// One item of an origin's update stream, borrowing its key, value and dependencies from the
@@ -196,6 +201,16 @@ mod deps_mode {
     pub const DELTA: u8 = 1;
     /// One varint per entry: the entry itself.
     pub const FULL: u8 = 2;
+    /// One varint per entry: how much the entry grew since the previous update's (0 when
+    /// unchanged). A session's context only grows, so an origin's successive updates mostly
+    /// qualify, and an entry's growth (the remote writes its session saw since) is often
+    /// smaller than its distance below the timestamp.
+    pub const GROWTH: u8 = 3;
+}
+
+/// Bytes of `v` as a varint.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// The wire form of a replica item, borrowing from it.
@@ -241,24 +256,51 @@ pub struct EncodedBatch {
     pub deps_bytes: usize,
     /// Bytes spent on clock markers (tag and timestamp).
     pub marker_bytes: usize,
+    /// The base of the next frame on the same stream, once this one is sent: the last item's
+    /// timestamp and the last update's dependency vector (the given base's where the batch
+    /// has none).
+    pub next: StreamBase,
 }
 
-/// Encodes one origin's items as an [`UpdateBatch`] archive.
-pub fn encode_batch(origin: SiteId, items: &[Item]) -> AlignedVec {
-    encode_wire_batch(origin, items.iter().map(wire_item)).frame
+/// What a frame on an origin's stream is written against: the timestamp of the last item and
+/// the dependency vector of the last update of the previous frame on the same stream (both sides
+/// keep it; a stream delivers frames in order). The default (0, no vector) for the first frame
+/// of a stream, or a frame read on its own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamBase {
+    /// The last timestamp sent.
+    pub ts: Timestamp,
+    /// The last dependency vector sent.
+    pub deps: Vec<u64>,
+}
+
+/// Encodes one origin's items as an [`UpdateBatch`] frame after `base` (see
+/// [`encode_updates`]).
+pub fn encode_batch(origin: SiteId, base: &StreamBase, items: &[Item]) -> AlignedVec {
+    encode_wire_batch(origin, base, items.iter().map(wire_item)).frame
 }
 
 /// Encodes an origin's updates, then an optional clock marker, as one [`UpdateBatch`] frame,
-/// packing straight from the updates.
+/// packing straight from the updates. `base` is the [`EncodedBatch::next`] of the previous
+/// frame sent on the same stream (the default for the first, or for a frame read on its own);
+/// the receiver decodes with the same base.
 pub fn encode_updates<'a>(
     origin: SiteId,
+    base: &StreamBase,
     updates: impl Iterator<Item = &'a Update>,
     marker: Option<Timestamp>,
 ) -> EncodedBatch {
     encode_wire_batch(
         origin,
+        base,
         updates.map(wire_update).chain(marker.map(wire_marker)),
     )
+}
+
+/// The zigzag varint form of `ts - base` (a batch's first timestamp against its stream's base).
+fn put_first_ts(out: &mut Vec<u8>, base: u64, ts: u64) {
+    let d = ts.wrapping_sub(base) as i64;
+    put_varint(out, ((d << 1) ^ (d >> 63)) as u64);
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
@@ -428,18 +470,26 @@ pub fn decode_ack(prev: Option<&[u64]>, frame: &[u8]) -> Result<Ack, WireError> 
 /// entries themselves when some changed entry is not below `ts`).
 pub fn encode_wire_batch<'a>(
     origin: SiteId,
+    base: &StreamBase,
     items: impl IntoIterator<Item = WireItem<'a>>,
 ) -> EncodedBatch {
     let mut body = Vec::new();
-    let (mut count, mut last_ts) = (0u32, 0u64);
+    let (mut count, mut last_ts) = (0u32, base.ts);
+    let put_ts = |body: &mut Vec<u8>, count: u32, last_ts: u64, ts: u64| {
+        if count == 1 {
+            put_first_ts(body, base.ts, ts);
+        } else {
+            put_varint(body, ts.wrapping_sub(last_ts));
+        }
+    };
     let (mut deps_bytes, mut marker_bytes) = (0, 0);
-    let mut prev: Vec<u64> = Vec::new();
+    let mut prev: Vec<u64> = base.deps.clone();
     for it in items {
         count += 1;
         let start = body.len();
         if it.kind == item_kind::MARKER {
             body.push(item_kind::MARKER);
-            put_varint(&mut body, it.ts.wrapping_sub(last_ts));
+            put_ts(&mut body, count, last_ts, it.ts);
             last_ts = it.ts;
             marker_bytes += body.len() - start;
             continue;
@@ -448,16 +498,27 @@ pub fn encode_wire_batch<'a>(
         if prev.len() != it.deps.len() {
             prev = vec![0; it.deps.len()];
         }
-        let changed = it.deps.iter().zip(&prev).filter(|(d, p)| d != p);
+        // The cheapest of the modes that can write this vector.
+        let pairs = || it.deps.iter().zip(&prev).map(|(&d, &p)| (d, p));
+        let cost = |f: &dyn Fn(u64, u64) -> u64| -> usize {
+            pairs()
+                .map(|(d, p)| varint_len(if d == p { 0 } else { f(d, p) }))
+                .sum()
+        };
         let mode = if same {
             deps_mode::SAME
-        } else if changed.clone().all(|(d, _)| *d < it.ts) {
-            deps_mode::DELTA
         } else {
-            deps_mode::FULL
+            let mut best = (cost(&|d, _| d), deps_mode::FULL);
+            if pairs().all(|(d, p)| d == p || d < it.ts) {
+                best = best.min((cost(&|d, _| it.ts - d), deps_mode::DELTA));
+            }
+            if pairs().all(|(d, p)| d >= p) {
+                best = best.min((cost(&|d, p| d - p), deps_mode::GROWTH));
+            }
+            best.1
         };
         body.push(it.kind | (mode << 2));
-        put_varint(&mut body, it.ts.wrapping_sub(last_ts));
+        put_ts(&mut body, count, last_ts, it.ts);
         last_ts = it.ts;
         put_varint(&mut body, it.key.len() as u64);
         body.extend_from_slice(it.key);
@@ -476,65 +537,65 @@ pub fn encode_wire_batch<'a>(
                 }
             }
             deps_mode::FULL => it.deps.iter().for_each(|d| put_varint(&mut body, *d)),
+            deps_mode::GROWTH => {
+                for (d, p) in pairs() {
+                    put_varint(&mut body, d - p);
+                }
+            }
             _ => {}
         }
         deps_bytes += body.len() - before;
         prev.copy_from_slice(it.deps);
     }
-    let mut frame = AlignedVec::with_capacity(body.len() + 7);
-    frame.extend_from_slice(&origin.to_le_bytes());
-    let mut head = Vec::with_capacity(5);
-    put_varint(&mut head, u64::from(count));
+    let mut head = Vec::with_capacity(3);
+    put_varint(&mut head, u64::from(origin));
+    let mut frame = AlignedVec::with_capacity(head.len() + body.len());
     frame.extend_from_slice(&head);
     frame.extend_from_slice(&body);
     EncodedBatch {
         frame,
         deps_bytes,
         marker_bytes,
+        next: StreamBase {
+            ts: last_ts,
+            deps: prev,
+        },
     }
 }
 
-/// Validates an [`UpdateBatch`] frame and turns it into replica items.
+/// Validates an [`UpdateBatch`] frame and turns it into replica items. `base` is what the
+/// previous frame decoded from the same stream left (the default for the first, or for a frame
+/// on its own), as the sender encoded it; it becomes what this frame leaves once the frame
+/// decodes (an error leaves it as it was).
 /// Dependency vectors carry their length (the sites the sender counted when it wrote the
 /// update: a site added meanwhile makes later ones longer), at most `sites`. Keys and values are
 /// slices of `frame`: they reach the store without being copied or re-encoded.
 ///
-/// Checks, beyond structure: the origin is `expected_origin`; the body holds exactly `count`
-/// well-formed items; kinds and dependency modes are known; keys and values respect `limits`;
+/// Checks, beyond structure: the origin is `expected_origin`; the body is whole well-formed
+/// items; kinds and dependency modes are known; keys and values respect `limits`;
 /// timestamps are non-zero and strictly increasing along the batch; every dependency vector
 /// has one entry per site (`sites`).
 pub fn decode_batch(
     frame: &Bytes,
+    base: &mut StreamBase,
     expected_origin: SiteId,
     sites: usize,
     limits: &Limits,
 ) -> Result<Vec<Item>, WireError> {
-    if frame.len() < 3 {
-        return Err(WireError::Semantic(format!(
-            "update frame of {} bytes is too short",
-            frame.len()
-        )));
-    }
-    let origin = u16::from_le_bytes([frame[0], frame[1]]);
-    if origin != expected_origin {
+    let mut at = 0;
+    let origin = get_varint(frame, &mut at)?;
+    if origin != u64::from(expected_origin) {
         return Err(WireError::Semantic(format!(
             "batch claims origin {origin} on the stream of site {expected_origin}"
         )));
     }
-    let mut at = 2;
-    let count = get_varint(frame, &mut at)?;
+    let origin = expected_origin;
     let body: &[u8] = &frame[at..];
-    let count = usize::try_from(count).unwrap_or(usize::MAX);
-    // Every item takes at least two bytes: a count past that is a lie, not an allocation.
-    if count > body.len() / 2 {
-        return Err(WireError::Semantic(format!(
-            "batch claims {count} items in {} bytes",
-            body.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(count);
-    let (mut at, mut last) = (0usize, 0u64);
-    let mut prev: Vec<u64> = Vec::new();
+    // Sized for a frame of small updates; a frame of large values has few items (the frame
+    // itself bounds how many there can be: every item takes at least two bytes).
+    let mut out = Vec::with_capacity((body.len() / 64).clamp(1, 1024));
+    let (mut at, mut last) = (0usize, base.ts);
+    let mut prev: Vec<u64> = base.deps.clone();
     let take = |at: &mut usize, len: u64, what: &str| -> Result<Bytes, WireError> {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         let end = at
@@ -545,21 +606,32 @@ pub fn decode_batch(
         *at = end;
         Ok(b)
     };
-    for _ in 0..count {
-        let tag = *body
-            .get(at)
-            .ok_or_else(|| WireError::Semantic("batch body ends before its items".into()))?;
+    while at < body.len() {
+        let first = out.is_empty();
+        let tag = body[at];
         at += 1;
         let (kind, mode) = (tag & 3, tag >> 2);
         let delta = get_varint(body, &mut at)?;
-        let ts = last
-            .checked_add(delta)
-            .filter(|&t| t > last)
-            .ok_or_else(|| {
-                WireError::Semantic(format!(
-                    "timestamps must increase along a batch (+{delta} after {last})"
-                ))
-            })?;
+        let ts = if first {
+            let d = ((delta >> 1) as i64) ^ -((delta & 1) as i64);
+            base.ts
+                .checked_add_signed(d)
+                .filter(|&t| t > 0)
+                .ok_or_else(|| {
+                    WireError::Semantic(format!(
+                        "the first timestamp, {} changed by {d}, is out of range",
+                        base.ts
+                    ))
+                })?
+        } else {
+            last.checked_add(delta)
+                .filter(|&t| t > last)
+                .ok_or_else(|| {
+                    WireError::Semantic(format!(
+                        "timestamps must increase along a batch (+{delta} after {last})"
+                    ))
+                })?
+        };
         last = ts;
         match kind {
             item_kind::MARKER if mode == 0 => out.push(Item::Marker(ts)),
@@ -574,7 +646,7 @@ pub fn decode_batch(
                     check_sizes(key.len(), 0, limits)?;
                     None
                 };
-                if mode == deps_mode::DELTA || mode == deps_mode::FULL {
+                if matches!(mode, deps_mode::DELTA | deps_mode::FULL | deps_mode::GROWTH) {
                     let len = get_varint(body, &mut at)?;
                     if len > sites as u64 {
                         return Err(WireError::Semantic(format!(
@@ -605,6 +677,16 @@ pub fn decode_batch(
                             *p = get_varint(body, &mut at)?;
                         }
                     }
+                    deps_mode::GROWTH => {
+                        for p in prev.iter_mut() {
+                            let c = get_varint(body, &mut at)?;
+                            *p = p.checked_add(c).ok_or_else(|| {
+                                WireError::Semantic(format!(
+                                    "dependency {p} grown by {c} overflows"
+                                ))
+                            })?;
+                        }
+                    }
                     m => return Err(WireError::Semantic(format!("unknown dependency mode {m}"))),
                 }
                 out.push(Item::Update(Update {
@@ -617,12 +699,10 @@ pub fn decode_batch(
             _ => return Err(WireError::Semantic(format!("unknown item tag {tag}"))),
         }
     }
-    if at != body.len() {
-        return Err(WireError::Semantic(format!(
-            "{} bytes after the batch's {count} items",
-            body.len() - at
-        )));
-    }
+    *base = StreamBase {
+        ts: last,
+        deps: prev,
+    };
     Ok(out)
 }
 
@@ -716,17 +796,117 @@ mod tests {
             update(6, "b", None),
             Item::Marker(9),
         ];
-        let frame = roundtrip(&encode_batch(1, &items), 1 << 20)
+        let frame = roundtrip(&encode_batch(1, &StreamBase::default(), &items), 1 << 20)
             .await
             .unwrap()
             .unwrap();
-        let got = decode_batch(&frame, 1, 3, &Limits::default()).unwrap();
+        let got =
+            decode_batch(&frame, &mut StreamBase::default(), 1, 3, &Limits::default()).unwrap();
         assert_eq!(got, items);
         if let Item::Update(u) = &got[0] {
             let v = u.value.as_ref().unwrap();
             let range = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
             assert!(range.contains(&(v.as_ptr() as usize)), "value was copied");
         }
+    }
+
+    #[test]
+    fn dependency_vectors_take_the_cheapest_mode() {
+        let now = 1_764_600_000_000_000;
+        let with = |ts: u64, deps: Vec<u64>| {
+            Item::Update(Update {
+                key: Bytes::from_static(b"k"),
+                value: None,
+                version: Version::new(ts, 1),
+                deps: VClock::from_vec(deps),
+            })
+        };
+        let items = vec![
+            // Against no vector: distances below the timestamp (3 + 3 + 1 bytes).
+            with(now, vec![now - 50_000, now - 40_000, now - 1]),
+            // Grown by 1,000, 1,000 and 1: growth (2 + 2 + 1) beats distances (3 + 3 + 2).
+            with(now + 2_000, vec![now - 49_000, now - 39_000, now]),
+            // A smaller entry than before: distances again.
+            with(now + 4_000, vec![now - 60_000, now - 39_000, now]),
+        ];
+        let b = encode_wire_batch(1, &StreamBase::default(), items.iter().map(wire_item));
+        // Each vector also writes its length (a byte).
+        assert_eq!(b.deps_bytes, (1 + 7) + (1 + 5) + (1 + 3 + 1 + 1));
+        let frame = aligned(&b.frame);
+        let mut base = StreamBase::default();
+        assert_eq!(
+            decode_batch(&frame, &mut base, 1, 3, &Limits::default()).unwrap(),
+            items
+        );
+        // Growth past the largest entry is refused.
+        let mut near = StreamBase {
+            ts: now,
+            deps: vec![u64::MAX, 0, 0],
+        };
+        let grown = encode_wire_batch(
+            1,
+            &StreamBase {
+                ts: now,
+                deps: vec![200, 0, 0],
+            },
+            [wire_item(&with(now + 1, vec![201, 0, 0]))],
+        );
+        let e = decode_batch(&aligned(&grown.frame), &mut near, 1, 3, &Limits::default());
+        assert!(e.unwrap_err().to_string().contains("overflows"));
+    }
+
+    #[test]
+    fn a_frame_is_written_against_the_previous_frame_on_its_stream() {
+        let limits = Limits::default();
+        let now = 1_764_600_000_000_000; // microseconds: eight bytes as a varint
+        let (mut tx, mut rx) = (StreamBase::default(), StreamBase::default());
+        let first = encode_wire_batch(1, &tx, [wire_item(&update(now, "a", Some("x")))]);
+        assert_eq!(first.next.ts, now);
+        assert_eq!(first.next.deps, vec![3, 0, 0]);
+        decode_batch(&aligned(&first.frame), &mut rx, 1, 3, &limits).unwrap();
+        assert_eq!(rx, first.next);
+        tx = first.next;
+        let next_items = vec![
+            update(now + 2_000, "b", Some("y")),
+            Item::Marker(now + 2_100),
+        ];
+        let next = encode_wire_batch(1, &tx, next_items.iter().map(wire_item));
+        assert_eq!(next.next.ts, now + 2_100);
+        // 2,000 µs later, the same dependencies: a two-byte zigzag delta where the whole
+        // timestamp took eight, and no vector where the vector took four bytes (its length,
+        // then its three entries whole).
+        let alone = encode_batch(1, &StreamBase::default(), &next_items);
+        assert_eq!(alone.len() - next.frame.len(), 6 + 4);
+        let frame = aligned(&next.frame);
+        let mut other = rx.clone();
+        assert_eq!(
+            decode_batch(&frame, &mut rx, 1, 3, &limits).unwrap(),
+            next_items
+        );
+        assert_eq!(rx, next.next);
+        // Read against another base, the same frame means other timestamps.
+        other.ts -= 1;
+        assert_ne!(
+            decode_batch(&frame, &mut other, 1, 3, &limits).unwrap(),
+            next_items
+        );
+        // A stream's timestamps may also step back between frames (a signed delta)...
+        let ahead = StreamBase {
+            ts: now + 10,
+            deps: vec![],
+        };
+        let back = aligned(&encode_batch(1, &ahead, &[update(now, "c", None)]));
+        assert_eq!(
+            decode_batch(&back, &mut ahead.clone(), 1, 3, &limits).unwrap(),
+            vec![update(now, "c", None)]
+        );
+        // ... but not below zero: refused, and the base stays.
+        let mut zero = StreamBase::default();
+        let e = decode_batch(&back, &mut zero, 1, 3, &limits).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+        assert_eq!(zero, StreamBase::default());
+        // An empty batch leaves the base where it was.
+        assert_eq!(encode_wire_batch(1, &ahead, []).next, ahead);
     }
 
     #[test]
@@ -766,8 +946,19 @@ mod tests {
     #[test]
     fn garbage_fails_validation() {
         let frame = Bytes::from_static(&[0xff; 64]);
-        assert!(decode_batch(&frame, 1, 3, &Limits::default()).is_err());
-        assert!(decode_batch(&frame, 0xffff, 3, &Limits::default()).is_err());
+        assert!(
+            decode_batch(&frame, &mut StreamBase::default(), 1, 3, &Limits::default()).is_err()
+        );
+        assert!(
+            decode_batch(
+                &frame,
+                &mut StreamBase::default(),
+                0xffff,
+                3,
+                &Limits::default()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -778,24 +969,43 @@ mod tests {
             max_frame: 1 << 20,
         };
         let items = vec![update(5, "a", Some("x"))];
-        let frame = Bytes::from(encode_batch(1, &items).to_vec());
+        let frame = Bytes::from(encode_batch(1, &StreamBase::default(), &items).to_vec());
         let frame = aligned(&frame);
-        assert!(decode_batch(&frame, 2, 3, &limits).is_err(), "wrong origin");
         assert!(
-            decode_batch(&frame, 1, 2, &limits).is_err(),
+            decode_batch(&frame, &mut StreamBase::default(), 2, 3, &limits).is_err(),
+            "wrong origin"
+        );
+        assert!(
+            decode_batch(&frame, &mut StreamBase::default(), 1, 2, &limits).is_err(),
             "vector longer than the sites"
         );
-        let big = aligned(&encode_batch(1, &[update(5, "a", Some("toolong"))]));
         assert!(
-            decode_batch(&big, 1, 3, &limits).is_err(),
+            decode_batch(
+                &aligned(&frame[..frame.len() - 1]),
+                &mut StreamBase::default(),
+                1,
+                3,
+                &limits
+            )
+            .is_err(),
+            "a frame cut short"
+        );
+        let big = aligned(&encode_batch(
+            1,
+            &StreamBase::default(),
+            &[update(5, "a", Some("toolong"))],
+        ));
+        assert!(
+            decode_batch(&big, &mut StreamBase::default(), 1, 3, &limits).is_err(),
             "value too large"
         );
         let back = aligned(&encode_batch(
             1,
+            &StreamBase::default(),
             &[update(5, "a", Some("x")), update(5, "b", Some("y"))],
         ));
         assert!(
-            decode_batch(&back, 1, 3, &limits).is_err(),
+            decode_batch(&back, &mut StreamBase::default(), 1, 3, &limits).is_err(),
             "ts not increasing"
         );
     }

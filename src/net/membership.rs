@@ -102,7 +102,7 @@ pub(crate) fn answer(shared: &Shared, rpc: &Rpc) -> Option<RpcReply> {
                         crate::replica::Item::Update(u) => Some(u),
                         crate::replica::Item::Marker(_) => None,
                     });
-                    crate::peer_wire::encode_updates(origin, updates, marker)
+                    crate::peer_wire::encode_updates(origin, &Default::default(), updates, marker)
                         .frame
                         .to_vec()
                 })
@@ -394,8 +394,13 @@ async fn relay(shared: Arc<Shared>, origin: SiteId, cut: u64) {
                 match shared.strong.ask(p as NodeId, &rpc, timeout).await {
                     Ok(RpcReply::Relay(Some(frame))) => {
                         let frame = Bytes::from(frame);
-                        match crate::peer_wire::decode_batch(&frame, origin, n, &shared.cfg.limits)
-                        {
+                        match crate::peer_wire::decode_batch(
+                            &frame,
+                            &mut Default::default(),
+                            origin,
+                            n,
+                            &shared.cfg.limits,
+                        ) {
                             Ok(items) if !items.is_empty() => {
                                 shared.mutate(|r| r.receive(origin, items));
                                 progressed |= shared.read(|r| r.received().get(origin)) > after;

@@ -598,6 +598,9 @@ async fn send_updates(
     let mut last_sent = Instant::now()
         .checked_sub(idle)
         .unwrap_or_else(Instant::now);
+    // What the last frame sent on this stream left: the next one is written against it (see
+    // `peer_wire::StreamBase`).
+    let mut base = peer_wire::StreamBase::default();
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
         let since = last_sent.elapsed();
@@ -619,7 +622,7 @@ async fn send_updates(
                         .map(crate::replica::Update::payload_len)
                         .sum();
                     let b = if payload <= LOCKED_ENCODE_MAX {
-                        Ok(peer_wire::encode_updates(me, updates, marker))
+                        Ok(peer_wire::encode_updates(me, &base, updates, marker))
                     } else {
                         Err((updates.cloned().collect::<Vec<_>>(), marker))
                     };
@@ -629,7 +632,7 @@ async fn send_updates(
         };
         let batch = batch.map(|(b, payload, marker)| {
             let b = b.unwrap_or_else(|(updates, marker)| {
-                peer_wire::encode_updates(me, updates.iter(), marker)
+                peer_wire::encode_updates(me, &base, updates.iter(), marker)
             });
             (b, payload, marker)
         });
@@ -646,6 +649,7 @@ async fn send_updates(
             Some((b, payload, marker)) => {
                 last_sent = Instant::now();
                 marker_sent = marker_sent.max(marker.unwrap_or(0));
+                base.clone_from(&b.next);
                 let frame = &b.frame;
                 write_frame(&mut stream, frame)
                     .await
@@ -790,6 +794,8 @@ async fn receive_updates(
     let limits = shared.cfg.limits;
     let max_buffered = shared.cfg.replication.max_buffered;
     let mut changed = shared.changed.subscribe();
+    // What the last frame read on this stream left (see `peer_wire::StreamBase`).
+    let mut base = peer_wire::StreamBase::default();
     loop {
         let Some(frame) = read_frame(&mut stream, limits.max_frame).await? else {
             return Ok(());
@@ -799,8 +805,13 @@ async fn receive_updates(
             .bytes_in
             .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
         Metrics::bump(&shared.metrics.batches_in);
-        let mut items =
-            peer_wire::decode_batch(&frame, peer, crate::consensus::members::MAX_SITES, &limits)?;
+        let mut items = peer_wire::decode_batch(
+            &frame,
+            &mut base,
+            peer,
+            crate::consensus::members::MAX_SITES,
+            &limits,
+        )?;
         // Vectors are as long as the sites the sender counted when it wrote each update
         // (shorter before a site was added): fitted to the sites this node counts now.
         let n = shared.n();

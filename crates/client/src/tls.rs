@@ -435,11 +435,30 @@ pub struct TransportLimits {
     /// acknowledgement-frequency extension (both sides of a causalkv connection support it);
     /// `None` (the default) leaves QUIC's own 25 ms and the extension off. A sender declares a
     /// tail packet lost only after its probe timeout, which includes the peer's acknowledgement
-    /// delay, so on a lossy link a shorter delay can bring a lost update sooner. Peers still
-    /// acknowledge every second packet at once, so under load the number of acknowledgements
-    /// does not change. Not the default yet: the loss benchmark has not shown the gain on this
-    /// machine (its runs were too noisy to tell).
+    /// delay, so on a lossy link a shorter delay can bring a lost update sooner, at the cost of
+    /// more acknowledgements on a busy link (see `ack_eliciting_threshold`). Not the default
+    /// yet: the loss benchmark has not shown the gain on this machine (its runs were too noisy
+    /// to tell).
     pub max_ack_delay: Option<Duration>,
+    /// How many ack-eliciting packets a peer may receive before it must acknowledge at once,
+    /// asked for through the acknowledgement-frequency extension (QUIC's own rule is 1: every
+    /// second packet). Default 16: a busy link's acknowledgements go at most every
+    /// `max_ack_delay` (25 ms unless set) or every 17 packets, mostly inside packets that
+    /// carry data or causalkv's own acks anyway, instead of as a packet of their own for every
+    /// two packets of updates. Loss detection does not wait for them: the peer still
+    /// acknowledges at once any packet that arrives out of order (a gap), and the probe
+    /// timeout already allows for `max_ack_delay`. 1 with no `max_ack_delay` leaves the
+    /// extension off.
+    pub ack_eliciting_threshold: u32,
+    /// Length of the connection IDs this endpoint issues, bytes (1..=20). Every packet a peer
+    /// sends to this endpoint carries one. Default 4 (quinn's own is 8): the IDs only have to
+    /// tell this endpoint's connections apart (quinn draws again on a collision), which 32
+    /// random bits do for any number of connections a site holds, and a peer link of small
+    /// updates sends about one packet per update, so each byte here is a byte per update. Not
+    /// 0: a zero-length ID makes the endpoint tell connections apart by the peer's address, and
+    /// every pair of sites has two connections between the same two addresses (one dialed by
+    /// each side).
+    pub cid_len: u8,
 }
 
 impl Default for TransportLimits {
@@ -454,6 +473,8 @@ impl Default for TransportLimits {
             max_udp_payload: 1452,
             initial_window: 256 << 10,
             max_ack_delay: None,
+            ack_eliciting_threshold: 16,
+            cid_len: 4,
         }
     }
 }
@@ -486,6 +507,12 @@ impl TransportLimits {
         {
             return bad("max_ack_delay must be within 1..=1000 ms");
         }
+        if self.ack_eliciting_threshold == 0 || self.ack_eliciting_threshold > 1_000 {
+            return bad("ack_eliciting_threshold must be within 1..=1000 packets");
+        }
+        if !(1..=20).contains(&self.cid_len) {
+            return bad("cid_len must be within 1..=20 bytes");
+        }
         if IdleTimeout::try_from(self.idle_timeout).is_err() {
             return bad("idle_timeout too large");
         }
@@ -494,13 +521,15 @@ impl TransportLimits {
 
     /// The quinn endpoint configuration for these limits: it accepts (and tells peers it
     /// accepts) UDP payloads up to `max_udp_payload`, without which a peer's MTU discovery
-    /// stops at quinn's default of 1472.
+    /// stops at quinn's default of 1472; and it issues connection IDs of `cid_len` bytes.
     pub fn endpoint_config(&self) -> Result<quinn::EndpointConfig, TlsError> {
         self.validate()?;
         let mut config = quinn::EndpointConfig::default();
         config
             .max_udp_payload_size(self.max_udp_payload)
             .map_err(|e| TlsError::Limits(e.to_string()))?;
+        let cid_len = usize::from(self.cid_len);
+        config.cid_generator(move || Box::new(RandomCids(cid_len)));
         Ok(config)
     }
 
@@ -525,12 +554,39 @@ impl TransportLimits {
         let mut cubic = quinn::congestion::CubicConfig::default();
         cubic.initial_window(self.initial_window);
         config.congestion_controller_factory(std::sync::Arc::new(cubic));
-        if let Some(delay) = self.max_ack_delay {
+        if self.max_ack_delay.is_some() || self.ack_eliciting_threshold != 1 {
             let mut acks = quinn::AckFrequencyConfig::default();
-            acks.max_ack_delay(Some(delay));
+            acks.max_ack_delay(self.max_ack_delay)
+                .ack_eliciting_threshold(VarInt::from_u32(self.ack_eliciting_threshold))
+                // A packet out of order (a gap: a loss, or reordering) is acknowledged at
+                // once, as without the extension, so that loss detection does not wait.
+                .reordering_threshold(VarInt::from_u32(1));
             config.ack_frequency_config(Some(acks));
         }
         Ok(config)
+    }
+}
+
+/// Random connection IDs of the given length from the crypto provider's secure random source
+/// (quinn's own generator of any length is not exported by `quinn`).
+struct RandomCids(usize);
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; 20];
+        provider()
+            .secure_random
+            .fill(&mut bytes[..self.0])
+            .expect("the system's random source failed");
+        quinn::ConnectionId::new(&bytes[..self.0])
+    }
+
+    fn cid_len(&self) -> usize {
+        self.0
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
     }
 }
 
