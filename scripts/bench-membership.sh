@@ -165,7 +165,8 @@ then site d joins from a.
 | live p99 at b during (get / put) | {during["get"]["p99_us"]} / {during["put"]["p99_us"]} µs, {during["errors"]} errors of {during["ops"]} |
 | p99 during / before (worse of get, put) | {p99(during) / max(1, p99(before)):.2f} |
 
-One run on a shared 2-core machine with other builds running: noisy. The live load is an
+One run on a shared 2-core machine (four sites, the load generator and the joiner's own work
+share two cores): noisy. The live load is an
 open loop of {rate} operations per second for {20} s each time, at site b (not the snapshot's
 source).
 """
