@@ -11,7 +11,9 @@
 # FUZZ_SANITIZER (default `none`: the targets are safe Rust, where AddressSanitizer finds
 # nothing the bounds checks do not, and costs build time and speed; `address` to use it),
 # FUZZ_OUT (default results/fuzz: fuzz.md, a table, and fuzz.csv), FUZZ_RUNS (stop a target
-# once it has run this many inputs, before SECONDS if it is fast enough).
+# once it has run this many inputs, before SECONDS if it is fast enough), FUZZ_DEV=1 (build
+# the targets unoptimised: about a minute faster to build, slower to run; the test command's
+# smoke run uses it, since it only checks that every target builds and starts).
 #
 # The corpus grows in fuzz/corpus/<target>/ (not committed), starting from fuzz/seeds/<target>/.
 # A crash leaves its input in fuzz/artifacts/<target>/ and makes the script fail; once fixed,
@@ -40,9 +42,12 @@ unset CARGO_TARGET_DIR
 TARGETS="${FUZZ_TARGETS:-$(cargo +nightly fuzz list)}"
 echo "== building the fuzz targets (sanitizer: $SANITIZER)" >&2
 build_start=$(date +%s)
-cargo +nightly fuzz build -s "$SANITIZER" >&2   # every target, in one build
+PROFILE=release
+DEV_FLAG=()
+if [ "${FUZZ_DEV:-0}" = 1 ]; then PROFILE=debug; DEV_FLAG=(--dev); fi
+cargo +nightly fuzz build -s "$SANITIZER" "${DEV_FLAG[@]}" >&2   # every target, in one build
 echo "built in $(($(date +%s) - build_start)) s" >&2
-BIN=target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release
+BIN=target/$(rustc +nightly -vV | sed -n 's/^host: //p')/$PROFILE
 LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT
 

@@ -99,6 +99,25 @@ fn joiner(p: &Processes, name: &str, from: &str) -> SiteConfig {
     cfg
 }
 
+/// The operator's procedure for a new site `name` up to its start: its certificate
+/// ([`joiner`]'s configuration, joining from `from`), then `causalkv sites add` at site `via`.
+fn add_joiner(p: &Processes, name: &str, from: &str, via: usize) -> SiteConfig {
+    let cfg = joiner(p, name, from);
+    let out = sites_cli(
+        &p.certs,
+        &[
+            "add",
+            name,
+            "--addr",
+            &cfg.me().addr.to_string(),
+            "--site",
+            &p.addr(via).to_string(),
+        ],
+    );
+    common::assert_success(&out);
+    cfg
+}
+
 /// `causalkv sites ARGS --certs CERTS`.
 fn sites_cli(certs: &std::path::Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(BIN)
@@ -277,20 +296,7 @@ async fn join_a_fourth_site_under_load_catches_up_becomes_a_voter_and_old_tokens
         })
         .await;
         // The operator's procedure: certificate, `sites add`, then start the site.
-        let cfg = joiner(&p, "d", "a");
-        let d_addr = cfg.me().addr;
-        let out = sites_cli(
-            &p.certs,
-            &[
-                "add",
-                "d",
-                "--addr",
-                &d_addr.to_string(),
-                "--site",
-                &p.addr(1).to_string(),
-            ],
-        );
-        common::assert_success(&out);
+        let cfg = add_joiner(&p, "d", "a", 1);
         let d = p.add(cfg);
         p.wait_listening(d, ms(60_000)).await;
         assert!(p.log(d).contains("joined: snapshot loaded"), "{}", p.log(d));
@@ -519,20 +525,7 @@ async fn join_while_an_origin_lags_on_the_change_loses_none_of_its_writes() {
         let hold = p.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
         std::fs::write(&hold, b"").expect("create the hold file");
         // d is added: a and b apply it, c holds it back; d loads a's snapshot.
-        let cfg = joiner(&p, "d", "a");
-        let d_addr = cfg.me().addr;
-        let out = sites_cli(
-            &p.certs,
-            &[
-                "add",
-                "d",
-                "--addr",
-                &d_addr.to_string(),
-                "--site",
-                &p.addr(1).to_string(),
-            ],
-        );
-        common::assert_success(&out);
+        let cfg = add_joiner(&p, "d", "a", 1);
         eventually(ms(20_000), "c holds the change back", async || {
             p.log(2).contains("holding back a configuration")
         })
@@ -709,20 +702,7 @@ async fn join_finishes_when_the_leader_crashes_in_joint_consensus() {
             rec.snapshot().len() >= 20
         })
         .await;
-        let cfg = joiner(&p, "d", &names[from]);
-        let d_addr = cfg.me().addr;
-        let out = sites_cli(
-            &p.certs,
-            &[
-                "add",
-                "d",
-                "--addr",
-                &d_addr.to_string(),
-                "--site",
-                &p.addr(from).to_string(),
-            ],
-        );
-        common::assert_success(&out);
+        let cfg = add_joiner(&p, "d", &names[from], from);
         let d = p.add(cfg);
         p.wait_listening(d, ms(60_000)).await;
         eventually(
