@@ -118,6 +118,22 @@ fn add_joiner(p: &Processes, name: &str, from: &str, via: usize) -> SiteConfig {
     cfg
 }
 
+/// Closes the strong history with a final strong read of every key at every site (`clients`,
+/// one per site), then asserts the linearizability checker passes it.
+async fn assert_linearizable(rec: &Recorder, clients: &[Client], keys: &[Vec<u8>]) {
+    for (i, c) in clients.iter().enumerate() {
+        for key in keys {
+            let pending = rec.invoke(200 + i as u64, Command::get(key.clone()));
+            let v = c.get_strong(key).await.expect("final strong read");
+            pending.complete(Response::Value(v.map(|b| b.to_vec())));
+        }
+    }
+    let history = rec.snapshot();
+    let lin = lincheck::check(&history);
+    println!("strong: {} operations; {lin}", history.len());
+    assert_eq!(lin.verdict(), Verdict::Ok, "{lin}");
+}
+
 /// `causalkv sites ARGS --certs CERTS`.
 fn sites_cli(certs: &std::path::Path, args: &[&str]) -> std::process::Output {
     std::process::Command::new(BIN)
@@ -435,18 +451,7 @@ async fn join_a_fourth_site_under_load_catches_up_becomes_a_voter_and_old_tokens
         );
         assert!(report.is_ok(), "{report}");
         // Final strong reads at every site close the linearizability history.
-        for (i, c) in status.iter().enumerate() {
-            for key in &strong_keys {
-                let cmd = Command::get(key.clone());
-                let pending = rec.invoke(200 + i as u64, cmd);
-                let v = c.get_strong(key).await.expect("final strong read");
-                pending.complete(Response::Value(v.map(|b| b.to_vec())));
-            }
-        }
-        let history = rec.snapshot();
-        let lin = lincheck::check(&history);
-        println!("strong: {} operations; {lin}", history.len());
-        assert_eq!(lin.verdict(), Verdict::Ok, "{lin}");
+        assert_linearizable(&rec, &status, &strong_keys).await;
     })
     .await;
 }
@@ -817,18 +822,7 @@ async fn join_finishes_when_the_leader_crashes_in_joint_consensus() {
             "{} strong operations failed (unknown outcome) around the crash",
             failures.len()
         );
-        for (i, c) in status.iter().enumerate() {
-            for key in &keys {
-                let cmd = Command::get(key.clone());
-                let pending = rec.invoke(200 + i as u64, cmd);
-                let v = c.get_strong(key).await.expect("final strong read");
-                pending.complete(Response::Value(v.map(|b| b.to_vec())));
-            }
-        }
-        let history = rec.snapshot();
-        let lin = lincheck::check(&history);
-        println!("strong: {} operations; {lin}", history.len());
-        assert_eq!(lin.verdict(), Verdict::Ok, "{lin}");
+        assert_linearizable(&rec, &status, &keys).await;
     })
     .await;
 }
