@@ -51,7 +51,9 @@ use causalkv::tools::checker::{self, History, Op};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::tools::wan::LinkParams;
 use causalkv::{Client, ClientError};
-use common::{BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, eventually_ok, ms};
+use common::{
+    BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, eventually_ok, ms, sites_cli,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -132,17 +134,6 @@ async fn assert_linearizable(rec: &Recorder, clients: &[Client], keys: &[Vec<u8>
     let lin = lincheck::check(&history);
     println!("strong: {} operations; {lin}", history.len());
     assert_eq!(lin.verdict(), Verdict::Ok, "{lin}");
-}
-
-/// `causalkv sites ARGS --certs CERTS`.
-fn sites_cli(certs: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(BIN)
-        .arg("sites")
-        .args(args)
-        .arg("--certs")
-        .arg(certs)
-        .output()
-        .expect("run the CLI")
 }
 
 /// One causal session's log and its failures.

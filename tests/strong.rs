@@ -37,7 +37,7 @@ use causalkv::net::{NodeOptions, StrongOptions};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::tools::wan::{LinkParams, Wan};
 use causalkv::{Client, ClientError};
-use common::{BIN, Cluster, bounded, env_u64, eventually, ms};
+use common::{BIN, Cluster, bounded, env_u64, eventually, ms, sites_cli};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -853,17 +853,6 @@ async fn a_restarted_site_loads_the_replicated_configuration_not_its_file() {
         );
     })
     .await;
-}
-
-/// `causalkv sites ARGS --certs CERTS`.
-fn sites_cli(certs: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(BIN)
-        .arg("sites")
-        .args(args)
-        .arg("--certs")
-        .arg(certs)
-        .output()
-        .expect("run the CLI")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

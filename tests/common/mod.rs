@@ -17,7 +17,7 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -406,6 +406,17 @@ impl Cluster {
 
 /// The `causalkv` binary built for this test run.
 pub const BIN: &str = env!("CARGO_BIN_EXE_causalkv");
+
+/// `causalkv sites ARGS --certs CERTS` (the membership commands), run to its end.
+pub fn sites_cli(certs: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BIN)
+        .arg("sites")
+        .args(args)
+        .arg("--certs")
+        .arg(certs)
+        .output()
+        .expect("run the CLI")
+}
 
 /// Sites running as separate `causalkv serve --config FILE` processes (what an operator runs),
 /// laid out by [`Cluster::prepare`]. Each site's configuration is written to
