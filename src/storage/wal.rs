@@ -174,8 +174,8 @@ pub struct WalOptions {
     pub segment_bytes: u64,
     /// Under [`FsyncPolicy::Always`], how many fsyncs of the log may run at once. With 1, one
     /// thread writes and commits, and holds the next group back briefly for the writers the
-    /// last commit acknowledged (see `Gather`). With more, the log thread only writes, and that
-    /// many commit threads each start an fsync as soon as a sync request is not covered by one
+    /// last commit acknowledged (see `Gather`). With more, that many commit threads each write
+    /// what is queued and start an fsync as soon as a sync request is not covered by one
     /// already running: a group never waits for the previous fsync to end, which pays off on
     /// disks that complete concurrent flushes in parallel.
     pub fsync_threads: u32,
@@ -681,10 +681,10 @@ struct Shared {
     cv: Condvar,
     /// Wakes the `batch` flush thread (at shutdown).
     flush_cv: Condvar,
-    /// Several commit threads ([`WalOptions::fsync_threads`] > 1 under `always`): the log thread
-    /// only writes, and [`commit_loop`] commits.
+    /// Several commit threads ([`WalOptions::fsync_threads`] > 1 under `always`): they write and
+    /// commit ([`commit_loop`]), and there is no log thread.
     overlap: bool,
-    /// Wakes the commit threads: a sync request, a write, shutdown.
+    /// Wakes the commit threads: a sync request, a roll, a flush, shutdown.
     commit_cv: Condvar,
     /// The LSN everything written to segment files so far ends at (stored after the write;
     /// queued appends count once the sync thread has written them).
@@ -719,8 +719,17 @@ struct SyncState {
     /// Appends waiting for the sync thread to write them, oldest first.
     queue: VecDeque<Chunk>,
     /// The sync thread is writing a chunk it took from the queue (`Some(true)`: with a roll,
-    /// whose segment may not exist yet).
+    /// whose segment may not exist yet), or an appender is writing in place ([`Wal::append`]).
     writing: Option<bool>,
+    /// Fsyncs running now (commits, the `batch` flush, a roll's): an appender writes in place
+    /// only while none runs, so that its `write(2)` never waits behind one.
+    fsyncing: u32,
+    /// The log thread waits on `cv`: only then does waking it cost a system call worth making.
+    log_waiting: bool,
+    /// Commit threads waiting on `commit_cv`.
+    commit_waiting: u32,
+    /// [`SyncHandle::sync`] calls waiting on `drained`.
+    drain_waiting: u32,
     shutdown: bool,
 }
 
@@ -826,6 +835,57 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Wakes the thread that writes queued appends, the log thread or (with several commit
+    /// threads) a waiting commit thread, if it waits, after releasing the state. Every check
+    /// that decides whether a thread waits runs under the lock, so a thread not waiting sees
+    /// the change; a signal nobody waits for would still cost a system call per append.
+    fn wake_writer(&self, st: MutexGuard<'_, SyncState>) {
+        let (waiting, cv) = if self.overlap {
+            (st.commit_waiting > 0, &self.commit_cv)
+        } else {
+            (st.log_waiting, &self.cv)
+        };
+        drop(st);
+        if waiting {
+            cv.notify_one();
+        }
+    }
+
+    /// The log thread waits on `cv` (at most `timeout`), marked as waiting meanwhile.
+    fn log_wait<'a>(
+        &self,
+        mut st: MutexGuard<'a, SyncState>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, SyncState> {
+        st.log_waiting = true;
+        let mut st = match timeout {
+            Some(t) => {
+                self.cv
+                    .wait_timeout(st, t)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            }
+            None => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+        };
+        st.log_waiting = false;
+        st
+    }
+
+    /// Runs one fsync of `file` outside the lock, counted in [`SyncState::fsyncing`] while it
+    /// runs. Returns the state locked again with the result.
+    fn fsync_unlocked<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, SyncState>,
+        file: &File,
+    ) -> (MutexGuard<'a, SyncState>, io::Result<()>) {
+        st.fsyncing += 1;
+        drop(st);
+        let res = self.stats.fsync(file);
+        let mut st = self.lock();
+        st.fsyncing -= 1;
+        (st, res)
+    }
+
     /// Raises the synced LSN to `lsn` and tells waiters, after releasing the state: a wake-up
     /// can cost a system call per waiter, and the appenders must not wait for those.
     fn publish(&self, mut st: MutexGuard<'_, SyncState>, lsn: u64) {
@@ -852,15 +912,8 @@ impl Shared {
     /// `batch` it wakes after `batch_ms` anyway: appends nobody asked a sync for (remote
     /// batches) are written within `batch_ms` too, for the flush thread to fsync.
     fn idle<'a>(&self, st: MutexGuard<'a, SyncState>) -> MutexGuard<'a, SyncState> {
-        match self.policy {
-            FsyncPolicy::Batch => {
-                self.cv
-                    .wait_timeout(st, self.batch)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
-            }
-            _ => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
-        }
+        let timeout = (self.policy == FsyncPolicy::Batch).then_some(self.batch);
+        self.log_wait(st, timeout)
     }
 
     /// Commits everything written up to `target`, which the caller read under the lock
@@ -874,11 +927,9 @@ impl Shared {
     ) -> Option<(MutexGuard<'a, SyncState>, Duration)> {
         let file = st.current.clone();
         let records = self.take_unsynced(&mut st);
-        drop(st);
         let started = Instant::now();
-        let res = self.stats.fsync(&file);
+        let (mut st, res) = self.fsync_unlocked(st, &file);
         let took = started.elapsed();
-        let mut st = self.lock();
         match res {
             Ok(()) => {
                 self.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -950,11 +1001,7 @@ fn sync_loop(shared: Arc<Shared>) {
             let now = Instant::now();
             let roll = st.queue.iter().any(|c| c.roll_to.is_some());
             if have > 0 && have < g.expect && now < g.until && !st.shutdown && !roll {
-                st = shared
-                    .cv
-                    .wait_timeout(st, g.until - now)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                st = shared.log_wait(st, Some(g.until - now));
                 continue;
             }
             if have > 0 {
@@ -985,8 +1032,7 @@ fn sync_loop(shared: Arc<Shared>) {
         // `current` (under the lock) before writing, so everything below `appended` is in
         // `current` or in a closed segment that was fsynced when it was closed.
         let appended = shared.appended.load(Ordering::Acquire);
-        let pending =
-            shared.policy == FsyncPolicy::Always && !shared.overlap && st.requested > st.fsynced;
+        let pending = shared.policy == FsyncPolicy::Always && st.requested > st.fsynced;
         if !pending {
             if st.shutdown {
                 return;
@@ -1032,9 +1078,8 @@ fn flush_loop(shared: Arc<Shared>) {
             continue;
         }
         let file = st.current.clone();
-        drop(st);
-        let res = shared.stats.fsync(&file);
-        st = shared.lock();
+        let res;
+        (st, res) = shared.fsync_unlocked(st, &file);
         match res {
             Ok(()) => {
                 shared.stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -1083,34 +1128,54 @@ fn write_chunk<'a>(
     shared
         .appended
         .fetch_add(chunk.bytes.len() as u64, Ordering::Release);
-    if st.queue.is_empty() {
+    if st.queue.is_empty() && st.drain_waiting > 0 {
         shared.drained.notify_all();
-    }
-    if shared.overlap {
-        shared.commit_cv.notify_one();
     }
     Ok(st)
 }
 
-/// With several commit threads ([`WalOptions::fsync_threads`]), each runs this loop: when a
-/// sync request is not covered by an fsync already started and some of it is written, it
-/// fsyncs everything written so far. An fsync covers every byte written before it started, so
-/// fsyncs that overlap and end out of order are fine: the synced LSN published is the highest
-/// any finished fsync covered ([`Shared::publish`] keeps the maximum). A request for bytes still
-/// queued is covered by the next fsync after the log thread writes them (it wakes this loop).
+/// With several commit threads ([`WalOptions::fsync_threads`] > 1 under `always`) there is no
+/// separate log thread: each commit thread runs this loop. Queued appends are written first, by
+/// one thread at a time and in order; then, when a sync request is not covered by an fsync
+/// already started, the thread fsyncs everything written so far. An fsync covers every byte
+/// written before it started, so fsyncs that overlap and end out of order are fine: the synced
+/// LSN published is the highest any finished fsync covered ([`Shared::publish`] keeps the
+/// maximum). The thread that wrote a group fsyncs it itself, so a group costs one wake-up of a
+/// waiting thread (none while both are busy): appends still never wait for the disk, they only
+/// queue while a write or an fsync runs.
 fn commit_loop(shared: Arc<Shared>) {
     let mut st = shared.lock();
     loop {
         if shared.failed.load(Ordering::SeqCst) {
             return;
         }
+        if st.writing.is_none()
+            && let Some(chunk) = st.queue.pop_front()
+        {
+            let current = st.current.clone();
+            st.writing = Some(chunk.roll_to.is_some());
+            drop(st);
+            match write_chunk(&shared, &current, chunk) {
+                Ok(guard) => st = guard,
+                Err(what) => {
+                    st = shared.lock();
+                    shared.fail(&mut st, what);
+                    return;
+                }
+            }
+            continue;
+        }
         let appended = shared.appended.load(Ordering::Acquire);
         let due = st.requested > st.started && appended > st.started;
         if !due {
             if st.shutdown && st.queue.is_empty() && st.writing.is_none() {
+                // Another commit thread may wait for the write this one just finished.
+                shared.commit_cv.notify_all();
                 return;
             }
+            st.commit_waiting += 1;
             st = shared.commit_cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.commit_waiting -= 1;
             continue;
         }
         // `appended` was read under the lock, with `current`: see `sync_loop`.
@@ -1270,6 +1335,10 @@ impl Wal {
                 current: file.clone(),
                 queue: VecDeque::new(),
                 writing: None,
+                fsyncing: 0,
+                log_waiting: false,
+                commit_waiting: 0,
+                drain_waiting: 0,
                 shutdown: false,
             }),
             cv: Condvar::new(),
@@ -1282,12 +1351,17 @@ impl Wal {
             failed: AtomicBool::new(false),
             tx: Mutex::new(Some(tx)),
         });
-        let thread = {
+        // With several commit threads, they write the queue themselves ([`commit_loop`]).
+        let thread = if shared.overlap {
+            None
+        } else {
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("wal-sync".into())
-                .spawn(move || sync_loop(shared))
-                .map_err(io_err(dir))?
+            Some(
+                std::thread::Builder::new()
+                    .name("wal-sync".into())
+                    .spawn(move || sync_loop(shared))
+                    .map_err(io_err(dir))?,
+            )
         };
         let flush = if opts.fsync == FsyncPolicy::Batch {
             let shared = shared.clone();
@@ -1322,7 +1396,7 @@ impl Wal {
             arena: rkyv::ser::allocator::Arena::new(),
             shared,
             synced_rx,
-            thread: Some(thread),
+            thread,
             flush,
             committers,
         };
@@ -1360,11 +1434,13 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends `records` and returns the LSN after them. Under `always` and `batch` the bytes are
-    /// queued for the sync thread, which writes them (and rolls to a new segment when the
-    /// current one would grow past `segment_bytes`): this call does no I/O. Under `never` they
-    /// are written here with one `write(2)`. After a failed write the log refuses further
-    /// appends.
+    /// Appends `records` and returns the LSN after them. Under `never` they are written here
+    /// with one `write(2)`. Under `always` and `batch` too when the log is idle (nothing queued,
+    /// no write and no fsync running), so that a lone writer's record is written without waking
+    /// the log thread; otherwise the bytes are queued for the log thread, which writes them (and
+    /// rolls to a new segment when the current one would grow past `segment_bytes`), and this
+    /// call does no I/O. Either way an append never waits behind an fsync. After a failed write
+    /// the log refuses further appends.
     pub fn append(&mut self, records: &[Record]) -> Result<u64, StorageError> {
         self.check_failed()?;
         if records.is_empty() {
@@ -1396,8 +1472,7 @@ impl Wal {
             self.buf[header + 4..start].copy_from_slice(&crc.to_le_bytes());
         }
         if self.opts.fsync != FsyncPolicy::Never {
-            self.queue(records.len() as u64);
-            return Ok(self.end_lsn);
+            return self.queue(records.len() as u64);
         }
         if self.segment_full() {
             self.roll_in_place()?;
@@ -1431,12 +1506,49 @@ impl Wal {
 
     /// Queues the serialised records in `buf` for the sync thread, behind a roll to a new
     /// segment when the current one is full (the sync thread is woken for a roll; plain bytes
-    /// wait for the next sync request or the `batch` timer).
-    fn queue(&mut self, records: u64) {
+    /// wait for the next sync request or the `batch` timer), or writes them here when the log is
+    /// idle ([`Wal::append`]). Returns the LSN after them.
+    fn queue(&mut self, records: u64) -> Result<u64, StorageError> {
         let shared = self.shared.clone();
         let now = Instant::now();
         let mut st = shared.lock();
         let len = self.buf.len() as u64;
+        let idle = st.queue.is_empty() && st.writing.is_none() && st.fsyncing == 0;
+        if idle && !self.segment_full() {
+            let file = st.current.clone();
+            st.writing = Some(false);
+            drop(st);
+            let t = Instant::now();
+            let res = (&*file).write_all(&self.buf);
+            shared.stats.write_duration.record(t.elapsed());
+            let mut st = shared.lock();
+            st.writing = None;
+            if st.drain_waiting > 0 {
+                shared.drained.notify_all();
+            }
+            let cur = self.segments.last_mut().expect("a current segment");
+            if let Err(e) = res {
+                let what = format!(
+                    "write-ahead log write to {} failed: {e}",
+                    cur.path.display()
+                );
+                shared.fail(&mut st, what);
+                return Err(StorageError::Io {
+                    path: cur.path.clone(),
+                    source: e,
+                });
+            }
+            cur.len += len;
+            self.end_lsn += len;
+            st.unsynced.records += records;
+            st.unsynced.oldest = Some(st.unsynced.oldest.map_or(now, |o| o.min(now)));
+            let appended = shared.appended.fetch_add(len, Ordering::Release) + len;
+            if shared.policy == FsyncPolicy::Batch {
+                // Acknowledged once written, as the log thread does for what it writes.
+                shared.publish(st, appended);
+            }
+            return Ok(self.end_lsn);
+        }
         if self.segment_full() {
             let start = self.end_lsn;
             let path = segment_path(&self.dir, start);
@@ -1451,8 +1563,7 @@ impl Wal {
                 len: 0,
                 path,
             });
-            drop(st);
-            self.shared.cv.notify_one();
+            self.shared.wake_writer(st);
         } else {
             match st.queue.back_mut() {
                 Some(back) => {
@@ -1469,6 +1580,7 @@ impl Wal {
         }
         self.segments.last_mut().expect("a current segment").len += len;
         self.end_lsn += len;
+        Ok(self.end_lsn)
     }
 
     /// Under [`FsyncPolicy::Never`]: starts the next segment in place (no fsync promised, none
@@ -1504,11 +1616,7 @@ impl Wal {
         if lsn > st.requested {
             st.requested = lsn;
             st.asked += 1;
-            drop(st);
-            self.shared.cv.notify_one();
-            if self.shared.overlap {
-                self.shared.commit_cv.notify_one();
-            }
+            self.shared.wake_writer(st);
         }
     }
 
@@ -1595,8 +1703,8 @@ impl Drop for Wal {
         if let Some(t) = self.flush.take() {
             let _ = t.join();
         }
-        // The log thread has written everything queued: the commit threads sync what was
-        // requested of it and stop.
+        // The log thread has written everything queued (with several commit threads, they
+        // write it themselves): the commit threads sync what was requested of it and stop.
         self.shared.commit_cv.notify_all();
         for t in self.committers.drain(..) {
             let _ = t.join();
@@ -1629,15 +1737,18 @@ impl SyncHandle {
         if !st.queue.is_empty() {
             st.flush_asked = true;
             self.shared.cv.notify_one();
+            self.shared.commit_cv.notify_one();
         }
         while (!st.queue.is_empty() || st.writing.is_some())
             && !self.shared.failed.load(Ordering::SeqCst)
         {
+            st.drain_waiting += 1;
             st = self
                 .shared
                 .drained
                 .wait(st)
                 .unwrap_or_else(|e| e.into_inner());
+            st.drain_waiting -= 1;
         }
         if self.shared.failed.load(Ordering::SeqCst) {
             return Err(failed());
@@ -1978,19 +2089,28 @@ mod tests {
     }
 
     #[test]
-    fn appends_do_no_io_until_the_log_thread_writes_them() {
-        // Under `always` the appending thread only queues: the segment does not grow until a
-        // sync is asked for (the log thread writes, then fsyncs). Under `never` it writes in
-        // place.
+    fn appends_never_write_while_an_fsync_runs() {
+        // Under `always`, while an fsync runs the appending thread only queues: the segment does
+        // not grow until the log thread writes (a sync asked for). An idle log is written in
+        // place, as under `never` always is.
         let dir = tempfile::tempdir().unwrap();
         let (mut wal, _) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
-        let lsn = wal.append(&sample(10)).unwrap();
-        assert!(lsn > 0);
         let on_disk = || fs::metadata(last_segment(dir.path())).unwrap().len();
-        assert_eq!(on_disk(), 0, "the appender wrote to the segment itself");
-        assert_eq!(wal.sync_now().unwrap(), lsn);
-        assert_eq!(on_disk(), lsn);
+        let first = wal.append(&sample(3)).unwrap();
+        assert_eq!(on_disk(), first, "an idle log is written by the appender");
+        wal.shared.lock().fsyncing += 1;
+        let lsn = wal.append(&sample(10)).unwrap();
+        assert!(lsn > first);
+        assert_eq!(on_disk(), first, "the appender wrote while an fsync ran");
+        // Queued bytes stay queued after the fsync ends: the next append goes behind them.
+        wal.shared.lock().fsyncing -= 1;
+        let last = wal.append(&sample(2)).unwrap();
+        assert_eq!(on_disk(), first, "an append overtook queued bytes");
+        assert_eq!(wal.sync_now().unwrap(), last);
+        assert_eq!(on_disk(), last);
         drop(wal);
+        let (_, rec) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        assert_eq!(rec.records.len(), 15);
 
         let never = tempfile::tempdir().unwrap();
         let o = WalOptions {
