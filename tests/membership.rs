@@ -17,6 +17,9 @@
 //!   test-only switch) must not prune what the joining site's snapshot lacks once the old
 //!   members ack it; the joining site gets every one of its writes (and does not, with the
 //!   fix switched off by `MEMBERSHIP_PRUNE_AHEAD=1`).
+//! - A site that lags on the change (a test-only switch) while its peers count the new site
+//!   holds pruning back, and shows it in `causalkv status` and `/metrics` until it applies the
+//!   change.
 //! - A leader crash in joint consensus: group 0's leader is paused (a test-only switch)
 //!   between the two steps of making the joining site a voter, killed with `kill -9` and
 //!   restarted; the cluster finishes the change (an active voter, a uniform configuration) and
@@ -618,6 +621,93 @@ async fn join_while_an_origin_lags_on_the_change_loses_none_of_its_writes() {
             states.push((i as u16, state));
         }
         checker::check_convergence(&states).expect("the four sites converge");
+    })
+    .await;
+}
+
+/// A site that lags on the change that adds d (a test-only switch holds it back) while its
+/// peers count d prunes nothing from its retained log, and says so: `causalkv status` (the
+/// status struct and the CLI's text) and `/metrics` (`causalkv_retention_held`) show it while
+/// held, and neither once the site applies the change. The peers that count d are not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_holding_retention_for_an_added_site_shows_it_in_status_and_metrics() {
+    bounded(ms(120_000), async {
+        let c = Cluster::prepare_strong(3)
+            .start_with(causalkv::net::NodeOptions {
+                hold_sites: true,
+                ..Default::default()
+            })
+            .await;
+        c.wait_connected().await;
+        c.wait_bootstrapped().await;
+        let held = |i: usize| {
+            let s = c.node(i).status();
+            let metric = c
+                .node(i)
+                .metrics_text()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("causalkv_retention_held ")
+                        .map(str::to_owned)
+                })
+                .expect("causalkv_retention_held in /metrics");
+            (s.retention_held, metric)
+        };
+        for i in 0..3 {
+            assert_eq!(held(i), (0, "0".to_owned()), "site {i} before the change");
+        }
+        // c will lag on the change that adds d; a and b apply it and ack c with vectors of
+        // four entries.
+        let hold = c.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
+        std::fs::write(&hold, b"").expect("create the hold file");
+        let a = c.client(0).await;
+        let epoch = a
+            .add_site("d", common::free_addr(), 1)
+            .await
+            .expect("sites add d");
+        assert_eq!(epoch, 2);
+        let at_c = c.client(2).await;
+        eventually(ms(20_000), "c shows retention held", async || {
+            // c's writes keep acks from a and b coming.
+            at_c.put("c-writes", "x").await.expect("write at c");
+            held(2) == (4, "1".to_owned())
+        })
+        .await;
+        assert_eq!(c.node(2).status().applied.len(), 3, "c does not count d");
+        for i in 0..2 {
+            assert_eq!(held(i), (0, "0".to_owned()), "site {i} counts d");
+        }
+        let certs = c.certs.to_string_lossy().into_owned();
+        let status_text = async || {
+            let out = tokio::process::Command::new(common::BIN)
+                .args([
+                    "status",
+                    "--site",
+                    &c.addr(2).to_string(),
+                    "--certs",
+                    &certs,
+                ])
+                .output()
+                .await
+                .expect("run the CLI");
+            assert_eq!(out.status.code(), Some(0), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let text = status_text().await;
+        assert!(
+            text.contains("retention held: a peer counts 4 sites, this site 3"),
+            "{text}"
+        );
+        // c applies the change: it counts d, and nothing holds pruning any more.
+        std::fs::remove_file(&hold).expect("remove the hold file");
+        eventually(ms(20_000), "c's retention is no longer held", async || {
+            held(2) == (0, "0".to_owned())
+        })
+        .await;
+        assert_eq!(c.node(2).status().applied.len(), 4, "c counts d");
+        let text = status_text().await;
+        assert!(!text.contains("retention held"), "{text}");
+        c.shutdown().await;
     })
     .await;
 }

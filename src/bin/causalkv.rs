@@ -890,6 +890,14 @@ async fn run(cmd: Cmd) -> ExitCode {
                 s.name, s.site, s.applied, s.stable, s.buffered, s.retained, s.keys, s.wal_bytes,
                 s.fsyncs
             );
+            if s.retention_held > 0 {
+                text.push_str(&format!(
+                    "\n  retention held: a peer counts {} sites, this site {}; nothing is pruned \
+                     until this site applies the change",
+                    s.retention_held,
+                    s.applied.len()
+                ));
+            }
             if s.partitions > 1 {
                 text.push_str(&format!(
                     "\n  partition {} of {}  site stable {:?}",

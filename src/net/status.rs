@@ -1,5 +1,6 @@
 //! The site's status as `causalkv status`, `GET /status` and [`Node::status`](super::Node::status)
-//! show it: vectors, buffer and log figures, each peer's state with its reason and lag, and the
+//! show it: vectors, buffer and log figures (and whether pruning is held for a site a peer
+//! counts and this node does not yet), each peer's state with its reason and lag, and the
 //! cluster configuration (epoch and sites) this node holds.
 
 use std::time::Instant;
@@ -16,6 +17,13 @@ impl Shared {
     pub fn status(&self) -> StatusInfo {
         let me = self.site();
         let site_stable = self.read(|r| r.site_stable().as_slice().to_vec());
+        let retention_held = self.read(|r| {
+            if r.retention_held() {
+                r.peers_count() as u16
+            } else {
+                0
+            }
+        });
         let (applied, stable, buffered, retained, keys, peer_vecs, unacked) = self.read(|r| {
             let peer_vecs: Vec<_> = (0..self.n() as SiteId)
                 .map(|p| r.peer_applied(p).as_slice().to_vec())
@@ -82,6 +90,7 @@ impl Shared {
             site_stable,
             consensus: Some(Box::new(self.strong.status())),
             membership: Some(Box::new(self.membership_status())),
+            retention_held,
         }
     }
 

@@ -1124,6 +1124,13 @@ impl<S: Store> Replica<S> {
         self.cfg.hold_for_added && self.peers_count > self.cfg.sites
     }
 
+    /// The most sites any peer reported counting ([`Replica::on_peer_counts`]), this
+    /// replica's own count included: above [`ReplicaConfig::sites`] while some peer applied a
+    /// site's addition this replica has not.
+    pub fn peers_count(&self) -> usize {
+        self.peers_count.max(self.cfg.sites)
+    }
+
     /// A peer reported its durable `applied` vector (ack or heartbeat). Prunes the retained log.
     pub fn on_peer_applied(&mut self, peer: SiteId, applied: &VClock) {
         if peer == self.cfg.site || peer as usize >= self.cfg.sites {
