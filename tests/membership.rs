@@ -20,6 +20,10 @@
 //! - A site that lags on the change (a test-only switch) while its peers count the new site
 //!   holds pruning back, and shows it in `causalkv status` and `/metrics` until it applies the
 //!   change.
+//! - Activation waits for the joining site to cover its floor: with an origin holding the
+//!   change back (a test-only switch), the joining site cannot get that origin's stream, and
+//!   the leader shows it catching up and does not make it active until the origin applies
+//!   the change.
 //! - A leader crash in joint consensus: group 0's leader is paused (a test-only switch)
 //!   between the two steps of making the joining site a voter, killed with `kill -9` and
 //!   restarted; the cluster finishes the change (an active voter, a uniform configuration) and
@@ -708,6 +712,119 @@ async fn a_site_holding_retention_for_an_added_site_shows_it_in_status_and_metri
         let text = status_text().await;
         assert!(!text.contains("retention held"), "{text}");
         c.shutdown().await;
+    })
+    .await;
+}
+
+/// Activation waits for the joining site to cover its floor. c lags on the change that adds
+/// d (a test-only switch), so c refuses d's hello and d cannot get c's stream. a, the source,
+/// holds d's snapshot before taking its floor (the same switch) while c writes, so the floor
+/// needs c's write, which the snapshot lacks: d stays behind on c while the leader, a, makes
+/// it a learner and a voter. The leader must not make d active meanwhile: its status shows
+/// `joining: voter, catching-up (c at .., needs ..)`. Once c applies the change, d catches up
+/// and becomes active at every site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_activates_a_site_only_once_it_covers_its_floor() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare_strong(3);
+        for cfg in &mut prep.configs {
+            cfg.consensus.preferred_leader = Some("a".into());
+        }
+        let mut p = prep
+            .spawn_with_env(&[("CAUSALKV_TEST_HOLD_SITES", "1")])
+            .await;
+        p.wait_connected().await;
+        let at_a = p.client(0).await;
+        eventually(
+            ms(30_000),
+            "the configuration is bootstrapped and a leads",
+            async || {
+                at_a.status().await.is_ok_and(|s| {
+                    s.membership.is_some_and(|m| m.epoch == 1)
+                        && s.consensus
+                            .is_some_and(|c| c.leader_name.as_deref() == Some("a"))
+                })
+            },
+        )
+        .await;
+        // c will lag on the change that adds d, and a will hold d's snapshot before its floor,
+        // until the files are gone.
+        let hold_sites = p.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
+        std::fs::write(&hold_sites, b"").expect("create the hold file");
+        let hold_floor = p.configs[0].data_dir.join(causalkv::net::HOLD_FLOOR_FILE);
+        std::fs::write(&hold_floor, b"").expect("create the floor hold file");
+        let cfg = add_joiner(&p, "d", "a", 0);
+        eventually(ms(20_000), "c holds the change back", async || {
+            p.log(2).contains("holding back a configuration")
+        })
+        .await;
+        let d = p.add(cfg);
+        eventually(ms(60_000), "a holds d's snapshot", async || {
+            p.log(0).contains("holding a joining site's snapshot")
+        })
+        .await;
+        // c writes; once a has it, the floor a takes needs it.
+        let at_c = p.client(2).await;
+        let w = at_c.put("from-c", "1").await.expect("write at c");
+        eventually(ms(20_000), "a applies c's write", async || {
+            at_a.status().await.is_ok_and(|s| s.applied[2] >= w.ts)
+        })
+        .await;
+        std::fs::remove_file(&hold_floor).expect("remove the floor hold file");
+        p.wait_listening(d, ms(60_000)).await;
+        assert!(p.log(d).contains("joined: snapshot loaded"), "{}", p.log(d));
+        let floor =
+            std::fs::read_to_string(p.configs[d].data_dir.join("join.state")).expect("join.state");
+        let floor_c: u64 = floor
+            .lines()
+            .nth(2)
+            .expect("c's entry")
+            .parse()
+            .expect("entry");
+        let at_d = p.client(d).await;
+        let d_has_c = at_d.status().await.expect("status of d").applied[2];
+        println!("d has c up to {d_has_c}, its floor needs {floor_c} (c's write: {w})");
+        assert!(d_has_c < w.ts && floor_c >= w.ts, "{d_has_c} {floor_c} {w}");
+        // a makes d a learner, then a voter, and waits for it to cover its floor.
+        let state_of_d = async |c: &Client| {
+            c.status()
+                .await
+                .ok()
+                .and_then(|s| s.membership)
+                .and_then(|m| m.sites.get(3).map(|s| s.state.clone()))
+                .unwrap_or_default()
+        };
+        let waiting = format!("joining: voter, catching-up (c at {d_has_c}, needs {floor_c})");
+        eventually(
+            ms(60_000),
+            "a waits for d to cover its floor before making it active",
+            async || state_of_d(&at_a).await == waiting,
+        )
+        .await;
+        assert_eq!(state_of_d(&at_d).await, "joining: catching-up");
+        assert!(
+            p.log(0)
+                .contains("joining site: waiting until it covers its floor"),
+            "{}",
+            p.log(0)
+        );
+        // c applies the change: d gets c's stream, covers its floor and becomes active.
+        std::fs::remove_file(&hold_sites).expect("remove the hold file");
+        let clients = [at_a, p.client(1).await, at_c, at_d];
+        eventually(ms(60_000), "d is active at every site", async || {
+            for c in &clients {
+                if state_of_d(c).await != "active" {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert_eq!(
+            clients[3].get("from-c").await.expect("get at d").as_deref(),
+            Some(&b"1"[..]),
+            "d serves once it covers its floor"
+        );
     })
     .await;
 }

@@ -102,7 +102,8 @@ impl Shared {
         // A joining site's phase: `snapshot` until it is in the Raft group (it fetches its
         // snapshot, then the leader adds it), `catching-up` at the site itself until it covers
         // the end of the snapshot's copy, then `learner` and `voter` as the group's membership
-        // says.
+        // says; at the leader, `voter, catching-up (...)` with the entries it is behind on
+        // while the leader waits for it to cover its floor before making it active.
         let show = |m: &Member| MemberStatus {
             site: m.id,
             name: m.name.clone(),
@@ -110,7 +111,11 @@ impl Shared {
             state: match m.state {
                 MemberState::Joining if m.id == me && catching_up => "joining: catching-up".into(),
                 MemberState::Joining => match self.strong.role_of(m.id as u64) {
-                    Some(role) => format!("joining: {role}"),
+                    Some(role) => match self.strong.join_behind(m.id as u64) {
+                        // At the leader, waiting for it to cover its floor before activating.
+                        Some(behind) => format!("joining: {role}, catching-up ({behind})"),
+                        None => format!("joining: {role}"),
+                    },
                     None => "joining: snapshot".into(),
                 },
                 s => super::membership::state_text(self, m.id, s),

@@ -456,6 +456,20 @@ impl<S: Store> Replica<S> {
         self.applied.covers(&self.floor)
     }
 
+    /// The entries of the floor ([`Replica::set_floor`]) that `applied` falls short of, as
+    /// `(site, have, need)`; empty once [`Replica::caught_up_to_floor`].
+    pub fn floor_gaps(&self) -> Vec<(SiteId, Timestamp, Timestamp)> {
+        self.floor
+            .as_slice()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &need)| {
+                let have = self.applied.get(i as SiteId);
+                (have < need).then_some((i as SiteId, have, need))
+            })
+            .collect()
+    }
+
     /// The settings.
     pub fn config(&self) -> &ReplicaConfig {
         &self.cfg
