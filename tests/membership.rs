@@ -23,7 +23,8 @@
 //! - Activation waits for the joining site to cover its floor: with an origin holding the
 //!   change back (a test-only switch), the joining site cannot get that origin's stream, and
 //!   the leader shows it catching up and does not make it active until the origin applies
-//!   the change.
+//!   the change. Meanwhile that origin receives an update that depends on the new site, and
+//!   keeps it in its dependency buffer with its link up until it counts the site.
 //! - A leader crash in joint consensus: group 0's leader is paused (a test-only switch)
 //!   between the two steps of making the joining site a voter, killed with `kill -9` and
 //!   restarted; the cluster finishes the change (an active voter, a uniform configuration) and
@@ -721,8 +722,10 @@ async fn a_site_holding_retention_for_an_added_site_shows_it_in_status_and_metri
 /// holds d's snapshot before taking its floor (the same switch) while c writes, so the floor
 /// needs c's write, which the snapshot lacks: d stays behind on c while the leader, a, makes
 /// it a learner and a voter. The leader must not make d active meanwhile: its status shows
-/// `joining: voter, catching-up (c at .., needs ..)`. Once c applies the change, d catches up
-/// and becomes active at every site.
+/// `joining: voter, catching-up (c at .., needs ..)`. Meanwhile a session at a that depends on
+/// d writes: c, which does not count d yet, must keep that update in its dependency buffer
+/// (not cut its link from a over it). Once c applies the change, d catches up and becomes
+/// active at every site, and c applies a's update.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn join_activates_a_site_only_once_it_covers_its_floor() {
     bounded(ms(180_000), async {
@@ -808,7 +811,44 @@ async fn join_activates_a_site_only_once_it_covers_its_floor() {
             "{}",
             p.log(0)
         );
-        // c applies the change: d gets c's stream, covers its floor and becomes active.
+        // A session at a that depends on d (a counts d and has its clock markers) writes: its
+        // update names d in its dependency vector, and reaches c, which does not count d yet.
+        // c keeps it in its dependency buffer, and its link from a stays up.
+        let mut d_at_a = 0;
+        eventually(ms(20_000), "a has some of d's stream", async || {
+            d_at_a = at_a
+                .status()
+                .await
+                .ok()
+                .and_then(|s| s.applied.get(3).copied())
+                .unwrap_or(0);
+            d_at_a > 0
+        })
+        .await;
+        let dependent = p.client(0).await;
+        let mut ctx = causalkv::clock::VClock::zero(4);
+        ctx.raise(3, d_at_a);
+        dependent
+            .set_session_token(&causalkv::client::encode_session_token(&ctx))
+            .expect("token");
+        dependent
+            .put("after-d", "1")
+            .await
+            .expect("write at a after d");
+        eventually(
+            ms(20_000),
+            "c buffers a's update that depends on d",
+            async || at_c.status().await.is_ok_and(|s| s.buffered > 0),
+        )
+        .await;
+        assert_eq!(at_c.get("after-d").await.expect("get at c"), None);
+        let c_log = p.log(2);
+        assert!(
+            !c_log.contains("malformed update stream"),
+            "c cut its link from a: {c_log}"
+        );
+        // c applies the change: d gets c's stream, covers its floor and becomes active, and
+        // c gets d's stream and applies a's update.
         std::fs::remove_file(&hold_sites).expect("remove the hold file");
         let clients = [at_a, p.client(1).await, at_c, at_d];
         eventually(ms(60_000), "d is active at every site", async || {
@@ -825,6 +865,18 @@ async fn join_activates_a_site_only_once_it_covers_its_floor() {
             Some(&b"1"[..]),
             "d serves once it covers its floor"
         );
+        eventually(
+            ms(20_000),
+            "c applies a's update that depends on d",
+            async || {
+                clients[2]
+                    .get("after-d")
+                    .await
+                    .is_ok_and(|v| v.as_deref() == Some(&b"1"[..]))
+            },
+        )
+        .await;
+        assert!(!p.log(2).contains("malformed update stream"));
     })
     .await;
 }
