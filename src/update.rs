@@ -56,22 +56,36 @@ impl Item {
         }
     }
 
-    /// Fits an update's dependency vector to `n` entries: one from a peer that counts fewer
-    /// sites (it has not learned of the ones added since) depends on nothing from them and is
-    /// padded with zeros; one from a peer that counts more may only have zeros past `n` (it
-    /// depends on nothing from a site this node does not count yet), which are cut.
-    pub fn fit_deps(&mut self, n: usize) -> Result<(), String> {
+    /// Fits an update's dependency vector to the `n` sites the receiver counts. One from a
+    /// peer that counts fewer sites (it has not learned of the ones added since) depends on
+    /// nothing from them and is padded with zeros. One from a peer that counts more has its
+    /// trailing zeros past `n` cut; if it still names a site past `n` (the peer applied that
+    /// site's addition before the receiver did, and the update depends on something the new
+    /// site wrote), it is kept as it is: the receiver buffers the update until it counts that
+    /// site and has applied what the update depends on
+    /// ([`Replica::receive`](crate::replica::Replica::receive)). Refusing it instead would cut
+    /// a receiver that lags on the change off from that peer.
+    ///
+    /// A vector longer than `max` (the most sites a cluster can have) is garbage: an error.
+    pub fn fit_deps(&mut self, n: usize, max: usize) -> Result<(), String> {
         if let Item::Update(u) = self
             && u.deps.len() != n
         {
-            if let Some(i) = u.deps.as_slice().iter().skip(n).position(|&e| e > 0) {
+            if u.deps.len() > max {
                 return Err(format!(
-                    "update {} depends on site {}, which this node does not count",
+                    "update {} has a dependency vector of {} entries; a cluster has at most {max} \
+                     sites",
                     u.version,
-                    n + i
+                    u.deps.len()
                 ));
             }
-            u.deps = u.deps.resized(n);
+            let named = u
+                .deps
+                .as_slice()
+                .iter()
+                .rposition(|&e| e > 0)
+                .map_or(0, |i| i + 1);
+            u.deps = u.deps.resized(n.max(named));
         }
         Ok(())
     }

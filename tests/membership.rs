@@ -17,6 +17,14 @@
 //!   test-only switch) must not prune what the joining site's snapshot lacks once the old
 //!   members ack it; the joining site gets every one of its writes (and does not, with the
 //!   fix switched off by `MEMBERSHIP_PRUNE_AHEAD=1`).
+//! - A site that lags on the change (a test-only switch) while its peers count the new site
+//!   holds pruning back, and shows it in `causalkv status` and `/metrics` until it applies the
+//!   change.
+//! - Activation waits for the joining site to cover its floor: with an origin holding the
+//!   change back (a test-only switch), the joining site cannot get that origin's stream, and
+//!   the leader shows it catching up and does not make it active until the origin applies
+//!   the change. Meanwhile that origin receives an update that depends on the new site, and
+//!   keeps it in its dependency buffer with its link up until it counts the site.
 //! - A leader crash in joint consensus: group 0's leader is paused (a test-only switch)
 //!   between the two steps of making the joining site a voter, killed with `kill -9` and
 //!   restarted; the cluster finishes the change (an active voter, a uniform configuration) and
@@ -618,6 +626,257 @@ async fn join_while_an_origin_lags_on_the_change_loses_none_of_its_writes() {
             states.push((i as u16, state));
         }
         checker::check_convergence(&states).expect("the four sites converge");
+    })
+    .await;
+}
+
+/// A site that lags on the change that adds d (a test-only switch holds it back) while its
+/// peers count d prunes nothing from its retained log, and says so: `causalkv status` (the
+/// status struct and the CLI's text) and `/metrics` (`causalkv_retention_held`) show it while
+/// held, and neither once the site applies the change. The peers that count d are not held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_holding_retention_for_an_added_site_shows_it_in_status_and_metrics() {
+    bounded(ms(120_000), async {
+        let c = Cluster::prepare_strong(3)
+            .start_with(causalkv::net::NodeOptions {
+                hold_sites: true,
+                ..Default::default()
+            })
+            .await;
+        c.wait_connected().await;
+        c.wait_bootstrapped().await;
+        let held = |i: usize| {
+            let s = c.node(i).status();
+            let metric = c
+                .node(i)
+                .metrics_text()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("causalkv_retention_held ")
+                        .map(str::to_owned)
+                })
+                .expect("causalkv_retention_held in /metrics");
+            (s.retention_held, metric)
+        };
+        for i in 0..3 {
+            assert_eq!(held(i), (0, "0".to_owned()), "site {i} before the change");
+        }
+        // c will lag on the change that adds d; a and b apply it and ack c with vectors of
+        // four entries.
+        let hold = c.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
+        std::fs::write(&hold, b"").expect("create the hold file");
+        let a = c.client(0).await;
+        let epoch = a
+            .add_site("d", common::free_addr(), 1)
+            .await
+            .expect("sites add d");
+        assert_eq!(epoch, 2);
+        let at_c = c.client(2).await;
+        eventually(ms(20_000), "c shows retention held", async || {
+            // c's writes keep acks from a and b coming.
+            at_c.put("c-writes", "x").await.expect("write at c");
+            held(2) == (4, "1".to_owned())
+        })
+        .await;
+        assert_eq!(c.node(2).status().applied.len(), 3, "c does not count d");
+        for i in 0..2 {
+            assert_eq!(held(i), (0, "0".to_owned()), "site {i} counts d");
+        }
+        let certs = c.certs.to_string_lossy().into_owned();
+        let status_text = async || {
+            let out = tokio::process::Command::new(common::BIN)
+                .args([
+                    "status",
+                    "--site",
+                    &c.addr(2).to_string(),
+                    "--certs",
+                    &certs,
+                ])
+                .output()
+                .await
+                .expect("run the CLI");
+            assert_eq!(out.status.code(), Some(0), "{out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let text = status_text().await;
+        assert!(
+            text.contains("retention held: a peer counts 4 sites, this site 3"),
+            "{text}"
+        );
+        // c applies the change: it counts d, and nothing holds pruning any more.
+        std::fs::remove_file(&hold).expect("remove the hold file");
+        eventually(ms(20_000), "c's retention is no longer held", async || {
+            held(2) == (0, "0".to_owned())
+        })
+        .await;
+        assert_eq!(c.node(2).status().applied.len(), 4, "c counts d");
+        let text = status_text().await;
+        assert!(!text.contains("retention held"), "{text}");
+        c.shutdown().await;
+    })
+    .await;
+}
+
+/// Activation waits for the joining site to cover its floor. c lags on the change that adds
+/// d (a test-only switch), so c refuses d's hello and d cannot get c's stream. a, the source,
+/// holds d's snapshot before taking its floor (the same switch) while c writes, so the floor
+/// needs c's write, which the snapshot lacks: d stays behind on c while the leader, a, makes
+/// it a learner and a voter. The leader must not make d active meanwhile: its status shows
+/// `joining: voter, catching-up (c at .., needs ..)`. Meanwhile a session at a that depends on
+/// d writes: c, which does not count d yet, must keep that update in its dependency buffer
+/// (not cut its link from a over it). Once c applies the change, d catches up and becomes
+/// active at every site, and c applies a's update.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_activates_a_site_only_once_it_covers_its_floor() {
+    bounded(ms(180_000), async {
+        let mut prep = Cluster::prepare_strong(3);
+        for cfg in &mut prep.configs {
+            cfg.consensus.preferred_leader = Some("a".into());
+        }
+        let mut p = prep
+            .spawn_with_env(&[("CAUSALKV_TEST_HOLD_SITES", "1")])
+            .await;
+        p.wait_connected().await;
+        let at_a = p.client(0).await;
+        eventually(
+            ms(30_000),
+            "the configuration is bootstrapped and a leads",
+            async || {
+                at_a.status().await.is_ok_and(|s| {
+                    s.membership.is_some_and(|m| m.epoch == 1)
+                        && s.consensus
+                            .is_some_and(|c| c.leader_name.as_deref() == Some("a"))
+                })
+            },
+        )
+        .await;
+        // c will lag on the change that adds d, and a will hold d's snapshot before its floor,
+        // until the files are gone.
+        let hold_sites = p.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
+        std::fs::write(&hold_sites, b"").expect("create the hold file");
+        let hold_floor = p.configs[0].data_dir.join(causalkv::net::HOLD_FLOOR_FILE);
+        std::fs::write(&hold_floor, b"").expect("create the floor hold file");
+        let cfg = add_joiner(&p, "d", "a", 0);
+        eventually(ms(20_000), "c holds the change back", async || {
+            p.log(2).contains("holding back a configuration")
+        })
+        .await;
+        let d = p.add(cfg);
+        eventually(ms(60_000), "a holds d's snapshot", async || {
+            p.log(0).contains("holding a joining site's snapshot")
+        })
+        .await;
+        // c writes; once a has it, the floor a takes needs it.
+        let at_c = p.client(2).await;
+        let w = at_c.put("from-c", "1").await.expect("write at c");
+        eventually(ms(20_000), "a applies c's write", async || {
+            at_a.status().await.is_ok_and(|s| s.applied[2] >= w.ts)
+        })
+        .await;
+        std::fs::remove_file(&hold_floor).expect("remove the floor hold file");
+        p.wait_listening(d, ms(60_000)).await;
+        assert!(p.log(d).contains("joined: snapshot loaded"), "{}", p.log(d));
+        let floor =
+            std::fs::read_to_string(p.configs[d].data_dir.join("join.state")).expect("join.state");
+        let floor_c: u64 = floor
+            .lines()
+            .nth(2)
+            .expect("c's entry")
+            .parse()
+            .expect("entry");
+        let at_d = p.client(d).await;
+        let d_has_c = at_d.status().await.expect("status of d").applied[2];
+        println!("d has c up to {d_has_c}, its floor needs {floor_c} (c's write: {w})");
+        assert!(d_has_c < w.ts && floor_c >= w.ts, "{d_has_c} {floor_c} {w}");
+        // a makes d a learner, then a voter, and waits for it to cover its floor.
+        let state_of_d = async |c: &Client| {
+            c.status()
+                .await
+                .ok()
+                .and_then(|s| s.membership)
+                .and_then(|m| m.sites.get(3).map(|s| s.state.clone()))
+                .unwrap_or_default()
+        };
+        let waiting = format!("joining: voter, catching-up (c at {d_has_c}, needs {floor_c})");
+        eventually(
+            ms(60_000),
+            "a waits for d to cover its floor before making it active",
+            async || state_of_d(&at_a).await == waiting,
+        )
+        .await;
+        assert_eq!(state_of_d(&at_d).await, "joining: catching-up");
+        assert!(
+            p.log(0)
+                .contains("joining site: waiting until it covers its floor"),
+            "{}",
+            p.log(0)
+        );
+        // A session at a that depends on d (a counts d and has its clock markers) writes: its
+        // update names d in its dependency vector, and reaches c, which does not count d yet.
+        // c keeps it in its dependency buffer, and its link from a stays up.
+        let mut d_at_a = 0;
+        eventually(ms(20_000), "a has some of d's stream", async || {
+            d_at_a = at_a
+                .status()
+                .await
+                .ok()
+                .and_then(|s| s.applied.get(3).copied())
+                .unwrap_or(0);
+            d_at_a > 0
+        })
+        .await;
+        let dependent = p.client(0).await;
+        let mut ctx = causalkv::clock::VClock::zero(4);
+        ctx.raise(3, d_at_a);
+        dependent
+            .set_session_token(&causalkv::client::encode_session_token(&ctx))
+            .expect("token");
+        dependent
+            .put("after-d", "1")
+            .await
+            .expect("write at a after d");
+        eventually(
+            ms(20_000),
+            "c buffers a's update that depends on d",
+            async || at_c.status().await.is_ok_and(|s| s.buffered > 0),
+        )
+        .await;
+        assert_eq!(at_c.get("after-d").await.expect("get at c"), None);
+        let c_log = p.log(2);
+        assert!(
+            !c_log.contains("malformed update stream"),
+            "c cut its link from a: {c_log}"
+        );
+        // c applies the change: d gets c's stream, covers its floor and becomes active, and
+        // c gets d's stream and applies a's update.
+        std::fs::remove_file(&hold_sites).expect("remove the hold file");
+        let clients = [at_a, p.client(1).await, at_c, at_d];
+        eventually(ms(60_000), "d is active at every site", async || {
+            for c in &clients {
+                if state_of_d(c).await != "active" {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+        assert_eq!(
+            clients[3].get("from-c").await.expect("get at d").as_deref(),
+            Some(&b"1"[..]),
+            "d serves once it covers its floor"
+        );
+        eventually(
+            ms(20_000),
+            "c applies a's update that depends on d",
+            async || {
+                clients[2]
+                    .get("after-d")
+                    .await
+                    .is_ok_and(|v| v.as_deref() == Some(&b"1"[..]))
+            },
+        )
+        .await;
+        assert!(!p.log(2).contains("malformed update stream"));
     })
     .await;
 }

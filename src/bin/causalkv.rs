@@ -890,6 +890,14 @@ async fn run(cmd: Cmd) -> ExitCode {
                 s.name, s.site, s.applied, s.stable, s.buffered, s.retained, s.keys, s.wal_bytes,
                 s.fsyncs
             );
+            if s.retention_held > 0 {
+                text.push_str(&format!(
+                    "\n  retention held: a peer counts {} sites, this site {}; nothing is pruned \
+                     until this site applies the change",
+                    s.retention_held,
+                    s.applied.len()
+                ));
+            }
             if s.partitions > 1 {
                 text.push_str(&format!(
                     "\n  partition {} of {}  site stable {:?}",
@@ -1433,7 +1441,8 @@ async fn serve(config: PathBuf) -> Result<(), String> {
         // Test-only: `CAUSALKV_TEST_PRUNE_AHEAD=1` lets a site prune updates a site it has not
         // counted yet may need (the membership tests show the joining site then misses them);
         // `CAUSALKV_TEST_HOLD_SITES=1` makes a site lag on a change that adds sites while a
-        // file `test-hold-sites` is in its data directory. Never set them in a deployment.
+        // file `test-hold-sites` is in its data directory (and hold a snapshot it serves before
+        // its floor while `test-hold-floor` is there). Never set them in a deployment.
         hold_for_added: std::env::var("CAUSALKV_TEST_PRUNE_AHEAD").as_deref() != Ok("1"),
         hold_sites: std::env::var("CAUSALKV_TEST_HOLD_SITES").as_deref() == Ok("1"),
         // Test-only: `CAUSALKV_TEST_PAUSE_JOINT=1` pauses a membership change in joint consensus

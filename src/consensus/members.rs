@@ -82,7 +82,10 @@
 //!    `Raft::change_membership(voters + s, retain = false)`. openraft 0.9 runs that as joint
 //!    consensus (old and new voter sets both must agree until the second membership entry
 //!    commits), so a majority is never lost during the change. The Raft node id stays the site
-//!    id. Then an entry `Activate { id: s, expected_epoch }` marks `s` `Active`.
+//!    id. Then, once `s` reports that its `applied` covers its floor (`Rpc::Floor`: its Raft
+//!    log having caught up says nothing of its causal state, and an origin that has not
+//!    applied step 1 yet does not send it its stream), an entry
+//!    `Activate { id: s, expected_epoch }` marks `s` `Active`.
 //! 4. Reads at `s` honour tokens issued before it existed: a token is shorter than the new site
 //!    count, and `s` answers a read only once its `applied` covers it, as any site does; after
 //!    step 2 it covers everything the snapshot reflects and catches up from the streams.

@@ -235,6 +235,10 @@ pub enum Rpc {
         /// Most updates in the answer.
         max_items: u32,
     },
+    /// Which entries of its join floor (the vector it must cover before it serves, see
+    /// [`Replica::set_floor`](crate::replica::Replica::set_floor)) the asked site does not
+    /// cover yet: the leader asks a joining site before it makes it active.
+    Floor,
 }
 
 /// The answer to an [`Rpc`].
@@ -258,7 +262,14 @@ pub enum RpcReply {
     Relay(Option<Vec<u8>>),
     /// The request could not be decoded.
     Malformed(String),
+    /// To [`Rpc::Floor`]: the entries of the asked site's floor its `applied` vector falls
+    /// short of, as `(site, have, need)`; empty once it covers the floor (or has none).
+    Floor(Vec<(u16, u64, u64)>),
 }
+
+/// How the error of a message that does not decode begins (in [`RpcReply::Malformed`] too):
+/// a node of an older version answers so to a request it does not know.
+pub const MALFORMED: &str = "malformed consensus message";
 
 /// Encodes a message with the RPC codec (postcard; see the module docs).
 pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
@@ -267,7 +278,7 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
 
 /// Decodes a message of the RPC codec.
 pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, String> {
-    postcard::from_bytes(bytes).map_err(|e| format!("malformed consensus message: {e}"))
+    postcard::from_bytes(bytes).map_err(|e| format!("{MALFORMED}: {e}"))
 }
 
 /// The openraft configuration of a group, from the `[consensus]` table.

@@ -578,6 +578,13 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         }
     }
     e.single(
+        "causalkv_retention_held",
+        "gauge",
+        "1 while this node prunes nothing from its retained log because a peer counts a site \
+         it has not applied the addition of yet.",
+        u8::from(shared.read(|r| r.retention_held())),
+    );
+    e.single(
         "causalkv_membership_joining",
         "gauge",
         "Sites in the cluster configuration still joining (added, not yet active).",

@@ -80,6 +80,9 @@ pub(crate) async fn serve_snapshot(
         }
     };
     let captured_ms = started.elapsed().as_millis() as u64;
+    if shared.changes.hold_floor {
+        hold_floor(&shared).await;
+    }
     // Everything in the copy is covered by `applied` now.
     let floor = shared.read(|r| r.applied().as_slice().to_vec());
     let header = wire::encode(&PeerControl::SnapshotHeader {
@@ -126,6 +129,21 @@ pub(crate) async fn serve_snapshot(
             );
             warn!(joiner = %name, error = %e, "streaming a snapshot to a joining site failed");
         }
+    }
+}
+
+/// Test-only ([`NodeOptions::hold_sites`](super::NodeOptions::hold_sites)): waits while
+/// [`HOLD_FLOOR_FILE`](super::HOLD_FLOOR_FILE) is in the data directory, polled (the test
+/// removes it).
+async fn hold_floor(shared: &Shared) {
+    let file = shared.cfg.data_dir.join(super::HOLD_FLOOR_FILE);
+    let mut logged = false;
+    while tokio::fs::try_exists(&file).await.unwrap_or(false) {
+        if !logged {
+            info!("holding a joining site's snapshot before its floor (test switch)");
+            logged = true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

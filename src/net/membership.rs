@@ -79,10 +79,11 @@ pub(crate) fn leaving_refusal() -> ResponseBody {
     )
 }
 
-/// Answers the RPCs about this node's replica: how far it has applied an origin, and the
-/// updates of an origin it holds after a point.
+/// Answers the RPCs about this node's replica: how far it has applied an origin, the
+/// updates of an origin it holds after a point, and what it still lacks of its join floor.
 pub(crate) fn answer(shared: &Shared, rpc: &Rpc) -> Option<RpcReply> {
     match *rpc {
+        Rpc::Floor => Some(RpcReply::Floor(shared.read(|r| r.floor_gaps()))),
         Rpc::Applied { origin } => {
             Some(RpcReply::Applied(shared.read(|r| r.applied().get(origin))))
         }

@@ -55,5 +55,5 @@ pub(crate) mod tasks;
 pub use credentials::{LoadedCert, ReloadError};
 pub use error::NodeError;
 pub use metrics::Metrics;
-pub use node::{HOLD_SITES_FILE, Node, NodeOptions};
+pub use node::{HOLD_FLOOR_FILE, HOLD_SITES_FILE, Node, NodeOptions};
 pub use strong::{StrongMetrics, StrongOptions};

@@ -76,13 +76,20 @@ pub struct NodeOptions {
     pub hold_for_added: bool,
     /// Test-only: while a file named [`HOLD_SITES_FILE`] is in the data directory, this node
     /// applies no configuration that adds sites (it lags on the change as a node cut off from
-    /// the Raft leader would). Tests use it to stage the join's retention race.
+    /// the Raft leader would). Tests use it to stage the join's retention race. Likewise,
+    /// while a file named [`HOLD_FLOOR_FILE`] is there, a snapshot this node serves to a
+    /// joining site waits after its copy before taking the floor (so that updates applied
+    /// meanwhile put the floor past the snapshot, as a long copy under load does).
     pub hold_sites: bool,
 }
 
 /// The file whose presence in the data directory holds back added sites when
 /// [`NodeOptions::hold_sites`] is set (tests only).
 pub const HOLD_SITES_FILE: &str = "test-hold-sites";
+
+/// The file whose presence in the data directory holds a snapshot served to a joining site
+/// before it takes the floor, when [`NodeOptions::hold_sites`] is set (tests only).
+pub const HOLD_FLOOR_FILE: &str = "test-hold-floor";
 
 impl Default for NodeOptions {
     fn default() -> Self {
@@ -237,7 +244,10 @@ impl Node {
             wal_stats,
             durable_waiters,
             strong,
-            changes: super::shared::Changes::new(opts.relay),
+            changes: super::shared::Changes {
+                hold_floor: opts.hold_sites,
+                ..super::shared::Changes::new(opts.relay)
+            },
             sites: RwLock::new(Arc::new(cfg.sites.clone())),
             snapshotting: tokio::sync::Mutex::new(()),
             cfg,

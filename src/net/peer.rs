@@ -783,8 +783,9 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
 }
 
 /// Receives `peer`'s update stream. Each dependency vector is as long as the sites the peer
-/// counted when the update was written: shorter ones are padded with zeros, longer ones must
-/// be zero past the sites this node counts.
+/// counted when the update was written: shorter ones are padded with zeros; a longer one that
+/// names a site this node does not count yet waits in the dependency buffer until this node
+/// counts that site and covers the dependency ([`Item::fit_deps`](crate::update::Item::fit_deps)).
 async fn receive_updates(
     shared: &Arc<Shared>,
     conn: &Connection,
@@ -813,10 +814,12 @@ async fn receive_updates(
             &limits,
         )?;
         // Vectors are as long as the sites the sender counted when it wrote each update
-        // (shorter before a site was added): fitted to the sites this node counts now.
+        // (shorter before a site was added): fitted to the sites this node counts now. One that
+        // names a site this node does not count yet waits in the dependency buffer.
         let n = shared.n();
         for it in &mut items {
-            it.fit_deps(n).map_err(WireError::Semantic)?;
+            it.fit_deps(n, crate::consensus::members::MAX_SITES)
+                .map_err(WireError::Semantic)?;
         }
         shared.mutate_deferred(|r| r.receive(peer, items));
         // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
@@ -881,8 +884,8 @@ async fn read_hello_from(
 ///
 /// Nodes may count different numbers of sites while a site added to the cluster
 /// configuration is adopted (at a restart, so far): a peer that counts fewer sends shorter
-/// vectors, whose missing entries are zeros; one that counts more sends longer ones, which
-/// must be zero past this node's count (the added site has written nothing yet).
+/// vectors, whose missing entries are zeros; one that counts more sends longer ones, whose
+/// entries past this node's count are dropped ([`fit_peer_vector`]).
 async fn read_hello_raw(
     shared: &Shared,
     recv: &mut RecvStream,

@@ -232,6 +232,10 @@ pub(crate) struct Changes {
     pub removed: AtomicBool,
     /// Some site was removed while dead: requests check their context for lost updates.
     pub has_dead: AtomicBool,
+    /// Test-only ([`NodeOptions::hold_sites`](super::NodeOptions::hold_sites)): a snapshot
+    /// served to a joining site waits before taking its floor while
+    /// [`HOLD_FLOOR_FILE`](super::HOLD_FLOOR_FILE) is in the data directory.
+    pub hold_floor: bool,
 }
 
 impl Changes {
@@ -241,6 +245,7 @@ impl Changes {
             leaving: AtomicBool::new(false),
             removed: AtomicBool::new(false),
             has_dead: AtomicBool::new(false),
+            hold_floor: false,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The site's status as `causalkv status`, `GET /status` and [`Node::status`](super::Node::status)
-//! show it: vectors, buffer and log figures, each peer's state with its reason and lag, and the
+//! show it: vectors, buffer and log figures (and whether pruning is held for a site a peer
+//! counts and this node does not yet), each peer's state with its reason and lag, and the
 //! cluster configuration (epoch and sites) this node holds.
 
 use std::time::Instant;
@@ -16,6 +17,13 @@ impl Shared {
     pub fn status(&self) -> StatusInfo {
         let me = self.site();
         let site_stable = self.read(|r| r.site_stable().as_slice().to_vec());
+        let retention_held = self.read(|r| {
+            if r.retention_held() {
+                r.peers_count() as u16
+            } else {
+                0
+            }
+        });
         let (applied, stable, buffered, retained, keys, peer_vecs, unacked) = self.read(|r| {
             let peer_vecs: Vec<_> = (0..self.n() as SiteId)
                 .map(|p| r.peer_applied(p).as_slice().to_vec())
@@ -82,6 +90,7 @@ impl Shared {
             site_stable,
             consensus: Some(Box::new(self.strong.status())),
             membership: Some(Box::new(self.membership_status())),
+            retention_held,
         }
     }
 
@@ -93,7 +102,8 @@ impl Shared {
         // A joining site's phase: `snapshot` until it is in the Raft group (it fetches its
         // snapshot, then the leader adds it), `catching-up` at the site itself until it covers
         // the end of the snapshot's copy, then `learner` and `voter` as the group's membership
-        // says.
+        // says; at the leader, `voter, catching-up (...)` with the entries it is behind on
+        // while the leader waits for it to cover its floor before making it active.
         let show = |m: &Member| MemberStatus {
             site: m.id,
             name: m.name.clone(),
@@ -101,7 +111,11 @@ impl Shared {
             state: match m.state {
                 MemberState::Joining if m.id == me && catching_up => "joining: catching-up".into(),
                 MemberState::Joining => match self.strong.role_of(m.id as u64) {
-                    Some(role) => format!("joining: {role}"),
+                    Some(role) => match self.strong.join_behind(m.id as u64) {
+                        // At the leader, waiting for it to cover its floor before activating.
+                        Some(behind) => format!("joining: {role}, catching-up ({behind})"),
+                        None => format!("joining: {role}"),
+                    },
                     None => "joining: snapshot".into(),
                 },
                 s => super::membership::state_text(self, m.id, s),

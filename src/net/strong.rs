@@ -52,6 +52,10 @@ const MAX_RPC_FRAME: usize = 1 << 30;
 /// at a later tick ([`Strong::drive_joins`]).
 const JOIN_STEP: Duration = Duration::from_secs(30);
 
+/// How often a leader asks a joining site whether it covers its floor yet
+/// ([`Strong::drive_joins`]).
+const FLOOR_POLL: Duration = Duration::from_millis(100);
+
 /// The longest the batcher holds a write back to gather concurrent ones into its entry.
 const GATHER: Duration = Duration::from_millis(2);
 
@@ -497,6 +501,9 @@ pub(crate) struct Strong {
     partition0: bool,
     /// This leader is bringing a joining site into the group ([`Strong::drive_joins`]).
     joining: std::sync::atomic::AtomicBool,
+    /// While this leader waits for a joining site to cover its floor before making it
+    /// active: the site and the entries it last reported behind ([`Strong::join_behind`]).
+    floor_wait: std::sync::Mutex<Option<(NodeId, String)>>,
     pub opts: StrongOptions,
     pub metrics: StrongMetrics,
     election_max: Duration,
@@ -578,6 +585,7 @@ impl Strong {
             bootstrapping: Default::default(),
             partition0: cfg.partition == 0,
             joining: Default::default(),
+            floor_wait: Default::default(),
             opts,
             metrics: StrongMetrics::default(),
             election_max: Duration::from_millis(cfg.consensus.election_max_ms),
@@ -765,7 +773,8 @@ impl Strong {
     /// 2. `change_membership(voters + site)`: joint consensus (old and new voter sets must
     ///    both agree until the second membership entry commits); a joint configuration left by
     ///    a leader that failed is completed by the same call;
-    /// 3. [`SitesOp::Activate`]: the site is a full member.
+    /// 3. once the site reports that it covers its floor (the vector it must reach before it
+    ///    serves, [`Rpc::Floor`]), [`SitesOp::Activate`]: the site is a full member.
     ///
     /// One change at a time; each step is bounded by [`JOIN_STEP`], then retried at a later
     /// tick (a learner that is not reachable yet must not hold the driver forever).
@@ -862,6 +871,7 @@ impl Strong {
                 .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
                 .map_err(step("finishing a joint configuration"))?;
         }
+        self.wait_for_floor(node).await.map_err(step("activate"))?;
         let cmd = consensus::Command {
             client: MEMBERSHIP_CLIENT,
             serial: epoch,
@@ -875,11 +885,80 @@ impl Strong {
             .execute(Forwarded::Write(cmd), self.election_max, false)
             .await
         {
-            Outcome::Applied(consensus::Reply::Membership(Ok(epoch))) => Ok(epoch),
+            Outcome::Applied(consensus::Reply::Membership(Ok(epoch))) => {
+                *self.floor_wait.lock().expect("floor wait lock") = None;
+                Ok(epoch)
+            }
             Outcome::Applied(consensus::Reply::Membership(Err(why))) => {
                 Err(format!("activate: {why}"))
             }
             other => Err(format!("activate: {other:?}")),
+        }
+    }
+
+    /// Waits (up to [`JOIN_STEP`]) until the joining site `node` reports that its `applied`
+    /// vector covers its floor, asking it every [`FLOOR_POLL`]. The learner's Raft log having
+    /// caught up says nothing about its causal state: a site that cannot reach some origin
+    /// yet (one that has not applied its addition) would be made active while it still
+    /// refuses every client. The error names the entries still behind.
+    async fn wait_for_floor(&self, node: NodeId) -> Result<(), String> {
+        let name = self.name(node);
+        let deadline = tokio::time::Instant::now() + JOIN_STEP;
+        let mut logged = false;
+        loop {
+            let reply = if node == self.me {
+                // This site leads the group it is joining: its own replica answers.
+                self.local
+                    .get()
+                    .and_then(|answer| answer(&Rpc::Floor))
+                    .ok_or_else(|| "the replica does not answer yet".to_string())
+            } else {
+                self.ask(node, &Rpc::Floor, self.election_max).await
+            };
+            let behind = match reply {
+                Ok(RpcReply::Floor(gaps)) if gaps.is_empty() => return Ok(()),
+                Ok(RpcReply::Floor(gaps)) => gaps
+                    .iter()
+                    .map(|&(site, have, need)| {
+                        format!("{} at {have}, needs {need}", self.name(site as NodeId))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                Ok(RpcReply::Malformed(why)) if why.starts_with(consensus::MALFORMED) => {
+                    // A site that does not know the question (an older version): it serves
+                    // once it covers its floor all the same; only the phase shown is early.
+                    warn!(site = %name, %why, "joining site cannot report its floor; \
+                        making it active without waiting");
+                    return Ok(());
+                }
+                Ok(other) => format!("unexpected answer {other:?}"),
+                Err(e) => format!("no answer ({e})"),
+            };
+            if !logged {
+                info!(site = %name, behind = %behind, "joining site: waiting until it covers \
+                    its floor before making it active");
+                logged = true;
+            }
+            *self.floor_wait.lock().expect("floor wait lock") = Some((node, behind.clone()));
+            if tokio::time::Instant::now() + FLOOR_POLL > deadline {
+                let e = format!("site {name} does not cover its floor yet, behind on: {behind}");
+                warn!(error = %e, "joining site not made active yet; retried at a later tick");
+                return Err(e);
+            }
+            tokio::time::sleep(FLOOR_POLL).await;
+        }
+    }
+
+    /// While this leader waits for joining site `id` to cover its floor before making it
+    /// active: the entries it last reported behind (`site at have, needs need; ...`).
+    pub fn join_behind(&self, id: NodeId) -> Option<String> {
+        if self.raft.metrics().borrow().current_leader != Some(self.me) {
+            // A former leader's report is stale; the current leader shows its own.
+            return None;
+        }
+        match &*self.floor_wait.lock().expect("floor wait lock") {
+            Some((node, behind)) if *node == id => Some(behind.clone()),
+            _ => None,
         }
     }
 
@@ -1184,7 +1263,7 @@ impl Strong {
                 self.execute(op, Duration::from_millis(timeout_ms.min(60_000)), false)
                     .await,
             ),
-            Ok(rpc @ (Rpc::Applied { .. } | Rpc::Relay { .. })) => {
+            Ok(rpc @ (Rpc::Applied { .. } | Rpc::Relay { .. } | Rpc::Floor)) => {
                 match self.local.get().and_then(|answer| answer(&rpc)) {
                     Some(reply) => reply,
                     None => RpcReply::Malformed("this node does not serve that request yet".into()),

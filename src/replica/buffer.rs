@@ -57,8 +57,10 @@ impl DependencyBuffer {
     pub fn grow(&mut self, n: usize) {
         while self.queues.len() < n {
             self.queues.push(VecDeque::new());
-            self.waiting.push(BinaryHeap::new());
             self.blocked.push(false);
+        }
+        if self.waiting.len() < n {
+            self.waiting.resize_with(n, BinaryHeap::new);
         }
     }
 
@@ -116,16 +118,24 @@ impl DependencyBuffer {
         Some(item)
     }
 
-    /// Parks `origin`'s head until `applied[entry] >= need`.
+    /// Parks `origin`'s head until `applied[entry] >= need`. `entry` may be a site the
+    /// replica does not count yet (a peer that applied its addition earlier sent an update
+    /// that depends on it): the head waits until the site is counted and its stream arrives.
     pub fn block(&mut self, origin: SiteId, entry: SiteId, need: Timestamp) {
         self.blocked[origin as usize] = true;
-        self.waiting[entry as usize].push(Reverse((need, origin)));
+        let e = entry as usize;
+        if e >= self.waiting.len() {
+            self.waiting.resize_with(e + 1, BinaryHeap::new);
+        }
+        self.waiting[e].push(Reverse((need, origin)));
     }
 
     /// Unparks every head waiting on `entry` whose need is at most `applied_entry`, pushing their
     /// origins onto `wake`.
     pub fn wake(&mut self, entry: SiteId, applied_entry: Timestamp, wake: &mut Vec<SiteId>) {
-        let heap = &mut self.waiting[entry as usize];
+        let Some(heap) = self.waiting.get_mut(entry as usize) else {
+            return;
+        };
         while let Some(Reverse((need, origin))) = heap.peek().copied() {
             if need > applied_entry {
                 break;

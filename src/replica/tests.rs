@@ -521,20 +521,74 @@ fn vectors_shorter_than_the_site_count_read_as_zeros() {
         .unwrap_err();
     assert_eq!((e.site, e.need), (3, 1));
     // A fitted item keeps its entries and adds zeros, or cuts zeros for sites not counted
-    // here; it cannot depend on such a site.
-    let deps_of = |it: Item| match it {
-        Item::Update(u) => u.deps.into_vec(),
-        Item::Marker(_) => unreachable!(),
-    };
+    // here; one that depends on such a site keeps its entries up to that site (it waits in the
+    // buffer, see below); one longer than any cluster is refused.
     let mut it = remote(1, 9, "q", vec![4]);
-    it.fit_deps(3).unwrap();
+    it.fit_deps(3, 64).unwrap();
     assert_eq!(deps_of(it), [4, 0, 0]);
     let mut it = remote(1, 9, "q", vec![4, 0, 0, 0]);
-    it.fit_deps(3).unwrap();
+    it.fit_deps(3, 64).unwrap();
     assert_eq!(deps_of(it), [4, 0, 0]);
-    let mut it = remote(1, 9, "q", vec![4, 0, 0, 2]);
-    let e = it.fit_deps(3).unwrap_err();
-    assert!(e.contains("depends on site 3"), "{e}");
+    let mut it = remote(1, 9, "q", vec![4, 0, 0, 2, 0, 0]);
+    it.fit_deps(3, 64).unwrap();
+    assert_eq!(deps_of(it), [4, 0, 0, 2]);
+    let mut it = remote(1, 9, "q", vec![0; 65]);
+    let e = it.fit_deps(3, 64).unwrap_err();
+    assert!(
+        e.contains("65 entries") && e.contains("at most 64 sites"),
+        "{e}"
+    );
+}
+
+fn deps_of(it: Item) -> Vec<u64> {
+    match it {
+        Item::Update(u) => u.deps.into_vec(),
+        Item::Marker(_) => unreachable!(),
+    }
+}
+
+/// A peer that applied a site's addition before this replica did sends an update that depends
+/// on the new site: the update is accepted and waits in the dependency buffer until this
+/// replica counts the site and covers the dependency, then applies (and is logged with a
+/// vector of the new length).
+#[test]
+fn an_update_naming_a_site_not_counted_yet_waits_until_it_is_counted_and_covered() {
+    let mut c = replica(0, 3);
+    // Site 1 counts site 3 already; its update depends on site 3's write at 5.
+    let mut it = remote(1, 9, "q", vec![0, 0, 0, 5]);
+    it.fit_deps(3, 64).expect("accepted, not refused");
+    c.receive(1, [it]);
+    assert_eq!(c.buffer().len(), 1, "it waits");
+    assert_eq!(c.applied().get(1), 0);
+    // A later item of the same stream waits behind it (stream order).
+    c.receive(1, [Item::Marker(12)]);
+    assert_eq!(c.buffer().len(), 2);
+    // This replica applies the addition: still waiting, site 3's entry is 0 here.
+    c.add_sites(4);
+    assert_eq!(c.buffer().len(), 2);
+    assert_eq!(c.get(b"q", &VClock::default()).unwrap().value, None);
+    // Site 3's stream reaches 5: the update applies, then the marker.
+    c.receive(3, [remote(3, 5, "n", vec![0, 0, 0, 0])]);
+    assert!(c.buffer().is_empty());
+    assert_eq!(c.applied().get(1), 12);
+    assert_eq!(c.get(b"q", &VClock::default()).unwrap().value, Some(b("v")));
+    let logged = flush(&mut c)
+        .into_iter()
+        .find_map(|r| match r {
+            Record::Update(u) if u.key == b("q") => Some(u.deps.into_vec()),
+            _ => None,
+        })
+        .expect("the update is logged");
+    assert_eq!(logged, [0, 0, 0, 5]);
+    // The same on a partitioned site, where it waits on the site's stable vector.
+    let mut p = Replica::new(
+        ReplicaConfig::new(0, 3).with_partition(0, 2),
+        MemStore::new(),
+    );
+    p.receive(1, [remote(1, 9, "q", vec![0, 0, 0, 5])]);
+    assert_eq!(p.buffer().len(), 1);
+    p.add_sites(4);
+    assert_eq!(p.buffer().len(), 1);
 }
 
 /// A partition passes a sibling's durable write on its own streams at once with a clock marker

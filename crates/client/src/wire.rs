@@ -355,6 +355,11 @@ mod messages {
         pub consensus: Option<Box<ConsensusStatus>>,
         /// The cluster configuration (sites and epoch) as this node holds it.
         pub membership: Option<Box<MembershipStatus>>,
+        /// 0, or while this node prunes nothing from its retained log because a peer counts
+        /// more sites than it does (the peer applied a site's addition this node has not
+        /// applied yet, and the new site may need any of its updates): the number of sites
+        /// that peer counts. It clears once this node applies the change.
+        pub retention_held: u16,
     }
 
     /// The body of a response.
