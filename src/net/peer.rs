@@ -611,9 +611,10 @@ async fn send_updates(
         // (tens of µs). A batch carrying more than LOCKED_ENCODE_MAX bytes is copied out by
         // reference count first and serialised after the lock is released, so that large
         // values never hold client requests up for a multi-megabyte copy.
-        let (batch, urgent) = {
+        let (batch, held) = {
             let mut r = shared.replica.lock().expect("replica lock");
             let urgent = r.urgent_marker();
+            let cursor = r.sent_to(peer);
             let batch = r
                 .poll_batch_refs(peer, max, max_bytes)
                 .map(|(updates, marker)| {
@@ -628,7 +629,18 @@ async fn send_updates(
                     };
                     (b, payload, marker)
                 });
-            (batch, urgent)
+            // Markers alone on an idle link: at most one per `idle`; the next carries the
+            // newest timestamp anyway. Except a marker that passes a sibling's write: remote
+            // readers of that write wait for it. A marker held back stays in the stream.
+            let held = batch.as_ref().is_some_and(|&(_, payload, marker)| {
+                payload == 0
+                    && last_sent.elapsed() < idle
+                    && !(urgent > marker_sent && marker.is_some_and(|m| m >= urgent))
+            });
+            if held {
+                r.rewind_sent(peer, cursor);
+            }
+            (batch, held)
         };
         let batch = batch.map(|(b, payload, marker)| {
             let b = b.unwrap_or_else(|(updates, marker)| {
@@ -637,14 +649,15 @@ async fn send_updates(
             (b, payload, marker)
         });
         match batch {
-            // Markers alone on an idle link: at most one per `idle`; the next carries the
-            // newest timestamp anyway. Except a marker that passes a sibling's write: remote
-            // readers of that write wait for it.
-            Some((b, 0, marker))
-                if last_sent.elapsed() < idle
-                    && !(urgent > marker_sent && marker.is_some_and(|m| m >= urgent)) =>
-            {
+            Some((b, _, _)) if held => {
                 debug_assert_eq!(b.deps_bytes, 0);
+                let left = idle.saturating_sub(last_sent.elapsed());
+                tokio::select! {
+                    _ = notified => {}
+                    _ = tokio::time::sleep(left) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                    e = conn.closed() => return Err(e.into()),
+                }
             }
             Some((b, payload, marker)) => {
                 last_sent = Instant::now();

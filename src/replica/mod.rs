@@ -1227,6 +1227,22 @@ impl<S: Store> Replica<S> {
         Some((self.retained.range(start..end), marker))
     }
 
+    /// How far the stream to `peer` has been polled: the next batch starts after this.
+    pub fn sent_to(&self, peer: SiteId) -> Timestamp {
+        self.sent[peer as usize]
+    }
+
+    /// The link did not send the markers-only batch it just polled (an idle link sends one
+    /// marker per idle interval): the stream to `peer` goes back to `cursor`, what
+    /// [`Replica::sent_to`] said before that poll, so that the next poll carries the marker
+    /// again, with whatever came since. Without this, the stream would count that marker as
+    /// sent, and a marker that must go at once ([`Replica::urgent_marker`]) at or below it
+    /// would wait for the next update.
+    pub fn rewind_sent(&mut self, peer: SiteId, cursor: Timestamp) {
+        let p = peer as usize;
+        self.sent[p] = self.sent[p].min(cursor);
+    }
+
     /// True when `peer` has been sent everything durable.
     pub fn caught_up(&self, peer: SiteId) -> bool {
         self.sent[peer as usize] >= self.durable.get(self.cfg.site)

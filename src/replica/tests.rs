@@ -652,6 +652,34 @@ fn a_siblings_write_is_passed_with_an_urgent_marker_and_its_markers_are_not() {
 }
 
 #[test]
+fn a_marker_the_link_held_back_is_polled_again() {
+    // An idle link sends one marker per idle interval and holds the others back; a held-back
+    // marker must stay in the stream, or an urgent marker at or below it would never be sent.
+    let mut r = replica(0, 2);
+    r.tick(10_000);
+    flush(&mut r);
+    let poll = |r: &mut Replica<MemStore>| {
+        r.poll_batch_refs(1, 64, usize::MAX)
+            .map(|(u, m)| (u.count(), m))
+    };
+    let cursor = r.sent_to(1);
+    let (n, marker) = poll(&mut r).expect("a marker to send");
+    assert_eq!(n, 0, "markers only");
+    let m = marker.expect("a marker");
+    assert!(
+        poll(&mut r).is_none(),
+        "polled once, the marker counts as sent"
+    );
+    r.rewind_sent(1, cursor);
+    assert_eq!(
+        poll(&mut r),
+        Some((0, Some(m))),
+        "held back, it is polled again"
+    );
+    assert!(poll(&mut r).is_none());
+}
+
+#[test]
 fn a_dead_sites_updates_are_relayed_from_the_survivor_that_has_them() {
     // c (2) reached b (1) but not a (0); then c is removed with the cut b holds.
     let (mut a, mut b_, mut c) = (replica(0, 3), replica(1, 3), replica(2, 3));
