@@ -128,6 +128,40 @@ fn add_joiner(p: &Processes, name: &str, from: &str, via: usize) -> SiteConfig {
     cfg
 }
 
+/// [`add_joiner`] while site `held` holds the change back (its hold file, which the caller
+/// removes to release it): returns the joiner's configuration and the hold file, once `held`
+/// says it holds the change.
+async fn add_joiner_held_at(
+    p: &Processes,
+    name: &str,
+    from: &str,
+    via: usize,
+    held: usize,
+) -> (SiteConfig, std::path::PathBuf) {
+    let hold = p.configs[held]
+        .data_dir
+        .join(causalkv::net::HOLD_SITES_FILE);
+    std::fs::write(&hold, b"").expect("create the hold file");
+    let cfg = add_joiner(p, name, from, via);
+    eventually(ms(20_000), "the site holds the change back", async || {
+        p.log(held).contains("holding back a configuration")
+    })
+    .await;
+    (cfg, hold)
+}
+
+/// Entry `site` of the floor a joined site `d` recorded (its `join.state`).
+fn floor_entry(p: &Processes, d: usize, site: usize) -> u64 {
+    let state =
+        std::fs::read_to_string(p.configs[d].data_dir.join("join.state")).expect("join.state");
+    state
+        .lines()
+        .nth(site)
+        .expect("the site's entry")
+        .parse()
+        .expect("an entry")
+}
+
 /// Closes the strong history with a final strong read of every key at every site (`clients`,
 /// one per site), then asserts the linearizability checker passes it.
 async fn assert_linearizable(rec: &Recorder, clients: &[Client], keys: &[Vec<u8>]) {
@@ -526,14 +560,8 @@ async fn join_while_an_origin_lags_on_the_change_loses_none_of_its_writes() {
         )
         .await;
         // c will lag on the change that adds d, until the file is gone.
-        let hold = p.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
-        std::fs::write(&hold, b"").expect("create the hold file");
         // d is added: a and b apply it, c holds it back; d loads a's snapshot.
-        let cfg = add_joiner(&p, "d", "a", 1);
-        eventually(ms(20_000), "c holds the change back", async || {
-            p.log(2).contains("holding back a configuration")
-        })
-        .await;
+        let (cfg, hold) = add_joiner_held_at(&p, "d", "a", 1, 2).await;
         let d = p.add(cfg);
         p.wait_listening(d, ms(60_000)).await;
         assert!(p.log(d).contains("joined: snapshot loaded"), "{}", p.log(d));
@@ -545,14 +573,7 @@ async fn join_while_an_origin_lags_on_the_change_loses_none_of_its_writes() {
             at_c.put(key, format!("v-{k}")).await.expect("write at c");
         }
         let c_has = at_c.context().get(2);
-        let floor =
-            std::fs::read_to_string(p.configs[d].data_dir.join("join.state")).expect("join.state");
-        let floor_c: u64 = floor
-            .lines()
-            .nth(2)
-            .expect("c's entry")
-            .parse()
-            .expect("entry");
+        let floor_c = floor_entry(&p, d, 2);
         assert!(
             floor_c < c_has,
             "the snapshot has c's writes: {floor_c} >= {c_has}"
@@ -752,15 +773,9 @@ async fn join_activates_a_site_only_once_it_covers_its_floor() {
         .await;
         // c will lag on the change that adds d, and a will hold d's snapshot before its floor,
         // until the files are gone.
-        let hold_sites = p.configs[2].data_dir.join(causalkv::net::HOLD_SITES_FILE);
-        std::fs::write(&hold_sites, b"").expect("create the hold file");
         let hold_floor = p.configs[0].data_dir.join(causalkv::net::HOLD_FLOOR_FILE);
         std::fs::write(&hold_floor, b"").expect("create the floor hold file");
-        let cfg = add_joiner(&p, "d", "a", 0);
-        eventually(ms(20_000), "c holds the change back", async || {
-            p.log(2).contains("holding back a configuration")
-        })
-        .await;
+        let (cfg, hold_sites) = add_joiner_held_at(&p, "d", "a", 0, 2).await;
         let d = p.add(cfg);
         eventually(ms(60_000), "a holds d's snapshot", async || {
             p.log(0).contains("holding a joining site's snapshot")
@@ -776,14 +791,7 @@ async fn join_activates_a_site_only_once_it_covers_its_floor() {
         std::fs::remove_file(&hold_floor).expect("remove the floor hold file");
         p.wait_listening(d, ms(60_000)).await;
         assert!(p.log(d).contains("joined: snapshot loaded"), "{}", p.log(d));
-        let floor =
-            std::fs::read_to_string(p.configs[d].data_dir.join("join.state")).expect("join.state");
-        let floor_c: u64 = floor
-            .lines()
-            .nth(2)
-            .expect("c's entry")
-            .parse()
-            .expect("entry");
+        let floor_c = floor_entry(&p, d, 2);
         let at_d = p.client(d).await;
         let d_has_c = at_d.status().await.expect("status of d").applied[2];
         println!("d has c up to {d_has_c}, its floor needs {floor_c} (c's write: {w})");

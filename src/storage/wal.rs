@@ -1010,17 +1010,10 @@ fn sync_loop(shared: Arc<Shared>) {
         }
         if let Some(chunk) = st.queue.pop_front() {
             // Before any fsync or shutdown: queued appends are not in a file yet.
-            let current = st.current.clone();
-            st.writing = Some(chunk.roll_to.is_some());
-            drop(st);
-            match write_chunk(&shared, &current, chunk) {
-                Ok(guard) => st = guard,
-                Err(what) => {
-                    st = shared.lock();
-                    shared.fail(&mut st, what);
-                    return;
-                }
-            }
+            let Some(guard) = write_popped(&shared, st, chunk) else {
+                return;
+            };
+            st = guard;
             if shared.policy == FsyncPolicy::Batch && st.queue.is_empty() {
                 let appended = shared.appended.load(Ordering::Acquire);
                 shared.publish(st, appended);
@@ -1093,6 +1086,27 @@ fn flush_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Writes `chunk`, just taken off the queue, marked in progress meanwhile ([`write_chunk`]).
+/// Returns the state locked again, or `None` once the failure is recorded (the log accepts no
+/// more writes).
+fn write_popped<'a>(
+    shared: &'a Shared,
+    mut st: MutexGuard<'a, SyncState>,
+    chunk: Chunk,
+) -> Option<MutexGuard<'a, SyncState>> {
+    let current = st.current.clone();
+    st.writing = Some(chunk.roll_to.is_some());
+    drop(st);
+    match write_chunk(shared, &current, chunk) {
+        Ok(guard) => Some(guard),
+        Err(what) => {
+            let mut st = shared.lock();
+            shared.fail(&mut st, what);
+            None
+        }
+    }
+}
+
 /// The sync thread writes one chunk of queued appends: first, for a roll, it fsyncs the current
 /// segment, creates the new one and fsyncs the directory, and the new segment becomes current.
 /// Returns with the state locked, or the reason it failed.
@@ -1152,17 +1166,10 @@ fn commit_loop(shared: Arc<Shared>) {
         if st.writing.is_none()
             && let Some(chunk) = st.queue.pop_front()
         {
-            let current = st.current.clone();
-            st.writing = Some(chunk.roll_to.is_some());
-            drop(st);
-            match write_chunk(&shared, &current, chunk) {
-                Ok(guard) => st = guard,
-                Err(what) => {
-                    st = shared.lock();
-                    shared.fail(&mut st, what);
-                    return;
-                }
-            }
+            let Some(guard) = write_popped(&shared, st, chunk) else {
+                return;
+            };
+            st = guard;
             continue;
         }
         let appended = shared.appended.load(Ordering::Acquire);
