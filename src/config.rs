@@ -179,8 +179,9 @@ pub struct ReplicationConfig {
     pub marker_interval_ms: u64,
     /// Most updates held in the dependency buffer before reading from peers pauses.
     pub max_buffered: usize,
-    /// With several partitions: how often the partitions of a site exchange their contributions
-    /// to the site's stable vector (ms). Remote visibility waits up to about this long more.
+    /// With several partitions: the partitions of a site send each other their contributions
+    /// to the site's stable vector at most three times per this many ms (a short burst, so that
+    /// the answer to a sibling's wait never waits behind the previous frame).
     pub stable_exchange_ms: u64,
     /// Update frames to one peer go out at most this often (ms; 0: as soon as there is
     /// something to send): at once on a link that has been quiet this long, else this long

@@ -109,6 +109,11 @@ fn idle_every(shared: &Shared) -> Duration {
     Duration::from_millis(shared.cfg.timeouts.heartbeat_ms * 5 / 2)
 }
 
+/// Frames a sibling link may send within one `stable_exchange_ms`: a burst of a few lets the
+/// frame that answers a sibling's wait go out at once even when the one that announced this
+/// partition's own wait just went.
+const SIBLING_BURST: usize = 3;
+
 /// Most dials to one peer outstanding at once (see `dial_racing` and `replace_when_silent`).
 const MAX_DIALS: usize = 3;
 
@@ -443,10 +448,10 @@ async fn sibling_once(
     let (conn, (_, (mut send, _recv))) =
         dial_racing(shared, endpoint, Remote::Sibling(partition)).await?;
     debug!(partition, "sibling link up");
-    // What needs the sibling soon goes at once (at most once per `stable_exchange_ms`): a
-    // local write made durable (the sibling passes it on its streams with a marker, and remote
-    // readers wait for that), a change while the sibling waits on the stable vector, and a
-    // change of whether this partition waits. Anything else (clock markers moving entries
+    // What needs the sibling soon goes at once (at most SIBLING_BURST frames per
+    // `stable_exchange_ms`): a local write made durable (the sibling passes it on its streams
+    // with a marker, and remote readers wait for that), a change while the sibling waits on the
+    // stable vector, and a change of whether this partition waits. Anything else (clock markers moving entries
     // along) waits for the heartbeat, so an idle partitioned site exchanges ten small
     // messages a second per sibling rather than hundreds.
     let every = Duration::from_millis(shared.cfg.replication.stable_exchange_ms);
@@ -457,6 +462,8 @@ async fn sibling_once(
     let mut last_write = 0;
     let mut last_waiting = false;
     let mut last_at = Instant::now();
+    // When the frames before this one went: at most SIBLING_BURST per `every`.
+    let mut recent: std::collections::VecDeque<Instant> = Default::default();
     loop {
         let kick = shared.sibling_kick.notified();
         tokio::pin!(kick);
@@ -487,10 +494,14 @@ async fn sibling_once(
             last_write = write;
             last_waiting = waiting;
             last_at = Instant::now();
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return Ok(()),
-                e = conn.closed() => return Err(e.into()),
+            recent.push_back(last_at);
+            if recent.len() >= SIBLING_BURST {
+                let oldest = recent.pop_front().expect("a frame");
+                tokio::select! {
+                    _ = tokio::time::sleep_until((oldest + every).into()) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                    e = conn.closed() => return Err(e.into()),
+                }
             }
             continue;
         }
