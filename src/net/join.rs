@@ -136,9 +136,8 @@ pub(crate) async fn serve_snapshot(
 /// [`HOLD_FLOOR_FILE`](super::HOLD_FLOOR_FILE) is in the data directory, polled (the test
 /// removes it).
 async fn hold_floor(shared: &Shared) {
-    let file = shared.cfg.data_dir.join(super::HOLD_FLOOR_FILE);
     let mut logged = false;
-    while tokio::fs::try_exists(&file).await.unwrap_or(false) {
+    while shared.held(super::HOLD_FLOOR_FILE).await {
         if !logged {
             info!("holding a joining site's snapshot before its floor (test switch)");
             logged = true;

@@ -534,7 +534,7 @@ async fn follow_sites(shared: Arc<Shared>, endpoint: Endpoint, hold_sites: bool)
         if let Some(m) = &now
             && hold_sites
             && m.sites.len() > shared.n()
-            && held(&shared).await
+            && shared.held(HOLD_SITES_FILE).await
         {
             // Test-only (NodeOptions::hold_sites): lag on a change that adds sites until the
             // file is gone, polled (the test removes it).
@@ -542,7 +542,7 @@ async fn follow_sites(shared: Arc<Shared>, endpoint: Endpoint, hold_sites: bool)
                 epoch = m.epoch,
                 "holding back a configuration that adds sites (test switch)"
             );
-            while held(&shared).await {
+            while shared.held(HOLD_SITES_FILE).await {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                     _ = shutdown.changed() => return,
@@ -568,14 +568,6 @@ async fn follow_sites(shared: Arc<Shared>, endpoint: Endpoint, hold_sites: bool)
             _ = shutdown.changed() => return,
         }
     }
-}
-
-/// Test-only ([`NodeOptions::hold_sites`]): whether the data directory holds the
-/// [`HOLD_SITES_FILE`].
-async fn held(shared: &Shared) -> bool {
-    tokio::fs::try_exists(shared.cfg.data_dir.join(HOLD_SITES_FILE))
-        .await
-        .unwrap_or(false)
 }
 
 /// Counts the sites of `m` this node does not count yet (added since it started) and dials

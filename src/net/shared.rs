@@ -158,6 +158,15 @@ impl Shared {
         f(&self.replica.lock().expect("replica lock poisoned"))
     }
 
+    /// Test-only ([`NodeOptions::hold_sites`](super::NodeOptions::hold_sites)): whether the
+    /// data directory holds the hold file `name` ([`HOLD_SITES_FILE`](super::HOLD_SITES_FILE)
+    /// or [`HOLD_FLOOR_FILE`](super::HOLD_FLOOR_FILE)).
+    pub async fn held(&self, name: &str) -> bool {
+        tokio::fs::try_exists(self.cfg.data_dir.join(name))
+            .await
+            .unwrap_or(false)
+    }
+
     pub fn is_shutting_down(&self) -> bool {
         self.draining.load(Ordering::SeqCst) || *self.shutdown.borrow()
     }

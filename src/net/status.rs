@@ -16,13 +16,13 @@ impl Shared {
     /// The site's status.
     pub fn status(&self) -> StatusInfo {
         let me = self.site();
-        let site_stable = self.read(|r| r.site_stable().as_slice().to_vec());
-        let retention_held = self.read(|r| {
-            if r.retention_held() {
+        let (site_stable, retention_held) = self.read(|r| {
+            let held = if r.retention_held() {
                 r.peers_count() as u16
             } else {
                 0
-            }
+            };
+            (r.site_stable().as_slice().to_vec(), held)
         });
         let (applied, stable, buffered, retained, keys, peer_vecs, unacked) = self.read(|r| {
             let peer_vecs: Vec<_> = (0..self.n() as SiteId)
