@@ -93,8 +93,12 @@ pub(crate) async fn serve_snapshot(
         return;
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_CHUNKS);
+    // The copy goes back with the result and is dropped after the stream has ended: dropping
+    // a million cold entries takes a while, and the joining site waits for the stream's end.
     let serialise = background("snapshot-stream", move || {
-        std::io::Write::flush(&mut snapshot::write_archive(&data, ChunkWriter::new(tx))?)
+        let written = snapshot::write_archive(&data, ChunkWriter::new(tx))
+            .and_then(|mut w| std::io::Write::flush(&mut w));
+        (written, data)
     });
     let stream = async {
         let mut sent = 0u64;
@@ -106,6 +110,15 @@ pub(crate) async fn serve_snapshot(
         Ok::<_, String>(sent)
     };
     let (serialised, sent) = tokio::join!(serialise, stream);
+    let serialised = serialised.map(|(written, data)| {
+        let finished = std::thread::Builder::new()
+            .name("snapshot-drop".into())
+            .spawn(move || drop(data));
+        if let Err(e) = finished {
+            warn!(error = %e, "no thread to drop a snapshot copy on; dropped here");
+        }
+        written
+    });
     let outcome = match (serialised, sent) {
         (Ok(Ok(())), Ok(sent)) => Ok(sent),
         (Ok(Err(e)), _) => Err(format!("serialising: {e}")),
@@ -152,37 +165,90 @@ const STREAM_CHUNKS: usize = 8;
 /// The size of a streamed snapshot's chunks, at the source and at the joining site.
 const STREAM_CHUNK: usize = 1 << 20;
 
+/// Reused [`STREAM_CHUNK`]-byte buffers. A chunk handed on as [`Bytes`] comes back to its pool
+/// when the last holder drops it (quinn, once the peer has acknowledged it; the joining site's
+/// writer, once it is in the file), so a streamed snapshot allocates only as many buffers as
+/// are in flight at once. Fresh ones would cost a page fault per 4 KiB on first touch, for
+/// every megabyte of the archive, at both ends.
+#[derive(Clone, Default)]
+struct ChunkPool(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl ChunkPool {
+    /// An empty buffer, reused when one is back.
+    fn take(&self) -> Vec<u8> {
+        let mut buf = self
+            .0
+            .lock()
+            .expect("chunk pool")
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(STREAM_CHUNK));
+        buf.clear();
+        buf
+    }
+
+    /// `buf` as [`Bytes`] that return it to the pool when dropped.
+    fn share(&self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Pooled {
+            buf,
+            pool: self.clone(),
+        })
+    }
+}
+
+/// A buffer on loan from a [`ChunkPool`].
+struct Pooled {
+    buf: Vec<u8>,
+    pool: ChunkPool,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.pool.0.lock().expect("chunk pool").push(buf);
+    }
+}
+
 /// A [`std::io::Write`] that hands [`STREAM_CHUNK`]-byte chunks to an async receiver, blocking
 /// while [`STREAM_CHUNKS`] are in flight: the serialiser runs on a thread of its own, ahead of
-/// the network by at most that much.
+/// the network by at most that much. A chunk is filled exactly, so its buffer never grows.
 struct ChunkWriter {
     tx: tokio::sync::mpsc::Sender<Bytes>,
+    pool: ChunkPool,
     buf: Vec<u8>,
 }
 
 impl ChunkWriter {
     fn new(tx: tokio::sync::mpsc::Sender<Bytes>) -> Self {
+        let pool = ChunkPool::default();
         Self {
             tx,
-            buf: Vec::with_capacity(STREAM_CHUNK),
+            buf: pool.take(),
+            pool,
         }
     }
 
     fn hand_over(&mut self) -> std::io::Result<()> {
-        let full = std::mem::replace(&mut self.buf, Vec::with_capacity(STREAM_CHUNK));
+        let full = std::mem::replace(&mut self.buf, self.pool.take());
         self.tx
-            .blocking_send(Bytes::from(full))
+            .blocking_send(self.pool.share(full))
             .map_err(|_| std::io::Error::other("the snapshot stream stopped"))
     }
 }
 
 impl std::io::Write for ChunkWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= STREAM_CHUNK {
+        let n = data.len().min(STREAM_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == STREAM_CHUNK {
             self.hand_over()?;
         }
-        Ok(data.len())
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
@@ -318,10 +384,12 @@ async fn fetch_once(
         let tmp = tmp.clone();
         move || write_received(&tmp, rx)
     });
+    let pool = ChunkPool::default();
     let receive = async move {
         let mut got = 0u64;
         loop {
-            let mut buf = vec![0u8; STREAM_CHUNK];
+            let mut buf = pool.take();
+            buf.resize(STREAM_CHUNK, 0);
             let mut filled = 0;
             let mut ended = false;
             while filled < buf.len() {
@@ -336,7 +404,7 @@ async fn fetch_once(
             }
             buf.truncate(filled);
             got += filled as u64;
-            if !buf.is_empty() && tx.send(Bytes::from(buf)).await.is_err() {
+            if !buf.is_empty() && tx.send(pool.share(buf)).await.is_err() {
                 return Err("the snapshot writer stopped".to_string());
             }
             if ended {
@@ -482,6 +550,25 @@ mod tests {
             sizes.push(chunk.len());
         }
         let piece = STREAM_CHUNK / 2 + 1;
-        assert_eq!(sizes, vec![2 * piece, piece]);
+        assert_eq!(sizes, vec![STREAM_CHUNK, 3 * piece - STREAM_CHUNK]);
+    }
+
+    #[test]
+    fn a_chunk_comes_back_to_its_pool_when_its_last_holder_drops_it() {
+        let pool = ChunkPool::default();
+        let mut buf = pool.take();
+        buf.extend_from_slice(b"chunk");
+        let at = buf.as_ptr();
+        let chunk = pool.share(buf);
+        let held = chunk.clone();
+        drop(chunk);
+        // Still held: a second buffer is a new one.
+        let other = pool.take();
+        assert_ne!(other.as_ptr(), at);
+        assert_eq!(&held[..], b"chunk");
+        drop(held);
+        let again = pool.take();
+        assert_eq!(again.as_ptr(), at, "the buffer is reused");
+        assert!(again.is_empty());
     }
 }

@@ -82,6 +82,10 @@ mod format {
 
     #[derive(Archive, Serialize)]
     pub struct EntryRef<'a> {
+        /// Not archived (a zero-sized field): serialising it prefetches the data of an entry
+        /// further on, see [`Prefetch`](super::Prefetch).
+        #[rkyv(with = super::Prefetch)]
+        pub ahead: super::Ahead<'a>,
         #[rkyv(with = InlineAsBox)]
         pub key: &'a [u8],
         pub ts: u64,
@@ -161,6 +165,14 @@ pub fn write(dir: &Path, data: &SnapshotData) -> Result<PathBuf, StorageError> {
 /// file; a joining site's snapshot streams it onto the network as it is produced, with no
 /// file at the source. Errors are `out`'s.
 pub fn write_archive<W: Write>(data: &SnapshotData, out: W) -> std::io::Result<W> {
+    write_archive_ahead(data, out, PREFETCH_AHEAD)
+}
+
+fn write_archive_ahead<W: Write>(data: &SnapshotData, out: W, dist: usize) -> std::io::Result<W> {
+    let ahead = |i: usize| match data.entries.get(i + dist) {
+        Some((k, e)) if dist > 0 => Ahead(Some((k, e.value.as_deref()))),
+        _ => Ahead(None),
+    };
     let archive = SnapshotRef {
         format: FORMAT,
         applied: &data.applied,
@@ -169,7 +181,9 @@ pub fn write_archive<W: Write>(data: &SnapshotData, out: W) -> std::io::Result<W
         entries: data
             .entries
             .iter()
-            .map(|(k, e)| EntryRef {
+            .enumerate()
+            .map(|(i, (k, e))| EntryRef {
+                ahead: ahead(i),
                 key: k,
                 ts: e.version.ts,
                 site: e.version.site,
@@ -182,6 +196,56 @@ pub fn write_archive<W: Write>(data: &SnapshotData, out: W) -> std::io::Result<W
     let writer = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&archive, IoWriter::new(out))
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(writer.into_inner())
+}
+
+/// How many entries ahead of the one being serialised [`write_archive`] prefetches. A store's
+/// keys and values sit wherever they were allocated, in no order, so copying them one at a
+/// time waits on a cache miss for each; a prefetch lets several misses run at once.
+const PREFETCH_AHEAD: usize = 8;
+
+/// The key and value of an entry further on (see [`Prefetch`]).
+#[derive(Clone, Copy)]
+pub struct Ahead<'a>(Option<(&'a [u8], Option<&'a [u8]>)>);
+
+/// An rkyv wrapper that archives nothing: serialising an [`Ahead`] prefetches its key and
+/// value into the cache, so that the serialiser finds them there when it reaches that entry.
+pub struct Prefetch;
+
+impl rkyv::with::ArchiveWith<Ahead<'_>> for Prefetch {
+    type Archived = ();
+    type Resolver = ();
+
+    fn resolve_with(_: &Ahead<'_>, _: (), _: rkyv::Place<()>) {}
+}
+
+impl<S: rkyv::rancor::Fallible + ?Sized> rkyv::with::SerializeWith<Ahead<'_>, S> for Prefetch {
+    fn serialize_with(field: &Ahead<'_>, _: &mut S) -> Result<(), S::Error> {
+        if let Some((key, value)) = field.0 {
+            prefetch(key);
+            if let Some(v) = value {
+                prefetch(v);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Asks the CPU to bring the cache lines of `bytes` in (up to 256 bytes; a hint, no effect on
+/// the result).
+#[inline]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for off in (0..bytes.len().min(256)).step_by(64) {
+        // SAFETY: a prefetch reads nothing the program sees and cannot fault; the address is
+        // inside `bytes`. SSE is part of the x86_64 baseline.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                bytes.as_ptr().add(off).cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
 }
 
 /// Installs a snapshot file received whole from another site (a joining site's start): `tmp`,
@@ -477,6 +541,58 @@ mod tests {
         fs::rename(&path, snapshot_path(dir.path(), 8)).unwrap();
         let err = load(dir.path()).unwrap_err();
         assert!(err.to_string().contains("file name"), "{err}");
+    }
+
+    #[test]
+    fn prefetching_changes_no_byte_of_the_archive() {
+        let mut data = sample(3);
+        for i in 0..40u64 {
+            data.entries
+                .push((Bytes::from(format!("k{i}")), entry(i + 10, 1, Some("v"))));
+        }
+        let plain = write_archive_ahead(&data, Vec::new(), 0).unwrap();
+        for dist in [1, PREFETCH_AHEAD, 100] {
+            assert_eq!(write_archive_ahead(&data, Vec::new(), dist).unwrap(), plain);
+        }
+    }
+
+    /// Serialising speed over entries scattered in memory, as a long-running store's are:
+    /// 880k entries of 100 B values in shuffled order, without and with the prefetch,
+    /// alternating. Run with `cargo test --release --lib snapshot -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn serialising_scattered_entries_with_and_without_prefetch() {
+        let mut entries: Vec<(Bytes, Entry)> = (0..880_000u64)
+            .map(|i| {
+                let key = Bytes::from(format!("key-{i:012}").into_bytes());
+                let value = Bytes::from(vec![(i % 251) as u8; 100]);
+                (key, Entry::new(Version::new(i + 1, 0), Some(value)))
+            })
+            .collect();
+        let mut x = 12345u64;
+        for i in (1..entries.len()).rev() {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            entries.swap(i, (x >> 33) as usize % (i + 1));
+        }
+        let data = SnapshotData {
+            applied: vec![5, 5, 5, 5],
+            entries,
+            ..SnapshotData::default()
+        };
+        let mut buf = Vec::with_capacity(200 << 20);
+        for dist in [0, PREFETCH_AHEAD, 0, PREFETCH_AHEAD, 0, PREFETCH_AHEAD] {
+            buf.clear();
+            let t = Instant::now();
+            buf = write_archive_ahead(&data, buf, dist).unwrap();
+            println!(
+                "prefetch {dist:>2} ahead: {:?} for {} MB",
+                t.elapsed(),
+                buf.len() >> 20
+            );
+        }
+        assert!(buf.len() > 880_000 * 100);
     }
 
     /// Recovery speed: a 1M-key snapshot (16 B keys, 100 B values) loaded into a `MemStore`, then
