@@ -42,7 +42,8 @@
 # Loss sweep (--loss-only): 3 sites, the given loss on every link, without and with 5 ms jitter,
 #   once per BENCH_VARIANTS entry ("name:key=value,..." replaces site configuration keys),
 #   500 ops/s per site open loop (BENCH_RATE), jitters 0 and 5 ms (BENCH_JITTERS="0 5");
-#   visibility p50/p99 at b and c, put p50 at a.
+#   visibility p50/p99 at b and c, put p50 at a. BENCH_REORDER=P holds back that fraction of
+#   datagrams on every link by 2 ms (reordering), for any sweep.
 # Restart catch-up (--restart-only N): 3 sites, a and b writing 500 puts/s each; c killed with
 #   SIGKILL N times, down 2 s each, restarted; time to serving and to c's applied vector covering
 #   what a and b had at the restart (output: restart.md, restart.json).
@@ -181,6 +182,8 @@ class Cluster:
             wan += ["--loss", str(loss)]
         if jitter:
             wan += ["--jitter-ms", str(jitter)]
+        if os.environ.get("BENCH_REORDER"):
+            wan += ["--reorder", os.environ["BENCH_REORDER"]]
         self.wan = spawn(wan, stderr=open(os.path.join(self.dir, "wan.log"), "w"))
         for _ in range(100):
             if os.path.exists(self.stats_file):

@@ -233,6 +233,14 @@ pub struct QuicConfig {
     /// Length of the connection IDs this site issues, bytes (1..=20; default 4). See
     /// [`TransportLimits::cid_len`](crate::tls::TransportLimits::cid_len).
     pub cid_len: u8,
+    /// Packets acknowledged after a packet before it counts as lost (1..=1000; default 1,
+    /// QUIC's own is 3). See
+    /// [`TransportLimits::loss_packet_threshold`](crate::tls::TransportLimits::loss_packet_threshold).
+    pub loss_packet_threshold: u32,
+    /// Thousandths of the round trip after which a packet that a later one overtook counts as
+    /// lost (1000..=4000; default 1125). See
+    /// [`TransportLimits::loss_time_threshold_permille`](crate::tls::TransportLimits::loss_time_threshold_permille).
+    pub loss_time_threshold_permille: u32,
 }
 
 impl Default for QuicConfig {
@@ -246,6 +254,8 @@ impl Default for QuicConfig {
             max_ack_delay_ms: t.max_ack_delay.map_or(0, |d| d.as_millis() as u64),
             ack_eliciting_threshold: t.ack_eliciting_threshold,
             cid_len: t.cid_len,
+            loss_packet_threshold: t.loss_packet_threshold,
+            loss_time_threshold_permille: t.loss_time_threshold_permille,
         }
     }
 }
@@ -538,6 +548,8 @@ impl SiteConfig {
                 .then(|| std::time::Duration::from_millis(self.quic.max_ack_delay_ms)),
             ack_eliciting_threshold: self.quic.ack_eliciting_threshold,
             cid_len: self.quic.cid_len,
+            loss_packet_threshold: self.quic.loss_packet_threshold,
+            loss_time_threshold_permille: self.quic.loss_time_threshold_permille,
             ..Default::default()
         }
     }
@@ -851,6 +863,11 @@ key = "b.key"
         assert!(e.to_string().contains("max_ack_delay"), "{e}");
         let e = load(&format!("{GOOD}\n[quic]\ncid_len = 0\n")).unwrap_err();
         assert!(e.to_string().contains("cid_len"), "{e}");
+        let e = load(&format!(
+            "{GOOD}\n[quic]\nloss_time_threshold_permille = 900\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("loss_time_threshold"), "{e}");
         let e = load(&format!("{GOOD}\n[quic]\nack_eliciting_threshold = 0\n")).unwrap_err();
         assert!(e.to_string().contains("ack_eliciting_threshold"), "{e}");
         let e = load(&format!(
