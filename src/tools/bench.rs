@@ -708,6 +708,23 @@ pub struct SiteVisibility {
     pub cdf: Vec<(f64, u64)>,
     /// Writes not visible within the timeout.
     pub timeouts: u64,
+    /// The slowest writes, slowest first (at most [`SLOWEST_KEPT`]): when each was acknowledged
+    /// and how long it took, to match a tail against the sites' logs.
+    pub slowest: Vec<SlowWrite>,
+}
+
+/// How many of the slowest writes [`SiteVisibility::slowest`] keeps.
+pub const SLOWEST_KEPT: usize = 10;
+
+/// One write of [`visibility_wan`] and how long a remote site took to show it.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct SlowWrite {
+    /// The write's number (0 for the first).
+    pub write: u64,
+    /// When the origin acknowledged it, in milliseconds since the Unix epoch.
+    pub acked_unix_ms: u64,
+    /// Acknowledgement → visible at this site, µs.
+    pub us: u64,
 }
 
 /// What [`visibility_wan`] measured.
@@ -741,11 +758,11 @@ pub async fn visibility_wan(
 ) -> Result<VisibilityReport, String> {
     let value = vec![b'v'; value_size];
     let run = std::process::id();
-    // Per remote site: the latency histogram and the count of timeouts.
-    type Site = Arc<std::sync::Mutex<(Histogram<u64>, u64)>>;
+    // Per remote site: the latency histogram, the count of timeouts and every write's time.
+    type Site = Arc<std::sync::Mutex<(Histogram<u64>, u64, Vec<SlowWrite>)>>;
     let hists: Vec<Site> = remotes
         .iter()
-        .map(|_| Arc::new(std::sync::Mutex::new((histogram(), 0))))
+        .map(|_| Arc::new(std::sync::Mutex::new((histogram(), 0, Vec::new()))))
         .collect();
     let mut tasks = tokio::task::JoinSet::new();
     // Poll ticks from a thread with a fine timer: tokio's ~1 ms timer would make every poll
@@ -776,6 +793,9 @@ pub async fn visibility_wan(
             .await
             .map_err(|e| format!("put at the origin: {e}"))?;
         let acked = Instant::now();
+        let acked_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         for ((_, c), h) in remotes.iter().zip(&hists) {
             let (c, h, key) = (c.clone(), h.clone(), key.clone());
             let mut ticks = ticks.clone();
@@ -787,7 +807,13 @@ pub async fn visibility_wan(
                     c.new_session();
                     if let Ok(Some(_)) = c.get(&key).await {
                         let us = acked.elapsed().as_micros().max(1) as u64;
-                        let _ = h.lock().expect("histogram").0.record(us);
+                        let mut h = h.lock().expect("histogram");
+                        let _ = h.0.record(us);
+                        h.2.push(SlowWrite {
+                            write: w,
+                            acked_unix_ms,
+                            us,
+                        });
                         return;
                     }
                     if Instant::now() > deadline {
@@ -808,12 +834,15 @@ pub async fn visibility_wan(
         .iter()
         .zip(&hists)
         .map(|((name, _), h)| {
-            let h = h.lock().expect("histogram");
+            let mut h = h.lock().expect("histogram");
+            h.2.sort_by_key(|s| std::cmp::Reverse(s.us));
+            h.2.truncate(SLOWEST_KEPT);
             SiteVisibility {
                 site: name.clone(),
                 latency: LatencyStats::from(&h.0),
                 cdf: cdf_points(&h.0),
                 timeouts: h.1,
+                slowest: h.2.clone(),
             }
         })
         .collect();
