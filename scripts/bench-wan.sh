@@ -288,6 +288,14 @@ def workload(cl, name, secs, sites=None, probe=True, **kw):
     puts = sum(l.get("put", {}).get("count", 0) for l in loads)
     if visibility and "writes" in visibility:
         puts += visibility["writes"]
+        for s in visibility["sites"]:
+            # The slowest writes the report names must be the histogram's tail.
+            slow = [w["us"] for w in s["slowest"]]
+            top = s["latency"]["max_us"]
+            if slow != sorted(slow, reverse=True) or len(slow) > 10 \
+                    or (slow and abs(slow[0] - top) > 0.01 * top + 1):
+                raise RuntimeError(f"visibility at {s['site']}: slowest writes {slow[:3]} do not "
+                                   f"match the histogram's maximum {top} us")
     ops = sum(l.get("ops", 0) for l in loads)
     thr = sum(l.get("throughput", 0) for l in loads)
     per_second = [sum(x) for x in zip(*[l.get("per_second", []) for l in loads])]
