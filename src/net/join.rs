@@ -111,12 +111,8 @@ pub(crate) async fn serve_snapshot(
     };
     let (serialised, sent) = tokio::join!(serialise, stream);
     let serialised = serialised.map(|(written, data)| {
-        let finished = std::thread::Builder::new()
-            .name("snapshot-drop".into())
-            .spawn(move || drop(data));
-        if let Err(e) = finished {
-            warn!(error = %e, "no thread to drop a snapshot copy on; dropped here");
-        }
+        // Not awaited: the stream's end does not wait for the drop.
+        tokio::spawn(background("snapshot-drop", move || drop(data)));
         written
     });
     let outcome = match (serialised, sent) {
