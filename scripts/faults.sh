@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then export FAULTS_SEED="$1"; fi
-exec cargo test --release --test faults -- --nocapture --test-threads 1
+exec cargo test --release --test e2e -- faults:: --nocapture --test-threads 1

@@ -33,8 +33,8 @@ if ! python3 -c "import matplotlib" 2>/dev/null; then
   python3 -m pip install --quiet matplotlib 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages matplotlib
 fi
-cargo build --release --bin causalkv --test faults >&2
+cargo build --release --bin causalkv --test e2e >&2
 echo "== soak: $MINUTES minutes (results in $OUT)" >&2
 SOAK_MINUTES="$MINUTES" SOAK_OUT="$OUT" \
-  cargo test --release --test faults -- --ignored --exact soak --nocapture
+  cargo test --release --test e2e -- --ignored --exact faults::soak --nocapture
 python3 scripts/soak_report.py "$OUT"

@@ -25,7 +25,57 @@ cargo fmt --all -- --check
 echo "== lints"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== tests (release: the simulation and end-to-end suites run optimised)"
-SIM_SEEDS="${SIM_SEEDS:-200}" cargo test --release --workspace --all-targets
+cargo test --release --workspace --all-targets --no-run
+echo "== unit tests (both crates) and the benches' test mode"
+cargo test --release --workspace --lib --bins --benches
+# The simulation and the end-to-end suites (modules of the one `e2e` binary) in three lanes side
+# by side. The suites mostly wait on timers and peers (strong, client, transport use a third of a
+# core or less); the two that use the CPU (faults, the simulation) share a lane, so that the
+# faults suite's sites still run on an otherwise quiet machine, as its tests expect.
+bin_of() {   # bin_of TARGET: the executable `cargo test --no-run` built for test target TARGET
+  cargo test --release --test "$1" --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["test"] and m.get("executable"):
+        print(m["executable"])'
+}
+E2E=$(bin_of e2e)
+SIM=$(bin_of sim)
+run_lane() {   # run_lane SUITE...: one after another; `sim` is the simulation, the rest e2e modules
+  local s
+  for s in "$@"; do
+    echo "-- $s"
+    if [ "$s" = sim ]; then
+      SIM_SEEDS="${SIM_SEEDS:-200}" "$SIM" || return 1
+    else
+      "$E2E" "$s::" || return 1
+    fi
+  done
+}
+LANES=(faults+sim strong+membership+durability client+transport)
+LOGS=$(mktemp -d)
+pids=()
+for lane in "${LANES[@]}"; do
+  run_lane ${lane//+/ } >"$LOGS/$lane.log" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for i in "${!LANES[@]}"; do
+  if wait "${pids[$i]}"; then
+    status=passed
+  else
+    status=FAILED
+    failed=1
+  fi
+  echo "== lane ${LANES[$i]}: $status"
+  cat "$LOGS/${LANES[$i]}.log"
+done
+rm -rf "$LOGS"
+if [ "$failed" = 1 ]; then
+  echo "end-to-end or simulation suites failed (see the lanes above)" >&2
+  exit 1
+fi
 echo "== doc tests"
 cargo test --release --workspace --doc
 echo "== layering: the client crate alone, and the server without its tooling"

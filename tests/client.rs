@@ -3,16 +3,16 @@
 //! `causalkv dev` deployment driven by the CLI from another process (binary values, logs,
 //! completions, version, client certificates).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::common::{Cluster, Relay, ms};
 use causalkv::Client;
 use causalkv::client::ClientError;
 use causalkv::tools::dev;
-use common::{Cluster, Relay, ms};
 
 const BIN: &str = env!("CARGO_BIN_EXE_causalkv");
 

@@ -15,7 +15,7 @@
 //! fsync acknowledge after the `write(2)`, and the kernel keeps what was written); only a machine
 //! crash tells them apart, which this suite does not simulate.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -24,12 +24,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{
+    BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, ms, wait_until,
+};
 use causalkv::client::ClientBuilder;
 use causalkv::storage::wal::FsyncPolicy;
 use causalkv::tools::checker::{self, Op};
 use causalkv::tools::{certs, dev};
 use causalkv::{Client, ClientError, Node};
-use common::{BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, ms, wait_until};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::watch;

@@ -16,7 +16,7 @@
 //! `FAULTS_SEED` overrides the seed (schedule and sessions); `FAULTS_SECS` the random
 //! schedule's length (default 35 s, 25 s with partitions).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::{Cluster, Logged, Prepared, Processes, bounded, env_u64, ms};
 use causalkv::Client;
 use causalkv::client::ClientBuilder;
 use causalkv::clock::Version;
@@ -32,7 +33,6 @@ use causalkv::storage::wal::FsyncPolicy;
 use causalkv::tools::checker::{self, Op, Report};
 use causalkv::tools::wan::{LinkParams, Wan};
 use causalkv::tools::{certs, dev};
-use common::{Cluster, Logged, Prepared, Processes, bounded, env_u64, ms};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -47,21 +47,21 @@
 //!   does not answer the cut, and removing the last voters' majority are refused with clear
 //!   errors, and nothing changes.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::{
+    BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, eventually_ok, ms, sites_cli,
+};
 use causalkv::config::{SiteConfig, SiteEntry};
 use causalkv::tools::checker::{self, History, Op};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::tools::wan::LinkParams;
 use causalkv::{Client, ClientError};
-use common::{
-    BIN, Cluster, Logged, Processes, bounded, env_u64, eventually, eventually_ok, ms, sites_cli,
-};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

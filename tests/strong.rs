@@ -27,17 +27,17 @@
 //! of the in-process test; `STRONG_KILLS` (default 10) and `STRONG_MIN_OPS` (default 10,000)
 //! size the process test.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
+use crate::common::{BIN, Cluster, bounded, env_u64, eventually, ms, sites_cli};
 use causalkv::client::CasOutcome;
 use causalkv::config::ConsensusConfig;
 use causalkv::net::{NodeOptions, StrongOptions};
 use causalkv::tools::lincheck::{self, Command, Recorder, Response, Verdict};
 use causalkv::tools::wan::{LinkParams, Wan};
 use causalkv::{Client, ClientError};
-use common::{BIN, Cluster, bounded, env_u64, eventually, ms, sites_cli};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -6,10 +6,11 @@
 //! Clusters come from `common::Cluster` (the `dev::prepare` layout). Every test is bounded in
 //! time; waiting is polling a condition with a deadline, never a bare sleep.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
+use crate::common::{Cluster, Relay, bounded, eventually, free_addr, logs_contain, ms, wait_until};
 use causalkv::client::ClientError;
 use causalkv::config::SiteConfig;
 use causalkv::peer_wire::{self, PeerControl, PeerHello};
@@ -18,7 +19,6 @@ use causalkv::tools::{certs, dev};
 use causalkv::wire::close_code;
 use causalkv::wire::{self, Request, Response, ResponseBody, error_code};
 use causalkv::{Client, Node};
-use common::{Cluster, Relay, bounded, eventually, free_addr, logs_contain, ms, wait_until};
 use quinn::{Connection, Endpoint, VarInt};
 
 const LIMIT: Duration = Duration::from_secs(30);
