@@ -430,6 +430,11 @@ pub struct ConsensusConfig {
     pub max_payload_entries: u64,
     /// Take a snapshot of the strong keyspace every this many applied log entries.
     pub snapshot_every: u64,
+    /// Longest one step of bringing a joining site into the group may take at the leader (ms):
+    /// its Raft log catching up as a learner, the change to a voter, or its covering its
+    /// floor. A step that runs out is logged as a warning with what it waits for, and tried
+    /// again at a later tick.
+    pub join_step_ms: u64,
     /// The site (by name) that should lead while it is healthy: when it is up to date and not
     /// the leader, it stands for election. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -445,6 +450,7 @@ impl Default for ConsensusConfig {
             install_snapshot_timeout_ms: 60_000,
             max_payload_entries: 512,
             snapshot_every: 20_000,
+            join_step_ms: 30_000,
             preferred_leader: None,
         }
     }
@@ -702,10 +708,13 @@ impl SiteConfig {
                 c.heartbeat_ms, c.election_min_ms, c.election_max_ms
             ));
         }
-        if c.install_snapshot_timeout_ms == 0 || c.max_payload_entries == 0 || c.snapshot_every == 0
+        if c.install_snapshot_timeout_ms == 0
+            || c.max_payload_entries == 0
+            || c.snapshot_every == 0
+            || c.join_step_ms == 0
         {
             return bad(
-                "consensus: install_snapshot_timeout_ms, max_payload_entries and snapshot_every must be above 0"
+                "consensus: install_snapshot_timeout_ms, max_payload_entries, snapshot_every and join_step_ms must be above 0"
                     .into(),
             );
         }
@@ -838,6 +847,10 @@ key = "b.key"
         assert!(e.to_string().contains("election_min_ms"), "{e}");
         let e = load(&format!("{GOOD}\n[consensus]\npreferred_leader = \"zz\"\n")).unwrap_err();
         assert!(e.to_string().contains("preferred_leader"), "{e}");
+        let e = load(&format!("{GOOD}\n[consensus]\njoin_step_ms = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("join_step_ms"), "{e}");
+        let c = load(&format!("{GOOD}\n[consensus]\njoin_step_ms = 5000\n")).unwrap();
+        assert_eq!(c.consensus.join_step_ms, 5_000);
     }
 
     #[test]

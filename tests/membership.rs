@@ -745,7 +745,9 @@ async fn a_site_holding_retention_for_an_added_site_shows_it_in_status_and_metri
 /// it a learner and a voter. The leader must not make d active meanwhile: its status shows
 /// `joining: voter, catching-up (c at .., needs ..)`. Meanwhile a session at a that depends on
 /// d writes: c, which does not count d yet, must keep that update in its dependency buffer
-/// (not cut its link from a over it). Once c applies the change, d catches up and becomes
+/// (not cut its link from a over it). The leader's wait is one join step (`join_step_ms`, set
+/// short here): it must run out with a warning that names the entries d lacks, and the leader
+/// must wait again at a later tick. Once c applies the change, d catches up and becomes
 /// active at every site, and c applies a's update.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn join_activates_a_site_only_once_it_covers_its_floor() {
@@ -753,6 +755,7 @@ async fn join_activates_a_site_only_once_it_covers_its_floor() {
         let mut prep = Cluster::prepare_strong(3);
         for cfg in &mut prep.configs {
             cfg.consensus.preferred_leader = Some("a".into());
+            cfg.consensus.join_step_ms = 3_000;
         }
         let mut p = prep
             .spawn_with_env(&[("CAUSALKV_TEST_HOLD_SITES", "1")])
@@ -818,6 +821,29 @@ async fn join_activates_a_site_only_once_it_covers_its_floor() {
                 .contains("joining site: waiting until it covers its floor"),
             "{}",
             p.log(0)
+        );
+        // The step runs out: a warning naming what d lacks, then the leader waits again.
+        let ran_out = format!(
+            "site d does not cover its floor yet, behind on: c at {d_has_c}, needs {floor_c}"
+        );
+        eventually(
+            ms(30_000),
+            "the leader's wait runs out with a warning and starts again",
+            async || {
+                let log = p.log(0);
+                log.contains(&ran_out)
+                    && log.contains("joining site not made active yet; retried at a later tick")
+                    && log
+                        .matches("joining site: waiting until it covers its floor")
+                        .count()
+                        >= 2
+            },
+        )
+        .await;
+        assert_eq!(
+            state_of_d(&at_a).await,
+            waiting,
+            "still waiting after a retry"
         );
         // A session at a that depends on d (a counts d and has its clock markers) writes: its
         // update names d in its dependency vector, and reaches c, which does not count d yet.

@@ -48,10 +48,6 @@ use crate::wire::{ConsensusStatus, VoterStatus, close_code, read_frame, write_fr
 /// Largest Raft RPC frame accepted (a whole snapshot travels in one).
 const MAX_RPC_FRAME: usize = 1 << 30;
 
-/// Longest a step of bringing a joining site into the group may take before it is retried
-/// at a later tick ([`Strong::drive_joins`]).
-const JOIN_STEP: Duration = Duration::from_secs(30);
-
 /// How often a leader asks a joining site whether it covers its floor yet
 /// ([`Strong::drive_joins`]).
 const FLOOR_POLL: Duration = Duration::from_millis(100);
@@ -507,6 +503,9 @@ pub(crate) struct Strong {
     pub opts: StrongOptions,
     pub metrics: StrongMetrics,
     election_max: Duration,
+    /// Longest one step of bringing a joining site in may take (`join_step_ms`), then it is
+    /// retried at a later tick ([`Strong::drive_joins`]).
+    join_step: Duration,
     heartbeat: Duration,
     /// A leader whose last majority ack is older than this refuses new writes.
     quorum_stale_ms: u64,
@@ -589,6 +588,7 @@ impl Strong {
             opts,
             metrics: StrongMetrics::default(),
             election_max: Duration::from_millis(cfg.consensus.election_max_ms),
+            join_step: Duration::from_millis(cfg.consensus.join_step_ms),
             heartbeat: Duration::from_millis(cfg.consensus.heartbeat_ms),
             quorum_stale_ms: cfg.consensus.election_min_ms,
             preferred,
@@ -776,7 +776,7 @@ impl Strong {
     /// 3. once the site reports that it covers its floor (the vector it must reach before it
     ///    serves, [`Rpc::Floor`]), [`SitesOp::Activate`]: the site is a full member.
     ///
-    /// One change at a time; each step is bounded by [`JOIN_STEP`], then retried at a later
+    /// One change at a time; each step is bounded by `join_step_ms`, then retried at a later
     /// tick (a learner that is not reachable yet must not hold the driver forever).
     fn drive_joins(self: &Arc<Self>) {
         if !self.partition0 {
@@ -822,7 +822,7 @@ impl Strong {
             // Blocking: returns once the learner's log has caught up (also when it is one
             // already, which is how a new leader finds out).
             tokio::time::timeout(
-                JOIN_STEP,
+                self.join_step,
                 self.raft.add_learner(node, openraft::EmptyNode {}, true),
             )
             .await
@@ -834,7 +834,7 @@ impl Strong {
             // the learner must have matched the log up to the commit index of now.
             let target = self.log.committed().map(|l| l.index);
             let mut rx = self.raft.metrics();
-            tokio::time::timeout(JOIN_STEP, async {
+            tokio::time::timeout(self.join_step, async {
                 loop {
                     let matched = rx
                         .borrow_and_update()
@@ -856,7 +856,7 @@ impl Strong {
             info!(site = %self.name(node), "joining site: making it a voter (joint consensus)");
             let mut next = voters.clone();
             next.insert(node);
-            tokio::time::timeout(JOIN_STEP, self.raft.change_membership(next, false))
+            tokio::time::timeout(self.join_step, self.raft.change_membership(next, false))
                 .await
                 .map_err(|_| "timed out".to_string())
                 .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
@@ -865,7 +865,7 @@ impl Strong {
             // A joint configuration left behind by a leader that failed mid-change: finish it.
             info!(site = %self.name(node), "joining site: finishing the joint configuration a \
                 failed leader left");
-            tokio::time::timeout(JOIN_STEP, self.raft.change_membership(voters, false))
+            tokio::time::timeout(self.join_step, self.raft.change_membership(voters, false))
                 .await
                 .map_err(|_| "timed out".to_string())
                 .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
@@ -896,14 +896,14 @@ impl Strong {
         }
     }
 
-    /// Waits (up to [`JOIN_STEP`]) until the joining site `node` reports that its `applied`
+    /// Waits (up to `join_step_ms`) until the joining site `node` reports that its `applied`
     /// vector covers its floor, asking it every [`FLOOR_POLL`]. The learner's Raft log having
     /// caught up says nothing about its causal state: a site that cannot reach some origin
     /// yet (one that has not applied its addition) would be made active while it still
     /// refuses every client. The error names the entries still behind.
     async fn wait_for_floor(&self, node: NodeId) -> Result<(), String> {
         let name = self.name(node);
-        let deadline = tokio::time::Instant::now() + JOIN_STEP;
+        let deadline = tokio::time::Instant::now() + self.join_step;
         let mut logged = false;
         loop {
             let reply = if node == self.me {
