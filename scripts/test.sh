@@ -42,6 +42,19 @@ for line in sys.stdin:
 }
 E2E=$(bin_of e2e)
 SIM=$(bin_of sim)
+if [ ! -x "$E2E" ] || [ ! -x "$SIM" ]; then
+  echo "the e2e and sim test binaries were not built (cargo test --release --test e2e --no-run)" >&2
+  exit 1
+fi
+# Every test target must be run here: a new one in Cargo.toml fails this check until it is.
+targets=$(cargo metadata --format-version 1 --no-deps | python3 -c '
+import json, sys
+m = json.load(sys.stdin)
+print(" ".join(sorted(t["name"] for p in m["packages"] for t in p["targets"] if "test" in t["kind"])))')
+if [ "$targets" != "e2e sim" ]; then
+  echo "test targets are now: $targets; scripts/test.sh runs only e2e and sim" >&2
+  exit 1
+fi
 run_lane() {   # run_lane SUITE...: one after another; `sim` is the simulation, the rest e2e modules
   local s
   for s in "$@"; do
