@@ -821,20 +821,18 @@ impl Strong {
             }
             // Blocking: returns once the learner's log has caught up (also when it is one
             // already, which is how a new leader finds out).
-            tokio::time::timeout(
-                self.join_step,
+            self.bounded_step(
+                "add_learner",
+                "the learner has not caught up yet",
                 self.raft.add_learner(node, openraft::EmptyNode {}, true),
             )
-            .await
-            .map_err(|_| "the learner has not caught up yet".to_string())
-            .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-            .map_err(step("add_learner"))?;
+            .await?;
             // openraft's blocking add_learner may return before the learner has answered
             // (an unreachable learner counts as caught up while the leader's log is short):
             // the learner must have matched the log up to the commit index of now.
             let target = self.log.committed().map(|l| l.index);
             let mut rx = self.raft.metrics();
-            tokio::time::timeout(self.join_step, async {
+            let caught_up = async {
                 loop {
                     let matched = rx
                         .borrow_and_update()
@@ -842,34 +840,36 @@ impl Strong {
                         .as_ref()
                         .and_then(|r| r.get(&node).copied().flatten())
                         .map(|l| l.index);
-                    if matched.is_some() && matched >= target {
-                        return;
-                    }
-                    if rx.changed().await.is_err() {
-                        return;
+                    if (matched.is_some() && matched >= target) || rx.changed().await.is_err() {
+                        return Ok::<(), String>(());
                     }
                 }
-            })
-            .await
-            .map_err(|_| "the learner has not caught up with the log yet".to_string())
-            .map_err(step("add_learner"))?;
+            };
+            self.bounded_step(
+                "add_learner",
+                "the learner has not caught up with the log yet",
+                caught_up,
+            )
+            .await?;
             info!(site = %self.name(node), "joining site: making it a voter (joint consensus)");
             let mut next = voters.clone();
             next.insert(node);
-            tokio::time::timeout(self.join_step, self.raft.change_membership(next, false))
-                .await
-                .map_err(|_| "timed out".to_string())
-                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-                .map_err(step("change_membership"))?;
+            self.bounded_step(
+                "change_membership",
+                "timed out",
+                self.raft.change_membership(next, false),
+            )
+            .await?;
         } else if mem.membership().get_joint_config().len() > 1 {
             // A joint configuration left behind by a leader that failed mid-change: finish it.
             info!(site = %self.name(node), "joining site: finishing the joint configuration a \
                 failed leader left");
-            tokio::time::timeout(self.join_step, self.raft.change_membership(voters, false))
-                .await
-                .map_err(|_| "timed out".to_string())
-                .and_then(|r| r.map(|_| ()).map_err(|e| e.to_string()))
-                .map_err(step("finishing a joint configuration"))?;
+            self.bounded_step(
+                "finishing a joint configuration",
+                "timed out",
+                self.raft.change_membership(voters, false),
+            )
+            .await?;
         }
         self.wait_for_floor(node).await.map_err(step("activate"))?;
         let cmd = consensus::Command {
@@ -893,6 +893,21 @@ impl Strong {
                 Err(format!("activate: {why}"))
             }
             other => Err(format!("activate: {other:?}")),
+        }
+    }
+
+    /// Runs one step of [`Strong::join_steps`] under `join_step_ms`. The error is the step's
+    /// own, or `late` when it runs out, after `what`.
+    async fn bounded_step<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        late: &str,
+        step: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<(), String> {
+        match tokio::time::timeout(self.join_step, step).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!("{what}: {late}")),
         }
     }
 

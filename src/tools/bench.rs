@@ -842,7 +842,7 @@ pub async fn visibility_wan(
                 latency: LatencyStats::from(&h.0),
                 cdf: cdf_points(&h.0),
                 timeouts: h.1,
-                slowest: h.2.clone(),
+                slowest: std::mem::take(&mut h.2),
             }
         })
         .collect();
