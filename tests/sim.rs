@@ -60,6 +60,8 @@ struct SimConfig {
     close_contexts: bool,
     /// The pipeline workload (see [`Sim::pipeline_step`]) instead of hopping sessions.
     pipeline: bool,
+    /// Copies of stream frames wait for their place in the stream (off: a planted bug).
+    check_copy_order: bool,
     /// Simulated time with clients and faults running.
     active: u64,
     faults: bool,
@@ -69,6 +71,10 @@ struct SimConfig {
 enum Msg {
     Hello(VClock),
     Batch(Vec<Item>),
+    /// A copy of a batch, sent apart from the stream as a QUIC datagram is: it may be lost
+    /// (without breaking the connection) or overtake the stream. It follows the stream's item
+    /// at the given timestamp.
+    Copy(Timestamp, Vec<Item>),
     Ack(VClock),
 }
 
@@ -159,6 +165,9 @@ struct Sim {
     /// Connection epoch per unordered pair of nodes (indexed [min][max]).
     epoch: Vec<Vec<u64>>,
     connected: Vec<Vec<bool>>,
+    /// Per ordered pair of nodes: the timestamp of the last item sent on the current
+    /// connection's stream (none before its first batch), which a copy of the next batch follows.
+    stream_last: Vec<Vec<Option<Timestamp>>>,
     events: BTreeMap<(u64, u64), Event>,
     sessions: Vec<Session>,
     history: History,
@@ -183,6 +192,11 @@ struct SimStats {
     partitions: u64,
     lost_messages: u64,
     duplicated: u64,
+    /// Batches also sent as copies, and copies lost.
+    copies: u64,
+    copies_lost: u64,
+    /// Copies that delivered an item before the stream did.
+    copies_used: u64,
     max_buffered: usize,
     contributions: u64,
     /// Pipeline reads at site 2 that, right after reading an update at the same site, had to
@@ -268,6 +282,7 @@ impl Sim {
             links,
             epoch: vec![vec![0; nodes]; nodes],
             connected: vec![vec![false; nodes]; nodes],
+            stream_last: vec![vec![None; nodes]; nodes],
             events: BTreeMap::new(),
             sessions,
             history: History::new(),
@@ -303,6 +318,7 @@ impl Sim {
         rc.check_deps = cfg.check_deps;
         rc.check_stable = cfg.check_stable;
         rc.close_contexts = cfg.close_contexts;
+        rc.check_copy_order = cfg.check_copy_order;
         rc
     }
 
@@ -376,6 +392,22 @@ impl Sim {
         self.deliver_at(at, from, to, epoch, msg);
     }
 
+    /// Sends a copy of a batch that follows the stream's item at `prev`, apart from the stream:
+    /// lost 1 time in 10 without harm to the connection, and never queued behind the stream,
+    /// so it may arrive before the batch itself, or after a later copy.
+    fn send_copy(&mut self, from: NodeId, to: NodeId, prev: Timestamp, items: Vec<Item>) {
+        let (a, b) = Self::pair(from, to);
+        self.stats.copies += 1;
+        let link = &self.links[from][to];
+        if !self.connected[a][b] || link.cut > 0 || self.rng.gen_range(0..10) == 0 {
+            self.stats.copies_lost += 1;
+            return;
+        }
+        let delay = link.delay + link.extra + self.rng.gen_range(0..=link.jitter + 5 * MS);
+        let epoch = self.epoch[a][b];
+        self.deliver_at(self.now + delay, from, to, epoch, Msg::Copy(prev, items));
+    }
+
     fn deliver_at(&mut self, at: u64, from: NodeId, to: NodeId, epoch: u64, msg: Msg) {
         self.seq += 1;
         let ev = Event::Deliver {
@@ -394,6 +426,8 @@ impl Sim {
         }
         self.connected[a][b] = false;
         self.epoch[a][b] += 1;
+        self.stream_last[a][b] = None;
+        self.stream_last[b][a] = None;
         self.sites[a].greeted[b] = false;
         self.sites[b].greeted[a] = false;
         let backoff = self.rng.gen_range(10 * MS..200 * MS);
@@ -415,6 +449,13 @@ impl Sim {
                 let Some(batch) = r.poll_batch(peer, 16) else {
                     break;
                 };
+                let last = batch.last().map(Item::ts);
+                if let Some(prev) = self.stream_last[x][y]
+                    && self.rng.gen_range(0..2) == 0
+                {
+                    self.send_copy(x, y, prev, batch.clone());
+                }
+                self.stream_last[x][y] = last.or(self.stream_last[x][y]);
                 self.send(x, y, Msg::Batch(batch));
                 if !self.sites[x].greeted[y] {
                     break;
@@ -659,6 +700,11 @@ impl Sim {
                         self.sites[to].greeted[from] = true;
                     }
                     Msg::Batch(items) => r.receive(origin, items),
+                    Msg::Copy(prev, items) => {
+                        let used = r.stats().copies_used;
+                        r.receive_copy(origin, prev, items);
+                        self.stats.copies_used += r.stats().copies_used - used;
+                    }
                     Msg::Ack(applied) => r.on_peer_applied(origin, &applied),
                 }
                 self.pump(to);
@@ -1030,6 +1076,7 @@ struct Variant {
     check_deps: bool,
     check_stable: bool,
     close_contexts: bool,
+    check_copy_order: bool,
 }
 
 const CORRECT: Variant = Variant {
@@ -1038,6 +1085,7 @@ const CORRECT: Variant = Variant {
     check_deps: true,
     check_stable: true,
     close_contexts: true,
+    check_copy_order: true,
 };
 
 fn run_seed(seed: u64, v: Variant) -> Outcome {
@@ -1048,6 +1096,7 @@ fn run_seed(seed: u64, v: Variant) -> Outcome {
         check_stable: v.check_stable,
         close_contexts: v.close_contexts,
         pipeline: v.pipeline,
+        check_copy_order: v.check_copy_order,
         active: 8 * SEC,
         faults: true,
     })
@@ -1099,8 +1148,11 @@ fn check_all_seeds(partitions: usize) {
     let results = run_many(&seeds, v);
     let mut failed = Vec::new();
     let (mut ops, mut crashes, mut parts, mut lost, mut maxbuf, mut contrib) = (0, 0, 0, 0, 0, 0);
+    let (mut copies, mut copies_used) = (0, 0);
     for (seed, out) in &results {
         ops += out.stats.ops;
+        copies += out.stats.copies;
+        copies_used += out.stats.copies_used;
         crashes += out.stats.crashes;
         parts += out.stats.partitions;
         lost += out.stats.lost_messages;
@@ -1115,11 +1167,12 @@ fn check_all_seeds(partitions: usize) {
         }
     }
     println!(
-        "{} seeds, {partitions} partition(s) per site: {ops} ops checked, {crashes} crashes, {parts} partitions, {lost} lost messages, {contrib} stable-vector exchanges, max buffered {maxbuf}",
+        "{} seeds, {partitions} partition(s) per site: {ops} ops checked, {crashes} crashes, {parts} partitions, {lost} lost messages, {contrib} stable-vector exchanges, max buffered {maxbuf}, {copies} batch copies ({copies_used} delivered an item first)",
         results.len()
     );
     assert!(failed.is_empty(), "failing seeds: {failed:?}");
     assert!(ops > 0);
+    assert!(copies_used > 0, "no copy ever overtook its stream");
 }
 
 #[test]
@@ -1161,6 +1214,28 @@ fn checker_catches_missing_dependency_checks() {
         ..CORRECT
     };
     assert_caught(v, "without dependency checks");
+}
+
+#[test]
+fn checker_catches_copies_taken_out_of_stream_order() {
+    // The planted bug: a copy of a stream frame is taken as it arrives, even when the frames
+    // before it have not: the items in the gap then count as received and are dropped as
+    // duplicates when the stream brings them, so the site never applies them.
+    let v = Variant {
+        check_copy_order: false,
+        ..CORRECT
+    };
+    let results = run_many(&(0..64).collect::<Vec<_>>(), v);
+    let caught: Vec<u64> = results
+        .iter()
+        .filter(|(_, o)| !o.report.is_ok() || o.converged.is_err())
+        .map(|(seed, _)| *seed)
+        .collect();
+    for (seed, out) in &results {
+        println!("seed {seed} copies out of order: {} {:?}", out.report, out.converged);
+    }
+    println!("copies out of order: caught in {} of 64 seeds", caught.len());
+    assert!(!caught.is_empty(), "the simulation must catch copies taken out of order");
 }
 
 /// The pipeline workload at two partitions per site, on 64 seeds, with every fault kind.

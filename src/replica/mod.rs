@@ -86,13 +86,18 @@ mod buffer;
 
 pub use buffer::DependencyBuffer;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 
 use crate::clock::{Hlc, SiteId, Timestamp, VClock, Version};
 use crate::storage::{Entry, Store};
 pub use crate::update::{Item, Record, Update};
+
+/// Copies of stream frames held per origin while they wait for their place in the stream
+/// ([`Replica::receive_copy`]). Copies arrive out of order only by jitter between datagrams, a
+/// few frames; a copy that finds no room is dropped, and the stream still delivers its items.
+pub const COPIES_HELD: usize = 64;
 
 /// Bytes a batch frame spends on one update besides its key, value and dependency vector (a
 /// bound on the archived item's fixed fields and padding), for [`Replica::poll_batch_refs`].
@@ -172,6 +177,11 @@ pub struct ReplicaConfig {
     /// the race it guards (a site added to the cluster misses updates an origin that applied
     /// the change late pruned). No configuration file can set it.
     pub hold_for_added: bool,
+    /// Whether a copy of a stream frame waits for its place in the stream
+    /// ([`Replica::receive_copy`]). Always true in production; tests switch it off (copies are
+    /// then taken as they arrive, past any gap in front of them) to show the simulation's
+    /// checks catching it. No configuration file can set it.
+    pub check_copy_order: bool,
 }
 
 impl ReplicaConfig {
@@ -188,6 +198,7 @@ impl ReplicaConfig {
             check_stable: true,
             close_contexts: true,
             hold_for_added: true,
+            check_copy_order: true,
         }
     }
 
@@ -263,6 +274,11 @@ pub struct ReplicaStats {
     pub tombstones_collected: u64,
     /// Own updates pruned from the retained log after every peer acked them.
     pub pruned: u64,
+    /// Copies of stream frames ([`Replica::receive_copy`]) that delivered an item before its
+    /// stream did.
+    pub copies_used: u64,
+    /// Copies held because they arrived ahead of their place in the stream.
+    pub copies_held: u64,
 }
 
 /// One site's replication state.
@@ -304,6 +320,10 @@ pub struct Replica<S: Store> {
     /// Per remote origin: `relayed` holds every update of it applied here above this timestamp
     /// (below it, a restart from a snapshot may have left gaps).
     relayed_from: Vec<Timestamp>,
+    /// Per remote origin: copies of its stream frames that arrived ahead of their place
+    /// ([`Replica::receive_copy`]), by the timestamp of the item they follow; at most
+    /// [`COPIES_HELD`] each.
+    copies: Vec<BTreeMap<Timestamp, Vec<Item>>>,
     /// While above zero, tombstones are not collected (a snapshot is copying the store).
     tombstone_holds: u32,
     pending: Vec<Record>,
@@ -339,6 +359,7 @@ impl<S: Store> Replica<S> {
             lease: 0,
             durable_lease: 0,
             buffer: DependencyBuffer::new(n),
+            copies: vec![BTreeMap::new(); n],
             retained: VecDeque::new(),
             sent: vec![0; n],
             peer_applied: vec![VClock::zero(n); n],
@@ -431,6 +452,7 @@ impl<S: Store> Replica<S> {
         self.received = self.received.resized(n);
         self.durable = self.durable.resized(n);
         self.buffer.grow(n);
+        self.copies.resize(n, BTreeMap::new());
         self.sent.resize(n, 0);
         for v in &mut self.peer_applied {
             *v = v.resized(n);
@@ -922,22 +944,88 @@ impl<S: Store> Replica<S> {
         if origin == self.cfg.site || origin as usize >= self.cfg.sites {
             return;
         }
-        let mut start = false;
+        let (start, _) = self.take(origin, items);
+        let start = self.take_copies(origin) | start;
+        if start {
+            self.drain(vec![origin]);
+        }
+        // Partitioned: a new head raises this partition's contribution.
+        self.wake_stable();
+    }
+
+    /// Takes a copy of one frame of `origin`'s ordered update stream that came another way (a
+    /// QUIC datagram, so that a packet lost on the stream does not hold up the updates behind
+    /// it for a retransmission): `items` follow, on that stream, the item with timestamp
+    /// `prev` directly, with nothing in between.
+    ///
+    /// If everything from `origin` up to `prev` has been received, the items are taken as if
+    /// the stream had delivered them (those received already are duplicates). If not, the copy
+    /// is held until the stream, or another copy, reaches `prev`: at most [`COPIES_HELD`] per
+    /// origin, the ones furthest ahead dropped first. A copy that is never used costs nothing
+    /// but its memory: the stream delivers everything anyway.
+    pub fn receive_copy(&mut self, origin: SiteId, prev: Timestamp, items: Vec<Item>) {
+        if origin == self.cfg.site
+            || origin as usize >= self.cfg.sites
+            || items.last().is_none_or(|last| last.ts() <= self.received.get(origin))
+        {
+            return;
+        }
+        if prev > self.received.get(origin) && self.cfg.check_copy_order {
+            let held = &mut self.copies[origin as usize];
+            held.insert(prev, items);
+            while held.len() > COPIES_HELD {
+                held.pop_last();
+            }
+            self.stats.copies_held += 1;
+            return;
+        }
+        let (start, new) = self.take(origin, items);
+        self.stats.copies_used += u64::from(new);
+        let start = self.take_copies(origin) | start;
+        if start {
+            self.drain(vec![origin]);
+        }
+        self.wake_stable();
+    }
+
+    /// Copies of `origin`'s stream frames held until the stream reaches their place.
+    pub fn held_copies(&self, origin: SiteId) -> usize {
+        self.copies.get(origin as usize).map_or(0, BTreeMap::len)
+    }
+
+    /// Takes `origin`'s items that follow what was received from it, in order, into the
+    /// dependency buffer; returns whether a queue that was empty got a head, and whether any
+    /// item was new.
+    fn take(&mut self, origin: SiteId, items: impl IntoIterator<Item = Item>) -> (bool, bool) {
+        let (mut start, mut new) = (false, false);
         for item in items {
             let ts = item.ts();
             if ts <= self.received.get(origin) {
                 self.stats.duplicates += 1;
                 continue;
             }
+            new = true;
             self.received.raise(origin, ts);
             self.hlc.observe(ts);
             start |= self.buffer.push(origin, item);
         }
-        if start {
-            self.drain(vec![origin]);
+        (start, new)
+    }
+
+    /// Takes the held copies of `origin`'s frames that what was received has reached, in
+    /// order, and drops those it has passed.
+    fn take_copies(&mut self, origin: SiteId) -> bool {
+        let mut start = false;
+        while let Some(entry) = self.copies[origin as usize].first_entry() {
+            if *entry.key() > self.received.get(origin) {
+                break;
+            }
+            let items = entry.remove();
+            let (s, new) = self.take(origin, items);
+            self.stats.copies_used += u64::from(new);
+            start |= s;
         }
-        // Partitioned: a new head raises this partition's contribution.
-        self.wake_stable();
+        start
     }
 
     /// Applies every applicable head, starting from the origins in `work`, following wake-ups.

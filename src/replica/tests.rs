@@ -871,3 +871,69 @@ fn an_origin_prunes_nothing_while_a_peer_counts_a_site_it_does_not_and_then_keep
     assert!(!x.retention_held());
     assert_eq!(x.retained_len(), 0);
 }
+
+/// Site 0's `updates` updates in frames of `per_frame`, as its stream to site 1 carries them.
+fn frames(updates: u64, per_frame: usize) -> Vec<Vec<Item>> {
+    let mut a = replica(0, 2);
+    for i in 0..updates {
+        a.put(
+            1_000 * (i + 1),
+            Bytes::from(format!("k{i}")),
+            Some(b("v")),
+            &VClock::zero(2),
+        )
+        .unwrap();
+    }
+    flush(&mut a);
+    a.on_peer_connected(1, &VClock::zero(2));
+    std::iter::from_fn(|| a.poll_batch(1, per_frame)).collect()
+}
+
+#[test]
+fn a_copy_ahead_of_its_place_waits_for_the_stream() {
+    let f = frames(6, 2);
+    let last = |i: usize| f[i].last().unwrap().ts();
+    let mut b_ = replica(1, 2);
+    b_.receive(0, f[0].clone());
+    // The third frame's copy arrives first: the second frame is missing, so it is held.
+    b_.receive_copy(0, last(1), f[2].clone());
+    assert_eq!(b_.held_copies(0), 1);
+    assert_eq!(b_.received().get(0), last(0));
+    assert_eq!(b_.get(b"k4", &VClock::zero(2)).unwrap().value, None);
+    // The second frame's copy fills the gap: both copies are taken, in order.
+    b_.receive_copy(0, last(0), f[1].clone());
+    assert_eq!(b_.held_copies(0), 0);
+    assert_eq!(b_.received().get(0), last(2));
+    assert_eq!(b_.get(b"k5", &VClock::zero(2)).unwrap().value, Some(b("v")));
+    assert_eq!(b_.stats().copies_used, 2);
+    // The stream's own frames then come as duplicates.
+    b_.receive(0, f[1].clone());
+    b_.receive(0, f[2].clone());
+    assert_eq!(b_.stats().remote_applied, 6);
+    assert_eq!(b_.stats().duplicates, 4);
+}
+
+#[test]
+fn held_copies_are_bounded_and_dropped_once_the_stream_passes_them() {
+    let n = COPIES_HELD as u64 + 20;
+    let f = frames(n, 1);
+    let mut b_ = replica(1, 2);
+    // Every frame's copy but the first's arrives; the first frame is late on the stream.
+    for i in 1..f.len() {
+        b_.receive_copy(0, f[i - 1][0].ts(), f[i].clone());
+    }
+    assert_eq!(b_.held_copies(0), COPIES_HELD);
+    assert_eq!(b_.stats().remote_applied, 0);
+    // The stream brings the first frame: the held copies follow it at once, up to the first
+    // one dropped (the furthest ahead went first).
+    b_.receive(0, f[0].clone());
+    assert_eq!(b_.held_copies(0), 0);
+    assert_eq!(b_.stats().remote_applied, COPIES_HELD as u64 + 1);
+    for frame in &f[1..] {
+        b_.receive(0, frame.clone());
+    }
+    assert_eq!(b_.stats().remote_applied, n);
+    // A copy of what was received already is not even held.
+    b_.receive_copy(0, f[0][0].ts(), f[1].clone());
+    assert_eq!(b_.held_copies(0), 0);
+}
