@@ -99,9 +99,10 @@ pub fn decode_frame(data: &[u8]) {
     });
 }
 
-/// An update batch as an origin's stream carries it. The first byte picks the cluster size
-/// (1 to 64 sites) and the expected origin; whatever [`peer_wire::decode_batch`] accepts must
-/// hold what it promises, and encode back to the same items.
+/// An update batch as an origin's stream carries it, and the same bytes as a datagram copy of
+/// one ([`peer_wire::decode_copy`]). The first byte picks the cluster size (1 to 64 sites) and
+/// the expected origin; whatever the decoders accept must hold what they promise, and encode
+/// back to the same items.
 pub fn peer_batch(data: &[u8]) {
     let Some((&pick, rest)) = data.split_first() else {
         return;
@@ -118,30 +119,36 @@ pub fn peer_batch(data: &[u8]) {
         v.extend_from_slice(rest);
         v
     });
-    let Ok(items) =
-        peer_wire::decode_batch(&frame, &mut Default::default(), origin, sites, &limits)
-    else {
-        return;
+    let check = |items: &[crate::update::Item], mut last: u64| {
+        for item in items {
+            let ts = match item {
+                crate::update::Item::Marker(ts) => *ts,
+                crate::update::Item::Update(u) => {
+                    assert_eq!(u.version.site, origin);
+                    assert!(u.deps.len() <= sites);
+                    assert!(!u.key.is_empty() && u.key.len() <= limits.max_key);
+                    assert!(u.value.as_ref().is_none_or(|v| v.len() <= limits.max_value));
+                    u.version.ts
+                }
+            };
+            assert!(ts > last, "timestamps increase along a batch");
+            last = ts;
+        }
+        Bytes::from_owner(peer_wire::encode_batch(origin, &Default::default(), items))
     };
-    let mut last = 0;
-    for item in &items {
-        let ts = match item {
-            crate::update::Item::Marker(ts) => *ts,
-            crate::update::Item::Update(u) => {
-                assert_eq!(u.version.site, origin);
-                assert!(u.deps.len() <= sites);
-                assert!(!u.key.is_empty() && u.key.len() <= limits.max_key);
-                assert!(u.value.as_ref().is_none_or(|v| v.len() <= limits.max_value));
-                u.version.ts
-            }
-        };
-        assert!(ts > last, "timestamps increase along a batch");
-        last = ts;
+    if let Ok(items) =
+        peer_wire::decode_batch(&frame, &mut Default::default(), origin, sites, &limits)
+    {
+        let again = check(&items, 0);
+        let back = peer_wire::decode_batch(&again, &mut Default::default(), origin, sites, &limits)
+            .expect("re-encoded batch");
+        assert_eq!(back, items);
     }
-    let again = Bytes::from_owner(peer_wire::encode_batch(origin, &Default::default(), &items));
-    let back = peer_wire::decode_batch(&again, &mut Default::default(), origin, sites, &limits)
-        .expect("re-encoded batch");
-    assert_eq!(back, items);
+    if let Ok((prev, items)) = peer_wire::decode_copy(&frame, origin, sites, &limits) {
+        let again = Bytes::from(peer_wire::encode_copy(prev, &check(&items, prev)));
+        let back = peer_wire::decode_copy(&again, origin, sites, &limits).expect("re-encoded copy");
+        assert_eq!(back, (prev, items));
+    }
 }
 
 /// A peer control stream's messages: the first byte picks the reading. Even: a hello or reject
@@ -439,7 +446,13 @@ mod tests {
                     [&[2u8][..], &framed(&put)].concat(),
                 ],
             ),
-            ("peer_batch", vec![[&[66u8][..], &batch].concat()]),
+            (
+                "peer_batch",
+                vec![
+                    [&[66u8][..], &batch].concat(),
+                    [&[66u8][..], &peer_wire::encode_copy(4, &batch)].concat(),
+                ],
+            ),
             (
                 "peer_control",
                 vec![

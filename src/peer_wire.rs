@@ -11,7 +11,10 @@
 //! - control stream (bidirectional): a [`PeerControl`] hello (or reject) each way, then packed
 //!   acks ([`encode_ack`]), which double as heartbeats; sibling partitions exchange their
 //!   stable-vector contributions in the same form;
-//! - update stream (unidirectional, one per origin and connection): [`UpdateBatch`].
+//! - update stream (unidirectional, one per origin and connection): [`UpdateBatch`];
+//! - datagrams on the same connection: copies of update frames ([`encode_copy`]), sent while
+//!   the link loses packets, so that one lost packet does not hold the updates behind it up for
+//!   a retransmission.
 
 use bytes::Bytes;
 use rkyv::util::AlignedVec;
@@ -39,8 +42,56 @@ pub use messages::*;
 /// one of the previous batch on the same stream (a signed delta of a byte or two, where the
 /// whole timestamp took eight) and its first dependency vector against the last one of the
 /// previous batch (see [`StreamBase`]), the origin as a varint, and no item count (the items
-/// run to the end of the frame).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// run to the end of the frame); 7 adds copies of update frames as QUIC datagrams
+/// ([`encode_copy`]).
+pub const PROTOCOL_VERSION: u32 = 7;
+
+/// The first byte of a datagram that carries a copy of an update frame ([`encode_copy`]).
+/// Datagrams of any other kind are malformed.
+pub const DATAGRAM_COPY: u8 = 1;
+
+/// Encodes a copy of an update frame as a datagram: [`DATAGRAM_COPY`], the timestamp of the
+/// item the frame follows on its stream (a varint), then `frame`, which must be written
+/// against the default [`StreamBase`] so that it reads on its own.
+pub fn encode_copy(prev: Timestamp, frame: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len() + 11);
+    out.push(DATAGRAM_COPY);
+    put_varint(&mut out, prev);
+    out.extend_from_slice(frame);
+    out
+}
+
+/// Decodes a datagram of [`encode_copy`] from `expected_origin`: the timestamp of the item the
+/// frame follows, and the frame's items, checked as [`decode_batch`] checks a stream's.
+pub fn decode_copy(
+    datagram: &Bytes,
+    expected_origin: SiteId,
+    sites: usize,
+    limits: &Limits,
+) -> Result<(Timestamp, Vec<Item>), WireError> {
+    match datagram.first() {
+        Some(&DATAGRAM_COPY) => {}
+        Some(&kind) => {
+            return Err(WireError::Semantic(format!("unknown datagram kind {kind}")));
+        }
+        None => return Err(WireError::Semantic("empty datagram".into())),
+    }
+    let mut at = 1;
+    let prev = get_varint(datagram, &mut at)?;
+    let items = decode_batch(
+        &datagram.slice(at..),
+        &mut StreamBase::default(),
+        expected_origin,
+        sites,
+        limits,
+    )?;
+    if items.first().is_some_and(|i| i.ts() <= prev) {
+        return Err(WireError::Semantic(
+            "a copied frame starts at or before the item it follows".into(),
+        ));
+    }
+    Ok((prev, items))
+}
 
 /// The first bytes of a versioned hello frame, before the version (`u32`, little endian).
 const HELLO_MAGIC: [u8; 4] = *b"CKVP";
@@ -808,6 +859,27 @@ mod tests {
             let range = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
             assert!(range.contains(&(v.as_ptr() as usize)), "value was copied");
         }
+    }
+
+    #[test]
+    fn a_copy_reads_on_its_own_and_bad_ones_are_refused() {
+        let items = vec![update(5, "a", Some("x")), Item::Marker(9)];
+        let frame = encode_batch(1, &StreamBase::default(), &items);
+        let copy = Bytes::from(encode_copy(4, &frame));
+        let limits = Limits::default();
+        assert_eq!(decode_copy(&copy, 1, 3, &limits).unwrap(), (4, items));
+        let err = |d: &[u8]| {
+            decode_copy(&Bytes::copy_from_slice(d), 1, 3, &limits)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(&[]).contains("empty datagram"));
+        assert!(err(&[7, 0]).contains("unknown datagram kind 7"));
+        assert!(err(&[DATAGRAM_COPY, 0x80]).contains("ends inside a number"));
+        // Another origin's frame, and a frame that does not follow the item it claims to.
+        let wrong = encode_copy(4, &encode_batch(2, &StreamBase::default(), &[Item::Marker(9)]));
+        assert!(err(&wrong).contains("claims origin 2"));
+        assert!(err(&encode_copy(5, &frame)).contains("at or before the item it follows"));
     }
 
     #[test]
