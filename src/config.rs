@@ -189,6 +189,28 @@ pub struct ReplicationConfig {
     /// cost every site less CPU and bytes per update, at the price of up to this much
     /// visibility delay, small next to a WAN link's one-way time (results/resp).
     pub linger_ms: u64,
+    /// When update frames also go to a peer as QUIC datagram copies, so that a lost packet
+    /// holds up neither its updates nor those behind it for a retransmission (a round trip and
+    /// more): `auto` (default) on a link that lost a packet in the last `redundancy_window_ms`,
+    /// `always`, or `off`. A copy is sent only for a frame that fits one datagram, and costs
+    /// its bytes again on the link; a lossless link sends none under `auto`.
+    pub redundancy: Redundancy,
+    /// Under `redundancy = "auto"`: how long after a lost packet a link keeps sending copies
+    /// (ms, at least 1).
+    pub redundancy_window_ms: u64,
+}
+
+/// When update frames also travel as datagram copies ([`ReplicationConfig::redundancy`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Redundancy {
+    /// Never.
+    Off,
+    /// On a link that lost a packet within the window.
+    #[default]
+    Auto,
+    /// Always.
+    Always,
 }
 
 impl Default for ReplicationConfig {
@@ -199,6 +221,8 @@ impl Default for ReplicationConfig {
             max_buffered: 1_000_000,
             stable_exchange_ms: 1,
             linger_ms: 2,
+            redundancy: Redundancy::Auto,
+            redundancy_window_ms: 10_000,
         }
     }
 }
@@ -222,6 +246,13 @@ pub struct QuicConfig {
     /// 256 KiB). See
     /// [`TransportLimits::initial_window`](crate::tls::TransportLimits::initial_window).
     pub initial_window: u64,
+    /// The congestion controller: `cubic` (default), `bbr` or `newreno`. See
+    /// [`Congestion`](crate::tls::Congestion).
+    pub congestion: crate::tls::Congestion,
+    /// The congestion window never counts as below this many bytes (0: the controller's own
+    /// floor, two packets). See
+    /// [`TransportLimits::min_window`](crate::tls::TransportLimits::min_window).
+    pub min_window: u64,
     /// The longest a peer may delay an acknowledgement, milliseconds (1..=1000), asked for
     /// with QUIC's acknowledgement-frequency extension; 0 (the default) leaves QUIC's own 25 ms.
     /// See [`TransportLimits::max_ack_delay`](crate::tls::TransportLimits::max_ack_delay).
@@ -251,6 +282,8 @@ impl Default for QuicConfig {
             conn_window: t.conn_window,
             max_udp_payload: t.max_udp_payload,
             initial_window: t.initial_window,
+            congestion: t.congestion,
+            min_window: t.min_window,
             max_ack_delay_ms: t.max_ack_delay.map_or(0, |d| d.as_millis() as u64),
             ack_eliciting_threshold: t.ack_eliciting_threshold,
             cid_len: t.cid_len,
@@ -550,6 +583,8 @@ impl SiteConfig {
             conn_window: self.quic.conn_window,
             max_udp_payload: self.quic.max_udp_payload,
             initial_window: self.quic.initial_window,
+            congestion: self.quic.congestion,
+            min_window: self.quic.min_window,
             max_ack_delay: (self.quic.max_ack_delay_ms > 0)
                 .then(|| std::time::Duration::from_millis(self.quic.max_ack_delay_ms)),
             ack_eliciting_threshold: self.quic.ack_eliciting_threshold,
@@ -733,9 +768,13 @@ impl SiteConfig {
             ));
         }
         let r = &self.replication;
-        if r.batch_max_items == 0 || r.marker_interval_ms == 0 || r.stable_exchange_ms == 0 {
+        if r.batch_max_items == 0
+            || r.marker_interval_ms == 0
+            || r.stable_exchange_ms == 0
+            || r.redundancy_window_ms == 0
+        {
             return bad(
-                "replication.batch_max_items, marker_interval_ms and stable_exchange_ms must be above 0"
+                "replication.batch_max_items, marker_interval_ms, stable_exchange_ms and redundancy_window_ms must be above 0"
                     .into(),
             );
         }
@@ -892,6 +931,18 @@ key = "b.key"
         assert_eq!(ok.transport_limits().max_udp_payload, 1452);
         let e = load(&GOOD.replace("name = \"b\"", "name = \"a\"")).unwrap_err();
         assert!(e.to_string().contains("twice"), "{e}");
+        let e = load(&format!(
+            "{GOOD}\n[replication]\nredundancy = \"sometimes\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown variant `sometimes`"), "{e}");
+        let e = load(&format!(
+            "{GOOD}\n[replication]\nredundancy_window_ms = 0\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("redundancy_window_ms"), "{e}");
+        let ok = load(&format!("{GOOD}\n[replication]\nredundancy = \"always\"\n")).expect("valid");
+        assert_eq!(ok.replication.redundancy, Redundancy::Always);
         let e = load(&format!("{GOOD}\n[storage]\nfsync_threads = 0\n")).unwrap_err();
         assert!(e.to_string().contains("fsync_threads"), "{e}");
         let ok = load(&format!("{GOOD}\n[storage]\nfsync_threads = 4\n")).expect("valid");

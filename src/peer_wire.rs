@@ -877,7 +877,10 @@ mod tests {
         assert!(err(&[7, 0]).contains("unknown datagram kind 7"));
         assert!(err(&[DATAGRAM_COPY, 0x80]).contains("ends inside a number"));
         // Another origin's frame, and a frame that does not follow the item it claims to.
-        let wrong = encode_copy(4, &encode_batch(2, &StreamBase::default(), &[Item::Marker(9)]));
+        let wrong = encode_copy(
+            4,
+            &encode_batch(2, &StreamBase::default(), &[Item::Marker(9)]),
+        );
         assert!(err(&wrong).contains("claims origin 2"));
         assert!(err(&encode_copy(5, &frame)).contains("at or before the item it follows"));
     }

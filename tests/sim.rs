@@ -1232,10 +1232,19 @@ fn checker_catches_copies_taken_out_of_stream_order() {
         .map(|(seed, _)| *seed)
         .collect();
     for (seed, out) in &results {
-        println!("seed {seed} copies out of order: {} {:?}", out.report, out.converged);
+        println!(
+            "seed {seed} copies out of order: {} {:?}",
+            out.report, out.converged
+        );
     }
-    println!("copies out of order: caught in {} of 64 seeds", caught.len());
-    assert!(!caught.is_empty(), "the simulation must catch copies taken out of order");
+    println!(
+        "copies out of order: caught in {} of 64 seeds",
+        caught.len()
+    );
+    assert!(
+        !caught.is_empty(),
+        "the simulation must catch copies taken out of order"
+    );
 }
 
 /// The pipeline workload at two partitions per site, on 64 seeds, with every fault kind.

@@ -15,6 +15,7 @@ use causalkv::client::ClientError;
 use causalkv::config::SiteConfig;
 use causalkv::peer_wire::{self, PeerControl, PeerHello};
 use causalkv::tls::{self, Identity, TlsFiles, TransportLimits};
+use causalkv::tools::wan::LinkParams;
 use causalkv::tools::{certs, dev};
 use causalkv::wire::close_code;
 use causalkv::wire::{self, Request, Response, ResponseBody, error_code};
@@ -690,16 +691,18 @@ async fn a_peer_of_another_protocol_version_is_refused_naming_both() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_malformed_update_stream_or_ack_closes_the_peer_connection() {
+async fn a_malformed_update_stream_ack_or_copy_closes_the_peer_connection() {
     bounded(LIMIT, async {
         let cluster = Cluster::start(2).await;
         let a = cluster.node(0);
         // A real site certificate (b's), a valid hello, then garbage: on the update stream, then
         // (a new connection) on the control stream, as an ack that claims to be a delta
-        // against a previous ack that was never sent.
+        // against a previous ack that was never sent, then (another connection) as a datagram
+        // copy of an update frame.
         for (stream, logged) in [
             ("update", "malformed update stream"),
             ("control", "malformed control frame"),
+            ("datagram", "malformed datagram copy"),
         ] {
             let before = metric(&a.metrics().malformed_frames);
             let (_ep, conn, theirs, mut control) = connect_as_b(&cluster).await;
@@ -712,6 +715,9 @@ async fn a_malformed_update_stream_or_ack_closes_the_peer_connection() {
                 wire::write_frame(&mut updates, &[0xab; 40])
                     .await
                     .expect("send garbage");
+            } else if stream == "datagram" {
+                let garbage = peer_wire::encode_copy(7, &[0xab; 40]);
+                conn.send_datagram(garbage.into()).expect("send a bad copy");
             } else {
                 let delta = peer_wire::encode_ack(Some(&[5, 5]), &[6, 6]);
                 assert!(peer_wire::decode_ack(None, &delta).is_err());
@@ -1403,6 +1409,56 @@ async fn a_broken_certificate_is_rejected_and_the_old_one_keeps_serving() {
         assert_eq!(json["certificate_reloads_rejected"], 3, "{json}");
         assert_eq!(json["certificates"][0]["serial"], serial.as_str(), "{json}");
         assert_eq!(http(admin, "GET /reload HTTP/1.1").await.0, 405);
+    })
+    .await;
+}
+
+/// The value of a counter in a node's `/metrics` text.
+fn counter(node: &Node, name: &str) -> u64 {
+    let text = node.metrics_text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_on_a_lossy_link_deliver_updates_before_the_stream() {
+    bounded(LIMIT, async {
+        // Two sites 20 ms apart, every datagram lost one time in ten, each side sending a
+        // datagram copy of every update frame.
+        let mut prep = Cluster::prepare(2);
+        for c in &mut prep.configs {
+            c.replication.redundancy = causalkv::config::Redundancy::Always;
+        }
+        let _wan = prep.behind_wan(|_, _| LinkParams {
+            loss: 0.1,
+            ..LinkParams::default().with_delay_ms(20.0)
+        });
+        let cluster = prep.start().await;
+        cluster.wait_connected().await;
+        let (a, b) = (cluster.client(0).await, cluster.client(1).await);
+        for i in 0..300 {
+            a.put(&format!("k{i}"), format!("v{i}"))
+                .await
+                .expect("put at a");
+        }
+        eventually(ms(30_000), "b has a's last write", async || {
+            get(&b, "k299").await.is_some()
+        })
+        .await;
+        for i in 0..300 {
+            assert_eq!(
+                get(&b, &format!("k{i}")).await,
+                Some(format!("v{i}").into_bytes()),
+                "k{i} at b"
+            );
+        }
+        let sent = counter(cluster.node(0), "causalkv_replication_copies_out_total");
+        let used = counter(cluster.node(1), "causalkv_replication_copies_used_total");
+        println!("a sent {sent} copies; {used} delivered updates at b before the stream did");
+        assert!(sent > 0, "a sent no copies");
+        assert!(used > 0, "no copy arrived before its stream frame at b");
+        cluster.shutdown().await;
     })
     .await;
 }

@@ -331,7 +331,8 @@ fn render_wire_bytes(e: &mut Exposition, shared: &Shared) {
         name,
         "counter",
         "Bytes sent over peer links, by what they carry: payload (keys and values), deps, \
-         marker, framing (frame and item headers), ack, heartbeat, hello, sibling, raft; quic is \
+         marker, framing (frame and item headers), ack, heartbeat, hello, sibling, raft, copy \
+         (datagram copies of update frames); quic is \
          the UDP payload of peer connections less the other kinds except sibling.",
     );
     let mut app = 0;
@@ -634,6 +635,18 @@ pub(crate) fn render_metrics(shared: &Shared) -> String {
         "counter",
         "Bytes of update frames sent to peers.",
         get(&m.bytes_out),
+    );
+    e.single(
+        "causalkv_replication_copies_out_total",
+        "counter",
+        "Datagram copies of update frames sent to peers (replication.redundancy).",
+        get(&m.copies_out),
+    );
+    e.single(
+        "causalkv_replication_copies_used_total",
+        "counter",
+        "Datagram copies from peers that delivered an update or marker before its stream did.",
+        shared.read(|r| r.stats().copies_used),
     );
     e.single(
         "causalkv_sibling_contributions_out_total",

@@ -163,11 +163,13 @@ pub enum WireKind {
     Sibling,
     /// Raft RPCs and their replies (strong operations).
     Raft,
+    /// Datagram copies of update frames (`replication.redundancy`), whole.
+    Copy,
 }
 
 impl WireKind {
     /// Every kind, in label order.
-    pub const ALL: [WireKind; 9] = [
+    pub const ALL: [WireKind; 10] = [
         WireKind::Payload,
         WireKind::Deps,
         WireKind::Marker,
@@ -177,6 +179,7 @@ impl WireKind {
         WireKind::Hello,
         WireKind::Sibling,
         WireKind::Raft,
+        WireKind::Copy,
     ];
 
     /// The `kind` label value.
@@ -191,6 +194,7 @@ impl WireKind {
             WireKind::Hello => "hello",
             WireKind::Sibling => "sibling",
             WireKind::Raft => "raft",
+            WireKind::Copy => "copy",
         }
     }
 }
@@ -243,6 +247,8 @@ pub struct Metrics {
     pub bytes_in: AtomicU64,
     /// Bytes of update frames sent.
     pub bytes_out: AtomicU64,
+    /// Datagram copies of update frames sent (`replication.redundancy`).
+    pub copies_out: AtomicU64,
     /// Stable-vector contributions sent to sibling partitions.
     pub contributions_out: AtomicU64,
     /// Bytes of those contribution frames (the cost of partitioning a site).

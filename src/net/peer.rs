@@ -47,6 +47,7 @@ use tracing::{debug, info, warn};
 use super::metrics::{Metrics, WireKind};
 use super::shared::{Shared, now_micros};
 use crate::clock::{SiteId, VClock};
+use crate::config::Redundancy;
 use crate::peer_wire::{self, PeerControl, PeerHello};
 use crate::tls;
 use crate::wire::{self, WireError, close_code, read_frame, write_frame};
@@ -542,6 +543,7 @@ async fn receive_contributions(
                     shared,
                     conn,
                     &format!("partition {partition}"),
+                    "control frame",
                     &e.to_string(),
                 );
                 return;
@@ -612,12 +614,16 @@ async fn send_updates(
     // What the last frame sent on this stream left: the next one is written against it (see
     // `peer_wire::StreamBase`).
     let mut base = peer_wire::StreamBase::default();
+    let mut copies = Copies::new(shared, conn);
     loop {
         let notified = shared.peer_wake[peer as usize].notified();
         let since = last_sent.elapsed();
         if since < linger {
             tokio::time::sleep(linger - since).await;
         }
+        // Room for a datagram copy of this frame, if the link sends copies now (none for the
+        // first frame of a stream: a copy names the item it follows).
+        let copy_room = if base.ts != 0 { copies.room(conn) } else { 0 };
         // A batch of small updates is serialised straight from the retained log under the lock
         // (tens of µs). A batch carrying more than LOCKED_ENCODE_MAX bytes is copied out by
         // reference count first and serialised after the lock is released, so that large
@@ -633,17 +639,22 @@ async fn send_updates(
                         .clone()
                         .map(crate::replica::Update::payload_len)
                         .sum();
+                    // A copy reads on its own: written against no base.
+                    let copy = (payload < copy_room).then(|| {
+                        let none = peer_wire::StreamBase::default();
+                        peer_wire::encode_updates(me, &none, updates.clone(), marker).frame
+                    });
                     let b = if payload <= LOCKED_ENCODE_MAX {
                         Ok(peer_wire::encode_updates(me, &base, updates, marker))
                     } else {
                         Err((updates.cloned().collect::<Vec<_>>(), marker))
                     };
-                    (b, payload, marker)
+                    (b, payload, marker, copy)
                 });
             // Markers alone on an idle link: at most one per `idle`; the next carries the
             // newest timestamp anyway. Except a marker that passes a sibling's write: remote
             // readers of that write wait for it. A marker held back stays in the stream.
-            let held = batch.as_ref().is_some_and(|&(_, payload, marker)| {
+            let held = batch.as_ref().is_some_and(|&(_, payload, marker, _)| {
                 payload == 0
                     && last_sent.elapsed() < idle
                     && !(urgent > marker_sent && marker.is_some_and(|m| m >= urgent))
@@ -653,14 +664,14 @@ async fn send_updates(
             }
             (batch, held)
         };
-        let batch = batch.map(|(b, payload, marker)| {
+        let batch = batch.map(|(b, payload, marker, copy)| {
             let b = b.unwrap_or_else(|(updates, marker)| {
                 peer_wire::encode_updates(me, &base, updates.iter(), marker)
             });
-            (b, payload, marker)
+            (b, payload, marker, copy)
         });
         match batch {
-            Some((b, _, _)) if held => {
+            Some((b, _, _, _)) if held => {
                 debug_assert_eq!(b.deps_bytes, 0);
                 let left = idle.saturating_sub(last_sent.elapsed());
                 tokio::select! {
@@ -670,9 +681,10 @@ async fn send_updates(
                     e = conn.closed() => return Err(e.into()),
                 }
             }
-            Some((b, payload, marker)) => {
+            Some((b, payload, marker, copy)) => {
                 last_sent = Instant::now();
                 marker_sent = marker_sent.max(marker.unwrap_or(0));
+                let prev = base.ts;
                 base.clone_from(&b.next);
                 let frame = &b.frame;
                 write_frame(&mut stream, frame)
@@ -684,6 +696,9 @@ async fn send_updates(
                     .bytes_out
                     .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
                 count_batch(&shared.metrics, &b, payload, frame.len() + 4);
+                if let Some(copy) = copy {
+                    copies.send(shared, conn, prev, &copy, copy_room).await;
+                }
             }
             None => {
                 tokio::select! {
@@ -692,6 +707,71 @@ async fn send_updates(
                     e = conn.closed() => return Err(e.into()),
                 }
             }
+        }
+    }
+}
+
+/// Whether a link sends datagram copies of its update frames (`replication.redundancy`), and
+/// sending them.
+struct Copies {
+    mode: Redundancy,
+    window: Duration,
+    /// The connection's lost packets when last looked at, and when that count last grew.
+    lost: u64,
+    lost_at: Option<Instant>,
+}
+
+impl Copies {
+    fn new(shared: &Shared, conn: &Connection) -> Self {
+        Self {
+            mode: shared.cfg.replication.redundancy,
+            window: Duration::from_millis(shared.cfg.replication.redundancy_window_ms),
+            lost: conn.stats().path.lost_packets,
+            lost_at: None,
+        }
+    }
+
+    /// The largest payload (keys and values) a frame may carry to be copied now: 0 when the
+    /// link sends no copies (`auto` on a link that lost nothing within the window).
+    fn room(&mut self, conn: &Connection) -> usize {
+        let on = match self.mode {
+            Redundancy::Off => false,
+            Redundancy::Always => true,
+            Redundancy::Auto => {
+                let lost = conn.stats().path.lost_packets;
+                if lost > self.lost {
+                    self.lost = lost;
+                    self.lost_at = Some(Instant::now());
+                }
+                self.lost_at.is_some_and(|at| at.elapsed() < self.window)
+            }
+        };
+        if on {
+            conn.max_datagram_size().unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    /// Sends `frame` (written against no base), the frame after the stream's item at `prev`,
+    /// as a datagram if it fits in `room`. The stream's frame was just written: the copy waits
+    /// for the connection to send that first, so that the two never share a packet (a packet
+    /// lost would take both).
+    async fn send(&self, shared: &Shared, conn: &Connection, prev: u64, frame: &[u8], room: usize) {
+        let copy = peer_wire::encode_copy(prev, frame);
+        if copy.len() > room {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let n = copy.len();
+        match conn.send_datagram(bytes::Bytes::from(copy)) {
+            Ok(()) => {
+                Metrics::bump(&shared.metrics.copies_out);
+                shared.metrics.wire.add(WireKind::Copy, n);
+            }
+            // Too large after all (the path's MTU shrank), or the connection is closing: the
+            // stream carries the frame anyway.
+            Err(e) => debug!(error = %e, "datagram copy not sent"),
         }
     }
 }
@@ -789,19 +869,55 @@ pub(crate) async fn run_inbound(shared: Arc<Shared>, conn: Connection) {
         heard,
         true,
     ));
+    let copies = tokio::spawn(receive_copies(shared.clone(), conn.clone(), peer));
     let result = receive_updates(&shared, &conn, peer).await;
     control.abort();
     rpcs.abort();
+    copies.abort();
     if let Err(e) = result {
+        let name = shared.site_name(peer);
         if matches!(
             e,
             LinkError::Wire(WireError::Io(_)) | LinkError::Connection(_)
         ) {
-            debug!(peer = %shared.site_name(peer), error = %e, "inbound link closed");
+            debug!(peer = %name, error = %e, "inbound link closed");
         } else {
-            Metrics::bump(&shared.metrics.malformed_frames);
-            warn!(peer = %shared.site_name(peer), error = %e, "malformed update stream; closing the connection");
-            conn.close(VarInt::from_u32(close_code::MALFORMED), b"malformed frame");
+            malformed(&shared, &conn, &name, "update stream", &e.to_string());
+        }
+    }
+}
+
+/// Receives `peer`'s datagram copies of its update frames (see `Copies`) until the connection
+/// ends. A copy is only ever early: one that arrives while the dependency buffer is over its
+/// limit is dropped, and the stream carries its items anyway.
+async fn receive_copies(shared: Arc<Shared>, conn: Connection, peer: SiteId) {
+    let limits = shared.cfg.limits;
+    let max_buffered = shared.cfg.replication.max_buffered;
+    while let Ok(datagram) = conn.read_datagram().await {
+        let copy = peer_wire::decode_copy(
+            &datagram,
+            peer,
+            crate::consensus::members::MAX_SITES,
+            &limits,
+        )
+        .and_then(|(prev, mut items)| {
+            let n = shared.n();
+            for it in &mut items {
+                it.fit_deps(n, crate::consensus::members::MAX_SITES)
+                    .map_err(WireError::Semantic)?;
+            }
+            Ok((prev, items))
+        });
+        match copy {
+            Ok(_) if shared.read(|r| r.buffer().len()) > max_buffered => {}
+            Ok((prev, items)) => {
+                shared.mutate_deferred(|r| r.receive_copy(peer, prev, items));
+            }
+            Err(e) => {
+                let name = shared.site_name(peer);
+                malformed(&shared, &conn, &name, "datagram copy", &e.to_string());
+                return;
+            }
         }
     }
 }
@@ -1041,7 +1157,8 @@ async fn run_control(
                             .heard(now);
                     }
                     Err(e) => {
-                        malformed(&shared, &conn, &shared.site_name(peer), &e.to_string());
+                        let name = shared.site_name(peer);
+                        malformed(&shared, &conn, &name, "control frame", &e.to_string());
                         return;
                     }
                 }
@@ -1115,8 +1232,10 @@ async fn count_udp(shared: &Shared, conn: &Connection) {
     }
 }
 
-fn malformed(shared: &Shared, conn: &Connection, peer: &str, why: &str) {
+/// Counts and logs a malformed frame (`what`: "control frame", "update stream", "datagram
+/// copy") from `peer`, and closes the connection with [`close_code::MALFORMED`].
+fn malformed(shared: &Shared, conn: &Connection, peer: &str, what: &str, why: &str) {
     Metrics::bump(&shared.metrics.malformed_frames);
-    warn!(peer = %peer, error = %why, "malformed control frame; closing the connection");
+    warn!(peer = %peer, error = %why, "malformed {what}; closing the connection");
     conn.close(VarInt::from_u32(close_code::MALFORMED), b"malformed frame");
 }

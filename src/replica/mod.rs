@@ -966,7 +966,9 @@ impl<S: Store> Replica<S> {
     pub fn receive_copy(&mut self, origin: SiteId, prev: Timestamp, items: Vec<Item>) {
         if origin == self.cfg.site
             || origin as usize >= self.cfg.sites
-            || items.last().is_none_or(|last| last.ts() <= self.received.get(origin))
+            || items
+                .last()
+                .is_none_or(|last| last.ts() <= self.received.get(origin))
         {
             return;
         }
