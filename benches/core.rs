@@ -298,7 +298,7 @@ fn bench_wire(c: &mut Criterion) {
         })
         .collect();
     let limits = Limits::default();
-    let frame = Bytes::from_owner(encode_batch(origin, &StreamBase::default(), &items));
+    let frame = Bytes::from_owner(encode_batch(&StreamBase::default(), &items));
     assert_eq!(
         decode_batch(&frame, &mut StreamBase::default(), origin, SITES, &limits)
             .expect("valid batch"),
@@ -306,7 +306,7 @@ fn bench_wire(c: &mut Criterion) {
     );
 
     group.bench_function("encode_batch", |b| {
-        b.iter(|| encode_batch(origin, &StreamBase::default(), black_box(&items)))
+        b.iter(|| encode_batch(&StreamBase::default(), black_box(&items)))
     });
     group.bench_function("decode_batch", |b| {
         b.iter(|| {

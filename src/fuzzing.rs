@@ -134,7 +134,7 @@ pub fn peer_batch(data: &[u8]) {
             assert!(ts > last, "timestamps increase along a batch");
             last = ts;
         }
-        Bytes::from_owner(peer_wire::encode_batch(origin, &Default::default(), items))
+        Bytes::from_owner(peer_wire::encode_batch(&Default::default(), items))
     };
     if let Ok(items) =
         peer_wire::decode_batch(&frame, &mut Default::default(), origin, sites, &limits)
@@ -354,7 +354,6 @@ mod tests {
             })
         };
         let batch = peer_wire::encode_batch(
-            1,
             &Default::default(),
             &[
                 update(5, "a", Some("x")),

@@ -43,8 +43,9 @@ pub use messages::*;
 /// whole timestamp took eight) and its first dependency vector against the last one of the
 /// previous batch (see [`StreamBase`]), the origin as a varint, and no item count (the items
 /// run to the end of the frame); 7 adds copies of update frames as QUIC datagrams
-/// ([`encode_copy`]).
-pub const PROTOCOL_VERSION: u32 = 7;
+/// ([`encode_copy`]); 8 leaves the origin out of update frames (the stream says whose they
+/// are) and a dependency vector's length out when it equals the previous one's ([`SAME_LEN`]).
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// The first byte of a datagram that carries a copy of an update frame ([`encode_copy`]).
 /// Datagrams of any other kind are malformed.
@@ -219,8 +220,9 @@ mod messages {
 }
 
 /// The layout of an update frame (not an rkyv archive: its header would cost more than the
-/// items it carries): the origin site (varint), then the packed items up to the end of the
-/// frame (see [`encode_wire_batch`]): timestamps as deltas (the first one a zigzag varint
+/// items it carries): the packed items up to the end of the frame (see [`encode_wire_batch`]),
+/// with no origin (the stream, or the request a relayed frame answers, says whose they are):
+/// timestamps as deltas (the first one a zigzag varint
 /// against the stream's [`StreamBase`]), lengths as varints, and each dependency vector as a
 /// delta against the previous update's (the first one's against the base's), or left out when
 /// it equals that one.
@@ -241,6 +243,10 @@ pub struct WireItem<'a> {
     /// Dependencies, one entry per site (empty for markers).
     pub deps: &'a [u64],
 }
+
+/// Bit 4 of an update's tag byte: its dependency vector (in a mode that writes one) has as
+/// many entries as the previous update's, so its length is not written.
+const SAME_LEN: u8 = 0x10;
 
 /// How an update's dependency vector is written (bits 2-3 of its tag byte).
 mod deps_mode {
@@ -327,8 +333,8 @@ pub struct StreamBase {
 
 /// Encodes one origin's items as an [`UpdateBatch`] frame after `base` (see
 /// [`encode_updates`]).
-pub fn encode_batch(origin: SiteId, base: &StreamBase, items: &[Item]) -> AlignedVec {
-    encode_wire_batch(origin, base, items.iter().map(wire_item)).frame
+pub fn encode_batch(base: &StreamBase, items: &[Item]) -> AlignedVec {
+    encode_wire_batch(base, items.iter().map(wire_item)).frame
 }
 
 /// Encodes an origin's updates, then an optional clock marker, as one [`UpdateBatch`] frame,
@@ -336,13 +342,11 @@ pub fn encode_batch(origin: SiteId, base: &StreamBase, items: &[Item]) -> Aligne
 /// frame sent on the same stream (the default for the first, or for a frame read on its own);
 /// the receiver decodes with the same base.
 pub fn encode_updates<'a>(
-    origin: SiteId,
     base: &StreamBase,
     updates: impl Iterator<Item = &'a Update>,
     marker: Option<Timestamp>,
 ) -> EncodedBatch {
     encode_wire_batch(
-        origin,
         base,
         updates.map(wire_update).chain(marker.map(wire_marker)),
     )
@@ -513,14 +517,14 @@ pub fn decode_ack(prev: Option<&[u64]>, frame: &[u8]) -> Result<Ack, WireError> 
 
 /// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] frame.
 ///
-/// Each item in `body`: a tag byte (kind in bits 0-1, dependency mode in bits 2-3), the
+/// Each item: a tag byte (kind in bits 0-1, dependency mode in bits 2-3, [`SAME_LEN`]), the
 /// timestamp's increase over the previous item's (varint; the first item's over 0), and for an
 /// update the key's length (varint) and key, for a put the value's length and value, then the
-/// dependency vector in its mode: left out when equal to the previous update's, else one varint
+/// dependency vector in its mode: left out when equal to the previous update's, else its length
+/// (unless [`SAME_LEN`]) and one varint
 /// per entry, 0 for an entry equal to the previous update's and `ts - dep` otherwise (or the
 /// entries themselves when some changed entry is not below `ts`).
 pub fn encode_wire_batch<'a>(
-    origin: SiteId,
     base: &StreamBase,
     items: impl IntoIterator<Item = WireItem<'a>>,
 ) -> EncodedBatch {
@@ -546,7 +550,8 @@ pub fn encode_wire_batch<'a>(
             continue;
         }
         let same = it.deps == prev.as_slice();
-        if prev.len() != it.deps.len() {
+        let same_len = !prev.is_empty() && prev.len() == it.deps.len();
+        if !same_len {
             prev = vec![0; it.deps.len()];
         }
         // The cheapest of the modes that can write this vector.
@@ -568,7 +573,12 @@ pub fn encode_wire_batch<'a>(
             }
             best.1
         };
-        body.push(it.kind | (mode << 2));
+        let flag = if same_len && mode != deps_mode::SAME {
+            SAME_LEN
+        } else {
+            0
+        };
+        body.push(it.kind | (mode << 2) | flag);
         put_ts(&mut body, count, last_ts, it.ts);
         last_ts = it.ts;
         put_varint(&mut body, it.key.len() as u64);
@@ -578,7 +588,7 @@ pub fn encode_wire_batch<'a>(
             body.extend_from_slice(it.value);
         }
         let before = body.len();
-        if mode != deps_mode::SAME {
+        if mode != deps_mode::SAME && flag == 0 {
             put_varint(&mut body, it.deps.len() as u64);
         }
         match mode {
@@ -598,10 +608,7 @@ pub fn encode_wire_batch<'a>(
         deps_bytes += body.len() - before;
         prev.copy_from_slice(it.deps);
     }
-    let mut head = Vec::with_capacity(3);
-    put_varint(&mut head, u64::from(origin));
-    let mut frame = AlignedVec::with_capacity(head.len() + body.len());
-    frame.extend_from_slice(&head);
+    let mut frame = AlignedVec::with_capacity(body.len());
     frame.extend_from_slice(&body);
     EncodedBatch {
         frame,
@@ -622,7 +629,7 @@ pub fn encode_wire_batch<'a>(
 /// update: a site added meanwhile makes later ones longer), at most `sites`. Keys and values are
 /// slices of `frame`: they reach the store without being copied or re-encoded.
 ///
-/// Checks, beyond structure: the origin is `expected_origin`; the body is whole well-formed
+/// The items are `expected_origin`'s. Checks, beyond structure: the body is whole well-formed
 /// items; kinds and dependency modes are known; keys and values respect `limits`;
 /// timestamps are non-zero and strictly increasing along the batch; every dependency vector
 /// has one entry per site (`sites`).
@@ -633,15 +640,8 @@ pub fn decode_batch(
     sites: usize,
     limits: &Limits,
 ) -> Result<Vec<Item>, WireError> {
-    let mut at = 0;
-    let origin = get_varint(frame, &mut at)?;
-    if origin != u64::from(expected_origin) {
-        return Err(WireError::Semantic(format!(
-            "batch claims origin {origin} on the stream of site {expected_origin}"
-        )));
-    }
     let origin = expected_origin;
-    let body: &[u8] = &frame[at..];
+    let body: &[u8] = frame;
     // Sized for a frame of small updates; a frame of large values has few items (the frame
     // itself bounds how many there can be: every item takes at least two bytes).
     let mut out = Vec::with_capacity((body.len() / 64).clamp(1, 1024));
@@ -661,7 +661,10 @@ pub fn decode_batch(
         let first = out.is_empty();
         let tag = body[at];
         at += 1;
-        let (kind, mode) = (tag & 3, tag >> 2);
+        let (kind, mode, same_len) = (tag & 3, (tag >> 2) & 3, tag & SAME_LEN != 0);
+        if tag & !(SAME_LEN | 0x0f) != 0 {
+            return Err(WireError::Semantic(format!("unknown item tag {tag}")));
+        }
         let delta = get_varint(body, &mut at)?;
         let ts = if first {
             let d = ((delta >> 1) as i64) ^ -((delta & 1) as i64);
@@ -685,7 +688,7 @@ pub fn decode_batch(
         };
         last = ts;
         match kind {
-            item_kind::MARKER if mode == 0 => out.push(Item::Marker(ts)),
+            item_kind::MARKER if mode == 0 && !same_len => out.push(Item::Marker(ts)),
             item_kind::PUT | item_kind::DELETE => {
                 let klen = get_varint(body, &mut at)?;
                 let key = take(&mut at, klen.min(limits.max_key as u64 + 1), "key")?;
@@ -697,8 +700,17 @@ pub fn decode_batch(
                     check_sizes(key.len(), 0, limits)?;
                     None
                 };
+                if same_len && (mode == deps_mode::SAME || prev.is_empty()) {
+                    return Err(WireError::Semantic(
+                        "a dependency vector as long as a previous one that is not there".into(),
+                    ));
+                }
                 if matches!(mode, deps_mode::DELTA | deps_mode::FULL | deps_mode::GROWTH) {
-                    let len = get_varint(body, &mut at)?;
+                    let len = if same_len {
+                        prev.len() as u64
+                    } else {
+                        get_varint(body, &mut at)?
+                    };
                     if len > sites as u64 {
                         return Err(WireError::Semantic(format!(
                             "dependency vector of {len} entries; at most {sites} sites"
@@ -847,7 +859,7 @@ mod tests {
             update(6, "b", None),
             Item::Marker(9),
         ];
-        let frame = roundtrip(&encode_batch(1, &StreamBase::default(), &items), 1 << 20)
+        let frame = roundtrip(&encode_batch(&StreamBase::default(), &items), 1 << 20)
             .await
             .unwrap()
             .unwrap();
@@ -864,7 +876,7 @@ mod tests {
     #[test]
     fn a_copy_reads_on_its_own_and_bad_ones_are_refused() {
         let items = vec![update(5, "a", Some("x")), Item::Marker(9)];
-        let frame = encode_batch(1, &StreamBase::default(), &items);
+        let frame = encode_batch(&StreamBase::default(), &items);
         let copy = Bytes::from(encode_copy(4, &frame));
         let limits = Limits::default();
         assert_eq!(decode_copy(&copy, 1, 3, &limits).unwrap(), (4, items));
@@ -876,12 +888,9 @@ mod tests {
         assert!(err(&[]).contains("empty datagram"));
         assert!(err(&[7, 0]).contains("unknown datagram kind 7"));
         assert!(err(&[DATAGRAM_COPY, 0x80]).contains("ends inside a number"));
-        // Another origin's frame, and a frame that does not follow the item it claims to.
-        let wrong = encode_copy(
-            4,
-            &encode_batch(2, &StreamBase::default(), &[Item::Marker(9)]),
-        );
-        assert!(err(&wrong).contains("claims origin 2"));
+        // A frame whose item has an unknown tag, and one that does not follow the item it
+        // claims to.
+        assert!(err(&encode_copy(4, &[0x40, 9])).contains("unknown item tag 64"));
         assert!(err(&encode_copy(5, &frame)).contains("at or before the item it follows"));
     }
 
@@ -904,9 +913,9 @@ mod tests {
             // A smaller entry than before: distances again.
             with(now + 4_000, vec![now - 60_000, now - 39_000, now]),
         ];
-        let b = encode_wire_batch(1, &StreamBase::default(), items.iter().map(wire_item));
-        // Each vector also writes its length (a byte).
-        assert_eq!(b.deps_bytes, (1 + 7) + (1 + 5) + (1 + 3 + 1 + 1));
+        let b = encode_wire_batch(&StreamBase::default(), items.iter().map(wire_item));
+        // The first vector also writes its length (a byte); the others are as long (SAME_LEN).
+        assert_eq!(b.deps_bytes, (1 + 7) + 5 + (3 + 1 + 1));
         let frame = aligned(&b.frame);
         let mut base = StreamBase::default();
         assert_eq!(
@@ -919,7 +928,6 @@ mod tests {
             deps: vec![u64::MAX, 0, 0],
         };
         let grown = encode_wire_batch(
-            1,
             &StreamBase {
                 ts: now,
                 deps: vec![200, 0, 0],
@@ -935,7 +943,7 @@ mod tests {
         let limits = Limits::default();
         let now = 1_764_600_000_000_000; // microseconds: eight bytes as a varint
         let (mut tx, mut rx) = (StreamBase::default(), StreamBase::default());
-        let first = encode_wire_batch(1, &tx, [wire_item(&update(now, "a", Some("x")))]);
+        let first = encode_wire_batch(&tx, [wire_item(&update(now, "a", Some("x")))]);
         assert_eq!(first.next.ts, now);
         assert_eq!(first.next.deps, vec![3, 0, 0]);
         decode_batch(&aligned(&first.frame), &mut rx, 1, 3, &limits).unwrap();
@@ -945,12 +953,12 @@ mod tests {
             update(now + 2_000, "b", Some("y")),
             Item::Marker(now + 2_100),
         ];
-        let next = encode_wire_batch(1, &tx, next_items.iter().map(wire_item));
+        let next = encode_wire_batch(&tx, next_items.iter().map(wire_item));
         assert_eq!(next.next.ts, now + 2_100);
         // 2,000 µs later, the same dependencies: a two-byte zigzag delta where the whole
         // timestamp took eight, and no vector where the vector took four bytes (its length,
         // then its three entries whole).
-        let alone = encode_batch(1, &StreamBase::default(), &next_items);
+        let alone = encode_batch(&StreamBase::default(), &next_items);
         assert_eq!(alone.len() - next.frame.len(), 6 + 4);
         let frame = aligned(&next.frame);
         let mut other = rx.clone();
@@ -970,7 +978,7 @@ mod tests {
             ts: now + 10,
             deps: vec![],
         };
-        let back = aligned(&encode_batch(1, &ahead, &[update(now, "c", None)]));
+        let back = aligned(&encode_batch(&ahead, &[update(now, "c", None)]));
         assert_eq!(
             decode_batch(&back, &mut ahead.clone(), 1, 3, &limits).unwrap(),
             vec![update(now, "c", None)]
@@ -981,7 +989,7 @@ mod tests {
         assert!(e.to_string().contains("out of range"), "{e}");
         assert_eq!(zero, StreamBase::default());
         // An empty batch leaves the base where it was.
-        assert_eq!(encode_wire_batch(1, &ahead, []).next, ahead);
+        assert_eq!(encode_wire_batch(&ahead, []).next, ahead);
     }
 
     #[test]
@@ -1044,11 +1052,34 @@ mod tests {
             max_frame: 1 << 20,
         };
         let items = vec![update(5, "a", Some("x"))];
-        let frame = Bytes::from(encode_batch(1, &StreamBase::default(), &items).to_vec());
+        let frame = Bytes::from(encode_batch(&StreamBase::default(), &items).to_vec());
         let frame = aligned(&frame);
+        // The frame names no origin: the stream's is the items'.
+        match &decode_batch(&frame, &mut StreamBase::default(), 2, 3, &limits).unwrap()[0] {
+            Item::Update(u) => assert_eq!(u.version.site, 2),
+            other => panic!("{other:?}"),
+        }
+        // The length of a vector as long as a previous one that is not there, and a marker
+        // with the flag.
+        let mut orphan = frame.to_vec();
+        orphan[0] |= SAME_LEN;
         assert!(
-            decode_batch(&frame, &mut StreamBase::default(), 2, 3, &limits).is_err(),
-            "wrong origin"
+            decode_batch(&aligned(&orphan), &mut StreamBase::default(), 1, 3, &limits)
+                .unwrap_err()
+                .to_string()
+                .contains("not there")
+        );
+        assert!(
+            decode_batch(
+                &aligned(&[item_kind::MARKER | SAME_LEN, 18]),
+                &mut StreamBase::default(),
+                1,
+                3,
+                &limits
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("unknown item tag")
         );
         assert!(
             decode_batch(&frame, &mut StreamBase::default(), 1, 2, &limits).is_err(),
@@ -1066,7 +1097,6 @@ mod tests {
             "a frame cut short"
         );
         let big = aligned(&encode_batch(
-            1,
             &StreamBase::default(),
             &[update(5, "a", Some("toolong"))],
         ));
@@ -1075,7 +1105,6 @@ mod tests {
             "value too large"
         );
         let back = aligned(&encode_batch(
-            1,
             &StreamBase::default(),
             &[update(5, "a", Some("x")), update(5, "b", Some("y"))],
         ));

@@ -103,7 +103,7 @@ pub(crate) fn answer(shared: &Shared, rpc: &Rpc) -> Option<RpcReply> {
                         crate::replica::Item::Update(u) => Some(u),
                         crate::replica::Item::Marker(_) => None,
                     });
-                    crate::peer_wire::encode_updates(origin, &Default::default(), updates, marker)
+                    crate::peer_wire::encode_updates(&Default::default(), updates, marker)
                         .frame
                         .to_vec()
                 })

@@ -594,7 +594,6 @@ async fn send_updates(
     peer: SiteId,
 ) -> Result<(), LinkError> {
     let mut stream = conn.open_uni().await?;
-    let me = shared.site();
     let max = shared.cfg.replication.batch_max_items;
     // Update frames go out at most every `linger`: at once on a link that has been quiet that
     // long, else that long after the previous one, carrying everything that became durable in
@@ -642,10 +641,10 @@ async fn send_updates(
                     // A copy reads on its own: written against no base.
                     let copy = (payload < copy_room).then(|| {
                         let none = peer_wire::StreamBase::default();
-                        peer_wire::encode_updates(me, &none, updates.clone(), marker).frame
+                        peer_wire::encode_updates(&none, updates.clone(), marker).frame
                     });
                     let b = if payload <= LOCKED_ENCODE_MAX {
-                        Ok(peer_wire::encode_updates(me, &base, updates, marker))
+                        Ok(peer_wire::encode_updates(&base, updates, marker))
                     } else {
                         Err((updates.cloned().collect::<Vec<_>>(), marker))
                     };
@@ -666,7 +665,7 @@ async fn send_updates(
         };
         let batch = batch.map(|(b, payload, marker, copy)| {
             let b = b.unwrap_or_else(|(updates, marker)| {
-                peer_wire::encode_updates(me, &base, updates.iter(), marker)
+                peer_wire::encode_updates(&base, updates.iter(), marker)
             });
             (b, payload, marker, copy)
         });
