@@ -340,11 +340,7 @@ mod tests {
         use crate::update::{Item, Update};
         use crate::wire::ClientOp;
 
-        let framed = |payload: &[u8]| {
-            let mut out = (payload.len() as u32).to_le_bytes().to_vec();
-            out.extend_from_slice(payload);
-            out
-        };
+        let framed = |payload: &[u8]| wire::encode_frame(payload).expect("a small frame");
         let update = |ts, key: &str, value: Option<&str>| {
             Item::Update(Update {
                 key: Bytes::copy_from_slice(key.as_bytes()),

@@ -1,7 +1,7 @@
 //! The node: one site's server, driving the sans-IO [`Replica`](crate::replica::Replica) with tokio and quinn.
 //!
-//! [`Node::start`] binds one QUIC endpoint that serves peers (ALPN `causalkv-peer/1`) and clients
-//! (ALPN `causalkv-client/1`) and dials every peer. Tasks:
+//! [`Node::start`] binds one QUIC endpoint that serves peers (ALPN `causalkv-peer/2`) and clients
+//! (ALPN `causalkv-client/2`) and dials every peer. Tasks:
 //!
 //! - the accept loop, which hands each connection to [`super::peer`] or [`super::service`];
 //! - one outbound link per peer ([`super::peer::run_outbound`]), which sends this site's update

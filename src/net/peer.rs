@@ -489,8 +489,8 @@ async fn sibling_once(
             let m = &shared.metrics;
             Metrics::bump(&m.contributions_out);
             m.contribution_bytes_out
-                .fetch_add(frame.len() as u64 + 4, Ordering::Relaxed);
-            m.wire.add(WireKind::Sibling, frame.len() + 4);
+                .fetch_add(wire::framed_len(frame.len()) as u64, Ordering::Relaxed);
+            m.wire.add(WireKind::Sibling, wire::framed_len(frame.len()));
             last = Some(contribution);
             last_write = write;
             last_waiting = waiting;
@@ -690,11 +690,11 @@ async fn send_updates(
                     .await
                     .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
                 Metrics::bump(&shared.metrics.batches_out);
-                shared
-                    .metrics
-                    .bytes_out
-                    .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
-                count_batch(&shared.metrics, &b, payload, frame.len() + 4);
+                shared.metrics.bytes_out.fetch_add(
+                    wire::framed_len(frame.len()) as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                count_batch(&shared.metrics, &b, payload, wire::framed_len(frame.len()));
                 if let Some(copy) = copy {
                     copies.send(shared, conn, prev, &copy, copy_room).await;
                 }
@@ -940,10 +940,10 @@ async fn receive_updates(
         let Some(frame) = read_frame(&mut stream, limits.max_frame).await? else {
             return Ok(());
         };
-        shared
-            .metrics
-            .bytes_in
-            .fetch_add(frame.len() as u64 + 4, std::sync::atomic::Ordering::Relaxed);
+        shared.metrics.bytes_in.fetch_add(
+            wire::framed_len(frame.len()) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Metrics::bump(&shared.metrics.batches_in);
         let mut items = peer_wire::decode_batch(
             &frame,
@@ -981,7 +981,10 @@ async fn send_hello(shared: &Shared, send: &mut SendStream) -> Result<(), LinkEr
         applied: shared.read(|r| r.durable().as_slice().to_vec()),
     };
     let frame = peer_wire::encode_hello(&hello);
-    shared.metrics.wire.add(WireKind::Hello, frame.len() + 4);
+    shared
+        .metrics
+        .wire
+        .add(WireKind::Hello, wire::framed_len(frame.len()));
     write_frame(send, &frame)
         .await
         .map_err(|e| LinkError::Wire(WireError::Io(e)))
@@ -1199,7 +1202,7 @@ async fn run_control(
                 } else {
                     WireKind::Heartbeat
                 };
-                shared.metrics.wire.add(kind, frame.len() + 4);
+                shared.metrics.wire.add(kind, wire::framed_len(frame.len()));
                 if write_frame(&mut send, &frame).await.is_err() {
                     return;
                 }

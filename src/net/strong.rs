@@ -262,9 +262,10 @@ async fn call(
             .await
             .map_err(|e| CallError::NotSent(target, e.to_string()))?;
         sent.store(true, Ordering::Relaxed);
-        links
-            .bytes_out
-            .fetch_add(bytes.len() as u64 + 4, Ordering::Relaxed);
+        links.bytes_out.fetch_add(
+            crate::wire::framed_len(bytes.len()) as u64,
+            Ordering::Relaxed,
+        );
         write_frame(&mut send, &bytes)
             .await
             .map_err(|e| CallError::AfterSend(target, e.to_string()))?;
@@ -1286,9 +1287,10 @@ impl Strong {
             }
         };
         let reply = consensus::encode(&reply);
-        self.links
-            .bytes_out
-            .fetch_add(reply.len() as u64 + 4, Ordering::Relaxed);
+        self.links.bytes_out.fetch_add(
+            crate::wire::framed_len(reply.len()) as u64,
+            Ordering::Relaxed,
+        );
         if write_frame(&mut send, &reply).await.is_ok() {
             let _ = send.finish();
         }

@@ -1,6 +1,6 @@
 //! The async client library: sessions with a causal context, and causal failover.
 //!
-//! A [`Client`] holds one QUIC connection (mutual TLS, ALPN `causalkv-client/1`) to its current
+//! A [`Client`] holds one QUIC connection (mutual TLS, ALPN `causalkv-client/2`) to its current
 //! site and a **session context**: the vector clock of everything it has read or written. Every
 //! request carries the context, and a site answers only once it has applied all of it, so the
 //! session keeps read-your-writes, monotonic reads and monotonic writes, and its writes follow its

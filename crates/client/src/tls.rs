@@ -52,11 +52,13 @@ use crate::names as certs;
 
 /// The wire protocol version: the `/N` suffix of both ALPNs ([`ALPN_PEER`], [`ALPN_CLIENT`]).
 /// Sites and clients of different protocol versions do not connect.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version 2 prefixes frames with a varint length ([`encode_frame`](crate::wire::encode_frame))
+/// where version 1 used four bytes.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// ALPN between sites.
-pub const ALPN_PEER: &[u8] = b"causalkv-peer/1";
+pub const ALPN_PEER: &[u8] = b"causalkv-peer/2";
 /// ALPN between clients and sites.
-pub const ALPN_CLIENT: &[u8] = b"causalkv-client/1";
+pub const ALPN_CLIENT: &[u8] = b"causalkv-client/2";
 /// Server name to connect with when the site behind an address is not known: the server must
 /// present a certificate of *some* site of the cluster (see the module docs).
 pub const ANY_SITE_SERVER_NAME: &str = "any-site.causalkv";

@@ -1,7 +1,7 @@
 //! Wire format: rkyv messages, the one framing function, validation and limits.
 //!
-//! Every message is an rkyv archive in a length-prefixed frame: a `u32` little-endian length, then
-//! the archive. [`read_frame`] checks the length against the configured maximum *before*
+//! Every message is an rkyv archive in a length-prefixed frame: the length as a varint (one or
+//! two bytes for most frames, at most five), then the archive. [`read_frame`] checks the length against the configured maximum *before*
 //! allocating, reads the archive into an aligned buffer, and hands it out as [`Bytes`] so that
 //! values can later be sliced out of the frame and stored without re-encoding. Each archive is
 //! validated with bytecheck (`rkyv::access`) before any field is read, and then checked for
@@ -456,15 +456,40 @@ where
     rkyv::to_bytes::<rancor::Error>(msg).expect("serialising into memory cannot fail")
 }
 
-/// Writes one frame: the `u32` little-endian length of `payload`, then `payload`. The one
-/// framing function of the project.
-pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
+/// Appends the length prefix of a frame of `len` bytes: a LEB128 varint (seven bits a byte,
+/// low first), one byte up to 127, two up to 16,383, at most five.
+fn put_len(out: &mut Vec<u8>, mut len: u32) {
+    while len >= 0x80 {
+        out.push((len as u8) | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+}
+
+/// Bytes a frame of `payload` bytes takes on the wire, length prefix included.
+pub fn framed_len(payload: usize) -> usize {
+    let mut prefix = 1;
+    while prefix < 5 && payload >> (7 * prefix) != 0 {
+        prefix += 1;
+    }
+    prefix + payload
+}
+
+/// One frame as it goes on the wire: the length of `payload` as a varint, then `payload`.
+/// Most frames are small (an update, a request, an ack), so the prefix is one or two bytes.
+pub fn encode_frame(payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let len = u32::try_from(payload.len())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
-    let mut buf = Vec::with_capacity(4 + payload.len());
-    buf.extend_from_slice(&len.to_le_bytes());
+    let mut buf = Vec::with_capacity(framed_len(payload.len()));
+    put_len(&mut buf, len);
     buf.extend_from_slice(payload);
-    w.write_all(&buf).await
+    Ok(buf)
+}
+
+/// Writes one frame ([`encode_frame`]). With [`read_frame`], the one framing function of the
+/// project.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(&encode_frame(payload)?).await
 }
 
 /// The first allocation for a frame's body; see [`read_frame`].
@@ -477,20 +502,29 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Option<Bytes>, WireError> {
-    let mut len = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        let n = r.read(&mut len[got..]).await?;
-        if n == 0 {
-            return if got == 0 {
+    // The prefix a byte at a time: reading ahead would take bytes of the payload.
+    let mut len = 0usize;
+    for i in 0..5 {
+        let mut byte = [0u8; 1];
+        if r.read(&mut byte).await? == 0 {
+            return if i == 0 {
                 Ok(None)
             } else {
                 Err(WireError::Truncated)
             };
         }
-        got += n;
+        len |= usize::from(byte[0] & 0x7f) << (7 * i);
+        if byte[0] < 0x80 {
+            break;
+        }
+        if i == 4 {
+            // Longer than any u32's prefix.
+            return Err(WireError::FrameTooLarge {
+                len: usize::MAX,
+                max,
+            });
+        }
     }
-    let len = u32::from_le_bytes(len) as usize;
     if len > max {
         return Err(WireError::FrameTooLarge { len, max });
     }
@@ -587,18 +621,36 @@ mod tests {
     #[tokio::test]
     async fn oversized_length_is_refused_before_allocation() {
         let mut buf = Vec::new();
-        buf.extend_from_slice(&u32::MAX.to_le_bytes());
+        put_len(&mut buf, u32::MAX);
+        assert_eq!(buf, [0xff, 0xff, 0xff, 0xff, 0x0f]);
         let err = read_frame(&mut &buf[..], 1024).await.unwrap_err();
         assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
+        // A prefix that never ends.
+        let err = read_frame(&mut &[0x80u8; 8][..], 1024).await.unwrap_err();
+        assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_length_prefix_is_as_short_as_the_frame_allows() {
+        for (len, prefix) in [(0, 1), (127, 1), (128, 2), (16_383, 2), (16_384, 3)] {
+            let payload = vec![7u8; len];
+            let frame = encode_frame(&payload).unwrap();
+            assert_eq!(frame.len(), len + prefix, "{len}");
+            assert_eq!(framed_len(len), len + prefix, "{len}");
+            let got = read_frame(&mut &frame[..], 1 << 20).await.unwrap().unwrap();
+            assert_eq!(&got[..], &payload[..]);
+        }
+        assert_eq!(framed_len(u32::MAX as usize), 5 + u32::MAX as usize);
     }
 
     #[tokio::test]
     async fn truncated_frame_is_an_error_and_clean_eof_is_not() {
         assert!(roundtrip(b"", 10).await.unwrap().unwrap().is_empty());
         assert!(read_frame(&mut &b""[..], 10).await.unwrap().is_none());
-        let err = read_frame(&mut &[5u8, 0, 0, 0, 1][..], 10)
-            .await
-            .unwrap_err();
+        let err = read_frame(&mut &[5u8, 1][..], 10).await.unwrap_err();
+        assert!(matches!(err, WireError::Truncated));
+        // Cut inside the length prefix.
+        let err = read_frame(&mut &[0x85u8][..], 10).await.unwrap_err();
         assert!(matches!(err, WireError::Truncated));
     }
 
@@ -617,7 +669,8 @@ mod tests {
             assert_eq!(got.len(), len);
         }
         // A large announcement followed by a few bytes is truncated, having held only those.
-        let mut buf = ((1u32 << 30) - 1).to_le_bytes().to_vec();
+        let mut buf = Vec::new();
+        put_len(&mut buf, (1u32 << 30) - 1);
         buf.extend_from_slice(&[7; 100]);
         let err = read_frame(&mut &buf[..], 1 << 30).await.unwrap_err();
         assert!(matches!(err, WireError::Truncated), "{err}");
