@@ -688,7 +688,7 @@ fn version_names_the_crate_and_the_wire_protocol() {
         causalkv::peer_wire::PROTOCOL_VERSION,
     );
     assert_eq!(text, want);
-    assert!(causalkv::tls::ALPN_CLIENT.ends_with(b"/1"));
+    assert!(causalkv::tls::ALPN_CLIENT.ends_with(b"/2"));
 }
 
 #[test]

@@ -562,10 +562,9 @@ async fn malformed_client_frames_are_refused_and_the_site_keeps_serving() {
         // (a) garbage with a small, valid length prefix.
         let garbage = [0xffu8; 24];
         assert!(wire::decode::<Request>(&garbage).is_err());
-        let mut frame = (garbage.len() as u32).to_le_bytes().to_vec();
-        frame.extend_from_slice(&garbage);
-        // (b) an oversized length prefix.
-        let huge = u32::MAX.to_le_bytes().to_vec();
+        let frame = wire::encode_frame(&garbage).expect("frame");
+        // (b) an oversized length prefix (u32::MAX as a varint).
+        let huge = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
         // (c) a valid length, an invalid archive: a real request whose context vector points
         // outside the frame (its relative pointer precedes its length, 51 = 0x33).
         let mut archive = wire::encode(&Request {
@@ -580,8 +579,7 @@ async fn malformed_client_frames_are_refused_and_the_site_keeps_serving() {
             .expect("the vector length is in the archive");
         archive[at - 4..at].copy_from_slice(&0x7fff_0000u32.to_le_bytes());
         assert!(wire::decode::<Request>(&archive).is_err());
-        let mut invalid = (archive.len() as u32).to_le_bytes().to_vec();
-        invalid.extend_from_slice(&archive);
+        let invalid = wire::encode_frame(&archive).expect("frame");
 
         for (what, bytes, code) in [
             ("garbage", frame, error_code::BAD_REQUEST),
