@@ -690,11 +690,12 @@ async fn send_updates(
                     .await
                     .map_err(|e| LinkError::Wire(WireError::Io(e)))?;
                 Metrics::bump(&shared.metrics.batches_out);
-                shared.metrics.bytes_out.fetch_add(
-                    wire::framed_len(frame.len()) as u64,
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                count_batch(&shared.metrics, &b, payload, wire::framed_len(frame.len()));
+                let total = wire::framed_len(frame.len());
+                shared
+                    .metrics
+                    .bytes_out
+                    .fetch_add(total as u64, std::sync::atomic::Ordering::Relaxed);
+                count_batch(&shared.metrics, &b, payload, total);
                 if let Some(copy) = copy {
                     copies.send(shared, conn, prev, &copy, copy_room).await;
                 }
@@ -900,11 +901,7 @@ async fn receive_copies(shared: Arc<Shared>, conn: Connection, peer: SiteId) {
             &limits,
         )
         .and_then(|(prev, mut items)| {
-            let n = shared.n();
-            for it in &mut items {
-                it.fit_deps(n, crate::consensus::members::MAX_SITES)
-                    .map_err(WireError::Semantic)?;
-            }
+            fit_to_sites(&shared, &mut items)?;
             Ok((prev, items))
         });
         match copy {
@@ -919,6 +916,17 @@ async fn receive_copies(shared: Arc<Shared>, conn: Connection, peer: SiteId) {
             }
         }
     }
+}
+
+/// Fits received items' dependency vectors to the sites this node counts now
+/// ([`Item::fit_deps`](crate::update::Item::fit_deps)), for the stream and its copies alike.
+fn fit_to_sites(shared: &Shared, items: &mut [crate::update::Item]) -> Result<(), WireError> {
+    let n = shared.n();
+    for it in items {
+        it.fit_deps(n, crate::consensus::members::MAX_SITES)
+            .map_err(WireError::Semantic)?;
+    }
+    Ok(())
 }
 
 /// Receives `peer`'s update stream. Each dependency vector is as long as the sites the peer
@@ -955,11 +963,7 @@ async fn receive_updates(
         // Vectors are as long as the sites the sender counted when it wrote each update
         // (shorter before a site was added): fitted to the sites this node counts now. One that
         // names a site this node does not count yet waits in the dependency buffer.
-        let n = shared.n();
-        for it in &mut items {
-            it.fit_deps(n, crate::consensus::members::MAX_SITES)
-                .map_err(WireError::Semantic)?;
-        }
+        fit_to_sites(shared, &mut items)?;
         shared.mutate_deferred(|r| r.receive(peer, items));
         // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
         // control then slows the sender, whose backlog stays in its log.

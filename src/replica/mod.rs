@@ -945,12 +945,7 @@ impl<S: Store> Replica<S> {
             return;
         }
         let (start, _) = self.take(origin, items);
-        let start = self.take_copies(origin) | start;
-        if start {
-            self.drain(vec![origin]);
-        }
-        // Partitioned: a new head raises this partition's contribution.
-        self.wake_stable();
+        self.settle(origin, start);
     }
 
     /// Takes a copy of one frame of `origin`'s ordered update stream that came another way (a
@@ -983,6 +978,13 @@ impl<S: Store> Replica<S> {
         }
         let (start, new) = self.take(origin, items);
         self.stats.copies_used += u64::from(new);
+        self.settle(origin, start);
+    }
+
+    /// After items from `origin` were taken (`start`: a queue that was empty got a head): takes
+    /// the held copies they reached, applies what became applicable, and raises this
+    /// partition's contribution to the stable vector (a new head).
+    fn settle(&mut self, origin: SiteId, start: bool) {
         let start = self.take_copies(origin) | start;
         if start {
             self.drain(vec![origin]);
