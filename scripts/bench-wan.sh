@@ -29,8 +29,10 @@
 #   light     the same at 100 ops/s per site (the load the visibility headline states);
 #   values    puts only at site a, 4 in flight, values of 100 B, 4 KiB, 64 KiB.
 # Measured during each workload: op latency p50/p99/p999, throughput (and per second),
-# remote visibility latency (`causalkv bench visibility-wan`: writes at a, polls b and c with
-# fresh clients; ack -> visible), dependency-buffer occupancy (`causalkv bench status-sample`),
+# remote visibility latency (`causalkv bench visibility-wan`: writes at a every 40 ms; ack ->
+# visible at b and c, learnt by one read per write and site carrying a's session token, which the
+# site answers once it covers the write; BENCH_PROBE=poll polls instead, every 0.5 ms in fresh
+# sessions, and a variant may set probe=wait|poll), dependency-buffer occupancy (`causalkv bench status-sample`),
 # bytes on the wire per update (relay counters / puts).
 # Sweeps (skip with --no-sweeps; off in --quick): 3/5/8 sites, 0/1/5 % loss.
 # Metadata sweep (3 sites in --quick; 3/5/8/16 with sweeps; only these with --metadata-only):
@@ -252,9 +254,13 @@ def load_cmd(cl, site, secs, conc=8, read=0.5, value=100, zipf=None, rate=None, 
     return a
 
 
-def workload(cl, name, secs, sites=None, probe=True, **kw):
-    """Runs one load generator per site (all at once), the visibility probe and the status
-    sampler alongside, and returns everything measured."""
+PROBE = os.environ.get("BENCH_PROBE", "wait")
+
+
+def workload(cl, name, secs, sites=None, probe=True, probe_mode=None, **kw):
+    """Runs one load generator per site (all at once), the visibility probe (`probe_mode`: wait
+    or poll; BENCH_PROBE by default) and the status sampler alongside, and returns everything
+    measured."""
     sites = list(range(cl.n)) if sites is None else sites
     log(f"  {cl.mode:8s} {cl.n} sites: {name} ({secs:.0f} s) ...")
     time.sleep(0.6)  # let the wan stats file settle
@@ -269,6 +275,7 @@ def workload(cl, name, secs, sites=None, probe=True, **kw):
         writes = max(20, int((secs - 1) * 1000 / 40))
         vis = spawn([BIN, "bench", "visibility-wan", "--certs", cl.certs, "--writes", str(writes),
                      "--interval-ms", "40", "--poll-us", "500", "--timeout-ms", "20000"]
+                    + (["--wait"] if (probe_mode or PROBE) == "wait" else [])
                     + sum((["--site", a] for a in cl.addrs[:3]), []),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     loads = []
@@ -926,13 +933,17 @@ def loss_sweep(losses, jitters, secs, rate=500):
         for loss in losses:
             for name, overrides in variants():
                 log(f"loss: {loss:.1%} on every link, jitter {jitter} ms, {rate} ops/s per site, {name} ...")
+                # `probe` is the visibility probe's mode, not a site setting.
+                mode = dict(overrides).get("probe", PROBE)
+                overrides = [kv for kv in overrides if kv[0] != "probe"]
                 try:
                     cl = Cluster(3, "causal", loss=loss, jitter=jitter, overrides=overrides)
                     try:
-                        r = workload(cl, f"loss-{loss}-jitter-{jitter}-{name}", secs, rate=rate)
+                        r = workload(cl, f"loss-{loss}-jitter-{jitter}-{name}", secs, rate=rate,
+                                     probe_mode=mode)
                     finally:
                         cl.close()
-                    r.update({"loss": loss, "jitter_ms": jitter, "variant": name})
+                    r.update({"loss": loss, "jitter_ms": jitter, "variant": name, "probe": mode})
                     out.append(r)
                 except Exception as e:
                     log(f"  loss {loss} jitter {jitter} {name} failed: {e}")

@@ -86,8 +86,9 @@ for s in st:
 md += ["", "## Modes side by side", "",
        "One load generator per site, all sites at once, each against its own site (closed loop: 8 in flight per "
        "site; open: fixed rate per site). Latencies are the worst site's percentile, in ms. Visibility: "
-       "`causalkv bench visibility-wan` writes a fresh key at a every 40 ms during the run and polls b and c "
-       "(every 0.5 ms, paced by a fine timer, each poll in a fresh session) until the value is there: ack at a → visible at b / c. "
+       "`causalkv bench visibility-wan` writes a fresh key at a every 40 ms during the run and reads it once at b and c "
+       "in a session holding a's token, which the site answers as soon as it covers the write (or, with BENCH_PROBE=poll, "
+       "polls every 0.5 ms in fresh sessions until the value is there): ack at a → visible at b / c. "
        "Buffer: dependency-buffer occupancy sampled every 250 ms at every site. B/update: relay payload "
        "bytes on all links (replication, acks, heartbeats, markers; no IP/UDP headers) per put.", "",
        "| mode | workload | ops/s | put p50 | put p99 | put p999 | get p50 | get p99 | vis b p50/p99 | "

@@ -404,6 +404,13 @@ enum BenchCmd {
         /// Microseconds between two polls of a remote site.
         #[arg(long, default_value_t = 500)]
         poll_us: u64,
+        /// Instead of polling, read each write once per remote site in a session holding the
+        /// origin's token: the site answers as soon as it covers the write.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: clients per remote site, one per read in flight.
+        #[arg(long, default_value_t = 8)]
+        readers: usize,
         /// Value size in bytes.
         #[arg(long, default_value_t = 100)]
         value_size: usize,
@@ -1077,6 +1084,8 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             writes,
             interval_ms,
             poll_us,
+            wait,
+            readers,
             value_size,
             conn,
         } => {
@@ -1088,12 +1097,28 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             let Some((_, origin)) = it.next() else {
                 return fail(&"give the origin and remote sites with --site");
             };
+            let mut remotes = Vec::new();
+            for (site, first) in it {
+                let mut pool = vec![first];
+                while wait && pool.len() < readers.max(1) {
+                    match connect_one(&conn, &site).await {
+                        Ok(c) => pool.push(std::sync::Arc::new(c)),
+                        Err(e) => return fail(&e),
+                    }
+                }
+                remotes.push((site, pool));
+            }
+            let probe = if wait {
+                bench::VisibilityProbe::Wait
+            } else {
+                bench::VisibilityProbe::Poll(Duration::from_micros(poll_us))
+            };
             let r = bench::visibility_wan(
                 origin,
-                it.collect(),
+                remotes,
                 writes,
                 Duration::from_millis(interval_ms),
-                Duration::from_micros(poll_us),
+                probe,
                 value_size,
             )
             .await;

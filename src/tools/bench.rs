@@ -733,43 +733,76 @@ pub struct VisibilityReport {
     /// Writes made at the origin.
     pub writes: u64,
     /// Pause between two polls of a remote site, in microseconds (the measurement's
-    /// resolution, plus one local read).
+    /// resolution, plus one local read); 0 when each read waited for the write
+    /// ([`VisibilityProbe::Wait`]).
     pub poll_interval_us: u64,
     /// Per remote site.
     pub sites: Vec<SiteVisibility>,
 }
 
+/// How [`visibility_wan`] learns that a remote site shows a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VisibilityProbe {
+    /// A get of the key in a fresh session (so it never waits on a causal context) every
+    /// interval, paced by a thread with a fine timer, until the value is there. The sample
+    /// overstates the true figure by up to one interval plus one local read, and the polls are a
+    /// load of their own (dozens of reads per write on a long link).
+    Poll(Duration),
+    /// One get per write and remote site, in a session that adopted the origin's token right
+    /// after the write: the site answers as soon as it covers the write (its own causal wait,
+    /// woken by the apply), so the sample overstates the true figure by one local round trip.
+    /// Each read in flight uses a client of its own from the site's pool (a session's context
+    /// only grows, so sharing one would make a read wait for later writes).
+    Wait,
+}
+
 /// Remote visibility latency between separate processes over a (possibly emulated) WAN.
 ///
 /// Method: every `interval`, a write of a fresh key goes to the origin through `origin`; when
-/// its acknowledgement arrives at the client (the "ack" instant), a task per remote site polls
-/// that site through its own client, which never writes, with a get of the key in a fresh
-/// session (so its reads never wait on a causal context) every `poll` (paced by a thread with a
-/// fine timer), until the value is there. The
-/// sample is the time from the ack to the first poll that saw the value: it overstates the
-/// true figure by at most one poll interval plus one local read.
+/// its acknowledgement arrives at the client (the "ack" instant), a task per remote site asks
+/// that site, through clients that never write, whether it shows the write, as `probe` says,
+/// until it does. The sample is the time from the ack to that answer. `remotes` names each
+/// remote site and its clients: one is enough to poll; [`VisibilityProbe::Wait`] uses one per
+/// read in flight (a read waits for a free one, and the wait counts in its sample).
 pub async fn visibility_wan(
     origin: Arc<Client>,
-    remotes: Vec<(String, Arc<Client>)>,
+    remotes: Vec<(String, Vec<Arc<Client>>)>,
     writes: u64,
     interval: Duration,
-    poll: Duration,
+    probe: VisibilityProbe,
     value_size: usize,
 ) -> Result<VisibilityReport, String> {
     let value = vec![b'v'; value_size];
     let run = std::process::id();
+    if let Some((name, _)) = remotes.iter().find(|(_, pool)| pool.is_empty()) {
+        return Err(format!("no client for remote site {name}"));
+    }
     // Per remote site: the latency histogram, the count of timeouts and every write's time.
     type Site = Arc<std::sync::Mutex<(Histogram<u64>, u64, Vec<SlowWrite>)>>;
     let hists: Vec<Site> = remotes
         .iter()
         .map(|_| Arc::new(std::sync::Mutex::new((histogram(), 0, Vec::new()))))
         .collect();
+    // Per remote site: its free clients, and as many permits.
+    type Pool = (
+        Arc<std::sync::Mutex<Vec<Arc<Client>>>>,
+        Arc<tokio::sync::Semaphore>,
+    );
+    let pools: Vec<Pool> = remotes
+        .iter()
+        .map(|(_, p)| {
+            (
+                Arc::new(std::sync::Mutex::new(p.clone())),
+                Arc::new(tokio::sync::Semaphore::new(p.len())),
+            )
+        })
+        .collect();
     let mut tasks = tokio::task::JoinSet::new();
     // Poll ticks from a thread with a fine timer: tokio's ~1 ms timer would make every poll
     // interval at least a millisecond, which is the resolution of this measurement.
     let (tick_tx, ticks) = tokio::sync::watch::channel(0u64);
     let ticking = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    {
+    if let VisibilityProbe::Poll(poll) = probe {
         let ticking = ticking.clone();
         std::thread::spawn(move || {
             crate::tools::wan::precise_timers();
@@ -796,40 +829,80 @@ pub async fn visibility_wan(
         let acked_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        for ((_, c), h) in remotes.iter().zip(&hists) {
-            let (c, h, key) = (c.clone(), h.clone(), key.clone());
+        // The origin's session right after this write: it covers the write and what it saw.
+        let token = origin.session_token();
+        for (((name, clients), h), (pool, permits)) in remotes.iter().zip(&hists).zip(&pools) {
+            let (h, key, token, name) = (h.clone(), key.clone(), token.clone(), name.clone());
+            let first = clients[0].clone();
+            let (pool, permits) = (pool.clone(), permits.clone());
             let mut ticks = ticks.clone();
             tasks.spawn(async move {
                 let deadline = acked + Duration::from_secs(30);
-                loop {
-                    // A fresh session per poll: with partitioned sites a session's earlier
-                    // reads could otherwise make this one wait for the stable vector.
+                // Polls share the site's first client (each poll is a fresh session); a
+                // waiting read takes a client of its own.
+                let (_permit, c) = match probe {
+                    VisibilityProbe::Poll(_) => (None, first),
+                    VisibilityProbe::Wait => {
+                        let permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
+                        let c = pool.lock().expect("pool").pop();
+                        (Some(permit), c.expect("a free client per permit"))
+                    }
+                };
+                let seen = loop {
                     c.new_session();
-                    if let Ok(Some(_)) = c.get(&key).await {
-                        let us = acked.elapsed().as_micros().max(1) as u64;
-                        let mut h = h.lock().expect("histogram");
-                        let _ = h.0.record(us);
-                        h.2.push(SlowWrite {
-                            write: w,
-                            acked_unix_ms,
-                            us,
-                        });
-                        return;
+                    if probe == VisibilityProbe::Wait {
+                        c.set_session_token(&token).map_err(|e| e.to_string())?;
+                    }
+                    match c.get(&key).await {
+                        Ok(Some(_)) => break true,
+                        Ok(None) if probe == VisibilityProbe::Wait => {
+                            return Err(format!(
+                                "site {name} answered a read carrying write {w}'s session \
+                                 token without the write"
+                            ));
+                        }
+                        // Not there yet, or the site's wait for the context ran out.
+                        Ok(None) | Err(_) => {}
                     }
                     if Instant::now() > deadline {
-                        h.lock().expect("histogram").1 += 1;
-                        return;
+                        break false;
                     }
-                    ticks.borrow_and_update();
-                    if ticks.changed().await.is_err() {
-                        return;
+                    if let VisibilityProbe::Poll(_) = probe {
+                        ticks.borrow_and_update();
+                        if ticks.changed().await.is_err() {
+                            break false;
+                        }
                     }
+                };
+                if probe == VisibilityProbe::Wait {
+                    pool.lock().expect("pool").push(c);
                 }
+                let mut h = h.lock().expect("histogram");
+                if !seen {
+                    h.1 += 1;
+                    return Ok(());
+                }
+                let us = acked.elapsed().as_micros().max(1) as u64;
+                let _ = h.0.record(us);
+                h.2.push(SlowWrite {
+                    write: w,
+                    acked_unix_ms,
+                    us,
+                });
+                Ok::<(), String>(())
             });
         }
     }
-    while tasks.join_next().await.is_some() {}
+    let mut failed = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Err(e) = r.map_err(|e| e.to_string()).and_then(|r| r) {
+            failed.get_or_insert(e);
+        }
+    }
     ticking.store(false, std::sync::atomic::Ordering::Relaxed);
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let sites = remotes
         .iter()
         .zip(&hists)
@@ -848,7 +921,10 @@ pub async fn visibility_wan(
         .collect();
     Ok(VisibilityReport {
         writes,
-        poll_interval_us: poll.as_micros() as u64,
+        poll_interval_us: match probe {
+            VisibilityProbe::Poll(poll) => poll.as_micros() as u64,
+            VisibilityProbe::Wait => 0,
+        },
         sites,
     })
 }
