@@ -33,8 +33,13 @@ parse_seconds_out() {
 # build_bin: builds the release binary into BIN. With CAUSALKV_PREBUILT=1 an existing
 # target/release/causalkv is used as it is: the test command sets it after `cargo test
 # --release --all-targets` has built the binary, which a plain `cargo build` would rebuild
-# (dev-dependencies give some shared crates other features).
+# (dev-dependencies give some shared crates other features). CAUSALKV_BIN=PATH uses that binary
+# instead, built elsewhere (to run two builds of the same benchmark in alternation).
 build_bin() {
+  if [ -n "${CAUSALKV_BIN:-}" ]; then
+    BIN=$CAUSALKV_BIN
+    return
+  fi
   BIN=target/release/causalkv
   if [ "${CAUSALKV_PREBUILT:-0}" = 1 ] && [ -x "$BIN" ]; then
     return
