@@ -12,8 +12,8 @@
 //! Serialising, sending, receiving and writing overlap, instead of the source writing and
 //! fsyncing a file before the first byte leaves.
 //!
-//! The joining site writes the archive into its data directory as it arrives (write-back
-//! started per megabyte, fsync at the end, rename, directory fsync, then validated like any
+//! The joining site writes the archive into its data directory as it arrives (into the page
+//! cache only, one fsync once it is whole, rename, directory fsync, then validated like any
 //! snapshot it loads) and records the join in `join.state` (the floor
 //! vector), so a restart neither fetches again nor forgets the floor. Recovery then loads the
 //! snapshot as if this site had written it: its `applied` vector is the snapshot's, and the
@@ -371,8 +371,11 @@ async fn fetch_once(
         Err(e) => return Err(format!("malformed answer: {e}")),
     };
     wire::check_vector(&floor, cfg.n(), "snapshot floor").map_err(|e| e.to_string())?;
-    // The archive runs to the stream's end. A thread writes it to disk as it arrives, starting
-    // the write-back as it goes, so the final fsync has little left to do.
+    // The archive runs to the stream's end. A thread writes it into the page cache as it
+    // arrives; the disk gets it all at once, in the fsync after the last byte. Starting each
+    // megabyte's write-back as it arrived (Linux `sync_file_range`) made the join slower on
+    // every measure here: the write-back's submissions take CPU that the transfer needs
+    // (results/membership/README.md).
     let tmp = cfg.data_dir.join(JOIN_TMP);
     let transfer = Instant::now();
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_CHUNKS);
@@ -447,45 +450,20 @@ struct Received {
     floor: Vec<u64>,
 }
 
-/// Writes a streamed snapshot's chunks to `tmp` as they come, starting each megabyte's
-/// write-back at once (Linux `sync_file_range`), and fsyncs the file once an empty chunk says
-/// the archive is whole. A stream that stops without it leaves the file unsynced and is an
+/// Writes a streamed snapshot's chunks to `tmp` as they come, and fsyncs the file once an
+/// empty chunk says the archive is whole. A stream that stops without it leaves the file unsynced and is an
 /// error.
 fn write_received(tmp: &Path, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> std::io::Result<()> {
     use std::io::Write;
     let mut file = std::fs::File::create(tmp)?;
-    let mut written = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         if chunk.is_empty() {
             file.sync_all()?;
             return Ok(());
         }
         file.write_all(&chunk)?;
-        start_write_back(&file, written, chunk.len() as u64);
-        written += chunk.len() as u64;
     }
     Err(std::io::Error::other("the snapshot stream stopped early"))
-}
-
-/// Starts writing `len` bytes at `offset` of `file` back to disk without waiting for them
-/// (Linux; elsewhere the final fsync does it all).
-fn start_write_back(file: &std::fs::File, offset: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: the descriptor is open for the call's duration; SYNC_FILE_RANGE_WRITE only
-        // starts write-back of the range and touches no memory of ours.
-        unsafe {
-            libc::sync_file_range(
-                file.as_raw_fd(),
-                offset as libc::off64_t,
-                len as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
 }
 
 /// Writes `name` in `dir` crash-safely (temporary file, fsync, rename, directory fsync).
