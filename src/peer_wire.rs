@@ -44,8 +44,10 @@ pub use messages::*;
 /// previous batch (see [`StreamBase`]), the origin as a varint, and no item count (the items
 /// run to the end of the frame); 7 adds copies of update frames as QUIC datagrams
 /// ([`encode_copy`]); 8 leaves the origin out of update frames (the stream says whose they
-/// are) and a dependency vector's length out when it equals the previous one's ([`SAME_LEN`]).
-pub const PROTOCOL_VERSION: u32 = 8;
+/// are) and a dependency vector's length out when it equals the previous one's ([`SAME_LEN`]);
+/// 9 leaves out a key's length, and a value's, when it equals the previous update's on the
+/// same stream ([`SAME_KEY_LEN`], [`SAME_VALUE_LEN`]).
+pub const PROTOCOL_VERSION: u32 = 9;
 
 /// The first byte of a datagram that carries a copy of an update frame ([`encode_copy`]).
 /// Datagrams of any other kind are malformed.
@@ -248,6 +250,14 @@ pub struct WireItem<'a> {
 /// many entries as the previous update's, so its length is not written.
 const SAME_LEN: u8 = 0x10;
 
+/// Bit 5 of an update's tag byte: its key is as long as the previous update's on the stream
+/// ([`StreamBase::key_len`]), so its length is not written.
+const SAME_KEY_LEN: u8 = 0x20;
+
+/// Bit 6 of a put's tag byte: its value is as long as the previous put's on the stream
+/// ([`StreamBase::value_len`]), so its length is not written.
+const SAME_VALUE_LEN: u8 = 0x40;
+
 /// How an update's dependency vector is written (bits 2-3 of its tag byte).
 mod deps_mode {
     /// Equal to the previous update's in the batch (empty before the first): nothing
@@ -329,6 +339,10 @@ pub struct StreamBase {
     pub ts: Timestamp,
     /// The last dependency vector sent.
     pub deps: Vec<u64>,
+    /// The length of the last key sent (none before the first update).
+    pub key_len: Option<u64>,
+    /// The length of the last put's value sent (none before the first put).
+    pub value_len: Option<u64>,
 }
 
 /// Encodes one origin's items as an [`UpdateBatch`] frame after `base` (see
@@ -517,9 +531,11 @@ pub fn decode_ack(prev: Option<&[u64]>, frame: &[u8]) -> Result<Ack, WireError> 
 
 /// Encodes wire items (see [`wire_item`], [`wire_update`]) as one [`UpdateBatch`] frame.
 ///
-/// Each item: a tag byte (kind in bits 0-1, dependency mode in bits 2-3, [`SAME_LEN`]), the
-/// timestamp's increase over the previous item's (varint; the first item's over 0), and for an
-/// update the key's length (varint) and key, for a put the value's length and value, then the
+/// Each item: a tag byte (kind in bits 0-1, dependency mode in bits 2-3, [`SAME_LEN`],
+/// [`SAME_KEY_LEN`], [`SAME_VALUE_LEN`]), the timestamp's increase over the previous item's
+/// (varint; the first item's over 0), and for an update the key's length (varint, left out when
+/// it equals the previous update's on the stream) and key, for a put the value's length (the
+/// same way) and value, then the
 /// dependency vector in its mode: left out when equal to the previous update's, else its length
 /// (unless [`SAME_LEN`]) and one varint
 /// per entry, 0 for an entry equal to the previous update's and `ts - dep` otherwise (or the
@@ -539,6 +555,7 @@ pub fn encode_wire_batch<'a>(
     };
     let (mut deps_bytes, mut marker_bytes) = (0, 0);
     let mut prev: Vec<u64> = base.deps.clone();
+    let (mut key_len, mut value_len) = (base.key_len, base.value_len);
     for it in items {
         count += 1;
         let start = body.len();
@@ -578,13 +595,24 @@ pub fn encode_wire_batch<'a>(
         } else {
             0
         };
-        body.push(it.kind | (mode << 2) | flag);
+        let (klen, vlen) = (it.key.len() as u64, it.value.len() as u64);
+        let same_key = key_len == Some(klen);
+        let same_value = it.kind == item_kind::PUT && value_len == Some(vlen);
+        let lens =
+            if same_key { SAME_KEY_LEN } else { 0 } | if same_value { SAME_VALUE_LEN } else { 0 };
+        body.push(it.kind | (mode << 2) | flag | lens);
         put_ts(&mut body, count, last_ts, it.ts);
         last_ts = it.ts;
-        put_varint(&mut body, it.key.len() as u64);
+        if !same_key {
+            put_varint(&mut body, klen);
+        }
+        key_len = Some(klen);
         body.extend_from_slice(it.key);
         if it.kind == item_kind::PUT {
-            put_varint(&mut body, it.value.len() as u64);
+            if !same_value {
+                put_varint(&mut body, vlen);
+            }
+            value_len = Some(vlen);
             body.extend_from_slice(it.value);
         }
         let before = body.len();
@@ -617,6 +645,8 @@ pub fn encode_wire_batch<'a>(
         next: StreamBase {
             ts: last_ts,
             deps: prev,
+            key_len,
+            value_len,
         },
     }
 }
@@ -647,6 +677,7 @@ pub fn decode_batch(
     let mut out = Vec::with_capacity((body.len() / 64).clamp(1, 1024));
     let (mut at, mut last) = (0usize, base.ts);
     let mut prev: Vec<u64> = base.deps.clone();
+    let (mut key_len, mut value_len) = (base.key_len, base.value_len);
     let take = |at: &mut usize, len: u64, what: &str| -> Result<Bytes, WireError> {
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         let end = at
@@ -662,7 +693,10 @@ pub fn decode_batch(
         let tag = body[at];
         at += 1;
         let (kind, mode, same_len) = (tag & 3, (tag >> 2) & 3, tag & SAME_LEN != 0);
-        if tag & !(SAME_LEN | 0x0f) != 0 {
+        let (same_key, same_value) = (tag & SAME_KEY_LEN != 0, tag & SAME_VALUE_LEN != 0);
+        if tag & !(SAME_LEN | SAME_KEY_LEN | SAME_VALUE_LEN | 0x0f) != 0
+            || (same_value && kind != item_kind::PUT)
+        {
             return Err(WireError::Semantic(format!("unknown item tag {tag}")));
         }
         let delta = get_varint(body, &mut at)?;
@@ -688,12 +722,27 @@ pub fn decode_batch(
         };
         last = ts;
         match kind {
-            item_kind::MARKER if mode == 0 && !same_len => out.push(Item::Marker(ts)),
+            item_kind::MARKER if mode == 0 && !same_len && !same_key => out.push(Item::Marker(ts)),
             item_kind::PUT | item_kind::DELETE => {
-                let klen = get_varint(body, &mut at)?;
+                let no_previous = |what: &str| {
+                    WireError::Semantic(format!(
+                        "a {what} as long as a previous one that is not there"
+                    ))
+                };
+                let klen = if same_key {
+                    key_len.ok_or_else(|| no_previous("key"))?
+                } else {
+                    get_varint(body, &mut at)?
+                };
+                key_len = Some(klen);
                 let key = take(&mut at, klen.min(limits.max_key as u64 + 1), "key")?;
                 let value = if kind == item_kind::PUT {
-                    let vlen = get_varint(body, &mut at)?;
+                    let vlen = if same_value {
+                        value_len.ok_or_else(|| no_previous("value"))?
+                    } else {
+                        get_varint(body, &mut at)?
+                    };
+                    value_len = Some(vlen);
                     check_sizes(key.len(), vlen.min(u32::MAX as u64) as usize, limits)?;
                     Some(take(&mut at, vlen, "value")?)
                 } else {
@@ -765,6 +814,8 @@ pub fn decode_batch(
     *base = StreamBase {
         ts: last,
         deps: prev,
+        key_len,
+        value_len,
     };
     Ok(out)
 }
@@ -890,8 +941,79 @@ mod tests {
         assert!(err(&[DATAGRAM_COPY, 0x80]).contains("ends inside a number"));
         // A frame whose item has an unknown tag, and one that does not follow the item it
         // claims to.
-        assert!(err(&encode_copy(4, &[0x40, 9])).contains("unknown item tag 64"));
+        assert!(err(&encode_copy(4, &[0x80, 9])).contains("unknown item tag 128"));
         assert!(err(&encode_copy(5, &frame)).contains("at or before the item it follows"));
+    }
+
+    #[test]
+    fn key_and_value_lengths_are_left_out_when_they_repeat_and_checked_when_they_are() {
+        let limits = Limits::default();
+        let items = vec![
+            update(5, "ka", Some("v1")),
+            update(6, "kb", Some("v2")),
+            update(7, "kc", None),
+            update(8, "kd", Some("longer")),
+        ];
+        let out = encode_wire_batch(&StreamBase::default(), items.iter().map(wire_item));
+        // Item i starts where the frame of the items before it ends.
+        let tags: Vec<u8> = (0..items.len())
+            .map(|i| {
+                let before =
+                    encode_wire_batch(&StreamBase::default(), items[..i].iter().map(wire_item));
+                out.frame[before.frame.len()]
+            })
+            .collect();
+        assert_eq!(
+            tags[0] & (SAME_KEY_LEN | SAME_VALUE_LEN),
+            0,
+            "nothing before the first"
+        );
+        assert_eq!(
+            tags[1] & (SAME_KEY_LEN | SAME_VALUE_LEN),
+            SAME_KEY_LEN | SAME_VALUE_LEN
+        );
+        assert_eq!(
+            tags[2] & (SAME_KEY_LEN | SAME_VALUE_LEN),
+            SAME_KEY_LEN,
+            "a delete"
+        );
+        assert_eq!(
+            tags[3] & (SAME_KEY_LEN | SAME_VALUE_LEN),
+            SAME_KEY_LEN,
+            "a longer value"
+        );
+        assert_eq!(out.next.key_len, Some(2));
+        assert_eq!(out.next.value_len, Some(6));
+        let mut base = StreamBase::default();
+        let frame = aligned(&out.frame);
+        assert_eq!(
+            decode_batch(&frame, &mut base, 1, 3, &limits).unwrap(),
+            items
+        );
+        assert_eq!(base, out.next);
+        // The next frame's first update is written against the stream's lengths.
+        let next = encode_wire_batch(&out.next, [wire_item(&update(9, "ke", Some("value!")))]);
+        assert_eq!(
+            next.frame[0] & (SAME_KEY_LEN | SAME_VALUE_LEN),
+            SAME_KEY_LEN | SAME_VALUE_LEN
+        );
+        let got = decode_batch(&aligned(&next.frame), &mut base, 1, 3, &limits).unwrap();
+        assert_eq!(got, vec![update(9, "ke", Some("value!"))]);
+        // Bad input (timestamps 5 after the default base): a repeated length with nothing
+        // before it, a value length on a delete or a marker's key length.
+        let bad = |body: &[u8]| {
+            decode_batch(&aligned(body), &mut StreamBase::default(), 1, 3, &limits)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(bad(&[SAME_KEY_LEN, 10, b'k']).contains("a key as long as a previous one"));
+        assert!(
+            bad(&[SAME_VALUE_LEN, 10, 1, b'k', b'v']).contains("a value as long as a previous")
+        );
+        assert!(
+            bad(&[item_kind::DELETE | SAME_VALUE_LEN, 10, 1, b'k']).contains("unknown item tag")
+        );
+        assert!(bad(&[item_kind::MARKER | SAME_KEY_LEN, 10]).contains("unknown item tag"));
     }
 
     #[test]
@@ -926,11 +1048,13 @@ mod tests {
         let mut near = StreamBase {
             ts: now,
             deps: vec![u64::MAX, 0, 0],
+            ..StreamBase::default()
         };
         let grown = encode_wire_batch(
             &StreamBase {
                 ts: now,
                 deps: vec![200, 0, 0],
+                ..StreamBase::default()
             },
             [wire_item(&with(now + 1, vec![201, 0, 0]))],
         );
@@ -955,11 +1079,11 @@ mod tests {
         ];
         let next = encode_wire_batch(&tx, next_items.iter().map(wire_item));
         assert_eq!(next.next.ts, now + 2_100);
-        // 2,000 µs later, the same dependencies: a two-byte zigzag delta where the whole
-        // timestamp took eight, and no vector where the vector took four bytes (its length,
-        // then its three entries whole).
+        // 2,000 µs later, the same dependencies and lengths: a two-byte zigzag delta where the
+        // whole timestamp took eight, no vector where the vector took four bytes (its length,
+        // then its three entries whole), and neither the key's length nor the value's.
         let alone = encode_batch(&StreamBase::default(), &next_items);
-        assert_eq!(alone.len() - next.frame.len(), 6 + 4);
+        assert_eq!(alone.len() - next.frame.len(), 6 + 4 + 2);
         let frame = aligned(&next.frame);
         let mut other = rx.clone();
         assert_eq!(
@@ -977,6 +1101,7 @@ mod tests {
         let ahead = StreamBase {
             ts: now + 10,
             deps: vec![],
+            ..StreamBase::default()
         };
         let back = aligned(&encode_batch(&ahead, &[update(now, "c", None)]));
         assert_eq!(
