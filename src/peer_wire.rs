@@ -22,7 +22,7 @@ use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::clock::{SiteId, Timestamp, VClock, Version};
 use crate::update::{Item, Update};
-use crate::wire::{Limits, WireError, check_sizes, encode};
+use crate::wire::{Limits, WireError, check_sizes, encode, put_varint, varint_len};
 #[cfg(test)]
 use crate::wire::{read_frame, write_frame};
 
@@ -275,11 +275,6 @@ mod deps_mode {
     pub const GROWTH: u8 = 3;
 }
 
-/// Bytes of `v` as a varint.
-fn varint_len(v: u64) -> usize {
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-}
-
 /// The wire form of a replica item, borrowing from it.
 pub fn wire_item(item: &Item) -> WireItem<'_> {
     match item {
@@ -370,14 +365,6 @@ pub fn encode_updates<'a>(
 fn put_first_ts(out: &mut Vec<u8>, base: u64, ts: u64) {
     let d = ts.wrapping_sub(base) as i64;
     put_varint(out, ((d << 1) ^ (d >> 63)) as u64);
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
 }
 
 fn get_varint(body: &[u8], at: &mut usize) -> Result<u64, WireError> {

@@ -456,23 +456,24 @@ where
     rkyv::to_bytes::<rancor::Error>(msg).expect("serialising into memory cannot fail")
 }
 
-/// Appends the length prefix of a frame of `len` bytes: a LEB128 varint (seven bits a byte,
-/// low first), one byte up to 127, two up to 16,383, at most five.
-fn put_len(out: &mut Vec<u8>, mut len: u32) {
-    while len >= 0x80 {
-        out.push((len as u8) | 0x80);
-        len >>= 7;
+/// Appends `v` as a LEB128 varint (seven bits a byte, low first): one byte up to 127, two up
+/// to 16,383. The frame's length prefix, and the numbers of hand-packed frames, use it.
+pub fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
     }
-    out.push(len as u8);
+    out.push(v as u8);
+}
+
+/// Bytes of `v` as a varint ([`put_varint`]).
+pub fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
 }
 
 /// Bytes a frame of `payload` bytes takes on the wire, length prefix included.
 pub fn framed_len(payload: usize) -> usize {
-    let mut prefix = 1;
-    while prefix < 5 && payload >> (7 * prefix) != 0 {
-        prefix += 1;
-    }
-    prefix + payload
+    varint_len(payload as u64) + payload
 }
 
 /// One frame as it goes on the wire: the length of `payload` as a varint, then `payload`.
@@ -481,7 +482,7 @@ pub fn encode_frame(payload: &[u8]) -> std::io::Result<Vec<u8>> {
     let len = u32::try_from(payload.len())
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "frame too large"))?;
     let mut buf = Vec::with_capacity(framed_len(payload.len()));
-    put_len(&mut buf, len);
+    put_varint(&mut buf, u64::from(len));
     buf.extend_from_slice(payload);
     Ok(buf)
 }
@@ -621,7 +622,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_length_is_refused_before_allocation() {
         let mut buf = Vec::new();
-        put_len(&mut buf, u32::MAX);
+        put_varint(&mut buf, u32::MAX.into());
         assert_eq!(buf, [0xff, 0xff, 0xff, 0xff, 0x0f]);
         let err = read_frame(&mut &buf[..], 1024).await.unwrap_err();
         assert!(matches!(err, WireError::FrameTooLarge { .. }), "{err}");
@@ -670,7 +671,7 @@ mod tests {
         }
         // A large announcement followed by a few bytes is truncated, having held only those.
         let mut buf = Vec::new();
-        put_len(&mut buf, (1u32 << 30) - 1);
+        put_varint(&mut buf, (1u64 << 30) - 1);
         buf.extend_from_slice(&[7; 100]);
         let err = read_frame(&mut &buf[..], 1 << 30).await.unwrap_err();
         assert!(matches!(err, WireError::Truncated), "{err}");
