@@ -774,29 +774,30 @@ pub async fn visibility_wan(
 ) -> Result<VisibilityReport, String> {
     let value = vec![b'v'; value_size];
     let run = std::process::id();
-    if let Some((name, _)) = remotes.iter().find(|(_, pool)| pool.is_empty()) {
-        return Err(format!("no client for remote site {name}"));
+    /// A remote site as the probe sees it.
+    struct Remote {
+        name: String,
+        /// The client the polls share.
+        first: Arc<Client>,
+        /// Its clients free for a waiting read, and as many permits.
+        free: std::sync::Mutex<Vec<Arc<Client>>>,
+        permits: tokio::sync::Semaphore,
+        /// The latency histogram, the count of timeouts and every write's time.
+        seen: std::sync::Mutex<(Histogram<u64>, u64, Vec<SlowWrite>)>,
     }
-    // Per remote site: the latency histogram, the count of timeouts and every write's time.
-    type Site = Arc<std::sync::Mutex<(Histogram<u64>, u64, Vec<SlowWrite>)>>;
-    let hists: Vec<Site> = remotes
-        .iter()
-        .map(|_| Arc::new(std::sync::Mutex::new((histogram(), 0, Vec::new()))))
-        .collect();
-    // Per remote site: its free clients, and as many permits.
-    type Pool = (
-        Arc<std::sync::Mutex<Vec<Arc<Client>>>>,
-        Arc<tokio::sync::Semaphore>,
-    );
-    let pools: Vec<Pool> = remotes
-        .iter()
-        .map(|(_, p)| {
-            (
-                Arc::new(std::sync::Mutex::new(p.clone())),
-                Arc::new(tokio::sync::Semaphore::new(p.len())),
-            )
-        })
-        .collect();
+    let mut sites = Vec::new();
+    for (name, clients) in remotes {
+        let Some(first) = clients.first().cloned() else {
+            return Err(format!("no client for remote site {name}"));
+        };
+        sites.push(Arc::new(Remote {
+            name,
+            first,
+            permits: tokio::sync::Semaphore::new(clients.len()),
+            free: std::sync::Mutex::new(clients),
+            seen: std::sync::Mutex::new((histogram(), 0, Vec::new())),
+        }));
+    }
     let mut tasks = tokio::task::JoinSet::new();
     // Poll ticks from a thread with a fine timer: tokio's ~1 ms timer would make every poll
     // interval at least a millisecond, which is the resolution of this measurement.
@@ -831,20 +832,18 @@ pub async fn visibility_wan(
             .map_or(0, |d| d.as_millis() as u64);
         // The origin's session right after this write: it covers the write and what it saw.
         let token = origin.session_token();
-        for (((name, clients), h), (pool, permits)) in remotes.iter().zip(&hists).zip(&pools) {
-            let (h, key, token, name) = (h.clone(), key.clone(), token.clone(), name.clone());
-            let first = clients[0].clone();
-            let (pool, permits) = (pool.clone(), permits.clone());
+        for site in &sites {
+            let (site, key, token) = (site.clone(), key.clone(), token.clone());
             let mut ticks = ticks.clone();
             tasks.spawn(async move {
                 let deadline = acked + Duration::from_secs(30);
                 // Polls share the site's first client (each poll is a fresh session); a
                 // waiting read takes a client of its own.
                 let (_permit, c) = match probe {
-                    VisibilityProbe::Poll(_) => (None, first),
+                    VisibilityProbe::Poll(_) => (None, site.first.clone()),
                     VisibilityProbe::Wait => {
-                        let permit = permits.acquire_owned().await.map_err(|e| e.to_string())?;
-                        let c = pool.lock().expect("pool").pop();
+                        let permit = site.permits.acquire().await.map_err(|e| e.to_string())?;
+                        let c = site.free.lock().expect("pool").pop();
                         (Some(permit), c.expect("a free client per permit"))
                     }
                 };
@@ -857,8 +856,9 @@ pub async fn visibility_wan(
                         Ok(Some(_)) => break true,
                         Ok(None) if probe == VisibilityProbe::Wait => {
                             return Err(format!(
-                                "site {name} answered a read carrying write {w}'s session \
-                                 token without the write"
+                                "site {} answered a read carrying write {w}'s session \
+                                 token without the write",
+                                site.name
                             ));
                         }
                         // Not there yet, or the site's wait for the context ran out.
@@ -875,9 +875,9 @@ pub async fn visibility_wan(
                     }
                 };
                 if probe == VisibilityProbe::Wait {
-                    pool.lock().expect("pool").push(c);
+                    site.free.lock().expect("pool").push(c);
                 }
-                let mut h = h.lock().expect("histogram");
+                let mut h = site.seen.lock().expect("histogram");
                 if !seen {
                     h.1 += 1;
                     return Ok(());
@@ -903,15 +903,14 @@ pub async fn visibility_wan(
     if let Some(e) = failed {
         return Err(e);
     }
-    let sites = remotes
+    let sites = sites
         .iter()
-        .zip(&hists)
-        .map(|((name, _), h)| {
-            let mut h = h.lock().expect("histogram");
+        .map(|site| {
+            let mut h = site.seen.lock().expect("histogram");
             h.2.sort_by_key(|s| std::cmp::Reverse(s.us));
             h.2.truncate(SLOWEST_KEPT);
             SiteVisibility {
-                site: name.clone(),
+                site: site.name.clone(),
                 latency: LatencyStats::from(&h.0),
                 cdf: cdf_points(&h.0),
                 timeouts: h.1,
