@@ -451,8 +451,8 @@ struct Received {
 }
 
 /// Writes a streamed snapshot's chunks to `tmp` as they come, and fsyncs the file once an
-/// empty chunk says the archive is whole. A stream that stops without it leaves the file unsynced and is an
-/// error.
+/// empty chunk says the archive is whole. A stream that stops without it leaves the file
+/// unsynced and is an error.
 fn write_received(tmp: &Path, mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> std::io::Result<()> {
     use std::io::Write;
     let mut file = std::fs::File::create(tmp)?;
