@@ -1,8 +1,9 @@
 //! Wire format: rkyv messages, the one framing function, validation and limits.
 //!
 //! Every message is an rkyv archive in a length-prefixed frame: the length as a varint (one or
-//! two bytes for most frames, at most five), then the archive. [`read_frame`] checks the length against the configured maximum *before*
-//! allocating, reads the archive into an aligned buffer, and hands it out as [`Bytes`] so that
+//! two bytes for most frames, at most five), then the archive. [`read_frame`] checks the length
+//! against the configured maximum *before* allocating, reads the archive into an aligned
+//! buffer, and hands it out as [`Bytes`] so that
 //! values can later be sliced out of the frame and stored without re-encoding. Each archive is
 //! validated with bytecheck (`rkyv::access`) before any field is read, and then checked for
 //! meaning ([`check_sizes`], [`check_vector`]): vectors have one entry per site (a shorter
