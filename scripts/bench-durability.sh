@@ -17,11 +17,14 @@
 # round against that round's own floors, then summarised by their median.
 #
 #   bash scripts/bench-durability.sh [--rounds N] [--seconds N] [--out DIR] [--no-recovery]
+#   bash scripts/bench-durability.sh --storage-ab "NAME:key=value,key=value NAME:..." [--rounds N] [--seconds N] [--out DIR]
 #   bash scripts/bench-durability.sh --commit-threads "1 2 4 8" [--rounds N] [--seconds N] [--out DIR]
 #
-# --commit-threads runs only an A/B of `storage.fsync_threads` under fsync=always: one site per
-# value, plus one with fsync=never, loaded in interleaved rounds with 1, 16 and 64 writers;
-# writes OUT/commit-threads.md.
+# --storage-ab runs only an A/B of `[storage]` settings: one site per variant (its settings
+# written into the site's config; `fsync` defaults to always), plus one with fsync=never,
+# loaded in interleaved rounds with 1, 16 and 64 writers; writes OUT/storage-ab.md.
+# --commit-threads "1 2" is short for --storage-ab "threads-1:fsync_threads=1 threads-2:fsync_threads=2"
+# (and writes OUT/commit-threads.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -30,12 +33,17 @@ SECONDS_PER_RUN=3
 ROUNDS=3
 RECOVERY=1
 OUT=results/durability
-THREADS_AB=""
+AB=""
+AB_FILE=storage-ab.md
 ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
-    --commit-threads) THREADS_AB="$2"; shift 2 ;;
+    --storage-ab) AB="$2"; shift 2 ;;
+    --commit-threads)
+      AB=""; AB_FILE=commit-threads.md
+      for t in $2; do AB="$AB threads-$t:fsync_threads=$t"; done
+      shift 2 ;;
     --no-recovery) RECOVERY=0; shift ;;
     *) ARGS+=("$1"); shift ;;
   esac
@@ -48,25 +56,26 @@ RAW="$WORK/rounds.jsonl"
 : > "$RAW"
 
 BASE=$(( 20000 + RANDOM % 20000 ))
-declare -A SITE CERTS ADMIN
+declare -A SITE CERTS ADMIN SETTINGS
 POLICIES=(always batch never)
-if [ -n "$THREADS_AB" ]; then
+if [ -n "$AB" ]; then
   POLICIES=()
-  for t in $THREADS_AB; do POLICIES+=("threads-$t"); done
+  for v in $AB; do POLICIES+=("${v%%:*}"); SETTINGS[${v%%:*}]="fsync=always,${v#*:}"; done
   POLICIES+=(never)
 fi
+set_storage() {  # CONFIG KEY VALUE: one [storage] line, checked
+  local value=$3
+  [ "$2" = fsync ] && value="\"$3\""
+  sed -i "s/^$2 = .*/$2 = $value/" "$1"
+  grep -q "^$2 = $value\$" "$1" || { echo "no [storage] $2 in $1" >&2; exit 1; }
+}
 port=$BASE
 for policy in "${POLICIES[@]}"; do
   D="$WORK/$policy"
   "$BIN" dev --sites 1 --layout-only --dir "$D" --port "$port" >/dev/null
-  fsync=$policy
-  if [ "${policy#threads-}" != "$policy" ]; then
-    fsync=always
-    sed -i "s/^fsync_threads = .*/fsync_threads = ${policy#threads-}/" "$D/site-a.toml"
-    grep -q "^fsync_threads = ${policy#threads-}\$" "$D/site-a.toml"
-  fi
-  sed -i "s/^fsync = .*/fsync = \"$fsync\"/" "$D/site-a.toml"
-  grep -q "^fsync = \"$fsync\"" "$D/site-a.toml"
+  settings=${SETTINGS[$policy]:-fsync=$policy}
+  IFS=, read -ra kvs <<< "$settings"
+  for kv in "${kvs[@]}"; do set_storage "$D/site-a.toml" "${kv%%=*}" "${kv#*=}"; done
   "$BIN" serve --config "$D/site-a.toml" 2>"$D/site.log" &
   PIDS+=($!)
   SITE[$policy]="127.0.0.1:$port"
@@ -86,35 +95,105 @@ load() {  # POLICY WRITERS
     --concurrency "$2" --read-ratio 0 --value-size 100 2>/dev/null
 }
 
-if [ -n "$THREADS_AB" ]; then
+# One small record appended and fdatasync'ed, again and again, in the directory the sites log
+# to: the disk's own write + fsync latency (microseconds, JSON). With `preallocated`, the file's
+# space is allocated first (as the log does with `preallocate`), so the writes grow no file.
+disk_fsync() {  # [append|preallocated]
+  python3 - "$WORK/disk-probe" "${1:-append}" <<'PY'
+import json, os, statistics, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+if sys.argv[2] == "preallocated":
+    os.posix_fallocate(fd, 0, 300 * 150)
+    os.fsync(fd)
+lat = []
+for _ in range(300):
+    t = time.perf_counter()
+    os.write(fd, b"x" * 150)
+    os.fdatasync(fd)
+    lat.append((time.perf_counter() - t) * 1e6)
+os.close(fd)
+os.unlink(sys.argv[1])
+lat.sort()
+print(json.dumps({"p50_us": lat[len(lat) // 2], "mean_us": statistics.mean(lat),
+                  "p99_us": lat[int(len(lat) * 0.99)]}))
+PY
+}
+
+# Group commit as a site's /metrics saw it between two scrapes (M0, M1) around one load: a JSON
+# line, ROW (a JSON object) with its "report" set.
+metrics_delta() {  # M0 M1 ROW
+  python3 - "$1" "$2" "$3" "$SECONDS_PER_RUN" <<'PY'
+import json, sys
+def parse(path):
+    out = {}
+    for line in open(path):
+        if line and not line.startswith("#") and " " in line:
+            k, v = line.rsplit(" ", 1)
+            out[k] = float(v)
+    return out
+a, b = parse(sys.argv[1]), parse(sys.argv[2])
+d = lambda k: b.get(k, 0.0) - a.get(k, 0.0)
+secs = float(sys.argv[4])
+row = json.loads(sys.argv[3])
+commits = d("causalkv_wal_commits_total")
+stage = lambda s: d(f'causalkv_put_stage_seconds_sum{{stage="{s}"}}') / max(d(f'causalkv_put_stage_seconds_count{{stage="{s}"}}'), 1) * 1e6
+row["report"] = {
+    "fsyncs_per_s": d("causalkv_wal_fsyncs_total") / secs,
+    "records_per_fsync": d("causalkv_wal_committed_records_total") / max(commits, 1),
+    "fsync_mean_us": d("causalkv_wal_fsync_duration_seconds_sum") / max(d("causalkv_wal_fsync_duration_seconds_count"), 1) * 1e6,
+    "stage_mean_us": {s: stage(s) for s in ("apply", "log", "wake", "reply")}}
+print(json.dumps(row))
+PY
+}
+
+if [ -n "$AB" ]; then
   for round in $(seq 1 "$ROUNDS"); do
     echo "round $round/$ROUNDS: ${POLICIES[*]} x 1/16/64 writers..." >&2
     for c in 1 16 64; do
+      for mode in append preallocated; do
+        DISK=$(disk_fsync "$mode")
+        echo "{\"round\":$round,\"kind\":\"disk\",\"mode\":\"$mode\",\"writers\":$c,\"report\":$DISK}" >> "$RAW"
+      done
       for policy in "${POLICIES[@]}"; do
+        curl -s "http://${ADMIN[$policy]}/metrics" > "$WORK/m0"
         R=$(load "$policy" "$c")
-        echo "{\"round\":$round,\"policy\":\"$policy\",\"writers\":$c,\"report\":$R}" >> "$RAW"
+        curl -s "http://${ADMIN[$policy]}/metrics" > "$WORK/m1"
+        M=$(metrics_delta "$WORK/m0" "$WORK/m1" '{}')
+        echo "{\"round\":$round,\"policy\":\"$policy\",\"writers\":$c,\"report\":$R,\"metrics\":$M}" >> "$RAW"
       done
     done
   done
-  python3 - "$RAW" "$OUT/commit-threads.md" "$SECONDS_PER_RUN" "$ROUNDS" <<'PY'
+  python3 - "$RAW" "$OUT/$AB_FILE" "$SECONDS_PER_RUN" "$ROUNDS" "$AB" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
+disk = [r for r in rows if r.get("kind") == "disk"]
+rows = [r for r in rows if r.get("kind") != "disk"]
 secs = float(sys.argv[3])
 pols = list(dict.fromkeys(r["policy"] for r in rows))
 med = lambda v: sorted(v)[len(v) // 2]
-L = [f"# Commit threads under fsync=always (`storage.fsync_threads`): {sys.argv[4]} interleaved rounds of {secs:.0f} s",
-     "", "One site per setting, 100-byte puts; `never` is the same load with fsync=never.", "",
-     "| writers | setting | puts/s per round | median | x never | p50 us (median) |", "|---:|---|---|---:|---:|---:|"]
+L = [f"# `[storage]` settings under fsync=always: {sys.argv[4]} interleaved rounds of {secs:.0f} s",
+     "", f"Variants: `{sys.argv[5].strip()}`. One site per variant, 100-byte puts; `never` is the same load",
+     "with fsync=never.", "",
+     "| writers | setting | puts/s per round | median | x never | p50 us (median) | fsync mean us (median) | records per fsync (median) |",
+     "|---:|---|---|---:|---:|---:|---:|---:|"]
 for c in (1, 16, 64):
     never = med([r["report"]["ops"] / secs for r in rows if r["writers"] == c and r["policy"] == "never"])
     for p in pols:
         rs = [r["report"] for r in rows if r["writers"] == c and r["policy"] == p]
+        ms = [r["metrics"] for r in rows if r["writers"] == c and r["policy"] == p]
         v = [x["ops"] / secs for x in rs]
         L.append(f"| {c} | {p} | {', '.join(f'{x:,.0f}' for x in v)} | {med(v):,.0f} | {med(v) / never:.2f} | "
-                 f"{med([x['put']['p50_us'] for x in rs]):,} |")
+                 f"{med([x['put']['p50_us'] for x in rs]):,} | "
+                 f"{med([m['report']['fsync_mean_us'] for m in ms]):,.0f} | {med([m['report']['records_per_fsync'] for m in ms]):.1f} |")
+L += ["", "The disk's own write(2) + fdatasync of 150 bytes, 300 times before each writer count's loads:", "",
+      "| file | p50 us per round | median |", "|---|---|---:|"]
+for mode in ("append", "preallocated"):
+    v = [r["report"]["p50_us"] for r in disk if r["mode"] == mode]
+    L.append(f"| {mode} | {', '.join(f'{x:,.0f}' for x in v)} | {med(v):,.0f} |")
 open(sys.argv[2], "w").write("\n".join(L) + "\n")
 print("\n".join(L))
 PY
+  cp "$RAW" "$OUT/${AB_FILE%.md}.jsonl"
   exit 0
 fi
 
@@ -134,26 +213,6 @@ for _ in $(seq 1 50); do
   sleep 0.1
 done
 
-# One small record appended and fdatasync'ed, again and again, in the directory the sites log
-# to: the disk's own write + fsync latency (microseconds, JSON).
-disk_fsync() {
-  python3 - "$WORK/disk-probe" <<'PY'
-import json, os, statistics, sys, time
-fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-lat = []
-for _ in range(300):
-    t = time.perf_counter()
-    os.write(fd, b"x" * 150)
-    os.fdatasync(fd)
-    lat.append((time.perf_counter() - t) * 1e6)
-os.close(fd)
-os.unlink(sys.argv[1])
-lat.sort()
-print(json.dumps({"p50_us": lat[len(lat) // 2], "mean_us": statistics.mean(lat),
-                  "p99_us": lat[int(len(lat) * 0.99)]}))
-PY
-}
-
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS: disk fsync loop, bare QUIC, causalkv always/batch/never x 1/16/64 writers, redis -c 1/-c 50..." >&2
   FLOOR=$("$BIN" bench transport-floor --processes --messages 10000 --pings 1000 2>/dev/null)
@@ -171,26 +230,7 @@ for round in $(seq 1 "$ROUNDS"); do
       echo "{\"round\":$round,\"kind\":\"causalkv\",\"policy\":\"$policy\",\"writers\":$c,\"report\":$R}" >> "$RAW"
       if [ "$policy" = always ] && [ "$c" = 64 ]; then
         curl -s "http://${ADMIN[always]}/metrics" > "$WORK/m1"
-        python3 - "$WORK/m0" "$WORK/m1" "$round" "$SECONDS_PER_RUN" >> "$RAW" <<'PY'
-import json, sys
-def parse(path):
-    out = {}
-    for line in open(path):
-        if line and not line.startswith("#") and " " in line:
-            k, v = line.rsplit(" ", 1)
-            out[k] = float(v)
-    return out
-a, b = parse(sys.argv[1]), parse(sys.argv[2])
-d = lambda k: b.get(k, 0.0) - a.get(k, 0.0)
-secs = float(sys.argv[4])
-commits = d("causalkv_wal_commits_total")
-stage = lambda s: d(f'causalkv_put_stage_seconds_sum{{stage="{s}"}}') / max(d(f'causalkv_put_stage_seconds_count{{stage="{s}"}}'), 1) * 1e6
-print(json.dumps({"round": int(sys.argv[3]), "kind": "metrics", "report": {
-    "fsyncs_per_s": d("causalkv_wal_fsyncs_total") / secs,
-    "records_per_fsync": d("causalkv_wal_committed_records_total") / max(commits, 1),
-    "fsync_mean_us": d("causalkv_wal_fsync_duration_seconds_sum") / max(d("causalkv_wal_fsync_duration_seconds_count"), 1) * 1e6,
-    "stage_mean_us": {s: stage(s) for s in ("apply", "log", "wake", "reply")}}}))
-PY
+        metrics_delta "$WORK/m0" "$WORK/m1" "{\"round\":$round,\"kind\":\"metrics\"}" >> "$RAW"
       fi
     done
   done

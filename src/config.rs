@@ -313,6 +313,9 @@ pub struct StorageConfig {
     /// lets the next group start its fsync while the previous one is still running, which pays
     /// off on disks that complete concurrent flushes in parallel.
     pub fsync_threads: u32,
+    /// Allocate each log segment's `segment_bytes` on disk when it is created, so that a
+    /// commit's `fdatasync` flushes the data without growing the file (default true).
+    pub preallocate: bool,
     /// How often to consider a snapshot, in milliseconds.
     pub snapshot_interval_ms: u64,
     /// Take a snapshot (and drop the log segments it covers) once the log holds this many bytes.
@@ -327,6 +330,7 @@ impl Default for StorageConfig {
             batch_ms: w.batch_ms,
             segment_bytes: w.segment_bytes,
             fsync_threads: w.fsync_threads,
+            preallocate: w.preallocate,
             snapshot_interval_ms: 10_000,
             snapshot_log_bytes: 256 << 20,
         }
@@ -341,6 +345,7 @@ impl StorageConfig {
             batch_ms: self.batch_ms,
             segment_bytes: self.segment_bytes,
             fsync_threads: self.fsync_threads.max(1),
+            preallocate: self.preallocate,
         }
     }
 }

@@ -179,6 +179,12 @@ pub struct WalOptions {
     /// already running: a group never waits for the previous fsync to end, which pays off on
     /// disks that complete concurrent flushes in parallel.
     pub fsync_threads: u32,
+    /// Allocate each segment's `segment_bytes` on disk when it is created (`fallocate`), so
+    /// that appends overwrite blocks the file already owns. An `fdatasync` then flushes the
+    /// data alone, without the journal commit that growing the file costs (about 1.5× faster
+    /// on ext4). The space past the last record reads as zeros, which recovery takes for the
+    /// end of the log; a segment is cut to its records when it is closed.
+    pub preallocate: bool,
 }
 
 impl Default for WalOptions {
@@ -188,6 +194,7 @@ impl Default for WalOptions {
             batch_ms: 5,
             segment_bytes: 64 << 20,
             fsync_threads: 2,
+            preallocate: true,
         }
     }
 }
@@ -556,7 +563,7 @@ fn scan(dir: &Path, from_lsn: u64, collect: bool) -> Result<Scan, StorageError> 
             // Wholly covered by the snapshot (the log ends before it, see `Wal::open`).
             continue;
         }
-        let data = fs::read(&seg.path).map_err(io_err(&seg.path))?;
+        let data = read_segment(&seg.path)?;
         out.segments[i].len = data.len() as u64;
         let mut off = 0usize;
         loop {
@@ -593,6 +600,11 @@ fn scan(dir: &Path, from_lsn: u64, collect: bool) -> Result<Scan, StorageError> 
                 }
                 Err(b) => b,
             };
+            if matches!(bad, BadFrame::Damaged(_)) && data[off..].iter().all(|&b| b == 0) {
+                // Preallocated space never written: the segment's records end here.
+                out.segments[i].len = off as u64;
+                break;
+            }
             let (reason, torn) = match bad {
                 BadFrame::Invalid(r) => (r, false),
                 BadFrame::Damaged(r) if i < last => {
@@ -676,6 +688,8 @@ pub fn repair(dir: &Path, from_lsn: u64) -> Result<RepairReport, StorageError> {
 /// State shared with the sync thread.
 struct Shared {
     policy: FsyncPolicy,
+    /// Bytes to allocate for each new segment (0: none), see [`WalOptions::preallocate`].
+    prealloc: u64,
     batch: Duration,
     state: Mutex<SyncState>,
     cv: Condvar,
@@ -1117,10 +1131,10 @@ fn write_chunk<'a>(
 ) -> Result<MutexGuard<'a, SyncState>, String> {
     let mut file = current.clone();
     if let Some(path) = &chunk.roll_to {
-        let res = shared.stats.fsync(current);
+        let res = trim(current).and_then(|()| shared.stats.fsync(current));
         res.map_err(|e| format!("fsync of the segment before {} failed: {e}", path.display()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        file = Arc::new(open_segment(path, true).map_err(|e| e.to_string())?);
+        file = Arc::new(open_segment(path, true, shared.prealloc).map_err(|e| e.to_string())?);
         sync_dir(dir).map_err(|e| e.to_string())?;
     }
     let t = Instant::now();
@@ -1231,19 +1245,104 @@ impl std::fmt::Debug for Wal {
     }
 }
 
-/// Creates a new segment file for appending (it must not exist).
-fn open_segment(path: &Path, create: bool) -> Result<File, StorageError> {
+/// Opens a segment file for writing at its start (creating it: it must not exist) and
+/// allocates `prealloc` bytes for it. Writes go through the file's own offset, not `O_APPEND`:
+/// the allocated space past the records is part of the file.
+fn open_segment(path: &Path, create: bool, prealloc: u64) -> Result<File, StorageError> {
     let mut o = OpenOptions::new();
-    o.append(true);
+    o.write(true);
     if create {
         o.create_new(true);
     }
-    o.open(path).map_err(io_err(path))
+    let file = o.open(path).map_err(io_err(path))?;
+    preallocate(&file, path, prealloc);
+    Ok(file)
 }
 
-fn create_segment(dir: &Path, start: u64) -> Result<(Segment, File), StorageError> {
+/// Allocates the first `len` bytes of `file` on disk (extending it with zeros), so that writes
+/// into them change no file metadata. Only an optimisation: a failure is logged and ignored.
+fn preallocate(file: &File, path: &Path, len: u64) {
+    if len == 0 {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let Ok(len) = libc::off_t::try_from(len) else {
+            return;
+        };
+        // SAFETY: `fallocate` on a descriptor `file` owns; mode 0 only allocates blocks and
+        // extends the size, the bytes read as zeros.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
+            tracing::warn!(
+                segment = %path.display(),
+                error = %io::Error::last_os_error(),
+                "could not preallocate the log segment; appends will grow it"
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, path);
+}
+
+/// Cuts a segment being closed to the records written into it (its own write offset), leaving
+/// out the space [`preallocate`] reserved past them: only the last segment may end in zeros.
+fn trim(file: &File) -> io::Result<()> {
+    use std::io::Seek;
+    let end = (&*file).stream_position()?;
+    if file.metadata()?.len() != end {
+        file.set_len(end)?;
+    }
+    Ok(())
+}
+
+/// Reads a segment file. Past its last written block a preallocated segment is allocated but
+/// unwritten space, a hole to `SEEK_HOLE`, and reads as zeros: when nothing but such space
+/// follows the first hole, the read stops there (recovery takes zeros for the end of the log),
+/// instead of reading up to `segment_bytes` of zeros.
+fn read_segment(path: &Path) -> Result<Vec<u8>, StorageError> {
+    use std::io::{Read, Seek};
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let len = file.metadata().map_err(io_err(path))?.len();
+    let end = data_end(&file, len);
+    file.rewind().map_err(io_err(path))?;
+    let mut data = Vec::with_capacity(usize::try_from(end).unwrap_or(0));
+    file.take(end)
+        .read_to_end(&mut data)
+        .map_err(io_err(path))?;
+    Ok(data)
+}
+
+/// Where the data of `file` (of `len` bytes) ends: its first hole, if no data follows it.
+/// Moves the file's offset.
+fn data_end(file: &File, len: u64) -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        // SAFETY: `lseek` on a descriptor `file` owns moves only its offset.
+        let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+        match u64::try_from(hole) {
+            Ok(h) if h < len => {
+                // SAFETY: as above.
+                let data = unsafe { libc::lseek(fd, hole, libc::SEEK_DATA) };
+                let none_after =
+                    data < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+                if none_after { h } else { len }
+            }
+            _ => len,
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = file;
+        len
+    }
+}
+
+fn create_segment(dir: &Path, start: u64, prealloc: u64) -> Result<(Segment, File), StorageError> {
     let path = segment_path(dir, start);
-    let file = open_segment(&path, true)?;
+    let file = open_segment(&path, true, prealloc)?;
     sync_dir(dir)?;
     Ok((
         Segment {
@@ -1298,14 +1397,20 @@ impl Wal {
                 bytes_dropped: dropped,
             });
         }
+        let prealloc = if opts.preallocate {
+            opts.segment_bytes
+        } else {
+            0
+        };
         let end = segments.last().map(Segment::end);
         let file = match end {
             Some(end) if end >= from_lsn => {
+                use std::io::Seek;
                 let seg = segments.last().expect("non-empty");
-                OpenOptions::new()
-                    .append(true)
-                    .open(&seg.path)
-                    .map_err(io_err(&seg.path))?
+                let mut file = open_segment(&seg.path, false, prealloc)?;
+                file.seek(io::SeekFrom::Start(seg.len))
+                    .map_err(io_err(&seg.path))?;
+                file
             }
             _ => {
                 if let Some(end) = end {
@@ -1320,7 +1425,7 @@ impl Wal {
                         fs::remove_file(&s.path).map_err(io_err(&s.path))?;
                     }
                 }
-                let (seg, file) = create_segment(dir, from_lsn)?;
+                let (seg, file) = create_segment(dir, from_lsn, prealloc)?;
                 segments.push(seg);
                 file
             }
@@ -1330,6 +1435,7 @@ impl Wal {
         let (tx, synced_rx) = watch::channel(end_lsn);
         let shared = Arc::new(Shared {
             policy: opts.fsync,
+            prealloc,
             batch: Duration::from_millis(opts.batch_ms.max(1)),
             state: Mutex::new(SyncState {
                 requested: end_lsn,
@@ -1595,7 +1701,9 @@ impl Wal {
     fn roll_in_place(&mut self) -> Result<(), StorageError> {
         let start = self.end_lsn;
         let path = segment_path(&self.dir, start);
-        let file = Arc::new(open_segment(&path, true)?);
+        let old = self.segments.last().expect("a current segment");
+        trim(&self.file).map_err(io_err(&old.path))?;
+        let file = Arc::new(open_segment(&path, true, self.shared.prealloc)?);
         self.shared.lock().current = file.clone();
         self.file = file;
         self.segments.push(Segment {
@@ -1716,6 +1824,14 @@ impl Drop for Wal {
         for t in self.committers.drain(..) {
             let _ = t.join();
         }
+        // Everything queued is written: a log closed in order ends at its last record, as one
+        // that never preallocated. (After a crash recovery finds the zeros instead.)
+        if !self.shared.failed.load(Ordering::SeqCst) {
+            let current = self.shared.lock().current.clone();
+            if let Err(e) = trim(&current) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not trim the log's last segment");
+            }
+        }
     }
 }
 
@@ -1833,6 +1949,13 @@ mod tests {
 
     fn last_segment(dir: &Path) -> PathBuf {
         list_segments(dir).unwrap().last().unwrap().path.clone()
+    }
+
+    /// Where the records on disk end (a preallocated segment is longer than that).
+    fn written(dir: &Path) -> u64 {
+        let scan = scan(dir, 0, false).unwrap();
+        assert!(scan.problem.is_none());
+        scan.segments.last().map_or(0, Segment::end)
     }
 
     #[test]
@@ -1983,13 +2106,87 @@ mod tests {
             assert_eq!(torn.segment, seg);
             assert_eq!(rec.records, recs[..29].to_vec(), "chop {chop}");
             assert_eq!(torn.offset + torn.bytes_dropped, len - chop);
-            assert_eq!(fs::metadata(&seg).unwrap().len(), torn.offset);
+            let after = fs::read(&seg).unwrap().split_off(torn.offset as usize);
+            assert!(after.iter().all(|&b| b == 0), "cut at the torn record");
             wal.append(&recs[29..]).unwrap();
             drop(wal);
             let (_, rec) = Wal::open(dir.path(), opts(1024), 0).unwrap();
             assert!(rec.torn_tail.is_none());
             assert_eq!(rec.records, recs);
         }
+    }
+
+    #[test]
+    fn preallocated_segments_end_at_their_zeros_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let recs = sample(60);
+        let seg_bytes = 1024;
+        let (mut wal, _) = Wal::open(dir.path(), opts(seg_bytes), 0).unwrap();
+        for r in recs[..40].chunks(2) {
+            wal.append(r).unwrap();
+        }
+        let end = wal.sync_now().unwrap();
+        let segs = list_segments(dir.path()).unwrap();
+        assert!(segs.len() >= 3, "rolled: {segs:?}");
+        // Closed segments were cut to their records; the current one owns its space.
+        for pair in segs.windows(2) {
+            assert_eq!(pair[0].end(), pair[1].start, "{segs:?}");
+        }
+        let last = segs.last().unwrap();
+        assert_eq!(last.len, seg_bytes, "the current segment is preallocated");
+        assert!(last.start < end && end < last.start + seg_bytes);
+        // A crash: the log is never closed, its last segment keeps its zeros.
+        std::mem::forget(wal);
+        let (mut wal, rec) = Wal::open(dir.path(), opts(seg_bytes), 0).unwrap();
+        assert!(rec.torn_tail.is_none(), "zeros are not a torn tail");
+        assert_eq!(rec.records, recs[..40].to_vec());
+        assert_eq!(rec.end_lsn, end);
+        // Appends continue at the end of the records, not past the zeros.
+        for r in recs[40..50].chunks(2) {
+            wal.append(r).unwrap();
+        }
+        let end = wal.sync_now().unwrap();
+        std::mem::forget(wal);
+        // A write torn inside the zeros: a header whose payload never made it.
+        let seg = last_segment(dir.path());
+        let mut f = OpenOptions::new().write(true).open(&seg).unwrap();
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(end - lsn_of(&seg))).unwrap();
+        f.write_all(&90u32.to_le_bytes()).unwrap();
+        f.write_all(&0x0bad_cafeu32.to_le_bytes()).unwrap();
+        f.write_all(&[0x55; 30]).unwrap();
+        drop(f);
+        let (wal, rec) = Wal::open(dir.path(), opts(seg_bytes), 0).unwrap();
+        let torn = rec.torn_tail.expect("the torn record is reported");
+        assert_eq!(lsn_of(&seg) + torn.offset, end);
+        assert_eq!(rec.records, recs[..50].to_vec());
+        assert_eq!(
+            fs::metadata(&seg).unwrap().len(),
+            seg_bytes,
+            "preallocated again after the cut"
+        );
+        // Closed in order, the log ends at its last record, as one never preallocated.
+        drop(wal);
+        assert_eq!(fs::metadata(&seg).unwrap().len(), end - lsn_of(&seg));
+        let (_, rec) = Wal::open(dir.path(), opts(seg_bytes), 0).unwrap();
+        assert_eq!(rec.records, recs[..50].to_vec());
+        // Without preallocation a new segment holds only what was written.
+        let plain = tempfile::tempdir().unwrap();
+        let o = WalOptions {
+            preallocate: false,
+            ..opts(seg_bytes)
+        };
+        let (mut wal, _) = Wal::open(plain.path(), o, 0).unwrap();
+        let end = wal.append(&recs[..3]).unwrap();
+        wal.sync_now().unwrap();
+        assert_eq!(fs::metadata(last_segment(plain.path())).unwrap().len(), end);
+    }
+
+    fn lsn_of(seg: &Path) -> u64 {
+        let name = seg.file_name().unwrap().to_str().unwrap();
+        name["wal-".len()..name.len() - ".log".len()]
+            .parse()
+            .unwrap()
     }
 
     #[test]
@@ -2108,7 +2305,7 @@ mod tests {
             ..opts(1 << 20)
         };
         let (mut wal, _) = Wal::open(dir.path(), one, 0).unwrap();
-        let on_disk = || fs::metadata(last_segment(dir.path())).unwrap().len();
+        let on_disk = || written(dir.path());
         let first = wal.append(&sample(3)).unwrap();
         assert_eq!(on_disk(), first, "an idle log is written by the appender");
         wal.shared.lock().fsyncing += 1;
@@ -2132,7 +2329,7 @@ mod tests {
         };
         let (mut wal, _) = Wal::open(never.path(), o, 0).unwrap();
         let lsn = wal.append(&sample(10)).unwrap();
-        assert_eq!(fs::metadata(last_segment(never.path())).unwrap().len(), lsn);
+        assert_eq!(written(never.path()), lsn);
     }
 
     #[test]
@@ -2249,7 +2446,7 @@ mod tests {
         assert_eq!(wal.fsyncs(), 0, "batch waited for an fsync");
         // Acknowledged means written: what a killed process leaves on disk has the records.
         let seg = last_segment(dir.path());
-        assert_eq!(fs::metadata(&seg).unwrap().len(), lsn);
+        assert_eq!(written(dir.path()), lsn);
         let copy = tempfile::tempdir().unwrap();
         fs::copy(&seg, copy.path().join(seg.file_name().unwrap())).unwrap();
         let (_, rec) = Wal::open(copy.path(), WalOptions::default(), 0).unwrap();
