@@ -2135,8 +2135,12 @@ mod tests {
         let last = segs.last().unwrap();
         assert_eq!(last.len, seg_bytes, "the current segment is preallocated");
         assert!(last.start < end && end < last.start + seg_bytes);
-        // A crash: the log is never closed, its last segment keeps its zeros.
+        // A crash: the log is never closed, its last segment keeps its zeros. And a closed
+        // segment whose cut at the roll never reached the disk ends in zeros too.
         std::mem::forget(wal);
+        let first = OpenOptions::new().write(true).open(&segs[0].path).unwrap();
+        first.set_len(seg_bytes).unwrap();
+        assert!(segs[0].len < seg_bytes);
         let (mut wal, rec) = Wal::open(dir.path(), opts(seg_bytes), 0).unwrap();
         assert!(rec.torn_tail.is_none(), "zeros are not a torn tail");
         assert_eq!(rec.records, recs[..40].to_vec());
