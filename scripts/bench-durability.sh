@@ -115,7 +115,7 @@ os.close(fd)
 os.unlink(sys.argv[1])
 lat.sort()
 print(json.dumps({"p50_us": lat[len(lat) // 2], "mean_us": statistics.mean(lat),
-                  "p99_us": lat[int(len(lat) * 0.99)]}))
+                  "p99_us": lat[int(len(lat) * 0.99)]}, separators=(",", ":")))
 PY
 }
 
@@ -142,7 +142,7 @@ row["report"] = {
     "records_per_fsync": d("causalkv_wal_committed_records_total") / max(commits, 1),
     "fsync_mean_us": d("causalkv_wal_fsync_duration_seconds_sum") / max(d("causalkv_wal_fsync_duration_seconds_count"), 1) * 1e6,
     "stage_mean_us": {s: stage(s) for s in ("apply", "log", "wake", "reply")}}
-print(json.dumps(row))
+print(json.dumps(row, separators=(",", ":")))
 PY
 }
 
