@@ -4,8 +4,11 @@
 //!
 //! The log lives in one directory as segment files named `wal-<start lsn, 20 digits>.log`. An LSN
 //! is a byte offset in the logical log, across segments: a segment's records occupy
-//! `start .. start + file length`, and the next segment starts exactly where the previous one
-//! ends. Each record is framed as
+//! `start .. start + their length`, and the next segment starts exactly where the previous one
+//! ends. With [`WalOptions::preallocate`] a segment is allocated whole when it is created and
+//! its records are followed by zeros; it is cut to its records when it is closed (a roll, or
+//! the log closed in order), so only the last segment keeps zeros, after a crash. Each record
+//! is framed as
 //!
 //! ```text
 //! [u32 LE payload length][u32 LE crc32 of payload][payload]
@@ -17,11 +20,16 @@
 //! # Recovery
 //!
 //! [`Wal::open`] scans the segments from the one holding `from_lsn` (the LSN a snapshot covers;
-//! earlier records are skipped, earlier whole segments are not even read). A bad record is either:
+//! earlier records are skipped, earlier whole segments are not even read). Where a segment's
+//! records are followed only by zeros (preallocated space), they simply end there. Otherwise a
+//! bad record is either:
 //!
 //! - a **torn tail**: it is in the *last* segment and no complete record with a valid CRC starts
-//!   anywhere after it (a crash interrupted the last write). The segment is truncated at the bad
-//!   record (`set_len` + fsync), a warning is logged and [`Recovery::torn_tail`] reports it;
+//!   anywhere after it (a crash interrupted the last write), or the rest of its page is zeros (a
+//!   page whose write never reached the disk before a machine crash, while a later one did:
+//!   past the last completed fsync, so nothing after it was acknowledged under `always`). The
+//!   segment is truncated at the bad record (`set_len` + fsync), a warning is logged and
+//!   [`Recovery::torn_tail`] reports it;
 //! - **corruption**: anything else (valid data follows the bad record, the bad record is in an
 //!   earlier segment, a record whose CRC matches fails validation, segments do not join up).
 //!   [`Wal::open`] then fails with [`StorageError::Corrupt`], whose message names the segment and
@@ -77,6 +85,10 @@ use twin::{ArchivedUpdateRef, ArchivedWalRecord, UpdateRef, WalRecord};
 
 /// Size of a record header: payload length and CRC.
 const HEADER: usize = 8;
+
+/// The unit in which a write can fail to reach the disk: a page of the page cache (and a file
+/// system block), 4 KiB.
+const PAGE: usize = 4096;
 
 /// What can go wrong in durable storage.
 #[derive(Debug, thiserror::Error)]
@@ -481,6 +493,36 @@ fn valid_frame_after(data: &[u8], bad: usize) -> bool {
     (bad + 1..data.len().saturating_sub(HEADER - 1)).any(check)
 }
 
+/// Whether the damaged frame at `bad` looks like a page whose write never reached the disk: a
+/// run of at least a header's worth of zeros that starts inside the frame and ends at a page
+/// boundary (or the end of the data). In a preallocated segment the space past the records is
+/// zeros until written, and after a machine crash a page written back late keeps its old
+/// content: the part of the records that had reached it, then zeros to the page's end, while a
+/// later page may already hold newer records. Such a gap lies past the last completed fsync
+/// (an fsync makes every page before its end durable), so the records after it were never
+/// acknowledged under `always`.
+fn unwritten_page_in(data: &[u8], bad: usize) -> bool {
+    let len = data.get(bad..bad + 4).map_or(0, |b| {
+        u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize
+    });
+    let frame_end = bad
+        .saturating_add(HEADER)
+        .saturating_add(len)
+        .min(data.len());
+    let mut boundary = (bad / PAGE + 1) * PAGE;
+    loop {
+        let end = boundary.min(data.len());
+        let zeros = data[bad..end].iter().rev().take_while(|&&b| b == 0).count();
+        if zeros >= HEADER && end - zeros < frame_end.max(bad + 1) {
+            return true;
+        }
+        if end >= frame_end {
+            return false;
+        }
+        boundary += PAGE;
+    }
+}
+
 /// Validates a payload (copied into `aligned`) and converts it.
 fn decode(payload: &[u8], aligned: &mut AlignedVec<16>) -> Result<Record, String> {
     aligned.clear();
@@ -611,7 +653,13 @@ fn scan(dir: &Path, from_lsn: u64, collect: bool) -> Result<Scan, StorageError> 
                     (format!("{r}, in a segment that is not the last one"), false)
                 }
                 BadFrame::Damaged(r) if valid_frame_after(&data, off) => {
-                    (format!("{r}, and valid records follow it"), false)
+                    if unwritten_page_in(&data, off) {
+                        let why = "the rest of its page is zeros: a write that never reached \
+                                   the disk, so the records after it go with the torn tail";
+                        (format!("{r}; {why}"), true)
+                    } else {
+                        (format!("{r}, and valid records follow it"), false)
+                    }
                 }
                 BadFrame::Damaged(r) => (r, true),
             };
@@ -2191,6 +2239,57 @@ mod tests {
         name["wal-".len()..name.len() - ".log".len()]
             .parse()
             .unwrap()
+    }
+
+    #[test]
+    fn a_page_lost_in_a_crash_is_a_torn_tail_but_a_flipped_byte_is_not() {
+        let recs = sample(300);
+        let setup = || {
+            let dir = tempfile::tempdir().unwrap();
+            let (mut wal, _) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+            let mut lsns = Vec::new();
+            for r in recs.chunks(1) {
+                lsns.push(wal.append(r).unwrap());
+            }
+            wal.sync_now().unwrap();
+            // A machine crash: the segment keeps its preallocated space.
+            std::mem::forget(wal);
+            let seg = last_segment(dir.path());
+            let data = fs::read(&seg).unwrap();
+            // A record that starts inside the second page, with more than a page after it.
+            let k = lsns.iter().position(|&l| l as usize > PAGE + 100).unwrap() + 1;
+            assert!(
+                lsns[recs.len() - 1] as usize > 3 * PAGE,
+                "records span pages"
+            );
+            (dir, seg, data, lsns, k)
+        };
+        // The second page's write was lost from record k on: zeros to the page's end, while
+        // the third page holds later records.
+        let (dir, seg, mut data, lsns, k) = setup();
+        let at = lsns[k - 1] as usize;
+        data[at..2 * PAGE].fill(0);
+        fs::write(&seg, &data).unwrap();
+        let (_, rec) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        let torn = rec.torn_tail.expect("a torn tail, not corruption");
+        assert_eq!(torn.offset, at as u64);
+        assert_eq!(rec.records, recs[..k].to_vec());
+        // The same with the record's first bytes on disk (its header included): the zeros
+        // start inside it.
+        let (dir, seg, mut data, lsns, k) = setup();
+        let at = lsns[k - 1] as usize;
+        data[at + HEADER + 3..2 * PAGE].fill(0);
+        fs::write(&seg, &data).unwrap();
+        let (_, rec) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
+        assert_eq!(rec.torn_tail.expect("torn").offset, at as u64);
+        assert_eq!(rec.records, recs[..k].to_vec());
+        // A flipped byte in the same record, with no zeros reaching the page's end, is
+        // corruption: valid records follow it.
+        let (dir, seg, mut data, lsns, k) = setup();
+        data[lsns[k - 1] as usize + HEADER + 3] ^= 0x40;
+        fs::write(&seg, &data).unwrap();
+        let err = Wal::open(dir.path(), opts(1 << 20), 0).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
     }
 
     #[test]
