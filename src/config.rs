@@ -952,7 +952,10 @@ key = "b.key"
         assert!(e.to_string().contains("fsync_threads"), "{e}");
         let ok = load(&format!("{GOOD}\n[storage]\nfsync_threads = 4\n")).expect("valid");
         assert_eq!(ok.storage.wal().fsync_threads, 4);
-        assert!(ok.storage.wal().preallocate, "segments are preallocated by default");
+        assert!(
+            ok.storage.wal().preallocate,
+            "segments are preallocated by default"
+        );
         let ok = load(&format!("{GOOD}\n[storage]\npreallocate = false\n")).expect("valid");
         assert!(!ok.storage.wal().preallocate);
     }

@@ -25,9 +25,10 @@
 //! bad record is either:
 //!
 //! - a **torn tail**: it is in the *last* segment and no complete record with a valid CRC starts
-//!   anywhere after it (a crash interrupted the last write), or the rest of its page is zeros (a
-//!   page whose write never reached the disk before a machine crash, while a later one did:
-//!   past the last completed fsync, so nothing after it was acknowledged under `always`). The
+//!   anywhere after it (a crash interrupted the last write), or it starts a run of zeros to the
+//!   end of its page (a page whose write never reached the disk before a machine crash, while a
+//!   later one did: past the last completed fsync, so nothing after it was acknowledged under
+//!   `always`; see `unwritten_page_in`). The
 //!   segment is truncated at the bad record (`set_len` + fsync), a warning is logged and
 //!   [`Recovery::torn_tail`] reports it;
 //! - **corruption**: anything else (valid data follows the bad record, the bad record is in an
@@ -493,34 +494,22 @@ fn valid_frame_after(data: &[u8], bad: usize) -> bool {
     (bad + 1..data.len().saturating_sub(HEADER - 1)).any(check)
 }
 
-/// Whether the damaged frame at `bad` looks like a page whose write never reached the disk: a
-/// run of at least a header's worth of zeros that starts inside the frame and ends at a page
-/// boundary (or the end of the data). In a preallocated segment the space past the records is
-/// zeros until written, and after a machine crash a page written back late keeps its old
-/// content: the part of the records that had reached it, then zeros to the page's end, while a
-/// later page may already hold newer records. Such a gap lies past the last completed fsync
-/// (an fsync makes every page before its end durable), so the records after it were never
-/// acknowledged under `always`.
+/// Whether the damaged frame at `bad` looks like a page whose write never reached the disk: its
+/// header and the rest of its page are all zeros. In a preallocated segment the space past the
+/// records is zeros until written. After a machine crash a page written back late keeps its
+/// older content while a later page may already hold newer records; that older content ends
+/// where a `write(2)` ended (a page's share of a write is copied in whole, under the page's
+/// lock, before writeback can take it), so at a record boundary, followed by zeros to the
+/// page's end. Such a gap lies past the last completed fsync (an fsync makes every page before
+/// its end durable), so nothing after it was acknowledged under `always`.
+///
+/// The damaged frame's own length is not trusted, and zeros that start inside a record do not
+/// count: records hold zero bytes of their own, and a flipped bit in such a record, with valid
+/// records after it, is corruption. What this cannot tell apart from a lost page is a device
+/// that zeroes the end of a page from exactly a record boundary on.
 fn unwritten_page_in(data: &[u8], bad: usize) -> bool {
-    let len = data.get(bad..bad + 4).map_or(0, |b| {
-        u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize
-    });
-    let frame_end = bad
-        .saturating_add(HEADER)
-        .saturating_add(len)
-        .min(data.len());
-    let mut boundary = (bad / PAGE + 1) * PAGE;
-    loop {
-        let end = boundary.min(data.len());
-        let zeros = data[bad..end].iter().rev().take_while(|&&b| b == 0).count();
-        if zeros >= HEADER && end - zeros < frame_end.max(bad + 1) {
-            return true;
-        }
-        if end >= frame_end {
-            return false;
-        }
-        boundary += PAGE;
-    }
+    let page_end = ((bad / PAGE + 1) * PAGE).min(data.len());
+    page_end >= bad + HEADER && data[bad..page_end].iter().all(|&b| b == 0)
 }
 
 /// Validates a payload (copied into `aligned`) and converts it.
@@ -1307,24 +1296,40 @@ fn open_segment(path: &Path, create: bool, prealloc: u64) -> Result<File, Storag
     Ok(file)
 }
 
-/// Allocates the first `len` bytes of `file` on disk (extending it with zeros), so that writes
-/// into them change no file metadata. Only an optimisation: a failure is logged and ignored.
+/// The most [`preallocate`] allocates for one segment; a segment configured larger grows past
+/// it by appends.
+const MAX_PREALLOC: u64 = 256 << 20;
+
+/// Allocates the first `len` bytes of `file` (at most [`MAX_PREALLOC`]) on disk, extending it
+/// with zeros, so that writes into them change no file metadata. Only an optimisation: a
+/// failure is logged, and what a failed allocation kept (on a full disk, ext4 keeps the blocks
+/// it got and grows the file) is given back.
 fn preallocate(file: &File, path: &Path, len: u64) {
+    let len = len.min(MAX_PREALLOC);
     if len == 0 {
         return;
     }
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let Ok(len) = libc::off_t::try_from(len) else {
+        let Ok(before) = file.metadata().map(|m| m.len()) else {
             return;
         };
+        let Ok(want) = libc::off_t::try_from(len) else {
+            return;
+        };
+        if before >= len {
+            return;
+        }
         // SAFETY: `fallocate` on a descriptor `file` owns; mode 0 only allocates blocks and
         // extends the size, the bytes read as zeros.
-        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } != 0 {
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, want) } != 0 {
+            let error = io::Error::last_os_error();
+            let undone = file.set_len(before);
             tracing::warn!(
                 segment = %path.display(),
-                error = %io::Error::last_os_error(),
+                %error,
+                undone = undone.is_ok(),
                 "could not preallocate the log segment; appends will grow it"
             );
         }
@@ -2242,7 +2247,7 @@ mod tests {
     }
 
     #[test]
-    fn a_page_lost_in_a_crash_is_a_torn_tail_but_a_flipped_byte_is_not() {
+    fn a_page_lost_in_a_crash_is_a_torn_tail_but_damage_inside_records_is_not() {
         let recs = sample(300);
         let setup = || {
             let dir = tempfile::tempdir().unwrap();
@@ -2274,15 +2279,20 @@ mod tests {
         let torn = rec.torn_tail.expect("a torn tail, not corruption");
         assert_eq!(torn.offset, at as u64);
         assert_eq!(rec.records, recs[..k].to_vec());
-        // The same with the record's first bytes on disk (its header included): the zeros
-        // start inside it.
+        // Zeros that start inside a record are not a lost page (a page keeps whole writes):
+        // with valid records after them, that is corruption.
         let (dir, seg, mut data, lsns, k) = setup();
         let at = lsns[k - 1] as usize;
         data[at + HEADER + 3..2 * PAGE].fill(0);
         fs::write(&seg, &data).unwrap();
-        let (_, rec) = Wal::open(dir.path(), opts(1 << 20), 0).unwrap();
-        assert_eq!(rec.torn_tail.expect("torn").offset, at as u64);
-        assert_eq!(rec.records, recs[..k].to_vec());
+        let err = Wal::open(dir.path(), opts(1 << 20), 0).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
+        // Nor is a length flipped in an acknowledged record, whatever zeros follow later.
+        let (dir, seg, mut data, lsns, _) = setup();
+        data[lsns[9] as usize + 3] ^= 1;
+        fs::write(&seg, &data).unwrap();
+        let err = Wal::open(dir.path(), opts(1 << 20), 0).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
         // A flipped byte in the same record, with no zeros reaching the page's end, is
         // corruption: valid records follow it.
         let (dir, seg, mut data, lsns, k) = setup();
