@@ -570,6 +570,14 @@ fn scan(dir: &Path, from_lsn: u64, collect: bool) -> Result<Scan, StorageError> 
         });
     }
     let last = out.segments.len() - 1;
+    // The segments before `first` are not read: their records end where the next one starts.
+    // (Their file length can be larger, if a preallocated segment's cut at its roll never
+    // reached the disk.)
+    for i in 0..first {
+        let next = out.segments[i + 1].start;
+        let seg = &mut out.segments[i];
+        seg.len = seg.len.min(next.saturating_sub(seg.start));
+    }
     let mut aligned = AlignedVec::<16>::new();
     for i in first..=last {
         let seg = out.segments[i].clone();
@@ -2194,6 +2202,10 @@ mod tests {
         let first = OpenOptions::new().write(true).open(&segs[0].path).unwrap();
         first.set_len(seg_bytes).unwrap();
         assert!(segs[0].len < seg_bytes);
+        // Not read when recovery starts past it, it still counts only its records.
+        let (wal, _) = Wal::open(dir.path(), opts(seg_bytes), segs[1].start).unwrap();
+        assert_eq!(wal.segments[0].end(), segs[1].start);
+        std::mem::forget(wal);
         let (mut wal, rec) = Wal::open(dir.path(), opts(seg_bytes), 0).unwrap();
         assert!(rec.torn_tail.is_none(), "zeros are not a torn tail");
         assert_eq!(rec.records, recs[..40].to_vec());
