@@ -22,7 +22,8 @@
 #
 # --storage-ab runs only an A/B of `[storage]` settings: one site per variant (its settings
 # written into the site's config; `fsync` defaults to always), plus one with fsync=never,
-# loaded in interleaved rounds with 1, 16 and 64 writers; writes OUT/storage-ab.md.
+# loaded in interleaved rounds with 1, 16 and 64 writers, with each site's group-commit figures
+# (/metrics) and CPU time (/proc) around every load; writes OUT/storage-ab.md and .jsonl.
 # --commit-threads "1 2" is short for --storage-ab "threads-1:fsync_threads=1 threads-2:fsync_threads=2"
 # (and writes OUT/commit-threads.md).
 set -euo pipefail
@@ -56,7 +57,7 @@ RAW="$WORK/rounds.jsonl"
 : > "$RAW"
 
 BASE=$(( 20000 + RANDOM % 20000 ))
-declare -A SITE CERTS ADMIN SETTINGS
+declare -A SITE CERTS ADMIN SETTINGS SITE_PID
 POLICIES=(always batch never)
 if [ -n "$AB" ]; then
   POLICIES=()
@@ -78,6 +79,7 @@ for policy in "${POLICIES[@]}"; do
   for kv in "${kvs[@]}"; do set_storage "$D/site-a.toml" "${kv%%=*}" "${kv#*=}"; done
   "$BIN" serve --config "$D/site-a.toml" 2>"$D/site.log" &
   PIDS+=($!)
+  SITE_PID[$policy]=$!
   SITE[$policy]="127.0.0.1:$port"
   CERTS[$policy]="$D/certs"
   ADMIN[$policy]=$(sed -n 's/^admin_addr = "\(.*\)"/\1/p' "$D/site-a.toml")
@@ -156,10 +158,12 @@ if [ -n "$AB" ]; then
       done
       for policy in "${POLICIES[@]}"; do
         curl -s "http://${ADMIN[$policy]}/metrics" > "$WORK/m0"
+        t0=$(cpu_ticks "${SITE_PID[$policy]}")
         R=$(load "$policy" "$c")
+        t1=$(cpu_ticks "${SITE_PID[$policy]}")
         curl -s "http://${ADMIN[$policy]}/metrics" > "$WORK/m1"
         M=$(metrics_delta "$WORK/m0" "$WORK/m1" '{}')
-        echo "{\"round\":$round,\"policy\":\"$policy\",\"writers\":$c,\"report\":$R,\"metrics\":$M}" >> "$RAW"
+        echo "{\"round\":$round,\"policy\":\"$policy\",\"writers\":$c,\"report\":$R,\"metrics\":$M,\"site_cpu_ticks\":$(( t1 - t0 )),\"tick_hz\":$(getconf CLK_TCK)}" >> "$RAW"
       done
     done
   done
@@ -174,17 +178,19 @@ med = lambda v: sorted(v)[len(v) // 2]
 L = [f"# `[storage]` settings under fsync=always: {sys.argv[4]} interleaved rounds of {secs:.0f} s",
      "", f"Variants: `{sys.argv[5].strip()}`. One site per variant, 100-byte puts; `never` is the same load",
      "with fsync=never.", "",
-     "| writers | setting | puts/s per round | median | x never | p50 us (median) | fsync mean us (median) | records per fsync (median) |",
-     "|---:|---|---|---:|---:|---:|---:|---:|"]
+     "| writers | setting | puts/s per round | median | x never | p50 us (median) | fsync mean us (median) | records per fsync (median) | site CPU us per put (median) |",
+     "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
 for c in (1, 16, 64):
     never = med([r["report"]["ops"] / secs for r in rows if r["writers"] == c and r["policy"] == "never"])
     for p in pols:
         rs = [r["report"] for r in rows if r["writers"] == c and r["policy"] == p]
         ms = [r["metrics"] for r in rows if r["writers"] == c and r["policy"] == p]
+        full = [r for r in rows if r["writers"] == c and r["policy"] == p]
         v = [x["ops"] / secs for x in rs]
         L.append(f"| {c} | {p} | {', '.join(f'{x:,.0f}' for x in v)} | {med(v):,.0f} | {med(v) / never:.2f} | "
                  f"{med([x['put']['p50_us'] for x in rs]):,} | "
-                 f"{med([m['report']['fsync_mean_us'] for m in ms]):,.0f} | {med([m['report']['records_per_fsync'] for m in ms]):.1f} |")
+                 f"{med([m['report']['fsync_mean_us'] for m in ms]):,.0f} | {med([m['report']['records_per_fsync'] for m in ms]):.1f} | "
+                 f"{med([r['site_cpu_ticks'] / r['tick_hz'] * 1e6 / max(r['report']['ops'], 1) for r in full]):.1f} |")
 L += ["", "The disk's own write(2) + fdatasync of 150 bytes, 300 times before each writer count's loads:", "",
       "| file | p50 us per round | median |", "|---|---|---:|"]
 for mode in ("append", "preallocated"):

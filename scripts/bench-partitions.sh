@@ -32,15 +32,6 @@ start_work
 RESULTS="$WORK/results"
 mkdir -p "$RESULTS"
 
-# cpu_ticks PID...: user + system CPU time of the processes, in clock ticks.
-cpu_ticks() {
-  local t=0
-  for p in "$@"; do
-    t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") ))
-  done
-  echo "$t"
-}
-
 # sibling_bytes BASE NODES: the sum of every node's sibling contribution bytes sent so far.
 sibling_bytes() {
   local base=$1 nodes=$2 t=0 v
