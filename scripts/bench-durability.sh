@@ -149,6 +149,7 @@ PY
 }
 
 if [ -n "$AB" ]; then
+  TICK_HZ=$(getconf CLK_TCK)
   for round in $(seq 1 "$ROUNDS"); do
     echo "round $round/$ROUNDS: ${POLICIES[*]} x 1/16/64 writers..." >&2
     for c in 1 16 64; do
@@ -163,7 +164,7 @@ if [ -n "$AB" ]; then
         t1=$(cpu_ticks "${SITE_PID[$policy]}")
         curl -s "http://${ADMIN[$policy]}/metrics" > "$WORK/m1"
         M=$(metrics_delta "$WORK/m0" "$WORK/m1" '{}')
-        echo "{\"round\":$round,\"policy\":\"$policy\",\"writers\":$c,\"report\":$R,\"metrics\":$M,\"site_cpu_ticks\":$(( t1 - t0 )),\"tick_hz\":$(getconf CLK_TCK)}" >> "$RAW"
+        echo "{\"round\":$round,\"policy\":\"$policy\",\"writers\":$c,\"report\":$R,\"metrics\":$M,\"site_cpu_ticks\":$(( t1 - t0 )),\"tick_hz\":$TICK_HZ}" >> "$RAW"
       done
     done
   done
@@ -183,9 +184,9 @@ L = [f"# `[storage]` settings under fsync=always: {sys.argv[4]} interleaved roun
 for c in (1, 16, 64):
     never = med([r["report"]["ops"] / secs for r in rows if r["writers"] == c and r["policy"] == "never"])
     for p in pols:
-        rs = [r["report"] for r in rows if r["writers"] == c and r["policy"] == p]
-        ms = [r["metrics"] for r in rows if r["writers"] == c and r["policy"] == p]
         full = [r for r in rows if r["writers"] == c and r["policy"] == p]
+        rs = [r["report"] for r in full]
+        ms = [r["metrics"] for r in full]
         v = [x["ops"] / secs for x in rs]
         L.append(f"| {c} | {p} | {', '.join(f'{x:,.0f}' for x in v)} | {med(v):,.0f} | {med(v) / never:.2f} | "
                  f"{med([x['put']['p50_us'] for x in rs]):,} | "
