@@ -10,6 +10,10 @@
 #   - throughput, 1 site and 3 sites replicating to each other: `causalkv bench load
 #     --partitions P` at site a with 64 requests in flight, 50 % reads, 100 B values,
 #     fsync = "never" (this measures CPU, not the disk), and the servers' CPU time;
+#   - operations per server CPU-second at the same load, 1 site and 3 sites: the same `bench
+#     load` paced at SAME_RATE ops/s (default 20,000, below what either configuration
+#     saturates at here), so P = 1 and P = 2 serve the same operations; with the sibling
+#     contribution frames per second each load caused;
 #   - the idle cost of partitioning, 3 sites: the servers' CPU time and the bytes of sibling
 #     contributions (`causalkv_sibling_bytes_out_total`) over IDLE seconds (default 3) before
 #     the load starts;
@@ -26,22 +30,25 @@ SECONDS_PER_RUN=5
 OUT=results/partitions
 ROUNDS=${ROUNDS:-3}
 IDLE=${IDLE:-3}
+SAME_RATE=${SAME_RATE:-20000}
 parse_seconds_out "$@"
 start_work
 
 RESULTS="$WORK/results"
 mkdir -p "$RESULTS"
 
-# sibling_bytes BASE NODES: the sum of every node's sibling contribution bytes sent so far.
-sibling_bytes() {
-  local base=$1 nodes=$2 t=0 v
+# metric_sum NAME BASE NODES: the sum over every node of the counter NAME (`/metrics`).
+metric_sum() {
+  local name=$1 base=$2 nodes=$3 t=0 v
   for n in $(seq 0 $(( nodes - 1 ))); do
     v=$(curl -s "http://127.0.0.1:$(( base + 1000 + n ))/metrics" \
-        | awk '$1 == "causalkv_sibling_bytes_out_total" {print $2}')
+        | awk -v k="$name" '$1 == k {print $2}')
     t=$(( t + ${v:-0} ))
   done
   echo "$t"
 }
+sibling_bytes() { metric_sum causalkv_sibling_bytes_out_total "$@"; }
+sibling_frames() { metric_sum causalkv_sibling_contributions_out_total "$@"; }
 
 # run_config NAME SITES P FSYNC ROUND: starts the nodes, runs the measurements (into files
 # NAME.rROUND.*), stops the nodes.
@@ -103,19 +110,32 @@ run_config() {
     "${vis[@]}" 2>/dev/null > "$out.visload.json"
     wait "$bg"
   fi
+  local nodes=$(( sites * parts ))
+  # measure_load KIND [ARGS...]: `bench load` at a (64 in flight, 50 % reads) into
+  # NAME.rROUND.KIND.json, with the servers' CPU ticks and the sibling frames it took.
+  measure_load() {
+    local kind=$1 cpu0 cpu1 f0 f1
+    shift
+    cpu0=$(cpu_ticks "${pids[@]}"); f0=$(sibling_frames "$base" "$nodes")
+    "$BIN" bench load --site "$a" --partitions "$parts" --certs "$certs" \
+      --seconds "$SECONDS_PER_RUN" --concurrency 64 --read-ratio 0.5 --value-size 100 "$@" \
+      2>/dev/null > "$out.$kind.json"
+    cpu1=$(cpu_ticks "${pids[@]}"); f1=$(sibling_frames "$base" "$nodes")
+    echo "{\"cpu_ticks\": $(( cpu1 - cpu0 )), \"sibling_frames\": $(( f1 - f0 ))}" > "$out.$kind.cost.json"
+  }
   echo "  $name (round $round): load (64 in flight, ${SECONDS_PER_RUN} s)..." >&2
-  local cpu0 cpu1
-  cpu0=$(cpu_ticks "${pids[@]}")
-  "$BIN" bench load --site "$a" --partitions "$parts" --certs "$certs" --seconds "$SECONDS_PER_RUN" \
-    --concurrency 64 --read-ratio 0.5 --value-size 100 2>/dev/null > "$out.load.json"
-  cpu1=$(cpu_ticks "${pids[@]}")
-  echo "$(( cpu1 - cpu0 ))" > "$out.cpu"
+  measure_load load
+  if [ "$fsync" = never ]; then
+    echo "  $name (round $round): the same load, ${SAME_RATE} ops/s (${SECONDS_PER_RUN} s)..." >&2
+    measure_load rate --rate "$SAME_RATE"
+  fi
   for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
 }
 
 echo "partitions benchmark: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 LOAD_BEFORE=$(cut -d' ' -f1 /proc/loadavg)
+STEAL0=$(steal_mark)
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round of $ROUNDS" >&2
   if [ $(( round % 2 )) = 1 ]; then order="1 2"; else order="2 1"; fi
@@ -124,19 +144,23 @@ for round in $(seq 1 "$ROUNDS"); do
   for p in $order; do run_config "vis-p$p" 3 "$p" always "$round"; done
 done
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
+STEAL=$(steal_pct "$STEAL0")
 
 mkdir -p "$OUT"
-python3 - "$OUT" "$RESULTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" "ROUNDS=$ROUNDS bash scripts/bench-partitions.sh $*" "$(getconf CLK_TCK)" "$ROUNDS" <<'PY'
+SAME_RATE=$SAME_RATE STEAL=$STEAL python3 - "$OUT" "$RESULTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" "ROUNDS=$ROUNDS bash scripts/bench-partitions.sh $*" "$(getconf CLK_TCK)" "$ROUNDS" <<'PY'
 import json, os, statistics, sys
 out, res, cpus, before, after, cmd, tck, rounds = sys.argv[1:]
 tck, R = int(tck), range(1, int(rounds) + 1)
 def load(name, r, kind):
     return json.load(open(os.path.join(res, f"{name}.r{r}.{kind}.json")))
-def cpu(name, r):
-    return int(open(os.path.join(res, f"{name}.r{r}.cpu")).read()) / tck
+def cost(name, r, kind):
+    return load(name, r, f"{kind}.cost")
+def cpu(name, r, kind="load"):
+    return cost(name, r, kind)["cpu_ticks"] / tck
 med = statistics.median
 lines = ["# Partitions: P = 1 against P = 2", "",
-         f"Command: `{cmd}` ({cpus} CPUs, load average before {before}, after {after}). "
+         f"Command: `{cmd}` ({cpus} CPUs, load average before {before}, after {after}; "
+         f"CPU steal {os.environ['STEAL']} % of the machine's CPU time over the run). "
          f"Medians over {rounds} interleaved rounds; each round runs P = 1 and P = 2 back to back "
          "(order alternating), and the ratio columns list every round's P = 2 / P = 1.", "",
          "## Throughput (64 requests in flight, 50 % reads, 100 B values, fsync never)", "",
@@ -162,6 +186,28 @@ for sites, pre in [(1, "one-site"), (3, "three-sites")]:
                     "cpu_efficiency_ratio": med([a / b for a, b in zip(per[2]["eff"], per[1]["eff"])])}
 lines += ["", "Server cores busy: CPU time of every `causalkv serve` process of the configuration during the "
           "load, per second. The load generator (one more process) shares the same cores.", ""]
+rate = os.environ.get("SAME_RATE", "20000")
+lines += [f"## The same load ({int(rate):,} ops/s offered, 64 in flight, 50 % reads, fsync never)", "",
+          "| sites | P | ops/s | server cores busy | ops per server CPU-second | sibling frames/s | "
+          "ops per CPU-s P=2/P=1 per round |", "|---:|---:|---:|---:|---:|---:|---|"]
+for sites, pre in [(1, "one-site"), (3, "three-sites")]:
+    per = {}
+    for p in (1, 2):
+        rows = [load(f"{pre}-p{p}", r, "rate") for r in R]
+        c = [cpu(f"{pre}-p{p}", r, "rate") for r in R]
+        per[p] = dict(tput=[x["throughput"] for x in rows],
+                      eff=[x["ops"] / ci for x, ci in zip(rows, c)],
+                      busy=[ci / x["seconds"] for x, ci in zip(rows, c)],
+                      frames=[cost(f"{pre}-p{p}", r, "rate")["sibling_frames"] / x["seconds"]
+                              for r, x in zip(R, rows)])
+    for p in (1, 2):
+        d = per[p]
+        re_ = ", ".join(f"{a / b:.2f}" for a, b in zip(per[2]["eff"], per[1]["eff"])) if p == 2 else ""
+        lines.append(f"| {sites} | {p} | {med(d['tput']):,.0f} | {med(d['busy']):.2f} | {med(d['eff']):,.0f} | "
+                     f"{med(d['frames']):,.0f} | {re_} |")
+    summary[pre]["same_load_cpu_efficiency_ratio"] = med([a / b for a, b in zip(per[2]["eff"], per[1]["eff"])])
+    summary[pre]["same_load_sibling_frames_per_s"] = med(per[2]["frames"])
+lines += [""]
 lines += ["## Idle cost (3 sites, no load)", "",
           "| P | server CPU (cores) | sibling contribution bytes/s (all nodes) |", "|---:|---:|---:|"]
 idle = {}
@@ -189,7 +235,9 @@ lines += ["",
           f"- Visibility p99, P = 2 / P = 1 (median of the per-round ratios): idle {vis['idle']:.2f}, "
           f"under 2,000 ops/s {vis['2,000 ops/s']:.2f}.",
           f"- Operations per server CPU-second, P = 2 / P = 1: one site {summary['one-site']['cpu_efficiency_ratio']:.2f}, "
-          f"three sites {summary['three-sites']['cpu_efficiency_ratio']:.2f}.",
+          f"three sites {summary['three-sites']['cpu_efficiency_ratio']:.2f}; at the same load "
+          f"({int(rate):,} ops/s) one site {summary['one-site']['same_load_cpu_efficiency_ratio']:.2f}, "
+          f"three sites {summary['three-sites']['same_load_cpu_efficiency_ratio']:.2f}.",
           f"- Idle cost of P = 2 over P = 1 at three sites: {idle[2]['cpu'] - idle[1]['cpu']:+.3f} cores of server CPU, "
           f"{idle[2]['bytes']:,.0f} bytes/s of sibling contributions."]
 md = "\n".join(lines)

@@ -70,3 +70,19 @@ cpu_ticks() {
   done
   echo "$t"
 }
+
+# steal_mark: the machine's CPU time so far, as "STEAL TOTAL" in clock ticks (/proc/stat).
+steal_mark() {
+  awk '$1 == "cpu" { t = 0; for (i = 2; i <= 9; i++) t += $i; print $9, t }' /proc/stat
+}
+
+# steal_pct MARK: the share of the machine's CPU time since MARK (from steal_mark) that the
+# hypervisor ran other guests instead ("steal"), in percent. On a shared virtual machine every
+# wake-up of an idle core waits for the host, so latency figures ride on this.
+steal_pct() {
+  local s0 t0
+  read -r s0 t0 <<<"$1"
+  awk -v s0="$s0" -v t0="$t0" '$1 == "cpu" {
+    t = 0; for (i = 2; i <= 9; i++) t += $i
+    printf "%.1f\n", (t > t0) ? 100 * ($9 - s0) / (t - t0) : 0 }' /proc/stat
+}
