@@ -222,6 +222,7 @@ done
 
 for round in $(seq 1 "$ROUNDS"); do
   echo "round $round/$ROUNDS: disk fsync loop, bare QUIC, causalkv always/batch/never x 1/16/64 writers, redis -c 1/-c 50..." >&2
+  STEAL0=$(steal_mark)
   FLOOR=$("$BIN" bench transport-floor --processes --messages 10000 --pings 1000 2>/dev/null)
   echo "{\"round\":$round,\"kind\":\"floor\",\"report\":$FLOOR}" >> "$RAW"
   for c in 1 16 64; do
@@ -251,6 +252,7 @@ for c, text in ((1, sys.argv[2]), (50, sys.argv[3])):
     print(json.dumps({"round": int(sys.argv[1]), "kind": "redis", "clients": c,
                       "report": {"rps": float(r["rps"]), "p50_us": float(r.get("p50_latency_ms", 0)) * 1000}}))
 PY
+  echo "{\"round\":$round,\"kind\":\"steal\",\"report\":{\"pct\":$(steal_pct "$STEAL0")}}" >> "$RAW"
 done
 
 REC=null
@@ -287,8 +289,11 @@ gc = {k: med(r[k] for r in m) for k in ("fsyncs_per_s", "records_per_fsync", "fs
 stages = {s: med(r["stage_mean_us"][s] for r in m) for s in ("apply", "log", "wake", "reply")}
 fs_rounds = ", ".join(f"{r['fsync_mean_us']:,.0f}" for r in m)
 
+steal = [r["pct"] for r in kind("steal")]
 L = [f"Medians of {rounds} interleaved rounds of {secs} s per measurement, one site, 100-byte values, "
      "TLS on both sides, on a shared 2-core machine (other builds running): the figures are noisy.", "",
+     f"CPU steal per round (the share of the machine's CPU time the hypervisor ran other guests "
+     f"instead): {', '.join(f'{x:.1f} %' for x in steal)}.", "",
      "## The floors, measured in the same run", "",
      f"- disk: one 150-byte `write(2)` + `fdatasync` in a loop (300 of them, right before each writer count's loads): p50 **{disk:,.0f} µs** overall; per round, before 1/16/64 writers: {disk_all[1]} / {disk_all[16]} / {disk_all[64]}",
      f"- bare QUIC + mutual TLS round trip, a new stream per request: p50 **{rtt:,.0f} µs** (per round: {rtt_all})", "",

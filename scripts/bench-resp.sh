@@ -36,6 +36,7 @@ CSV="$OUT/results.csv"
 echo "mode,round,system,setting,test,rps,p50_ms,p99_ms" > "$CSV"
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+STEAL0=$(steal_mark)
 BASE=$(( 20000 + RANDOM % 20000 ))
 D="$WORK/dev"
 "$BIN" dev --sites 3 --layout-only --dir "$D" --port "$BASE" >/dev/null
@@ -132,7 +133,8 @@ for mode in nondurable durable; do
 done
 
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
-python3 - "$CSV" "$ROUNDS" "$REQUESTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" > "$OUT/summary.md" <<'EOF'
+STEAL=$(steal_pct "$STEAL0")
+python3 - "$CSV" "$ROUNDS" "$REQUESTS" "$(nproc)" "$LOAD_BEFORE" "$LOAD_AFTER" "$STEAL" > "$OUT/summary.md" <<'EOF'
 import csv, statistics, sys
 from collections import defaultdict
 rows = list(csv.DictReader(open(sys.argv[1])))
@@ -143,7 +145,8 @@ print("# causalkv RESP vs Redis (3 copies each, TLS, redis-benchmark -d 100)\n")
 print("Ratios are causalkv / Redis within a round; for latency lower is better for causalkv,")
 print("for throughput higher is. Noisy shared machine: read the per-round ratios.\n")
 print(f"{sys.argv[2]} rounds, --requests {sys.argv[3]}; {sys.argv[4]} cores; load average "
-      f"{sys.argv[5]} before, {sys.argv[6]} after (other work shares the machine).\n")
+      f"{sys.argv[5]} before, {sys.argv[6]} after (other work shares the machine); CPU steal "
+      f"{sys.argv[7]} % of the machine's CPU time over the run.\n")
 print("| mode | setting | test | metric | per-round ratios | median ratio | causalkv median | redis median |")
 print("|---|---|---|---|---|---|---|---|")
 keys = sorted({k[:3] for k in by}, key=lambda k: (k[0] != "nondurable", ["c1", "c50", "c50P16"].index(k[1]), k[2]))
