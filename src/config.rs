@@ -379,6 +379,11 @@ pub struct RespConfig {
     /// `ERR pipeline deeper than ...` and not run. Default 1024.
     #[serde(default = "RespConfig::default_max_pipeline")]
     pub max_pipeline: usize,
+    /// Largest reply to one request, in bytes (an `MGET` of many large values): past it the
+    /// request is answered `ERR reply of more than ...` and the connection stays open.
+    /// Default 16 MiB.
+    #[serde(default = "RespConfig::default_max_reply_bytes")]
+    pub max_reply_bytes: usize,
 }
 
 impl RespConfig {
@@ -390,6 +395,7 @@ impl RespConfig {
             max_connections: Self::default_max_connections(),
             max_arg_bytes: Self::default_max_arg_bytes(),
             max_pipeline: Self::default_max_pipeline(),
+            max_reply_bytes: Self::default_max_reply_bytes(),
         }
     }
 
@@ -403,6 +409,10 @@ impl RespConfig {
 
     fn default_max_pipeline() -> usize {
         1024
+    }
+
+    fn default_max_reply_bytes() -> usize {
+        16 << 20
     }
 }
 
@@ -679,10 +689,13 @@ impl SiteConfig {
             return bad("cluster_id must not be empty".into());
         }
         if let Some(r) = &self.resp
-            && (r.max_connections == 0 || r.max_pipeline == 0 || r.max_arg_bytes == 0)
+            && (r.max_connections == 0
+                || r.max_pipeline == 0
+                || r.max_arg_bytes == 0
+                || r.max_reply_bytes == 0)
         {
             return bad(
-                "resp.max_connections, resp.max_pipeline and resp.max_arg_bytes must be at least 1"
+                "resp.max_connections, resp.max_pipeline, resp.max_arg_bytes and resp.max_reply_bytes must be at least 1"
                     .into(),
             );
         }
@@ -977,6 +990,7 @@ key = "b.key"
         let r = c.resp.unwrap();
         assert!(!r.require_client_cert);
         assert_eq!((r.max_pipeline, r.max_connections), (8, 1024));
+        assert_eq!(r.max_reply_bytes, 16 << 20);
         let e = load(&format!(
             "{GOOD}\n[resp]\naddr = \"127.0.0.1:0\"\nmax_connections = 0\n"
         ))

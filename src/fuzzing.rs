@@ -270,7 +270,9 @@ pub fn raft_rpc(data: &[u8]) {
 
 /// What a Redis client can make a site parse: RESP requests (arrays of bulk strings and inline
 /// lines, arriving in reads of a size the first byte picks), the commands they name, and RESP3
-/// values. Any argument past the limits is a bug.
+/// values. Any argument past the limits is a bug, and so is a request sequence that differs
+/// from the one the same bytes give when they arrive in one read (the parser resumes a partial
+/// request where it stopped).
 pub fn resp(data: &[u8]) {
     let limits = resp::Limits {
         max_arg_bytes: 256,
@@ -282,21 +284,37 @@ pub fn resp(data: &[u8]) {
         return;
     };
     let chunk = usize::from(chunk).max(1);
-    let mut buf = bytes::BytesMut::new();
-    'reads: for piece in rest.chunks(chunk) {
-        buf.extend_from_slice(piece);
-        loop {
-            match resp::parse_command(&mut buf, &limits) {
-                Ok(Some(args)) => {
-                    assert!(!args.is_empty() && args.len() <= limits.max_args);
-                    assert!(args.iter().all(|a| a.len() <= limits.max_request_bytes));
-                    let _ = resp::command::parse(&args);
+    // What a parser takes off `reads`, up to its first error.
+    let requests = |reads: &mut dyn Iterator<Item = &[u8]>| {
+        let mut parser = resp::RequestParser::new(limits);
+        let mut buf = bytes::BytesMut::new();
+        let mut got = Vec::new();
+        for piece in reads {
+            buf.extend_from_slice(piece);
+            loop {
+                match parser.next(&mut buf) {
+                    Ok(Some(args)) => got.push(Ok(args)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        got.push(Err(e));
+                        return got;
+                    }
                 }
-                Ok(None) => break,
-                Err(_) => break 'reads,
             }
         }
+        got
+    };
+    let split = requests(&mut rest.chunks(chunk));
+    for args in split.iter().flatten() {
+        assert!(!args.is_empty() && args.len() <= limits.max_args);
+        assert!(args.iter().all(|a| a.len() <= limits.max_request_bytes));
+        let _ = resp::command::parse(args);
     }
+    let whole = requests(&mut std::iter::once(rest));
+    assert_eq!(
+        split, whole,
+        "requests differ when the bytes arrive in pieces"
+    );
     let _ = resp::parser::parse_frame(rest, &limits);
 }
 

@@ -924,12 +924,14 @@ async fn redis_py_wait_pipelining_and_bad_input() {
         let relay = Relay::start(prep.configs[2].me().addr, Duration::ZERO);
         prep.configs[0].sites[2].addr = relay.addr();
         let (max_value, max_arg_bytes, max_pipeline, max_connections) = (16 << 10, 64 << 10, 32, 8);
+        let max_reply_bytes = 256 << 10;
         for c in &mut prep.configs {
             c.limits = dev::limits_for_max_value(max_value);
             let r = c.resp.as_mut().expect("test sites have a RESP listener");
             r.max_arg_bytes = max_arg_bytes;
             r.max_pipeline = max_pipeline;
             r.max_connections = max_connections;
+            r.max_reply_bytes = max_reply_bytes;
         }
         let cluster = prep.start().await;
         cluster.wait_connected().await;
@@ -965,6 +967,7 @@ async fn redis_py_wait_pipelining_and_bad_input() {
             format!("--max-arg-bytes={max_arg_bytes}"),
             format!("--max-pipeline={max_pipeline}"),
             format!("--max-connections={max_connections}"),
+            format!("--max-reply-bytes={max_reply_bytes}"),
         ];
         redis_py(&certs, a, "misc", &limits);
         assert!(

@@ -135,6 +135,37 @@ def misc(args):
     expect_error(lambda: r.execute_command("CAUSAL.TOKEN", "nope"), "not a session token")
     assert r.get("k") is None
 
+    # Found in review: a token whose 64th byte fell inside a character panicked the
+    # connection's task (its error message cut the token by bytes); HELLO's SETNAME skipped
+    # the name check. Both are clear errors now, on a connection that stays usable.
+    expect_error(lambda: r.execute_command("CAUSAL.TOKEN", "a" * 63 + "é"), "not a session token")
+    expect_error(lambda: r.execute_command("HELLO", 2, "SETNAME", "a b\nid=1"), "cannot contain spaces")
+    assert r.ping() is True
+
+    # A reply past resp.max_reply_bytes (an MGET of one large value named many times): an
+    # error, and the connection stays usable; one under it arrives whole.
+    big = b"v" * args.max_value
+    r.set("mget-big", big)
+    over = args.max_reply_bytes // args.max_value + 1
+    expect_error(lambda: r.mget(["mget-big"] * over), "resp.max_reply_bytes")
+    under = max(1, (args.max_reply_bytes // 2) // (args.max_value + 16))
+    assert r.mget(["mget-big"] * under) == [big] * under
+    assert r.ping() is True
+
+    # Found in review: every read checked a partial request again from its start. A request of
+    # 10,000 arguments in 3-byte reads is answered, and the site serves others meanwhile.
+    s = raw(args)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    keys = 10000
+    req = b"*%d\r\n$6\r\nEXISTS\r\n" % (keys + 1) + b"$5\r\npk1xx\r\n" * keys
+    for i in range(0, len(req), 3):
+        s.sendall(req[i:i + 3])
+        if i == len(req) // 2:
+            still_serving(args)
+    s.sendall(b"QUIT\r\n")
+    reply = read_all(s)
+    assert reply.startswith(b":0\r\n+OK"), reply[:80]
+
     # A value over limits.max_value (but under resp.max_arg_bytes): refused, connection usable.
     expect_error(lambda: r.set("big", b"x" * (args.max_value + 1)), "limits.max_value")
     assert r.ping() is True
@@ -263,6 +294,7 @@ def main():
     ap.add_argument("--max-value", type=int, default=1 << 20)
     ap.add_argument("--max-arg-bytes", type=int, default=2 << 20)
     ap.add_argument("--max-connections", type=int, default=1024)
+    ap.add_argument("--max-reply-bytes", type=int, default=16 << 20)
     args = ap.parse_args()
     {"wait": wait, "wait-cut": wait_cut, "misc": misc, "chain": chain}[args.scenario](args)
     print(f"ok {args.scenario}")

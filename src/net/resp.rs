@@ -44,7 +44,7 @@ use crate::clock::VClock;
 use crate::config::RespConfig;
 use crate::consensus::{self, Forwarded, WriteOp};
 use crate::resp::command::{self, CommandQuery, TABLE};
-use crate::resp::{Command, Frame, Limits, Protocol, parse_command};
+use crate::resp::{Command, Frame, Limits, Protocol, RequestParser};
 use crate::wire::{ResponseBody, error_code};
 
 /// Most bytes taken from the stream per read: what one batch of pipelined requests comes from.
@@ -229,12 +229,13 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     debug!(%remote, id = s.id, "RESP connection");
     let mut shutdown = shared.shutdown.clone();
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut parser = RequestParser::new(limits);
     let mut out = BytesMut::new();
     loop {
         let mut batch = Vec::new();
         let mut fatal = None;
         loop {
-            match parse_command(&mut buf, &limits) {
+            match parser.next(&mut buf) {
                 Ok(Some(args)) => batch.push(args),
                 Ok(None) => break,
                 Err(e) => {
@@ -290,8 +291,17 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
                 });
             }
         }
+        // Every reply is decided: a graceful shutdown need not wait for them to be sent.
+        drop(in_flight);
         for r in &replies {
             r.frame.encode(s.proto, &mut out);
+            // Large replies go out as they are encoded: a batch holds one encoded at a time.
+            if out.len() >= READ_CHUNK {
+                if stream.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
         }
         if let Some(e) = &fatal {
             warn!(%remote, id = s.id, error = %e, "RESP protocol error; closing the connection");
@@ -299,7 +309,6 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
             Frame::err(format!("ERR {e}")).encode(s.proto, &mut out);
             close = true;
         }
-        drop(in_flight);
         if stream.write_all(&out).await.is_err() || stream.flush().await.is_err() {
             return;
         }
@@ -411,7 +420,7 @@ async fn run(
                 write: true,
             }
         }
-        Command::Exists(keys) => match get_many(shared, s, keys, deadline, timeout).await {
+        Command::Exists(keys) => match get_many(shared, s, keys, None, deadline, timeout).await {
             Ok((values, lsn)) => Reply {
                 frame: Frame::Integer(values.iter().filter(|v| v.is_some()).count() as i64),
                 lsn,
@@ -419,7 +428,16 @@ async fn run(
             },
             Err(e) => Frame::err(e).into(),
         },
-        Command::MGet(keys) => match get_many(shared, s, keys, deadline, timeout).await {
+        Command::MGet(keys) => match get_many(
+            shared,
+            s,
+            keys,
+            Some(l.cfg.max_reply_bytes),
+            deadline,
+            timeout,
+        )
+        .await
+        {
             Ok((values, lsn)) => Reply {
                 frame: Frame::Array(
                     values
@@ -504,7 +522,8 @@ async fn run(
                 };
             }
             if let Some(n) = setname {
-                s.name = Some(n);
+                // An empty name clears it, as `CLIENT SETNAME ""` does.
+                s.name = (!n.is_empty()).then_some(n);
             }
             hello(s).into()
         }
@@ -548,7 +567,7 @@ async fn run(
                 }
                 None => Frame::err(format!(
                     "ERR not a session token: {:?} (CAUSAL.TOKEN returns one)",
-                    &t[..t.len().min(64)]
+                    t.chars().take(64).collect::<String>()
                 ))
                 .into(),
             }
@@ -665,23 +684,41 @@ async fn get(
     Ok((res.value, lsn.unwrap_or(0)))
 }
 
-/// Reads of several keys, in order, under the session's context.
+/// Reads of several keys, in order, under the session's context; refused once the values
+/// would take a reply past `max_reply` bytes. Gives other connections their turn every so
+/// many keys (a request may name a million).
 async fn get_many(
     shared: &Shared,
     s: &mut Session,
     keys: Vec<Bytes>,
+    max_reply: Option<usize>,
     deadline: Instant,
     timeout: Duration,
 ) -> Result<(Vec<Option<Bytes>>, u64), String> {
     let mut lsn = 0;
     let mut values = Vec::with_capacity(keys.len());
+    let mut reply = 0usize;
     for key in keys {
+        tokio::task::coop::consume_budget().await;
         let (v, l) = get(shared, s, &key, deadline, timeout).await?;
         lsn = lsn.max(l);
+        // A value's bytes and its header.
+        reply = reply.saturating_add(v.as_ref().map_or(0, Bytes::len) + REPLY_HEADER);
+        if let Some(max) = max_reply
+            && reply > max
+        {
+            return Err(format!(
+                "ERR reply of more than {max} bytes (resp.max_reply_bytes): ask for fewer keys at a time"
+            ));
+        }
         values.push(v);
     }
     Ok((values, lsn))
 }
+
+/// What a reply's element adds to its value's bytes, at most: a bulk string's header and
+/// line ends.
+const REPLY_HEADER: usize = 16;
 
 /// A write under the session's context (`None` deletes); its version joins the context.
 async fn put(
@@ -694,6 +731,11 @@ async fn put(
 ) -> Result<u64, String> {
     let started = Instant::now();
     let op = if value.is_some() { Op::Put } else { Op::Delete };
+    tokio::task::coop::consume_budget().await;
+    // Stored for good: copied off the connection's receive buffer, which a slice would keep
+    // whole (a 16 MiB buffer behind a 1-byte value).
+    let key = Bytes::copy_from_slice(&key);
+    let value = value.map(|v| Bytes::copy_from_slice(&v));
     let r = service::write(shared, key, value, &s.ctx, deadline, timeout).await;
     shared.metrics.ops.record(op, r.is_ok(), started.elapsed());
     let (version, lsn) = r.map_err(message)?;

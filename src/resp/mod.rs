@@ -1,9 +1,10 @@
 //! The Redis protocol (RESP2 and RESP3), sans-IO: pure functions over bytes, no sockets, no
 //! tokio. The RESP listener ([`crate::net::resp`]) drives them over TLS.
 //!
-//! - [`parser`]: requests. [`parser::parse_command`] takes the bytes received so far and
-//!   returns `Ok(None)` (incomplete: read more), a command with the number of bytes it used, or
-//!   a [`ProtocolError`](parser::ProtocolError). Lengths are checked against
+//! - [`parser`]: requests. A connection's [`RequestParser`](parser::RequestParser) takes the
+//!   bytes received so far and returns `Ok(None)` (incomplete: read more, and the next call
+//!   resumes where this one stopped), a request's arguments, or a
+//!   [`ProtocolError`](parser::ProtocolError). Lengths are checked against
 //!   [`Limits`](parser::Limits) as they are read, before anything is allocated, so garbage or a
 //!   huge announced length costs nothing. [`parser::parse_frame`] reads any RESP3 value (what
 //!   a server replies); tests and fuzzing use it to check the encoder.
@@ -17,5 +18,5 @@ pub mod parser;
 pub mod reply;
 
 pub use command::Command;
-pub use parser::{Limits, ProtocolError, parse_command};
+pub use parser::{Limits, ProtocolError, RequestParser, parse_command};
 pub use reply::{Frame, Protocol};
