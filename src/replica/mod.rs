@@ -736,6 +736,34 @@ impl<S: Store> Replica<S> {
         }
     }
 
+    /// Partitioned: the session's entry for this site, which [`Replica::ready_for`] leaves
+    /// unchecked (a sibling may have issued it), names a write some partition here could have
+    /// made: at most `clock_lease` past the physical clock, this partition's clock and every
+    /// sibling's reported own entry. A later one (a corrupt or forged context) waits as an
+    /// entry not reached yet does, and times out, rather than pushing this partition's clock,
+    /// and through its markers its siblings' and peers' clocks, toward overflow. (Unpartitioned,
+    /// `ready_for` holds the entry to what this replica applied.)
+    fn own_entry_known(&self, now: Timestamp, ctx: &VClock) -> Result<(), NotReady> {
+        if !self.cfg.partitioned() {
+            return Ok(());
+        }
+        let me = self.cfg.site;
+        let need = ctx.get(me);
+        let have = self
+            .siblings
+            .iter()
+            .map(|v| v.get(me))
+            .fold(self.hlc.last().max(now), Timestamp::max);
+        if need > have.saturating_add(self.cfg.clock_lease) {
+            return Err(NotReady {
+                site: me,
+                have,
+                need,
+            });
+        }
+        Ok(())
+    }
+
     /// This partition's contribution to its site's stable vector: per origin, the timestamp up
     /// to which every update from it that belongs to this partition has been *received* here
     /// (applied, or waiting in the dependency buffer: the stream is ordered, so nothing from
@@ -913,7 +941,8 @@ impl<S: Store> Replica<S> {
         ctx: &VClock,
     ) -> Result<Version, NotReady> {
         self.ready_for(ctx)?;
-        let ts = self.hlc.tick(now, ctx.max_entry() + 1);
+        self.own_entry_known(now, ctx)?;
+        let ts = self.hlc.tick(now, ctx.max_entry().saturating_add(1));
         let version = Version::new(ts, self.cfg.site);
         let deps = ctx.resized(self.cfg.sites);
         let u = Update {

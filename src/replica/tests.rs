@@ -324,6 +324,42 @@ fn after_reading(r: &Replica<MemStore>, key: &[u8]) -> VClock {
     ctx
 }
 
+/// Found in review: a partitioned site took any own-site entry a session's context named (a
+/// sibling may have issued it), and a write under it ticked the clock past it: `u64::MAX`
+/// overflowed, and a far-future entry moved the site's clock there for good. Such an entry now
+/// waits (and times out) unless some partition here could have issued it.
+#[test]
+fn a_partitioned_write_refuses_an_own_entry_no_partition_issued() {
+    let mut p0 = Replica::new(
+        ReplicaConfig::new(0, 3).with_partition(0, 2),
+        MemStore::new(),
+    );
+    let lease = p0.config().clock_lease;
+    let now = 1_000_000;
+    for forged in [u64::MAX, u64::MAX - 1, 1 << 62, now + lease + 1] {
+        let mut ctx = VClock::zero(3);
+        ctx.raise(0, forged);
+        let err = p0.put(now, b("k"), Some(b("v")), &ctx).unwrap_err();
+        assert_eq!((err.site, err.need), (0, forged));
+    }
+    // The clock did not move: the next write is stamped near the physical time.
+    let v = p0.put(now, b("k"), Some(b("v")), &VClock::zero(3)).unwrap();
+    assert!(v.ts < now + lease, "{v:?}");
+    // Within the lease of the physical clock (a sibling's clock a little ahead), and up to what
+    // a sibling reported, the entry is taken.
+    let mut ctx = VClock::zero(3);
+    ctx.raise(0, now + lease / 2);
+    assert!(p0.put(now, b("k"), Some(b("v")), &ctx).is_ok());
+    let ahead = now + 10 * lease;
+    let mut sibling = VClock::zero(3);
+    sibling.raise(0, ahead);
+    p0.on_sibling(1, &sibling, ahead);
+    let mut ctx = VClock::zero(3);
+    ctx.raise(0, ahead);
+    let v = p0.put(now, b("k"), Some(b("v")), &ctx).unwrap();
+    assert!(v.ts > ahead);
+}
+
 #[test]
 fn partitioned_update_waits_for_the_site_stable_vector() {
     let (mut cw, mut cy, w, y) = partitioned_scenario(true, true);
