@@ -954,6 +954,53 @@ async fn stable_passes(
     started.elapsed()
 }
 
+/// Found in review: a partition killed with `kill -9` and restarted within the QUIC idle
+/// timeout was not heard from by its siblings' links to it, which stayed on the dead
+/// connection (nothing is read back on a sibling link), so the restarted partition had no
+/// sibling contribution and its stable vector stayed at zero until the idle timeout closed the
+/// old connection. Now a restarted node answers such packets with a QUIC stateless reset its
+/// peers accept (the reset key follows the node's credentials), and they redial at once. The
+/// idle timeout here is far longer than the wait, so only the reset can end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_restarted_after_kill_9_is_redialled_by_its_siblings_at_once() {
+    let _turn = SERIAL.lock().await;
+    bounded(ms(90_000), async {
+        let mut prepared = Cluster::prepare_partitioned(2, 2);
+        for c in &mut prepared.configs {
+            c.timeouts.idle_ms = 600_000;
+        }
+        let mut procs = prepared.spawn().await;
+        procs.wait_connected().await;
+        let conn = Conn::of(&procs);
+        // A write at b, which both partitions of a must pass.
+        let b = conn
+            .builder(1, ms(5_000))
+            .connect()
+            .await
+            .expect("client of b");
+        let mut newest = vec![0; 2];
+        for i in 0..8 {
+            let v = b.put(format!("k{i}"), "v").await.expect("put at b");
+            newest[1] = newest[1].max(v.ts);
+        }
+        stable_passes(&conn, 2, &newest, ms(20_000), "stable before the kill").await;
+        // a's partition 1: kill -9, then restarted from its configuration.
+        procs.kill(1);
+        procs.start(1);
+        procs.wait_listening(1, ms(10_000)).await;
+        let took = stable_passes(
+            &conn,
+            2,
+            &newest,
+            ms(30_000),
+            "a's restarted partition hears its sibling again",
+        )
+        .await;
+        println!("a/p1's stable vector passed b's writes {took:?} after its restart");
+    })
+    .await;
+}
+
 /// Three sites of two partitions each behind WAN links (one-way 15 ms a–b, 40 ms a–c, 75 ms
 /// b–c, 3 ms jitter), with the default reconnection backoff, under hopping sessions: the link
 /// a–b is cut for 1.2 s, then c is isolated for 1.2 s, then b is stopped and restarted. With

@@ -171,7 +171,11 @@ impl Node {
         let socket =
             super::socket::bind_udp(addr).map_err(|source| NodeError::Bind { addr, source })?;
         let (runtime, released) = super::socket::tracked_runtime();
-        let endpoint = Endpoint::new(transport.endpoint_config()?, Some(server), socket, runtime)
+        let mut endpoint_config = transport.endpoint_config()?;
+        // After a crash and restart, a packet of a connection the previous run had is answered
+        // with a reset the sender accepts, so peers, siblings and clients redial at once.
+        endpoint_config.reset_key(loaded.identity.stateless_reset_key());
+        let endpoint = Endpoint::new(endpoint_config, Some(server), socket, runtime)
             .map_err(|source| NodeError::Bind { addr, source })?;
         // A site joining a running cluster fetches its first state from another site before
         // it recovers from it (see `super::join`).

@@ -1008,6 +1008,21 @@ mod tls_tests {
         Identity::load(&TlsFiles::site(dir.path(), name)).unwrap()
     }
 
+    /// The stateless-reset key is the same in every run with the same credentials (what lets
+    /// a restarted node reset its previous run's connections), and differs between identities.
+    #[test]
+    fn the_stateless_reset_key_follows_the_credentials() {
+        let dir = make_certs(&["a", "b"], &[]);
+        let token = |id: &Identity| {
+            let key = id.stateless_reset_key();
+            let mut out = vec![0; key.signature_len()];
+            key.sign(b"a connection id", &mut out);
+            out
+        };
+        assert_eq!(token(&site(&dir, "a")), token(&site(&dir, "a")));
+        assert_ne!(token(&site(&dir, "a")), token(&site(&dir, "b")));
+    }
+
     /// What the test server saw of one incoming connection.
     #[derive(Debug)]
     enum Seen {

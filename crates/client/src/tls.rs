@@ -320,6 +320,30 @@ pub fn pem_not_after(path: &Path) -> Result<i64, String> {
 }
 
 impl Identity {
+    /// The key an endpoint with this identity signs QUIC stateless resets with: derived from
+    /// the private key, so the same credentials give the same key in every run. A node that
+    /// restarts after a crash then answers a packet of a connection its previous run had with a
+    /// reset its peer accepts (RFC 9000, section 10.3), and the peer redials at once instead of
+    /// sending into the dead connection until the idle timeout.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use causalkv_client::tls::{Identity, TlsFiles};
+    ///
+    /// let id = Identity::load(&TlsFiles::site("certs".as_ref(), "a"))?;
+    /// let mut endpoint = quinn::EndpointConfig::default();
+    /// endpoint.reset_key(id.stateless_reset_key());
+    /// # Ok(()) }
+    /// ```
+    pub fn stateless_reset_key(&self) -> Arc<dyn quinn::crypto::HmacKey> {
+        let seed = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, self.key.secret_der());
+        let derived = ring::hmac::sign(&seed, b"causalkv QUIC stateless reset key");
+        Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            derived.as_ref(),
+        ))
+    }
+
     /// [`not_after`] of this identity's own certificate (the leaf of its chain).
     pub fn not_after(&self) -> Option<i64> {
         self.chain.first().and_then(|c| not_after(c))
