@@ -177,7 +177,9 @@ pub struct ReplicationConfig {
     pub batch_max_items: usize,
     /// How often an idle site sends a clock marker (ms).
     pub marker_interval_ms: u64,
-    /// Most updates held in the dependency buffer before reading from peers pauses.
+    /// Most updates from one peer held in the dependency buffer before reading that peer's
+    /// stream pauses (so the buffer holds at most this many per peer). Per peer, so that
+    /// updates waiting on another peer's stream never stop that stream.
     pub max_buffered: usize,
     /// With several partitions: the partitions of a site send each other their contributions
     /// to the site's stable vector at most three times per this many ms (a short burst, so that

@@ -105,6 +105,56 @@ async fn causal_order_holds_across_a_delayed_link() {
     .await;
 }
 
+/// Found in review: reading from peers paused while the whole dependency buffer was over
+/// `max_buffered`, so updates from one origin waiting on another origin's stream stopped that
+/// stream too, for good. Here c holds a's writes, which wait on b's, while the link b → c is
+/// cut; after the heal, b's first frame over the limit stopped b's stream and c never showed a's
+/// writes. Each peer's stream now pauses on its own updates in the buffer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_held_for_one_peer_do_not_stop_the_stream_they_wait_on() {
+    bounded(LIMIT, async {
+        // b reaches c only through a relay that can cut the link; every other link is direct.
+        let mut prep = Cluster::prepare(3);
+        let relay = Relay::start(prep.configs[2].me().addr, Duration::ZERO);
+        prep.configs[1].sites[2].addr = relay.addr();
+        for c in &mut prep.configs {
+            c.replication.max_buffered = 4;
+            c.replication.batch_max_items = 8;
+        }
+        let cluster = prep.start().await;
+        cluster.wait_connected().await;
+        relay.cut(true);
+        // 200 writes at b (25 frames at least), the last of which a's session reads.
+        let at_b = cluster.client(1).await;
+        for i in 0..200 {
+            at_b.put(format!("b{i}"), "v").await.expect("put at b");
+        }
+        let at_a = cluster.client(0).await;
+        eventually(ms(10_000), "a reads b's last write", async || {
+            get(&at_a, "b199").await.is_some()
+        })
+        .await;
+        // 20 writes at a that depend on it: c holds them, over its limit for a.
+        for i in 0..20 {
+            at_a.put(format!("a{i}"), "v").await.expect("put at a");
+        }
+        eventually(ms(10_000), "c holds a's writes", async || {
+            cluster.node(2).status().buffered > 4
+        })
+        .await;
+        relay.cut(false);
+        let at_c = cluster.client(2).await;
+        eventually(ms(20_000), "c shows a's last write", async || {
+            get(&at_c, "a19").await.is_some()
+        })
+        .await;
+        assert!(get(&at_c, "b199").await.is_some());
+        cluster.shutdown().await;
+        drop(relay);
+    })
+    .await;
+}
+
 /// Two keys held by different partitions of two.
 fn keys_on_two_partitions() -> (String, String) {
     use causalkv::sharding::partition_of;

@@ -905,7 +905,7 @@ async fn receive_copies(shared: Arc<Shared>, conn: Connection, peer: SiteId) {
             Ok((prev, items))
         });
         match copy {
-            Ok(_) if shared.read(|r| r.buffer().len()) > max_buffered => {}
+            Ok(_) if shared.read(|r| r.buffer().len_from(peer)) > max_buffered => {}
             Ok((prev, items)) => {
                 shared.mutate_deferred(|r| r.receive_copy(peer, prev, items));
             }
@@ -965,9 +965,13 @@ async fn receive_updates(
         // names a site this node does not count yet waits in the dependency buffer.
         fit_to_sites(shared, &mut items)?;
         shared.mutate_deferred(|r| r.receive(peer, items));
-        // Back-pressure: stop reading while the dependency buffer is over its limit; QUIC flow
-        // control then slows the sender, whose backlog stays in its log.
-        while shared.read(|r| r.buffer().len()) > max_buffered {
+        // Back-pressure: stop reading while this peer's updates in the dependency buffer are
+        // over the limit; QUIC flow control then slows the sender, whose backlog stays in its
+        // log. Per origin: updates that wait on another origin's stream never stop that stream
+        // (with one count for the whole buffer they could, for good). The causally earliest
+        // update held always has what it waits for applied or still to come on a stream that
+        // is read, since everything held from its origin comes before it.
+        while shared.read(|r| r.buffer().len_from(peer)) > max_buffered {
             if changed.changed().await.is_err() {
                 return Ok(());
             }
