@@ -404,6 +404,9 @@ impl<S: Store> Replica<S> {
         r.received = r.applied.clone();
         r.durable = r.applied.clone();
         r.durable_lease = r.lease;
+        // The newest own write still retained may not have reached the siblings' streams
+        // before the crash: they are told again at once (see `durable_write`).
+        r.durable_write = r.retained.back().map_or(0, |u| u.version.ts);
         r.hlc = Hlc::starting_after(r.lease.max(r.applied.get(r.cfg.site)));
         // Collected at the first tick, once peers have reported (see `tick`).
         r

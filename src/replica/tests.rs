@@ -261,6 +261,22 @@ fn recovery_restores_state_and_never_undercuts_a_sent_marker() {
     assert_eq!(a2.retained_len(), 2);
 }
 
+/// Found in review: a recovered partition reported no durable write to its siblings, so a
+/// write made durable just before a crash got no urgent marker from them, and remote readers
+/// waited up to an idle interval for it.
+#[test]
+fn a_recovered_partition_reports_its_newest_durable_write() {
+    let mut a = Replica::new(
+        ReplicaConfig::new(0, 2).with_partition(0, 2),
+        MemStore::new(),
+    );
+    let v = a.put(10, b("k"), Some(b("v")), &VClock::zero(2)).unwrap();
+    let disk = flush(&mut a);
+    assert_eq!(a.durable_write(), v.ts);
+    let a2 = Replica::recover(a.config().clone(), MemStore::new(), disk);
+    assert_eq!(a2.durable_write(), v.ts);
+}
+
 /// Two keys that live in different partitions of two.
 fn keys_in_two_partitions() -> (&'static str, &'static str) {
     let cands = ["w", "y", "x", "z", "k1", "k2", "k3"];
