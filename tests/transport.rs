@@ -1122,6 +1122,25 @@ async fn a_stopped_site_is_reported_down_and_metrics_are_served() {
         assert_eq!(http(admin, "GET /nope HTTP/1.1").await.0, 404);
         assert_eq!(http(admin, "POST /metrics HTTP/1.1").await.0, 405);
         assert_eq!(http(admin, "GET /metrics HTTP/9").await.0, 505);
+        // A head sent a byte at a time is answered like any other: the search for its end
+        // resumes where the last read left it (once searched from the start at every read).
+        {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(admin)
+                .await
+                .expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            for b in b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n" {
+                s.write_all(&[*b]).await.expect("send a byte");
+            }
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await.expect("read response");
+            assert!(
+                raw.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
 
         // Stop c: a and b must report it down, with a reason, within a bounded time.
         let stopping = tokio::time::Instant::now();

@@ -85,10 +85,14 @@ async fn handle(
     mut stream: TcpStream,
 ) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
+    // Where the search for the head's end resumes: each byte is looked at once, however the
+    // head is split across reads.
+    let mut searched = 0;
     let head_len = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
+        if let Some(i) = buf[searched..].windows(4).position(|w| w == b"\r\n\r\n") {
+            break searched + i;
         }
+        searched = buf.len().saturating_sub(3);
         if buf.len() >= MAX_HEAD {
             return reply(
                 &mut stream,
