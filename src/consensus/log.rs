@@ -100,27 +100,54 @@ fn frame(r: &Record) -> Vec<u8> {
     out
 }
 
-/// Reads every good record of `file`; returns them and the length of the good prefix.
+/// The record framed at `at` in `buf`: `Ok` with it and its framed length, `Err` with what is
+/// wrong (an incomplete frame, a checksum mismatch, a payload that does not decode).
+fn record_at(buf: &[u8], at: usize) -> Result<(Record, usize), &'static str> {
+    let head = buf
+        .get(at..at.saturating_add(8))
+        .ok_or("an incomplete header")?;
+    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+    let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+    let payload = buf
+        .get(at + 8..(at + 8).saturating_add(len))
+        .ok_or("a record longer than the file")?;
+    if crc32fast::hash(payload) != crc {
+        return Err("a checksum mismatch");
+    }
+    let r = super::decode::<Record>(payload).map_err(|_| "a record that does not decode")?;
+    Ok((r, 8 + len))
+}
+
+/// Reads every good record of `file`; returns them and the length of the good prefix. A
+/// damaged record with nothing valid after it is a torn tail, the end of a write a crash
+/// interrupted (the caller cuts it). One with a valid record after it is corruption: cutting
+/// there would drop acknowledged entries or votes, so it is an error.
 fn read_records(file: &mut File) -> io::Result<(Vec<Record>, u64)> {
     let mut buf = Vec::new();
     file.seek(SeekFrom::Start(0))?;
     file.read_to_end(&mut buf)?;
     let mut out = Vec::new();
     let mut at = 0usize;
-    while buf.len() - at >= 8 {
-        let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4 bytes"));
-        let Some(payload) = buf.get(at + 8..at + 8 + len) else {
-            break;
-        };
-        if crc32fast::hash(payload) != crc {
-            break;
+    while at < buf.len() {
+        match record_at(&buf, at) {
+            Ok((r, used)) => {
+                out.push(r);
+                at += used;
+            }
+            Err(why) => {
+                if let Some(next) = (at + 1..buf.len()).find(|&p| record_at(&buf, p).is_ok()) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "corrupt at byte {at} ({why}) with a valid record at byte {next} \
+                             after it: not a torn tail, and cutting it would drop acknowledged \
+                             entries or votes"
+                        ),
+                    ));
+                }
+                break;
+            }
         }
-        match super::decode::<Record>(payload) {
-            Ok(r) => out.push(r),
-            Err(_) => break,
-        }
-        at += 8 + len;
     }
     Ok((out, at as u64))
 }
@@ -240,7 +267,8 @@ impl LogStore {
             .append(true)
             .create(true)
             .open(path)?;
-        let (records, good) = read_records(&mut file)?;
+        let (records, good) = read_records(&mut file)
+            .map_err(|e| io::Error::new(e.kind(), format!("raft log {}: {e}", path.display())))?;
         if file.metadata()?.len() > good {
             tracing::warn!(path = %path.display(), at = good, "raft log has a torn tail; cutting it");
             file.set_len(good)?;
@@ -467,5 +495,44 @@ mod tests {
         let st = s.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(1));
         assert_eq!(st.last_log_id.map(|l| l.index), Some(3));
+    }
+
+    /// Found in review: any damaged record was taken for a torn tail and the log cut there,
+    /// dropping every entry and vote after it with only a warning. Damage with a valid record
+    /// after it is now an error that names where; damage at the end is still cut.
+    #[tokio::test]
+    async fn damage_with_valid_records_after_it_is_corruption_not_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.log");
+        {
+            let mut s = LogStore::open(&path).unwrap();
+            for term in 1..=3 {
+                s.save_vote(&Vote::new(term, 1)).await.unwrap();
+            }
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let first = 8 + u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        // A flipped bit in the first vote's payload, and a flipped bit in its length.
+        for flip in [10, 1] {
+            let mut bad = bytes.clone();
+            bad[flip] ^= 0x10;
+            std::fs::write(&path, &bad).unwrap();
+            let e = LogStore::open(&path).err().expect("corruption is refused");
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+            let msg = e.to_string();
+            assert!(msg.contains("corrupt at byte 0"), "{msg}");
+            assert!(
+                msg.contains(&format!("valid record at byte {first}")),
+                "{msg}"
+            );
+            assert_eq!(std::fs::read(&path).unwrap(), bad, "nothing was cut");
+        }
+        // The same damage in the last record is a torn tail: cut, and the votes before it kept.
+        let mut torn = bytes.clone();
+        let last = torn.len() - 1;
+        torn[last] ^= 0x10;
+        std::fs::write(&path, &torn).unwrap();
+        let mut s = LogStore::open(&path).unwrap();
+        assert_eq!(s.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
     }
 }
