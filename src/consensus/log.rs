@@ -27,7 +27,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{NodeId, TypeConfig};
+use super::{NodeId, SnapshotPoint, TypeConfig};
 
 /// One record of the log file.
 #[derive(Serialize, Deserialize)]
@@ -253,9 +253,19 @@ pub struct LogStore {
     jobs: mpsc::Sender<Job>,
     /// Test-only ([`LogStore::pause_before_uniform`]).
     pause: Option<PathBuf>,
+    /// What the snapshot on disk covers ([`LogStore::bound_purges_by`]).
+    snapshot: Option<SnapshotPoint>,
 }
 
 impl LogStore {
+    /// Records purges only up to what the snapshot on disk covers (`point`, from the state
+    /// machine); what openraft asks for past it stays in the log until a later purge, once a
+    /// snapshot covers it. Without this, a crash after the purge reached the disk but before
+    /// the snapshot that covers it did would leave the entries between them nowhere.
+    pub fn bound_purges_by(&mut self, point: SnapshotPoint) {
+        self.snapshot = Some(point);
+    }
+
     /// Opens (or creates) the log file at `path` and starts its writer thread. Blocking: call
     /// it off the async runtime.
     pub fn open(path: &Path) -> io::Result<LogStore> {
@@ -290,6 +300,7 @@ impl LogStore {
             index: Arc::new(Mutex::new(index)),
             jobs,
             pause: None,
+            snapshot: None,
         })
     }
 
@@ -439,7 +450,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        self.submit(Record::Purge(log_id), Done::None)
+        let upto = match self.snapshot.as_ref().map(SnapshotPoint::get) {
+            None => log_id,
+            Some(Some(on_disk)) if on_disk.index >= log_id.index => log_id,
+            Some(Some(on_disk)) => on_disk,
+            Some(None) => return Ok(()),
+        };
+        let purged = self.index.lock().expect("raft log lock").purged;
+        if purged.is_some_and(|p| p.index >= upto.index) {
+            return Ok(());
+        }
+        self.submit(Record::Purge(upto), Done::None)
     }
 }
 
@@ -495,6 +516,60 @@ mod tests {
         let st = s.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(1));
         assert_eq!(st.last_log_id.map(|l| l.index), Some(3));
+    }
+
+    /// Found in review: openraft asks for the purge that follows a received snapshot without
+    /// waiting for the state machine to store that snapshot, so a crash between the two could
+    /// leave the log purged past the snapshot on disk. Purges stop at what the snapshot on disk
+    /// covers.
+    #[tokio::test]
+    async fn purges_stop_at_the_snapshot_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("raft.log");
+        let id = |i| LogId::new(CommittedLeaderId::new(2, 0), i);
+        let point = SnapshotPoint::default();
+        {
+            let mut s = LogStore::open(&path).unwrap();
+            s.bound_purges_by(point.clone());
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            s.submit(
+                Record::Entries((1..=6).map(|i| entry(2, i)).collect()),
+                Done::Reply(tx),
+            )
+            .unwrap();
+            rx.await.unwrap().unwrap();
+            // No snapshot on disk: nothing is purged.
+            s.purge(id(5)).await.unwrap();
+            assert_eq!(s.get_log_state().await.unwrap().last_purged_log_id, None);
+            // A snapshot up to 3 on disk: the purge up to 5 stops at 3.
+            point.set(Some(id(3)));
+            s.purge(id(5)).await.unwrap();
+            let st = s.get_log_state().await.unwrap();
+            assert_eq!(st.last_purged_log_id, Some(id(3)));
+            let got: Vec<u64> = s
+                .try_get_log_entries(0..100)
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.log_id.index)
+                .collect();
+            assert_eq!(got, vec![4, 5, 6]);
+            // Durable before the log is reopened.
+            s.save_vote(&Vote::new(2, 1)).await.unwrap();
+        }
+        let mut s = LogStore::open(&path).unwrap();
+        s.bound_purges_by(point.clone());
+        assert_eq!(
+            s.get_log_state().await.unwrap().last_purged_log_id,
+            Some(id(3))
+        );
+        // Once a snapshot covers 5, the purge goes through.
+        point.set(Some(id(5)));
+        s.purge(id(5)).await.unwrap();
+        assert_eq!(
+            s.get_log_state().await.unwrap().last_purged_log_id,
+            Some(id(5))
+        );
     }
 
     /// Found in review: any damaged record was taken for a torn tail and the log cut there,

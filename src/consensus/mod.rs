@@ -56,6 +56,26 @@ openraft::declare_raft_types!(
 /// The Raft instance of one group.
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// The last log id the snapshot on disk covers, as the state machine stored it (after its
+/// fsync and rename). The log records no purge past it ([`log::LogStore::bound_purges_by`]):
+/// openraft asks for the purge that follows a received snapshot without waiting for the state
+/// machine to store that snapshot, and a crash between the two would leave the log purged past
+/// the snapshot on disk.
+#[derive(Clone, Debug, Default)]
+pub struct SnapshotPoint(std::sync::Arc<std::sync::Mutex<Option<openraft::LogId<NodeId>>>>);
+
+impl SnapshotPoint {
+    /// The last log id of the snapshot on disk (`None`: no snapshot).
+    pub fn get(&self) -> Option<openraft::LogId<NodeId>> {
+        *self.0.lock().expect("snapshot point lock")
+    }
+
+    /// A snapshot up to `id` is on disk.
+    pub fn set(&self, id: Option<openraft::LogId<NodeId>>) {
+        *self.0.lock().expect("snapshot point lock") = id;
+    }
+}
+
 /// A strong write, as it is proposed to the group's log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {

@@ -29,7 +29,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::members::{Membership, Versioned};
-use super::{Command, NodeId, Reply, TypeConfig, WriteOp};
+use super::{Command, NodeId, Reply, SnapshotPoint, TypeConfig, WriteOp};
 
 /// Replies remembered per client.
 pub const REMEMBERED: usize = 1024;
@@ -205,9 +205,17 @@ pub struct StateMachine {
     /// installed snapshot changes it, so the node adopts a change live
     /// ([`StateMachine::watch_sites`]).
     sites: Arc<tokio::sync::watch::Sender<Option<Membership>>>,
+    /// What the snapshot on disk covers, for the log ([`StateMachine::snapshot_point`]).
+    point: SnapshotPoint,
 }
 
 impl StateMachine {
+    /// The last log id the snapshot on disk covers, kept up to date as snapshots are stored:
+    /// the log bounds its purges by it.
+    pub fn snapshot_point(&self) -> SnapshotPoint {
+        self.point.clone()
+    }
+
     /// Opens the state machine in `dir`, loading its snapshot if there is one. Blocking.
     pub fn open(dir: &Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir)?;
@@ -235,11 +243,14 @@ impl StateMachine {
             Err(e) => return Err(e),
         };
         let sites = Arc::new(tokio::sync::watch::Sender::new(state.sites.clone()));
+        let point = SnapshotPoint::default();
+        point.set(current.as_ref().and_then(|(meta, _)| meta.last_log_id));
         Ok(StateMachine {
             state: Arc::new(RwLock::new(state)),
             dir: dir.to_owned(),
             current: Arc::new(Mutex::new(current)),
             sites,
+            point,
         })
     }
 
@@ -288,6 +299,7 @@ impl StateMachine {
         .await
         .map_err(sm_err)?
         .map_err(sm_err)?;
+        self.point.set(meta.last_log_id);
         *self.current.lock().expect("snapshot lock") = Some((meta, file.data));
         Ok(())
     }
@@ -606,9 +618,13 @@ mod tests {
         // The watchers see the change as it is applied.
         assert!(watch.has_changed().unwrap());
         assert_eq!(*watch.borrow_and_update(), Some(seed()));
+        assert_eq!(sm.snapshot_point().get(), None, "no snapshot on disk yet");
         RaftSnapshotBuilder::build_snapshot(&mut sm).await.unwrap();
+        // What the log bounds its purges by: the snapshot on disk, as stored and as reopened.
+        assert_eq!(sm.snapshot_point().get().map(|l| l.index), Some(1));
         // A restart loads the configuration from the snapshot file.
         let reopened = StateMachine::open(dir.path()).unwrap();
+        assert_eq!(reopened.snapshot_point().get().map(|l| l.index), Some(1));
         {
             let st = reopened.state.read().unwrap();
             assert_eq!(st.sites, Some(seed()));
@@ -626,6 +642,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(other.state.read().unwrap().sites, Some(seed()));
+        assert_eq!(other.snapshot_point().get().map(|l| l.index), Some(1));
         assert!(other_watch.has_changed().unwrap());
         assert_eq!(*other_watch.borrow_and_update(), Some(seed()));
     }

@@ -538,6 +538,7 @@ impl Strong {
                 log.pause_before_uniform(flag);
             }
             let sm = StateMachine::open(&dir)?;
+            log.bound_purges_by(sm.snapshot_point());
             Ok::<_, std::io::Error>((log, sm))
         })
         .await
