@@ -476,6 +476,28 @@ mod tests {
         }
     }
 
+    /// Appends entries `indexes` of `term`, durably. Appends are completed through openraft's
+    /// callback; this goes through `submit` directly.
+    async fn append(s: &LogStore, term: u64, indexes: std::ops::RangeInclusive<u64>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        s.submit(
+            Record::Entries(indexes.map(|i| entry(term, i)).collect()),
+            Done::Reply(tx),
+        )
+        .unwrap();
+        rx.await.unwrap().unwrap();
+    }
+
+    /// The indexes of every entry the log holds.
+    async fn indexes(s: &mut LogStore) -> Vec<u64> {
+        s.try_get_log_entries(0..100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.log_id.index)
+            .collect()
+    }
+
     #[tokio::test]
     async fn the_log_survives_a_reopen_and_a_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
@@ -483,14 +505,7 @@ mod tests {
         {
             let mut s = LogStore::open(&path).unwrap();
             s.save_vote(&Vote::new(2, 1)).await.unwrap();
-            // Appends are completed through openraft's callback; go through submit directly.
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            s.submit(
-                Record::Entries((1..=5).map(|i| entry(2, i)).collect()),
-                Done::Reply(tx),
-            )
-            .unwrap();
-            rx.await.unwrap().unwrap();
+            append(&s, 2, 1..=5).await;
             s.truncate(LogId::new(CommittedLeaderId::new(2, 0), 4))
                 .await
                 .unwrap();
@@ -505,14 +520,7 @@ mod tests {
         drop(f);
         let mut s = LogStore::open(&path).unwrap();
         assert_eq!(s.read_vote().await.unwrap(), Some(Vote::new(3, 2)));
-        let got: Vec<u64> = s
-            .try_get_log_entries(0..100)
-            .await
-            .unwrap()
-            .iter()
-            .map(|e| e.log_id.index)
-            .collect();
-        assert_eq!(got, vec![2, 3]);
+        assert_eq!(indexes(&mut s).await, vec![2, 3]);
         let st = s.get_log_state().await.unwrap();
         assert_eq!(st.last_purged_log_id.map(|l| l.index), Some(1));
         assert_eq!(st.last_log_id.map(|l| l.index), Some(3));
@@ -531,13 +539,7 @@ mod tests {
         {
             let mut s = LogStore::open(&path).unwrap();
             s.bound_purges_by(point.clone());
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            s.submit(
-                Record::Entries((1..=6).map(|i| entry(2, i)).collect()),
-                Done::Reply(tx),
-            )
-            .unwrap();
-            rx.await.unwrap().unwrap();
+            append(&s, 2, 1..=6).await;
             // No snapshot on disk: nothing is purged.
             s.purge(id(5)).await.unwrap();
             assert_eq!(s.get_log_state().await.unwrap().last_purged_log_id, None);
@@ -546,14 +548,7 @@ mod tests {
             s.purge(id(5)).await.unwrap();
             let st = s.get_log_state().await.unwrap();
             assert_eq!(st.last_purged_log_id, Some(id(3)));
-            let got: Vec<u64> = s
-                .try_get_log_entries(0..100)
-                .await
-                .unwrap()
-                .iter()
-                .map(|e| e.log_id.index)
-                .collect();
-            assert_eq!(got, vec![4, 5, 6]);
+            assert_eq!(indexes(&mut s).await, vec![4, 5, 6]);
             // Durable before the log is reopened.
             s.save_vote(&Vote::new(2, 1)).await.unwrap();
         }
