@@ -28,6 +28,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 
 use super::{NodeId, SnapshotPoint, TypeConfig};
+use crate::storage::wal::{BadFrame, frame_at, valid_frame_after};
 
 /// One record of the log file.
 #[derive(Serialize, Deserialize)]
@@ -100,24 +101,6 @@ fn frame(r: &Record) -> Vec<u8> {
     out
 }
 
-/// The record framed at `at` in `buf`: `Ok` with it and its framed length, `Err` with what is
-/// wrong (an incomplete frame, a checksum mismatch, a payload that does not decode).
-fn record_at(buf: &[u8], at: usize) -> Result<(Record, usize), &'static str> {
-    let head = buf
-        .get(at..at.saturating_add(8))
-        .ok_or("an incomplete header")?;
-    let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
-    let payload = buf
-        .get(at + 8..(at + 8).saturating_add(len))
-        .ok_or("a record longer than the file")?;
-    if crc32fast::hash(payload) != crc {
-        return Err("a checksum mismatch");
-    }
-    let r = super::decode::<Record>(payload).map_err(|_| "a record that does not decode")?;
-    Ok((r, 8 + len))
-}
-
 /// Reads every good record of `file`; returns them and the length of the good prefix. A
 /// damaged record with nothing valid after it is a torn tail, the end of a write a crash
 /// interrupted (the caller cuts it). One with a valid record after it is corruption: cutting
@@ -128,26 +111,30 @@ fn read_records(file: &mut File) -> io::Result<(Vec<Record>, u64)> {
     file.read_to_end(&mut buf)?;
     let mut out = Vec::new();
     let mut at = 0usize;
-    while at < buf.len() {
-        match record_at(&buf, at) {
-            Ok((r, used)) => {
-                out.push(r);
-                at += used;
-            }
-            Err(why) => {
-                if let Some(next) = (at + 1..buf.len()).find(|&p| record_at(&buf, p).is_ok()) {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!(
-                            "corrupt at byte {at} ({why}) with a valid record at byte {next} \
-                             after it: not a torn tail, and cutting it would drop acknowledged \
-                             entries or votes"
-                        ),
-                    ));
+    loop {
+        // The write-ahead log's framing: a length, a CRC, the payload.
+        let why = match frame_at(&buf, at) {
+            Ok(None) => break,
+            Ok(Some((payload, next))) => match super::decode::<Record>(payload) {
+                Ok(r) => {
+                    out.push(r);
+                    at = next;
+                    continue;
                 }
-                break;
-            }
+                Err(_) => "a record that does not decode".to_owned(),
+            },
+            Err(BadFrame::Damaged(why) | BadFrame::Invalid(why)) => why,
+        };
+        if let Some(next) = valid_frame_after(&buf, at) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "corrupt at byte {at} ({why}) with a valid record at byte {next} after it: \
+                     not a torn tail, and cutting it would drop acknowledged entries or votes"
+                ),
+            ));
         }
+        break;
     }
     Ok((out, at as u64))
 }

@@ -430,7 +430,7 @@ pub(super) fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 }
 
 /// Why a frame could not be read.
-enum BadFrame {
+pub(crate) enum BadFrame {
     /// Incomplete header, length past the end of the file, empty payload or CRC mismatch: what a
     /// torn write looks like (it is torn if nothing valid follows).
     Damaged(String),
@@ -438,8 +438,9 @@ enum BadFrame {
     Invalid(String),
 }
 
-/// Reads the frame at `off`: `Ok(Some((payload, next offset)))`, `Ok(None)` at the end.
-fn frame_at(data: &[u8], off: usize) -> Result<Option<(&[u8], usize)>, BadFrame> {
+/// Reads the frame at `off`: `Ok(Some((payload, next offset)))`, `Ok(None)` at the end. The
+/// Raft log ([`crate::consensus::log`]) frames its records the same way and reads them here.
+pub(crate) fn frame_at(data: &[u8], off: usize) -> Result<Option<(&[u8], usize)>, BadFrame> {
     let rest = &data[off..];
     if rest.is_empty() {
         return Ok(None);
@@ -471,9 +472,9 @@ fn frame_at(data: &[u8], off: usize) -> Result<Option<(&[u8], usize)>, BadFrame>
     Ok(Some((payload, off + HEADER + len)))
 }
 
-/// True when a complete frame with a valid CRC starts anywhere after `bad` (the start of a bad
-/// frame). Tries the position the bad frame's own length points to first, then every byte.
-fn valid_frame_after(data: &[u8], bad: usize) -> bool {
+/// Where a complete frame with a valid CRC starts after `bad` (the start of a bad frame), if
+/// anywhere. Tries the position the bad frame's own length points to first, then every byte.
+pub(crate) fn valid_frame_after(data: &[u8], bad: usize) -> Option<usize> {
     let check = |p: usize| -> bool {
         if p + HEADER > data.len() {
             return false;
@@ -488,10 +489,10 @@ fn valid_frame_after(data: &[u8], bad: usize) -> bool {
         let len = u32::from_le_bytes(data[bad..bad + 4].try_into().expect("4 bytes")) as usize;
         let next = bad.saturating_add(HEADER).saturating_add(len);
         if next > bad + HEADER && check(next) {
-            return true;
+            return Some(next);
         }
     }
-    (bad + 1..data.len().saturating_sub(HEADER - 1)).any(check)
+    (bad + 1..data.len().saturating_sub(HEADER - 1)).find(|&p| check(p))
 }
 
 /// Whether the damaged frame at `bad` looks like a page whose write never reached the disk: its
@@ -649,7 +650,7 @@ fn scan(dir: &Path, from_lsn: u64, collect: bool) -> Result<Scan, StorageError> 
                 BadFrame::Damaged(r) if i < last => {
                     (format!("{r}, in a segment that is not the last one"), false)
                 }
-                BadFrame::Damaged(r) if valid_frame_after(&data, off) => {
+                BadFrame::Damaged(r) if valid_frame_after(&data, off).is_some() => {
                     if unwritten_page_in(&data, off) {
                         let why = "the rest of its page is zeros: a write that never reached \
                                    the disk, so the records after it go with the torn tail";
