@@ -14,6 +14,13 @@
 #     load` paced at SAME_RATE ops/s (default 20,000, below what either configuration
 #     saturates at here), so P = 1 and P = 2 serve the same operations; with the sibling
 #     contribution frames per second each load caused;
+#     at three sites, also by site, and once more for P = 2 with the sibling exchange slowed to
+#     one contribution per SLOW_EXCHANGE_MS (default 20) ms, to show its share;
+#   - the transport's floor at that load: `causalkv bench partition-floor --servers P` spreads
+#     SAME_RATE bare QUIC request/responses (a new stream each, the same mutual TLS and framing,
+#     64 workers) over P echo processes with nothing behind them, and reports their CPU time:
+#     what a second serving process costs before any store, log or sibling exchange; and with
+#     `--threads`, two serving threads of one process;
 #   - the idle cost of partitioning, 3 sites: the servers' CPU time and the bytes of sibling
 #     contributions (`causalkv_sibling_bytes_out_total`) over IDLE seconds (default 3) before
 #     the load starts;
@@ -31,6 +38,7 @@ OUT=results/partitions
 ROUNDS=${ROUNDS:-3}
 IDLE=${IDLE:-3}
 SAME_RATE=${SAME_RATE:-20000}
+SLOW_EXCHANGE_MS=${SLOW_EXCHANGE_MS:-20}
 parse_seconds_out "$@"
 start_work
 
@@ -50,10 +58,11 @@ metric_sum() {
 sibling_bytes() { metric_sum causalkv_sibling_bytes_out_total "$@"; }
 sibling_frames() { metric_sum causalkv_sibling_contributions_out_total "$@"; }
 
-# run_config NAME SITES P FSYNC ROUND: starts the nodes, runs the measurements (into files
-# NAME.rROUND.*), stops the nodes.
+# run_config NAME SITES P FSYNC ROUND [EXCHANGE_MS]: starts the nodes, runs the measurements
+# (into files NAME.rROUND.*), stops the nodes. With EXCHANGE_MS, the nodes send sibling
+# contributions at most 3 per that many ms, and only the same-load measurement runs.
 run_config() {
-  local name=$1 sites=$2 parts=$3 fsync=$4 round=$5
+  local name=$1 sites=$2 parts=$3 fsync=$4 round=$5 exchange=${6:-}
   # UDP ports from base, admin (TCP) from base + 1000: both below the ephemeral range (32768).
   local dir="$WORK/$name.r$round" base=$(( 20000 + RANDOM % 10000 ))
   local out="$RESULTS/$name.r$round"
@@ -62,6 +71,7 @@ run_config() {
   local pids=()
   while read -r f; do
     [ "$fsync" = never ] && sed -i 's/^fsync = .*/fsync = "never"/' "$f"
+    [ -n "$exchange" ] && sed -i "s/^stable_exchange_ms = .*/stable_exchange_ms = $exchange/" "$f"
     "$BIN" serve --config "$f" 2>"${f%.toml}.log" &
     pids+=($!)
     PIDS+=($!)
@@ -87,7 +97,7 @@ run_config() {
     [ "$ok" = 1 ] && break
     sleep 0.1
   done
-  if [ "$sites" -ge 3 ] && [ "$fsync" = never ]; then
+  if [ "$sites" -ge 3 ] && [ "$fsync" = never ] && [ -z "$exchange" ]; then
     echo "  $name (round $round): idle for ${IDLE} s..." >&2
     local i0 i1 b0 b1
     i0=$(cpu_ticks "${pids[@]}"); b0=$(sibling_bytes "$base" $(( sites * parts )))
@@ -112,19 +122,27 @@ run_config() {
   fi
   local nodes=$(( sites * parts ))
   # measure_load KIND [ARGS...]: `bench load` at a (64 in flight, 50 % reads) into
-  # NAME.rROUND.KIND.json, with the servers' CPU ticks and the sibling frames it took.
+  # NAME.rROUND.KIND.json, with the servers' CPU ticks (in all, and per node in site order)
+  # and the sibling frames it took.
   measure_load() {
-    local kind=$1 cpu0 cpu1 f0 f1
+    local kind=$1 cpu0 cpu1 f0 f1 p n0=() n1=()
     shift
+    for p in "${pids[@]}"; do n0+=("$(cpu_ticks "$p")"); done
     cpu0=$(cpu_ticks "${pids[@]}"); f0=$(sibling_frames "$base" "$nodes")
     "$BIN" bench load --site "$a" --partitions "$parts" --certs "$certs" \
       --seconds "$SECONDS_PER_RUN" --concurrency 64 --read-ratio 0.5 --value-size 100 "$@" \
       2>/dev/null > "$out.$kind.json"
     cpu1=$(cpu_ticks "${pids[@]}"); f1=$(sibling_frames "$base" "$nodes")
-    echo "{\"cpu_ticks\": $(( cpu1 - cpu0 )), \"sibling_frames\": $(( f1 - f0 ))}" > "$out.$kind.cost.json"
+    for p in "${pids[@]}"; do n1+=("$(cpu_ticks "$p")"); done
+    local per=() i
+    for i in "${!pids[@]}"; do per+=("$(( n1[i] - n0[i] ))"); done
+    echo "{\"cpu_ticks\": $(( cpu1 - cpu0 )), \"node_ticks\": [$(IFS=,; echo "${per[*]}")], \"sibling_frames\": $(( f1 - f0 ))}" \
+      > "$out.$kind.cost.json"
   }
-  echo "  $name (round $round): load (64 in flight, ${SECONDS_PER_RUN} s)..." >&2
-  measure_load load
+  if [ -z "$exchange" ]; then
+    echo "  $name (round $round): load (64 in flight, ${SECONDS_PER_RUN} s)..." >&2
+    measure_load load
+  fi
   if [ "$fsync" = never ]; then
     echo "  $name (round $round): the same load, ${SAME_RATE} ops/s (${SECONDS_PER_RUN} s)..." >&2
     measure_load rate --rate "$SAME_RATE"
@@ -140,7 +158,16 @@ for round in $(seq 1 "$ROUNDS"); do
   echo "round $round of $ROUNDS" >&2
   if [ $(( round % 2 )) = 1 ]; then order="1 2"; else order="2 1"; fi
   for p in $order; do run_config "one-site-p$p" 1 "$p" never "$round"; done
+  for v in $order t; do
+    # v: 1 or 2 serving processes, or t: two serving threads of one process.
+    local_args=(--servers "${v/t/2}")
+    [ "$v" = t ] && local_args+=(--threads)
+    echo "  floor-p$v (round $round): bare QUIC, ${SAME_RATE} requests/s (${local_args[*]})..." >&2
+    "$BIN" bench partition-floor "${local_args[@]}" --rate "$SAME_RATE" --concurrency 64 \
+      --seconds "$SECONDS_PER_RUN" 2>/dev/null > "$RESULTS/floor-p$v.r$round.floor.json"
+  done
   for p in $order; do run_config "three-sites-p$p" 3 "$p" never "$round"; done
+  run_config "three-sites-p2-slow" 3 2 never "$round" "$SLOW_EXCHANGE_MS"
   for p in $order; do run_config "vis-p$p" 3 "$p" always "$round"; done
 done
 LOAD_AFTER=$(cut -d' ' -f1 /proc/loadavg)
@@ -207,7 +234,49 @@ for sites, pre in [(1, "one-site"), (3, "three-sites")]:
                      f"{med(d['frames']):,.0f} | {re_} |")
     summary[pre]["same_load_cpu_efficiency_ratio"] = med([a / b for a, b in zip(per[2]["eff"], per[1]["eff"])])
     summary[pre]["same_load_sibling_frames_per_s"] = med(per[2]["frames"])
-lines += [""]
+# Three sites by site, and P = 2 with the sibling exchange slowed.
+slow_ms = os.environ.get("SLOW_EXCHANGE_MS", "20")
+def by_site(name, r, parts):
+    x, t = load(name, r, "rate"), cost(name, r, "rate")["node_ticks"]
+    return [sum(t[s * parts:(s + 1) * parts]) / tck / x["seconds"] for s in range(3)]
+lines += ["", "Three sites at the same load, server cores busy by site (a takes the load; b and c "
+          "only receive a's writes), and P = 2 with sibling contributions at most 3 per "
+          f"{slow_ms} ms instead of 3 per 1 ms:", "",
+          "| configuration | site a | site b | site c | all | ops per server CPU-second | sibling frames/s | "
+          "ops per CPU-s / P=1 per round |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+rows = {}
+for label, name, parts in [("P = 1", "three-sites-p1", 1), ("P = 2", "three-sites-p2", 2),
+                           (f"P = 2, exchange {slow_ms} ms", "three-sites-p2-slow", 2)]:
+    xs = [load(name, r, "rate") for r in R]
+    eff = [x["ops"] / cpu(name, r, "rate") for r, x in zip(R, xs)]
+    rows[name] = eff
+    sites_ = [med([by_site(name, r, parts)[i] for r in R]) for i in range(3)]
+    frames = med([cost(name, r, "rate")["sibling_frames"] / x["seconds"] for r, x in zip(R, xs)])
+    ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(eff, rows["three-sites-p1"])) if parts == 2 else ""
+    lines.append(f"| {label} | {sites_[0]:.2f} | {sites_[1]:.2f} | {sites_[2]:.2f} | {sum(sites_):.2f} | "
+                 f"{med(eff):,.0f} | {frames:,.0f} | {ratios} |")
+summary["three-sites"]["same_load_slow_exchange_cpu_efficiency_ratio"] = med(
+    [a / b for a, b in zip(rows["three-sites-p2-slow"], rows["three-sites-p1"])])
+floor = {v: [load(f"floor-p{v}", r, "floor") for r in R] for v in ("1", "2", "t")}
+floor_eff = {v: [x["requests_per_server_cpu_s"] for x in floor[v]] for v in floor}
+floor_ratios = {v: [a / b for a, b in zip(floor_eff[v], floor_eff["1"])] for v in ("2", "t")}
+summary["floor_same_load_cpu_efficiency_ratio"] = med(floor_ratios["2"])
+summary["floor_threads_same_load_cpu_efficiency_ratio"] = med(floor_ratios["t"])
+lines += ["", f"## The transport's floor at the same load ({int(rate):,} requests/s offered, bare QUIC echo)", "",
+          "| serving ends | requests/s | p50 (µs) | server cores busy | requests per server CPU-second | "
+          "/ one process, per round |", "|---|---:|---:|---:|---:|---|"]
+for v, label in [("1", "1 process"), ("2", "2 processes"), ("t", "2 threads of 1 process")]:
+    xs = floor[v]
+    ratios = ", ".join(f"{x:.2f}" for x in floor_ratios[v]) if v != "1" else ""
+    lines.append(f"| {label} | {med([x['requests'] / x['seconds'] for x in xs]):,.0f} | "
+                 f"{med([x['latency']['p50_us'] for x in xs]):,} | "
+                 f"{med([x['server_cpu_seconds'] / x['seconds'] for x in xs]):.2f} | "
+                 f"{med(floor_eff[v]):,.0f} | {ratios} |")
+lines += ["", "`causalkv bench partition-floor --servers N [--threads]`: the same paced load as above, each "
+          "request a new bidirectional stream with the product's mutual TLS and framing, spread at random over "
+          "N echo servers (each with its own runtime, endpoint and connection; separate processes, or threads "
+          "of one process) with no store, log or sibling exchange behind them. Its ratio to one process is "
+          "what a second serving end costs in the transport alone on this machine.", ""]
 lines += ["## Idle cost (3 sites, no load)", "",
           "| P | server CPU (cores) | sibling contribution bytes/s (all nodes) |", "|---:|---:|---:|"]
 idle = {}
@@ -238,6 +307,12 @@ lines += ["",
           f"three sites {summary['three-sites']['cpu_efficiency_ratio']:.2f}; at the same load "
           f"({int(rate):,} ops/s) one site {summary['one-site']['same_load_cpu_efficiency_ratio']:.2f}, "
           f"three sites {summary['three-sites']['same_load_cpu_efficiency_ratio']:.2f}.",
+          f"- The transport's floor at the same load, 2 serving processes / 1: {summary['floor_same_load_cpu_efficiency_ratio']:.2f} "
+          f"(2 threads of one process / 1: {summary['floor_threads_same_load_cpu_efficiency_ratio']:.2f}); "
+          f"one site's P = 2 / P = 1 is {summary['one-site']['same_load_cpu_efficiency_ratio'] / summary['floor_same_load_cpu_efficiency_ratio']:.2f}× the floor's.",
+          f"- Three sites at the same load with the sibling exchange at most 3 per {slow_ms} ms: P = 2 / P = 1 "
+          f"{summary['three-sites']['same_load_slow_exchange_cpu_efficiency_ratio']:.2f} "
+          f"(with 3 per 1 ms: {summary['three-sites']['same_load_cpu_efficiency_ratio']:.2f}).",
           f"- Idle cost of P = 2 over P = 1 at three sites: {idle[2]['cpu'] - idle[1]['cpu']:+.3f} cores of server CPU, "
           f"{idle[2]['bytes']:,.0f} bytes/s of sibling contributions."]
 md = "\n".join(lines)

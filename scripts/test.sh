@@ -105,6 +105,14 @@ cargo check --release -p causalkv-client   # alone: only its own dependencies' f
 cargo check --release -p causalkv --no-default-features --lib
 echo "== benchmark smoke run (each criterion bench once)"
 cargo bench --bench core -- --test >/dev/null
+echo "== partition floor smoke run (bench partition-floor: 2 echo processes, 1 s)"
+floor=$(./target/release/causalkv bench partition-floor --servers 2 --rate 2000 --seconds 1)
+python3 - "$floor" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+assert r["servers"] == 2 and r["errors"] == 0, r
+assert r["requests"] >= 1900 and r["server_cpu_seconds"] > 0, r
+PY
 if [ "${WAN_SMOKE:-1}" = 1 ]; then
   echo "== WAN benchmark smoke run (bench-wan.sh --quick, about a minute; WAN_SMOKE=0 skips)"
   CAUSALKV_PREBUILT=1 bash scripts/bench-wan.sh --quick --out "$(mktemp -d)" >/dev/null

@@ -372,6 +372,29 @@ enum BenchCmd {
         #[arg(long)]
         processes: bool,
     },
+    /// The transport's floor for partitioning: a paced load of bare QUIC requests spread over
+    /// separate echo processes, and the CPU time they spent (run with 1 and 2 servers).
+    PartitionFloor {
+        /// Serving processes to spread the requests over.
+        #[arg(long, default_value_t = 1)]
+        servers: usize,
+        /// Requests per second offered.
+        #[arg(long, default_value_t = 20_000.0)]
+        rate: f64,
+        /// Workers (requests in flight at most).
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// How long to run, in seconds.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Bytes per request and per answer (176 is what one 100-byte update takes on the wire).
+        #[arg(long, default_value_t = 176)]
+        message_size: usize,
+        /// Run the servers as threads of one process (each with its own runtime and endpoint)
+        /// instead of separate processes.
+        #[arg(long)]
+        threads: bool,
+    },
     /// The serving end of `transport-floor --processes` (prints its address, serves one
     /// connection).
     #[command(hide = true)]
@@ -379,6 +402,9 @@ enum BenchCmd {
         /// The certificate directory (serves as site b).
         #[arg(long)]
         certs: PathBuf,
+        /// Serving ends to run, each on a thread and runtime of its own (an address line each).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
     },
     /// Recovery time of one site: snapshot of N keys plus a log tail.
     Recovery {
@@ -1053,22 +1079,57 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             })
             .await
         }
-        BenchCmd::FloorServer { certs } => {
-            // Its own runtime, so on a thread of its own.
-            let served = std::thread::spawn(move || {
-                bench::floor_server(&certs, |addr| {
-                    use std::io::Write;
-                    let mut out = std::io::stdout();
-                    let _ = writeln!(out, "{addr}");
-                    let _ = out.flush();
+        BenchCmd::PartitionFloor {
+            servers,
+            rate,
+            concurrency,
+            seconds,
+            message_size,
+            threads,
+        } => {
+            in_temp_dir("partition-floor", |dir| async move {
+                let bin = std::env::current_exe().map_err(|e| e.to_string())?;
+                tokio::task::spawn_blocking(move || {
+                    bench::partition_floor(
+                        &dir,
+                        &bin,
+                        servers,
+                        rate,
+                        concurrency,
+                        seconds,
+                        message_size,
+                        threads,
+                    )
                 })
+                .await
+                .map_err(|e| e.to_string())?
             })
-            .join();
-            match served {
-                Ok(Ok(())) => ExitCode::SUCCESS,
-                Ok(Err(e)) => fail(&e),
-                Err(_) => fail(&"the floor server panicked"),
+            .await
+        }
+        BenchCmd::FloorServer { certs, count } => {
+            // Each serving end has its own runtime, so a thread of its own.
+            let ends: Vec<_> = (0..count.max(1))
+                .map(|_| {
+                    let certs = certs.clone();
+                    std::thread::spawn(move || {
+                        bench::floor_server(&certs, |addr| {
+                            use std::io::Write;
+                            let mut out = std::io::stdout().lock();
+                            let _ = writeln!(out, "{addr}");
+                            let _ = out.flush();
+                        })
+                    })
+                })
+                .collect();
+            let mut code = ExitCode::SUCCESS;
+            for end in ends {
+                code = match end.join() {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => fail(&e),
+                    Err(_) => fail(&"the floor server panicked"),
+                };
             }
+            code
         }
         BenchCmd::Recovery {
             keys,

@@ -1067,6 +1067,58 @@ pub fn floor_server(
     })
 }
 
+/// A `floor-server` child process, killed when dropped unless it was waited for.
+struct FloorChild(Option<std::process::Child>);
+
+impl Drop for FloorChild {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts `bin bench floor-server` as site b of `certs` with `count` serving ends (threads)
+/// and returns it with the addresses they listen on.
+fn spawn_floor_server(
+    bin: &std::path::Path,
+    certs: &std::path::Path,
+    count: usize,
+) -> Result<(FloorChild, Vec<std::net::SocketAddr>), String> {
+    use std::io::BufRead;
+    let mut c = std::process::Command::new(bin)
+        .args([
+            "bench",
+            "floor-server",
+            "--count",
+            &count.to_string(),
+            "--certs",
+        ])
+        .arg(certs)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("start {}: {e}", bin.display()))?;
+    let stdout = c.stdout.take();
+    let child = FloorChild(Some(c));
+    let mut lines = std::io::BufReader::new(stdout.ok_or("no stdout")?).lines();
+    let mut addrs = Vec::new();
+    for _ in 0..count {
+        let line = lines
+            .next()
+            .ok_or("the floor server exited before it listened")?
+            .map_err(|e| e.to_string())?;
+        addrs.push(
+            line.trim()
+                .parse::<std::net::SocketAddr>()
+                .map_err(|e| format!("floor server said {line:?}: {e}"))?,
+        );
+    }
+    Ok((child, addrs))
+}
+
 /// The transport's floor on this machine: one-way batched throughput and request/response
 /// latency of bare QUIC with mutual TLS (certificates from a fresh layout in `dir`). The
 /// serving end runs on a thread of this process, or, given `server_bin`, as a separate
@@ -1088,37 +1140,12 @@ pub fn transport_floor(
     let client = tls::client_config(&a, &TransportLimits::default(), tls::ALPN_PEER)
         .map_err(|e| e.to_string())?;
     let max_frame = FLOOR_MAX_FRAME;
-    struct Kill(Option<std::process::Child>);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            if let Some(c) = &mut self.0 {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-    let mut child = Kill(None);
+    let mut child = FloorChild(None);
     let (addr, server_thread) = match server_bin {
         Some(bin) => {
-            use std::io::BufRead;
-            let mut c = std::process::Command::new(bin)
-                .args(["bench", "floor-server", "--certs"])
-                .arg(&layout.certs)
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .map_err(|e| format!("start {}: {e}", bin.display()))?;
-            let mut line = String::new();
-            std::io::BufReader::new(c.stdout.take().ok_or("no stdout")?)
-                .read_line(&mut line)
-                .map_err(|e| e.to_string())?;
-            child.0 = Some(c);
-            let addr = line
-                .trim()
-                .parse::<std::net::SocketAddr>()
-                .map_err(|e| format!("floor server said {line:?}: {e}"))?;
-            (addr, None)
+            let (c, addrs) = spawn_floor_server(bin, &layout.certs, 1)?;
+            child = c;
+            (addrs[0], None)
         }
         None => {
             let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -1214,6 +1241,181 @@ pub fn transport_floor(
         }
     }
     Ok(report)
+}
+
+/// What [`partition_floor`] measured: the bare transport's CPU cost per request when the same
+/// paced load is spread over `servers` serving processes, as a client spreads a site's requests
+/// over its partition nodes.
+#[derive(Clone, Debug, Serialize)]
+pub struct PartitionFloorReport {
+    /// Serving ends (each with its own runtime, endpoint and one connection from the client).
+    pub servers: usize,
+    /// Whether the serving ends were threads of one process (else one process each).
+    pub threads: bool,
+    /// Requests per second offered.
+    pub rate: f64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Requests that failed.
+    pub errors: u64,
+    /// Wall time of the load, in seconds.
+    pub seconds: f64,
+    /// User and system CPU time of every serving process during the load, in seconds.
+    pub server_cpu_seconds: f64,
+    /// Requests per server CPU-second.
+    pub requests_per_server_cpu_s: f64,
+    /// Request/response latency, from each request's scheduled send time.
+    pub latency: LatencyStats,
+}
+
+/// User plus system CPU time of process `pid` so far, in seconds (`/proc/PID/stat`).
+fn process_cpu_seconds(pid: u32) -> Result<f64, String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| format!("read /proc/{pid}/stat: {e}"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces: state
+    // is field 3, so utime (field 14) and stime (field 15) are the 12th and 13th of these.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or("no command name in /proc stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<u64, String> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("no CPU time in /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((ticks(11)? + ticks(12)?) as f64 / hz)
+}
+
+/// The transport's floor for partitioning: `rate` requests per second of `message_size` bytes
+/// for `seconds`, each on a new bidirectional stream as the client sends them, with
+/// `concurrency` workers, spread uniformly at random over `servers` serving ends of `bin bench
+/// floor-server` (echo only, no store behind them; separate processes, or with `threads` the
+/// threads of one process), and the CPU time the serving processes spent. Run with 1 and then 2 servers, the ratio of [`PartitionFloorReport::requests_per_server_cpu_s`]
+/// is what a second partition process costs in the transport alone.
+pub fn partition_floor(
+    dir: &std::path::Path,
+    bin: &std::path::Path,
+    servers: usize,
+    rate: f64,
+    concurrency: usize,
+    seconds: u64,
+    message_size: usize,
+    threads: bool,
+) -> Result<PartitionFloorReport, String> {
+    use crate::tls::{self, Identity, TlsFiles, TransportLimits};
+    use crate::wire::{read_frame, write_frame};
+    tls::install_crypto_provider();
+    if servers == 0 || !(rate > 0.0) {
+        return Err("partition-floor needs at least one server and a positive rate".into());
+    }
+    let layout = crate::tools::dev::prepare(&crate::tools::dev::DevOptions::new(2, dir, 0))
+        .map_err(|e| e.to_string())?;
+    let a = Identity::load(&TlsFiles::site(&layout.certs, "a")).map_err(|e| e.to_string())?;
+    let client = tls::client_config(&a, &TransportLimits::default(), tls::ALPN_PEER)
+        .map_err(|e| e.to_string())?;
+    let mut children = Vec::new();
+    let mut addrs = Vec::new();
+    let (processes, per_process) = if threads { (1, servers) } else { (servers, 1) };
+    for _ in 0..processes {
+        let (c, a) = spawn_floor_server(bin, &layout.certs, per_process)?;
+        children.push(c);
+        addrs.extend(a);
+    }
+    let pids: Vec<u32> = children
+        .iter()
+        .filter_map(|c| c.0.as_ref().map(|c| c.id()))
+        .collect();
+    let cpu = |pids: &[u32]| -> Result<f64, String> {
+        pids.iter().map(|p| process_cpu_seconds(*p)).sum()
+    };
+    floor_runtime()?.block_on(async move {
+        let mut endpoint = floor_endpoint(None)?;
+        endpoint.set_default_client_config(client);
+        let mut conns = Vec::new();
+        for addr in &addrs {
+            let conn = endpoint
+                .connect(*addr, &tls::site_server_name("b"))
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            conns.push(conn);
+        }
+        let conns = Arc::new(conns);
+        let msg = Arc::new(vec![b'v'; message_size]);
+        // One request to each server first, so handshakes and first touches stay out of it.
+        for conn in conns.iter() {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            write_frame(&mut send, &msg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            read_frame(&mut recv, FLOOR_MAX_FRAME)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("echo stream ended")?;
+        }
+        let cpu0 = cpu(&pids)?;
+        let start = Instant::now();
+        let end = start + Duration::from_secs(seconds);
+        let workers = concurrency.max(1);
+        let schedules = pace(start, end, Duration::from_secs_f64(1.0 / rate), workers);
+        let mut tasks = Vec::new();
+        for (w, mut schedule) in schedules.into_iter().enumerate() {
+            let conns = conns.clone();
+            let msg = msg.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(w as u64);
+                let mut latency = histogram();
+                let mut errors = 0u64;
+                while let Some(at) = schedule.recv().await {
+                    let conn = &conns[rng.gen_range(0..conns.len())];
+                    let answered = async {
+                        let (mut send, mut recv) = conn.open_bi().await.ok()?;
+                        write_frame(&mut send, &msg).await.ok()?;
+                        send.finish().ok()?;
+                        read_frame(&mut recv, FLOOR_MAX_FRAME).await.ok()?
+                    };
+                    match answered.await {
+                        Some(_) => {
+                            let _ = latency.record(at.elapsed().as_micros().max(1) as u64);
+                        }
+                        None => errors += 1,
+                    }
+                }
+                (latency, errors)
+            }));
+        }
+        let mut latency = histogram();
+        let mut errors = 0;
+        for t in tasks {
+            let (h, e) = t.await.map_err(|_| "a floor worker panicked".to_string())?;
+            latency.add(&h).expect("same bounds");
+            errors += e;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let server_cpu_seconds = cpu(&pids)? - cpu0;
+        for conn in conns.iter() {
+            conn.close(0u32.into(), b"done");
+        }
+        endpoint.wait_idle().await;
+        drop(children);
+        let requests = latency.len();
+        Ok(PartitionFloorReport {
+            servers,
+            threads,
+            rate,
+            requests,
+            errors,
+            seconds: elapsed,
+            server_cpu_seconds,
+            requests_per_server_cpu_s: requests as f64 / server_cpu_seconds.max(1e-9),
+            latency: LatencyStats::from(&latency),
+        })
+    })
 }
 
 /// A storage setting of the site [`stalls`] measures.
