@@ -256,14 +256,28 @@ impl LogStore {
     /// Opens (or creates) the log file at `path` and starts its writer thread. Blocking: call
     /// it off the async runtime.
     pub fn open(path: &Path) -> io::Result<LogStore> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let dir_existed = dir.exists();
+        std::fs::create_dir_all(dir)?;
+        let existed = path.exists();
         let mut file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(path)?;
+        if !existed {
+            // A new file's name, and a new directory's, are durable only once the directory
+            // holding them is: without this a machine crash could take the log, and the votes
+            // fsynced into it, away with them.
+            File::open(dir)?.sync_all()?;
+            if let Some(up) = dir.parent().filter(|_| !dir_existed) {
+                File::open(if up.as_os_str().is_empty() { Path::new(".") } else { up })?
+                    .sync_all()?;
+            }
+        }
         let (records, good) = read_records(&mut file)
             .map_err(|e| io::Error::new(e.kind(), format!("raft log {}: {e}", path.display())))?;
         if file.metadata()?.len() > good {
