@@ -373,27 +373,10 @@ enum BenchCmd {
         processes: bool,
     },
     /// The transport's floor for partitioning: a paced load of bare QUIC requests spread over
-    /// separate echo processes, and the CPU time they spent (run with 1 and 2 servers).
+    /// separate echo servers, and the CPU time they spent (run with 1 and 2 servers).
     PartitionFloor {
-        /// Serving processes to spread the requests over.
-        #[arg(long, default_value_t = 1)]
-        servers: usize,
-        /// Requests per second offered.
-        #[arg(long, default_value_t = 20_000.0)]
-        rate: f64,
-        /// Workers (requests in flight at most).
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
-        /// How long to run, in seconds.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Bytes per request and per answer (176 is what one 100-byte update takes on the wire).
-        #[arg(long, default_value_t = 176)]
-        message_size: usize,
-        /// Run the servers as threads of one process (each with its own runtime and endpoint)
-        /// instead of separate processes.
-        #[arg(long)]
-        threads: bool,
+        #[command(flatten)]
+        opts: bench::PartitionFloorOptions,
     },
     /// The serving end of `transport-floor --processes` (prints its address, serves one
     /// connection).
@@ -1079,30 +1062,12 @@ async fn run_bench(cmd: BenchCmd) -> ExitCode {
             })
             .await
         }
-        BenchCmd::PartitionFloor {
-            servers,
-            rate,
-            concurrency,
-            seconds,
-            message_size,
-            threads,
-        } => {
+        BenchCmd::PartitionFloor { opts } => {
             in_temp_dir("partition-floor", |dir| async move {
                 let bin = std::env::current_exe().map_err(|e| e.to_string())?;
-                tokio::task::spawn_blocking(move || {
-                    bench::partition_floor(
-                        &dir,
-                        &bin,
-                        servers,
-                        rate,
-                        concurrency,
-                        seconds,
-                        message_size,
-                        threads,
-                    )
-                })
-                .await
-                .map_err(|e| e.to_string())?
+                tokio::task::spawn_blocking(move || bench::partition_floor(&dir, &bin, &opts))
+                    .await
+                    .map_err(|e| e.to_string())?
             })
             .await
         }

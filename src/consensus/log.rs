@@ -213,6 +213,14 @@ fn writer(path: PathBuf, mut file: File, rx: mpsc::Receiver<Job>) {
     }
 }
 
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
 fn rewrite(path: &Path, bytes: &[u8]) -> io::Result<File> {
     let tmp = path.with_extension("rewrite");
     {
@@ -221,9 +229,7 @@ fn rewrite(path: &Path, bytes: &[u8]) -> io::Result<File> {
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
+    File::open(parent_dir(path))?.sync_all()?;
     let mut f = OpenOptions::new().read(true).append(true).open(path)?;
     f.seek(SeekFrom::End(0))?;
     Ok(f)
@@ -256,10 +262,7 @@ impl LogStore {
     /// Opens (or creates) the log file at `path` and starts its writer thread. Blocking: call
     /// it off the async runtime.
     pub fn open(path: &Path) -> io::Result<LogStore> {
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
+        let dir = parent_dir(path);
         let dir_existed = dir.exists();
         std::fs::create_dir_all(dir)?;
         let existed = path.exists();
@@ -273,9 +276,8 @@ impl LogStore {
             // holding them is: without this a machine crash could take the log, and the votes
             // fsynced into it, away with them.
             File::open(dir)?.sync_all()?;
-            if let Some(up) = dir.parent().filter(|_| !dir_existed) {
-                File::open(if up.as_os_str().is_empty() { Path::new(".") } else { up })?
-                    .sync_all()?;
+            if !dir_existed {
+                File::open(parent_dir(dir))?.sync_all()?;
             }
         }
         let (records, good) = read_records(&mut file)

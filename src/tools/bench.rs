@@ -1119,6 +1119,21 @@ fn spawn_floor_server(
     Ok((child, addrs))
 }
 
+/// One request/response of the floor, on a new bidirectional stream as the client sends them.
+async fn floor_request(conn: &quinn::Connection, msg: &[u8]) -> Result<(), String> {
+    use crate::wire::{read_frame, write_frame};
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut send, msg)
+        .await
+        .map_err(|e| e.to_string())?;
+    send.finish().map_err(|e| e.to_string())?;
+    read_frame(&mut recv, FLOOR_MAX_FRAME)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("echo stream ended")?;
+    Ok(())
+}
+
 /// The transport's floor on this machine: one-way batched throughput and request/response
 /// latency of bare QUIC with mutual TLS (certificates from a fresh layout in `dir`). The
 /// serving end runs on a thread of this process, or, given `server_bin`, as a separate
@@ -1188,15 +1203,7 @@ pub fn transport_floor(
             let mut pings_new = histogram();
             for _ in 0..pings {
                 let t = Instant::now();
-                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                write_frame(&mut send, &msg)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let _ = send.finish();
-                read_frame(&mut recv, max_frame)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .ok_or("echo stream ended")?;
+                floor_request(&conn, &msg).await?;
                 let _ = pings_new.record(t.elapsed().as_micros().max(1) as u64);
             }
             let frame = vec![b'v'; message_size * batch.max(1)];
@@ -1241,6 +1248,30 @@ pub fn transport_floor(
         }
     }
     Ok(report)
+}
+
+/// What [`partition_floor`] runs (also the `causalkv bench partition-floor` arguments).
+#[derive(Clone, Copy, Debug, Serialize, clap::Args)]
+pub struct PartitionFloorOptions {
+    /// Serving ends to spread the requests over.
+    #[arg(long, default_value_t = 1)]
+    pub servers: usize,
+    /// Requests per second offered.
+    #[arg(long, default_value_t = 20_000.0)]
+    pub rate: f64,
+    /// Workers (requests in flight at most).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Bytes per request and per answer (176 is what one 100-byte update takes on the wire).
+    #[arg(long, default_value_t = 176)]
+    pub message_size: usize,
+    /// Run the serving ends as threads of one process (each with its own runtime and
+    /// endpoint) instead of a process each.
+    #[arg(long)]
+    pub threads: bool,
 }
 
 /// What [`partition_floor`] measured: the bare transport's CPU cost per request when the same
@@ -1290,26 +1321,29 @@ fn process_cpu_seconds(pid: u32) -> Result<f64, String> {
     Ok((ticks(11)? + ticks(12)?) as f64 / hz)
 }
 
-/// The transport's floor for partitioning: `rate` requests per second of `message_size` bytes
-/// for `seconds`, each on a new bidirectional stream as the client sends them, with
-/// `concurrency` workers, spread uniformly at random over `servers` serving ends of `bin bench
-/// floor-server` (echo only, no store behind them; separate processes, or with `threads` the
-/// threads of one process), and the CPU time the serving processes spent. Run with 1 and then 2 servers, the ratio of [`PartitionFloorReport::requests_per_server_cpu_s`]
+/// The transport's floor for partitioning: `opts.rate` requests per second of
+/// `opts.message_size` bytes for `opts.seconds`, each on a new bidirectional stream as the
+/// client sends them, with `opts.concurrency` workers, spread uniformly at random over
+/// `opts.servers` serving ends of `bin bench floor-server` (echo only, no store behind them;
+/// separate processes, or with `opts.threads` the threads of one process), and the CPU time the
+/// serving processes spent. Run with 1 and then 2 servers, the ratio of [`PartitionFloorReport::requests_per_server_cpu_s`]
 /// is what a second partition process costs in the transport alone.
 pub fn partition_floor(
     dir: &std::path::Path,
     bin: &std::path::Path,
-    servers: usize,
-    rate: f64,
-    concurrency: usize,
-    seconds: u64,
-    message_size: usize,
-    threads: bool,
+    opts: &PartitionFloorOptions,
 ) -> Result<PartitionFloorReport, String> {
     use crate::tls::{self, Identity, TlsFiles, TransportLimits};
-    use crate::wire::{read_frame, write_frame};
     tls::install_crypto_provider();
-    if servers == 0 || !(rate > 0.0) {
+    let PartitionFloorOptions {
+        servers,
+        rate,
+        concurrency,
+        seconds,
+        message_size,
+        threads,
+    } = *opts;
+    if servers == 0 || rate.is_nan() || rate <= 0.0 {
         return Err("partition-floor needs at least one server and a positive rate".into());
     }
     let layout = crate::tools::dev::prepare(&crate::tools::dev::DevOptions::new(2, dir, 0))
@@ -1348,15 +1382,7 @@ pub fn partition_floor(
         let msg = Arc::new(vec![b'v'; message_size]);
         // One request to each server first, so handshakes and first touches stay out of it.
         for conn in conns.iter() {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            write_frame(&mut send, &msg)
-                .await
-                .map_err(|e| e.to_string())?;
-            let _ = send.finish();
-            read_frame(&mut recv, FLOOR_MAX_FRAME)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("echo stream ended")?;
+            floor_request(conn, &msg).await?;
         }
         let cpu0 = cpu(&pids)?;
         let start = Instant::now();
@@ -1373,17 +1399,11 @@ pub fn partition_floor(
                 let mut errors = 0u64;
                 while let Some(at) = schedule.recv().await {
                     let conn = &conns[rng.gen_range(0..conns.len())];
-                    let answered = async {
-                        let (mut send, mut recv) = conn.open_bi().await.ok()?;
-                        write_frame(&mut send, &msg).await.ok()?;
-                        send.finish().ok()?;
-                        read_frame(&mut recv, FLOOR_MAX_FRAME).await.ok()?
-                    };
-                    match answered.await {
-                        Some(_) => {
+                    match floor_request(conn, &msg).await {
+                        Ok(()) => {
                             let _ = latency.record(at.elapsed().as_micros().max(1) as u64);
                         }
-                        None => errors += 1,
+                        Err(_) => errors += 1,
                     }
                 }
                 (latency, errors)
