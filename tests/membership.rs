@@ -1126,7 +1126,9 @@ struct DeadSiteRun {
 /// The dead-site scenario: three processes behind the WAN emulator, a–c cut, c writes, b gets
 /// it, c writes once more while cut off from b too, c is killed and its disk deleted, and
 /// `sites remove c --dead` runs at a. With `relay` false, the survivors run with the relay
-/// switched off. Asserts what must hold either way, and returns what the tests judge.
+/// switched off. Asserts what must hold either way (among it, that c, started again with its
+/// still valid certificate to join from a, is refused and gets no snapshot), and returns what
+/// the tests judge.
 async fn remove_dead_site_run(relay: bool) -> DeadSiteRun {
     let mut prep = Cluster::prepare_strong(3);
     let wan = prep.behind_wan(|_, _| LinkParams::default());
@@ -1344,6 +1346,26 @@ async fn remove_dead_site_run(relay: bool) -> DeadSiteRun {
         .sites[2]
         .state
         .clone();
+    // Nothing revokes c's certificate. Started again on an empty data directory to join from
+    // a, c is refused by its id, and a sends it no snapshot of the store.
+    wan.cut(0, 2, false);
+    wan.cut(1, 2, false);
+    let mut again = p.configs[2].clone();
+    again.join_from = Some("a".into());
+    let c_again = p.add(again);
+    eventually(
+        ms(30_000),
+        "the removed site's join is refused",
+        async || p.log(c_again).contains("joining: snapshot request failed"),
+    )
+    .await;
+    let (c_log, a_log) = (p.log(c_again), p.log(0));
+    assert!(c_log.contains("was removed from the cluster"), "{c_log}");
+    assert!(
+        !a_log.contains("snapshot sent to a joining site") && !c_log.contains("joined:"),
+        "a removed site got a snapshot:\n--- a:\n{a_log}\n--- c:\n{c_log}"
+    );
+    p.kill(c_again);
     drop(wan);
     DeadSiteRun {
         a_read,

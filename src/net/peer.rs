@@ -1075,7 +1075,7 @@ async fn read_hello_raw(
             }
             if let Some(m) = shared.strong.membership()
                 && let Some(s) = m.sites.get(h.site as usize)
-                && s.state == crate::consensus::members::MemberState::Removed
+                && s.state.is_removed()
             {
                 return Err(LinkError::Hello(format!(
                     "site {} ({}) was removed from the cluster (epoch {}); its id is never reused",
@@ -1102,16 +1102,17 @@ async fn read_hello_raw(
                 return Err(LinkError::Hello(format!(
                     "peer at site {site} is partition {partition}; this node replicates partition {me}"
                 )));
+            } else if shared.read(|r| r.removed(site)).is_some() {
+                // Whether it asks for a snapshot or replicates: a removed site's certificate
+                // stays valid (nothing revokes it), so its id is what refuses it.
+                return Err(LinkError::Hello(format!(
+                    "site {site} ({}) was removed from the cluster configuration; a removed \
+                     site cannot rejoin (ids are never reused: add it again under a new name)",
+                    shared.site_name(site)
+                )));
             } else if joiner {
                 Remote::Joiner(site)
             } else {
-                if shared.read(|r| r.removed(site)).is_some() {
-                    return Err(LinkError::Hello(format!(
-                        "site {site} ({}) was removed from the cluster configuration; a removed \
-                         site cannot rejoin (ids are never reused: add it again under a new name)",
-                        shared.site_name(site)
-                    )));
-                }
                 Remote::Peer(site)
             };
             if h.applied.len() > h.sites as usize {
