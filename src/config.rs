@@ -614,6 +614,13 @@ impl SiteConfig {
 
     /// Checks the values are consistent.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_removed(&[])
+    }
+
+    /// [`SiteConfig::validate`] for a site list that still holds sites removed from the cluster
+    /// (their ids in `removed`): a removed site keeps its id and name for good, but its address
+    /// is free again, so another site may listen there.
+    pub fn validate_removed(&self, removed: &[u16]) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         let n = self.sites.len();
         if !(1..=64).contains(&n) {
@@ -662,7 +669,9 @@ impl SiteConfig {
                         s.addr.port()
                     ));
                 }
-                if s.partition_addrs.is_empty() || s.partition_addrs.len() == parts as usize {
+                if (s.partition_addrs.is_empty() || s.partition_addrs.len() == parts as usize)
+                    && !removed.contains(&s.id)
+                {
                     let a = s.partition_addr(p);
                     if !seen.insert(a) {
                         return bad(format!(

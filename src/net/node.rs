@@ -656,7 +656,13 @@ fn adopt_sites(
         );
     }
     cfg.sites = sites;
-    cfg.validate().map_err(|e| {
+    let removed: Vec<u16> = m
+        .sites
+        .iter()
+        .filter(|s| s.state.is_removed())
+        .map(|s| s.id)
+        .collect();
+    cfg.validate_removed(&removed).map_err(|e| {
         NodeError::Recovery(format!(
             "the replicated cluster configuration (epoch {}) does not fit this node's file: {e}",
             m.epoch
@@ -701,5 +707,72 @@ async fn accept_loop(shared: Arc<Shared>, endpoint: Endpoint) {
             }
             .in_current_span(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SiteEntry;
+    use crate::consensus::members::{Membership, SitesOp};
+
+    /// A removed site keeps its id and name, but its address is free again: a site added there
+    /// afterwards must not stop the nodes that know both from starting.
+    #[test]
+    fn a_site_added_at_a_removed_sites_address_does_not_stop_a_restart() {
+        let addr = |port: u16| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let mut cfg: SiteConfig = toml::from_str(
+            r#"
+cluster_id = "t"
+site_id = 0
+data_dir = "d"
+[[sites]]
+id = 0
+name = "a"
+addr = "127.0.0.1:7000"
+[[sites]]
+id = 1
+name = "b"
+addr = "127.0.0.1:7001"
+[[sites]]
+id = 2
+name = "c"
+addr = "127.0.0.1:7002"
+[tls]
+ca = "ca.pem"
+cert = "a.pem"
+key = "a.key"
+"#,
+        )
+        .unwrap();
+        let entries: Vec<SiteEntry> = cfg.sites.clone();
+        let mut m = Some(Membership::from_entries(&entries));
+        for op in [
+            SitesOp::Leave {
+                expected_epoch: 1,
+                name: "c".into(),
+            },
+            SitesOp::Remove {
+                expected_epoch: 2,
+                name: "c".into(),
+            },
+            SitesOp::Add {
+                expected_epoch: 3,
+                name: "e".into(),
+                addr: addr(7002),
+            },
+        ] {
+            Membership::apply(&mut m, &op).unwrap();
+        }
+        let m = m.unwrap();
+        adopt_sites(&mut cfg, &m).expect("a removed site's address is free again");
+        assert_eq!(cfg.sites.len(), 4);
+        assert_eq!(
+            (cfg.sites[3].name.as_str(), cfg.sites[3].addr),
+            ("e", addr(7002))
+        );
+        // Two sites that are members at one address are still refused.
+        cfg.sites[1].addr = addr(7000);
+        assert!(adopt_sites(&mut cfg, &m).is_err());
     }
 }
