@@ -284,11 +284,21 @@ pub(crate) async fn fetch(
         return Ok(());
     };
     let dir = &cfg.data_dir;
-    if recorded_floor(dir)?.is_some() {
+    // File work off the runtime: the endpoint this fetch uses is driven on it.
+    let d = dir.clone();
+    let joined = tokio::task::spawn_blocking(move || -> Result<bool, NodeError> {
+        if recorded_floor(&d)?.is_some() {
+            return Ok(true);
+        }
+        std::fs::create_dir_all(&d)
+            .map_err(|e| NodeError::Recovery(format!("{}: {e}", d.display())))?;
+        Ok(false)
+    })
+    .await
+    .map_err(|e| NodeError::Recovery(format!("checking {JOIN_STATE}: {e}")))??;
+    if joined {
         return Ok(());
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| NodeError::Recovery(format!("{}: {e}", dir.display())))?;
     let source = cfg
         .sites
         .iter()
@@ -318,7 +328,11 @@ pub(crate) async fn fetch(
                     "joined: snapshot loaded; catching up from every site"
                 );
                 let text: String = floor.iter().map(|v| format!("{v}\n")).collect();
-                write_durably(dir, JOIN_STATE, text.as_bytes())
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || write_durably(&d, JOIN_STATE, text.as_bytes()))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|r| r)
                     .map_err(|e| NodeError::Recovery(format!("writing {JOIN_STATE}: {e}")))?;
                 return Ok(());
             }
