@@ -130,9 +130,20 @@ use crate::config::SiteEntry;
 /// Most sites a cluster can have (the configuration file's limit as well).
 pub const MAX_SITES: usize = 64;
 
-/// The client id under which membership changes are proposed (their deduplication key, with
-/// the epoch they were made against as the serial).
+/// The client id under which the sites propose changes of their own (bootstrap, activation,
+/// a drained site's removal), with [`internal_serial`] as the serial.
 pub const MEMBERSHIP_CLIENT: u64 = u64::MAX;
+
+/// The deduplication serial of a change a site proposes itself against `epoch`: the epoch in
+/// the high half, a checksum of the change in the low half. A retry of the same change is the
+/// same serial, so it gets the first one's reply; another change against the same epoch (an
+/// activation and a drained site's removal, two joining sites' activations) is another serial,
+/// so it is applied, and refused if the epoch moved on, instead of being answered with the
+/// other's reply.
+pub fn internal_serial(epoch: u64, op: &SitesOp) -> u64 {
+    let bytes = postcard::to_allocvec(op).expect("a change encodes");
+    (epoch << 32) | u64::from(crc32fast::hash(&bytes))
+}
 
 /// Where a site is in its life in the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,6 +425,13 @@ impl Membership {
                 if let Some(m) = c.members().find(|m| m.addr == *addr) {
                     return Err(format!("address {addr} is site {:?}'s", m.name));
                 }
+                if let Some((m, _)) = c.in_progress() {
+                    return Err(format!(
+                        "site {:?} is {}: one change at a time",
+                        m.name,
+                        m.state.as_str()
+                    ));
+                }
                 if c.sites.len() >= MAX_SITES || c.next_id as usize >= MAX_SITES {
                     return Err(format!("a cluster has at most {MAX_SITES} sites"));
                 }
@@ -628,7 +646,18 @@ mod tests {
             assert!(e.contains(why), "{op:?}: {e}");
             assert_eq!(c.as_ref(), Some(&m));
         }
-        assert_eq!(Membership::apply(&mut c, &add(2, "e", 9001)), Ok(3));
+        // One change at a time: e waits until d is active.
+        let e = Membership::apply(&mut c, &add(2, "e", 9001)).unwrap_err();
+        assert!(
+            e.contains("site \"d\" is joining: one change at a time"),
+            "{e}"
+        );
+        let activate = SitesOp::Activate {
+            expected_epoch: 2,
+            id: 3,
+        };
+        assert_eq!(Membership::apply(&mut c, &activate), Ok(3));
+        assert_eq!(Membership::apply(&mut c, &add(3, "e", 9001)), Ok(4));
         assert_eq!(c.as_ref().unwrap().sites[4].id, 4);
     }
 
@@ -696,6 +725,10 @@ mod tests {
             Some((1, "leaving: draining"))
         );
         let e = Membership::apply(&mut c, &leave(2, "s2")).unwrap_err();
+        assert!(e.contains("one change at a time"), "{e}");
+        // An addition waits too: a joining site and a leaving one at once would each wait on
+        // the other (the drain on the joiner's acks, the joiner's floor on the drain).
+        let e = Membership::apply(&mut c, &add(2, "d", 9000)).unwrap_err();
         assert!(e.contains("one change at a time"), "{e}");
         let remove = SitesOp::Remove {
             expected_epoch: 2,

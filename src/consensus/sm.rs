@@ -545,6 +545,50 @@ mod tests {
         assert!(st.data.is_empty());
     }
 
+    /// The sites' own changes against one epoch are told apart: the one applied second is
+    /// judged on its own (refused, the epoch moved on), not answered with the first's reply.
+    #[test]
+    fn the_sites_own_changes_against_one_epoch_do_not_share_a_reply() {
+        use crate::consensus::members::{MEMBERSHIP_CLIENT, SitesOp, internal_serial};
+        let own = |op: SitesOp, epoch| Command {
+            client: MEMBERSHIP_CLIENT,
+            serial: internal_serial(epoch, &op),
+            ctx: Vec::new(),
+            op: WriteOp::Sites(op),
+        };
+        let mut st = StrongState::default();
+        let boot = SitesOp::Bootstrap(seed());
+        assert_eq!(st.apply(&own(boot, 0)), Reply::Membership(Ok(1)));
+        let leave = SitesOp::Leave {
+            expected_epoch: 1,
+            name: "c".into(),
+        };
+        assert_eq!(st.apply(&sites_cmd(7, leave)), Reply::Membership(Ok(2)));
+        let remove = own(
+            SitesOp::Remove {
+                expected_epoch: 2,
+                name: "c".into(),
+            },
+            2,
+        );
+        assert_eq!(st.apply(&remove), Reply::Membership(Ok(3)));
+        // A retry of the removal: its own first reply.
+        assert_eq!(st.apply(&remove), Reply::Membership(Ok(3)));
+        let activate = own(
+            SitesOp::Activate {
+                expected_epoch: 2,
+                id: 1,
+            },
+            2,
+        );
+        assert_ne!(activate.serial, remove.serial);
+        assert!(
+            matches!(st.apply(&activate), Reply::Membership(Err(e)) if e.contains("moved on")),
+            "an activation against epoch 2 after the removal is refused on its own"
+        );
+        assert_eq!(st.sites.as_ref().map(|m| m.epoch), Some(3));
+    }
+
     #[test]
     fn state_bytes_carry_the_configuration_and_old_bytes_still_load() {
         let mut st = StrongState::default();

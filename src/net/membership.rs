@@ -50,7 +50,9 @@ use tracing::{debug, info, warn};
 
 use super::shared::Shared;
 use crate::clock::{SiteId, VClock, Version};
-use crate::consensus::members::{MEMBERSHIP_CLIENT, MemberState, Membership, SitesOp};
+use crate::consensus::members::{
+    MEMBERSHIP_CLIENT, MemberState, Membership, SitesOp, internal_serial,
+};
 use crate::consensus::{Command, Forwarded, NodeId, Outcome, Reply, Rpc, RpcReply, WriteOp};
 use crate::replica::Removal;
 use crate::wire::{ResponseBody, error_code};
@@ -475,7 +477,8 @@ async fn decommission(shared: Arc<Shared>) {
             expected_epoch: m.epoch,
             name: me.clone(),
         };
-        match propose(&shared, op, (MEMBERSHIP_CLIENT, m.epoch), timeout).await {
+        let serial = internal_serial(m.epoch, &op);
+        match propose(&shared, op, (MEMBERSHIP_CLIENT, serial), timeout).await {
             Outcome::Applied(Reply::Membership(Ok(epoch))) => {
                 info!(epoch, "this site is removed from the cluster configuration");
                 return;

@@ -40,7 +40,9 @@ use tracing::{debug, info, warn};
 use super::metrics::{Histogram, Metrics};
 use crate::config::SiteConfig;
 use crate::consensus::log::LogStore;
-use crate::consensus::members::{MAX_SITES, MEMBERSHIP_CLIENT, Membership, SitesOp};
+use crate::consensus::members::{
+    MAX_SITES, MEMBERSHIP_CLIENT, Membership, SitesOp, internal_serial,
+};
 use crate::consensus::sm::{StateMachine, StrongState};
 use crate::consensus::{self, Forwarded, NodeId, Outcome, Raft, Rpc, RpcReply, TypeConfig};
 use crate::wire::{ConsensusStatus, VoterStatus, close_code, read_frame, write_frame};
@@ -644,10 +646,24 @@ impl Strong {
             return;
         }
         let keep: BTreeSet<NodeId> = voters.difference(&removed).copied().collect();
+        // Voters first (replacing the voter set drops removed voters from the nodes too);
+        // once none is left, removed learners (a joining site removed as dead before it became
+        // a voter), which replacing the voters would keep, and so propose again and again.
+        let change: openraft::ChangeMembers<NodeId, openraft::EmptyNode> =
+            if voters.is_disjoint(&removed) && !joint {
+                openraft::ChangeMembers::RemoveNodes(
+                    mc.membership()
+                        .learner_ids()
+                        .filter(|l| removed.contains(l))
+                        .collect(),
+                )
+            } else {
+                openraft::ChangeMembers::ReplaceAllVoters(keep.clone())
+            };
         let this = self.clone();
         tokio::spawn(async move {
             let names: Vec<String> = removed.iter().map(|&s| this.name(s)).collect();
-            match this.raft.change_membership(keep.clone(), false).await {
+            match this.raft.change_membership(change, false).await {
                 Ok(_) => info!(
                     removed = ?names,
                     voters = ?keep.iter().map(|&s| this.name(s)).collect::<Vec<_>>(),
@@ -742,11 +758,12 @@ impl Strong {
             return;
         }
         let this = self.clone();
+        let op = SitesOp::Bootstrap(seed.clone());
         let cmd = consensus::Command {
             client: MEMBERSHIP_CLIENT,
-            serial: 0,
+            serial: internal_serial(0, &op),
             ctx: Vec::new(),
-            op: consensus::WriteOp::Sites(SitesOp::Bootstrap(seed.clone())),
+            op: consensus::WriteOp::Sites(op),
         };
         tokio::spawn(async move {
             match this
@@ -874,14 +891,15 @@ impl Strong {
             .await?;
         }
         self.wait_for_floor(node).await.map_err(step("activate"))?;
+        let op = SitesOp::Activate {
+            expected_epoch: epoch,
+            id: node as u16,
+        };
         let cmd = consensus::Command {
             client: MEMBERSHIP_CLIENT,
-            serial: epoch,
+            serial: internal_serial(epoch, &op),
             ctx: Vec::new(),
-            op: consensus::WriteOp::Sites(SitesOp::Activate {
-                expected_epoch: epoch,
-                id: node as u16,
-            }),
+            op: consensus::WriteOp::Sites(op),
         };
         match self
             .execute(Forwarded::Write(cmd), self.election_max, false)
