@@ -125,18 +125,19 @@ run_config() {
   # NAME.rROUND.KIND.json, with the servers' CPU ticks (in all, and per node in site order)
   # and the sibling frames it took.
   measure_load() {
-    local kind=$1 cpu0 cpu1 f0 f1 p n0=() n1=()
+    local kind=$1 f0 f1 p n0=() n1=()
     shift
     for p in "${pids[@]}"; do n0+=("$(cpu_ticks "$p")"); done
-    cpu0=$(cpu_ticks "${pids[@]}"); f0=$(sibling_frames "$base" "$nodes")
+    f0=$(sibling_frames "$base" "$nodes")
     "$BIN" bench load --site "$a" --partitions "$parts" --certs "$certs" \
       --seconds "$SECONDS_PER_RUN" --concurrency 64 --read-ratio 0.5 --value-size 100 "$@" \
       2>/dev/null > "$out.$kind.json"
-    cpu1=$(cpu_ticks "${pids[@]}"); f1=$(sibling_frames "$base" "$nodes")
     for p in "${pids[@]}"; do n1+=("$(cpu_ticks "$p")"); done
-    local per=() i
-    for i in "${!pids[@]}"; do per+=("$(( n1[i] - n0[i] ))"); done
-    echo "{\"cpu_ticks\": $(( cpu1 - cpu0 )), \"node_ticks\": [$(IFS=,; echo "${per[*]}")], \"sibling_frames\": $(( f1 - f0 ))}" \
+    f1=$(sibling_frames "$base" "$nodes")
+    # The total is the nodes' sum: one reading of each node at each end.
+    local per=() i total=0
+    for i in "${!pids[@]}"; do per+=("$(( n1[i] - n0[i] ))"); total=$(( total + n1[i] - n0[i] )); done
+    echo "{\"cpu_ticks\": $total, \"node_ticks\": [$(IFS=,; echo "${per[*]}")], \"sibling_frames\": $(( f1 - f0 ))}" \
       > "$out.$kind.cost.json"
   }
   if [ -z "$exchange" ]; then
@@ -160,10 +161,10 @@ for round in $(seq 1 "$ROUNDS"); do
   for p in $order; do run_config "one-site-p$p" 1 "$p" never "$round"; done
   for v in $order t; do
     # v: 1 or 2 serving processes, or t: two serving threads of one process.
-    local_args=(--servers "${v/t/2}")
-    [ "$v" = t ] && local_args+=(--threads)
-    echo "  floor-p$v (round $round): bare QUIC, ${SAME_RATE} requests/s (${local_args[*]})..." >&2
-    "$BIN" bench partition-floor "${local_args[@]}" --rate "$SAME_RATE" --concurrency 64 \
+    floor_args=(--servers "${v/t/2}")
+    [ "$v" = t ] && floor_args+=(--threads)
+    echo "  floor-p$v (round $round): bare QUIC, ${SAME_RATE} requests/s (${floor_args[*]})..." >&2
+    "$BIN" bench partition-floor "${floor_args[@]}" --rate "$SAME_RATE" --concurrency 64 \
       --seconds "$SECONDS_PER_RUN" 2>/dev/null > "$RESULTS/floor-p$v.r$round.floor.json"
   done
   for p in $order; do run_config "three-sites-p$p" 3 "$p" never "$round"; done
